@@ -1,0 +1,1 @@
+//! Network-namespace lab: topologies, NAT boxes and the processes run inside them.

@@ -1,0 +1,1 @@
+//! Linux integration: TUN, policy routing, nftables/iptables, DNS. Filled in by its issues.

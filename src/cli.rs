@@ -1,0 +1,206 @@
+//! The `tern` command line: one clap tree, dispatched to the module that owns each job.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Exit code for a subcommand whose issue has not landed yet, and for usage errors.
+pub const EXIT_NOT_IMPLEMENTED: u8 = 2;
+
+/// Default LocalAPI socket of the daemon.
+pub const DEFAULT_SOCKET: &str = "/run/tern/tern.sock";
+
+#[derive(Debug, Parser)]
+#[command(name = "tern", version, about = "A Tailscale-compatible node for Linux")]
+pub struct Cli {
+    /// Path of the daemon's LocalAPI socket.
+    #[arg(long, global = true, env = "TERN_SOCKET", default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the node daemon.
+    Daemon(DaemonArgs),
+    /// Connect to the tailnet, registering if needed.
+    Up(UpArgs),
+    /// Disconnect from the tailnet (the daemon keeps running).
+    Down,
+    /// Show this node and its peers.
+    Status(StatusArgs),
+    /// Disco-ping a peer and report the path it answers on.
+    Ping(PingArgs),
+    /// Report UDP reachability, NAT type and DERP latency.
+    Netcheck(NetcheckArgs),
+    /// Change preferences without a full `up`.
+    Set(SetArgs),
+    /// Show this node's tailnet addresses.
+    Ip(IpArgs),
+    /// Print the daemon's metrics (Prometheus text format).
+    Metrics,
+    /// Live dashboard of peers, paths and relays.
+    Top,
+    /// Run a DERP relay server.
+    Derp(DerpArgs),
+    /// Network-namespace lab: topologies, NAT boxes, lab coordination server.
+    Lab(LabArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DaemonArgs {
+    /// Directory for keys and preferences.
+    #[arg(long, default_value = "/var/lib/tern")]
+    pub state_dir: PathBuf,
+    /// TUN device name, or `userspace-networking`.
+    #[arg(long, default_value = "tern0")]
+    pub tun: String,
+    /// UDP port for WireGuard, disco and STUN (0 = pick one).
+    #[arg(long, default_value_t = 41641)]
+    pub port: u16,
+}
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// Coordination server URL.
+    #[arg(long)]
+    pub login_server: Option<String>,
+    /// Pre-auth key, or `file:PATH` to read it from a file.
+    #[arg(long)]
+    pub auth_key: Option<String>,
+    /// Hostname to register with.
+    #[arg(long)]
+    pub hostname: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Print the status as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct PingArgs {
+    /// Number of pings.
+    #[arg(short = 'c', long = "c", default_value_t = 10)]
+    pub count: u32,
+    /// Stop as soon as a direct path answers.
+    #[arg(long)]
+    pub until_direct: bool,
+    /// Time to wait for each pong, e.g. `5s`.
+    #[arg(long, default_value = "5s")]
+    pub timeout: String,
+    /// Peer name or tailnet IP.
+    pub peer: String,
+}
+
+#[derive(Debug, Args)]
+pub struct NetcheckArgs {
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct SetArgs {
+    /// Run a peer relay server on this UDP port (0 = off).
+    #[arg(long)]
+    pub relay_server_port: Option<u16>,
+}
+
+#[derive(Debug, Args)]
+pub struct IpArgs {
+    /// Only the IPv4 address.
+    #[arg(short = '4', conflicts_with = "v6")]
+    pub v4: bool,
+    /// Only the IPv6 address.
+    #[arg(short = '6')]
+    pub v6: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DerpArgs {
+    /// Address to serve DERP on.
+    #[arg(long, default_value = ":443")]
+    pub addr: String,
+}
+
+#[derive(Debug, Args)]
+pub struct LabArgs {
+    #[command(subcommand)]
+    pub command: Option<LabCommand>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LabCommand {
+    /// Build the standard lab topology and leave it running.
+    Up(LabUpArgs),
+    /// Describe the running lab.
+    Status(LabStatusArgs),
+    /// Tear the lab down.
+    Down(LabDownArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct LabUpArgs {
+    /// NAT mode of the first client's NAT box.
+    #[arg(long, default_value = "easy")]
+    pub nat1: String,
+    /// NAT mode of the second client's NAT box.
+    #[arg(long, default_value = "easy")]
+    pub nat2: String,
+}
+
+#[derive(Debug, Args)]
+pub struct LabStatusArgs {
+    /// Print the status as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct LabDownArgs {
+    /// Remove every object with the lab's prefix, even without a state file.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// Parse the command line and run it; returns the process exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("tern: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let name = match &cli.command {
+        Command::Daemon(_) => "daemon",
+        Command::Up(_) => "up",
+        Command::Down => "down",
+        Command::Status(_) => "status",
+        Command::Ping(_) => "ping",
+        Command::Netcheck(_) => "netcheck",
+        Command::Set(_) => "set",
+        Command::Ip(_) => "ip",
+        Command::Metrics => "metrics",
+        Command::Top => "top",
+        Command::Derp(_) => "derp",
+        Command::Lab(_) => "lab",
+    };
+    Ok(not_implemented(name))
+}
+
+/// What a subcommand whose issue has not landed yet does.
+pub fn not_implemented(name: &str) -> ExitCode {
+    eprintln!("tern: '{name}' is not implemented yet");
+    ExitCode::from(EXIT_NOT_IMPLEMENTED)
+}

@@ -1,0 +1,6 @@
+//! tern: a Tailscale-compatible node for Linux.
+//!
+//! Module map (see ARCHITECTURE.md): pure codecs (`stun`, `disco`, `derp::frame`,
+//! `control::noise`), sans-IO state machines, and the small I/O tasks that drive them.
+
+pub mod cli;

@@ -1,0 +1,36 @@
+//! The CLI's contract for subcommands that have not landed: a clear message and exit code 2.
+
+use std::process::Command;
+
+fn tern() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_tern"))
+}
+
+#[test]
+fn unimplemented_subcommand_says_so_and_exits_2() {
+    let out = tern().arg("top").output().expect("run tern");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("tern: 'top' is not implemented yet"), "stderr: {stderr}");
+}
+
+#[test]
+fn unknown_flag_is_refused_with_usage() {
+    let out = tern().args(["status", "--no-such-flag"]).output().expect("run tern");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--no-such-flag"), "stderr: {stderr}");
+}
+
+#[test]
+fn help_lists_every_subcommand() {
+    let out = tern().arg("--help").output().expect("run tern");
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for sub in [
+        "daemon", "up", "down", "status", "ping", "netcheck", "set", "ip", "metrics", "top", "derp",
+        "lab",
+    ] {
+        assert!(help.contains(sub), "help lacks {sub}: {help}");
+    }
+}

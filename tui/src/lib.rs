@@ -1,0 +1,1 @@
+//! `tern top`: the dashboard (view state and pure render functions). Filled in by its issue.
