@@ -168,11 +168,9 @@ impl Netns {
     pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
         let path = format!("/proc/sys/{}", key.replace('.', "/"));
         let value = value.to_string();
-        self.spawn_thread(move || {
+        self.run_in(move || {
             std::fs::write(&path, value).map_err(|err| LabError::io(format!("writing {path}"), err))
         })
-        .join()
-        .map_err(|_| LabError::Invalid("sysctl thread panicked".into()))?
     }
 
     /// Move the calling thread into this namespace. Sockets it opens from now on live there. The
@@ -208,6 +206,35 @@ impl Netns {
                 let msg = format!("spawning a thread: {err}");
                 std::thread::spawn(move || Err(LabError::Invalid(msg)))
             })
+    }
+
+    /// Run `f` on a thread inside this namespace and wait for it. Sockets made by `f` stay in this
+    /// namespace wherever they are used later, so this is the way to get e.g. a `UdpSocket` of the
+    /// namespace into a test's own threads (or into tokio with `from_std`).
+    pub fn run_in<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> Result<T> + Send + 'static,
+    {
+        self.spawn_thread(f)
+            .join()
+            .map_err(|_| LabError::Invalid(format!("thread in namespace {} panicked", self.name)))?
+    }
+
+    /// Bind a UDP socket inside this namespace.
+    pub fn bind_udp(&self, addr: std::net::SocketAddr) -> Result<std::net::UdpSocket> {
+        self.run_in(move || {
+            std::net::UdpSocket::bind(addr)
+                .map_err(|err| LabError::io(format!("binding UDP {addr}"), err))
+        })
+    }
+
+    /// Bind a TCP listener inside this namespace.
+    pub fn bind_tcp(&self, addr: std::net::SocketAddr) -> Result<std::net::TcpListener> {
+        self.run_in(move || {
+            std::net::TcpListener::bind(addr)
+                .map_err(|err| LabError::io(format!("binding TCP {addr}"), err))
+        })
     }
 
     /// PIDs of processes whose network namespace is this one (other than our own process).
