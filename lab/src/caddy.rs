@@ -23,6 +23,10 @@ pub fn caddy_binary() -> Result<PathBuf> {
             .join("..")
             .join(CADDY_RELATIVE_PATH),
     };
+    check_binary(path)
+}
+
+fn check_binary(path: PathBuf) -> Result<PathBuf> {
     if path.is_file() {
         Ok(path)
     } else {
@@ -51,6 +55,8 @@ pub struct CaddyConfig {
     pub debug: bool,
     /// Extra environment (e.g. `TS_DEBUG_ALWAYS_USE_DERP=1`).
     pub env: Vec<(String, String)>,
+    /// The Caddy binary; `None` means `caddy_binary()`.
+    pub binary: Option<PathBuf>,
 }
 
 impl CaddyConfig {
@@ -65,6 +71,7 @@ impl CaddyConfig {
             site_body: "respond \"hi\"".to_string(),
             debug: false,
             env: Vec::new(),
+            binary: None,
         }
     }
 
@@ -111,7 +118,10 @@ impl CaddyNode {
     /// Start Caddy in `ns` with `TS_NO_LOGS_NO_SUPPORT=true` (no logtail, no bootstrap DNS to
     /// public DERPs) and `TS_PANIC_IF_HIT_MAIN_CONTROL=1`.
     pub fn start(ns: &Netns, config: CaddyConfig) -> Result<CaddyNode> {
-        let binary = caddy_binary()?;
+        let binary = match &config.binary {
+            Some(path) => check_binary(path.clone())?,
+            None => caddy_binary()?,
+        };
         let dir = tempfile::Builder::new()
             .prefix(&format!("tern-caddy-{}-", config.node_name))
             .tempdir()
