@@ -25,10 +25,19 @@ fn dropping_a_topology_removes_namespaces_and_processes() {
     let nat1 = topo.ns("nat1").unwrap();
     let tables = nat1.exec(&["nft", "list", "tables"]).unwrap();
     let tables = String::from_utf8_lossy(&tables.stdout).to_string();
-    assert!(tables.contains("table inet lab") && tables.contains("table ip labnat"), "{tables}");
+    assert!(
+        tables.contains("table inet lab") && tables.contains("table ip labnat"),
+        "{tables}"
+    );
     // A stray process the lab did not start itself: killed with the namespace.
     let stray = std::process::Command::new("ip")
-        .args(["netns", "exec", topo.ns("relay").unwrap().name(), "sleep", "600"])
+        .args([
+            "netns",
+            "exec",
+            topo.ns("relay").unwrap().name(),
+            "sleep",
+            "600",
+        ])
         .spawn()
         .unwrap();
     let stray_pid = stray.id();
@@ -39,7 +48,10 @@ fn dropping_a_topology_removes_namespaces_and_processes() {
     assert!(namespaces_with_prefix(&prefix).unwrap().is_empty());
     let mut stray = stray;
     let _ = stray.wait();
-    assert!(!pid_alive(stray_pid), "process in a lab namespace survived teardown");
+    assert!(
+        !pid_alive(stray_pid),
+        "process in a lab namespace survived teardown"
+    );
 }
 
 #[test]
@@ -57,7 +69,10 @@ fn a_panic_while_the_lab_runs_still_tears_it_down() {
         panic!("deliberate panic inside the lab");
     });
     assert!(outcome.is_err(), "the closure must have panicked");
-    assert!(namespaces_with_prefix(&prefix).unwrap().is_empty(), "namespaces left after panic");
+    assert!(
+        namespaces_with_prefix(&prefix).unwrap().is_empty(),
+        "namespaces left after panic"
+    );
     let pid = pid.lock().unwrap().expect("sleeper started");
     assert!(!pid_alive(pid), "process left after panic");
 }
@@ -71,7 +86,10 @@ fn a_leftover_lab_with_the_same_prefix_is_a_clear_error() {
     assert!(matches!(err, LabError::NameClash { .. }), "{err:?}");
     assert!(err.to_string().contains("tern lab down --force"), "{err}");
     // Nothing else was created.
-    assert_eq!(namespaces_with_prefix(&prefix).unwrap(), vec![format!("{prefix}-c2")]);
+    assert_eq!(
+        namespaces_with_prefix(&prefix).unwrap(),
+        vec![format!("{prefix}-c2")]
+    );
     drop(leftover);
     assert!(namespaces_with_prefix(&prefix).unwrap().is_empty());
     assert!(!Path::new(&format!("/run/netns/{prefix}-c2")).exists());
@@ -82,5 +100,9 @@ fn bad_prefixes_and_modes_are_rejected() {
     require_root();
     assert!(Topology::standard("Bad-Prefix", NatMode::Easy, NatMode::Easy).is_err());
     let err = "symmetric".parse::<NatMode>().unwrap_err();
-    assert!(err.to_string().contains("easy, hard, fw, udpblock, portfwd, none"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("easy, hard, fw, udpblock, portfwd, none"),
+        "{err}"
+    );
 }

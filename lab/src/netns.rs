@@ -35,12 +35,11 @@ pub fn preflight() -> Result<()> {
     Ok(())
 }
 
-/// Search PATH (plus the sbin directories, which a non-login root shell may lack) for `name`.
+/// Search PATH for `name` (the lab runs tools by name, so PATH is what counts).
 pub fn find_in_path(name: &str) -> Option<std::path::PathBuf> {
     let path = std::env::var("PATH").unwrap_or_default();
     let found = path
         .split(':')
-        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"])
         .filter(|dir| !dir.is_empty())
         .map(|dir| Path::new(dir).join(name))
         .find(|candidate| candidate.is_file());
