@@ -13,6 +13,23 @@ fn require_root() {
     );
 }
 
+/// The root namespace's own IPv4 addresses that are not in the lab's ranges.
+fn host_addresses() -> Vec<String> {
+    let out = std::process::Command::new("ip")
+        .args(["-4", "-o", "addr", "show"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| line.split_whitespace().nth(3))
+        .filter_map(|cidr| cidr.split('/').next())
+        .filter(|ip| {
+            !ip.starts_with("127.") && !ip.starts_with("198.18.") && !ip.starts_with("198.19.")
+        })
+        .map(str::to_string)
+        .collect()
+}
+
 #[test]
 fn standard_topology_reaches_public_hosts_and_nothing_outside() {
     require_root();
@@ -24,17 +41,36 @@ fn standard_topology_reaches_public_hosts_and_nothing_outside() {
             .unwrap();
         assert!(out.status.success(), "c1 cannot ping {ip}: {out:?}");
     }
+    // No route to anything outside the lab, including the host's own networks and its resolver.
+    let mut outside = vec!["1.1.1.1".to_string(), "10.255.255.53".to_string()];
+    outside.extend(host_addresses());
     for node in topo.nodes() {
-        let out = node
-            .ns()
-            .exec_unchecked(&["ip", "route", "get", "1.1.1.1"])
-            .unwrap();
-        assert!(
-            !out.status.success(),
-            "{} has a route outside: {out:?}",
-            node.name()
-        );
+        for addr in &outside {
+            let out = node
+                .ns()
+                .exec_unchecked(&["ip", "route", "get", addr])
+                .unwrap();
+            assert!(
+                !out.status.success(),
+                "{} has a route to {addr}: {out:?}",
+                node.name()
+            );
+        }
     }
+    // Clients reach each other's private site only through the lab (fw mode needs this).
+    let to_c2 = c1
+        .exec_unchecked(&["ip", "route", "get", "10.2.0.2"])
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&to_c2.stdout).contains("via 10.1.0.1"),
+        "{to_c2:?}"
+    );
+    let relay_to_c1 = topo
+        .ns("relay")
+        .unwrap()
+        .exec(&["ip", "route", "get", "10.1.0.2"])
+        .unwrap();
+    assert!(String::from_utf8_lossy(&relay_to_c1.stdout).contains("via 198.18.0.1"));
     // A connect() to an outside address fails locally (no route): no packet is sent.
     let errors = c1
         .spawn_thread(|| {

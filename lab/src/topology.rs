@@ -8,7 +8,8 @@
 //!                                                                              (+ 10.99.0.20, control)
 //! ```
 //! `rtr` has no default route and nothing links to the root namespace, so the lab is a closed world:
-//! every namespace routes only 198.18.0.0/15 and 10.0.0.0/8, and `ip route get 1.1.1.1` fails.
+//! every namespace routes only 198.18.0.0/15 and the private /24s the lab uses (10.N.0.0/24 per
+//! client site, 10.99.0.0/24 for control), so `ip route get` fails for anything else.
 
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -31,8 +32,6 @@ pub const SERVER_IPS: [Ipv4Addr; 2] =
 pub const CONTROL_IP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 20);
 /// The public segment (RFC 2544 benchmarking range).
 pub const PUBLIC_NET: &str = "198.18.0.0/15";
-/// The lab's private range.
-pub const PRIVATE_NET: &str = "10.0.0.0/8";
 /// Name of the router node.
 pub const ROUTER: &str = "rtr";
 /// Name of the bridge in the router.
@@ -60,6 +59,8 @@ pub struct Node {
     name: String,
     kind: NodeKind,
     addrs: Vec<Ipv4Addr>,
+    /// Next hop for lab-wide routes (none for the router, which routes each net itself).
+    gateway: Option<Ipv4Addr>,
     ns: Netns,
 }
 
@@ -127,6 +128,8 @@ pub struct Topology {
     prefix: String,
     nodes: Vec<Node>,
     sites: Vec<NatSite>,
+    /// Private /24s in use and the nodes that own them (connected there, routed elsewhere).
+    private_nets: Vec<(String, Vec<String>)>,
 }
 
 static NEXT_PREFIX: AtomicU32 = AtomicU32::new(0);
@@ -200,6 +203,7 @@ impl Topology {
             prefix: prefix.to_string(),
             nodes: Vec::new(),
             sites: Vec::new(),
+            private_nets: Vec::new(),
         };
         topo.create_nodes(&[(ROUTER, NodeKind::Router, vec![RTR_PUBLIC_IP])])?;
         let rtr = topo.ns(ROUTER)?;
@@ -230,8 +234,8 @@ impl Topology {
         }
         batch += &format!("link set {HOST_IF} up\n");
         batch += &format!("route add {PUBLIC_NET} via {RTR_PUBLIC_IP}\n");
-        batch += &format!("route add {PRIVATE_NET} via {RTR_PUBLIC_IP}\n");
-        self.ns(name)?.ip_batch(&batch)
+        self.ns(name)?.ip_batch(&batch)?;
+        self.set_gateway(name, RTR_PUBLIC_IP)
     }
 
     /// Give a public host an extra private address reachable from the whole lab (the router
@@ -245,12 +249,13 @@ impl Topology {
         self.ns(name)?
             .ip_batch(&format!("addr add {ip}/32 dev {HOST_IF}\n"))?;
         let [a, b, c, _] = ip.octets();
+        let net = format!("{a}.{b}.{c}.0/24");
         self.ns(ROUTER)?
-            .ip_batch(&format!("route add {a}.{b}.{c}.0/24 via {via}\n"))?;
+            .ip_batch(&format!("route add {net} via {via}\n"))?;
         if let Ok(node) = self.node_mut(name) {
             node.addrs.push(ip);
         }
-        Ok(())
+        self.add_private_net(net, &[name])
     }
 
     /// Add client site N: `cN` (10.N.0.2) behind NAT box `natN` (lan 10.N.0.1, wan 198.18.N.2)
@@ -292,7 +297,7 @@ impl Topology {
         nat_ns.ip_batch(&format!(
             "addr add {}/24 dev {wan}\nlink set {wan} up\n\
              addr add {}/24 dev {lan}\nlink set {lan} up\n\
-             route add {PUBLIC_NET} via {up}\nroute add {PRIVATE_NET} via {up}\n",
+             route add {PUBLIC_NET} via {up}\n",
             site.wan_ip,
             site.lan_ip,
             wan = nat::WAN_IF,
@@ -301,12 +306,16 @@ impl Topology {
         nat_ns.nft_apply(&nat::ruleset(mode, site.client_ip))?;
         self.ns(&site.client)?.ip_batch(&format!(
             "addr add {}/24 dev {HOST_IF}\nlink set {HOST_IF} up\n\
-             route add {PUBLIC_NET} via {lan}\nroute add {PRIVATE_NET} via {lan}\n",
+             route add {PUBLIC_NET} via {lan}\n",
             site.client_ip,
             lan = site.lan_ip,
         ))?;
+        self.set_gateway(&site.nat, up)?;
+        self.set_gateway(&site.client, site.lan_ip)?;
+        let net = format!("10.{index}.0.0/24");
+        let owners = [site.nat.clone(), site.client.clone()];
         self.sites.push(site);
-        Ok(())
+        self.add_private_net(net, &[&owners[0], &owners[1]])
     }
 
     /// Switch a NAT box (`natN`) to another mode at run time; its conntrack table is flushed.
@@ -379,6 +388,39 @@ impl Topology {
         }
     }
 
+    /// Set a node's next hop for lab-wide routes and give it a route to every private net in use.
+    fn set_gateway(&mut self, name: &str, gateway: Ipv4Addr) -> Result<()> {
+        self.node_mut(name)?.gateway = Some(gateway);
+        let batch: String = self
+            .private_nets
+            .iter()
+            .filter(|(_, owners)| !owners.iter().any(|o| o == name))
+            .map(|(net, _)| format!("route add {net} via {gateway}\n"))
+            .collect();
+        if batch.is_empty() {
+            Ok(())
+        } else {
+            self.ns(name)?.ip_batch(&batch)
+        }
+    }
+
+    /// Route a new private net from every node that has a gateway and does not own it.
+    fn add_private_net(&mut self, net: String, owners: &[&str]) -> Result<()> {
+        for node in &self.nodes {
+            let Some(gateway) = node.gateway else {
+                continue;
+            };
+            if owners.contains(&node.name.as_str()) {
+                continue;
+            }
+            node.ns
+                .ip_batch(&format!("route add {net} via {gateway}\n"))?;
+        }
+        self.private_nets
+            .push((net, owners.iter().map(|o| o.to_string()).collect()));
+        Ok(())
+    }
+
     /// Create namespaces in one `ip -batch`, IPv6 off (the lab is IPv4 only, and this keeps
     /// link-local chatter and DAD out of it).
     fn create_nodes(&mut self, specs: &[(&str, NodeKind, Vec<Ipv4Addr>)]) -> Result<()> {
@@ -408,6 +450,7 @@ impl Topology {
                     name: name.to_string(),
                     kind: *kind,
                     addrs: addrs.clone(),
+                    gateway: None,
                     ns: Netns::adopt(&ns),
                 });
             }
