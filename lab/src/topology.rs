@@ -137,6 +137,7 @@ static NEXT_PREFIX: AtomicU32 = AtomicU32::new(0);
 /// A short prefix unique to this process and call, and not used by any existing namespace, so tests
 /// can build topologies in parallel (`tl<pid>x<n>`).
 pub fn unique_prefix() -> String {
+    reap_dead_test_labs();
     loop {
         let n = NEXT_PREFIX.fetch_add(1, Ordering::Relaxed);
         let prefix = format!("tl{:x}x{n:x}", std::process::id());
@@ -144,6 +145,32 @@ pub fn unique_prefix() -> String {
             return prefix;
         }
     }
+}
+
+/// Delete namespaces of `unique_prefix` labs whose process is gone (a test binary that was killed
+/// and could not run its Drop). Labs of live processes, and any other name, are left alone.
+pub fn reap_dead_test_labs() {
+    let Ok(names) = Netns::list() else { return };
+    for name in names {
+        let Some(pid) = test_lab_pid(&name) else {
+            continue;
+        };
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            tracing::info!(netns = %name, pid, "removing namespace of a dead test run");
+            let _ = crate::netns::delete_named(&name);
+        }
+    }
+}
+
+/// The PID encoded in a `unique_prefix` namespace name (`tl<pid hex>x<n hex>-<node>`).
+fn test_lab_pid(netns: &str) -> Option<u32> {
+    let (prefix, node) = netns.split_once('-')?;
+    let (pid, n) = prefix.strip_prefix("tl")?.split_once('x')?;
+    let hex = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_hexdigit());
+    if !(hex(pid) && hex(n) && !node.is_empty()) {
+        return None;
+    }
+    u32::from_str_radix(pid, 16).ok()
 }
 
 /// Existing namespaces named `<prefix>-*`.
@@ -472,5 +499,29 @@ impl Drop for Topology {
         while let Some(node) = self.nodes.pop() {
             drop(node);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_lab_names_encode_their_pid() {
+        assert_eq!(test_lab_pid("tl1f2ax3-c1"), Some(0x1f2a));
+        assert_eq!(test_lab_pid("tlab-c1"), None);
+        assert_eq!(test_lab_pid("tl12x-c1"), None);
+        assert_eq!(test_lab_pid("tl12x3"), None);
+        assert_eq!(test_lab_pid("other"), None);
+    }
+
+    #[test]
+    fn prefixes_are_validated() {
+        assert!(validate_prefix("tlab").is_ok());
+        assert!(validate_prefix("tl1f2ax3").is_ok());
+        assert!(validate_prefix("").is_err());
+        assert!(validate_prefix("Lab").is_err());
+        assert!(validate_prefix("a-b").is_err());
+        assert!(validate_prefix("abcdefghijklmnopq").is_err());
     }
 }
