@@ -110,10 +110,10 @@ fn hard_nat_maps_each_destination_to_its_own_port() {
         .map(|m| m.expect("STUN answer"))
         .collect();
     assert!(mapped.iter().all(|m| m.ip() == wan), "{mapped:?}");
+    // fully-random picks each port at random: two of four may collide (p ~ 1e-4), three may not.
     let ports: HashSet<u16> = mapped.iter().map(|m| m.port()).collect();
-    assert_eq!(
-        ports.len(),
-        4,
+    assert!(
+        ports.len() >= 3,
         "hard NAT: a different port per destination: {mapped:?}"
     );
     assert!(
@@ -196,7 +196,7 @@ fn switching_mode_at_run_time_changes_the_mapping() {
     assert_eq!(topo.site("nat1").unwrap().mode, NatMode::Hard);
     let hard = observe(&topo, 0);
     let hard_ports: HashSet<_> = hard.mapped.iter().map(|m| m.map(|a| a.port())).collect();
-    assert_eq!(hard_ports.len(), 4, "{:?}", hard.mapped);
+    assert!(hard_ports.len() >= 3, "{:?}", hard.mapped);
     topo.set_nat_mode("nat1", NatMode::Fw).unwrap();
     let fw = observe(&topo, 0);
     let client = topo.site("c1").unwrap().client_ip;

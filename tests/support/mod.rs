@@ -64,7 +64,7 @@ impl Drop for StunServer {
     }
 }
 
-/// Ask `server` which address `sock` is seen as: 3 tries of 300 ms, `None` if no answer. Other
+/// Ask `server` which address `sock` is seen as: 4 tries of 400 ms, `None` if no answer. Other
 /// packets arriving meanwhile are returned in `others` (payload, source).
 pub fn stun_query(
     sock: &UdpSocket,
@@ -74,9 +74,9 @@ pub fn stun_query(
     let tx = stun::TxId::random();
     let request = stun::request(tx);
     let mut buf = [0u8; 1500];
-    for _ in 0..3 {
+    for _ in 0..4 {
         sock.send_to(&request, server).expect("send STUN request");
-        let deadline = Instant::now() + Duration::from_millis(300);
+        let deadline = Instant::now() + Duration::from_millis(400);
         while let Some(left) = deadline.checked_duration_since(Instant::now()) {
             sock.set_read_timeout(Some(left.max(Duration::from_millis(1))))
                 .unwrap();
