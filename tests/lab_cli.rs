@@ -104,6 +104,28 @@ fn lab_up_then_down_leaves_the_host_as_it_was() {
         .unwrap();
     assert!(ping.status.success(), "{}", text(&ping));
 
+    // The long-lived lab's NAT mode can be switched at run time (recorded in the state).
+    tern_lab::state::set_nat_mode(&prefix, "nat2", tern_lab::NatMode::Hard).unwrap();
+    let nft = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &format!("{prefix}-nat2"),
+            "nft",
+            "list",
+            "ruleset",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&nft.stdout).contains("fully-random"),
+        "{}",
+        text(&nft)
+    );
+    let status = tern(&prefix, &["status", "--json"]);
+    let json: serde_json::Value = serde_json::from_slice(&status.stdout).expect("status JSON");
+    assert_eq!(json["nat_boxes"][1]["mode"], "hard");
+
     // A second `up` (or bare `tern lab`) with the same prefix is a clear error.
     let again = tern(&prefix, &[]);
     assert!(!again.status.success());

@@ -219,6 +219,22 @@ pub fn up(prefix: &str, nat1: crate::NatMode, nat2: crate::NatMode) -> Result<La
     Ok(state)
 }
 
+/// Switch NAT box `nat_box` of the long-lived lab `prefix` to `mode` (conntrack flushed) and
+/// record it in the state file.
+pub fn set_nat_mode(prefix: &str, nat_box: &str, mode: crate::NatMode) -> Result<()> {
+    let mut lab = LabState::load(prefix)?
+        .ok_or_else(|| LabError::Invalid(format!("no lab with prefix `{prefix}` is recorded")))?;
+    let site = lab
+        .nat_boxes
+        .iter_mut()
+        .find(|site| site.nat == nat_box)
+        .ok_or_else(|| LabError::Invalid(format!("lab `{prefix}` has no NAT box {nat_box}")))?;
+    let ns = Netns::open(&format!("{prefix}-{nat_box}"))?;
+    crate::nat::apply(&ns, mode, site.client_ip)?;
+    site.mode = mode;
+    lab.save()
+}
+
 /// The live status of lab `prefix` (works without a state file, e.g. after a crash).
 pub fn status(prefix: &str) -> Result<LabStatus> {
     let existing = namespaces_with_prefix(prefix)?;
