@@ -15,7 +15,8 @@ use tern_lab::{CaddyConfig, CaddyNode, LabError, NatMode, Topology};
 
 const CONTROL_PORT: u16 = 8080;
 
-/// A tiny HTTP listener that reports each request line and answers 404.
+/// A tiny HTTP listener that reports each request line. `GET /key` gets a syntactically valid
+/// control key (so tsnet goes on to the Noise upgrade); anything else a 501.
 fn control_logger(listener: TcpListener) -> mpsc::Receiver<String> {
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
@@ -49,7 +50,16 @@ fn serve(mut stream: TcpStream, tx: &mpsc::Sender<String>) {
         if tx.send(request_line.trim_end().to_string()).is_err() {
             return;
         }
-        let _ = stream.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n");
+        let response = if request_line.starts_with("GET /key") {
+            let body = format!("{{\"publicKey\":\"mkey:{}\"}}", "5a".repeat(32));
+            format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+        } else {
+            "HTTP/1.1 501 Not Implemented\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".into()
+        };
+        let _ = stream.write_all(response.as_bytes());
     }
 }
 
@@ -88,6 +98,11 @@ fn tsnet_runs_in_a_namespace_and_asks_the_lab_control_for_its_key() {
             )
         });
     assert_eq!(first, "GET /key?v=130 HTTP/1.1", "logs:\n{}", caddy.logs());
+    // Then the ts2021 Noise upgrade to the same lab control server.
+    let second = requests
+        .recv_timeout(Duration::from_secs(30))
+        .unwrap_or_else(|_| panic!("no second control request; caddy logs:\n{}", caddy.logs()));
+    assert_eq!(second, "POST /ts2021 HTTP/1.1", "logs:\n{}", caddy.logs());
 
     // It runs in c1's namespace.
     let pid = caddy.process().pid();
