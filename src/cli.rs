@@ -50,7 +50,8 @@ pub enum Command {
     Top,
     /// Run a DERP relay server.
     Derp(DerpArgs),
-    /// Network-namespace lab: topologies, NAT boxes, lab coordination server.
+    /// Network-namespace lab: topologies, NAT boxes, lab coordination server. Without a
+    /// subcommand (for now): `lab up`, then `lab status`.
     Lab(LabArgs),
 }
 
@@ -133,15 +134,27 @@ pub struct DerpArgs {
     pub addr: String,
 }
 
+/// Without a subcommand (for now): build the standard lab like `tern lab up` with default NAT
+/// modes, then print its status like `tern lab status`.
 #[derive(Debug, Args)]
 pub struct LabArgs {
+    /// Namespace name prefix of the lab (namespaces are `<prefix>-<node>`); for tests.
+    #[arg(
+        long,
+        global = true,
+        hide = true,
+        env = "TERN_LAB_PREFIX",
+        default_value = "tlab"
+    )]
+    pub prefix: String,
     #[command(subcommand)]
     pub command: Option<LabCommand>,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum LabCommand {
-    /// Build the standard lab topology and leave it running.
+    /// Build the standard lab topology and leave it running (enter a node with
+    /// `ip netns exec tlab-c1 bash`).
     Up(LabUpArgs),
     /// Describe the running lab.
     Status(LabStatusArgs),
@@ -151,17 +164,17 @@ pub enum LabCommand {
 
 #[derive(Debug, Args)]
 pub struct LabUpArgs {
-    /// NAT mode of the first client's NAT box.
+    /// NAT mode of the first client's NAT box: easy, hard, fw, udpblock, portfwd or none.
     #[arg(long, default_value = "easy")]
     pub nat1: String,
-    /// NAT mode of the second client's NAT box.
+    /// NAT mode of the second client's NAT box: easy, hard, fw, udpblock, portfwd or none.
     #[arg(long, default_value = "easy")]
     pub nat2: String,
 }
 
 #[derive(Debug, Args)]
 pub struct LabStatusArgs {
-    /// Print the status as JSON.
+    /// Print the status as JSON (format: lab/README.md).
     #[arg(long)]
     pub json: bool,
 }
@@ -186,6 +199,9 @@ pub fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    if let Command::Lab(args) = &cli.command {
+        return crate::lab_cli::run(args);
+    }
     let name = match &cli.command {
         Command::Daemon(_) => "daemon",
         Command::Up(_) => "up",

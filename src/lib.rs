@@ -4,3 +4,5 @@
 //! `control::noise`), sans-IO state machines, and the small I/O tasks that drive them.
 
 pub mod cli;
+pub mod lab_cli;
+pub mod stun;

@@ -1,0 +1,142 @@
+//! `tern lab …`: the long-lived lab a person can enter with `ip netns exec`, driven by tern-lab.
+
+use std::fmt::Write as _;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use tern_lab::state::{self, LabStatus};
+use tern_lab::NatMode;
+
+use crate::cli::{LabArgs, LabCommand, LabDownArgs, LabStatusArgs, LabUpArgs};
+
+/// Run a `tern lab` subcommand.
+pub fn run(args: &LabArgs) -> anyhow::Result<ExitCode> {
+    let prefix = args.prefix.as_str();
+    match &args.command {
+        Some(LabCommand::Up(up_args)) => up(prefix, up_args),
+        Some(LabCommand::Status(status_args)) => status(prefix, status_args),
+        Some(LabCommand::Down(down_args)) => down(prefix, down_args),
+        None => {
+            // For now the bare command is `up` + `status`; it becomes the full demo later.
+            let defaults = LabUpArgs {
+                nat1: "easy".into(),
+                nat2: "easy".into(),
+            };
+            up(prefix, &defaults)?;
+            status(prefix, &LabStatusArgs { json: false })
+        }
+    }
+}
+
+fn up(prefix: &str, args: &LabUpArgs) -> anyhow::Result<ExitCode> {
+    let nat1: NatMode = args.nat1.parse().context("--nat1")?;
+    let nat2: NatMode = args.nat2.parse().context("--nat2")?;
+    let lab = state::up(prefix, nat1, nat2)?;
+    println!(
+        "lab `{prefix}` is up: {} namespaces (nat1 {nat1}, nat2 {nat2})",
+        lab.nodes.len()
+    );
+    println!("enter a node with:  ip netns exec {prefix}-c1 bash");
+    println!("describe it with:   tern lab status [--json]");
+    println!("tear it down with:  tern lab down");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn status(prefix: &str, args: &LabStatusArgs) -> anyhow::Result<ExitCode> {
+    let status = state::status(prefix)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        print!("{}", render_status(&status));
+    }
+    Ok(if status.running {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn down(prefix: &str, args: &LabDownArgs) -> anyhow::Result<ExitCode> {
+    let report = state::down(prefix, args.force)?;
+    if report.removed_netns.is_empty() && !report.removed_state {
+        println!("nothing of lab `{prefix}` was left");
+    } else {
+        println!(
+            "lab `{prefix}` is down: removed {} namespaces{}",
+            report.removed_netns.len(),
+            if report.removed_state {
+                " and its state"
+            } else {
+                ""
+            }
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Human-readable status.
+fn render_status(status: &LabStatus) -> String {
+    let lab = &status.lab;
+    let mut out = String::new();
+    if !status.running {
+        let _ = writeln!(out, "lab `{}` is not running", lab.prefix);
+        return out;
+    }
+    let _ = writeln!(out, "lab `{}`", lab.prefix);
+    for node in &lab.nodes {
+        let addrs: Vec<String> = node
+            .interfaces
+            .iter()
+            .filter(|iface| iface.name != "lo")
+            .map(|iface| format!("{} {}", iface.name, iface.addrs.join(",")))
+            .collect();
+        let missing = if node.exists == Some(false) {
+            "  (missing)"
+        } else {
+            ""
+        };
+        let _ = writeln!(
+            out,
+            "  {:<8} {:<14} {:<7} {}{missing}",
+            node.name,
+            node.netns,
+            format!("{:?}", node.kind).to_lowercase(),
+            addrs.join("  ")
+        );
+    }
+    for site in &lab.nat_boxes {
+        let _ = writeln!(
+            out,
+            "  {} -> {}: mode {}, wan {}, client {}",
+            site.nat, site.client, site.mode, site.wan_ip, site.client_ip
+        );
+    }
+    for process in &lab.processes {
+        let _ = writeln!(
+            out,
+            "  process {} in {} pid {}{}",
+            process.name,
+            process.node,
+            process.pid,
+            if process.alive == Some(false) {
+                " (exited)"
+            } else {
+                ""
+            }
+        );
+    }
+    for service in &lab.services {
+        let _ = writeln!(
+            out,
+            "  {} {} in {}: {}",
+            service.kind, service.name, service.node, service.url
+        );
+    }
+    for ns in &status.unknown_netns {
+        let _ = writeln!(
+            out,
+            "  unrecorded namespace {ns} (remove with `tern lab down --force`)"
+        );
+    }
+    out
+}
