@@ -1,1 +1,3 @@
 //! Network-namespace lab: topologies, NAT boxes and the processes run inside them.
+
+pub mod control;
