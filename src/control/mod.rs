@@ -1,0 +1,1 @@
+//! ts2021 control protocol.
