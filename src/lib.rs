@@ -4,3 +4,6 @@
 //! `control::noise`), sans-IO state machines, and the small I/O tasks that drive them.
 
 pub mod cli;
+pub mod control;
+pub mod keys;
+pub mod netmap;
