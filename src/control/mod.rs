@@ -4,6 +4,7 @@
 
 pub mod framing;
 pub mod noise;
+pub mod server;
 pub mod tailcfg;
 
 /// The capability version we claim: in the Noise initiation header and prologue, `/key?v=`,
