@@ -12,7 +12,11 @@ pub const EXIT_NOT_IMPLEMENTED: u8 = 2;
 pub const DEFAULT_SOCKET: &str = "/run/tern/tern.sock";
 
 #[derive(Debug, Parser)]
-#[command(name = "tern", version, about = "A Tailscale-compatible node for Linux")]
+#[command(
+    name = "tern",
+    version,
+    about = "A Tailscale-compatible node for Linux"
+)]
 pub struct Cli {
     /// Path of the daemon's LocalAPI socket.
     #[arg(long, global = true, env = "TERN_SOCKET", default_value = DEFAULT_SOCKET)]

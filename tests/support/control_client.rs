@@ -26,14 +26,25 @@ pub async fn within<T>(what: &str, fut: impl std::future::Future<Output = T>) ->
 
 /// `GET /key?v=130` over a fresh TCP connection; returns status and body.
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut tcp = within("connect", TcpStream::connect(addr)).await.expect("connect");
+    let mut tcp = within("connect", TcpStream::connect(addr))
+        .await
+        .expect("connect");
     let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
     tcp.write_all(req.as_bytes()).await.unwrap();
     let mut out = Vec::new();
-    within("http response", tcp.read_to_end(&mut out)).await.unwrap();
+    within("http response", tcp.read_to_end(&mut out))
+        .await
+        .unwrap();
     let text = String::from_utf8_lossy(&out).into_owned();
-    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     (status, body)
 }
 
@@ -49,13 +60,18 @@ pub async fn server_key(addr: SocketAddr) -> MachinePublic {
 /// Sends a raw `/ts2021` upgrade request; returns the TCP stream and what the server answered
 /// up to the end of the header block, plus any bytes after it.
 pub async fn raw_upgrade(addr: SocketAddr, headers: &str) -> (TcpStream, String, Vec<u8>) {
-    let mut tcp = within("connect", TcpStream::connect(addr)).await.expect("connect");
-    let req = format!("POST /ts2021 HTTP/1.1\r\nHost: {addr}\r\n{headers}Content-Length: 0\r\n\r\n");
+    let mut tcp = within("connect", TcpStream::connect(addr))
+        .await
+        .expect("connect");
+    let req =
+        format!("POST /ts2021 HTTP/1.1\r\nHost: {addr}\r\n{headers}Content-Length: 0\r\n\r\n");
     tcp.write_all(req.as_bytes()).await.unwrap();
     let mut buf = Vec::new();
     loop {
         let mut chunk = [0u8; 1024];
-        let n = within("upgrade answer", tcp.read(&mut chunk)).await.unwrap();
+        let n = within("upgrade answer", tcp.read(&mut chunk))
+            .await
+            .unwrap();
         if n == 0 {
             break;
         }
@@ -78,18 +94,30 @@ pub fn upgrade_headers(initiation: &[u8]) -> String {
 }
 
 /// Upgrade + Noise handshake; returns the record stream.
-pub async fn noise_connect(addr: SocketAddr, machine: &MachinePrivate, server: &MachinePublic) -> NoiseStream<TcpStream> {
+pub async fn noise_connect(
+    addr: SocketAddr,
+    machine: &MachinePrivate,
+    server: &MachinePublic,
+) -> NoiseStream<TcpStream> {
     let (initiator, initiation) = Initiator::start(machine, server, CAPABILITY_VERSION).unwrap();
     let (mut tcp, head, mut rest) = raw_upgrade(addr, &upgrade_headers(&initiation)).await;
     assert!(head.starts_with("HTTP/1.1 101"), "upgrade refused: {head}");
-    assert!(head.to_ascii_lowercase().contains("upgrade: tailscale-control-protocol"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("upgrade: tailscale-control-protocol"),
+        "{head}"
+    );
     while rest.len() < RESPONSE_LEN {
         let mut chunk = [0u8; 256];
-        let n = within("noise response", tcp.read(&mut chunk)).await.unwrap();
+        let n = within("noise response", tcp.read(&mut chunk))
+            .await
+            .unwrap();
         assert!(n > 0, "server closed before the Noise response");
         rest.extend_from_slice(&chunk[..n]);
     }
-    let keys = initiator.finish(&rest[..RESPONSE_LEN]).expect("Noise response");
+    let keys = initiator
+        .finish(&rest[..RESPONSE_LEN])
+        .expect("Noise response");
     NoiseStream::with_buffered(tcp, keys, &rest[RESPONSE_LEN..])
 }
 
@@ -104,22 +132,43 @@ pub struct TestNode {
 
 impl TestNode {
     pub async fn connect(addr: SocketAddr, hostname: &str) -> TestNode {
-        Self::connect_with(addr, hostname, MachinePrivate::generate(), NodePrivate::generate()).await
+        Self::connect_with(
+            addr,
+            hostname,
+            MachinePrivate::generate(),
+            NodePrivate::generate(),
+        )
+        .await
     }
 
-    pub async fn connect_with(addr: SocketAddr, hostname: &str, machine: MachinePrivate, node: NodePrivate) -> TestNode {
+    pub async fn connect_with(
+        addr: SocketAddr,
+        hostname: &str,
+        machine: MachinePrivate,
+        node: NodePrivate,
+    ) -> TestNode {
         let server = server_key(addr).await;
         let stream = noise_connect(addr, &machine, &server).await;
-        let (h2, conn) = within("h2 handshake", h2::client::handshake(stream)).await.expect("h2 handshake");
+        let (h2, conn) = within("h2 handshake", h2::client::handshake(stream))
+            .await
+            .expect("h2 handshake");
         tokio::spawn(async move {
             let _ = conn.await;
         });
-        TestNode { machine, node, disco: DiscoPrivate::generate(), hostname: hostname.into(), h2 }
+        TestNode {
+            machine,
+            node,
+            disco: DiscoPrivate::generate(),
+            hostname: hostname.into(),
+            h2,
+        }
     }
 
     /// POSTs a body; returns status and the response body stream.
     pub async fn post(&mut self, path: &str, body: Vec<u8>) -> (u16, h2::RecvStream) {
-        let mut h2 = within("h2 ready", self.h2.clone().ready()).await.expect("h2 ready");
+        let mut h2 = within("h2 ready", self.h2.clone().ready())
+            .await
+            .expect("h2 ready");
         let req = http::Request::builder()
             .method("POST")
             .uri(format!("https://control.lab{path}"))
@@ -157,7 +206,8 @@ impl TestNode {
     pub async fn register(&mut self, auth_key: Option<&str>) -> (u16, Value) {
         let req = self.register_request(auth_key);
         let (status, body) = self.post_json("/machine/register", &req).await;
-        let value = serde_json::from_slice(&body).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()));
+        let value = serde_json::from_slice(&body)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()));
         (status, value)
     }
 
@@ -180,9 +230,14 @@ impl TestNode {
     /// Opens the streaming map poll.
     pub async fn stream_map(&mut self, endpoints: &[&str]) -> MapStream {
         let req = self.map_request(true, endpoints, 0);
-        let (status, recv) = self.post("/machine/map", serde_json::to_vec(&req).unwrap()).await;
+        let (status, recv) = self
+            .post("/machine/map", serde_json::to_vec(&req).unwrap())
+            .await;
         assert_eq!(status, 200, "map stream status");
-        MapStream { recv, buf: Vec::new() }
+        MapStream {
+            recv,
+            buf: Vec::new(),
+        }
     }
 
     /// Sends a lite update; returns the status.
@@ -235,7 +290,8 @@ impl MapStream {
     pub async fn next_any(&mut self) -> Value {
         loop {
             if self.buf.len() >= 4 {
-                let len = u32::from_le_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
+                let len = u32::from_le_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]])
+                    as usize;
                 assert!(len > 0, "zero-length map frame");
                 if self.buf.len() >= 4 + len {
                     let payload: Vec<u8> = self.buf.drain(..4 + len).skip(4).collect();
@@ -243,7 +299,10 @@ impl MapStream {
                     return serde_json::from_slice(&json).expect("map frame is JSON");
                 }
             }
-            let chunk = within("map frame", self.recv.data()).await.expect("map stream ended").expect("map chunk");
+            let chunk = within("map frame", self.recv.data())
+                .await
+                .expect("map stream ended")
+                .expect("map chunk");
             let _ = self.recv.flow_control().release_capacity(chunk.len());
             self.buf.extend_from_slice(&chunk);
         }

@@ -357,13 +357,18 @@ impl Tailnet {
     ) -> Result<NodeChanges, ControlError> {
         let node = self.node_mut(node_id).ok_or(ControlError::UnknownNode)?;
         let mut changes = NodeChanges::default();
+        let mut netinfo_changed_any = false;
         if let Some(disco) = &update.disco_key {
             changes.disco_key = set_if_changed(&mut node.disco_key, disco.clone());
         }
         if let Some(hostinfo) = &update.hostinfo {
             let merged = merge_hostinfo(&node.hostinfo, hostinfo);
             let derp = preferred_derp(&merged);
-            changes.hostinfo = set_if_changed(&mut node.hostinfo, merged);
+            // NetInfo churns (DERP latencies); peers only care about its home DERP.
+            changes.hostinfo = without_netinfo(&node.hostinfo) != without_netinfo(&merged);
+            let netinfo_changed = node.hostinfo.get("NetInfo") != merged.get("NetInfo");
+            node.hostinfo = merged;
+            netinfo_changed_any = netinfo_changed;
             if derp != 0 {
                 changes.home_derp = set_if_changed(&mut node.home_derp, derp);
             }
@@ -374,7 +379,7 @@ impl Tailnet {
         if update.version != 0 {
             changes.cap_version = set_if_changed(&mut node.cap_version, update.version);
         }
-        if changes.any() {
+        if changes.any() || netinfo_changed_any {
             self.save()?;
         }
         Ok(changes)
@@ -544,6 +549,14 @@ fn merge_hostinfo(old: &Value, new: &Value) -> Value {
         }
     }
     merged
+}
+
+fn without_netinfo(hostinfo: &Value) -> Value {
+    let mut copy = hostinfo.clone();
+    if let Some(map) = copy.as_object_mut() {
+        map.remove("NetInfo");
+    }
+    copy
 }
 
 fn preferred_derp(hostinfo: &Value) -> u32 {

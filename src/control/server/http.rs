@@ -86,8 +86,10 @@ fn upgrade(shared: Arc<Shared>, peer: SocketAddr, mut req: Request<Incoming>) ->
         }
     });
     let mut resp = status(StatusCode::SWITCHING_PROTOCOLS, "");
-    resp.headers_mut().insert(UPGRADE, HeaderValue::from_static(UPGRADE_PROTOCOL));
-    resp.headers_mut().insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    resp.headers_mut()
+        .insert(UPGRADE, HeaderValue::from_static(UPGRADE_PROTOCOL));
+    resp.headers_mut()
+        .insert(CONNECTION, HeaderValue::from_static("upgrade"));
     resp
 }
 
@@ -106,16 +108,30 @@ fn accept_handshake(shared: &Shared, req: &Request<Incoming>) -> Result<Accepted
     let initiation = base64::engine::general_purpose::STANDARD
         .decode(encoded)
         .map_err(|err| format!("X-Tailscale-Handshake is not base64: {err}"))?;
-    Responder::accept(&shared.noise_key, &initiation).map_err(|err| format!("Noise handshake failed: {err}"))
+    Responder::accept(&shared.noise_key, &initiation)
+        .map_err(|err| format!("Noise handshake failed: {err}"))
 }
 
 fn header_str<'a>(req: &'a Request<Incoming>, name: &str) -> &'a str {
-    req.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or("")
+    req.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
 }
 
 /// Writes the Noise response after the 101 headers, then serves HTTP/2 over Noise records.
-async fn run_noise(shared: Arc<Shared>, peer: SocketAddr, mut io: TokioIo<hyper::upgrade::Upgraded>, accepted: Accepted) {
-    let Accepted { response, peer: machine, version, keys } = accepted;
+async fn run_noise(
+    shared: Arc<Shared>,
+    peer: SocketAddr,
+    mut io: TokioIo<hyper::upgrade::Upgraded>,
+    accepted: Accepted,
+) {
+    let Accepted {
+        response,
+        peer: machine,
+        version,
+        keys,
+    } = accepted;
     if let Err(err) = io.write_all(&response).await {
         debug!(%peer, error = %err, "writing the Noise response failed");
         return;

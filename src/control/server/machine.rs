@@ -7,7 +7,7 @@ use bytes::Bytes;
 use h2::server::SendResponse;
 use h2::RecvStream;
 use http::{Request, Response, StatusCode};
-use tern_lab::control::{ControlError, NodeUpdate, RegisterInput, RegisterOutcome};
+use tern_lab::control::{ControlError, NodeUpdate, RegisterOutcome};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, info, warn};
 
@@ -19,7 +19,7 @@ use crate::keys::MachinePublic;
 /// Largest register or map request body we read (the client's own limit for answers is 1 MiB).
 const MAX_REQUEST_BODY: usize = 1 << 20;
 /// Oldest capability version we serve (Headscale's minimum).
-const MIN_CAPABILITY_VERSION: u32 = 113;
+const MIN_CAPABILITY_VERSION: i32 = 113;
 
 /// Who is on the other end of a Noise session.
 #[derive(Clone, Copy)]
@@ -29,12 +29,21 @@ pub(super) struct Peer {
 }
 
 /// Serves HTTP/2 (server side, prior knowledge) on a finished Noise session.
-pub(super) async fn serve_h2<S>(shared: Arc<Shared>, addr: SocketAddr, machine: MachinePublic, version: u16, stream: NoiseStream<S>)
-where
+pub(super) async fn serve_h2<S>(
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+    machine: MachinePublic,
+    version: u16,
+    stream: NoiseStream<S>,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let peer = Peer { addr, machine };
-    let mut conn = match h2::server::Builder::new().max_concurrent_streams(64).handshake(stream).await {
+    let mut conn = match h2::server::Builder::new()
+        .max_concurrent_streams(64)
+        .handshake(stream)
+        .await
+    {
         Ok(conn) => conn,
         Err(err) => {
             count(&shared.rejections.connections);
@@ -67,12 +76,24 @@ where
     debug!(%addr, %machine, "Noise connection ended");
 }
 
-async fn handle_request(shared: Arc<Shared>, peer: Peer, req: Request<RecvStream>, mut respond: SendResponse<Bytes>) {
+async fn handle_request(
+    shared: Arc<Shared>,
+    peer: Peer,
+    req: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+) {
     let path = req.uri().path().to_string();
     let body = match read_body(req.into_body()).await {
         Ok(body) => body,
         Err(reason) => {
-            reject(&shared, &mut respond, &peer, &path, StatusCode::BAD_REQUEST, &reason);
+            reject(
+                &shared,
+                &mut respond,
+                &peer,
+                &path,
+                StatusCode::BAD_REQUEST,
+                &reason,
+            );
             return;
         }
     };
@@ -81,7 +102,11 @@ async fn handle_request(shared: Arc<Shared>, peer: Peer, req: Request<RecvStream
         "/machine/map" => map(shared, peer, &body, respond),
         p if p.starts_with("/machine/") => {
             debug!(addr = %peer.addr, path = p, "unimplemented /machine endpoint");
-            send_simple(&mut respond, StatusCode::NOT_IMPLEMENTED, b"not implemented in the lab server\n");
+            send_simple(
+                &mut respond,
+                StatusCode::NOT_IMPLEMENTED,
+                b"not implemented in the lab server\n",
+            );
         }
         _ => send_simple(&mut respond, StatusCode::NOT_FOUND, b"not found\n"),
     }
@@ -101,14 +126,23 @@ async fn read_body(mut body: RecvStream) -> Result<Vec<u8>, String> {
 }
 
 /// Answers a request with a 4xx, counts and logs it with context.
-fn reject(shared: &Shared, respond: &mut SendResponse<Bytes>, peer: &Peer, path: &str, code: StatusCode, reason: &str) {
+fn reject(
+    shared: &Shared,
+    respond: &mut SendResponse<Bytes>,
+    peer: &Peer,
+    path: &str,
+    code: StatusCode,
+    reason: &str,
+) {
     count(&shared.rejections.requests);
     warn!(addr = %peer.addr, machine = %peer.machine, path, status = code.as_u16(), reason, "refused request");
     send_simple(respond, code, format!("{reason}\n").as_bytes());
 }
 
 fn send_simple(respond: &mut SendResponse<Bytes>, code: StatusCode, body: &[u8]) {
-    let Ok(resp) = Response::builder().status(code).body(()) else { return };
+    let Ok(resp) = Response::builder().status(code).body(()) else {
+        return;
+    };
     if let Ok(mut send) = respond.send_response(resp, body.is_empty()) {
         if !body.is_empty() {
             let _ = send.send_data(Bytes::copy_from_slice(body), true);
@@ -128,26 +162,53 @@ fn register(shared: &Shared, peer: Peer, body: &[u8], mut respond: SendResponse<
     let path = "/machine/register";
     let req: RegisterRequest = match serde_json::from_slice(body) {
         Ok(req) => req,
-        Err(err) => return reject(shared, &mut respond, &peer, path, StatusCode::BAD_REQUEST, &format!("bad RegisterRequest JSON: {err}")),
+        Err(err) => {
+            return reject(
+                shared,
+                &mut respond,
+                &peer,
+                path,
+                StatusCode::BAD_REQUEST,
+                &format!("bad RegisterRequest JSON: {err}"),
+            )
+        }
     };
-    if u32::from(req.version) < MIN_CAPABILITY_VERSION {
-        let reason = format!("capability version {} is older than {MIN_CAPABILITY_VERSION}", req.version);
-        return reject(shared, &mut respond, &peer, path, StatusCode::BAD_REQUEST, &reason);
+    if req.version < MIN_CAPABILITY_VERSION {
+        let reason = format!(
+            "capability version {} is older than {MIN_CAPABILITY_VERSION}",
+            req.version
+        );
+        return reject(
+            shared,
+            &mut respond,
+            &peer,
+            path,
+            StatusCode::BAD_REQUEST,
+            &reason,
+        );
     }
-    let input = mapper::register_input(&req, &peer.machine, crate::control::server::mapper::now());
+    let input = mapper::register_input(&req, &peer.machine);
     let outcome = shared.tailnet().register(&input, now_unix());
     let outcome = match outcome {
         Ok(outcome) => outcome,
         Err(err) => {
             warn!(machine = %peer.machine, error = %err, "registration failed");
             // Transient (e.g. disk) failures are non-200 so the client retries (§11.33).
-            return send_simple(&mut respond, StatusCode::INTERNAL_SERVER_ERROR, b"registration failed\n");
+            return send_simple(
+                &mut respond,
+                StatusCode::INTERNAL_SERVER_ERROR,
+                b"registration failed\n",
+            );
         }
     };
     let response = match outcome {
         RegisterOutcome::Accepted { node_id, created } => {
-            info!(node_id, created, machine = %peer.machine, hostname = ?req.hostinfo_hostname(), "node registered");
-            shared.publish(if created { Event::Added(node_id) } else { Event::Changed(node_id, mapper::ALL_CHANGED) });
+            info!(node_id, created, machine = %peer.machine, "node registered");
+            shared.publish(if created {
+                Event::Added(node_id)
+            } else {
+                Event::Changed(node_id, mapper::ALL_CHANGED)
+            });
             mapper::register_success(&shared.tailnet(), node_id)
         }
         RegisterOutcome::LoggedOut { node_id, deleted } => {
@@ -163,7 +224,14 @@ fn register(shared: &Shared, peer: Peer, body: &[u8], mut respond: SendResponse<
             mapper::register_error(&reason)
         }
         RegisterOutcome::MachineMismatch => {
-            return reject(shared, &mut respond, &peer, path, StatusCode::UNAUTHORIZED, "node key belongs to another machine");
+            return reject(
+                shared,
+                &mut respond,
+                &peer,
+                path,
+                StatusCode::UNAUTHORIZED,
+                "node key belongs to another machine",
+            );
         }
     };
     send_json::<RegisterResponse>(&mut respond, &response);
@@ -174,11 +242,30 @@ fn map(shared: Arc<Shared>, peer: Peer, body: &[u8], mut respond: SendResponse<B
     let path = "/machine/map";
     let req: MapRequest = match serde_json::from_slice(body) {
         Ok(req) => req,
-        Err(err) => return reject(&shared, &mut respond, &peer, path, StatusCode::BAD_REQUEST, &format!("bad MapRequest JSON: {err}")),
+        Err(err) => {
+            return reject(
+                &shared,
+                &mut respond,
+                &peer,
+                path,
+                StatusCode::BAD_REQUEST,
+                &format!("bad MapRequest JSON: {err}"),
+            )
+        }
     };
-    if u32::from(req.version) < MIN_CAPABILITY_VERSION {
-        let reason = format!("capability version {} is older than {MIN_CAPABILITY_VERSION}", req.version);
-        return reject(&shared, &mut respond, &peer, path, StatusCode::BAD_REQUEST, &reason);
+    if req.version < MIN_CAPABILITY_VERSION {
+        let reason = format!(
+            "capability version {} is older than {MIN_CAPABILITY_VERSION}",
+            req.version
+        );
+        return reject(
+            &shared,
+            &mut respond,
+            &peer,
+            path,
+            StatusCode::BAD_REQUEST,
+            &reason,
+        );
     }
     let node_id = {
         let tailnet = shared.tailnet();
@@ -186,11 +273,25 @@ fn map(shared: Arc<Shared>, peer: Peer, body: &[u8], mut respond: SendResponse<B
             Ok(node) => node.id,
             Err(ControlError::MachineMismatch) => {
                 drop(tailnet);
-                return reject(&shared, &mut respond, &peer, path, StatusCode::UNAUTHORIZED, "node key belongs to another machine");
+                return reject(
+                    &shared,
+                    &mut respond,
+                    &peer,
+                    path,
+                    StatusCode::UNAUTHORIZED,
+                    "node key belongs to another machine",
+                );
             }
             Err(_) => {
                 drop(tailnet);
-                return reject(&shared, &mut respond, &peer, path, StatusCode::NOT_FOUND, "node not found");
+                return reject(
+                    &shared,
+                    &mut respond,
+                    &peer,
+                    path,
+                    StatusCode::NOT_FOUND,
+                    "node not found",
+                );
             }
         }
     };

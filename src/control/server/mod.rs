@@ -110,7 +110,9 @@ impl Shared {
 
 /// Seconds since the Unix epoch.
 pub(crate) fn now_unix() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// A bound, not yet running, lab coordination server.
@@ -135,7 +137,10 @@ impl ControlServer {
         let tailnet = Tailnet::open(config)?;
         let listener = TcpListener::bind(listen)
             .await
-            .map_err(|source| ServerError::Listen { addr: listen, source })?;
+            .map_err(|source| ServerError::Listen {
+                addr: listen,
+                source,
+            })?;
         let (events, _) = broadcast::channel(1024);
         let shared = Arc::new(Shared {
             tailnet: Mutex::new(tailnet),
@@ -157,7 +162,9 @@ impl ControlServer {
 
     /// A handle for watching the server.
     pub fn handle(&self) -> ServerHandle {
-        ServerHandle { shared: self.shared.clone() }
+        ServerHandle {
+            shared: self.shared.clone(),
+        }
     }
 
     /// Serves until the task is dropped. Each connection runs in its own task.

@@ -19,8 +19,15 @@ use crate::control::tailcfg::MapResponse;
 const KEEP_ALIVE: Duration = Duration::from_secs(50);
 
 /// Starts a streaming map session for `node_id` in its own task.
-pub(super) fn start(shared: Arc<Shared>, node_id: u64, compress: bool, mut respond: SendResponse<Bytes>) {
-    let Ok(resp) = Response::builder().status(StatusCode::OK).body(()) else { return };
+pub(super) fn start(
+    shared: Arc<Shared>,
+    node_id: u64,
+    compress: bool,
+    mut respond: SendResponse<Bytes>,
+) {
+    let Ok(resp) = Response::builder().status(StatusCode::OK).body(()) else {
+        return;
+    };
     let send = match respond.send_response(resp, false) {
         Ok(send) => send,
         Err(err) => return debug!(node_id, error = %err, "map stream closed before the response"),
@@ -28,21 +35,48 @@ pub(super) fn start(shared: Arc<Shared>, node_id: u64, compress: bool, mut respo
     let (cancel_tx, cancel_rx) = oneshot::channel();
     let session_id = shared.next_session.fetch_add(1, Ordering::Relaxed);
     // A new stream for a node replaces its older one: dropping the old sender ends it.
-    shared.sessions().insert(node_id, SessionEntry { id: session_id, _cancel: cancel_tx });
+    shared.sessions().insert(
+        node_id,
+        SessionEntry {
+            id: session_id,
+            _cancel: cancel_tx,
+        },
+    );
     tokio::spawn(async move {
         let events = shared.events.subscribe();
         go_online(&shared, node_id);
-        let mut stream = MapStream { shared: shared.clone(), node_id, compress, send, state: mapper::StreamState::default() };
+        let mut stream = MapStream {
+            shared: shared.clone(),
+            node_id,
+            compress,
+            send,
+            state: mapper::StreamState::default(),
+        };
         stream.run(events, cancel_rx).await;
         session_ended(shared, node_id, session_id);
     });
 }
 
 /// Answers a non-streaming, non-lite map request with one full map.
-pub(super) fn send_one(shared: &Arc<Shared>, node_id: u64, compress: bool, mut respond: SendResponse<Bytes>) {
-    let Ok(resp) = Response::builder().status(StatusCode::OK).body(()) else { return };
-    let Ok(send) = respond.send_response(resp, false) else { return };
-    let mut stream = MapStream { shared: shared.clone(), node_id, compress, send, state: mapper::StreamState::default() };
+pub(super) fn send_one(
+    shared: &Arc<Shared>,
+    node_id: u64,
+    compress: bool,
+    mut respond: SendResponse<Bytes>,
+) {
+    let Ok(resp) = Response::builder().status(StatusCode::OK).body(()) else {
+        return;
+    };
+    let Ok(send) = respond.send_response(resp, false) else {
+        return;
+    };
+    let mut stream = MapStream {
+        shared: shared.clone(),
+        node_id,
+        compress,
+        send,
+        state: mapper::StreamState::default(),
+    };
     if stream.send_full().is_ok() {
         let _ = stream.send.send_data(Bytes::new(), true);
     }
@@ -105,11 +139,16 @@ struct MapStream {
 struct Closed;
 
 impl MapStream {
-    async fn run(&mut self, mut events: broadcast::Receiver<Event>, mut cancel: oneshot::Receiver<()>) {
+    async fn run(
+        &mut self,
+        mut events: broadcast::Receiver<Event>,
+        mut cancel: oneshot::Receiver<()>,
+    ) {
         if self.send_full().is_err() {
             return;
         }
-        let mut keep_alive = tokio::time::interval_at(tokio::time::Instant::now() + KEEP_ALIVE, KEEP_ALIVE);
+        let mut keep_alive =
+            tokio::time::interval_at(tokio::time::Instant::now() + KEEP_ALIVE, KEEP_ALIVE);
         loop {
             let result = tokio::select! {
                 event = events.recv() => match event {
@@ -137,7 +176,8 @@ impl MapStream {
     }
 
     fn send_full(&mut self) -> Result<(), Closed> {
-        let message = mapper::full_map(&self.shared.tailnet(), self.node_id, &mut self.state).ok_or(Closed)?;
+        let message = mapper::full_map(&self.shared.tailnet(), self.node_id, &mut self.state)
+            .ok_or(Closed)?;
         self.send_message(&message)?;
         count(&self.shared.sent.full_maps);
         Ok(())
@@ -160,9 +200,11 @@ impl MapStream {
             warn!(node_id = self.node_id, error = %err, "encoding a map message failed");
             Closed
         })?;
-        self.send.send_data(Bytes::from(frame), false).map_err(|err| {
-            debug!(node_id = self.node_id, error = %err, "map stream write failed");
-            Closed
-        })
+        self.send
+            .send_data(Bytes::from(frame), false)
+            .map_err(|err| {
+                debug!(node_id = self.node_id, error = %err, "map stream write failed");
+                Closed
+            })
     }
 }

@@ -223,7 +223,7 @@ fn map_updates_report_changes_and_keep_netinfo() {
     );
     let update = NodeUpdate {
         disco_key: Some("discokey:ab".into()),
-        hostinfo: Some(json!({"Hostname": "a", "NetInfo": {"PreferredDERP": 900}})),
+        hostinfo: Some(json!({"Hostname": "a", "OS": "linux", "NetInfo": {"PreferredDERP": 900}})),
         endpoints: Some(vec![
             "10.0.0.2:41641".into(),
             "[fe80::1]:41641".into(),
@@ -232,7 +232,11 @@ fn map_updates_report_changes_and_keep_netinfo() {
         version: 130,
     };
     let changes = tailnet.update_node(a, &update).unwrap();
-    assert!(changes.disco_key && changes.hostinfo && changes.home_derp && changes.endpoints);
+    assert!(changes.disco_key && changes.home_derp && changes.endpoints);
+    assert!(
+        !changes.hostinfo,
+        "hostinfo apart from NetInfo is what registration stored"
+    );
     assert!(!changes.cap_version);
     let node = tailnet.node(a).unwrap();
     assert_eq!(node.endpoints, vec!["10.0.0.2:41641".to_string()]);
@@ -246,7 +250,7 @@ fn map_updates_report_changes_and_keep_netinfo() {
         .update_node(
             a,
             &NodeUpdate {
-                hostinfo: Some(json!({"Hostname": "a"})),
+                hostinfo: Some(json!({"Hostname": "a", "OS": "linux"})),
                 ..NodeUpdate::default()
             },
         )
