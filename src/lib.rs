@@ -7,3 +7,4 @@ pub mod cli;
 pub mod control;
 pub mod keys;
 pub mod netmap;
+pub mod stun;
