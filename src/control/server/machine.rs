@@ -213,8 +213,11 @@ fn register(shared: &Shared, peer: Peer, body: &[u8], mut respond: SendResponse<
         }
         RegisterOutcome::LoggedOut { node_id, deleted } => {
             info!(?node_id, deleted, machine = %peer.machine, "node logged out");
-            if let (Some(id), true) = (node_id, deleted) {
-                shared.publish(Event::Removed(id));
+            match (node_id, deleted) {
+                (Some(id), true) => shared.publish(Event::Removed(id)),
+                // Peers drop a logged-out node (the mapper sends PeersRemoved).
+                (Some(id), false) => shared.publish(Event::Changed(id, mapper::ALL_CHANGED)),
+                (None, _) => {}
             }
             mapper::register_logged_out()
         }

@@ -3,7 +3,6 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use h2::server::SendResponse;
@@ -14,9 +13,6 @@ use tracing::{debug, info, warn};
 
 use super::{count, mapper, now_unix, Event, SessionEntry, Shared};
 use crate::control::tailcfg::MapResponse;
-
-/// Interval between keep-alives; the client's watchdog fires after 120 s of silence.
-const KEEP_ALIVE: Duration = Duration::from_secs(50);
 
 /// Starts a streaming map session for `node_id` in its own task.
 pub(super) fn start(
@@ -147,8 +143,9 @@ impl MapStream {
         if self.send_full().is_err() {
             return;
         }
-        let mut keep_alive =
-            tokio::time::interval_at(tokio::time::Instant::now() + KEEP_ALIVE, KEEP_ALIVE);
+        // The client's watchdog fires after 120 s of silence; the config keeps this at most 60 s.
+        let period = self.shared.keep_alive;
+        let mut keep_alive = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         loop {
             let result = tokio::select! {
                 event = events.recv() => match event {
