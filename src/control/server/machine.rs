@@ -12,6 +12,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, info, warn};
 
 use super::{count, mapper, now_unix, session, Event, Shared};
+use crate::control::framing::Compression;
 use crate::control::noise::NoiseStream;
 use crate::control::tailcfg::{MapRequest, RegisterRequest, RegisterResponse};
 use crate::keys::MachinePublic;
@@ -270,6 +271,20 @@ fn map(shared: Arc<Shared>, peer: Peer, body: &[u8], mut respond: SendResponse<B
             &reason,
         );
     }
+    let compression = match Compression::from_request(&req.compress) {
+        Ok(compression) => compression,
+        Err(err) => {
+            let reason = err.to_string();
+            return reject(
+                &shared,
+                &mut respond,
+                &peer,
+                path,
+                StatusCode::BAD_REQUEST,
+                &reason,
+            );
+        }
+    };
     let node_id = {
         let tailnet = shared.tailnet();
         match tailnet.authorize_map(&req.node_key.to_string(), &peer.machine.to_string()) {
@@ -307,12 +322,11 @@ fn map(shared: Arc<Shared>, peer: Peer, body: &[u8], mut respond: SendResponse<B
         Ok(_) => {}
         Err(err) => warn!(node_id, error = %err, "storing node state failed"),
     }
-    let compress = req.compress == "zstd";
     if req.stream {
-        session::start(shared, node_id, compress, respond);
+        session::start(shared, node_id, compression, respond);
     } else if req.omit_peers {
         send_simple(&mut respond, StatusCode::OK, b"");
     } else {
-        session::send_one(&shared, node_id, compress, respond);
+        session::send_one(&shared, node_id, compression, respond);
     }
 }

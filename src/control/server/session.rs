@@ -12,13 +12,14 @@ use tokio::sync::{broadcast, oneshot};
 use tracing::{debug, info, warn};
 
 use super::{count, mapper, now_unix, Event, SessionEntry, Shared};
+use crate::control::framing::{encode_map_response, Compression};
 use crate::control::tailcfg::MapResponse;
 
 /// Starts a streaming map session for `node_id` in its own task.
 pub(super) fn start(
     shared: Arc<Shared>,
     node_id: u64,
-    compress: bool,
+    compression: Compression,
     mut respond: SendResponse<Bytes>,
 ) {
     let Ok(resp) = Response::builder().status(StatusCode::OK).body(()) else {
@@ -44,7 +45,7 @@ pub(super) fn start(
         let mut stream = MapStream {
             shared: shared.clone(),
             node_id,
-            compress,
+            compression,
             send,
             state: mapper::StreamState::default(),
         };
@@ -57,7 +58,7 @@ pub(super) fn start(
 pub(super) fn send_one(
     shared: &Arc<Shared>,
     node_id: u64,
-    compress: bool,
+    compression: Compression,
     mut respond: SendResponse<Bytes>,
 ) {
     let Ok(resp) = Response::builder().status(StatusCode::OK).body(()) else {
@@ -69,7 +70,7 @@ pub(super) fn send_one(
     let mut stream = MapStream {
         shared: shared.clone(),
         node_id,
-        compress,
+        compression,
         send,
         state: mapper::StreamState::default(),
     };
@@ -126,7 +127,7 @@ fn session_ended(shared: Arc<Shared>, node_id: u64, session_id: u64) {
 struct MapStream {
     shared: Arc<Shared>,
     node_id: u64,
-    compress: bool,
+    compression: Compression,
     send: SendStream<Bytes>,
     state: mapper::StreamState,
 }
@@ -193,7 +194,7 @@ impl MapStream {
     }
 
     fn send_message(&mut self, message: &MapResponse) -> Result<(), Closed> {
-        let frame = mapper::encode_frame(message, self.compress).map_err(|err| {
+        let frame = encode_map_response(message, self.compression).map_err(|err| {
             warn!(node_id = self.node_id, error = %err, "encoding a map message failed");
             Closed
         })?;
