@@ -58,23 +58,25 @@ pub(super) async fn serve_h2<S>(
                 tokio::spawn(handle_request(shared.clone(), peer, req, respond));
             }
             Err(err) => {
-                if !err.is_go_away() && !err.is_io() {
-                    count(&shared.rejections.connections);
-                    warn!(%addr, %machine, error = %err, "HTTP/2 over Noise connection failed");
-                } else if err.is_io() {
-                    let io = err.get_io().map(|e| e.kind());
-                    if io == Some(std::io::ErrorKind::InvalidData) {
-                        count(&shared.rejections.connections);
-                        warn!(%addr, %machine, error = %err, "bad Noise record; connection closed");
-                    } else {
-                        debug!(%addr, %machine, error = %err, "Noise connection closed");
-                    }
-                }
+                log_connection_end(&shared, &peer, &err);
                 return;
             }
         }
     }
     debug!(%addr, %machine, "Noise connection ended");
+}
+
+/// Logs why an HTTP/2-over-Noise connection ended; bad records and protocol errors are counted.
+fn log_connection_end(shared: &Shared, peer: &Peer, err: &h2::Error) {
+    let bad_record = err
+        .get_io()
+        .is_some_and(|e| e.kind() == std::io::ErrorKind::InvalidData);
+    if bad_record || !(err.is_io() || err.is_go_away()) {
+        count(&shared.rejections.connections);
+        warn!(addr = %peer.addr, machine = %peer.machine, error = %err, "bad input on a Noise connection; closed it");
+    } else {
+        debug!(addr = %peer.addr, machine = %peer.machine, error = %err, "Noise connection closed");
+    }
 }
 
 async fn handle_request(
