@@ -12,7 +12,11 @@ pub const EXIT_NOT_IMPLEMENTED: u8 = 2;
 pub const DEFAULT_SOCKET: &str = "/run/tern/tern.sock";
 
 #[derive(Debug, Parser)]
-#[command(name = "tern", version, about = "A Tailscale-compatible node for Linux")]
+#[command(
+    name = "tern",
+    version,
+    about = "A Tailscale-compatible node for Linux"
+)]
 pub struct Cli {
     /// Path of the daemon's LocalAPI socket.
     #[arg(long, global = true, env = "TERN_SOCKET", default_value = DEFAULT_SOCKET)]
@@ -61,6 +65,9 @@ pub struct DaemonArgs {
     /// UDP port for WireGuard, disco and STUN (0 = pick one).
     #[arg(long, default_value_t = 41641)]
     pub port: u16,
+    /// Also let this user (name or uid) use the LocalAPI socket (otherwise root only).
+    #[arg(long)]
+    pub operator: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -182,15 +189,16 @@ pub fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    use crate::node_commands as node;
     let name = match &cli.command {
-        Command::Daemon(_) => "daemon",
-        Command::Up(_) => "up",
-        Command::Down => "down",
-        Command::Status(_) => "status",
+        Command::Daemon(args) => return node::daemon(&cli.socket, args),
+        Command::Up(args) => return node::up(&cli.socket, args),
+        Command::Down => return node::down(&cli.socket),
+        Command::Status(args) => return node::status(&cli.socket, args),
+        Command::Ip(args) => return node::ip(&cli.socket, args),
         Command::Ping(_) => "ping",
         Command::Netcheck(_) => "netcheck",
         Command::Set(_) => "set",
-        Command::Ip(_) => "ip",
         Command::Metrics => "metrics",
         Command::Top => "top",
         Command::Derp(_) => "derp",

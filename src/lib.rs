@@ -5,5 +5,10 @@
 
 pub mod cli;
 pub mod control;
+pub mod daemon;
 pub mod keys;
+pub mod localapi;
 pub mod netmap;
+pub mod node_commands;
+pub mod state;
+pub mod status;

@@ -1,1 +1,4 @@
 //! ts2021 control protocol.
+
+pub mod backoff;
+pub mod client;
