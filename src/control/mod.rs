@@ -2,3 +2,4 @@
 
 pub mod backoff;
 pub mod client;
+pub mod dial;
