@@ -196,6 +196,8 @@ mod connection {
         _status: &watch::Sender<Status>,
         _session: &mut Session,
     ) -> Result<(), ControlError> {
+        let url = super::super::dial::ControlUrl::parse(&config.url)?;
+        let _key = super::super::dial::fetch_key_body(&url, 130).await?;
         Err(ControlError::Transient(format!(
             "{}: ts2021 client not wired yet",
             config.url

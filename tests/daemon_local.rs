@@ -1,0 +1,227 @@
+//! The daemon and its CLI on their own (no control server): state directory permissions,
+//! LocalAPI socket, `up`/`down`/`status`, and how an unreachable control server is reported.
+//! Dials only a closed loopback port.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+struct Daemon {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl Daemon {
+    fn start(state_dir: &Path, socket: &Path) -> Self {
+        let child = Command::new(env!("CARGO_BIN_EXE_tern"))
+            .args([
+                "daemon",
+                "--tun",
+                "userspace-networking",
+                "--port",
+                "0",
+                "--state-dir",
+            ])
+            .arg(state_dir)
+            .arg("--socket")
+            .arg(socket)
+            .env("TERN_LOG", "debug")
+            .spawn()
+            .expect("spawn tern daemon");
+        let daemon = Self {
+            child,
+            socket: socket.to_path_buf(),
+        };
+        wait_for("the LocalAPI socket to accept", || {
+            std::os::unix::net::UnixStream::connect(socket)
+                .is_ok()
+                .then_some(())
+        });
+        daemon
+    }
+
+    fn cli(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_tern"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .expect("run tern CLI")
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "tern {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn status(&self) -> Value {
+        serde_json::from_str(&self.ok(&["status", "--json"])).expect("status --json is JSON")
+    }
+
+    fn stop(mut self) -> std::process::ExitStatus {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not exit within 10 s of SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Poll `probe` until it yields a value; fail the test after 20 s.
+fn wait_for<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(v) = probe() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn mode(path: &Path) -> u32 {
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+/// A loopback port with nothing listening on it.
+fn closed_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+#[test]
+fn unreachable_control_is_reported_with_its_reason_and_retried() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state_dir = tmp.path().join("state");
+    let socket = tmp.path().join("run/tern.sock");
+    let daemon = Daemon::start(&state_dir, &socket);
+
+    assert_eq!(mode(&state_dir), 0o700);
+    assert_eq!(mode(&socket), 0o600);
+    for key in ["machine.key", "node.key"] {
+        assert_eq!(mode(&state_dir.join(key)), 0o600, "{key}");
+    }
+    let status = daemon.status();
+    assert_eq!(status["backend_state"], "NoState");
+    assert_eq!(status["data_plane"]["tun"], "userspace-networking");
+    assert_eq!(status["data_plane"]["active"], false);
+
+    let url = format!("http://127.0.0.1:{}", closed_port());
+    daemon.ok(&[
+        "up",
+        "--login-server",
+        &url,
+        "--auth-key",
+        "tskey-test",
+        "--hostname",
+        "n1",
+    ]);
+    let status = wait_for("two failed attempts", || {
+        let s = daemon.status();
+        (s["control"]["failed_attempts"].as_u64()? >= 2).then_some(s)
+    });
+    assert_eq!(status["backend_state"], "Starting");
+    assert_eq!(status["control"]["url"], url.as_str());
+    let error = status["control"]["last_error"]["message"].as_str().unwrap();
+    assert!(
+        error.contains("connection refused") || error.contains("Connection refused"),
+        "{error}"
+    );
+    assert!(status["self"].is_null());
+
+    let human = daemon.cli(&["status"]);
+    assert!(
+        !human.status.success(),
+        "status must fail while not connected"
+    );
+    let text = String::from_utf8_lossy(&human.stdout);
+    assert!(
+        text.contains(&format!("Control {url} unreachable")),
+        "{text}"
+    );
+    assert!(text.contains("onnection refused"), "{text}");
+
+    let prefs: Value =
+        serde_json::from_slice(&std::fs::read(state_dir.join("prefs.json")).unwrap()).unwrap();
+    assert_eq!(prefs["login_server"], url.as_str());
+    assert_eq!(prefs["hostname"], "n1");
+    assert_eq!(prefs["want_running"], true);
+    assert_eq!(mode(&state_dir.join("prefs.json")), 0o600);
+
+    daemon.ok(&["down"]);
+    let status = daemon.status();
+    assert_eq!(status["backend_state"], "Stopped");
+    assert_eq!(status["control"]["state"], "idle");
+    let machine_key = std::fs::read_to_string(state_dir.join("machine.key")).unwrap();
+
+    assert!(daemon.stop().success(), "daemon exits cleanly on SIGTERM");
+    assert!(!socket.exists(), "socket removed on exit");
+
+    // A restart keeps keys and the `down` preference.
+    let daemon = Daemon::start(&state_dir, &socket);
+    assert_eq!(daemon.status()["backend_state"], "Stopped");
+    assert_eq!(
+        std::fs::read_to_string(state_dir.join("machine.key")).unwrap(),
+        machine_key
+    );
+    let err = daemon.cli(&["ip"]);
+    assert!(!err.status.success());
+    assert!(String::from_utf8_lossy(&err.stderr).contains("no tailnet address yet"));
+}
+
+#[test]
+fn bad_input_to_up_is_refused_with_context() {
+    let tmp = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(&tmp.path().join("state"), &tmp.path().join("tern.sock"));
+    let out = daemon.cli(&["up", "--auth-key", "k"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no login server"));
+    let out = daemon.cli(&["up", "--login-server", "ftp://x"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bad --login-server"));
+    let out = daemon.cli(&[
+        "up",
+        "--login-server",
+        "http://127.0.0.1:1",
+        "--auth-key",
+        "file:/nonexistent",
+    ]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("reading auth key from /nonexistent"));
+    assert_eq!(
+        daemon.status()["backend_state"],
+        "NoState",
+        "refused `up` changes nothing"
+    );
+}
+
+#[test]
+fn cli_without_daemon_says_so() {
+    let out = Command::new(env!("CARGO_BIN_EXE_tern"))
+        .args(["--socket", "/nonexistent/tern.sock", "status"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is `tern daemon` running?"));
+}
