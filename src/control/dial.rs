@@ -5,19 +5,21 @@
 //! Only `http://` control URLs are dialed for now (the lab and headscale-on-loopback setups);
 //! `https://` is refused with a clear error.
 
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, Limited};
-use hyper_util::rt::TokioIo;
-use tokio::io::{
-    AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, ReadBuf,
-};
+use http_body_util::{BodyExt, Empty, Full, Limited};
+use hyper::body::Incoming;
+use hyper::client::conn::http2;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
 
 use super::client::ControlError;
+use super::noise::{handshake_answer_len, Initiator, NoiseStream, HEADER_LEN};
+use super::CAPABILITY_VERSION;
+use crate::keys::{MachinePrivate, MachinePublic, NodePublic};
 
 /// Time allowed for TCP connect + upgrade + Noise handshake (spec §3.1: 10 s).
 pub const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -91,7 +93,7 @@ impl ControlUrl {
 }
 
 /// `GET /key?v=N` over plain HTTP/1.1; returns the response body (JSON) on 200.
-pub async fn fetch_key_body(url: &ControlUrl, version: u32) -> Result<Bytes, ControlError> {
+pub async fn fetch_key_body(url: &ControlUrl, version: u16) -> Result<Bytes, ControlError> {
     let ctx = format!("GET http://{}/key", url.authority);
     let stream = connect_tcp(url).await?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
@@ -199,48 +201,135 @@ pub fn check_upgrade_response(head: &str) -> Result<(), String> {
     }
 }
 
-/// A stream with some bytes pushed back in front of it (for the early-payload peek).
-pub struct Rewind<S> {
-    front: Bytes,
-    inner: S,
+/// The control server's Noise public key from a `/key` body (spec §2): JSON with a non-zero
+/// `publicKey`. A bare-hex legacy body means a server too old for ts2021.
+pub fn parse_key_response(body: &[u8]) -> Result<MachinePublic, String> {
+    let json: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| format!("/key body is not JSON (server too old for ts2021?): {e}"))?;
+    let text = json
+        .get("publicKey")
+        .and_then(|v| v.as_str())
+        .ok_or("/key response has no publicKey")?;
+    let key: MachinePublic = text
+        .parse()
+        .map_err(|e| format!("/key publicKey {text:?}: {e}"))?;
+    if key.is_zero() {
+        return Err("control server is too old; no noise key".into());
+    }
+    Ok(key)
 }
 
-impl<S> Rewind<S> {
-    pub fn new(front: Bytes, inner: S) -> Self {
-        Self { front, inner }
+/// An HTTP/2 connection to control over Noise.
+pub struct ControlConn {
+    pub sender: http2::SendRequest<Full<Bytes>>,
+    /// Drives the HTTP/2 connection; ends (with the reason) when the connection dies.
+    pub driver: JoinHandle<Result<(), hyper::Error>>,
+    pub authority: String,
+}
+
+impl Drop for ControlConn {
+    fn drop(&mut self) {
+        self.driver.abort();
     }
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        if !self.front.is_empty() {
-            let n = self.front.len().min(buf.remaining());
-            let chunk = self.front.split_to(n);
-            buf.put_slice(&chunk);
-            return Poll::Ready(Ok(()));
+/// Dial control: TCP, `/ts2021` upgrade with the Noise initiation, Noise response, optional early
+/// payload, then HTTP/2 with prior knowledge. Bounded by [`DIAL_TIMEOUT`].
+pub async fn connect(
+    url: &ControlUrl,
+    machine: &MachinePrivate,
+    server: &MachinePublic,
+) -> Result<ControlConn, ControlError> {
+    tokio::time::timeout(DIAL_TIMEOUT, connect_inner(url, machine, server))
+        .await
+        .map_err(|_| {
+            ControlError::Transient(format!(
+                "ts2021 dial to {} timed out after {DIAL_TIMEOUT:?}",
+                url.authority
+            ))
+        })?
+}
+
+async fn connect_inner(
+    url: &ControlUrl,
+    machine: &MachinePrivate,
+    server: &MachinePublic,
+) -> Result<ControlConn, ControlError> {
+    let ctx = format!("ts2021 to {}", url.authority);
+    let (initiator, initiation) = Initiator::start(machine, server, CAPABILITY_VERSION)
+        .map_err(|e| ControlError::transient(&ctx, e))?;
+    let tcp = connect_tcp(url).await?;
+    let mut stream = upgrade(tcp, url, &initiation).await?;
+    let mut header = [0u8; HEADER_LEN];
+    stream
+        .read_exact(&mut header)
+        .await
+        .map_err(|e| ControlError::transient(&format!("{ctx}: reading Noise response"), e))?;
+    let total = handshake_answer_len(header).map_err(|e| ControlError::transient(&ctx, e))?;
+    let mut answer = vec![0u8; total];
+    answer[..HEADER_LEN].copy_from_slice(&header);
+    stream
+        .read_exact(&mut answer[HEADER_LEN..])
+        .await
+        .map_err(|e| ControlError::transient(&format!("{ctx}: reading Noise response"), e))?;
+    let keys = initiator
+        .finish(&answer)
+        .map_err(|e| ControlError::transient(&format!("{ctx}: Noise handshake"), e))?;
+    let buffered = stream.buffer().to_vec();
+    let mut noise = NoiseStream::with_buffered(stream.into_inner(), keys, &buffered);
+    if let Some(early) = noise
+        .read_early_payload()
+        .await
+        .map_err(|e| ControlError::transient(&format!("{ctx}: early payload"), e))?
+    {
+        tracing::debug!(challenge = %early.node_key_challenge, "control sent an early payload");
+    }
+    let (sender, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(noise))
+        .await
+        .map_err(|e| ControlError::transient(&format!("{ctx}: HTTP/2 handshake"), e))?;
+    let driver = tokio::spawn(conn);
+    Ok(ControlConn {
+        sender,
+        driver,
+        authority: url.authority.clone(),
+    })
+}
+
+impl ControlConn {
+    /// `POST https://<authority><path>` with a JSON body and the `Ts-Lb` node-key hints
+    /// (spec §3.6); returns the response with its body still streaming.
+    pub async fn post(
+        &mut self,
+        path: &str,
+        body: Vec<u8>,
+        ts_lb: &[NodePublic],
+    ) -> Result<http::Response<Incoming>, ControlError> {
+        let ctx = format!("POST {path}");
+        let mut req = http::Request::post(format!("https://{}{path}", self.authority));
+        for key in ts_lb.iter().filter(|k| !k.is_zero()) {
+            req = req.header("Ts-Lb", key.to_string());
         }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        let req = req
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| ControlError::transient(&ctx, e))?;
+        self.sender
+            .ready()
+            .await
+            .map_err(|e| ControlError::transient(&ctx, e))?;
+        self.sender
+            .send_request(req)
+            .await
+            .map_err(|e| ControlError::transient(&ctx, e))
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
+/// Read a whole (small) response body, bounded by `limit`.
+pub async fn read_body(resp: http::Response<Incoming>, limit: usize) -> Result<Bytes, String> {
+    Limited::new(resp.into_body(), limit)
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
@@ -280,12 +369,130 @@ mod tests {
         assert!(check_upgrade_response("").is_err());
     }
 
+    /// A one-connection ts2021 responder built from the real Noise responder and the h2 server:
+    /// answers every request with `200` and a body naming the path. `answer` may corrupt the
+    /// Noise response to test bad input.
+    async fn serve_one(
+        listener: tokio::net::TcpListener,
+        server: MachinePrivate,
+        early: bool,
+        answer: fn(Vec<u8>) -> Vec<u8>,
+    ) -> Option<MachinePublic> {
+        use base64::Engine as _;
+        let (tcp, _) = listener.accept().await.ok()?;
+        let mut tcp = BufReader::new(tcp);
+        let mut head = String::new();
+        loop {
+            let before = head.len();
+            tcp.read_line(&mut head).await.ok()?;
+            if head[before..].trim().is_empty() {
+                break;
+            }
+        }
+        let b64 = head
+            .lines()
+            .find_map(|l| l.strip_prefix("X-Tailscale-Handshake: "))?;
+        let init = base64::engine::general_purpose::STANDARD
+            .decode(b64.trim())
+            .ok()?;
+        let accepted = crate::control::noise::Responder::accept(&server, &init).ok()?;
+        let mut tcp = tcp.into_inner();
+        tcp.write_all(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: tailscale-control-protocol\r\nConnection: upgrade\r\n\r\n",
+        )
+        .await
+        .ok()?;
+        let answer = answer(accepted.response.to_vec());
+        tcp.write_all(&answer).await.ok()?;
+        if answer.len() != accepted.response.len() {
+            return None; // truncated or error frame: hang up
+        }
+        let mut noise = NoiseStream::new(tcp, accepted.keys);
+        if early {
+            let payload = crate::control::noise::encode_early_payload(&Default::default());
+            noise.write_all(&payload).await.ok()?;
+        }
+        let mut h2 = h2::server::handshake(noise).await.ok()?;
+        while let Some(Ok((req, mut respond))) = h2.accept().await {
+            let body = format!("hello {}", req.uri().path());
+            let mut send = respond.send_response(http::Response::new(()), false).ok()?;
+            send.send_data(Bytes::from(body), true).ok()?;
+        }
+        Some(accepted.peer)
+    }
+
+    async fn dial_stub(
+        early: bool,
+        answer: fn(Vec<u8>) -> Vec<u8>,
+    ) -> (Result<String, ControlError>, MachinePublic) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = ControlUrl::parse(&format!("http://{}", listener.local_addr().unwrap())).unwrap();
+        let server = MachinePrivate::generate();
+        let server_pub = server.public();
+        let stub = tokio::spawn(serve_one(listener, server, early, answer));
+        let machine = MachinePrivate::generate();
+        let result = async {
+            let mut conn = connect(&url, &machine, &server_pub).await?;
+            let resp = conn
+                .post("/machine/register", b"{}".to_vec(), &[NodePublic::zero()])
+                .await?;
+            read_body(resp, 1024).await.map_err(ControlError::Transient)
+        }
+        .await
+        .map(|b| String::from_utf8_lossy(&b).into_owned());
+        stub.abort();
+        (result, machine.public())
+    }
+
     #[tokio::test]
-    async fn rewind_serves_front_bytes_first() {
-        let inner: &[u8] = b" world";
-        let mut r = Rewind::new(Bytes::from_static(b"hello"), inner);
-        let mut out = String::new();
-        r.read_to_string(&mut out).await.unwrap();
-        assert_eq!(out, "hello world");
+    async fn dial_handshakes_and_speaks_http2_over_noise() {
+        for early in [false, true] {
+            let (result, _) = dial_stub(early, |r| r).await;
+            assert_eq!(
+                result.unwrap(),
+                "hello /machine/register",
+                "early payload: {early}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn corrupt_or_truncated_noise_response_is_an_error() {
+        let (result, _) = dial_stub(false, |mut r| {
+            r[40] ^= 1;
+            r
+        })
+        .await;
+        let err = result.unwrap_err().to_string();
+        assert!(err.contains("Noise handshake"), "{err}");
+        let (result, _) = dial_stub(false, |r| r[..20].to_vec()).await;
+        let err = result.unwrap_err().to_string();
+        assert!(err.contains("reading Noise response"), "{err}");
+        let (result, _) = dial_stub(false, |_| {
+            crate::control::noise::encode_error_frame("go away")
+        })
+        .await;
+        let err = result.unwrap_err().to_string();
+        assert!(err.contains("go away"), "{err}");
+    }
+
+    #[test]
+    fn key_response_forms() {
+        let key = MachinePrivate::generate().public();
+        let body = format!(
+            r#"{{"legacyPublicKey":"mkey:{}","publicKey":"{key}"}}"#,
+            "0".repeat(64)
+        );
+        assert_eq!(parse_key_response(body.as_bytes()).unwrap(), key);
+        let zero = format!(r#"{{"publicKey":"mkey:{}"}}"#, "0".repeat(64));
+        assert!(parse_key_response(zero.as_bytes())
+            .unwrap_err()
+            .contains("too old"));
+        assert!(parse_key_response(b"abcdef")
+            .unwrap_err()
+            .contains("not JSON"));
+        assert!(parse_key_response(b"{}")
+            .unwrap_err()
+            .contains("no publicKey"));
     }
 }
