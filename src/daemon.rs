@@ -64,6 +64,7 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
         prefs,
         status: status_tx,
         control: None,
+        backend_log_id: hex::encode(rand::random::<[u8; 32]>()),
     };
     daemon.start_or_stop();
     let result = daemon.serve(cmd_rx).await;
@@ -80,6 +81,8 @@ struct Daemon {
     prefs: Prefs,
     status: watch::Sender<Status>,
     control: Option<JoinHandle<()>>,
+    /// Random per process, like the Go client's log id when logging is off.
+    backend_log_id: String,
 }
 
 impl Daemon {
@@ -140,6 +143,7 @@ impl Daemon {
                     url,
                     auth_key: self.prefs.auth_key.clone(),
                     hostname: self.prefs.hostname.clone().unwrap_or_else(default_hostname),
+                    backend_log_id: self.backend_log_id.clone(),
                 };
                 let task = control_client::spawn(
                     config,

@@ -173,7 +173,7 @@ impl Shared {
     async fn handle(&self, req: Request<Incoming>) -> Reply {
         let method = req.method().clone();
         let path = req.uri().path().to_string();
-        tracing::debug!(%method, %path, "LocalAPI request");
+        tracing::trace!(%method, %path, "LocalAPI request");
         match (method, path.as_str()) {
             (Method::GET, "/localapi/v0/status") => json_reply(&*self.status.borrow()),
             (Method::GET, "/localapi/v0/ip") => json_reply(&ip_response(&self.status.borrow())),

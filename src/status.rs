@@ -57,6 +57,8 @@ pub struct ControlStatus {
     pub next_attempt_at: Option<String>,
     /// Consecutive failed attempts since the last success.
     pub failed_attempts: u32,
+    /// Map streams opened (first netmap received) since the daemon started.
+    pub map_sessions: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -172,6 +174,7 @@ impl Status {
                 connected_since: None,
                 next_attempt_at: None,
                 failed_attempts: 0,
+                map_sessions: 0,
             },
             self_node: None,
             peers: Vec::new(),

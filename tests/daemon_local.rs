@@ -3,104 +3,14 @@
 //! Dials only a closed loopback port.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::Command;
 
 use serde_json::Value;
 
-struct Daemon {
-    child: Child,
-    socket: PathBuf,
-}
-
-impl Daemon {
-    fn start(state_dir: &Path, socket: &Path) -> Self {
-        let child = Command::new(env!("CARGO_BIN_EXE_tern"))
-            .args([
-                "daemon",
-                "--tun",
-                "userspace-networking",
-                "--port",
-                "0",
-                "--state-dir",
-            ])
-            .arg(state_dir)
-            .arg("--socket")
-            .arg(socket)
-            .env("TERN_LOG", "debug")
-            .spawn()
-            .expect("spawn tern daemon");
-        let daemon = Self {
-            child,
-            socket: socket.to_path_buf(),
-        };
-        wait_for("the LocalAPI socket to accept", || {
-            std::os::unix::net::UnixStream::connect(socket)
-                .is_ok()
-                .then_some(())
-        });
-        daemon
-    }
-
-    fn cli(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_tern"))
-            .arg("--socket")
-            .arg(&self.socket)
-            .args(args)
-            .output()
-            .expect("run tern CLI")
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.cli(args);
-        assert!(
-            out.status.success(),
-            "tern {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn status(&self) -> Value {
-        serde_json::from_str(&self.ok(&["status", "--json"])).expect("status --json is JSON")
-    }
-
-    fn stop(mut self) -> std::process::ExitStatus {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "daemon did not exit within 10 s of SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Poll `probe` until it yields a value; fail the test after 20 s.
-fn wait_for<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(v) = probe() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
+#[path = "support/tern_node.rs"]
+mod tern_node;
+use tern_node::{wait_for, Daemon};
 
 fn mode(path: &Path) -> u32 {
     std::fs::metadata(path).unwrap().permissions().mode() & 0o777

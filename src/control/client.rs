@@ -11,9 +11,16 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::control::backoff::Backoff;
-use crate::keys::{DiscoPrivate, MachinePrivate, NodePrivate};
+use crate::control::tailcfg::{GoTime, MapResponse, Node};
+use crate::keys::{DiscoPrivate, MachinePrivate, NodePrivate, NodePublic};
+use crate::netmap::NetworkMap;
 use crate::state::{StateDir, StateError};
-use crate::status::{rfc3339, BackendState, ControlState, ErrorReport, Status};
+use crate::status::{
+    rfc3339, BackendState, ControlState, ErrorReport, PeerStatus, SelfStatus, Status,
+};
+
+/// The map poll is restarted when nothing arrives for this long (spec §5.4).
+pub const MAP_WATCHDOG: Duration = Duration::from_secs(120);
 
 /// What the daemon tells the control client to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,6 +29,8 @@ pub struct ControlConfig {
     pub url: String,
     pub auth_key: Option<String>,
     pub hostname: String,
+    /// `Hostinfo.BackendLogID`: the Go client refuses to run without one; random per process.
+    pub backend_log_id: String,
 }
 
 /// This node's keys: machine and node keys from the state directory, a disco key made fresh for
@@ -31,6 +40,8 @@ pub struct NodeIdentity {
     pub machine: MachinePrivate,
     pub node: NodePrivate,
     pub disco: DiscoPrivate,
+    /// The previous node key while a renewal is being registered (`OldNodeKey`).
+    pub old_node: Option<NodePublic>,
 }
 
 impl std::fmt::Debug for NodeIdentity {
@@ -52,7 +63,21 @@ impl NodeIdentity {
             machine: MachinePrivate::from_bytes(machine),
             node: NodePrivate::from_bytes(node),
             disco: DiscoPrivate::generate(),
+            old_node: None,
         })
+    }
+
+    /// Make and store a new node key; the old one goes in `OldNodeKey` of the next register.
+    pub fn renew_node_key(&mut self, state: &StateDir) -> Result<(), ControlError> {
+        let fresh = NodePrivate::generate();
+        state
+            .store_node_key(fresh.as_bytes())
+            .map_err(|e| ControlError::transient("storing the renewed node key", e))?;
+        if self.old_node.is_none() {
+            self.old_node = Some(self.node.public());
+        }
+        self.node = fresh;
+        Ok(())
     }
 }
 
@@ -112,6 +137,7 @@ impl Session {
         s.control.state = ControlState::Connected;
         s.control.connected_since = Some(rfc3339(now));
         s.control.failed_attempts = 0;
+        s.control.map_sessions += 1;
         s.control.last_error = None;
         s.control.next_attempt_at = None;
         s.backend_state = BackendState::Running;
@@ -187,22 +213,393 @@ pub async fn run(
 
 mod connection {
     use super::*;
+    use crate::control::dial::{self, ControlConn, ControlUrl};
+    use crate::control::framing::{Compression, MapFrameDecoder};
+    use crate::control::tailcfg::{
+        Hostinfo, MapRequest, RegisterRequest, RegisterResponse, RegisterResponseAuth,
+    };
+    use crate::control::CAPABILITY_VERSION;
+    use http_body_util::BodyExt;
+
+    /// Largest register response read (spec §4: the client reads up to 1 MiB).
+    const MAX_REGISTER_BODY: usize = 1 << 20;
+    /// Largest single map message accepted (compressed or decompressed).
+    pub(super) const MAX_MAP_MESSAGE: usize = 16 << 20;
 
     /// One connection's life: `/key`, dial, register, map stream until it ends.
     pub(super) async fn run_once(
         config: &ControlConfig,
-        _identity: &mut NodeIdentity,
-        _state: &StateDir,
-        _status: &watch::Sender<Status>,
-        _session: &mut Session,
+        identity: &mut NodeIdentity,
+        state: &StateDir,
+        status: &watch::Sender<Status>,
+        session: &mut Session,
     ) -> Result<(), ControlError> {
-        let url = super::super::dial::ControlUrl::parse(&config.url)?;
-        let _key = super::super::dial::fetch_key_body(&url, 130).await?;
-        Err(ControlError::Transient(format!(
-            "{}: ts2021 client not wired yet",
-            config.url
-        )))
+        let url = ControlUrl::parse(&config.url)?;
+        let body = dial::fetch_key_body(&url, CAPABILITY_VERSION).await?;
+        let server_key = dial::parse_key_response(&body).map_err(|e| {
+            ControlError::Transient(format!("GET http://{}/key: {e}", url.authority))
+        })?;
+        let mut conn = dial::connect(&url, &identity.machine, &server_key).await?;
+        tracing::debug!(server = %url.authority, "ts2021 connection up");
+        register(&mut conn, config, identity, state).await?;
+        let hostinfo = hostinfo(config);
+        send_lite_update(&conn, identity, &hostinfo);
+        let resp = conn
+            .post(
+                "/machine/map",
+                map_request(identity, &hostinfo, true),
+                &[identity.node.public()],
+            )
+            .await?;
+        if resp.status() != http::StatusCode::OK {
+            let code = resp.status();
+            let body = dial::read_body(resp, 4096).await.unwrap_or_default();
+            return Err(ControlError::Transient(format!(
+                "POST /machine/map: HTTP {code}: {}",
+                String::from_utf8_lossy(&body).trim()
+            )));
+        }
+        read_map_stream(
+            resp.into_body(),
+            &mut conn,
+            identity,
+            state,
+            status,
+            session,
+        )
+        .await
     }
+
+    /// `POST /machine/register` until control accepts our node key (spec §4).
+    async fn register(
+        conn: &mut ControlConn,
+        config: &ControlConfig,
+        identity: &mut NodeIdentity,
+        state: &StateDir,
+    ) -> Result<(), ControlError> {
+        // One renewal per attempt: a second "expired" answer for a fresh key is control's bug.
+        for _ in 0..2 {
+            let old = identity.old_node.unwrap_or_default();
+            let req = RegisterRequest {
+                version: i32::from(CAPABILITY_VERSION),
+                node_key: identity.node.public(),
+                old_node_key: old,
+                auth: config.auth_key.as_ref().map(|k| RegisterResponseAuth {
+                    auth_key: k.clone(),
+                    ..Default::default()
+                }),
+                expiry: GoTime::ZERO,
+                hostinfo: Some(hostinfo(config)),
+                ..Default::default()
+            };
+            let body = serde_json::to_vec(&req)
+                .map_err(|e| ControlError::transient("encoding RegisterRequest", e))?;
+            let resp = conn
+                .post("/machine/register", body, &[old, identity.node.public()])
+                .await?;
+            let code = resp.status();
+            let body = dial::read_body(resp, MAX_REGISTER_BODY)
+                .await
+                .map_err(|e| ControlError::Transient(format!("POST /machine/register: {e}")))?;
+            if code != http::StatusCode::OK {
+                return Err(ControlError::Transient(format!(
+                    "POST /machine/register: HTTP {code}: {}",
+                    String::from_utf8_lossy(&body).trim()
+                )));
+            }
+            let answer: RegisterResponse = serde_json::from_slice(&body).map_err(|e| {
+                ControlError::Transient(format!("POST /machine/register: bad JSON: {e}"))
+            })?;
+            match register_outcome(&answer) {
+                RegisterOutcome::Accepted => {
+                    tracing::info!(node_key = %identity.node.public(), user = answer.user.id, "registered with control");
+                    identity.old_node = None;
+                    return Ok(());
+                }
+                RegisterOutcome::NodeKeyExpired => {
+                    tracing::info!("control says our node key expired; renewing it");
+                    identity.renew_node_key(state)?;
+                }
+                RegisterOutcome::Refused(why) => return Err(ControlError::LoginRefused(why)),
+            }
+        }
+        Err(ControlError::Transient(
+            "control called a freshly renewed node key expired".into(),
+        ))
+    }
+
+    fn send_lite_update(conn: &ControlConn, identity: &NodeIdentity, hostinfo: &Hostinfo) {
+        // A lite update (spec §5.1) shares the connection and must not disturb the stream.
+        let mut lite = ControlConn {
+            sender: conn.sender.clone(),
+            driver: tokio::spawn(async { Ok(()) }),
+            authority: conn.authority.clone(),
+        };
+        let body = map_request(identity, hostinfo, false);
+        let node = identity.node.public();
+        tokio::spawn(async move {
+            match lite.post("/machine/map", body, &[node]).await {
+                Ok(resp) if resp.status() == http::StatusCode::OK => {
+                    let _ = dial::read_body(resp, 1 << 16).await;
+                }
+                Ok(resp) => tracing::debug!(status = %resp.status(), "lite map update refused"),
+                Err(e) => tracing::debug!(error = %e, "lite map update failed"),
+            }
+        });
+    }
+
+    /// Read `[u32le][zstd]` messages until the stream ends, the connection dies, or 120 s pass
+    /// without a message (spec §5.4 watchdog).
+    async fn read_map_stream(
+        mut body: hyper::body::Incoming,
+        conn: &mut ControlConn,
+        identity: &mut NodeIdentity,
+        state: &StateDir,
+        status: &watch::Sender<Status>,
+        session: &mut Session,
+    ) -> Result<(), ControlError> {
+        let mut decoder = MapFrameDecoder::with_max_len(Compression::Zstd, MAX_MAP_MESSAGE);
+        let mut netmap = MapState::default();
+        loop {
+            let frame = tokio::select! {
+                frame = tokio::time::timeout(MAP_WATCHDOG, body.frame()) => frame.map_err(|_| {
+                    ControlError::Transient(format!(
+                        "map response long-poll timed out: nothing for {MAP_WATCHDOG:?}"
+                    ))
+                })?,
+                ended = &mut conn.driver => {
+                    let why = match ended {
+                        Ok(Ok(())) => "closed".to_string(),
+                        Ok(Err(e)) => e.to_string(),
+                        Err(e) => e.to_string(),
+                    };
+                    return Err(ControlError::Transient(format!("control connection lost: {why}")));
+                }
+            };
+            let Some(frame) = frame else { return Ok(()) };
+            let frame = frame.map_err(|e| ControlError::transient("reading the map stream", e))?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            decoder.push(&data);
+            while let Some(msg) = decoder
+                .next_frame()
+                .map_err(|e| ControlError::transient("bad map message", e))?
+            {
+                handle_map_message(msg, &mut netmap, identity, state, status, session)?;
+            }
+        }
+    }
+
+    fn handle_map_message(
+        msg: MapResponse,
+        netmap: &mut MapState,
+        identity: &mut NodeIdentity,
+        state: &StateDir,
+        status: &watch::Sender<Status>,
+        session: &mut Session,
+    ) -> Result<(), ControlError> {
+        if msg.keep_alive {
+            tracing::trace!("map keep-alive");
+            return Ok(());
+        }
+        let first = !netmap.has_self();
+        netmap.apply(&msg);
+        if first && !netmap.has_self() {
+            return Err(ControlError::Transient(
+                "initial MapResponse lacked node".into(),
+            ));
+        }
+        if netmap.self_key_expired(SystemTime::now()) {
+            identity.renew_node_key(state)?;
+            return Err(ControlError::Transient(
+                "our node key expired; re-registering with a new one".into(),
+            ));
+        }
+        let now = SystemTime::now();
+        status.send_modify(|s| {
+            if first {
+                session.connected(s, now);
+            }
+            netmap.publish(s, identity);
+        });
+        Ok(())
+    }
+
+    /// Register outcome as the Go client classifies it (spec §4.2).
+    #[derive(Debug, PartialEq, Eq)]
+    pub(super) enum RegisterOutcome {
+        Accepted,
+        NodeKeyExpired,
+        Refused(String),
+    }
+
+    pub(super) fn register_outcome(r: &RegisterResponse) -> RegisterOutcome {
+        if !r.error.is_empty() {
+            RegisterOutcome::Refused(r.error.clone())
+        } else if !r.auth_url.is_empty() {
+            RegisterOutcome::Refused(format!(
+                "control wants an interactive login at {}; use --auth-key",
+                r.auth_url
+            ))
+        } else if r.node_key_expired {
+            RegisterOutcome::NodeKeyExpired
+        } else if r
+            .node_key_signature
+            .as_deref()
+            .is_some_and(|s| !s.is_empty())
+        {
+            RegisterOutcome::Refused(
+                "control requires tailnet lock signatures (unsupported)".into(),
+            )
+        } else {
+            RegisterOutcome::Accepted
+        }
+    }
+
+    pub(super) fn map_request(
+        identity: &NodeIdentity,
+        hostinfo: &Hostinfo,
+        stream: bool,
+    ) -> Vec<u8> {
+        let req = MapRequest {
+            version: i32::from(CAPABILITY_VERSION),
+            compress: "zstd".into(),
+            keep_alive: true,
+            node_key: identity.node.public(),
+            disco_key: identity.disco.public(),
+            stream,
+            omit_peers: !stream,
+            hostinfo: Some(hostinfo.clone()),
+            ..Default::default()
+        };
+        serde_json::to_vec(&req).unwrap_or_default()
+    }
+
+    pub(super) fn hostinfo(config: &ControlConfig) -> Hostinfo {
+        Hostinfo {
+            ipn_version: format!("tern-{}", env!("CARGO_PKG_VERSION")),
+            backend_log_id: config.backend_log_id.clone(),
+            os: "linux".into(),
+            os_version: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .map(|v| v.trim().to_string())
+                .unwrap_or_default(),
+            package: "tern".into(),
+            hostname: config.hostname.clone(),
+            go_arch: std::env::consts::ARCH.into(),
+            ..Default::default()
+        }
+    }
+}
+
+/// The netmap as the control client keeps it for one map stream (a new stream starts empty).
+#[derive(Debug, Default)]
+pub struct MapState {
+    netmap: NetworkMap,
+}
+
+impl MapState {
+    pub fn has_self(&self) -> bool {
+        self.netmap.self_node.is_some()
+    }
+
+    pub fn apply(&mut self, msg: &MapResponse) {
+        self.netmap.apply(msg);
+    }
+
+    /// Self `KeyExpiry` in the past means control will not accept this node key any more.
+    pub fn self_key_expired(&self, now: SystemTime) -> bool {
+        let Some(expiry) = self
+            .netmap
+            .self_node
+            .as_ref()
+            .and_then(|n| n.key_expiry.datetime())
+        else {
+            return false;
+        };
+        time::OffsetDateTime::from(now) > expiry
+    }
+
+    pub fn publish(&self, s: &mut Status, identity: &NodeIdentity) {
+        if let Some(me) = &self.netmap.self_node {
+            publish_nodes(s, me, self.netmap.peers.values(), identity);
+        }
+    }
+}
+
+/// Fill the status snapshot's `self` and `peers` from netmap nodes.
+pub fn publish_nodes<'a>(
+    s: &mut Status,
+    self_node: &Node,
+    peers: impl Iterator<Item = &'a Node>,
+    identity: &NodeIdentity,
+) {
+    s.self_node = Some(SelfStatus {
+        name: self_node.name.trim_end_matches('.').to_string(),
+        hostname: self_node.hostinfo.hostname.clone(),
+        node_id: self_node.id,
+        stable_id: self_node.stable_id.clone(),
+        user_id: self_node.user,
+        node_key: identity.node.public().to_string(),
+        machine_key: identity.machine.public().to_string(),
+        disco_key: identity.disco.public().to_string(),
+        tailnet_ips: tailnet_ips(&self_node.addresses),
+        key_expiry: go_time(&self_node.key_expiry),
+        home_derp: region(self_node.effective_home_derp()),
+    });
+    let mut peers: Vec<PeerStatus> = peers.map(peer_status).collect();
+    peers.sort_by(|a, b| a.name.cmp(&b.name).then(a.node_id.cmp(&b.node_id)));
+    s.peers = peers;
+}
+
+fn peer_status(node: &Node) -> PeerStatus {
+    let os = node.hostinfo.os.clone();
+    PeerStatus {
+        name: node.name.trim_end_matches('.').to_string(),
+        hostname: node.hostinfo.hostname.clone(),
+        node_id: node.id,
+        stable_id: node.stable_id.clone(),
+        node_key: node.key.to_string(),
+        disco_key: (!node.disco_key.is_zero()).then(|| node.disco_key.to_string()),
+        tailnet_ips: tailnet_ips(&node.addresses),
+        os: (!os.is_empty()).then_some(os),
+        online: node.online,
+        last_seen: node.last_seen.as_ref().and_then(go_time),
+        key_expiry: go_time(&node.key_expiry),
+        expired: node.expired,
+        home_derp: region(node.effective_home_derp()),
+        endpoints: node.endpoints.iter().map(|e| e.to_string()).collect(),
+        path: None,
+        endpoint: None,
+        derp_region: None,
+        latency_ms: None,
+        rx_bytes: 0,
+        tx_bytes: 0,
+        last_handshake_at: None,
+        path_reason: None,
+    }
+}
+
+/// Single-IP prefixes only (spec §6: only those are the node's own addresses), IPv4 first.
+fn tailnet_ips(addresses: &[ipnet::IpNet]) -> Vec<String> {
+    let mut ips: Vec<std::net::IpAddr> = addresses
+        .iter()
+        .filter(|p| p.prefix_len() == p.max_prefix_len())
+        .map(|p| p.addr())
+        .collect();
+    ips.sort_by_key(|ip| ip.is_ipv6());
+    ips.iter().map(|ip| ip.to_string()).collect()
+}
+
+fn go_time(t: &GoTime) -> Option<String> {
+    t.datetime().and_then(|t| {
+        t.format(&time::format_description::well_known::Rfc3339)
+            .ok()
+    })
+}
+
+fn region(id: i32) -> Option<u16> {
+    u16::try_from(id).ok().filter(|r| *r != 0)
 }
 
 #[cfg(test)]
@@ -288,5 +685,150 @@ mod tests {
         assert_eq!(a.node.public(), b.node.public());
         assert_ne!(a.disco.public(), b.disco.public());
         assert_ne!(a.machine.public().as_bytes(), a.node.public().as_bytes());
+    }
+
+    fn node(id: i64, name: &str, addrs: &[&str]) -> Node {
+        let mut n = Node {
+            id,
+            stable_id: format!("n{id}"),
+            name: format!("{name}.tailnet.example."),
+            addresses: addrs.iter().map(|a| a.parse().unwrap()).collect(),
+            ..Default::default()
+        };
+        n.hostinfo.hostname = name.into();
+        n.hostinfo.os = "linux".into();
+        n
+    }
+
+    fn identity() -> NodeIdentity {
+        NodeIdentity {
+            machine: MachinePrivate::generate(),
+            node: NodePrivate::generate(),
+            disco: DiscoPrivate::generate(),
+            old_node: None,
+        }
+    }
+
+    #[test]
+    fn nodes_become_status_entries() {
+        let id = identity();
+        let me = node(1, "n1", &["fd7a:115c:a1e0::1/128", "100.64.0.1/32"]);
+        let mut p2 = node(2, "n2", &["100.64.0.2/32", "10.0.0.0/24"]);
+        p2.online = Some(false);
+        p2.last_seen = Some(GoTime::from_unix(1_700_000_000));
+        p2.home_derp = 900;
+        p2.endpoints = vec!["10.0.0.2:41641".parse().unwrap()];
+        let p3 = node(3, "a3", &["100.64.0.3/32"]);
+        let mut s = status();
+        publish_nodes(&mut s, &me, [&p2, &p3].into_iter(), &id);
+        let me = s.self_node.as_ref().unwrap();
+        assert_eq!(me.name, "n1.tailnet.example");
+        assert_eq!(
+            me.tailnet_ips,
+            ["100.64.0.1", "fd7a:115c:a1e0::1"],
+            "IPv4 first"
+        );
+        assert_eq!(me.node_key, id.node.public().to_string());
+        assert_eq!(me.disco_key, id.disco.public().to_string());
+        assert_eq!(s.peers[0].hostname, "a3", "sorted by name");
+        let p = &s.peers[1];
+        assert_eq!(
+            p.tailnet_ips,
+            ["100.64.0.2"],
+            "subnet routes are not tailnet IPs"
+        );
+        assert_eq!(p.online, Some(false));
+        assert_eq!(p.last_seen.as_deref(), Some("2023-11-14T22:13:20Z"));
+        assert_eq!(p.home_derp, Some(900));
+        assert_eq!(p.endpoints, ["10.0.0.2:41641"]);
+        assert_eq!(p.disco_key, None, "zero disco key shows as null");
+    }
+
+    #[test]
+    fn register_outcomes() {
+        use crate::control::tailcfg::RegisterResponse;
+        use connection::{register_outcome, RegisterOutcome};
+        let ok = RegisterResponse {
+            machine_authorized: true,
+            ..Default::default()
+        };
+        assert_eq!(register_outcome(&ok), RegisterOutcome::Accepted);
+        let bad = RegisterResponse {
+            error: "invalid authkey".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            register_outcome(&bad),
+            RegisterOutcome::Refused("invalid authkey".into())
+        );
+        let expired = RegisterResponse {
+            node_key_expired: true,
+            ..Default::default()
+        };
+        assert_eq!(register_outcome(&expired), RegisterOutcome::NodeKeyExpired);
+        let url = RegisterResponse {
+            auth_url: "http://x/register/1".into(),
+            ..Default::default()
+        };
+        assert!(
+            matches!(register_outcome(&url), RegisterOutcome::Refused(m) if m.contains("--auth-key"))
+        );
+    }
+
+    #[test]
+    fn renewing_the_node_key_keeps_the_first_old_key_and_persists() {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = StateDir::open(tmp.path()).unwrap();
+        let mut id = NodeIdentity::load(&state).unwrap();
+        let original = id.node.public();
+        id.renew_node_key(&state).unwrap();
+        id.renew_node_key(&state).unwrap();
+        assert_eq!(id.old_node, Some(original));
+        assert_ne!(id.node.public(), original);
+        assert_eq!(
+            NodeIdentity::load(&state).unwrap().node.public(),
+            id.node.public()
+        );
+    }
+
+    #[test]
+    fn map_requests_follow_the_spec() {
+        let id = identity();
+        let config = ControlConfig {
+            url: "http://127.0.0.1:1".into(),
+            auth_key: None,
+            hostname: "n1".into(),
+            backend_log_id: "ab".repeat(32),
+        };
+        let hi = connection::hostinfo(&config);
+        let stream: serde_json::Value =
+            serde_json::from_slice(&connection::map_request(&id, &hi, true)).unwrap();
+        assert_eq!(stream["Version"], 130);
+        assert_eq!(stream["Compress"], "zstd");
+        assert_eq!(stream["KeepAlive"], true);
+        assert_eq!(stream["Stream"], true);
+        assert_eq!(stream["NodeKey"], id.node.public().to_string());
+        assert_eq!(stream["DiscoKey"], id.disco.public().to_string());
+        assert_eq!(stream["Hostinfo"]["Hostname"], "n1");
+        assert_eq!(stream["Hostinfo"]["BackendLogID"], "ab".repeat(32));
+        assert!(stream.get("OmitPeers").is_none_or(|v| v == false));
+        let lite: serde_json::Value =
+            serde_json::from_slice(&connection::map_request(&id, &hi, false)).unwrap();
+        assert_eq!(lite["Stream"], false);
+        assert_eq!(lite["OmitPeers"], true);
+    }
+
+    #[test]
+    fn self_key_expiry_is_detected() {
+        let mut map = MapState::default();
+        let mut me = node(1, "n1", &["100.64.0.1/32"]);
+        me.key_expiry = GoTime::from_unix(1_000);
+        map.apply(&MapResponse {
+            node: Some(me),
+            ..Default::default()
+        });
+        assert!(map.has_self());
+        assert!(map.self_key_expired(SystemTime::UNIX_EPOCH + Duration::from_secs(2_000)));
+        assert!(!map.self_key_expired(SystemTime::UNIX_EPOCH + Duration::from_secs(500)));
     }
 }
