@@ -12,3 +12,4 @@ pub mod netmap;
 pub mod node_commands;
 pub mod state;
 pub mod status;
+pub mod stun;

@@ -8,6 +8,7 @@ pub mod client;
 pub mod dial;
 pub mod framing;
 pub mod noise;
+pub mod server;
 pub mod tailcfg;
 
 /// The capability version we claim: in the Noise initiation header and prologue, `/key?v=`,
