@@ -93,9 +93,29 @@ pub enum ControlError {
 }
 
 impl ControlError {
-    pub fn transient(context: &str, err: impl std::fmt::Display) -> Self {
-        Self::Transient(format!("{context}: {err}"))
+    /// A retryable error: `context: error: cause: …` with the whole source chain, since the
+    /// outer errors (hyper's "connection error") often hide the reason.
+    pub fn transient(
+        context: &str,
+        err: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        Self::Transient(format!("{context}: {}", error_chain(err.into().as_ref())))
     }
+}
+
+/// An error and its sources, joined by `: `, skipping sources the message already shows.
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let part = cause.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 /// The pure part of the control session: connection state, error and retry bookkeeping, and
@@ -370,13 +390,20 @@ mod connection {
                 ended = &mut conn.driver => {
                     let why = match ended {
                         Ok(Ok(())) => "closed".to_string(),
-                        Ok(Err(e)) => e.to_string(),
+                        Ok(Err(e)) => error_chain(&e),
                         Err(e) => e.to_string(),
                     };
                     return Err(ControlError::Transient(format!("control connection lost: {why}")));
                 }
             };
-            let Some(frame) = frame else { return Ok(()) };
+            let Some(frame) = frame else {
+                return match decoder.buffered() {
+                    0 => Ok(()),
+                    n => Err(ControlError::Transient(format!(
+                        "map stream ended inside a message ({n} bytes of it received)"
+                    ))),
+                };
+            };
             let frame = frame.map_err(|e| ControlError::transient("reading the map stream", e))?;
             let Ok(data) = frame.into_data() else {
                 continue;
@@ -830,5 +857,206 @@ mod tests {
         assert!(map.has_self());
         assert!(map.self_key_expired(SystemTime::UNIX_EPOCH + Duration::from_secs(2_000)));
         assert!(!map.self_key_expired(SystemTime::UNIX_EPOCH + Duration::from_secs(500)));
+    }
+
+    mod against_stub {
+        use super::*;
+        use crate::control::framing::{encode_frame, Compression};
+        use crate::control::test_stub::{Answer, Script, Stub};
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+
+        type Handler = Arc<dyn Fn(&str, &[u8]) -> Answer + Send + Sync>;
+
+        /// Register answers `register`; the streaming map answers `map`; lite updates get 200.
+        fn script(register: Answer, map: Answer) -> Script {
+            let handler: Handler = Arc::new(move |path, body| {
+                let req: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+                match path {
+                    "/machine/register" => register.clone(),
+                    "/machine/map" if req["Stream"] == true => map.clone(),
+                    _ => Answer::ok(""),
+                }
+            });
+            Script::Http2 {
+                early_payload: true,
+                handler,
+            }
+        }
+
+        fn zstd(json: &str) -> Vec<u8> {
+            encode_frame(json.as_bytes(), Compression::Zstd).unwrap()
+        }
+
+        struct Run {
+            result: Result<(), ControlError>,
+            status: Status,
+            identity: NodeIdentity,
+            stub: Stub,
+            _state_dir: tempfile::TempDir,
+        }
+
+        async fn run_against(script: Script) -> Run {
+            let stub = Stub::start(script).await;
+            let tmp = tempfile::tempdir().unwrap();
+            let state = StateDir::open(tmp.path()).unwrap();
+            let mut identity = NodeIdentity::load(&state).unwrap();
+            let config = ControlConfig {
+                url: stub.url.clone(),
+                auth_key: Some("tskey-test".into()),
+                hostname: "n1".into(),
+                backend_log_id: "ab".repeat(32),
+            };
+            let (tx, _rx) = watch::channel(status());
+            let mut session = Session::new(config.url.clone());
+            let result = tokio::time::timeout(
+                Duration::from_secs(20),
+                connection::run_once(&config, &mut identity, &state, &tx, &mut session),
+            )
+            .await
+            .expect("run_once must not hang");
+            let status = tx.borrow().clone();
+            Run {
+                result,
+                status,
+                identity,
+                stub,
+                _state_dir: tmp,
+            }
+        }
+
+        fn transient(run: &Run) -> String {
+            match &run.result {
+                Err(ControlError::Transient(m)) => m.clone(),
+                other => panic!("expected a retryable error, got {other:?}"),
+            }
+        }
+
+        const SELF_ONLY: &str = r#"{"Node":{"ID":1,"StableID":"s1","Name":"n1.t.example.","Addresses":["100.64.0.1/32","fd7a:115c:a1e0::1/128"],"MachineAuthorized":true,"Hostinfo":{"Hostname":"n1"}},"Peers":[{"ID":2,"StableID":"s2","Name":"n2.t.example.","Key":"nodekey:2222222222222222222222222222222222222222222222222222222222222222","Addresses":["100.64.0.2/32"],"Online":true,"Hostinfo":{"Hostname":"n2","OS":"linux"}}]}"#;
+
+        #[tokio::test]
+        async fn full_map_is_published_then_a_closed_stream_is_reported() {
+            let mut body = zstd(r#"{"KeepAlive":true}"#);
+            body.extend(zstd(SELF_ONLY));
+            body.extend(zstd(r#"{"KeepAlive":true}"#));
+            let run = run_against(script(Answer::ok("{}"), Answer::ok(body))).await;
+            assert!(
+                run.result.is_ok(),
+                "a cleanly ended stream: {:?}",
+                run.result
+            );
+            let me = run.status.self_node.as_ref().expect("self published");
+            assert_eq!(me.tailnet_ips, ["100.64.0.1", "fd7a:115c:a1e0::1"]);
+            assert_eq!(run.status.peers.len(), 1);
+            assert_eq!(run.status.peers[0].online, Some(true));
+            assert_eq!(run.status.backend_state, BackendState::Running);
+            assert_eq!(run.status.control.map_sessions, 1);
+            let reg = &run.stub.requests.lock().unwrap()[0];
+            assert_eq!(reg.0, "/machine/register");
+            let reg: serde_json::Value = serde_json::from_slice(&reg.1).unwrap();
+            assert_eq!(reg["Auth"]["AuthKey"], "tskey-test");
+            assert_eq!(reg["NodeKey"], run.identity.node.public().to_string());
+            assert_eq!(reg["OldNodeKey"], NodePublic::zero().to_string());
+        }
+
+        #[tokio::test]
+        async fn bad_register_answers() {
+            let run = run_against(script(Answer::ok("{nope"), Answer::ok(""))).await;
+            assert!(
+                transient(&run).contains("POST /machine/register: bad JSON"),
+                "{}",
+                transient(&run)
+            );
+            let run = run_against(script(
+                Answer {
+                    status: 500,
+                    body: b"boom".to_vec(),
+                },
+                Answer::ok(""),
+            ))
+            .await;
+            assert_eq!(
+                transient(&run),
+                "POST /machine/register: HTTP 500 Internal Server Error: boom"
+            );
+            let refused = Answer::ok(r#"{"Error":"invalid authkey"}"#);
+            let run = run_against(script(refused, Answer::ok(""))).await;
+            assert!(
+                matches!(&run.result, Err(ControlError::LoginRefused(m)) if m == "invalid authkey")
+            );
+            assert!(
+                run.stub.paths().iter().all(|p| p != "/machine/map"),
+                "no map poll after a refusal"
+            );
+        }
+
+        #[tokio::test]
+        async fn expired_node_key_is_renewed_and_registered_with_old_key() {
+            let calls = Arc::new(AtomicUsize::new(0));
+            let counter = calls.clone();
+            let handler: Handler = Arc::new(move |path, _| match path {
+                "/machine/register" if counter.fetch_add(1, Ordering::SeqCst) == 0 => {
+                    Answer::ok(r#"{"NodeKeyExpired":true}"#)
+                }
+                "/machine/register" => Answer::ok("{}"),
+                _ => Answer {
+                    status: 404,
+                    body: b"node not found".to_vec(),
+                },
+            });
+            let run = run_against(Script::Http2 {
+                early_payload: false,
+                handler,
+            })
+            .await;
+            assert!(
+                transient(&run).contains("POST /machine/map: HTTP 404"),
+                "{}",
+                transient(&run)
+            );
+            let reqs = run.stub.requests.lock().unwrap().clone();
+            let regs: Vec<serde_json::Value> = reqs
+                .iter()
+                .filter(|(p, _)| p == "/machine/register")
+                .map(|(_, b)| serde_json::from_slice(b).unwrap())
+                .collect();
+            assert_eq!(regs.len(), 2);
+            assert_eq!(regs[1]["OldNodeKey"], regs[0]["NodeKey"]);
+            assert_ne!(regs[1]["NodeKey"], regs[0]["NodeKey"]);
+            assert_eq!(regs[1]["NodeKey"], run.identity.node.public().to_string());
+            assert_eq!(run.identity.old_node, None, "cleared once accepted");
+        }
+
+        #[tokio::test]
+        async fn bad_map_streams_are_retryable_errors_with_context() {
+            let cases: Vec<(Vec<u8>, &str)> = vec![
+                (vec![0xff, 0xff, 0xff, 0x7f], "exceeds the limit"),
+                (
+                    {
+                        let mut f = 5u32.to_le_bytes().to_vec();
+                        f.extend_from_slice(b"hello");
+                        f
+                    },
+                    "zstd",
+                ),
+                (zstd("not json"), "map JSON"),
+                (zstd(r#"{"Peers":"wrong type"}"#), "map JSON"),
+                (zstd(r#"{"Domain":"x"}"#), "initial MapResponse lacked node"),
+            ];
+            for (body, want) in cases {
+                let run = run_against(script(Answer::ok("{}"), Answer::ok(body))).await;
+                let err = transient(&run);
+                assert!(err.contains(want), "want {want:?} in {err:?}");
+                assert!(run.status.self_node.is_none());
+            }
+            let truncated = zstd(SELF_ONLY)[..10].to_vec();
+            let run = run_against(script(Answer::ok("{}"), Answer::ok(truncated))).await;
+            let err = transient(&run);
+            assert!(err.contains("ended inside a message (10 bytes"), "{err}");
+            assert!(
+                run.status.self_node.is_none(),
+                "a truncated message is not applied"
+            );
+        }
     }
 }

@@ -369,85 +369,38 @@ mod tests {
         assert!(check_upgrade_response("").is_err());
     }
 
-    /// A one-connection ts2021 responder built from the real Noise responder and the h2 server:
-    /// answers every request with `200` and a body naming the path. `answer` may corrupt the
-    /// Noise response to test bad input.
-    async fn serve_one(
-        listener: tokio::net::TcpListener,
-        server: MachinePrivate,
-        early: bool,
-        answer: fn(Vec<u8>) -> Vec<u8>,
-    ) -> Option<MachinePublic> {
-        use base64::Engine as _;
-        let (tcp, _) = listener.accept().await.ok()?;
-        let mut tcp = BufReader::new(tcp);
-        let mut head = String::new();
-        loop {
-            let before = head.len();
-            tcp.read_line(&mut head).await.ok()?;
-            if head[before..].trim().is_empty() {
-                break;
-            }
-        }
-        let b64 = head
-            .lines()
-            .find_map(|l| l.strip_prefix("X-Tailscale-Handshake: "))?;
-        let init = base64::engine::general_purpose::STANDARD
-            .decode(b64.trim())
-            .ok()?;
-        let accepted = crate::control::noise::Responder::accept(&server, &init).ok()?;
-        let mut tcp = tcp.into_inner();
-        tcp.write_all(
-            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: tailscale-control-protocol\r\nConnection: upgrade\r\n\r\n",
-        )
-        .await
-        .ok()?;
-        let answer = answer(accepted.response.to_vec());
-        tcp.write_all(&answer).await.ok()?;
-        if answer.len() != accepted.response.len() {
-            return None; // truncated or error frame: hang up
-        }
-        let mut noise = NoiseStream::new(tcp, accepted.keys);
-        if early {
-            let payload = crate::control::noise::encode_early_payload(&Default::default());
-            noise.write_all(&payload).await.ok()?;
-        }
-        let mut h2 = h2::server::handshake(noise).await.ok()?;
-        while let Some(Ok((req, mut respond))) = h2.accept().await {
-            let body = format!("hello {}", req.uri().path());
-            let mut send = respond.send_response(http::Response::new(()), false).ok()?;
-            send.send_data(Bytes::from(body), true).ok()?;
-        }
-        Some(accepted.peer)
+    use crate::control::test_stub::{Answer, Script, Stub};
+    use std::sync::Arc;
+
+    /// Dial the stub the way the client does (`/key`, then ts2021) and POST once.
+    async fn dial_and_post(stub: &Stub) -> Result<String, ControlError> {
+        let url = ControlUrl::parse(&stub.url)?;
+        let key = parse_key_response(&fetch_key_body(&url, CAPABILITY_VERSION).await?)
+            .map_err(ControlError::Transient)?;
+        assert_eq!(key, stub.server_key.public());
+        let machine = MachinePrivate::generate();
+        let mut conn = connect(&url, &machine, &key).await?;
+        let resp = conn
+            .post("/machine/register", b"{}".to_vec(), &[NodePublic::zero()])
+            .await?;
+        let body = read_body(resp, 1024)
+            .await
+            .map_err(ControlError::Transient)?;
+        Ok(String::from_utf8_lossy(&body).into_owned())
     }
 
-    async fn dial_stub(
-        early: bool,
-        answer: fn(Vec<u8>) -> Vec<u8>,
-    ) -> (Result<String, ControlError>, MachinePublic) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = ControlUrl::parse(&format!("http://{}", listener.local_addr().unwrap())).unwrap();
-        let server = MachinePrivate::generate();
-        let server_pub = server.public();
-        let stub = tokio::spawn(serve_one(listener, server, early, answer));
-        let machine = MachinePrivate::generate();
-        let result = async {
-            let mut conn = connect(&url, &machine, &server_pub).await?;
-            let resp = conn
-                .post("/machine/register", b"{}".to_vec(), &[NodePublic::zero()])
-                .await?;
-            read_body(resp, 1024).await.map_err(ControlError::Transient)
+    fn echo_path(early_payload: bool) -> Script {
+        Script::Http2 {
+            early_payload,
+            handler: Arc::new(|path, _| Answer::ok(format!("hello {path}"))),
         }
-        .await
-        .map(|b| String::from_utf8_lossy(&b).into_owned());
-        stub.abort();
-        (result, machine.public())
     }
 
     #[tokio::test]
     async fn dial_handshakes_and_speaks_http2_over_noise() {
         for early in [false, true] {
-            let (result, _) = dial_stub(early, |r| r).await;
+            let stub = Stub::start(echo_path(early)).await;
+            let result = dial_and_post(&stub).await;
             assert_eq!(
                 result.unwrap(),
                 "hello /machine/register",
@@ -456,24 +409,49 @@ mod tests {
         }
     }
 
+    async fn dial_error(script: Script) -> String {
+        let stub = Stub::start(script).await;
+        dial_and_post(&stub).await.unwrap_err().to_string()
+    }
+
     #[tokio::test]
     async fn corrupt_or_truncated_noise_response_is_an_error() {
-        let (result, _) = dial_stub(false, |mut r| {
+        let err = dial_error(Script::NoiseResponse(|mut r| {
             r[40] ^= 1;
             r
-        })
+        }))
         .await;
-        let err = result.unwrap_err().to_string();
         assert!(err.contains("Noise handshake"), "{err}");
-        let (result, _) = dial_stub(false, |r| r[..20].to_vec()).await;
-        let err = result.unwrap_err().to_string();
+        let err = dial_error(Script::NoiseResponse(|r| r[..20].to_vec())).await;
         assert!(err.contains("reading Noise response"), "{err}");
-        let (result, _) = dial_stub(false, |_| {
+        let err = dial_error(Script::NoiseResponse(|_| {
             crate::control::noise::encode_error_frame("go away")
-        })
+        }))
         .await;
-        let err = result.unwrap_err().to_string();
         assert!(err.contains("go away"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn bad_noise_records_are_errors_not_panics() {
+        // Header announcing 4096 bytes of ciphertext: more than a 4096-byte frame can hold.
+        let err = dial_error(Script::RawAfterHandshake(vec![0x04, 0x10, 0x00])).await;
+        assert!(
+            err.contains("early payload") && err.contains("record length"),
+            "{err}"
+        );
+        // A record cut short by the server hanging up.
+        let err = dial_error(Script::RawAfterHandshake(vec![0x04, 0x00, 0x20, 1, 2, 3])).await;
+        assert!(err.contains("early payload"), "{err}");
+        // A record of the wrong type.
+        let mut wrong = vec![0x05, 0x00, 0x10];
+        wrong.extend_from_slice(&[0u8; 16]);
+        let err = dial_error(Script::RawAfterHandshake(wrong)).await;
+        assert!(err.contains("record type"), "{err}");
+        // A record that does not decrypt.
+        let mut forged = vec![0x04, 0x00, 0x14];
+        forged.extend_from_slice(&[7u8; 20]);
+        let err = dial_error(Script::RawAfterHandshake(forged)).await;
+        assert!(err.contains("decryption failed"), "{err}");
     }
 
     #[test]

@@ -10,6 +10,8 @@ pub mod framing;
 pub mod noise;
 pub mod server;
 pub mod tailcfg;
+#[cfg(test)]
+pub(crate) mod test_stub;
 
 /// The capability version we claim: in the Noise initiation header and prologue, `/key?v=`,
 /// `RegisterRequest.Version` and `MapRequest.Version`.
