@@ -144,6 +144,7 @@ impl Daemon {
                     auth_key: self.prefs.auth_key.clone(),
                     hostname: self.prefs.hostname.clone().unwrap_or_else(default_hostname),
                     backend_log_id: self.backend_log_id.clone(),
+                    watchdog: control_client::MAP_WATCHDOG,
                 };
                 let task = control_client::spawn(
                     config,

@@ -237,7 +237,7 @@ pub fn render_human(status: &Status, now: SystemTime) -> String {
         (BackendState::Stopped, _) => {
             let _ = writeln!(
                 out,
-                "Tailscale is stopped (tern down). Run `tern up` to connect."
+                "Stopped (tern down). Run `tern up` to connect."
             );
         }
         (BackendState::NeedsLogin, _) => {

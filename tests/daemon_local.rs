@@ -135,3 +135,51 @@ fn cli_without_daemon_says_so() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("is `tern daemon` running?"));
 }
+
+/// `tern status` run as `user` (via runuser), returning whether it succeeded and its stderr.
+fn status_as(user: &str, socket: &Path) -> (bool, String) {
+    let out = Command::new("runuser")
+        .args(["-u", user, "--", env!("CARGO_BIN_EXE_tern"), "--socket"])
+        .arg(socket)
+        .args(["status", "--json"])
+        .output()
+        .expect("run runuser");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn operator_may_use_the_socket_and_other_users_may_not() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test needs root (it starts the daemon and switches users with runuser)"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    // Let other users reach the socket's directory; the socket's own mode is the gate.
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let socket = tmp.path().join("tern.sock");
+    let daemon = Daemon::start_with(
+        &tmp.path().join("state"),
+        &socket,
+        &["--operator", "nobody"],
+    );
+    let meta = std::fs::metadata(&socket).unwrap();
+    assert_eq!(mode(&socket), 0o600);
+    assert_eq!(
+        std::os::unix::fs::MetadataExt::uid(&meta),
+        65534,
+        "owned by the operator"
+    );
+    let (ok, err) = status_as("nobody", &socket);
+    assert!(ok, "the operator can use the LocalAPI: {err}");
+    let (ok, err) = status_as("daemon", &socket);
+    assert!(!ok, "another user must be refused");
+    assert!(err.contains("ermission denied"), "{err}");
+    assert_eq!(
+        daemon.status()["backend_state"],
+        "NoState",
+        "root still can"
+    );
+}

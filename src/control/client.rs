@@ -31,6 +31,9 @@ pub struct ControlConfig {
     pub hostname: String,
     /// `Hostinfo.BackendLogID`: the Go client refuses to run without one; random per process.
     pub backend_log_id: String,
+    /// Give up on register or the map poll after this long without an answer or a message
+    /// ([`MAP_WATCHDOG`] outside tests).
+    pub watchdog: Duration,
 }
 
 /// This node's keys: machine and node keys from the state directory, a disco key made fresh for
@@ -261,16 +264,31 @@ mod connection {
         })?;
         let mut conn = dial::connect(&url, &identity.machine, &server_key).await?;
         tracing::debug!(server = %url.authority, "ts2021 connection up");
-        register(&mut conn, config, identity, state).await?;
+        tokio::time::timeout(
+            config.watchdog,
+            register(&mut conn, config, identity, state),
+        )
+        .await
+        .map_err(|_| {
+            ControlError::Transient(format!(
+                "POST /machine/register: no answer within {:?}",
+                config.watchdog
+            ))
+        })??;
         let hostinfo = hostinfo(config);
         send_lite_update(&conn, identity, &hostinfo);
-        let resp = conn
-            .post(
-                "/machine/map",
-                map_request(identity, &hostinfo, true),
-                &[identity.node.public()],
-            )
-            .await?;
+        let map = map_request(identity, &hostinfo, true);
+        let resp = tokio::time::timeout(
+            config.watchdog,
+            conn.post("/machine/map", map, &[identity.node.public()]),
+        )
+        .await
+        .map_err(|_| {
+            ControlError::Transient(format!(
+                "POST /machine/map: no response within {:?}",
+                config.watchdog
+            ))
+        })??;
         if resp.status() != http::StatusCode::OK {
             let code = resp.status();
             let body = dial::read_body(resp, 4096).await.unwrap_or_default();
@@ -281,6 +299,7 @@ mod connection {
         }
         read_map_stream(
             resp.into_body(),
+            config.watchdog,
             &mut conn,
             identity,
             state,
@@ -372,6 +391,7 @@ mod connection {
     /// without a message (spec §5.4 watchdog).
     async fn read_map_stream(
         mut body: hyper::body::Incoming,
+        watchdog: Duration,
         conn: &mut ControlConn,
         identity: &mut NodeIdentity,
         state: &StateDir,
@@ -382,9 +402,9 @@ mod connection {
         let mut netmap = MapState::default();
         loop {
             let frame = tokio::select! {
-                frame = tokio::time::timeout(MAP_WATCHDOG, body.frame()) => frame.map_err(|_| {
+                frame = tokio::time::timeout(watchdog, body.frame()) => frame.map_err(|_| {
                     ControlError::Transient(format!(
-                        "map response long-poll timed out: nothing for {MAP_WATCHDOG:?}"
+                        "map response long-poll timed out: nothing for {watchdog:?}"
                     ))
                 })?,
                 ended = &mut conn.driver => {
@@ -826,6 +846,7 @@ mod tests {
             auth_key: None,
             hostname: "n1".into(),
             backend_log_id: "ab".repeat(32),
+            watchdog: MAP_WATCHDOG,
         };
         let hi = connection::hostinfo(&config);
         let stream: serde_json::Value =
@@ -906,6 +927,7 @@ mod tests {
                 auth_key: Some("tskey-test".into()),
                 hostname: "n1".into(),
                 backend_log_id: "ab".repeat(32),
+                watchdog: Duration::from_millis(500),
             };
             let (tx, _rx) = watch::channel(status());
             let mut session = Session::new(config.url.clone());
@@ -971,6 +993,7 @@ mod tests {
                 Answer {
                     status: 500,
                     body: b"boom".to_vec(),
+                    hold_open: false,
                 },
                 Answer::ok(""),
             ))
@@ -1002,6 +1025,7 @@ mod tests {
                 _ => Answer {
                     status: 404,
                     body: b"node not found".to_vec(),
+                    hold_open: false,
                 },
             });
             let run = run_against(Script::Http2 {
@@ -1056,6 +1080,19 @@ mod tests {
             assert!(
                 run.status.self_node.is_none(),
                 "a truncated message is not applied"
+            );
+        }
+
+        #[tokio::test]
+        async fn silent_map_stream_trips_the_watchdog() {
+            let mut map = Answer::ok(zstd(SELF_ONLY));
+            map.hold_open = true;
+            let run = run_against(script(Answer::ok("{}"), map)).await;
+            let err = transient(&run);
+            assert!(err.contains("long-poll timed out"), "{err}");
+            assert!(
+                run.status.self_node.is_some(),
+                "the map before the silence was applied"
             );
         }
     }

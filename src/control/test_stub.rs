@@ -16,6 +16,8 @@ use crate::keys::MachinePrivate;
 pub struct Answer {
     pub status: u16,
     pub body: Vec<u8>,
+    /// Keep the response stream open (silent) after the body, like an idle map poll.
+    pub hold_open: bool,
 }
 
 impl Answer {
@@ -23,6 +25,7 @@ impl Answer {
         Self {
             status: 200,
             body: body.into(),
+            hold_open: false,
         }
     }
 }
@@ -180,7 +183,15 @@ async fn serve_conn(
             .body(())
             .ok()?;
         let mut send = respond.send_response(resp, false).ok()?;
-        send.send_data(Bytes::from(answer.body), true).ok()?;
+        send.send_data(Bytes::from(answer.body), !answer.hold_open)
+            .ok()?;
+        if answer.hold_open {
+            // Keep `send` alive (the stream open) while the connection lives.
+            tokio::spawn(async move {
+                tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+                drop(send);
+            });
+        }
     }
     Some(())
 }

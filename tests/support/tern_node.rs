@@ -14,6 +14,11 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(state_dir: &Path, socket: &Path) -> Self {
+        Self::start_with(state_dir, socket, &[])
+    }
+
+    /// Start with extra `tern daemon` flags.
+    pub fn start_with(state_dir: &Path, socket: &Path, extra: &[&str]) -> Self {
         let child = Command::new(env!("CARGO_BIN_EXE_tern"))
             .args([
                 "daemon",
@@ -26,6 +31,7 @@ impl Daemon {
             .arg(state_dir)
             .arg("--socket")
             .arg(socket)
+            .args(extra)
             .env("TERN_LOG", "info,tern=debug")
             .spawn()
             .expect("spawn tern daemon");
