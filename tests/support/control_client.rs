@@ -288,6 +288,13 @@ impl MapStream {
     }
 
     pub async fn next_any(&mut self) -> Value {
+        within("map frame", self.try_next_any())
+            .await
+            .expect("map stream ended")
+    }
+
+    /// The next message of any kind, or `None` when the stream ends or fails. No timeout.
+    pub async fn try_next_any(&mut self) -> Option<Value> {
         loop {
             if self.buf.len() >= 4 {
                 let len = u32::from_le_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]])
@@ -296,13 +303,10 @@ impl MapStream {
                 if self.buf.len() >= 4 + len {
                     let payload: Vec<u8> = self.buf.drain(..4 + len).skip(4).collect();
                     let json = zstd::decode_all(&payload[..]).expect("map frame is zstd");
-                    return serde_json::from_slice(&json).expect("map frame is JSON");
+                    return Some(serde_json::from_slice(&json).expect("map frame is JSON"));
                 }
             }
-            let chunk = within("map frame", self.recv.data())
-                .await
-                .expect("map stream ended")
-                .expect("map chunk");
+            let chunk = self.recv.data().await?.ok()?;
             let _ = self.recv.flow_control().release_capacity(chunk.len());
             self.buf.extend_from_slice(&chunk);
         }

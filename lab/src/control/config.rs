@@ -34,6 +34,9 @@ pub struct Config {
     /// Seconds a node may stay disconnected before peers see it offline.
     #[serde(default = "default_offline_grace_secs")]
     pub offline_grace_secs: u64,
+    /// Seconds between keep-alives on idle map streams (1-60; clients give up after 120).
+    #[serde(default = "default_keep_alive_secs")]
+    pub keep_alive_secs: u64,
     /// Pre-auth keys that may register nodes.
     #[serde(default, rename = "auth_key")]
     pub auth_keys: Vec<AuthKeyConfig>,
@@ -157,6 +160,10 @@ fn default_offline_grace_secs() -> u64 {
     10
 }
 
+fn default_keep_alive_secs() -> u64 {
+    50
+}
+
 impl Config {
     /// Reads, parses and validates a configuration file.
     pub fn load(path: &Path) -> Result<Self, ControlError> {
@@ -190,6 +197,12 @@ impl Config {
             return bad(format!(
                 "domain {:?} is not a DNS name: use dot-separated labels of a-z, 0-9 and '-'",
                 self.domain
+            ));
+        }
+        if !(1..=60).contains(&self.keep_alive_secs) {
+            return bad(format!(
+                "keep_alive_secs = {} is out of range: use 1 to 60 (clients time out after 120 s of silence)",
+                self.keep_alive_secs
             ));
         }
         self.validate_auth_keys()?;

@@ -357,7 +357,6 @@ impl Tailnet {
     ) -> Result<NodeChanges, ControlError> {
         let node = self.node_mut(node_id).ok_or(ControlError::UnknownNode)?;
         let mut changes = NodeChanges::default();
-        let mut netinfo_changed_any = false;
         if let Some(disco) = &update.disco_key {
             changes.disco_key = set_if_changed(&mut node.disco_key, disco.clone());
         }
@@ -366,9 +365,7 @@ impl Tailnet {
             let derp = preferred_derp(&merged);
             // NetInfo churns (DERP latencies); peers only care about its home DERP.
             changes.hostinfo = without_netinfo(&node.hostinfo) != without_netinfo(&merged);
-            let netinfo_changed = node.hostinfo.get("NetInfo") != merged.get("NetInfo");
             node.hostinfo = merged;
-            netinfo_changed_any = netinfo_changed;
             if derp != 0 {
                 changes.home_derp = set_if_changed(&mut node.home_derp, derp);
             }
@@ -379,7 +376,8 @@ impl Tailnet {
         if update.version != 0 {
             changes.cap_version = set_if_changed(&mut node.cap_version, update.version);
         }
-        if changes.any() || netinfo_changed_any {
+        // NetInfo-only changes (latencies) are kept in memory but not worth a disk write.
+        if changes.any() {
             self.save()?;
         }
         Ok(changes)

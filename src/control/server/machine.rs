@@ -12,6 +12,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, info, warn};
 
 use super::{count, mapper, now_unix, session, Event, Shared};
+use crate::control::framing::Compression;
 use crate::control::noise::NoiseStream;
 use crate::control::tailcfg::{MapRequest, RegisterRequest, RegisterResponse};
 use crate::keys::MachinePublic;
@@ -57,23 +58,25 @@ pub(super) async fn serve_h2<S>(
                 tokio::spawn(handle_request(shared.clone(), peer, req, respond));
             }
             Err(err) => {
-                if !err.is_go_away() && !err.is_io() {
-                    count(&shared.rejections.connections);
-                    warn!(%addr, %machine, error = %err, "HTTP/2 over Noise connection failed");
-                } else if err.is_io() {
-                    let io = err.get_io().map(|e| e.kind());
-                    if io == Some(std::io::ErrorKind::InvalidData) {
-                        count(&shared.rejections.connections);
-                        warn!(%addr, %machine, error = %err, "bad Noise record; connection closed");
-                    } else {
-                        debug!(%addr, %machine, error = %err, "Noise connection closed");
-                    }
-                }
+                log_connection_end(&shared, &peer, &err);
                 return;
             }
         }
     }
     debug!(%addr, %machine, "Noise connection ended");
+}
+
+/// Logs why an HTTP/2-over-Noise connection ended; bad records and protocol errors are counted.
+fn log_connection_end(shared: &Shared, peer: &Peer, err: &h2::Error) {
+    let bad_record = err
+        .get_io()
+        .is_some_and(|e| e.kind() == std::io::ErrorKind::InvalidData);
+    if bad_record || !(err.is_io() || err.is_go_away()) {
+        count(&shared.rejections.connections);
+        warn!(addr = %peer.addr, machine = %peer.machine, error = %err, "bad input on a Noise connection; closed it");
+    } else {
+        debug!(addr = %peer.addr, machine = %peer.machine, error = %err, "Noise connection closed");
+    }
 }
 
 async fn handle_request(
@@ -213,8 +216,11 @@ fn register(shared: &Shared, peer: Peer, body: &[u8], mut respond: SendResponse<
         }
         RegisterOutcome::LoggedOut { node_id, deleted } => {
             info!(?node_id, deleted, machine = %peer.machine, "node logged out");
-            if let (Some(id), true) = (node_id, deleted) {
-                shared.publish(Event::Removed(id));
+            match (node_id, deleted) {
+                (Some(id), true) => shared.publish(Event::Removed(id)),
+                // Peers drop a logged-out node (the mapper sends PeersRemoved).
+                (Some(id), false) => shared.publish(Event::Changed(id, mapper::ALL_CHANGED)),
+                (None, _) => {}
             }
             mapper::register_logged_out()
         }
@@ -267,6 +273,20 @@ fn map(shared: Arc<Shared>, peer: Peer, body: &[u8], mut respond: SendResponse<B
             &reason,
         );
     }
+    let compression = match Compression::from_request(&req.compress) {
+        Ok(compression) => compression,
+        Err(err) => {
+            let reason = err.to_string();
+            return reject(
+                &shared,
+                &mut respond,
+                &peer,
+                path,
+                StatusCode::BAD_REQUEST,
+                &reason,
+            );
+        }
+    };
     let node_id = {
         let tailnet = shared.tailnet();
         match tailnet.authorize_map(&req.node_key.to_string(), &peer.machine.to_string()) {
@@ -304,12 +324,11 @@ fn map(shared: Arc<Shared>, peer: Peer, body: &[u8], mut respond: SendResponse<B
         Ok(_) => {}
         Err(err) => warn!(node_id, error = %err, "storing node state failed"),
     }
-    let compress = req.compress == "zstd";
     if req.stream {
-        session::start(shared, node_id, compress, respond);
+        session::start(shared, node_id, compression, respond);
     } else if req.omit_peers {
         send_simple(&mut respond, StatusCode::OK, b"");
     } else {
-        session::send_one(&shared, node_id, compress, respond);
+        session::send_one(&shared, node_id, compression, respond);
     }
 }

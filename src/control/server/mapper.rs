@@ -1,8 +1,7 @@
 //! Builds wire messages (tailcfg) from the lab policy's plain records: register answers, the
-//! full map, deltas per event, and the `[u32 LE][zstd]` map frame.
+//! full map, and deltas per event.
 
 use std::collections::BTreeMap;
-use std::io;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -27,9 +26,6 @@ pub(super) const ALL_CHANGED: NodeChanges = NodeChanges {
     cap_version: true,
     hostinfo: true,
 };
-
-/// zstd level for map frames (the client accepts any).
-const ZSTD_LEVEL: i32 = 3;
 
 /// What one map stream has told its node so far.
 #[derive(Debug, Default)]
@@ -351,22 +347,6 @@ fn wire_rule(rule: policy::FilterRule) -> FilterRule {
             .collect(),
         ..FilterRule::default()
     }
-}
-
-/// One map-stream frame: u32 little-endian length, then the JSON, zstd-compressed if asked.
-pub(super) fn encode_frame(message: &MapResponse, compress: bool) -> io::Result<Vec<u8>> {
-    let json = serde_json::to_vec(message).map_err(io::Error::other)?;
-    let payload = if compress {
-        zstd::bulk::compress(&json, ZSTD_LEVEL)?
-    } else {
-        json
-    };
-    let len =
-        u32::try_from(payload.len()).map_err(|_| io::Error::other("map message over 4 GiB"))?;
-    let mut frame = Vec::with_capacity(4 + payload.len());
-    frame.extend_from_slice(&len.to_le_bytes());
-    frame.extend_from_slice(&payload);
-    Ok(frame)
 }
 
 #[cfg(test)]

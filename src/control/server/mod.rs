@@ -88,6 +88,7 @@ pub(crate) struct Shared {
     sessions: Mutex<HashMap<u64, SessionEntry>>,
     next_session: AtomicU64,
     offline_grace: Duration,
+    keep_alive: Duration,
     rejections: Rejections,
     sent: Sent,
 }
@@ -134,6 +135,7 @@ impl ControlServer {
         let key = tern_lab::control::db::load_or_create_noise_key(&config.state_dir)?;
         let listen = config.listen;
         let offline_grace = Duration::from_secs(config.offline_grace_secs);
+        let keep_alive = Duration::from_secs(config.keep_alive_secs);
         let tailnet = Tailnet::open(config)?;
         let listener = TcpListener::bind(listen)
             .await
@@ -149,6 +151,7 @@ impl ControlServer {
             sessions: Mutex::new(HashMap::new()),
             next_session: AtomicU64::new(1),
             offline_grace,
+            keep_alive,
             rejections: Rejections::default(),
             sent: Sent::default(),
         });

@@ -3,7 +3,6 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use h2::server::SendResponse;
@@ -13,16 +12,14 @@ use tokio::sync::{broadcast, oneshot};
 use tracing::{debug, info, warn};
 
 use super::{count, mapper, now_unix, Event, SessionEntry, Shared};
+use crate::control::framing::{encode_map_response, Compression};
 use crate::control::tailcfg::MapResponse;
-
-/// Interval between keep-alives; the client's watchdog fires after 120 s of silence.
-const KEEP_ALIVE: Duration = Duration::from_secs(50);
 
 /// Starts a streaming map session for `node_id` in its own task.
 pub(super) fn start(
     shared: Arc<Shared>,
     node_id: u64,
-    compress: bool,
+    compression: Compression,
     mut respond: SendResponse<Bytes>,
 ) {
     let Ok(resp) = Response::builder().status(StatusCode::OK).body(()) else {
@@ -48,7 +45,7 @@ pub(super) fn start(
         let mut stream = MapStream {
             shared: shared.clone(),
             node_id,
-            compress,
+            compression,
             send,
             state: mapper::StreamState::default(),
         };
@@ -61,7 +58,7 @@ pub(super) fn start(
 pub(super) fn send_one(
     shared: &Arc<Shared>,
     node_id: u64,
-    compress: bool,
+    compression: Compression,
     mut respond: SendResponse<Bytes>,
 ) {
     let Ok(resp) = Response::builder().status(StatusCode::OK).body(()) else {
@@ -73,7 +70,7 @@ pub(super) fn send_one(
     let mut stream = MapStream {
         shared: shared.clone(),
         node_id,
-        compress,
+        compression,
         send,
         state: mapper::StreamState::default(),
     };
@@ -130,7 +127,7 @@ fn session_ended(shared: Arc<Shared>, node_id: u64, session_id: u64) {
 struct MapStream {
     shared: Arc<Shared>,
     node_id: u64,
-    compress: bool,
+    compression: Compression,
     send: SendStream<Bytes>,
     state: mapper::StreamState,
 }
@@ -147,8 +144,9 @@ impl MapStream {
         if self.send_full().is_err() {
             return;
         }
-        let mut keep_alive =
-            tokio::time::interval_at(tokio::time::Instant::now() + KEEP_ALIVE, KEEP_ALIVE);
+        // The client's watchdog fires after 120 s of silence; the config keeps this at most 60 s.
+        let period = self.shared.keep_alive;
+        let mut keep_alive = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         loop {
             let result = tokio::select! {
                 event = events.recv() => match event {
@@ -196,7 +194,7 @@ impl MapStream {
     }
 
     fn send_message(&mut self, message: &MapResponse) -> Result<(), Closed> {
-        let frame = mapper::encode_frame(message, self.compress).map_err(|err| {
+        let frame = encode_map_response(message, self.compression).map_err(|err| {
             warn!(node_id = self.node_id, error = %err, "encoding a map message failed");
             Closed
         })?;

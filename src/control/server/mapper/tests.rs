@@ -111,14 +111,3 @@ fn deltas_follow_the_change() {
     let removed = delta(&t, a, &Event::Removed(b), &mut state).unwrap();
     assert_eq!(removed.peers_removed, vec![b as i64]);
 }
-
-#[test]
-fn frames_are_le_length_and_zstd() {
-    let frame = encode_frame(&keep_alive(), true).unwrap();
-    let len = u32::from_le_bytes(frame[..4].try_into().unwrap()) as usize;
-    assert_eq!(len, frame.len() - 4);
-    let json = zstd::decode_all(&frame[4..]).unwrap();
-    assert_eq!(json, br#"{"KeepAlive":true}"#);
-    let raw = encode_frame(&keep_alive(), false).unwrap();
-    assert_eq!(&raw[4..], br#"{"KeepAlive":true}"#);
-}
