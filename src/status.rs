@@ -235,10 +235,7 @@ pub fn render_human(status: &Status, now: SystemTime) -> String {
             );
         }
         (BackendState::Stopped, _) => {
-            let _ = writeln!(
-                out,
-                "Stopped (tern down). Run `tern up` to connect."
-            );
+            let _ = writeln!(out, "Stopped (tern down). Run `tern up` to connect.");
         }
         (BackendState::NeedsLogin, _) => {
             let _ = writeln!(out, "Logged out: control refused the login.");

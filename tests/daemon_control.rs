@@ -267,6 +267,16 @@ fn daemon_started_while_control_is_down_comes_up_when_control_does() {
     let s = wait_running(&n1, "n1 to come up once control does");
     assert!(s["control"]["last_error"].is_null());
     assert_eq!(ips(&s["self"]).len(), 2);
+
+    // `down` disconnects; a bare `up` reconnects with the stored preferences.
+    n1.ok(&["down"]);
+    let down = n1.status();
+    assert_eq!(down["backend_state"], "Stopped");
+    assert_eq!(down["control"]["state"], "idle");
+    n1.ok(&["up"]);
+    let again = wait_running(&n1, "n1 to reconnect after down/up");
+    assert_eq!(ips(&again["self"]), ips(&s["self"]));
+    assert_eq!(again["control"]["map_sessions"], 2);
 }
 
 #[test]

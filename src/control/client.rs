@@ -1095,5 +1095,24 @@ mod tests {
                 "the map before the silence was applied"
             );
         }
+
+        #[tokio::test]
+        async fn expired_self_key_in_the_map_renews_the_node_key() {
+            let expired = SELF_ONLY.replace(
+                r#""MachineAuthorized":true"#,
+                r#""MachineAuthorized":true,"KeyExpiry":"2001-01-01T00:00:00Z""#,
+            );
+            let run = run_against(script(Answer::ok("{}"), Answer::ok(zstd(&expired)))).await;
+            let err = transient(&run);
+            assert!(err.contains("node key expired; re-registering"), "{err}");
+            let reg: serde_json::Value =
+                serde_json::from_slice(&run.stub.requests.lock().unwrap()[0].1).unwrap();
+            let first_key = reg["NodeKey"].as_str().unwrap().to_string();
+            assert_eq!(
+                run.identity.old_node.map(|k| k.to_string()),
+                Some(first_key.clone())
+            );
+            assert_ne!(run.identity.node.public().to_string(), first_key);
+        }
     }
 }
