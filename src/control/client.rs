@@ -367,17 +367,14 @@ mod connection {
         ))
     }
 
+    /// A lite update (spec §5.1): same connection, must not disturb the stream; its answer
+    /// is discarded.
     fn send_lite_update(conn: &ControlConn, identity: &NodeIdentity, hostinfo: &Hostinfo) {
-        // A lite update (spec §5.1) shares the connection and must not disturb the stream.
-        let mut lite = ControlConn {
-            sender: conn.sender.clone(),
-            driver: tokio::spawn(async { Ok(()) }),
-            authority: conn.authority.clone(),
-        };
+        let mut requests = conn.requests.clone();
         let body = map_request(identity, hostinfo, false);
         let node = identity.node.public();
         tokio::spawn(async move {
-            match lite.post("/machine/map", body, &[node]).await {
+            match requests.post("/machine/map", body, &[node]).await {
                 Ok(resp) if resp.status() == http::StatusCode::OK => {
                     let _ = dial::read_body(resp, 1 << 16).await;
                 }

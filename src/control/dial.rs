@@ -221,10 +221,17 @@ pub fn parse_key_response(body: &[u8]) -> Result<MachinePublic, String> {
 
 /// An HTTP/2 connection to control over Noise.
 pub struct ControlConn {
-    pub sender: http2::SendRequest<Full<Bytes>>,
+    pub requests: Requester,
     /// Drives the HTTP/2 connection; ends (with the reason) when the connection dies.
     pub driver: JoinHandle<Result<(), hyper::Error>>,
-    pub authority: String,
+}
+
+/// Sends requests on a [`ControlConn`]; cheap to clone, so concurrent requests (a lite update
+/// next to the map poll) share the one connection.
+#[derive(Clone)]
+pub struct Requester {
+    sender: http2::SendRequest<Full<Bytes>>,
+    authority: String,
 }
 
 impl Drop for ControlConn {
@@ -288,14 +295,26 @@ async fn connect_inner(
         .await
         .map_err(|e| ControlError::transient(&format!("{ctx}: HTTP/2 handshake"), e))?;
     let driver = tokio::spawn(conn);
-    Ok(ControlConn {
+    let requests = Requester {
         sender,
-        driver,
         authority: url.authority.clone(),
-    })
+    };
+    Ok(ControlConn { requests, driver })
 }
 
 impl ControlConn {
+    /// See [`Requester::post`].
+    pub async fn post(
+        &mut self,
+        path: &str,
+        body: Vec<u8>,
+        ts_lb: &[NodePublic],
+    ) -> Result<http::Response<Incoming>, ControlError> {
+        self.requests.post(path, body, ts_lb).await
+    }
+}
+
+impl Requester {
     /// `POST https://<authority><path>` with a JSON body and the `Ts-Lb` node-key hints
     /// (spec §3.6); returns the response with its body still streaming.
     pub async fn post(
