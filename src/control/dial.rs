@@ -93,7 +93,19 @@ impl ControlUrl {
 }
 
 /// `GET /key?v=N` over plain HTTP/1.1; returns the response body (JSON) on 200.
+/// Bounded by [`DIAL_TIMEOUT`].
 pub async fn fetch_key_body(url: &ControlUrl, version: u16) -> Result<Bytes, ControlError> {
+    tokio::time::timeout(DIAL_TIMEOUT, fetch_key_body_inner(url, version))
+        .await
+        .map_err(|_| {
+            ControlError::Transient(format!(
+                "GET http://{}/key: no answer within {DIAL_TIMEOUT:?}",
+                url.authority
+            ))
+        })?
+}
+
+async fn fetch_key_body_inner(url: &ControlUrl, version: u16) -> Result<Bytes, ControlError> {
     let ctx = format!("GET http://{}/key", url.authority);
     let stream = connect_tcp(url).await?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
@@ -491,5 +503,29 @@ mod tests {
         assert!(parse_key_response(b"{}")
             .unwrap_err()
             .contains("no publicKey"));
+    }
+
+    /// A server that accepts TCP (the kernel does, from the backlog) but never answers.
+    fn silent_server() -> (std::net::TcpListener, ControlUrl) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = ControlUrl::parse(&format!("http://{}", listener.local_addr().unwrap())).unwrap();
+        (listener, url)
+    }
+
+    // Paused time jumps ahead whenever the runtime idles, so the 10 s timeouts fire at once.
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_server_times_out_key_fetch_and_dial() {
+        let (_listener, url) = silent_server();
+        let err = fetch_key_body(&url, CAPABILITY_VERSION)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("/key: no answer within 10s"), "{err}");
+        let server = MachinePrivate::generate().public();
+        let err = connect(&url, &MachinePrivate::generate(), &server)
+            .await
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("timed out after 10s"), "{err}");
     }
 }
