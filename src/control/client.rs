@@ -215,6 +215,7 @@ pub async fn run(
     status: watch::Sender<Status>,
 ) {
     let mut session = Session::new(config.url.clone());
+    let mut last_error = String::new();
     loop {
         status.send_modify(|s| session.connecting(s));
         let err = match connection::run_once(&config, &mut identity, &state, &status, &mut session)
@@ -223,7 +224,14 @@ pub async fn run(
             Ok(()) => ControlError::Transient("control closed the map stream".into()),
             Err(e) => e,
         };
-        tracing::warn!(url = %config.url, error = %err, "control connection failed");
+        // Warn once per distinct error; the same error again on every retry is noise.
+        let message = err.to_string();
+        if message != last_error {
+            tracing::warn!(url = %config.url, error = %message, "control connection failed");
+        } else {
+            tracing::debug!(url = %config.url, error = %message, "control connection failed again");
+        }
+        last_error = message;
         let jitter: f64 = rand::random();
         let mut next = Next::Stop;
         status.send_modify(|s| next = session.failed(s, &err, SystemTime::now(), jitter));
