@@ -139,6 +139,9 @@ impl Daemon {
         let login_server = self.prefs.login_server.clone();
         match (self.prefs.want_running, login_server) {
             (true, Some(url)) => {
+                if let Err(e) = self.identity.refresh_node_key(&self.state) {
+                    tracing::warn!(error = %e, "re-reading the node key; using the one in memory");
+                }
                 let config = ControlConfig {
                     url,
                     auth_key: self.prefs.auth_key.clone(),

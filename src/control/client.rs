@@ -70,6 +70,17 @@ impl NodeIdentity {
         })
     }
 
+    /// Re-read the node key from the state directory (a control task may have renewed it since
+    /// this copy was made); the disco key stays.
+    pub fn refresh_node_key(&mut self, state: &StateDir) -> Result<(), StateError> {
+        let stored = state.node_key(|| *self.node.as_bytes())?;
+        if stored != *self.node.as_bytes() {
+            self.old_node = None;
+            self.node = NodePrivate::from_bytes(stored);
+        }
+        Ok(())
+    }
+
     /// Make and store a new node key; the old one goes in `OldNodeKey` of the next register.
     pub fn renew_node_key(&mut self, state: &StateDir) -> Result<(), ControlError> {
         let fresh = NodePrivate::generate();
@@ -824,6 +835,22 @@ mod tests {
         };
         assert!(
             matches!(register_outcome(&url), RegisterOutcome::Refused(m) if m.contains("--auth-key"))
+        );
+    }
+
+    #[test]
+    fn a_stale_copy_picks_up_a_renewed_node_key() {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = StateDir::open(tmp.path()).unwrap();
+        let mut daemon_copy = NodeIdentity::load(&state).unwrap();
+        let mut task_copy = daemon_copy.clone();
+        task_copy.renew_node_key(&state).unwrap();
+        daemon_copy.refresh_node_key(&state).unwrap();
+        assert_eq!(daemon_copy.node.public(), task_copy.node.public());
+        assert_eq!(
+            daemon_copy.disco.public(),
+            task_copy.disco.public(),
+            "disco key kept"
         );
     }
 
