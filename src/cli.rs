@@ -66,6 +66,9 @@ pub struct DaemonArgs {
     /// UDP port for WireGuard, disco and STUN (0 = pick one).
     #[arg(long, default_value_t = 41641)]
     pub port: u16,
+    /// Also let this user (name or uid) use the LocalAPI socket (otherwise root only).
+    #[arg(long)]
+    pub operator: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -211,15 +214,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     if let Command::Lab(args) = &cli.command {
         return crate::lab_cli::run(args);
     }
+    use crate::node_commands as node;
     let name = match &cli.command {
-        Command::Daemon(_) => "daemon",
-        Command::Up(_) => "up",
-        Command::Down => "down",
-        Command::Status(_) => "status",
+        Command::Daemon(args) => return node::daemon(&cli.socket, args),
+        Command::Up(args) => return node::up(&cli.socket, args),
+        Command::Down => return node::down(&cli.socket),
+        Command::Status(args) => return node::status(&cli.socket, args),
+        Command::Ip(args) => return node::ip(&cli.socket, args),
         Command::Ping(_) => "ping",
         Command::Netcheck(_) => "netcheck",
         Command::Set(_) => "set",
-        Command::Ip(_) => "ip",
         Command::Metrics => "metrics",
         Command::Top => "top",
         Command::Derp(_) => "derp",

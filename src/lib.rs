@@ -5,7 +5,12 @@
 
 pub mod cli;
 pub mod control;
+pub mod daemon;
 pub mod keys;
 pub mod lab_cli;
+pub mod localapi;
 pub mod netmap;
+pub mod node_commands;
+pub mod state;
+pub mod status;
 pub mod stun;
