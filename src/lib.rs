@@ -5,5 +5,7 @@
 
 pub mod cli;
 pub mod control;
+pub mod derp;
 pub mod keys;
+pub mod naclbox;
 pub mod netmap;
