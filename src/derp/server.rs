@@ -1116,6 +1116,106 @@ mod stun {
     }
 }
 
+/// `tern derp`: run the relay until interrupted.
+pub fn run_cli(args: &crate::cli::DerpArgs) -> anyhow::Result<std::process::ExitCode> {
+    use anyhow::Context;
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+    let addr = parse_listen_addr(&args.addr)?;
+    let private_key = load_or_create_key(args.key_file.as_deref())?;
+    let mut config = ServerConfig::new(private_key);
+    if let Some(mesh) = &args.mesh_key {
+        config.mesh_key = Some(
+            crate::keys::parse_bare_hex(mesh.trim()).context("--mesh-key must be 64 hex digits")?,
+        );
+    }
+    let tls = match (&args.certfile, &args.keyfile, &args.self_signed, args.http) {
+        (_, _, _, true) => None,
+        (Some(cert), Some(key), _, _) => Some(tls_from_pem_files(cert, key)?),
+        (_, _, Some(host), _) => {
+            let (tls, der) = tls_self_signed(host)?;
+            println!(
+                "certname: sha256-raw:{}",
+                hex::encode(super::client::sha256(&der))
+            );
+            Some(tls)
+        }
+        _ => anyhow::bail!("choose --http, --self-signed HOSTNAME, or --certfile/--keyfile"),
+    };
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async move {
+        let server = Server::new(config);
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("listen on {addr}"))?;
+        let local = listener.local_addr()?;
+        println!(
+            "derp: serving {} on {local}, key {}",
+            if tls.is_some() { "https" } else { "http" },
+            server.public_key()
+        );
+        if args.stun_port != 0 {
+            let stun_addr = SocketAddr::new(local.ip(), args.stun_port);
+            let socket = UdpSocket::bind(stun_addr)
+                .await
+                .with_context(|| format!("stun on {stun_addr}"))?;
+            println!("stun: serving on {}", socket.local_addr()?);
+            tokio::spawn(server.clone().serve_stun(socket));
+        }
+        let acceptor = tls.map(|t| tokio_rustls::TlsAcceptor::from(Arc::new(t)));
+        tokio::select! {
+            r = server.serve(listener, acceptor) => r.context("accept")?,
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        Ok::<_, anyhow::Error>(())
+    })?;
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// Accepts `ip:port`, or `:port` for all addresses (`[::]`, which takes IPv4 too on Linux).
+fn parse_listen_addr(text: &str) -> anyhow::Result<SocketAddr> {
+    let full = match text.strip_prefix(':') {
+        Some(port) => format!("[::]:{port}"),
+        None => text.to_string(),
+    };
+    full.parse()
+        .map_err(|e| anyhow::anyhow!("bad --addr {text:?}: {e}"))
+}
+
+fn load_or_create_key(path: Option<&Path>) -> anyhow::Result<NodePrivate> {
+    use anyhow::Context;
+    let Some(path) = path else {
+        return Ok(NodePrivate::generate());
+    };
+    if path.exists() {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+        return text
+            .trim()
+            .parse()
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()));
+    }
+    let key = NodePrivate::generate();
+    write_private(path, &format!("{key}\n"))
+        .with_context(|| format!("write {}", path.display()))?;
+    Ok(key)
+}
+
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(text.as_bytes())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
