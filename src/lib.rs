@@ -9,3 +9,4 @@ pub mod derp;
 pub mod keys;
 pub mod naclbox;
 pub mod netmap;
+pub mod stun;

@@ -11,12 +11,18 @@ fn unimplemented_subcommand_says_so_and_exits_2() {
     let out = tern().arg("top").output().expect("run tern");
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("tern: 'top' is not implemented yet"), "stderr: {stderr}");
+    assert!(
+        stderr.contains("tern: 'top' is not implemented yet"),
+        "stderr: {stderr}"
+    );
 }
 
 #[test]
 fn unknown_flag_is_refused_with_usage() {
-    let out = tern().args(["status", "--no-such-flag"]).output().expect("run tern");
+    let out = tern()
+        .args(["status", "--no-such-flag"])
+        .output()
+        .expect("run tern");
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("--no-such-flag"), "stderr: {stderr}");
@@ -28,8 +34,8 @@ fn help_lists_every_subcommand() {
     assert!(out.status.success());
     let help = String::from_utf8_lossy(&out.stdout);
     for sub in [
-        "daemon", "up", "down", "status", "ping", "netcheck", "set", "ip", "metrics", "top", "derp",
-        "lab",
+        "daemon", "up", "down", "status", "ping", "netcheck", "set", "ip", "metrics", "top",
+        "derp", "lab",
     ] {
         assert!(help.contains(sub), "help lacks {sub}: {help}");
     }

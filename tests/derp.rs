@@ -494,3 +494,32 @@ async fn http_endpoints() {
     assert!(r.contains("tern_derp_http_requests_total 6\n"), "{r}");
     drop(relay);
 }
+
+#[tokio::test]
+async fn stun_responder_answers_tailscale_requests_only() {
+    let relay = start_relay(false, |_| {}).await;
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let stun_addr = socket.local_addr().unwrap();
+    tokio::spawn(relay.server.clone().serve_stun(socket));
+    let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    // Garbage and a plain RFC 5389 request without SOFTWARE=tailnode are ignored.
+    client.send_to(b"not stun at all", stun_addr).await.unwrap();
+    let mut plain = tern::stun::request(tern::stun::TxId([1; 12]));
+    plain.truncate(20);
+    plain[2..4].copy_from_slice(&[0, 0]);
+    client.send_to(&plain, stun_addr).await.unwrap();
+    let tx = tern::stun::TxId::random();
+    client
+        .send_to(&tern::stun::request(tx), stun_addr)
+        .await
+        .unwrap();
+    let mut buf = [0u8; 512];
+    let (n, _) = within("stun reply", client.recv_from(&mut buf))
+        .await
+        .unwrap();
+    let (got_tx, mapped) = tern::stun::parse_response(&buf[..n]).unwrap();
+    assert_eq!(got_tx, tx);
+    assert_eq!(mapped, client.local_addr().unwrap());
+    assert_eq!(relay.metric(|m| &m.stun_ignored_total), 2);
+    assert_eq!(relay.metric(|m| &m.stun_responses_total), 1);
+}

@@ -1,1 +1,16 @@
 //! Network-namespace lab: topologies, NAT boxes and the processes run inside them.
+
+pub mod caddy;
+pub mod error;
+pub mod nat;
+pub mod netns;
+pub mod process;
+pub mod state;
+pub mod topology;
+
+pub use caddy::{CaddyConfig, CaddyNode};
+pub use error::{LabError, Result};
+pub use nat::NatMode;
+pub use netns::Netns;
+pub use process::Process;
+pub use topology::Topology;

@@ -974,8 +974,8 @@ fn valid_challenge(c: &str) -> bool {
 
 /// STUN reply for a strict Tailscale binding request, else `None`.
 fn stun_reply(request: &[u8], from: SocketAddr) -> Option<Vec<u8>> {
-    let txid = stun::parse_tailscale_binding_request(request)?;
-    Some(stun::binding_response(&txid, from))
+    let tx = crate::stun::parse_binding_request(request).ok()?;
+    Some(crate::stun::response(tx, from))
 }
 
 /// Server TLS config from a PEM certificate chain and private key.
@@ -1028,92 +1028,6 @@ pub enum TlsSetupError {
     Generate(String),
     #[error("rustls: {0}")]
     Rustls(String),
-}
-
-/// Minimal strict STUN for the responder; replaced by `crate::stun` once that lands.
-mod stun {
-    use std::net::SocketAddr;
-
-    const MAGIC_COOKIE: [u8; 4] = [0x21, 0x12, 0xa4, 0x42];
-    const ATTR_SOFTWARE: u16 = 0x8022;
-    const ATTR_FINGERPRINT: u16 = 0x8028;
-    const ATTR_XOR_MAPPED_ADDRESS: u16 = 0x0020;
-    const FINGERPRINT_XOR: u32 = 0x5354_554e;
-
-    /// Accepts only what derper accepts: a binding request with SOFTWARE "tailnode" and a valid
-    /// FINGERPRINT as the last attribute. Returns the transaction ID.
-    pub fn parse_tailscale_binding_request(b: &[u8]) -> Option<[u8; 12]> {
-        let header = b.get(..20)?;
-        if header[..2] != [0x00, 0x01] || header[4..8] != MAGIC_COOKIE {
-            return None;
-        }
-        let body_len = usize::from(u16::from_be_bytes([header[2], header[3]]));
-        let attrs = b.get(20..20 + body_len)?;
-        let mut offset = 0;
-        let mut software_ok = false;
-        let mut last_was_valid_fingerprint = false;
-        while offset < attrs.len() {
-            let typ = u16::from_be_bytes([*attrs.get(offset)?, *attrs.get(offset + 1)?]);
-            let len = usize::from(u16::from_be_bytes([
-                *attrs.get(offset + 2)?,
-                *attrs.get(offset + 3)?,
-            ]));
-            let value = attrs.get(offset + 4..offset + 4 + len)?;
-            last_was_valid_fingerprint = false;
-            match typ {
-                ATTR_SOFTWARE => software_ok = value == b"tailnode",
-                ATTR_FINGERPRINT => {
-                    let want = u32::from_be_bytes(value.try_into().ok()?);
-                    let covered = b.get(..20 + offset)?;
-                    last_was_valid_fingerprint = crc32(covered) ^ FINGERPRINT_XOR == want;
-                }
-                _ => {}
-            }
-            offset += 4 + len.div_ceil(4) * 4;
-        }
-        if !(software_ok && last_was_valid_fingerprint) {
-            return None;
-        }
-        header[8..20].try_into().ok()
-    }
-
-    /// Binding success response with one XOR-MAPPED-ADDRESS.
-    pub fn binding_response(txid: &[u8; 12], addr: SocketAddr) -> Vec<u8> {
-        let (family, ip): (u8, Vec<u8>) = match addr {
-            SocketAddr::V4(a) => (1, a.ip().octets().to_vec()),
-            SocketAddr::V6(a) => match a.ip().to_ipv4_mapped() {
-                Some(v4) => (1, v4.octets().to_vec()),
-                None => (2, a.ip().octets().to_vec()),
-            },
-        };
-        let mut xor_key = MAGIC_COOKIE.to_vec();
-        xor_key.extend_from_slice(txid);
-        let port = addr.port() ^ 0x2112;
-        let mut value = vec![0, family];
-        value.extend_from_slice(&port.to_be_bytes());
-        value.extend(ip.iter().zip(xor_key.iter()).map(|(a, k)| a ^ k));
-        let mut out = vec![0x01, 0x01];
-        out.extend_from_slice(&((4 + value.len()) as u16).to_be_bytes());
-        out.extend_from_slice(&MAGIC_COOKIE);
-        out.extend_from_slice(txid);
-        out.extend_from_slice(&ATTR_XOR_MAPPED_ADDRESS.to_be_bytes());
-        out.extend_from_slice(&(value.len() as u16).to_be_bytes());
-        out.extend_from_slice(&value);
-        out
-    }
-
-    /// CRC-32 (IEEE), as STUN FINGERPRINT uses.
-    pub fn crc32(data: &[u8]) -> u32 {
-        let mut crc = 0xffff_ffffu32;
-        for &byte in data {
-            crc ^= u32::from(byte);
-            for _ in 0..8 {
-                let mask = (crc & 1).wrapping_neg();
-                crc = (crc >> 1) ^ (0xedb8_8320 & mask);
-            }
-        }
-        !crc
-    }
 }
 
 /// `tern derp`: run the relay until interrupted.

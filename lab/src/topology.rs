@@ -1,0 +1,433 @@
+//! Topologies of namespaces: a router with a bridged public segment, public hosts, and client sites
+//! (a client behind its own NAT box). Everything is torn down on Drop, also on panic.
+//!
+//! ```text
+//! c1 10.1.0.2 -- nat1 [lan0 10.1.0.1 | wan0 198.18.1.2] --\                 /-- relay  198.18.0.10 + .11
+//!                                                           rtr (bridge pub0 198.18.0.1/24)
+//! c2 10.2.0.2 -- nat2 [lan0 10.2.0.1 | wan0 198.18.2.2] --/                 \-- server 198.18.0.20 + .21
+//!                                                                              (+ 10.99.0.20, control)
+//! ```
+//! `rtr` has no default route and nothing links to the root namespace, so the lab is a closed world:
+//! every namespace routes only 198.18.0.0/15 and 10.0.0.0/8, and `ip route get 1.1.1.1` fails.
+
+use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{LabError, Result};
+use crate::nat::{self, NatMode};
+use crate::netns::{run_with_stdin, Netns};
+
+/// The router's address on the public bridge.
+pub const RTR_PUBLIC_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+/// The relay host's two public addresses.
+pub const RELAY_IPS: [Ipv4Addr; 2] = [Ipv4Addr::new(198, 18, 0, 10), Ipv4Addr::new(198, 18, 0, 11)];
+/// The server host's two public addresses.
+pub const SERVER_IPS: [Ipv4Addr; 2] =
+    [Ipv4Addr::new(198, 18, 0, 20), Ipv4Addr::new(198, 18, 0, 21)];
+/// A private (RFC 1918) address on the server host for coordination servers: tsnet never races
+/// TLS to :443 for a private control IP.
+pub const CONTROL_IP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 20);
+/// The public segment (RFC 2544 benchmarking range).
+pub const PUBLIC_NET: &str = "198.18.0.0/15";
+/// The lab's private range.
+pub const PRIVATE_NET: &str = "10.0.0.0/8";
+/// Name of the router node.
+pub const ROUTER: &str = "rtr";
+/// Name of the bridge in the router.
+pub const BRIDGE: &str = "pub0";
+/// Interface name of every host's single link.
+pub const HOST_IF: &str = "eth0";
+
+/// What a node is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeKind {
+    /// The router holding the public bridge.
+    Router,
+    /// A NAT box between a client and the public segment.
+    Nat,
+    /// A client behind a NAT box.
+    Client,
+    /// A host on the public segment.
+    Public,
+}
+
+/// One namespace of a topology.
+#[derive(Debug)]
+pub struct Node {
+    name: String,
+    kind: NodeKind,
+    addrs: Vec<Ipv4Addr>,
+    ns: Netns,
+}
+
+impl Node {
+    /// Short name within the topology (`c1`, `nat1`, `relay`, …).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    /// What it is for.
+    pub fn kind(&self) -> NodeKind {
+        self.kind
+    }
+    /// Its addresses (first = primary).
+    pub fn addrs(&self) -> &[Ipv4Addr] {
+        &self.addrs
+    }
+    /// Its namespace.
+    pub fn ns(&self) -> &Netns {
+        &self.ns
+    }
+}
+
+/// A client site: client `cN` behind NAT box `natN`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NatSite {
+    /// Site number N (1..=200).
+    pub index: u8,
+    /// NAT box node name (`natN`).
+    pub nat: String,
+    /// Client node name (`cN`).
+    pub client: String,
+    /// Current mode.
+    pub mode: NatMode,
+    /// Client address `10.N.0.2`.
+    pub client_ip: Ipv4Addr,
+    /// NAT box LAN address `10.N.0.1`.
+    pub lan_ip: Ipv4Addr,
+    /// NAT box public address `198.18.N.2`.
+    pub wan_ip: Ipv4Addr,
+}
+
+impl NatSite {
+    fn new(index: u8, mode: NatMode) -> NatSite {
+        NatSite {
+            index,
+            nat: format!("nat{index}"),
+            client: format!("c{index}"),
+            mode,
+            client_ip: Ipv4Addr::new(10, index, 0, 2),
+            lan_ip: Ipv4Addr::new(10, index, 0, 1),
+            wan_ip: Ipv4Addr::new(198, 18, index, 2),
+        }
+    }
+
+    /// The router's address on the site's uplink, `198.18.N.1`.
+    pub fn uplink_ip(&self) -> Ipv4Addr {
+        Ipv4Addr::new(198, 18, self.index, 1)
+    }
+}
+
+/// A topology of namespaces named `<prefix>-<node>`. Dropping it kills every process in its
+/// namespaces and deletes them (unless `persist` was called).
+#[derive(Debug)]
+pub struct Topology {
+    prefix: String,
+    nodes: Vec<Node>,
+    sites: Vec<NatSite>,
+}
+
+static NEXT_PREFIX: AtomicU32 = AtomicU32::new(0);
+
+/// A short prefix unique to this process and call, and not used by any existing namespace, so tests
+/// can build topologies in parallel (`tl<pid>x<n>`).
+pub fn unique_prefix() -> String {
+    loop {
+        let n = NEXT_PREFIX.fetch_add(1, Ordering::Relaxed);
+        let prefix = format!("tl{:x}x{n:x}", std::process::id());
+        if namespaces_with_prefix(&prefix).map_or(true, |found| found.is_empty()) {
+            return prefix;
+        }
+    }
+}
+
+/// Existing namespaces named `<prefix>-*`.
+pub fn namespaces_with_prefix(prefix: &str) -> Result<Vec<String>> {
+    let start = format!("{prefix}-");
+    Ok(Netns::list()?
+        .into_iter()
+        .filter(|name| name.starts_with(&start))
+        .collect())
+}
+
+/// Check that a prefix is short and plain enough for namespace names.
+pub fn validate_prefix(prefix: &str) -> Result<()> {
+    let ok = !prefix.is_empty()
+        && prefix.len() <= 16
+        && prefix
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    if ok {
+        Ok(())
+    } else {
+        Err(LabError::Invalid(format!(
+            "lab prefix `{prefix}` must be 1-16 characters of a-z and 0-9"
+        )))
+    }
+}
+
+impl Topology {
+    /// The standard lab: router + bridge, relay and server hosts, and two client sites (c1 behind
+    /// nat1 in `nat1` mode, c2 behind nat2 in `nat2` mode).
+    pub fn standard(prefix: &str, nat1: NatMode, nat2: NatMode) -> Result<Topology> {
+        let mut topo = Topology::router_only(prefix)?;
+        topo.add_public_host("relay", &RELAY_IPS)?;
+        topo.add_public_host("server", &SERVER_IPS)?;
+        topo.add_control_ip("server", CONTROL_IP)?;
+        topo.add_nat_site(1, nat1)?;
+        topo.add_nat_site(2, nat2)?;
+        Ok(topo)
+    }
+
+    /// The standard lab with a fresh unique prefix (for tests).
+    pub fn standard_unique(nat1: NatMode, nat2: NatMode) -> Result<Topology> {
+        Topology::standard(&unique_prefix(), nat1, nat2)
+    }
+
+    /// Only the router with its public bridge; add hosts and sites to it.
+    pub fn router_only(prefix: &str) -> Result<Topology> {
+        crate::netns::preflight()?;
+        validate_prefix(prefix)?;
+        if let Some(name) = namespaces_with_prefix(prefix)?.into_iter().next() {
+            return Err(LabError::NameClash {
+                prefix: prefix.to_string(),
+                name,
+            });
+        }
+        let mut topo = Topology {
+            prefix: prefix.to_string(),
+            nodes: Vec::new(),
+            sites: Vec::new(),
+        };
+        topo.create_nodes(&[(ROUTER, NodeKind::Router, vec![RTR_PUBLIC_IP])])?;
+        let rtr = topo.ns(ROUTER)?;
+        rtr.sysctl("net.ipv4.ip_forward", "1")?;
+        rtr.ip_batch(&format!(
+            "link add {BRIDGE} type bridge\nlink set {BRIDGE} up\naddr add {RTR_PUBLIC_IP}/24 dev {BRIDGE}\n"
+        ))?;
+        Ok(topo)
+    }
+
+    /// Add a host on the public bridge with these addresses (first = primary, all /24 in
+    /// 198.18.0.0/24). Its interface is `eth0`.
+    pub fn add_public_host(&mut self, name: &str, addrs: &[Ipv4Addr]) -> Result<()> {
+        self.create_nodes(&[(name, NodeKind::Public, addrs.to_vec())])?;
+        let (host, rtr) = (self.netns_name(name), self.netns_name(ROUTER));
+        // The router-side end is named after the host, truncated to the 15-byte interface limit.
+        let port: String = name.chars().take(15).collect();
+        run_with_stdin(
+            std::process::Command::new("ip").args(["-batch", "-"]),
+            &format!("link add {HOST_IF} netns {host} type veth peer name {port} netns {rtr}\n"),
+        )?;
+        self.ns(ROUTER)?.ip_batch(&format!(
+            "link set {port} master {BRIDGE}\nlink set {port} up\n"
+        ))?;
+        let mut batch = String::new();
+        for addr in addrs {
+            batch += &format!("addr add {addr}/24 dev {HOST_IF}\n");
+        }
+        batch += &format!("link set {HOST_IF} up\n");
+        batch += &format!("route add {PUBLIC_NET} via {RTR_PUBLIC_IP}\n");
+        batch += &format!("route add {PRIVATE_NET} via {RTR_PUBLIC_IP}\n");
+        self.ns(name)?.ip_batch(&batch)
+    }
+
+    /// Give a public host an extra private address reachable from the whole lab (the router
+    /// routes its /24 to the host).
+    pub fn add_control_ip(&mut self, name: &str, ip: Ipv4Addr) -> Result<()> {
+        let via = *self
+            .node(name)?
+            .addrs
+            .first()
+            .ok_or_else(|| LabError::Invalid(format!("node {name} has no address")))?;
+        self.ns(name)?
+            .ip_batch(&format!("addr add {ip}/32 dev {HOST_IF}\n"))?;
+        let [a, b, c, _] = ip.octets();
+        self.ns(ROUTER)?
+            .ip_batch(&format!("route add {a}.{b}.{c}.0/24 via {via}\n"))?;
+        if let Ok(node) = self.node_mut(name) {
+            node.addrs.push(ip);
+        }
+        Ok(())
+    }
+
+    /// Add client site N: `cN` (10.N.0.2) behind NAT box `natN` (lan 10.N.0.1, wan 198.18.N.2)
+    /// in `mode`.
+    pub fn add_nat_site(&mut self, index: u8, mode: NatMode) -> Result<()> {
+        if index == 0 || index > 200 || self.sites.iter().any(|s| s.index == index) {
+            return Err(LabError::Invalid(format!(
+                "NAT site {index} is taken or out of range (1-200)"
+            )));
+        }
+        let site = NatSite::new(index, mode);
+        self.create_nodes(&[
+            (&site.nat, NodeKind::Nat, vec![site.wan_ip, site.lan_ip]),
+            (&site.client, NodeKind::Client, vec![site.client_ip]),
+        ])?;
+        let (rtr, nat, client) = (
+            self.netns_name(ROUTER),
+            self.netns_name(&site.nat),
+            self.netns_name(&site.client),
+        );
+        let uplink = &site.nat;
+        run_with_stdin(
+            std::process::Command::new("ip").args(["-batch", "-"]),
+            &format!(
+                "link add {} netns {nat} type veth peer name {uplink} netns {rtr}\n\
+                 link add {HOST_IF} netns {client} type veth peer name {} netns {nat}\n",
+                nat::WAN_IF,
+                nat::LAN_IF
+            ),
+        )?;
+        let up = site.uplink_ip();
+        self.ns(ROUTER)?.ip_batch(&format!(
+            "addr add {up}/24 dev {uplink}\nlink set {uplink} up\n\
+             route add 10.{index}.0.0/24 via {}\n",
+            site.wan_ip
+        ))?;
+        let nat_ns = self.ns(&site.nat)?;
+        nat_ns.sysctl("net.ipv4.ip_forward", "1")?;
+        nat_ns.ip_batch(&format!(
+            "addr add {}/24 dev {wan}\nlink set {wan} up\n\
+             addr add {}/24 dev {lan}\nlink set {lan} up\n\
+             route add {PUBLIC_NET} via {up}\nroute add {PRIVATE_NET} via {up}\n",
+            site.wan_ip,
+            site.lan_ip,
+            wan = nat::WAN_IF,
+            lan = nat::LAN_IF,
+        ))?;
+        nat_ns.nft_apply(&nat::ruleset(mode, site.client_ip))?;
+        self.ns(&site.client)?.ip_batch(&format!(
+            "addr add {}/24 dev {HOST_IF}\nlink set {HOST_IF} up\n\
+             route add {PUBLIC_NET} via {lan}\nroute add {PRIVATE_NET} via {lan}\n",
+            site.client_ip,
+            lan = site.lan_ip,
+        ))?;
+        self.sites.push(site);
+        Ok(())
+    }
+
+    /// Switch a NAT box (`natN`) to another mode at run time; its conntrack table is flushed.
+    pub fn set_nat_mode(&mut self, nat_box: &str, mode: NatMode) -> Result<()> {
+        let site = self
+            .sites
+            .iter()
+            .find(|s| s.nat == nat_box)
+            .cloned()
+            .ok_or_else(|| LabError::Invalid(format!("no NAT box named {nat_box}")))?;
+        nat::apply(self.ns(nat_box)?, mode, site.client_ip)?;
+        if let Some(s) = self.sites.iter_mut().find(|s| s.nat == nat_box) {
+            s.mode = mode;
+        }
+        Ok(())
+    }
+
+    /// The prefix of every namespace name.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// `<prefix>-<node>`.
+    pub fn netns_name(&self, node: &str) -> String {
+        format!("{}-{node}", self.prefix)
+    }
+
+    /// The nodes, in creation order.
+    pub fn nodes(&self) -> &[Node] {
+        &self.nodes
+    }
+
+    /// The client sites.
+    pub fn sites(&self) -> &[NatSite] {
+        &self.sites
+    }
+
+    /// The site whose NAT box or client is `name`.
+    pub fn site(&self, name: &str) -> Result<&NatSite> {
+        self.sites
+            .iter()
+            .find(|s| s.nat == name || s.client == name)
+            .ok_or_else(|| LabError::Invalid(format!("no client site with node {name}")))
+    }
+
+    /// A node by short name.
+    pub fn node(&self, name: &str) -> Result<&Node> {
+        self.nodes.iter().find(|n| n.name == name).ok_or_else(|| {
+            LabError::Invalid(format!("no node named {name} in lab {}", self.prefix))
+        })
+    }
+
+    fn node_mut(&mut self, name: &str) -> Result<&mut Node> {
+        let prefix = self.prefix.clone();
+        self.nodes
+            .iter_mut()
+            .find(|n| n.name == name)
+            .ok_or_else(|| LabError::Invalid(format!("no node named {name} in lab {prefix}")))
+    }
+
+    /// A node's namespace by short name.
+    pub fn ns(&self, name: &str) -> Result<&Netns> {
+        self.node(name).map(|n| &n.ns)
+    }
+
+    /// Keep the namespaces after Drop (a long-lived lab); `tern lab down` removes them.
+    pub fn persist(&mut self) {
+        for node in &mut self.nodes {
+            node.ns.persist();
+        }
+    }
+
+    /// Create namespaces in one `ip -batch`, IPv6 off (the lab is IPv4 only, and this keeps
+    /// link-local chatter and DAD out of it).
+    fn create_nodes(&mut self, specs: &[(&str, NodeKind, Vec<Ipv4Addr>)]) -> Result<()> {
+        let mut batch = String::new();
+        for (name, _, _) in specs {
+            if self.nodes.iter().any(|n| n.name == *name) {
+                return Err(LabError::Invalid(format!("node {name} exists already")));
+            }
+            let ns = self.netns_name(name);
+            if Netns::exists(&ns) {
+                return Err(LabError::NameClash {
+                    prefix: self.prefix.clone(),
+                    name: ns,
+                });
+            }
+            batch += &format!("netns add {ns}\n");
+        }
+        let created = run_with_stdin(
+            std::process::Command::new("ip").args(["-batch", "-"]),
+            &batch,
+        );
+        // Adopt whatever exists now, so a partial failure is still cleaned up on Drop.
+        for (name, kind, addrs) in specs {
+            let ns = self.netns_name(name);
+            if Netns::exists(&ns) {
+                self.nodes.push(Node {
+                    name: name.to_string(),
+                    kind: *kind,
+                    addrs: addrs.clone(),
+                    ns: Netns::adopt(&ns),
+                });
+            }
+        }
+        created?;
+        for (name, _, _) in specs {
+            let ns = self.ns(name)?;
+            ns.sysctl("net.ipv6.conf.all.disable_ipv6", "1")?;
+            ns.sysctl("net.ipv6.conf.default.disable_ipv6", "1")?;
+            ns.ip_batch("link set lo up\n")?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        // Namespaces delete themselves (Netns::drop), killing their processes; newest first.
+        while let Some(node) = self.nodes.pop() {
+            drop(node);
+        }
+    }
+}

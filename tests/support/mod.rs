@@ -1,0 +1,180 @@
+//! Helpers shared by the lab integration tests: root check, an in-process STUN server, a STUN
+//! client and a disco-like hole punch.
+#![allow(dead_code)]
+
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tern::stun;
+use tern_lab::Netns;
+
+/// Fail (never skip) when not root.
+pub fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "lab tests need root (network namespaces, nftables): run `cargo test` as root"
+    );
+}
+
+/// A STUN server on some addresses of a namespace, answering Tailscale binding requests from a
+/// thread; stopped on Drop.
+pub struct StunServer {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl StunServer {
+    pub fn start(ns: &Netns, addrs: &[SocketAddr]) -> StunServer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads = addrs
+            .iter()
+            .map(|addr| {
+                let sock = ns.bind_udp(*addr).expect("bind STUN server socket");
+                sock.set_read_timeout(Some(Duration::from_millis(50)))
+                    .unwrap();
+                let stop = stop.clone();
+                std::thread::spawn(move || serve_stun(sock, &stop))
+            })
+            .collect();
+        StunServer { stop, threads }
+    }
+}
+
+fn serve_stun(sock: UdpSocket, stop: &AtomicBool) {
+    let mut buf = [0u8; 1500];
+    while !stop.load(Ordering::Relaxed) {
+        let Ok((n, from)) = sock.recv_from(&mut buf) else {
+            continue;
+        };
+        if let Ok(tx) = stun::parse_binding_request(&buf[..n]) {
+            let _ = sock.send_to(&stun::response(tx, from), from);
+        }
+    }
+}
+
+impl Drop for StunServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Ask `server` which address `sock` is seen as: 3 tries of 300 ms, `None` if no answer. Other
+/// packets arriving meanwhile are returned in `others` (payload, source).
+pub fn stun_query(
+    sock: &UdpSocket,
+    server: SocketAddr,
+    others: &mut Vec<(Vec<u8>, SocketAddr)>,
+) -> Option<SocketAddr> {
+    let tx = stun::TxId::random();
+    let request = stun::request(tx);
+    let mut buf = [0u8; 1500];
+    for _ in 0..3 {
+        sock.send_to(&request, server).expect("send STUN request");
+        let deadline = Instant::now() + Duration::from_millis(300);
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            sock.set_read_timeout(Some(left.max(Duration::from_millis(1))))
+                .unwrap();
+            let Ok((n, from)) = sock.recv_from(&mut buf) else {
+                break;
+            };
+            match stun::parse_response(&buf[..n]) {
+                Ok((got, mapped)) if got == tx => return Some(mapped),
+                _ => others.push((buf[..n].to_vec(), from)),
+            }
+        }
+    }
+    None
+}
+
+/// Everything waiting on `sock` right now (it must be fine to wait `wait` for stragglers).
+pub fn drain(sock: &UdpSocket, wait: Duration) -> Vec<(Vec<u8>, SocketAddr)> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 1500];
+    sock.set_read_timeout(Some(wait)).unwrap();
+    while let Ok((n, from)) = sock.recv_from(&mut buf) {
+        out.push((buf[..n].to_vec(), from));
+    }
+    out
+}
+
+/// A TCP listener that accepts connections from a thread until dropped.
+pub struct TcpSink {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl TcpSink {
+    pub fn start(listener: TcpListener) -> TcpSink {
+        listener.set_nonblocking(true).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok(_) => {}
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        });
+        TcpSink {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for TcpSink {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// What one side of a punch saw.
+#[derive(Debug)]
+pub struct PunchResult {
+    /// The source the peer's packets came from, if any arrived.
+    pub heard_from: Option<SocketAddr>,
+    /// How many of the peer's packets arrived.
+    pub received: usize,
+}
+
+/// Disco-style punching: send `me` to `target` every 100 ms for `rounds` rounds; when a packet from
+/// the peer arrives, switch the target to the source actually seen.
+pub fn punch(
+    sock: UdpSocket,
+    me: &'static str,
+    mut target: SocketAddr,
+    rounds: u32,
+) -> PunchResult {
+    let mut result = PunchResult {
+        heard_from: None,
+        received: 0,
+    };
+    let mut buf = [0u8; 1500];
+    for _ in 0..rounds {
+        let _ = sock.send_to(me.as_bytes(), target);
+        let deadline = Instant::now() + Duration::from_millis(100);
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            sock.set_read_timeout(Some(left.max(Duration::from_millis(1))))
+                .unwrap();
+            let Ok((n, from)) = sock.recv_from(&mut buf) else {
+                break;
+            };
+            if buf[..n].starts_with(b"punch") && &buf[..n] != me.as_bytes() {
+                result.received += 1;
+                result.heard_from = Some(from);
+                target = from;
+            }
+        }
+    }
+    result
+}
