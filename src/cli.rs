@@ -170,6 +170,15 @@ pub enum LabCommand {
     Status(LabStatusArgs),
     /// Tear the lab down.
     Down(LabDownArgs),
+    /// Run the lab coordination server (for labs and tests only, not production).
+    Control(LabControlArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct LabControlArgs {
+    /// TOML configuration file (see lab/control.example.toml).
+    #[arg(long)]
+    pub config: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -209,6 +218,12 @@ pub fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    if let Command::Lab(LabArgs {
+        command: Some(LabCommand::Control(args)),
+    }) = &cli.command
+    {
+        return run_lab_control(args);
+    }
     let name = match &cli.command {
         Command::Daemon(_) => "daemon",
         Command::Up(_) => "up",
@@ -224,6 +239,26 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Lab(_) => "lab",
     };
     Ok(not_implemented(name))
+}
+
+/// `tern lab control`: load and check the config, then serve until killed.
+fn run_lab_control(args: &LabControlArgs) -> anyhow::Result<ExitCode> {
+    use anyhow::Context;
+    init_logging();
+    let config = tern_lab::control::Config::load(&args.config)?;
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(crate::control::server::run_from_config(config))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`). A second call is a no-op.
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 /// What a subcommand whose issue has not landed yet does.
