@@ -166,7 +166,7 @@ fn two_tsnet_nodes_talk_only_through_tern_derp(plain_http: bool) {
             let body = String::from_utf8_lossy(&out.stdout).to_string();
             (out.status.success() && body == GREETING).then_some(body)
         },
-        &logs,
+        logs,
     );
     assert_eq!(body, GREETING);
 
