@@ -523,3 +523,87 @@ async fn stun_responder_answers_tailscale_requests_only() {
     assert_eq!(relay.metric(|m| &m.stun_ignored_total), 2);
     assert_eq!(relay.metric(|m| &m.stun_responses_total), 1);
 }
+
+/// The `tern derp` subcommand itself: plain HTTP mode, STUN on, two clients exchange a packet.
+#[tokio::test]
+async fn tern_derp_subcommand_serves_http_and_stun() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let stun_port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tern"))
+        .args([
+            "derp",
+            "--http",
+            "--addr",
+            &addr.to_string(),
+            "--stun-port",
+            &stun_port.to_string(),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn tern derp");
+    let mut child = child;
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = tokio::io::BufReader::new(stdout);
+    let mut banner = String::new();
+    use tokio::io::AsyncBufReadExt;
+    within("banner", lines.read_line(&mut banner))
+        .await
+        .unwrap();
+    assert!(
+        banner.starts_with(&format!("derp: serving http on {addr}, key nodekey:")),
+        "{banner}"
+    );
+    let mut stun_line = String::new();
+    within("stun banner", lines.read_line(&mut stun_line))
+        .await
+        .unwrap();
+    assert!(
+        stun_line.contains(&format!("stun: serving on 127.0.0.1:{stun_port}")),
+        "{stun_line}"
+    );
+
+    let config = |key: NodePrivate| ClientConfig {
+        addr,
+        host: "localhost".into(),
+        transport: Transport::Plain,
+        private_key: key,
+        preferred: false,
+    };
+    let ka = NodePrivate::generate();
+    let kb = NodePrivate::generate();
+    let a = within("connect a", DerpClient::connect(&config(ka.clone())))
+        .await
+        .unwrap();
+    let mut b = within("connect b", DerpClient::connect(&config(kb.clone())))
+        .await
+        .unwrap();
+    a.send(kb.public(), Bytes::from_static(b"via subcommand"))
+        .await
+        .unwrap();
+    assert_eq!(
+        next_packet(&mut b).await,
+        (ka.public(), Bytes::from_static(b"via subcommand"))
+    );
+
+    let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let tx = tern::stun::TxId::random();
+    udp.send_to(&tern::stun::request(tx), ("127.0.0.1", stun_port))
+        .await
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let (n, _) = within("stun reply", udp.recv_from(&mut buf)).await.unwrap();
+    assert_eq!(
+        tern::stun::parse_response(&buf[..n]).unwrap(),
+        (tx, udp.local_addr().unwrap())
+    );
+}

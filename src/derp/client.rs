@@ -71,6 +71,8 @@ pub enum ClientError {
     Handshake(String),
     #[error("connection closed")]
     Closed,
+    #[error("connection lost: {0}")]
+    Disconnected(String),
     #[error("send queue full")]
     QueueFull,
 }
@@ -457,7 +459,7 @@ impl DerpClient {
     pub async fn recv(&mut self) -> Result<Event, ClientError> {
         match self.events.recv().await {
             Some(Ok(event)) => Ok(event),
-            Some(Err(reason)) => Err(ClientError::Handshake(reason)),
+            Some(Err(reason)) => Err(ClientError::Disconnected(reason)),
             None => Err(ClientError::Closed),
         }
     }

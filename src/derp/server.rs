@@ -1063,9 +1063,7 @@ pub fn run_cli(args: &crate::cli::DerpArgs) -> anyhow::Result<std::process::Exit
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
         let server = Server::new(config);
-        let listener = TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("listen on {addr}"))?;
+        let listener = bind_listener(addr).await?;
         let local = listener.local_addr()?;
         println!(
             "derp: serving {} on {local}, key {}",
@@ -1088,6 +1086,19 @@ pub fn run_cli(args: &crate::cli::DerpArgs) -> anyhow::Result<std::process::Exit
         Ok::<_, anyhow::Error>(())
     })?;
     Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// Binds `addr`; an all-addresses IPv6 bind falls back to IPv4 on hosts without IPv6.
+async fn bind_listener(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    match TcpListener::bind(addr).await {
+        Ok(listener) => Ok(listener),
+        Err(e) if addr.ip() == std::net::Ipv6Addr::UNSPECIFIED => {
+            tracing::debug!(error = %e, "no IPv6; listening on IPv4 only");
+            let v4 = SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), addr.port());
+            Ok(TcpListener::bind(v4).await?)
+        }
+        Err(e) => Err(anyhow::anyhow!("listen on {addr}: {e}")),
+    }
 }
 
 /// Accepts `ip:port`, or `:port` for all addresses (`[::]`, which takes IPv4 too on Linux).
