@@ -46,7 +46,7 @@ async fn start_relay(tls: bool, tweak: impl FnOnce(&mut ServerConfig)) -> Relay 
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (acceptor, pin) = if tls {
-        let (tls, der) = server::tls_self_signed("derp.test").unwrap();
+        let (tls, der) = server::tls_self_signed("derp.test", &server.public_key()).unwrap();
         (
             Some(tokio_rustls::TlsAcceptor::from(Arc::new(tls))),
             Some(client::sha256(&der)),

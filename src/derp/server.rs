@@ -82,6 +82,8 @@ metrics! {
     http_requests_total: "counter",
     /// Connections that failed TLS, HTTP or the DERP handshake.
     handshakes_failed_total: "counter",
+    /// Upgrades with `Derp-Fast-Start: 1` (client learnt the key from the meta certificate).
+    fast_starts_total: "counter",
     /// DERP clients that completed the handshake.
     clients_accepted_total: "counter",
     /// DERP clients connected now.
@@ -349,7 +351,12 @@ impl Server {
                 stream.shutdown().await?;
                 Ok(())
             }
-            Route::Upgrade { fast_start } => self.run_derp(stream, buf, addr, fast_start).await,
+            Route::Upgrade { fast_start } => {
+                if fast_start {
+                    inc(&self.shared.metrics.fast_starts_total);
+                }
+                self.run_derp(stream, buf, addr, fast_start).await
+            }
         }
     }
 
@@ -978,10 +985,12 @@ fn stun_reply(request: &[u8], from: SocketAddr) -> Option<Vec<u8>> {
     Some(crate::stun::response(tx, from))
 }
 
-/// Server TLS config from a PEM certificate chain and private key.
+/// Server TLS config from a PEM certificate chain and private key, plus the meta certificate
+/// announcing `server_key`.
 pub fn tls_from_pem_files(
     certfile: &Path,
     keyfile: &Path,
+    server_key: &NodePublic,
 ) -> Result<rustls::ServerConfig, TlsSetupError> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -991,25 +1000,53 @@ pub fn tls_from_pem_files(
         .map_err(|e| TlsSetupError::Pem(e.to_string()))?;
     let key =
         PrivateKeyDer::from_pem_file(keyfile).map_err(|e| TlsSetupError::Pem(e.to_string()))?;
-    tls_config(chain, key)
+    tls_config(chain, key, server_key)
 }
 
-/// A self-signed certificate for `hostname` (lab use). Returns the config and the leaf DER,
-/// whose SHA-256 a client can pin (`sha256-raw:` in a DERP map).
-pub fn tls_self_signed(hostname: &str) -> Result<(rustls::ServerConfig, Vec<u8>), TlsSetupError> {
+/// A self-signed certificate for `hostname` (lab use), plus the meta certificate. Returns the
+/// config and the leaf DER, whose SHA-256 a client can pin (`sha256-raw:` in a DERP map).
+pub fn tls_self_signed(
+    hostname: &str,
+    server_key: &NodePublic,
+) -> Result<(rustls::ServerConfig, Vec<u8>), TlsSetupError> {
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
     let certified = rcgen::generate_simple_self_signed(vec![hostname.to_string()])
         .map_err(|e| TlsSetupError::Generate(e.to_string()))?;
     let der = certified.cert.der().to_vec();
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(certified.key_pair.serialize_der()));
-    let config = tls_config(vec![CertificateDer::from(der.clone())], key)?;
+    let config = tls_config(vec![CertificateDer::from(der.clone())], key, server_key)?;
     Ok((config, der))
 }
 
+/// The `derpkey` meta certificate (spec §2.3): self-signed Ed25519, CN `derpkey<hex key>`,
+/// serial = protocol version. Go clients on TLS 1.3 read the server key from it and use fast
+/// start; others treat it as an unused extra certificate.
+pub fn meta_cert(
+    server_key: &NodePublic,
+) -> Result<rustls::pki_types::CertificateDer<'static>, TlsSetupError> {
+    let generate = |e: rcgen::Error| TlsSetupError::Generate(e.to_string());
+    let key_pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).map_err(generate)?;
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(generate)?;
+    let mut name = rcgen::DistinguishedName::new();
+    name.push(
+        rcgen::DnType::CommonName,
+        format!("derpkey{}", hex::encode(server_key.as_bytes())),
+    );
+    params.distinguished_name = name;
+    params.serial_number = Some(rcgen::SerialNumber::from_slice(&[
+        frame::PROTOCOL_VERSION as u8
+    ]));
+    params.is_ca = rcgen::IsCa::ExplicitNoCa;
+    let cert = params.self_signed(&key_pair).map_err(generate)?;
+    Ok(cert.der().clone())
+}
+
 fn tls_config(
-    chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+    mut chain: Vec<rustls::pki_types::CertificateDer<'static>>,
     key: rustls::pki_types::PrivateKeyDer<'static>,
+    server_key: &NodePublic,
 ) -> Result<rustls::ServerConfig, TlsSetupError> {
+    chain.push(meta_cert(server_key)?);
     // HTTP/1.1 only: no ALPN, as derper.
     rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_safe_default_protocol_versions()
@@ -1041,6 +1078,7 @@ pub fn run_cli(args: &crate::cli::DerpArgs) -> anyhow::Result<std::process::Exit
         .try_init();
     let addr = parse_listen_addr(&args.addr)?;
     let private_key = load_or_create_key(args.key_file.as_deref())?;
+    let public_key = private_key.public();
     let mut config = ServerConfig::new(private_key);
     if let Some(mesh) = &args.mesh_key {
         config.mesh_key = Some(
@@ -1049,9 +1087,9 @@ pub fn run_cli(args: &crate::cli::DerpArgs) -> anyhow::Result<std::process::Exit
     }
     let tls = match (&args.certfile, &args.keyfile, &args.self_signed, args.http) {
         (_, _, _, true) => None,
-        (Some(cert), Some(key), _, _) => Some(tls_from_pem_files(cert, key)?),
+        (Some(cert), Some(key), _, _) => Some(tls_from_pem_files(cert, key, &public_key)?),
         (_, _, Some(host), _) => {
-            let (tls, der) = tls_self_signed(host)?;
+            let (tls, der) = tls_self_signed(host, &public_key)?;
             println!(
                 "certname: sha256-raw:{}",
                 hex::encode(super::client::sha256(&der))
@@ -1204,6 +1242,18 @@ mod tests {
         response_type[1] = 0x11;
         assert!(stun_reply(&response_type, from).is_none());
         assert!(stun_reply(&req[..30], from).is_none());
+    }
+
+    #[test]
+    fn meta_cert_names_the_server_key_with_serial_2() {
+        let key = NodePrivate::generate().public();
+        let der = meta_cert(&key).unwrap();
+        let cn = format!("derpkey{}", hex::encode(key.as_bytes()));
+        assert!(der.windows(cn.len()).any(|w| w == cn.as_bytes()));
+        // tbsCertificate starts with [0] version, then INTEGER serial 2: 02 01 02.
+        assert!(der
+            .windows(8)
+            .any(|w| w == [0xa0, 0x03, 0x02, 0x01, 0x02, 0x02, 0x01, 0x02]));
     }
 
     #[test]
