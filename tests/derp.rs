@@ -607,3 +607,59 @@ async fn tern_derp_subcommand_serves_http_and_stun() {
         (tx, udp.local_addr().unwrap())
     );
 }
+
+#[tokio::test]
+async fn client_sees_the_server_close_its_connection() {
+    let relay = start_relay(false, |_| {}).await;
+    let (mut a, _) = relay.client().await;
+    // A NotePreferred with a 2-byte body, smuggled as an "unknown" frame of type 0x07.
+    let bad = Frame::Unknown {
+        frame_type: frame::frame_type::NOTE_PREFERRED,
+        payload: Bytes::from_static(&[1, 1]),
+    };
+    a.send_frame(bad).await.unwrap();
+    let err = within("client to notice the close", a.recv())
+        .await
+        .expect_err("connection must end");
+    assert!(
+        matches!(
+            err,
+            client::ClientError::Disconnected(_) | client::ClientError::Closed
+        ),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn connect_with_retry_backs_off_until_the_server_appears() {
+    // Reserve a port, free it, and start the relay there only after a while.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let server = Server::new(ServerConfig::new(NodePrivate::generate()));
+    let late = server.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let listener = TcpListener::bind(addr).await.unwrap();
+        late.serve(listener, None).await
+    });
+    let config = ClientConfig {
+        addr,
+        host: "x".into(),
+        transport: Transport::Plain,
+        private_key: NodePrivate::generate(),
+        preferred: false,
+    };
+    let mut reconnector = client::Reconnector::default();
+    let c = within(
+        "retrying connect",
+        DerpClient::connect_with_retry(&config, &mut reconnector, 100),
+    )
+    .await
+    .expect("connects once the server is up");
+    assert_eq!(c.server_key(), server.public_key());
+    assert_eq!(reconnector.failures(), 0, "success resets the back-off");
+}
