@@ -663,3 +663,16 @@ async fn connect_with_retry_backs_off_until_the_server_appears() {
     assert_eq!(c.server_key(), server.public_key());
     assert_eq!(reconnector.failures(), 0, "success resets the back-off");
 }
+
+#[tokio::test]
+async fn idle_clients_get_keep_alives() {
+    let relay = start_relay(false, |c| {
+        c.keep_alive = Duration::from_millis(50);
+        c.keep_alive_jitter = Duration::from_millis(10);
+    })
+    .await;
+    let (mut raw, _) = RawConn::connect(&relay, &NodePrivate::generate(), false).await;
+    assert_eq!(raw.frame().await, Frame::KeepAlive);
+    assert_eq!(raw.frame().await, Frame::KeepAlive);
+    assert!(relay.metric(|m| &m.keep_alives_sent_total) >= 2);
+}

@@ -33,8 +33,10 @@ pub struct ServerConfig {
     pub queue_depth: usize,
     /// Longest a single write to a client may take before the connection is closed. Go: 2 s.
     pub write_timeout: Duration,
-    /// KeepAlive period (a per-connection jitter of up to 5 s is added). Go: 60 s.
+    /// KeepAlive period. Go: 60 s.
     pub keep_alive: Duration,
+    /// Upper bound of the random per-connection extra added to `keep_alive`. Go: 5 s.
+    pub keep_alive_jitter: Duration,
     /// Limit for TLS, the HTTP request head, and the ClientInfo frame. Go: 10 s.
     pub handshake_timeout: Duration,
 }
@@ -48,6 +50,7 @@ impl ServerConfig {
             queue_depth: 32,
             write_timeout: Duration::from_secs(2),
             keep_alive: Duration::from_secs(60),
+            keep_alive_jitter: Duration::from_secs(5),
             handshake_timeout: Duration::from_secs(10),
         }
     }
@@ -774,7 +777,7 @@ impl Server {
         mut writer: W,
     ) -> Result<(), ConnError> {
         let config = &self.shared.config;
-        let jitter = Duration::from_millis(rand::random::<u64>() % 5000);
+        let jitter = config.keep_alive_jitter.mul_f64(rand::random::<f64>());
         let period = config.keep_alive + jitter;
         let mut keep_alive = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         let mut out = BytesMut::with_capacity(64 << 10);
