@@ -240,6 +240,15 @@ struct RawConn {
 
 impl RawConn {
     async fn connect(relay: &Relay, key: &NodePrivate, fast_start: bool) -> (RawConn, Vec<u8>) {
+        Self::connect_with(relay, key, fast_start, ClientInfo::regular()).await
+    }
+
+    async fn connect_with(
+        relay: &Relay,
+        key: &NodePrivate,
+        fast_start: bool,
+        info: ClientInfo,
+    ) -> (RawConn, Vec<u8>) {
         let mut stream = TcpStream::connect(relay.addr).await.unwrap();
         let fast = if fast_start {
             "Derp-Fast-Start: 1\r\n"
@@ -254,7 +263,7 @@ impl RawConn {
         let sealed = tern::naclbox::seal(
             key.as_bytes(),
             relay.server.public_key().as_bytes(),
-            ClientInfo::regular().to_json().as_bytes(),
+            info.to_json().as_bytes(),
         );
         Frame::ClientInfo {
             key: key.public(),
@@ -675,4 +684,94 @@ async fn idle_clients_get_keep_alives() {
     assert_eq!(raw.frame().await, Frame::KeepAlive);
     assert_eq!(raw.frame().await, Frame::KeepAlive);
     assert!(relay.metric(|m| &m.keep_alives_sent_total) >= 2);
+}
+
+#[tokio::test]
+async fn mesh_client_watches_forwards_and_closes_peers() {
+    let mesh_key = [7u8; 32];
+    let relay = start_relay(false, |c| c.mesh_key = Some(mesh_key)).await;
+    let (mut a, ka) = relay.client().await;
+    let info = ClientInfo {
+        mesh_key: Some(mesh_key),
+        ..ClientInfo::regular()
+    };
+    let (mut mesh, _) = RawConn::connect_with(&relay, &NodePrivate::generate(), false, info).await;
+    let mut out = Vec::new();
+    Frame::WatchConns.encode(&mut out);
+    mesh.stream.write_all(&out).await.unwrap();
+    // Existing clients first: a, and the mesh connection itself.
+    let mut present = Vec::new();
+    for _ in 0..2 {
+        match mesh.frame().await {
+            Frame::PeerPresent {
+                peer,
+                endpoint,
+                flags,
+            } => present.push((peer, endpoint.is_some(), flags)),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(
+        present.contains(&(ka, true, frame::peer_present_flags::IS_REGULAR)),
+        "{present:?}"
+    );
+    assert!(
+        present
+            .iter()
+            .any(|p| p.2 == frame::peer_present_flags::IS_MESH_PEER),
+        "{present:?}"
+    );
+
+    // Live updates: b arrives and leaves.
+    let (b, kb) = relay.client().await;
+    assert!(matches!(mesh.frame().await, Frame::PeerPresent { peer, .. } if peer == kb));
+    drop(b);
+    assert_eq!(
+        mesh.frame().await,
+        Frame::PeerGone {
+            peer: kb,
+            reason: PeerGoneReason::Disconnected
+        }
+    );
+
+    // ForwardPacket from the mesh peer reaches a with the original source.
+    let far = NodePrivate::generate().public();
+    let mut out = Vec::new();
+    Frame::ForwardPacket {
+        src: far,
+        dst: ka,
+        packet: Bytes::from_static(b"meshed"),
+    }
+    .encode(&mut out);
+    mesh.stream.write_all(&out).await.unwrap();
+    assert_eq!(
+        next_packet(&mut a).await,
+        (far, Bytes::from_static(b"meshed"))
+    );
+    let mut out = Vec::new();
+    Frame::ClosePeer { peer: ka }.encode(&mut out);
+    mesh.stream.write_all(&out).await.unwrap();
+    // ClosePeer ends a's connection.
+    let err = within("a to be closed", async {
+        loop {
+            if let Err(e) = a.recv().await {
+                return e;
+            }
+        }
+    })
+    .await;
+    assert!(
+        matches!(
+            err,
+            client::ClientError::Disconnected(_) | client::ClientError::Closed
+        ),
+        "{err}"
+    );
+    assert_eq!(
+        mesh.frame().await,
+        Frame::PeerGone {
+            peer: ka,
+            reason: PeerGoneReason::Disconnected
+        }
+    );
 }
