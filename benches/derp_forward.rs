@@ -7,11 +7,14 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tern::derp::client::{ClientConfig, DerpClient, Event, Transport};
 use tern::keys::NodePrivate;
+use tokio::sync::Notify;
 
 struct ServerProcess(Child);
 
@@ -86,7 +89,8 @@ fn env_or(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-async fn run(addr: SocketAddr, pid: u32, packets: usize, size: usize) {
+/// `window`: most packets in flight (sent, not yet received); `None` = flood (drops expected).
+async fn run(addr: SocketAddr, pid: u32, packets: usize, size: usize, window: Option<usize>) {
     let config = |key: NodePrivate| ClientConfig {
         addr,
         host: "bench".into(),
@@ -104,32 +108,52 @@ async fn run(addr: SocketAddr, pid: u32, packets: usize, size: usize) {
         .expect("receiver");
     let payload = Bytes::from(vec![0x42u8; size]);
 
+    let received = Arc::new(AtomicUsize::new(0));
+    let progress = Arc::new(Notify::new());
+    let (received2, progress2) = (received.clone(), progress.clone());
+    let dropped_before = metric(addr, "tern_derp_packets_dropped_queue_full_total");
     let cpu_before = cpu_seconds(pid);
     let start = Instant::now();
     let recv_task = tokio::spawn(async move {
+        let (received, progress) = (received2, progress2);
         let mut got = 0usize;
+        let mut last = Instant::now();
         // Stop when everything arrived or the stream goes quiet (drops).
         while got < packets {
             match tokio::time::timeout(Duration::from_secs(1), receiver.recv()).await {
-                Ok(Ok(Event::Packet { .. })) => got += 1,
+                Ok(Ok(Event::Packet { .. })) => {
+                    got += 1;
+                    last = Instant::now();
+                    received.store(got, Ordering::Release);
+                    progress.notify_one();
+                }
                 Ok(Ok(_)) => {}
                 Ok(Err(_)) | Err(_) => break,
             }
         }
-        (got, Instant::now())
+        (got, last)
     });
-    for _ in 0..packets {
+    for sent in 0..packets {
+        if let Some(window) = window {
+            while sent - received.load(Ordering::Acquire) >= window {
+                progress.notified().await;
+            }
+        }
         sender.send(dst, payload.clone()).await.expect("send");
     }
     let (got, end) = recv_task.await.expect("receiver task");
     let elapsed = end.duration_since(start).as_secs_f64();
     let cpu = cpu_seconds(pid) - cpu_before;
     let forwarded = metric(addr, "tern_derp_packets_forwarded_total");
-    let dropped = metric(addr, "tern_derp_packets_dropped_queue_full_total");
+    let mode = match window {
+        Some(w) => format!("window={w}"),
+        None => "flood".to_string(),
+    };
+    let dropped = metric(addr, "tern_derp_packets_dropped_queue_full_total") - dropped_before;
     println!(
-        "derp_forward size={size}B sent={packets} delivered={got} ({:.1}%) in {elapsed:.2}s: \
+        "derp_forward {mode} size={size}B sent={packets} delivered={got} ({:.1}%) in {elapsed:.2}s: \
          {:.0} pkt/s, {:.0} Mbit/s; server CPU {cpu:.2}s = {:.0}% of one core, {:.2} µs/pkt; \
-         server counters: forwarded={forwarded} dropped_queue_full={dropped}",
+         server counters: forwarded(total)={forwarded} dropped_queue_full={dropped}",
         100.0 * got as f64 / packets as f64,
         got as f64 / elapsed,
         got as f64 * size as f64 * 8.0 / elapsed / 1e6,
@@ -149,6 +173,8 @@ fn main() {
         .unwrap();
     for size in sizes {
         let (server, addr) = start_server();
-        runtime.block_on(run(addr, server.0.id(), packets, size));
+        for window in [Some(32), None] {
+            runtime.block_on(run(addr, server.0.id(), packets, size, window));
+        }
     }
 }
