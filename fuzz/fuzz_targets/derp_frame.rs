@@ -19,7 +19,10 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     if let Ok(info) = ClientInfo::from_json(data) {
-        assert_eq!(ClientInfo::from_json(info.to_json().as_bytes()).ok(), Some(info));
+        assert_eq!(
+            ClientInfo::from_json(info.to_json().as_bytes()).ok(),
+            Some(info)
+        );
     }
     let _ = ServerInfo::from_json(data);
 });
