@@ -202,8 +202,25 @@ fn two_tsnet_nodes_talk_only_through_tern_derp(plain_http: bool) {
         m.render_prometheus()
     );
 
-    let _ = a.stop();
+    // B leaves: tern derp drops its connection and tells A (which received from B) PeerGone,
+    // while A's own connection stays up.
     let _ = b.stop();
+    wait_for(
+        "B's DERP connection to end and PeerGone to go out",
+        Duration::from_secs(30),
+        || {
+            (m.clients_current.load(Ordering::Relaxed) == 1
+                && m.peer_gone_sent_total.load(Ordering::Relaxed) >= 1)
+                .then_some(())
+        },
+        || a.logs(),
+    );
+    assert!(
+        a.process().try_wait().unwrap().is_none(),
+        "A exited:\n{}",
+        a.logs()
+    );
+    let _ = a.stop();
     control.stop();
     runtime.shutdown_timeout(Duration::from_secs(2));
 }
