@@ -172,7 +172,13 @@ impl ClientCore {
                 self.open_server_info(&sealed)?;
                 None
             }
-            // KeepAlive is activity only; ServerKey again (fast start) and unknown types are skipped.
+            // After fast start the server still sends ServerKey: it must name the same key.
+            Frame::ServerKey { key } if Some(key) != self.server_key => {
+                return Err(ClientError::Handshake(
+                    "ServerKey frame differs from the meta certificate's key".into(),
+                ));
+            }
+            // KeepAlive is activity only; unknown types are skipped.
             _ => None,
         };
         Ok(event)
@@ -352,26 +358,42 @@ impl DerpClient {
     async fn connect_inner(config: &ClientConfig) -> Result<Self, ClientError> {
         let tcp = TcpStream::connect(config.addr).await?;
         let _ = tcp.set_nodelay(true);
-        let mut stream: Box<dyn Io> = match &config.transport {
-            Transport::Plain => Box::new(tcp),
+        // Under TLS 1.3 a `derpkey` meta certificate gives the server key up front: fast start.
+        let (mut stream, meta_key): (Box<dyn Io>, Option<NodePublic>) = match &config.transport {
+            Transport::Plain => (Box::new(tcp), None),
             Transport::Tls {
                 server_name,
                 verify,
-            } => Box::new(tls_connect(tcp, server_name, verify).await?),
+            } => {
+                let tls = tls_connect(tcp, server_name, verify).await?;
+                let key = meta_key_from_tls(&tls);
+                (Box::new(tls), key)
+            }
         };
-        let request = format!(
-            "GET /derp HTTP/1.1\r\nHost: {}\r\nUser-Agent: tern\r\nConnection: Upgrade\r\nUpgrade: DERP\r\n\r\n",
-            config.host
-        );
-        stream.write_all(request.as_bytes()).await?;
-        stream.flush().await?;
-        let mut buf = BytesMut::with_capacity(4096);
-        read_upgrade_response(&mut stream, &mut buf).await?;
-
         let mut core = ClientCore::new(config.private_key.clone(), Instant::now());
-        let first = read_frame(&mut stream, &mut buf, frame::MAX_SERVER_KEY_LEN).await?;
-        core.on_server_key(first)?;
-        let mut out = Vec::new();
+        let fast = if meta_key.is_some() {
+            "Derp-Fast-Start: 1\r\n"
+        } else {
+            ""
+        };
+        let mut out = format!(
+            "GET /derp HTTP/1.1\r\nHost: {}\r\nUser-Agent: tern\r\nConnection: Upgrade\r\n{fast}Upgrade: DERP\r\n\r\n",
+            config.host
+        )
+        .into_bytes();
+        let mut buf = BytesMut::with_capacity(4096);
+        match meta_key {
+            // The ServerKey frame still comes; `ClientCore` checks it against this key.
+            Some(key) => core.on_server_key(Frame::ServerKey { key })?,
+            None => {
+                stream.write_all(&out).await?;
+                stream.flush().await?;
+                out.clear();
+                read_upgrade_response(&mut stream, &mut buf).await?;
+                let first = read_frame(&mut stream, &mut buf, frame::MAX_SERVER_KEY_LEN).await?;
+                core.on_server_key(first)?;
+            }
+        }
         core.client_info_frame(&ClientInfo::regular())?
             .encode(&mut out);
         if config.preferred {
@@ -658,6 +680,40 @@ impl rustls::client::danger::ServerCertVerifier for PinVerifier {
     }
 }
 
+/// The server key from a `derpkey` meta certificate, if TLS 1.3 was negotiated (under TLS 1.2 the
+/// certificates travel in clear, so Go ignores it there too).
+fn meta_key_from_tls(tls: &tokio_rustls::client::TlsStream<TcpStream>) -> Option<NodePublic> {
+    let conn = tls.get_ref().1;
+    if conn.protocol_version() != Some(rustls::ProtocolVersion::TLSv1_3) {
+        return None;
+    }
+    conn.peer_certificates()?
+        .iter()
+        .find_map(|cert| meta_cert_key(cert.as_ref()))
+}
+
+/// The key named by a meta certificate's common name `derpkey<64 hex>`, found in its DER.
+pub fn meta_cert_key(der: &[u8]) -> Option<NodePublic> {
+    const CN_OID: [u8; 5] = [0x06, 0x03, 0x55, 0x04, 0x03];
+    const PREFIX: &[u8] = b"derpkey";
+    der.windows(CN_OID.len())
+        .enumerate()
+        .filter(|(_, w)| *w == CN_OID)
+        .find_map(|(i, _)| {
+            let rest = der.get(i + CN_OID.len()..)?;
+            let (tag, len) = (*rest.first()?, usize::from(*rest.get(1)?));
+            // UTF8String or PrintableString of exactly "derpkey" + 64 hex digits.
+            if !matches!(tag, 0x0c | 0x13) || len != PREFIX.len() + 64 {
+                return None;
+            }
+            let hex_part = rest.get(2..2 + len)?.strip_prefix(PREFIX)?;
+            let text = std::str::from_utf8(hex_part).ok()?;
+            crate::keys::parse_bare_hex(text)
+                .ok()
+                .map(NodePublic::from_bytes)
+        })
+}
+
 /// SHA-256 of a certificate, for [`TlsVerify::PinSha256`].
 pub fn sha256(der: &[u8]) -> [u8; 32] {
     let digest = ring::digest::digest(&ring::digest::SHA256, der);
@@ -669,6 +725,40 @@ pub fn sha256(der: &[u8]) -> [u8; 32] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn meta_cert_key_is_read_from_the_common_name() {
+        let key = NodePrivate::generate().public();
+        let der = crate::derp::server::meta_cert(&key).unwrap();
+        assert_eq!(meta_cert_key(der.as_ref()), Some(key));
+        let (_, leaf) = crate::derp::server::tls_self_signed("x.test", &key).unwrap();
+        assert_eq!(meta_cert_key(&leaf), None);
+        // Cut inside the first (issuer) common name: nothing complete is left.
+        let at = der
+            .as_ref()
+            .windows(7)
+            .position(|w| w == b"derpkey")
+            .unwrap();
+        assert_eq!(meta_cert_key(&der.as_ref()[..at + 20]), None);
+    }
+
+    #[test]
+    fn core_checks_a_late_server_key_after_fast_start() {
+        let (mut core, server) = core_pair();
+        let now = Instant::now();
+        assert_eq!(
+            core.on_frame(
+                Frame::ServerKey {
+                    key: server.public()
+                },
+                now
+            )
+            .unwrap(),
+            None
+        );
+        let other = NodePrivate::generate().public();
+        assert!(core.on_frame(Frame::ServerKey { key: other }, now).is_err());
+    }
 
     #[test]
     fn backoff_grows_quadratically_and_caps() {
@@ -801,9 +891,10 @@ mod tests {
             })
         );
         assert_eq!(core.on_frame(Frame::KeepAlive, t1).unwrap(), None);
-        assert_eq!(
-            core.on_frame(Frame::ServerKey { key: src }, t1).unwrap(),
-            None
-        );
+        let unknown = Frame::Unknown {
+            frame_type: 0x0b,
+            payload: Bytes::new(),
+        };
+        assert_eq!(core.on_frame(unknown, t1).unwrap(), None);
     }
 }
