@@ -1,5 +1,6 @@
 //! Fuzz the DERP frame codec: arbitrary bytes must never panic, and whatever parses must
-//! re-encode to bytes that parse to the same frame.
+//! re-encode to bytes that parse to the same frame. Also the ClientInfo/ServerInfo JSON and the
+//! meta-certificate key scan, which see untrusted bytes too.
 #![no_main]
 
 use bytes::BytesMut;
@@ -25,4 +26,5 @@ fuzz_target!(|data: &[u8]| {
         );
     }
     let _ = ServerInfo::from_json(data);
+    let _ = tern::derp::client::meta_cert_key(data);
 });
