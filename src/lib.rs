@@ -6,9 +6,11 @@
 pub mod cli;
 pub mod control;
 pub mod daemon;
+pub mod derp;
 pub mod keys;
 pub mod lab_cli;
 pub mod localapi;
+pub mod naclbox;
 pub mod netmap;
 pub mod node_commands;
 pub mod state;
