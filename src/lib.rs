@@ -8,6 +8,7 @@ pub mod control;
 pub mod daemon;
 pub mod keys;
 pub mod lab_cli;
+pub mod lab_nodes;
 pub mod localapi;
 pub mod netmap;
 pub mod node_commands;
