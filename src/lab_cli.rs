@@ -18,7 +18,7 @@ pub fn run(args: &LabArgs) -> anyhow::Result<ExitCode> {
         Some(LabCommand::Down(down_args)) => down(prefix, down_args),
         Some(LabCommand::Control(control_args)) => control(control_args),
         None => {
-            // For now the bare command is `up` + `status`; it becomes the full demo later.
+            // The bare command is the demo: `up` (topology, control, two nodes) + `status`.
             let defaults = LabUpArgs {
                 nat1: "easy".into(),
                 nat2: "easy".into(),

@@ -71,6 +71,26 @@ fn assert_gone(prefix: &str, procs: &[ProcessState]) {
         );
     }
     assert!(!state_dir(prefix).exists(), "state dir left behind");
+    let stray = processes_naming(&state_dir(prefix).display().to_string());
+    assert!(stray.is_empty(), "processes of the lab left: {stray:?}");
+}
+
+/// Command lines of running processes that mention `needle` (the lab's state dir).
+fn processes_naming(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(raw) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
+        if cmdline.contains(needle) {
+            found.push(format!(
+                "{}: {cmdline}",
+                entry.file_name().to_string_lossy()
+            ));
+        }
+    }
+    found
 }
 
 #[test]
@@ -173,11 +193,41 @@ fn down_force_without_state_file_still_stops_control_and_daemons() {
     let procs = processes(&ok_json(&["lab", "status", "--json"], &prefix));
     assert_eq!(procs.len(), 3);
     assert!(procs.iter().all(is_alive));
+    let dir = state_dir(&prefix).display().to_string();
+    assert_eq!(
+        processes_naming(&dir).len(),
+        3,
+        "{:?}",
+        processes_naming(&dir)
+    );
 
     // As after a crash: the state file is gone, so nothing tells `down` what was started.
     std::fs::remove_file(LabState::path(&prefix)).unwrap();
     let down = tern(&["lab", "down", "--force"], &prefix);
     assert!(down.status.success(), "{}", text(&down));
     assert_gone(&prefix, &procs);
+    drop(lab);
+}
+
+#[test]
+fn a_failed_start_tears_everything_down_again() {
+    require_root();
+    let prefix = unique_prefix();
+    let lab = Lab(prefix.clone());
+    // c2's daemon cannot create its state directory: a file is in the way. By then the control
+    // server and c1's daemon are running.
+    std::fs::create_dir_all(state_dir(&prefix)).unwrap();
+    std::fs::write(state_dir(&prefix).join("c2"), "in the way").unwrap();
+
+    let up = tern(&["lab", "up"], &prefix);
+    assert!(!up.status.success(), "{}", text(&up));
+    let out = text(&up);
+    assert!(out.contains("torn down again"), "{out}");
+    assert!(out.contains("tern:c2 exited"), "{out}");
+    assert!(
+        out.contains("state directory"),
+        "the daemon's log is quoted: {out}"
+    );
+    assert_gone(&prefix, &[]);
     drop(lab);
 }
