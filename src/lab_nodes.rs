@@ -5,7 +5,7 @@
 
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
@@ -253,7 +253,7 @@ caps = ["tailscale.com/cap/relay"]
 }
 
 /// Write a file readable by root only (it holds the auth key).
-fn write_private(path: &PathBuf, text: &str) -> anyhow::Result<()> {
+fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
     use std::os::unix::fs::OpenOptionsExt as _;
     let mut file = std::fs::OpenOptions::new()
         .write(true)
