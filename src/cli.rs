@@ -179,12 +179,12 @@ pub struct LabArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum LabCommand {
-    /// Build the standard lab topology and leave it running (enter a node with
-    /// `ip netns exec tlab-c1 bash`).
+    /// Build the standard lab topology, start the lab coordination server and a registered tern
+    /// node in c1 and c2, and leave it all running (`tern lab status` names each node's socket).
     Up(LabUpArgs),
     /// Describe the running lab.
     Status(LabStatusArgs),
-    /// Tear the lab down.
+    /// Tear the lab down: stop its processes, delete its namespaces and state.
     Down(LabDownArgs),
     /// Run the lab coordination server (for labs and tests only, not production).
     Control(LabControlArgs),

@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod derp;
 pub mod keys;
 pub mod lab_cli;
+pub mod lab_nodes;
 pub mod localapi;
 pub mod naclbox;
 pub mod netmap;
