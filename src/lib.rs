@@ -4,5 +4,8 @@
 //! `control::noise`), sans-IO state machines, and the small I/O tasks that drive them.
 
 pub mod cli;
+pub mod control;
+pub mod keys;
 pub mod lab_cli;
+pub mod netmap;
 pub mod stun;
