@@ -9,3 +9,4 @@ pub mod keys;
 pub mod lab_cli;
 pub mod netmap;
 pub mod stun;
+pub mod wg;
