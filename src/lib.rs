@@ -5,8 +5,10 @@
 
 pub mod cli;
 pub mod control;
+pub mod filter;
 pub mod keys;
 pub mod lab_cli;
 pub mod netmap;
+pub mod packet;
 pub mod stun;
 pub mod wg;
