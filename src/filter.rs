@@ -147,13 +147,23 @@ pub struct NetPorts {
     pub ports: PortRange,
 }
 
-/// One compiled rule (Go `filtertype.Match`, without CapGrants).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// A capability granted to sources when they talk to `dst` (from a rule's `CapGrant`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CapMatch {
+    pub dst: IpNet,
+    pub cap: String,
+    /// The `CapMap` values; `None` for the legacy `Caps` form or a `null` value.
+    pub values: Option<Vec<serde_json::Value>>,
+}
+
+/// One compiled rule (Go `filtertype.Match`).
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Match {
     pub protos: Vec<u8>,
     pub srcs: Vec<IpNet>,
     pub src_caps: Vec<String>,
     pub dsts: Vec<NetPorts>,
+    pub caps: Vec<CapMatch>,
 }
 
 impl Match {
@@ -197,6 +207,18 @@ fn compile_rule(rule: &FilterRule) -> Result<Match, FilterError> {
             net,
             ports: dst.ports,
         }));
+    }
+    for grant in &rule.cap_grant {
+        for dst in &grant.dsts {
+            let legacy = grant.caps.iter().map(|cap| (cap, None));
+            let mapped = grant.cap_map.iter().map(|(cap, v)| (cap, v.clone()));
+            m.caps
+                .extend(legacy.chain(mapped).map(|(cap, values)| CapMatch {
+                    dst: *dst,
+                    cap: cap.clone(),
+                    values,
+                }));
+        }
     }
     Ok(m)
 }
@@ -274,6 +296,22 @@ impl Filter {
         } else {
             Verdict::Drop
         }
+    }
+
+    /// The capabilities `src` has when talking to `dst` (Go `Filter.CapsWithValues` keys),
+    /// sorted and deduplicated.
+    pub fn peer_caps(&self, src: IpAddr, dst: IpAddr) -> Vec<String> {
+        let mut caps: Vec<String> = self
+            .matches
+            .iter()
+            .filter(|m| m.src_matches(src, &*self.has_cap))
+            .flat_map(|m| m.caps.iter())
+            .filter(|c| c.dst.contains(&dst))
+            .map(|c| c.cap.clone())
+            .collect();
+        caps.sort();
+        caps.dedup();
+        caps
     }
 
     /// Records an outbound packet so its UDP/SCTP replies are accepted (Go `RunOut`).

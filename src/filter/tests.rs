@@ -48,9 +48,10 @@ fn split_addr_port(s: &str) -> (String, u64) {
     (sa.ip().to_string(), u64::from(sa.port()))
 }
 
-/// Renders compiled matches in the vectors' `filtertype.Match` JSON shape (without Caps).
+/// Renders compiled matches in the vectors' `filtertype.Match` JSON shape; `Caps` sorted (Go
+/// iterates CapMap in random order, so the vectors' order means nothing).
 fn match_json(m: &Match) -> Value {
-    serde_json::json!({
+    sorted_caps(&serde_json::json!({
         "IPProto": m.protos,
         "Srcs": m.srcs.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
         "SrcCaps": if m.src_caps.is_empty() { Value::Null } else { serde_json::json!(m.src_caps) },
@@ -58,13 +59,19 @@ fn match_json(m: &Match) -> Value {
             "Net": d.net.to_string(),
             "Ports": {"First": d.ports.first, "Last": d.ports.last},
         })).collect::<Vec<_>>(),
-    })
+        "Caps": m.caps.iter().map(|c| serde_json::json!({
+            "Dst": c.dst.to_string(),
+            "Cap": c.cap,
+            "Values": c.values,
+        })).collect::<Vec<_>>(),
+    }))
 }
 
-fn without_caps(v: &Value) -> Value {
+/// The same JSON with `Caps` in a canonical order.
+fn sorted_caps(v: &Value) -> Value {
     let mut v = v.clone();
-    if let Some(o) = v.as_object_mut() {
-        o.remove("Caps");
+    if let Some(Value::Array(caps)) = v.get_mut("Caps") {
+        caps.sort_by_key(|c| c.to_string());
     }
     v
 }
@@ -99,7 +106,7 @@ fn matches_from_filter_rules_vectors() {
             .as_array()
             .unwrap()
             .iter()
-            .map(without_caps)
+            .map(sorted_caps)
             .collect();
         assert_eq!(got, want, "{}", c["name"]);
     }
@@ -116,7 +123,7 @@ fn captured_rule_to_match_vectors() {
         let got: Vec<Value> = got.iter().map(match_json).collect();
         let want: Vec<Value> = c["want_matches"]
             .as_array()
-            .map(|a| a.iter().map(without_caps).collect())
+            .map(|a| a.iter().map(sorted_caps).collect())
             .unwrap_or_default();
         assert_eq!(got, want, "{}", c["test_id"]);
     }
@@ -235,4 +242,81 @@ fn cap_as_destination_is_an_error() {
         Filter::from_rules(&r, &[]).unwrap_err(),
         FilterError::CapInDst("x".into())
     );
+}
+
+#[test]
+fn peer_caps_vectors() {
+    let v = vectors();
+    let pc = &v["peer_caps_vectors"];
+    let filter = Filter::from_rules(&rules(&pc["rules"]), &[]).unwrap();
+    for c in pc["cases"].as_array().unwrap() {
+        let src: IpAddr = c["src"].as_str().unwrap().parse().unwrap();
+        let dst: IpAddr = c["dst"].as_str().unwrap().parse().unwrap();
+        let mut want: Vec<String> = serde_json::from_value(c["want_caps"].clone()).unwrap();
+        want.sort();
+        assert_eq!(filter.peer_caps(src, dst), want, "{}", c["name"]);
+    }
+}
+
+#[test]
+fn filter_rule_json_roundtrip_vectors() {
+    let v = vectors();
+    for c in v["filter_rule_json_roundtrip_vectors"].as_array().unwrap() {
+        let rule: FilterRule = serde_json::from_value(c["json"].clone()).unwrap();
+        let back = serde_json::to_value(&rule).unwrap();
+        let again: FilterRule = serde_json::from_value(back).unwrap();
+        assert_eq!(again, rule, "{}", c["name"]);
+        matches_from_rules(&[rule]).unwrap_or_else(|e| panic!("{}: {e}", c["name"]));
+    }
+}
+
+/// Node addresses of `node`, and for each peer address its CapMap keys.
+fn netmap_parts(resp: &Value, peers: &mut Vec<(IpAddr, Vec<String>)>) -> Vec<IpNet> {
+    for key in ["Peers", "PeersChanged"] {
+        for peer in resp[key].as_array().into_iter().flatten() {
+            let caps: Vec<String> = peer["CapMap"]
+                .as_object()
+                .map(|m| m.keys().cloned().collect())
+                .unwrap_or_default();
+            for a in nets(&peer["Addresses"]) {
+                peers.push((a.addr(), caps.clone()));
+            }
+        }
+    }
+    if resp["Node"].is_null() {
+        Vec::new()
+    } else {
+        nets(&resp["Node"]["Addresses"])
+    }
+}
+
+#[test]
+fn netmap_filter_vectors() {
+    let v = vectors();
+    let cases = v["netmap_filter_vectors"].as_array().unwrap();
+    assert_eq!(cases.len(), 3);
+    for c in cases {
+        let mut peers = Vec::new();
+        let local = netmap_parts(&c["map_response"], &mut peers);
+        netmap_parts(&c["incremental_map_response"], &mut peers);
+        let filter = Filter::from_rules(&rules(&c["map_response"]["PacketFilter"]), &local)
+            .unwrap()
+            .with_cap_lookup(move |ip, cap| {
+                peers
+                    .iter()
+                    .any(|(a, caps)| *a == ip && caps.iter().any(|c| c == cap))
+            });
+        for check in c["checks"].as_array().unwrap() {
+            let p = packet(
+                proto::TCP,
+                check["src"].as_str().unwrap(),
+                check["dst"].as_str().unwrap(),
+                40000,
+                check["port"].as_u64().unwrap(),
+                true,
+            );
+            let want = verdict(check["want"].as_str().unwrap());
+            assert_eq!(filter.check(&p), want, "{}: {check}", c["name"]);
+        }
+    }
 }
