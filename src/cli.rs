@@ -66,6 +66,9 @@ pub struct DaemonArgs {
     /// UDP port for WireGuard, disco and STUN (0 = pick one).
     #[arg(long, default_value_t = 41641)]
     pub port: u16,
+    /// Also let this user (name or uid) use the LocalAPI socket (otherwise root only).
+    #[arg(long)]
+    pub operator: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -160,6 +163,15 @@ pub enum LabCommand {
     Status(LabStatusArgs),
     /// Tear the lab down.
     Down(LabDownArgs),
+    /// Run the lab coordination server (for labs and tests only, not production).
+    Control(LabControlArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct LabControlArgs {
+    /// TOML configuration file (see lab/control.example.toml).
+    #[arg(long)]
+    pub config: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -202,21 +214,32 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     if let Command::Lab(args) = &cli.command {
         return crate::lab_cli::run(args);
     }
+    use crate::node_commands as node;
     let name = match &cli.command {
-        Command::Daemon(_) => "daemon",
-        Command::Up(_) => "up",
-        Command::Down => "down",
-        Command::Status(_) => "status",
+        Command::Daemon(args) => return node::daemon(&cli.socket, args),
+        Command::Up(args) => return node::up(&cli.socket, args),
+        Command::Down => return node::down(&cli.socket),
+        Command::Status(args) => return node::status(&cli.socket, args),
+        Command::Ip(args) => return node::ip(&cli.socket, args),
         Command::Ping(_) => "ping",
         Command::Netcheck(_) => "netcheck",
         Command::Set(_) => "set",
-        Command::Ip(_) => "ip",
         Command::Metrics => "metrics",
         Command::Top => "top",
         Command::Derp(_) => "derp",
         Command::Lab(_) => "lab",
     };
     Ok(not_implemented(name))
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`). A second call is a no-op.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 /// What a subcommand whose issue has not landed yet does.

@@ -5,10 +5,15 @@
 
 pub mod cli;
 pub mod control;
+pub mod daemon;
 pub mod filter;
 pub mod keys;
 pub mod lab_cli;
+pub mod localapi;
 pub mod netmap;
+pub mod node_commands;
 pub mod packet;
+pub mod state;
+pub mod status;
 pub mod stun;
 pub mod wg;
