@@ -398,3 +398,73 @@ proptest! {
         prop_assert!(!matches!(res, WgOutput::ToTunnel(_)));
     }
 }
+
+proptest! {
+    #[test]
+    fn garbage_of_exact_wireguard_sizes_never_panics(
+        kind in 1u8..5,
+        fill in proptest::collection::vec(any::<u8>(), 148),
+        extra in 0usize..200,
+    ) {
+        let mut net = Net::new();
+        exchange(&mut net, "0");
+        let len = match kind { 1 => 148, 2 => 92, 3 => 64, _ => 32 + extra.min(116) };
+        let mut d = fill[..len.min(148)].to_vec();
+        d[0] = kind;
+        d[1..4].fill(0);
+        let mut out = vec![0u8; 2048];
+        let now = net.now;
+        let (_, res) = net.b.peers.decapsulate(now, &d, &mut out);
+        prop_assert!(!matches!(res, WgOutput::ToTunnel(_)));
+        // The session still works afterwards.
+        exchange(&mut net, "after garbage");
+    }
+}
+
+#[test]
+fn peer_table_routes_to_the_right_peer_and_forgets_removed_ones() {
+    let me = NodePrivate::generate();
+    let mut peers = WgPeers::new(me);
+    let (k1, k2) = (
+        NodePrivate::generate().public(),
+        NodePrivate::generate().public(),
+    );
+    let id1 = peers
+        .upsert(
+            k1,
+            &[
+                "100.64.0.1/32".parse().unwrap(),
+                "10.0.0.0/8".parse().unwrap(),
+            ],
+        )
+        .unwrap();
+    let id2 = peers
+        .upsert(
+            k2,
+            &[
+                "100.64.0.2/32".parse().unwrap(),
+                "10.1.0.0/16".parse().unwrap(),
+            ],
+        )
+        .unwrap();
+    let ip = |s: &str| s.parse().unwrap();
+    assert_eq!(peers.route(ip("10.1.2.3")), Some(id2));
+    assert_eq!(peers.route(ip("10.2.2.3")), Some(id1));
+    assert_eq!(peers.id_of(&k2), Some(id2));
+    assert_eq!(peers.key_of(id1), Some(&k1));
+    // Updating AllowedIPs replaces them.
+    peers
+        .upsert(k2, &["100.64.0.2/32".parse().unwrap()])
+        .unwrap();
+    assert_eq!(peers.route(ip("10.1.2.3")), Some(id1));
+    peers.remove(&k1);
+    assert_eq!(peers.route(ip("10.1.2.3")), None);
+    assert_eq!(peers.len(), 1);
+    assert_eq!(
+        peers.upsert(crate::keys::NodePublic::zero(), &[]),
+        Err(WgError::ZeroKey)
+    );
+    // A freed slot is reused for the next peer.
+    let k3 = NodePrivate::generate().public();
+    assert_eq!(peers.upsert(k3, &[]).unwrap(), id1);
+}
