@@ -45,6 +45,8 @@ pub struct BoringSession {
     persistent_keepalive: Option<std::time::Duration>,
     timers: Timers,
     stats: WgStats,
+    /// Longest packet boringtun may hold in its queue (it panics on a too-small buffer).
+    max_queued: usize,
 }
 
 impl BoringSession {
@@ -68,6 +70,7 @@ impl BoringSession {
             persistent_keepalive: None,
             timers: Timers::default(),
             stats: WgStats::default(),
+            max_queued: 0,
         }
     }
 
@@ -85,6 +88,7 @@ impl BoringSession {
             self.rate_limiter.clone(),
         );
         self.timers = Timers::default();
+        self.max_queued = 0;
     }
 
     /// Keys older than REJECT_AFTER_TIME must not be used (whitepaper §6.2).
@@ -217,6 +221,8 @@ impl WgSession for BoringSession {
             TunnResult::WriteToNetwork(p) => {
                 let n = p.len();
                 if p.first() == Some(&MSG_INIT) {
+                    // boringtun queued the packet behind the handshake.
+                    self.max_queued = self.max_queued.max(ip_packet.len());
                     self.on_handshake_sent(now);
                 } else {
                     self.on_sent(now, ip_packet.len());
@@ -225,7 +231,10 @@ impl WgSession for BoringSession {
             }
             TunnResult::Err(_) => self.drop(DropReason::Refused),
             // Queued until the handshake in flight completes.
-            _ => WgOutput::Done,
+            _ => {
+                self.max_queued = self.max_queued.max(ip_packet.len());
+                WgOutput::Done
+            }
         }
     }
 
@@ -275,7 +284,7 @@ impl WgSession for BoringSession {
     }
 
     fn drain(&mut self, now: Instant, out: &mut [u8]) -> WgOutput {
-        if out.len() < MIN_OUT_BUF {
+        if out.len() < (self.max_queued + DATA_OVERHEAD).max(MIN_OUT_BUF) {
             return self.drop(DropReason::BufferTooSmall);
         }
         match self.tunn.decapsulate(None, &[], out) {
@@ -284,7 +293,10 @@ impl WgSession for BoringSession {
                 self.on_sent(now, n.saturating_sub(DATA_OVERHEAD));
                 WgOutput::ToNetwork(n)
             }
-            _ => WgOutput::Done,
+            _ => {
+                self.max_queued = 0;
+                WgOutput::Done
+            }
         }
     }
 

@@ -468,3 +468,35 @@ fn peer_table_routes_to_the_right_peer_and_forgets_removed_ones() {
     let k3 = NodePrivate::generate().public();
     assert_eq!(peers.upsert(k3, &[]).unwrap(), id1);
 }
+
+#[test]
+fn draining_a_big_queued_packet_into_a_small_buffer_is_refused() {
+    let mut net = Net::new();
+    let now = net.now;
+    let mut big_out = vec![0u8; 2048];
+    let big = udp4(A_IP, B_IP, &[7u8; 1400]);
+    let a = net.a.peers.session_mut(0).unwrap();
+    let WgOutput::ToNetwork(n) = a.encapsulate(now, &big, &mut big_out) else {
+        panic!("no initiation")
+    };
+    let init = big_out[..n].to_vec();
+    let (_, WgOutput::ToNetwork(m)) = net.b.peers.decapsulate(now, &init, &mut big_out) else {
+        panic!("no response")
+    };
+    let response = big_out[..m].to_vec();
+    let a = net.a.peers.session_mut(0).unwrap();
+    assert!(matches!(
+        a.decapsulate(now, &response, &mut big_out),
+        WgOutput::ToNetwork(_)
+    ));
+    let mut small = vec![0u8; 200];
+    assert_eq!(
+        a.drain(now, &mut small),
+        WgOutput::Dropped(DropReason::BufferTooSmall)
+    );
+    let WgOutput::ToNetwork(k) = a.drain(now, &mut big_out) else {
+        panic!("queued packet lost")
+    };
+    assert_eq!(k, big.len() + DATA_OVERHEAD);
+    assert_eq!(a.drain(now, &mut big_out), WgOutput::Done);
+}
