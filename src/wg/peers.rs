@@ -1,6 +1,7 @@
 //! [`WgPeers`]: node key → session, inbound peer identification, outbound AllowedIPs routing.
 
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,6 +27,8 @@ struct Peer {
     key: NodePublic,
     session: Box<dyn WgSession>,
     allowed: AllowedIps<()>,
+    /// The deadline this peer has in the timer heap (entries that differ are stale).
+    scheduled: Option<Instant>,
 }
 
 /// All WireGuard peers of this node.
@@ -40,6 +43,11 @@ pub struct WgPeers {
     routes: AllowedIps<PeerId>,
     /// The shared rate limiter's counter is reset once a second while handshakes arrive.
     limiter_reset_at: Option<Instant>,
+    /// Peers' timer deadlines, earliest first; stale entries are skipped when popped. Keeps
+    /// `next_deadline` O(log n) instead of a scan of every peer per packet.
+    timers: BinaryHeap<Reverse<(Instant, PeerId)>>,
+    /// Peers handed out by `session_mut` whose deadline may have changed.
+    dirty: Vec<PeerId>,
 }
 
 impl WgPeers {
@@ -57,6 +65,8 @@ impl WgPeers {
             by_key: HashMap::new(),
             routes: AllowedIps::new(),
             limiter_reset_at: None,
+            timers: BinaryHeap::new(),
+            dirty: Vec::new(),
         }
     }
 
@@ -96,6 +106,7 @@ impl WgPeers {
                 key,
                 session: Box::new(session),
                 allowed: AllowedIps::new(),
+                scheduled: None,
             });
         }
         self.by_key.insert(key, id);
@@ -140,7 +151,35 @@ impl WgPeers {
 
     /// The session of peer `id`, mutably.
     pub fn session_mut(&mut self, id: PeerId) -> Option<&mut (dyn WgSession + 'static)> {
-        self.peer_mut(id).map(|p| p.session.as_mut())
+        self.dirty.push(id);
+        self.slots
+            .get_mut(id as usize)
+            .and_then(Option::as_mut)
+            .map(|p| p.session.as_mut())
+    }
+
+    /// Puts peer `id`'s current deadline into the timer heap if it changed.
+    fn reschedule(&mut self, id: PeerId) {
+        let Some(peer) = self.slots.get_mut(id as usize).and_then(Option::as_mut) else {
+            return;
+        };
+        let deadline = peer.session.next_deadline();
+        if deadline != peer.scheduled {
+            peer.scheduled = deadline;
+            if let Some(t) = deadline {
+                self.timers.push(Reverse((t, id)));
+            }
+        }
+    }
+
+    fn is_current(&self, t: Instant, id: PeerId) -> bool {
+        self.peer(id).is_some_and(|p| p.scheduled == Some(t))
+    }
+
+    fn flush_dirty(&mut self) {
+        while let Some(id) = self.dirty.pop() {
+            self.reschedule(id);
+        }
     }
 
     fn peer(&self, id: PeerId) -> Option<&Peer> {
@@ -166,10 +205,12 @@ impl WgPeers {
         let Some(id) = Tunn::dst_address(ip_packet).and_then(|dst| self.route(dst)) else {
             return (None, WgOutput::Dropped(DropReason::NoPeer));
         };
-        match self.session_mut(id) {
-            Some(s) => (Some(id), s.encapsulate(now, ip_packet, out)),
-            None => (None, WgOutput::Dropped(DropReason::NoPeer)),
-        }
+        let Some(peer) = self.peer_mut(id) else {
+            return (None, WgOutput::Dropped(DropReason::NoPeer));
+        };
+        let res = peer.session.encapsulate(now, ip_packet, out);
+        self.reschedule(id);
+        (Some(id), res)
     }
 
     /// Which peer a WireGuard datagram is for: by receiver index, or for a handshake initiation
@@ -219,7 +260,8 @@ impl WgPeers {
         let Some(peer) = self.peer_mut(id) else {
             return WgOutput::Dropped(DropReason::NoPeer);
         };
-        match peer.session.decapsulate(now, datagram, out) {
+        let res = peer.session.decapsulate(now, datagram, out);
+        let res = match res {
             WgOutput::ToTunnel(n) => {
                 let allowed = out
                     .get(..n)
@@ -232,7 +274,9 @@ impl WgPeers {
                 }
             }
             other => other,
-        }
+        };
+        self.reschedule(id);
+        res
     }
 
     /// Runs every due timer, handing each packet to send to `emit(peer, bytes)`; also flushes
@@ -247,23 +291,30 @@ impl WgPeers {
             self.rate_limiter.reset_count();
             self.limiter_reset_at = None;
         }
-        for (id, slot) in self.slots.iter_mut().enumerate() {
-            let Some(peer) = slot else { continue };
-            let due = matches!(peer.session.next_deadline(), Some(t) if t <= now);
-            if !due {
-                continue;
+        self.flush_dirty();
+        while let Some(&Reverse((t, id))) = self.timers.peek() {
+            if t > now {
+                break;
             }
-            // Bounded: each round either sends or returns Done.
-            for _ in 0..8 {
-                match peer.session.update_timers(now, out) {
-                    WgOutput::ToNetwork(n) => {
-                        if let Some(bytes) = out.get(..n) {
-                            emit(id as PeerId, bytes);
+            self.timers.pop();
+            if !self.is_current(t, id) {
+                continue; // stale: the peer moved its deadline or is gone
+            }
+            if let Some(peer) = self.slots.get_mut(id as usize).and_then(Option::as_mut) {
+                peer.scheduled = None;
+                // Bounded: each round either sends or returns Done.
+                for _ in 0..8 {
+                    match peer.session.update_timers(now, out) {
+                        WgOutput::ToNetwork(n) => {
+                            if let Some(bytes) = out.get(..n) {
+                                emit(id, bytes);
+                            }
                         }
+                        _ => break,
                     }
-                    _ => break,
                 }
             }
+            self.reschedule(id);
         }
     }
 
@@ -279,13 +330,16 @@ impl WgPeers {
         }
     }
 
-    /// The earliest timer deadline over all peers.
-    pub fn next_deadline(&self) -> Option<Instant> {
-        self.slots
-            .iter()
-            .flatten()
-            .map(|p| p.session.next_deadline())
-            .fold(self.limiter_reset_at, min_deadline)
+    /// The earliest timer deadline over all peers (drops stale heap entries on the way).
+    pub fn next_deadline(&mut self) -> Option<Instant> {
+        self.flush_dirty();
+        while let Some(&Reverse((t, id))) = self.timers.peek() {
+            if self.is_current(t, id) {
+                return min_deadline(Some(t), self.limiter_reset_at);
+            }
+            self.timers.pop();
+        }
+        self.limiter_reset_at
     }
 }
 
