@@ -24,10 +24,10 @@ use tokio::sync::oneshot;
 
 struct NodeConfig {
     key: NodePrivate,
-    addr: IpNet,
+    addrs: Vec<IpNet>,
     bind: SocketAddr,
     peer_key: NodePublic,
-    peer_addr: IpNet,
+    peer_addrs: Vec<IpNet>,
     peer_endpoint: SocketAddr,
 }
 
@@ -38,16 +38,16 @@ async fn run_node(
     mut stop: oneshot::Receiver<()>,
 ) -> anyhow::Result<WgStats> {
     let tun = LinuxTun::create(&TunConfig::default()).await?;
-    tun.set_addresses(&[cfg.addr]).await?;
+    tun.set_addresses(&cfg.addrs).await?;
     let mut router = NetlinkRouter::new(tun.netlink().clone(), tun.index());
     router.set_routes(&default_routes()).await?;
     let sock = UdpSocket::bind(cfg.bind).await?;
     let mut peers = WgPeers::new(cfg.key);
-    let peer = peers.upsert(cfg.peer_key, &[cfg.peer_addr])?;
+    let peer = peers.upsert(cfg.peer_key, &cfg.peer_addrs)?;
     let rules: Vec<FilterRule> = serde_json::from_str(
-        r#"[{"SrcIPs":["100.64.0.0/10"],"DstPorts":[{"IP":"*","Ports":{"First":0,"Last":65535}}]}]"#,
+        r#"[{"SrcIPs":["100.64.0.0/10","fd7a:115c:a1e0::/48"],"DstPorts":[{"IP":"*","Ports":{"First":0,"Last":65535}}]}]"#,
     )?;
-    let mut filter = Filter::from_rules(&rules, &[cfg.addr])?;
+    let mut filter = Filter::from_rules(&rules, &cfg.addrs)?;
     let _ = ready.send(());
 
     let (mut tun_buf, mut udp_buf, mut out) = (vec![0u8; 2048], vec![0u8; 2048], vec![0u8; 2048]);
@@ -118,6 +118,10 @@ fn spawn_node(
     (stop_tx, ready_rx, handle)
 }
 
+fn nets(list: &[&str]) -> Vec<IpNet> {
+    list.iter().map(|s| s.parse().unwrap()).collect()
+}
+
 fn exec_in(ns: &str, args: &[&str]) -> std::process::Output {
     Command::new("ip")
         .args(["netns", "exec", ns])
@@ -143,18 +147,18 @@ fn ping_and_iperf_through_the_wireguard_tunnel() {
     let (ka, kb) = (NodePrivate::generate(), NodePrivate::generate());
     let cfg_a = NodeConfig {
         key: ka.clone(),
-        addr: "100.64.0.1/32".parse().unwrap(),
+        addrs: nets(&["100.64.0.1/32", "fd7a:115c:a1e0::1/128"]),
         bind: "10.77.0.1:41641".parse().unwrap(),
         peer_key: kb.public(),
-        peer_addr: "100.64.0.2/32".parse().unwrap(),
+        peer_addrs: nets(&["100.64.0.2/32", "fd7a:115c:a1e0::2/128"]),
         peer_endpoint: "10.77.0.2:41641".parse().unwrap(),
     };
     let cfg_b = NodeConfig {
         key: kb,
-        addr: "100.64.0.2/32".parse().unwrap(),
+        addrs: nets(&["100.64.0.2/32", "fd7a:115c:a1e0::2/128"]),
         bind: "10.77.0.2:41641".parse().unwrap(),
         peer_key: ka.public(),
-        peer_addr: "100.64.0.1/32".parse().unwrap(),
+        peer_addrs: nets(&["100.64.0.1/32", "fd7a:115c:a1e0::1/128"]),
         peer_endpoint: "10.77.0.1:41641".parse().unwrap(),
     };
     let (stop_a, ready_a, node_a) = spawn_node(&a, cfg_a);
@@ -166,6 +170,22 @@ fn ping_and_iperf_through_the_wireguard_tunnel() {
         exec_in(
             &na,
             &["ping", "-c", "3", "-i", "0.2", "-W", "3", "100.64.0.2"],
+        )
+    });
+    let ping6 = ready.then(|| {
+        exec_in(
+            &na,
+            &[
+                "ping",
+                "-6",
+                "-c",
+                "2",
+                "-i",
+                "0.2",
+                "-W",
+                "3",
+                "fd7a:115c:a1e0::2",
+            ],
         )
     });
     let iperf = ready.then(|| {
@@ -223,6 +243,13 @@ fn ping_and_iperf_through_the_wireguard_tunnel() {
         "ping through the tunnel failed: {}{}",
         String::from_utf8_lossy(&ping.stdout),
         String::from_utf8_lossy(&ping.stderr)
+    );
+    let ping6 = ping6.unwrap();
+    assert!(
+        ping6.status.success(),
+        "IPv6 ping through the tunnel failed: {}{}",
+        String::from_utf8_lossy(&ping6.stdout),
+        String::from_utf8_lossy(&ping6.stderr)
     );
     let stats_a = stats_a.unwrap().expect("node a");
     let stats_b = stats_b.unwrap().expect("node b");
