@@ -320,3 +320,39 @@ fn netmap_filter_vectors() {
         }
     }
 }
+
+#[test]
+fn realistic_sample_filter_compiles_and_decides() {
+    let v = vectors();
+    let rules = rules(&v["fixtures"]["sample_filter_rules"]["value"]);
+    assert!(!rules.is_empty());
+    let matches = matches_from_rules(&rules).expect("sample filter compiles");
+    assert_eq!(matches.len(), rules.len());
+    // Every match accepts a new TCP/UDP flow from one of its own sources to one of its own
+    // destinations on its first port (when it covers TCP or UDP).
+    for m in &matches {
+        let (Some(src), Some(dst)) = (m.srcs.first(), m.dsts.first()) else {
+            continue;
+        };
+        let Some(&p) = m
+            .protos
+            .iter()
+            .find(|p| [proto::TCP, proto::UDP].contains(p))
+        else {
+            continue;
+        };
+        let filter = Filter::from_rules(&rules, &[dst.net]).unwrap();
+        let pkt = PacketSummary {
+            proto: p,
+            src: src.network(),
+            dst: dst.net.network(),
+            src_port: 40000,
+            dst_port: dst.ports.first,
+            tcp_flags: tcp_flags::SYN,
+            icmp_type: 0,
+            icmp_code: 0,
+            later_fragment: false,
+        };
+        assert_eq!(filter.check(&pkt), Verdict::Accept, "{m:?}");
+    }
+}
