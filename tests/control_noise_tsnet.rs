@@ -2,7 +2,7 @@
 //! tailscale.com v1.90.9) dials a minimal control endpoint built from `control::noise`
 //! (responder, early payload, `NoiseStream` + h2) and `control::tailcfg`, inside a fresh network
 //! namespace with only loopback and a veth pair inside it (no route out). The test checks that the Go client's register and map requests
-//! arrive intact and decode, and that its map poll accepts our zstd-framed answer.
+//! arrive intact and decode, and that our zstd-framed first map takes it to `Running`.
 //!
 //! Needs root (network namespaces).
 
@@ -16,8 +16,8 @@ use base64::Engine;
 use tern::control::framing::{encode_map_response, Compression};
 use tern::control::noise::{encode_early_payload, NoiseStream, Responder};
 use tern::control::tailcfg::{
-    EarlyNoise, MapRequest, MapResponse, OverTLSPublicKeyResponse, RegisterRequest,
-    RegisterResponse,
+    CapMap, Debug, DerpMap, DerpNode, DerpRegion, EarlyNoise, FilterRule, GoTime, MapRequest,
+    MapResponse, Node, OverTLSPublicKeyResponse, RegisterRequest, RegisterResponse, UserProfile,
 };
 use tern::keys::{ChallengePrivate, MachinePrivate, MachinePublic};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -88,7 +88,7 @@ impl Lab {
         let mut f = std::fs::File::create(&config).unwrap();
         write!(
             f,
-            "{{\n  admin off\n  persist_config off\n  tailscale {{\n    auth_key {AUTH_KEY}\n    control_url http://127.0.0.1:{control_port}\n    ephemeral true\n    state_dir {}\n  }}\n}}\n:80 {{\n  bind tailscale/noiseprobe\n  respond \"ok\"\n}}\n",
+            "{{\n  admin off\n  persist_config off\n  debug\n  tailscale {{\n    auth_key {AUTH_KEY}\n    control_url http://127.0.0.1:{control_port}\n    ephemeral true\n    state_dir {}\n  }}\n}}\n:80 {{\n  bind tailscale/noiseprobe\n  respond \"ok\"\n}}\n",
             state.display()
         )
         .unwrap();
@@ -224,13 +224,14 @@ async fn serve_conn(
         return;
     };
     while let Some(Ok((req, respond))) = conn.accept().await {
-        tokio::spawn(serve_request(req, respond, tx.clone()));
+        tokio::spawn(serve_request(req, respond, accepted.peer, tx.clone()));
     }
 }
 
 async fn serve_request(
     req: http::Request<h2::RecvStream>,
     mut respond: h2::server::SendResponse<bytes::Bytes>,
+    machine: MachinePublic,
     tx: mpsc::UnboundedSender<Seen>,
 ) {
     let (parts, mut body) = req.into_parts();
@@ -255,12 +256,15 @@ async fn serve_request(
         "/machine/map" => {
             let req: MapRequest = serde_json::from_slice(&data).expect("decode MapRequest");
             let stream = req.stream;
+            let first = stream.then(|| full_map(&req, machine));
             let _ = tx.send(Seen::Map(req));
             let mut send = respond.send_response(ok, !stream).unwrap();
-            if stream {
-                let frame =
-                    encode_map_response(&MapResponse::keep_alive(), Compression::Zstd).unwrap();
+            if let Some(first) = first {
+                let frame = encode_map_response(&first, Compression::Zstd).unwrap();
                 let _ = send.send_data(frame.into(), false);
+                let keep_alive =
+                    encode_map_response(&MapResponse::keep_alive(), Compression::Zstd).unwrap();
+                let _ = send.send_data(keep_alive.into(), false);
                 // Hold the stream open; the client ends it when the test is over.
                 std::future::pending::<()>().await;
             }
@@ -272,8 +276,74 @@ async fn serve_request(
     }
 }
 
+/// The first map of a one-node tailnet (spec §8.3): enough for tsnet to reach Running.
+fn full_map(req: &MapRequest, machine: MachinePublic) -> MapResponse {
+    let mut cap_map = CapMap::new();
+    cap_map.insert("disable-captive-portal-detection".into(), None);
+    let node = Node {
+        id: 1,
+        stable_id: "nNoiseProbe".into(),
+        name: "noiseprobe.tailnet.example.".into(),
+        user: 1,
+        key: req.node_key,
+        machine,
+        disco_key: req.disco_key,
+        addresses: vec![
+            "100.64.0.1/32".parse().unwrap(),
+            "fd7a:115c:a1e0::1/128".parse().unwrap(),
+        ],
+        home_derp: 900,
+        hostinfo: req.hostinfo.clone().unwrap_or_default(),
+        created: GoTime::now(),
+        cap: req.version,
+        machine_authorized: true,
+        cap_map,
+        ..Node::default()
+    };
+    let region = DerpRegion {
+        region_id: 900,
+        region_code: "lab".into(),
+        region_name: "Lab".into(),
+        nodes: vec![DerpNode {
+            name: "900a".into(),
+            region_id: 900,
+            host_name: "127.0.0.1".into(),
+            ipv4: "127.0.0.1".into(),
+            ipv6: "none".into(),
+            stun_port: -1,
+            derp_port: 1,
+            insecure_for_tests: true,
+            ..DerpNode::default()
+        }],
+        ..DerpRegion::default()
+    };
+    MapResponse {
+        node: Some(node),
+        derp_map: Some(DerpMap {
+            regions: Some([(900, Some(region))].into()),
+            omit_default_regions: true,
+            ..DerpMap::default()
+        }),
+        packet_filter: Some(vec![FilterRule::allow_all()]),
+        domain: "tailnet.example".into(),
+        user_profiles: vec![UserProfile {
+            id: 1,
+            login_name: "probe@tailnet.example".into(),
+            display_name: "Probe".into(),
+            ..UserProfile::default()
+        }],
+        collect_services: Some(false),
+        debug: Some(Debug {
+            disable_log_tail: true,
+            ..Debug::default()
+        }),
+        control_time: Some(GoTime::now()),
+        ..MapResponse::default()
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn go_client_registers_and_polls_over_our_noise() {
+async fn go_client_registers_polls_and_runs_over_our_noise() {
     let mut lab = Lab::new();
     let listener = tokio::net::TcpListener::from_std(lab.listen()).unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -332,4 +402,22 @@ async fn go_client_registers_and_polls_over_our_noise() {
         }
     }
     assert!(machine.is_some());
+
+    // The client accepted our zstd-framed first map: tsnet reaches Running.
+    let running = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if let Some(line) = text.lines().find(|l| l.contains("-> Running")) {
+                eprintln!("tsnet: {line}");
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(
+        running.is_ok(),
+        "tsnet never reached Running; caddy log:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
 }
