@@ -4,5 +4,9 @@
 //! `control::noise`), sans-IO state machines, and the small I/O tasks that drive them.
 
 pub mod cli;
+pub mod disco;
+pub mod keys;
 pub mod lab_cli;
+pub mod naclbox;
+pub mod relay;
 pub mod stun;
