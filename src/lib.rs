@@ -4,6 +4,7 @@
 //! `control::noise`), sans-IO state machines, and the small I/O tasks that drive them.
 
 pub mod cli;
+pub mod demux;
 pub mod disco;
 pub mod keys;
 pub mod lab_cli;
