@@ -9,5 +9,6 @@ pub mod disco;
 pub mod keys;
 pub mod lab_cli;
 pub mod naclbox;
+pub mod paths;
 pub mod relay;
 pub mod stun;
