@@ -160,6 +160,15 @@ pub enum LabCommand {
     Status(LabStatusArgs),
     /// Tear the lab down.
     Down(LabDownArgs),
+    /// Run the lab coordination server (for labs and tests only, not production).
+    Control(LabControlArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct LabControlArgs {
+    /// TOML configuration file (see lab/control.example.toml).
+    #[arg(long)]
+    pub config: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -217,6 +226,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Lab(_) => "lab",
     };
     Ok(not_implemented(name))
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`). A second call is a no-op.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 /// What a subcommand whose issue has not landed yet does.

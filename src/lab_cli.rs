@@ -7,7 +7,7 @@ use anyhow::Context;
 use tern_lab::state::{self, LabStatus};
 use tern_lab::NatMode;
 
-use crate::cli::{LabArgs, LabCommand, LabDownArgs, LabStatusArgs, LabUpArgs};
+use crate::cli::{LabArgs, LabCommand, LabControlArgs, LabDownArgs, LabStatusArgs, LabUpArgs};
 
 /// Run a `tern lab` subcommand.
 pub fn run(args: &LabArgs) -> anyhow::Result<ExitCode> {
@@ -16,6 +16,7 @@ pub fn run(args: &LabArgs) -> anyhow::Result<ExitCode> {
         Some(LabCommand::Up(up_args)) => up(prefix, up_args),
         Some(LabCommand::Status(status_args)) => status(prefix, status_args),
         Some(LabCommand::Down(down_args)) => down(prefix, down_args),
+        Some(LabCommand::Control(control_args)) => control(control_args),
         None => {
             // For now the bare command is `up` + `status`; it becomes the full demo later.
             let defaults = LabUpArgs {
@@ -139,4 +140,13 @@ fn render_status(status: &LabStatus) -> String {
         );
     }
     out
+}
+
+/// `tern lab control`: load and check the config, then serve until killed.
+fn control(args: &LabControlArgs) -> anyhow::Result<ExitCode> {
+    crate::cli::init_logging();
+    let config = tern_lab::control::Config::load(&args.config)?;
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(crate::control::server::run_from_config(config))?;
+    Ok(ExitCode::SUCCESS)
 }

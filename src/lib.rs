@@ -4,11 +4,13 @@
 //! `control::noise`), sans-IO state machines, and the small I/O tasks that drive them.
 
 pub mod cli;
+pub mod control;
 pub mod demux;
 pub mod disco;
 pub mod keys;
 pub mod lab_cli;
 pub mod naclbox;
+pub mod netmap;
 pub mod paths;
 pub mod relay;
 pub mod stun;

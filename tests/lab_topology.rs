@@ -57,6 +57,12 @@ fn standard_topology_reaches_public_hosts_and_nothing_outside() {
             );
         }
     }
+    // Programs started in the lab resolve names through the namespace's own loopback only.
+    let resolv = c1.exec(&["cat", "/etc/resolv.conf"]).unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&resolv.stdout),
+        "nameserver 127.0.0.1\n"
+    );
     // Clients reach each other's private site only through the lab (fw mode needs this).
     let to_c2 = c1
         .exec_unchecked(&["ip", "route", "get", "10.2.0.2"])
@@ -91,5 +97,13 @@ fn standard_topology_reaches_public_hosts_and_nothing_outside() {
     assert_eq!(namespaces_with_prefix(&prefix).unwrap().len(), 7);
     drop(topo);
     assert!(namespaces_with_prefix(&prefix).unwrap().is_empty());
+    let etc_left = std::fs::read_dir("/etc/netns")
+        .map(|dir| {
+            dir.filter_map(|e| e.ok())
+                .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+                .count()
+        })
+        .unwrap_or(0);
+    assert_eq!(etc_left, 0, "/etc/netns entries of {prefix} left behind");
     let _ = Netns::list();
 }

@@ -1,6 +1,7 @@
 //! Network-namespace lab: topologies, NAT boxes and the processes run inside them.
 
 pub mod caddy;
+pub mod control;
 pub mod error;
 pub mod nat;
 pub mod netns;

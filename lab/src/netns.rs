@@ -68,7 +68,19 @@ impl Netns {
             owned: true,
         };
         ns.ip_batch("link set lo up\n")?;
+        ns.write_resolv_conf()?;
         Ok(ns)
+    }
+
+    /// Point the namespace's resolver at its own loopback, where nothing answers. `ip netns exec`
+    /// bind-mounts `/etc/netns/<name>/resolv.conf` over `/etc/resolv.conf`; without it a process in
+    /// the lab (tsnet's captive-portal and bootstrap lookups) would query the host's resolver
+    /// address, which is outside the lab.
+    pub(crate) fn write_resolv_conf(&self) -> Result<()> {
+        let dir = Path::new("/etc/netns").join(&self.name);
+        std::fs::create_dir_all(&dir)
+            .and_then(|()| std::fs::write(dir.join("resolv.conf"), "nameserver 127.0.0.1\n"))
+            .map_err(|err| LabError::io(format!("writing {}/resolv.conf", dir.display()), err))
     }
 
     /// A handle on an existing namespace that is not deleted on Drop.

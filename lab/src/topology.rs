@@ -488,6 +488,7 @@ impl Topology {
             ns.sysctl("net.ipv6.conf.all.disable_ipv6", "1")?;
             ns.sysctl("net.ipv6.conf.default.disable_ipv6", "1")?;
             ns.ip_batch("link set lo up\n")?;
+            ns.write_resolv_conf()?;
         }
         Ok(())
     }
