@@ -928,5 +928,8 @@ impl Peer {
     }
 }
 
+mod table;
+pub use table::{DiscoCounters, DiscoDrop, Outgoing, PeerEvent, PeerTable};
+
 #[cfg(test)]
 mod tests;
