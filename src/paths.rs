@@ -195,6 +195,8 @@ pub enum Event {
         latency: Duration,
         /// Our address as the peer saw it.
         src: SocketAddr,
+        /// It answered a [`Peer::cli_ping`].
+        cli: bool,
     },
 }
 
@@ -312,11 +314,13 @@ fn is_private(ip: IpAddr) -> bool {
 enum PingPurpose {
     Discovery,
     Heartbeat,
+    /// `tern ping`: does not count against the 5 s per-candidate limit.
+    Cli,
 }
 
 #[derive(Debug, Clone, Copy)]
 struct SentPing {
-    to: SocketAddr,
+    to: Dest,
     at: Instant,
     purpose: PingPurpose,
 }
@@ -450,6 +454,34 @@ impl Peer {
         }
         self.update_report(now);
         plan
+    }
+
+    /// A `tern ping` (Go `cliPing`): via DERP unless a direct path is trusted; to the trusted
+    /// direct address, or else to every candidate when a full round is due. Replies arrive as
+    /// [`Event::Pong`] with `cli: true`; a UDP reply upgrades the path like any pong. Returns the
+    /// TxIDs sent.
+    pub fn cli_ping(&mut self, now: Instant) -> Vec<TxId> {
+        let plan = self.send_plan(now);
+        let mut sent = Vec::new();
+        if let Some(region) = plan.derp {
+            sent.push(self.send_ping_to(now, Dest::Derp(region), PingPurpose::Cli));
+        }
+        match (self.trusted(now), plan.udp) {
+            (true, Some(addr)) => sent.push(self.send_ping(now, addr, PingPurpose::Cli)),
+            _ if self.want_full_ping(now) => {
+                let candidates: Vec<SocketAddr> = self.endpoints.keys().copied().collect();
+                for addr in candidates {
+                    sent.push(self.send_ping(now, addr, PingPurpose::Cli));
+                }
+            }
+            _ => {}
+        }
+        self.last_send_ext = Some(now);
+        if self.heartbeat_at.is_none() {
+            self.heartbeat_at = Some(now + HEARTBEAT_INTERVAL);
+        }
+        self.update_report(now);
+        sent
     }
 
     /// Where WireGuard to this peer would go now, without side effects (Go `addrForSendLocked`).
@@ -640,12 +672,13 @@ impl Peer {
             via: from,
             latency,
             src: pong.src,
+            cli: sent.purpose == PingPurpose::Cli,
         });
-        let PathSource::Udp(pong_src) = from else {
-            // Pongs via DERP never change paths.
+        // Pongs via DERP (or to a ping sent via DERP) never change paths.
+        let (PathSource::Udp(pong_src), Dest::Direct(to)) = (from, sent.to) else {
             return;
         };
-        let Some(st) = self.endpoints.get_mut(&sent.to) else {
+        let Some(st) = self.endpoints.get_mut(&to) else {
             return; // no longer a candidate
         };
         if st.pongs.len() == PONG_HISTORY_COUNT {
@@ -659,16 +692,16 @@ impl Peer {
         self.attribute(pong_src);
         // The address adopted is the one we pinged, not the pong's source.
         let candidate = AddrQuality {
-            addr: sent.to,
+            addr: to,
             vni: None,
             latency,
             wire_mtu: DEFAULT_WIRE_MTU,
         };
         if better_addr(&candidate, self.best.as_ref()) {
-            tracing::debug!(addr = %sent.to, ?latency, "disco: now using direct path");
+            tracing::debug!(addr = %to, ?latency, "disco: now using direct path");
             self.best = Some(candidate);
         }
-        if let Some(best) = self.best.as_mut().filter(|b| b.addr == sent.to) {
+        if let Some(best) = self.best.as_mut().filter(|b| b.addr == to) {
             best.latency = latency;
             self.trust_until = Some(now + TRUST_UDP_ADDR_DURATION);
             self.unanswered_discovery = false;
@@ -711,7 +744,7 @@ impl Peer {
             .map(|(addr, _)| *addr)
             .collect();
         for addr in &due {
-            self.send_ping(now, *addr, PingPurpose::Discovery);
+            let _ = self.send_ping(now, *addr, PingPurpose::Discovery);
         }
         if !due.is_empty() && send_call_me_maybe && self.info.home_derp.is_some() {
             let fresh = self
@@ -735,28 +768,35 @@ impl Peer {
         }
     }
 
-    fn send_ping(&mut self, now: Instant, to: SocketAddr, purpose: PingPurpose) {
+    fn send_ping(&mut self, now: Instant, to: SocketAddr, purpose: PingPurpose) -> TxId {
+        if purpose != PingPurpose::Cli {
+            if let Some(st) = self.endpoints.get_mut(&to) {
+                st.last_ping = Some(now);
+            }
+        }
+        self.send_ping_to(now, Dest::Direct(to), purpose)
+    }
+
+    fn send_ping_to(&mut self, now: Instant, dest: Dest, purpose: PingPurpose) -> TxId {
         let tx_id = TxId::random();
         self.sent_pings.insert(
             tx_id,
             SentPing {
-                to,
+                to: dest,
                 at: now,
                 purpose,
             },
         );
-        if let Some(st) = self.endpoints.get_mut(&to) {
-            st.last_ping = Some(now);
-        }
         let node_key = (!self.local.node_key.is_zero()).then_some(self.local.node_key);
         self.transmits.push_back(Transmit {
-            dest: Dest::Direct(to),
+            dest,
             msg: Message::Ping(Ping {
                 tx_id,
                 node_key,
                 padding: 0,
             }),
         });
+        tx_id
     }
 
     fn heartbeat(&mut self, now: Instant) {
@@ -765,7 +805,7 @@ impl Peer {
             return; // idle: the next outgoing packet restarts heartbeats
         }
         if let Some(best) = self.best {
-            self.send_ping(now, best.addr, PingPurpose::Heartbeat);
+            let _ = self.send_ping(now, best.addr, PingPurpose::Heartbeat);
         }
         if self.want_full_ping(now) {
             self.send_disco_pings(now, true);
@@ -796,7 +836,7 @@ impl Peer {
             .collect();
         for (tx, ping) in expired {
             self.sent_pings.remove(&tx);
-            tracing::trace!(to = %ping.to, purpose = ?ping.purpose, "disco: ping timed out");
+            tracing::trace!(to = ?ping.to, purpose = ?ping.purpose, "disco: ping timed out");
             if ping.purpose == PingPurpose::Discovery && self.best.is_none() {
                 self.unanswered_discovery = true;
             }

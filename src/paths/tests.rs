@@ -334,6 +334,61 @@ fn no_derp_and_no_direct_is_no_path() {
     assert_eq!(p.send_plan(t0).derp, Some(4));
 }
 
+#[test]
+fn cli_ping_goes_via_derp_and_candidates_then_only_the_trusted_path() {
+    let t0 = Instant::now();
+    let cand = addr("203.0.113.5:1");
+    let mut p = Peer::new(t0, local(1, &[]), info(2, Some(2), &["203.0.113.5:1"]));
+    let txs = p.cli_ping(t0);
+    let out = drain(&mut p);
+    let dests: Vec<Dest> = out.iter().map(|t| t.dest).collect();
+    assert_eq!(dests, vec![Dest::Derp(2), Dest::Direct(cand)]);
+    assert_eq!(txs.len(), 2);
+    // The DERP reply is reported but changes nothing.
+    let t1 = t0 + Duration::from_millis(50);
+    let derp_pong = Message::Pong(Pong {
+        tx_id: txs[0],
+        src: addr("127.3.3.40:2"),
+    });
+    p.handle_disco(t1, PathSource::Derp { region: 2 }, derp_pong);
+    let pongs: Vec<Event> = std::iter::from_fn(|| p.poll_event())
+        .filter(|e| matches!(e, Event::Pong { .. }))
+        .collect();
+    assert_eq!(
+        pongs,
+        vec![Event::Pong {
+            tx_id: txs[0],
+            via: PathSource::Derp { region: 2 },
+            latency: Duration::from_millis(50),
+            src: addr("127.3.3.40:2"),
+            cli: true,
+        }]
+    );
+    assert_eq!(p.current_path(), Path::Derp { region: 2 });
+    // The UDP reply upgrades the path.
+    let t2 = t0 + Duration::from_millis(60);
+    p.handle_disco(
+        t2,
+        PathSource::Udp(cand),
+        Message::Pong(Pong {
+            tx_id: txs[1],
+            src: cand,
+        }),
+    );
+    assert!(matches!(p.current_path(), Path::Direct { addr, .. } if addr == cand));
+    // With a trusted path, a CLI ping goes to that address only.
+    let _ = drain(&mut p);
+    let txs = p.cli_ping(t2);
+    assert_eq!(txs.len(), 1);
+    assert_eq!(drain(&mut p)[0].dest, Dest::Direct(cand));
+    // CLI pings do not hold back discovery: right after one, traffic still pings the candidate.
+    let mut q = Peer::new(t0, local(1, &[]), info(2, Some(2), &["203.0.113.5:1"]));
+    q.cli_ping(t0);
+    let _ = drain(&mut q);
+    q.on_outgoing(t0 + Duration::from_millis(1));
+    assert!(drain(&mut q).iter().any(|t| t.dest == Dest::Direct(cand)));
+}
+
 // ----- two machines on a simulated network --------------------------------------------------
 
 const DIRECT_DELAY: Duration = Duration::from_millis(10);
