@@ -167,6 +167,11 @@ impl PeerTable {
         self.peers.get_mut(peer).map(|e| e.peer.on_outgoing(now))
     }
 
+    /// `tern ping` to `peer` (see [`Peer::cli_ping`]); None for an unknown peer.
+    pub fn cli_ping(&mut self, now: Instant, peer: &NodePublic) -> Option<Vec<disco::TxId>> {
+        self.peers.get_mut(peer).map(|e| e.peer.cli_ping(now))
+    }
+
     /// The peer that owns WireGuard packets from `addr`, as learned from disco.
     pub fn peer_for_addr(&self, addr: &SocketAddr) -> Option<NodePublic> {
         self.by_addr.get(addr).copied()
@@ -369,6 +374,19 @@ mod tests {
         assert_eq!(a.table.peer_for_addr(&b.public), Some(b.node_key));
         assert_eq!(b.table.peer_for_addr(&a.public), Some(a.node_key));
         assert!(a.table.counters().accepted > 0);
+        // A CLI ping on the direct path is answered over UDP, reported as a CLI pong.
+        let tx = a.table.cli_ping(now, &b.node_key).unwrap();
+        assert_eq!(tx.len(), 1);
+        pump(now, &mut a, &mut b);
+        let out = b.table.poll_transmit().unwrap();
+        assert_eq!(out.dest, Dest::Direct(a.public));
+        assert_eq!(
+            a.table.handle_udp(now, b.public, &out.packet),
+            Ok(b.node_key)
+        );
+        let cli_pong = std::iter::from_fn(|| a.table.poll_event())
+            .any(|e| matches!(e.event, Event::Pong { cli: true, tx_id, .. } if tx_id == tx[0]));
+        assert!(cli_pong);
         assert_eq!(a.table.poll_timeout().map(|(_, k, _)| k), Some(b.node_key));
     }
 
