@@ -66,6 +66,9 @@ pub struct DaemonArgs {
     /// UDP port for WireGuard, disco and STUN (0 = pick one).
     #[arg(long, default_value_t = 41641)]
     pub port: u16,
+    /// Also let this user (name or uid) use the LocalAPI socket (otherwise root only).
+    #[arg(long)]
+    pub operator: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -129,9 +132,32 @@ pub struct IpArgs {
 
 #[derive(Debug, Args)]
 pub struct DerpArgs {
-    /// Address to serve DERP on.
+    /// Address to serve DERP on (`:443` = all addresses, port 443).
     #[arg(long, default_value = ":443")]
     pub addr: String,
+    /// PEM certificate chain for TLS (with --keyfile).
+    #[arg(long, requires = "keyfile", conflicts_with_all = ["self_signed", "http"])]
+    pub certfile: Option<PathBuf>,
+    /// PEM private key for TLS (with --certfile).
+    #[arg(long, requires = "certfile")]
+    pub keyfile: Option<PathBuf>,
+    /// Serve TLS with a fresh self-signed certificate for HOSTNAME (lab use); prints its
+    /// `sha256-raw:` pin for the DERP map's CertName.
+    #[arg(long, value_name = "HOSTNAME", conflicts_with = "http")]
+    pub self_signed: Option<String>,
+    /// Plain HTTP, no TLS (Go clients: TS_DEBUG_USE_DERP_HTTP=1, port 3340).
+    #[arg(long)]
+    pub http: bool,
+    /// UDP port of the STUN responder (0 = off).
+    #[arg(long, default_value_t = 3478)]
+    pub stun_port: u16,
+    /// File holding the server's private key (`privkey:` text); created if missing.
+    /// Without it the key is random per run.
+    #[arg(long)]
+    pub key_file: Option<PathBuf>,
+    /// Mesh key (64 hex digits) that privileged clients must present.
+    #[arg(long, env = "TERN_DERP_MESH_KEY", hide_env_values = true)]
+    pub mesh_key: Option<String>,
 }
 
 /// Without a subcommand (for now): build the standard lab like `tern lab up` with default NAT
@@ -153,12 +179,12 @@ pub struct LabArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum LabCommand {
-    /// Build the standard lab topology and leave it running (enter a node with
-    /// `ip netns exec tlab-c1 bash`).
+    /// Build the standard lab topology, start the lab coordination server and a registered tern
+    /// node in c1 and c2, and leave it all running (`tern lab status` names each node's socket).
     Up(LabUpArgs),
     /// Describe the running lab.
     Status(LabStatusArgs),
-    /// Tear the lab down.
+    /// Tear the lab down: stop its processes, delete its namespaces and state.
     Down(LabDownArgs),
     /// Run the lab coordination server (for labs and tests only, not production).
     Control(LabControlArgs),
@@ -211,18 +237,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     if let Command::Lab(args) = &cli.command {
         return crate::lab_cli::run(args);
     }
+    use crate::node_commands as node;
     let name = match &cli.command {
-        Command::Daemon(_) => "daemon",
-        Command::Up(_) => "up",
-        Command::Down => "down",
-        Command::Status(_) => "status",
+        Command::Daemon(args) => return node::daemon(&cli.socket, args),
+        Command::Up(args) => return node::up(&cli.socket, args),
+        Command::Down => return node::down(&cli.socket),
+        Command::Status(args) => return node::status(&cli.socket, args),
+        Command::Ip(args) => return node::ip(&cli.socket, args),
         Command::Ping(_) => "ping",
         Command::Netcheck(_) => "netcheck",
         Command::Set(_) => "set",
-        Command::Ip(_) => "ip",
         Command::Metrics => "metrics",
         Command::Top => "top",
-        Command::Derp(_) => "derp",
+        Command::Derp(args) => return crate::derp::server::run_cli(args),
         Command::Lab(_) => "lab",
     };
     Ok(not_implemented(name))

@@ -18,7 +18,7 @@ pub fn run(args: &LabArgs) -> anyhow::Result<ExitCode> {
         Some(LabCommand::Down(down_args)) => down(prefix, down_args),
         Some(LabCommand::Control(control_args)) => control(control_args),
         None => {
-            // For now the bare command is `up` + `status`; it becomes the full demo later.
+            // The bare command is the demo: `up` (topology, control, two nodes) + `status`.
             let defaults = LabUpArgs {
                 nat1: "easy".into(),
                 nat2: "easy".into(),
@@ -32,11 +32,26 @@ pub fn run(args: &LabArgs) -> anyhow::Result<ExitCode> {
 fn up(prefix: &str, args: &LabUpArgs) -> anyhow::Result<ExitCode> {
     let nat1: NatMode = args.nat1.parse().context("--nat1")?;
     let nat2: NatMode = args.nat2.parse().context("--nat2")?;
-    let lab = state::up(prefix, nat1, nat2)?;
+    let mut lab = state::up(prefix, nat1, nat2)?;
+    if let Err(err) = crate::lab_nodes::start(&mut lab) {
+        // Never leave a half-started lab (or its processes) behind.
+        if let Err(down_err) = state::down(prefix, true) {
+            eprintln!("tern: tearing the half-started lab down also failed: {down_err:#}");
+        }
+        return Err(err.context(format!("starting lab `{prefix}` (torn down again)")));
+    }
     println!(
-        "lab `{prefix}` is up: {} namespaces (nat1 {nat1}, nat2 {nat2})",
-        lab.nodes.len()
+        "lab `{prefix}` is up: {} namespaces (nat1 {nat1}, nat2 {nat2}), control server {}, tern nodes {}",
+        lab.nodes.len(),
+        crate::lab_nodes::control_url(),
+        crate::lab_nodes::TERN_CLIENTS.join(", ")
     );
+    for node in &lab.tern_nodes {
+        println!(
+            "ask {:<4} with:      {}",
+            node.hostname, node.status_command
+        );
+    }
     println!("enter a node with:  ip netns exec {prefix}-c1 bash");
     println!("describe it with:   tern lab status [--json]");
     println!("tear it down with:  tern lab down");
@@ -44,7 +59,8 @@ fn up(prefix: &str, args: &LabUpArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn status(prefix: &str, args: &LabStatusArgs) -> anyhow::Result<ExitCode> {
-    let status = state::status(prefix)?;
+    let mut status = state::status(prefix)?;
+    crate::lab_nodes::fill_live(&mut status.lab);
     if args.json {
         println!("{}", serde_json::to_string_pretty(&status)?);
     } else {
@@ -70,6 +86,13 @@ fn down(prefix: &str, args: &LabDownArgs) -> anyhow::Result<ExitCode> {
             } else {
                 ""
             }
+        );
+    }
+    if !report.killed.is_empty() {
+        println!(
+            "(SIGKILL after {} s: {})",
+            state::STOP_GRACE.as_secs(),
+            report.killed.join(", ")
         );
     }
     Ok(ExitCode::SUCCESS)
@@ -131,6 +154,20 @@ fn render_status(status: &LabStatus) -> String {
             out,
             "  {} {} in {}: {}",
             service.kind, service.name, service.node, service.url
+        );
+    }
+    for node in &lab.tern_nodes {
+        let _ = writeln!(
+            out,
+            "  tern node {} in {}: {} {}\n    socket {}\n    try:  {}",
+            node.hostname,
+            node.node,
+            node.backend_state
+                .as_deref()
+                .unwrap_or("(daemon not answering)"),
+            node.tailnet_ips.join(" "),
+            node.socket.display(),
+            node.status_command
         );
     }
     for ns in &status.unknown_netns {

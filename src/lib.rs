@@ -5,12 +5,19 @@
 
 pub mod cli;
 pub mod control;
+pub mod daemon;
 pub mod demux;
+pub mod derp;
 pub mod disco;
 pub mod keys;
 pub mod lab_cli;
+pub mod lab_nodes;
+pub mod localapi;
 pub mod naclbox;
 pub mod netmap;
+pub mod node_commands;
 pub mod paths;
 pub mod relay;
+pub mod state;
+pub mod status;
 pub mod stun;

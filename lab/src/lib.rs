@@ -2,6 +2,7 @@
 
 pub mod caddy;
 pub mod control;
+pub mod detached;
 pub mod error;
 pub mod nat;
 pub mod netns;

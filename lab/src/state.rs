@@ -4,6 +4,7 @@
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -39,6 +40,9 @@ pub struct LabState {
     /// Services: coordination (`control`), `derp`, `stun` servers, with their URLs.
     #[serde(default)]
     pub services: Vec<ServiceState>,
+    /// tern nodes (daemons) with their LocalAPI sockets.
+    #[serde(default)]
+    pub tern_nodes: Vec<TernNodeState>,
 }
 
 /// One namespace.
@@ -90,6 +94,33 @@ pub struct ProcessState {
     /// Live: whether it still runs (status only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub alive: Option<bool>,
+    /// Start time (clock ticks since boot, `/proc/<pid>/stat` field 22): with the PID it names
+    /// the process for good, so `down` never signals a reused PID.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<u64>,
+}
+
+/// A tern node (`tern daemon`) of the lab, driven with `tern --socket <socket> …`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TernNodeState {
+    /// Tailnet hostname it registered with (`c1`, `c2`).
+    pub hostname: String,
+    /// Lab node (namespace) it runs in.
+    pub node: String,
+    /// Namespace it runs in.
+    pub netns: String,
+    /// Its LocalAPI socket (a host path: Unix sockets are not bound to a network namespace).
+    pub socket: PathBuf,
+    /// Its state directory.
+    pub state_dir: PathBuf,
+    /// The command that shows its status.
+    pub status_command: String,
+    /// Live: `backend_state` from its daemon (status only; absent if it did not answer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend_state: Option<String>,
+    /// Live: its tailnet addresses from its daemon (status only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tailnet_ips: Vec<String>,
 }
 
 /// A socket a lab service listens on.
@@ -157,6 +188,7 @@ impl LabState {
             processes: Vec::new(),
             sockets: Vec::new(),
             services: Vec::new(),
+            tern_nodes: Vec::new(),
         }
     }
 
@@ -170,6 +202,7 @@ impl LabState {
             command: process.command_line().to_string(),
             log,
             alive: None,
+            start_time: crate::detached::start_time(process.pid()),
         });
     }
 
@@ -250,13 +283,14 @@ pub fn status(prefix: &str) -> Result<LabStatus> {
         processes: Vec::new(),
         sockets: Vec::new(),
         services: Vec::new(),
+        tern_nodes: Vec::new(),
     });
     for node in &mut lab.nodes {
         node.exists = Some(existing.contains(&node.netns));
         node.interfaces = interfaces(&node.netns).unwrap_or_default();
     }
     for process in &mut lab.processes {
-        process.alive = Some(std::path::Path::new(&format!("/proc/{}", process.pid)).exists());
+        process.alive = Some(crate::detached::is_alive(process));
     }
     let unknown_netns = existing
         .iter()
@@ -317,7 +351,12 @@ pub struct DownReport {
     pub removed_netns: Vec<String>,
     /// Whether a state file was removed.
     pub removed_state: bool,
+    /// Recorded processes that ignored SIGTERM for `STOP_GRACE` and got SIGKILL.
+    pub killed: Vec<String>,
 }
+
+/// How long `down` waits after SIGTERM before SIGKILL.
+pub const STOP_GRACE: Duration = Duration::from_secs(5);
 
 /// Tear lab `prefix` down: every namespace named `<prefix>-*` (killing its processes; the NAT
 /// boxes' nft tables live inside them) and the state directory. Without `force` a state file must
@@ -338,6 +377,11 @@ pub fn down(prefix: &str, force: bool) -> Result<DownReport> {
         }));
     }
     let mut report = DownReport::default();
+    // Recorded processes get SIGTERM first (a daemon removes its socket, a server its state);
+    // deleting the namespaces below SIGKILLs whatever is left in them, recorded or not.
+    if let Some(lab) = &recorded {
+        report.killed = crate::detached::stop_all(&lab.processes, STOP_GRACE);
+    }
     let mut first_error = None;
     for name in existing {
         match delete_named(&name) {

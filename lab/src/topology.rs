@@ -160,6 +160,21 @@ pub fn reap_dead_test_labs() {
             let _ = crate::netns::delete_named(&name);
         }
     }
+    // Their long-lived lab state too (`tern lab up` in a test), after the namespaces (and so the
+    // daemons in them) are gone.
+    let Ok(dirs) = std::fs::read_dir(crate::state::STATE_ROOT) else {
+        return;
+    };
+    for dir in dirs.flatten() {
+        let name = dir.file_name().to_string_lossy().into_owned();
+        let Some(pid) = test_lab_pid(&format!("{name}-state")) else {
+            continue;
+        };
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            tracing::info!(dir = ?dir.path(), pid, "removing lab state of a dead test run");
+            let _ = std::fs::remove_dir_all(dir.path());
+        }
+    }
 }
 
 /// The PID encoded in a `unique_prefix` namespace name (`tl<pid hex>x<n hex>-<node>`).

@@ -1,11 +1,17 @@
 //! The ts2021 control protocol (spec control.md): Noise transport, wire JSON, map framing.
 //!
-//! Pure building blocks only; the client (daemon) and the lab server drive them.
+//! Pure building blocks (`noise`, `tailcfg`, `framing`), plus the node's side of the session:
+//! `dial` (HTTP upgrade, Noise, HTTP/2), `backoff` and `client` (the control session task).
 
+pub mod backoff;
+pub mod client;
+pub mod dial;
 pub mod framing;
 pub mod noise;
 pub mod server;
 pub mod tailcfg;
+#[cfg(test)]
+pub(crate) mod test_stub;
 
 /// The capability version we claim: in the Noise initiation header and prologue, `/key?v=`,
 /// `RegisterRequest.Version` and `MapRequest.Version`.

@@ -1,0 +1,531 @@
+//! Dialing control over ts2021 (spec §2, §3): `GET /key`, the HTTP/1.1 `POST /ts2021` upgrade
+//! carrying the Noise initiation, the Noise response, the optional early payload, and an HTTP/2
+//! client (prior knowledge) over the Noise record stream.
+//!
+//! Only `http://` control URLs are dialed for now (the lab and headscale-on-loopback setups);
+//! `https://` is refused with a clear error.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Full, Limited};
+use hyper::body::Incoming;
+use hyper::client::conn::http2;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
+
+use super::client::ControlError;
+use super::noise::{handshake_answer_len, Initiator, NoiseStream, HEADER_LEN};
+use super::CAPABILITY_VERSION;
+use crate::keys::{MachinePrivate, MachinePublic, NodePublic};
+
+/// Time allowed for TCP connect + upgrade + Noise handshake (spec §3.1: 10 s).
+pub const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest `/key` response body read (spec §2: 64 KiB).
+const MAX_KEY_BODY: usize = 64 * 1024;
+/// Largest HTTP/1.1 response head accepted during the upgrade.
+const MAX_RESPONSE_HEAD: usize = 16 * 1024;
+
+/// Where control lives, split out of its URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlUrl {
+    pub host: String,
+    pub port: u16,
+    /// `host[:port]` exactly as the URL had it, for `Host` and `:authority`.
+    pub authority: String,
+}
+
+impl ControlUrl {
+    pub fn parse(url: &str) -> Result<Self, ControlError> {
+        let uri: http::Uri = url
+            .trim_end_matches('/')
+            .parse()
+            .map_err(|e| ControlError::transient(&format!("control URL {url:?}"), e))?;
+        let authority = uri
+            .authority()
+            .ok_or_else(|| ControlError::Transient(format!("control URL {url:?} has no host")))?;
+        match uri.scheme_str() {
+            Some("http") => {}
+            Some("https") => {
+                return Err(ControlError::Transient(format!(
+                    "control URL {url:?}: https control servers are not supported yet; use http://"
+                )))
+            }
+            _ => {
+                return Err(ControlError::Transient(format!(
+                    "control URL {url:?}: want http://"
+                )))
+            }
+        }
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        Ok(Self {
+            host,
+            port: authority.port_u16().unwrap_or(80),
+            authority: authority.to_string(),
+        })
+    }
+}
+
+/// Connect TCP to control.
+pub async fn connect_tcp(url: &ControlUrl) -> Result<TcpStream, ControlError> {
+    let target = format!("{}:{}", url.authority_host_for_dial(), url.port);
+    let stream = TcpStream::connect(&target)
+        .await
+        .map_err(|e| ControlError::transient(&format!("dial {target}"), e))?;
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
+}
+
+impl ControlUrl {
+    fn authority_host_for_dial(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        }
+    }
+}
+
+/// `GET /key?v=N` over plain HTTP/1.1; returns the response body (JSON) on 200.
+/// Bounded by [`DIAL_TIMEOUT`].
+pub async fn fetch_key_body(url: &ControlUrl, version: u16) -> Result<Bytes, ControlError> {
+    tokio::time::timeout(DIAL_TIMEOUT, fetch_key_body_inner(url, version))
+        .await
+        .map_err(|_| {
+            ControlError::Transient(format!(
+                "GET http://{}/key: no answer within {DIAL_TIMEOUT:?}",
+                url.authority
+            ))
+        })?
+}
+
+async fn fetch_key_body_inner(url: &ControlUrl, version: u16) -> Result<Bytes, ControlError> {
+    let ctx = format!("GET http://{}/key", url.authority);
+    let stream = connect_tcp(url).await?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| ControlError::transient(&ctx, e))?;
+    let driver = tokio::spawn(conn);
+    let req = http::Request::get(format!("/key?v={version}"))
+        .header(http::header::HOST, &url.authority)
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| ControlError::transient(&ctx, e))?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| ControlError::transient(&ctx, e))?;
+    let status = resp.status();
+    let body = Limited::new(resp.into_body(), MAX_KEY_BODY)
+        .collect()
+        .await
+        .map_err(|e| ControlError::transient(&ctx, e))?
+        .to_bytes();
+    driver.abort();
+    if status != http::StatusCode::OK {
+        return Err(ControlError::Transient(format!("{ctx}: HTTP {status}")));
+    }
+    Ok(body)
+}
+
+/// Send the `POST /ts2021` upgrade carrying `initiation`, check the `101` answer, and return
+/// the stream positioned at the first byte after the response head (the Noise response).
+pub async fn upgrade(
+    stream: TcpStream,
+    url: &ControlUrl,
+    initiation: &[u8],
+) -> Result<BufReader<TcpStream>, ControlError> {
+    use base64::Engine as _;
+    let ctx = format!("POST http://{}/ts2021", url.authority);
+    let handshake = base64::engine::general_purpose::STANDARD.encode(initiation);
+    let request = format!(
+        "POST /ts2021 HTTP/1.1\r\nHost: {}\r\nUser-Agent: tern/{}\r\nUpgrade: tailscale-control-protocol\r\n\
+         Connection: upgrade\r\nX-Tailscale-Handshake: {handshake}\r\nContent-Length: 0\r\n\r\n",
+        url.authority,
+        env!("CARGO_PKG_VERSION"),
+    );
+    let mut stream = BufReader::new(stream);
+    stream
+        .get_mut()
+        .write_all(request.as_bytes())
+        .await
+        .map_err(|e| ControlError::transient(&ctx, e))?;
+    let head = read_response_head(&mut stream)
+        .await
+        .map_err(|e| ControlError::transient(&ctx, e))?;
+    check_upgrade_response(&head).map_err(|e| ControlError::Transient(format!("{ctx}: {e}")))?;
+    Ok(stream)
+}
+
+/// Read lines up to the empty line that ends an HTTP/1.1 response head (bounded).
+async fn read_response_head(stream: &mut BufReader<TcpStream>) -> std::io::Result<String> {
+    let mut head = String::new();
+    loop {
+        let before = head.len();
+        let n = (&mut *stream)
+            .take((MAX_RESPONSE_HEAD - before) as u64)
+            .read_line(&mut head)
+            .await?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "connection closed during the upgrade response",
+            ));
+        }
+        if head.len() >= MAX_RESPONSE_HEAD {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "response head too large",
+            ));
+        }
+        if head[before..].trim_end_matches(['\r', '\n']).is_empty() {
+            return Ok(head);
+        }
+    }
+}
+
+/// The server must switch to exactly `tailscale-control-protocol` (spec §3.2).
+pub fn check_upgrade_response(head: &str) -> Result<(), String> {
+    let mut lines = head.lines();
+    let status_line = lines.next().unwrap_or_default();
+    let code = status_line.split_whitespace().nth(1).unwrap_or_default();
+    if code != "101" {
+        return Err(format!(
+            "server answered {status_line:?}, want 101 Switching Protocols"
+        ));
+    }
+    let header = |name: &str| {
+        head.lines().skip(1).find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_string())
+        })
+    };
+    match header("upgrade") {
+        Some(v) if v == "tailscale-control-protocol" => Ok(()),
+        other => Err(format!("server switched to unexpected protocol {other:?}")),
+    }
+}
+
+/// The control server's Noise public key from a `/key` body (spec §2): JSON with a non-zero
+/// `publicKey`. A bare-hex legacy body means a server too old for ts2021.
+pub fn parse_key_response(body: &[u8]) -> Result<MachinePublic, String> {
+    let json: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| format!("/key body is not JSON (server too old for ts2021?): {e}"))?;
+    let text = json
+        .get("publicKey")
+        .and_then(|v| v.as_str())
+        .ok_or("/key response has no publicKey")?;
+    let key: MachinePublic = text
+        .parse()
+        .map_err(|e| format!("/key publicKey {text:?}: {e}"))?;
+    if key.is_zero() {
+        return Err("control server is too old; no noise key".into());
+    }
+    Ok(key)
+}
+
+/// An HTTP/2 connection to control over Noise.
+pub struct ControlConn {
+    pub requests: Requester,
+    /// Drives the HTTP/2 connection; ends (with the reason) when the connection dies.
+    pub driver: JoinHandle<Result<(), hyper::Error>>,
+}
+
+/// Sends requests on a [`ControlConn`]; cheap to clone, so concurrent requests (a lite update
+/// next to the map poll) share the one connection.
+#[derive(Clone)]
+pub struct Requester {
+    sender: http2::SendRequest<Full<Bytes>>,
+    authority: String,
+}
+
+impl Drop for ControlConn {
+    fn drop(&mut self) {
+        self.driver.abort();
+    }
+}
+
+/// Dial control: TCP, `/ts2021` upgrade with the Noise initiation, Noise response, optional early
+/// payload, then HTTP/2 with prior knowledge. Bounded by [`DIAL_TIMEOUT`].
+pub async fn connect(
+    url: &ControlUrl,
+    machine: &MachinePrivate,
+    server: &MachinePublic,
+) -> Result<ControlConn, ControlError> {
+    tokio::time::timeout(DIAL_TIMEOUT, connect_inner(url, machine, server))
+        .await
+        .map_err(|_| {
+            ControlError::Transient(format!(
+                "ts2021 dial to {} timed out after {DIAL_TIMEOUT:?}",
+                url.authority
+            ))
+        })?
+}
+
+async fn connect_inner(
+    url: &ControlUrl,
+    machine: &MachinePrivate,
+    server: &MachinePublic,
+) -> Result<ControlConn, ControlError> {
+    let ctx = format!("ts2021 to {}", url.authority);
+    let (initiator, initiation) = Initiator::start(machine, server, CAPABILITY_VERSION)
+        .map_err(|e| ControlError::transient(&ctx, e))?;
+    let tcp = connect_tcp(url).await?;
+    let mut stream = upgrade(tcp, url, &initiation).await?;
+    let mut header = [0u8; HEADER_LEN];
+    stream
+        .read_exact(&mut header)
+        .await
+        .map_err(|e| ControlError::transient(&format!("{ctx}: reading Noise response"), e))?;
+    let total = handshake_answer_len(header).map_err(|e| ControlError::transient(&ctx, e))?;
+    let mut answer = vec![0u8; total];
+    answer[..HEADER_LEN].copy_from_slice(&header);
+    stream
+        .read_exact(&mut answer[HEADER_LEN..])
+        .await
+        .map_err(|e| ControlError::transient(&format!("{ctx}: reading Noise response"), e))?;
+    let keys = initiator
+        .finish(&answer)
+        .map_err(|e| ControlError::transient(&format!("{ctx}: Noise handshake"), e))?;
+    let buffered = stream.buffer().to_vec();
+    let mut noise = NoiseStream::with_buffered(stream.into_inner(), keys, &buffered);
+    if let Some(early) = noise
+        .read_early_payload()
+        .await
+        .map_err(|e| ControlError::transient(&format!("{ctx}: early payload"), e))?
+    {
+        tracing::debug!(challenge = %early.node_key_challenge, "control sent an early payload");
+    }
+    let (sender, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(noise))
+        .await
+        .map_err(|e| ControlError::transient(&format!("{ctx}: HTTP/2 handshake"), e))?;
+    let driver = tokio::spawn(conn);
+    let requests = Requester {
+        sender,
+        authority: url.authority.clone(),
+    };
+    Ok(ControlConn { requests, driver })
+}
+
+impl ControlConn {
+    /// See [`Requester::post`].
+    pub async fn post(
+        &mut self,
+        path: &str,
+        body: Vec<u8>,
+        ts_lb: &[NodePublic],
+    ) -> Result<http::Response<Incoming>, ControlError> {
+        self.requests.post(path, body, ts_lb).await
+    }
+}
+
+impl Requester {
+    /// `POST https://<authority><path>` with a JSON body and the `Ts-Lb` node-key hints
+    /// (spec §3.6); returns the response with its body still streaming.
+    pub async fn post(
+        &mut self,
+        path: &str,
+        body: Vec<u8>,
+        ts_lb: &[NodePublic],
+    ) -> Result<http::Response<Incoming>, ControlError> {
+        let ctx = format!("POST {path}");
+        let mut req = http::Request::post(format!("https://{}{path}", self.authority));
+        for key in ts_lb.iter().filter(|k| !k.is_zero()) {
+            req = req.header("Ts-Lb", key.to_string());
+        }
+        let req = req
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| ControlError::transient(&ctx, e))?;
+        self.sender
+            .ready()
+            .await
+            .map_err(|e| ControlError::transient(&ctx, e))?;
+        self.sender
+            .send_request(req)
+            .await
+            .map_err(|e| ControlError::transient(&ctx, e))
+    }
+}
+
+/// Read a whole (small) response body, bounded by `limit`.
+pub async fn read_body(resp: http::Response<Incoming>, limit: usize) -> Result<Bytes, String> {
+    Limited::new(resp.into_body(), limit)
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_url_forms() {
+        let u = ControlUrl::parse("http://127.0.0.1:8080/").unwrap();
+        assert_eq!(
+            (u.host.as_str(), u.port, u.authority.as_str()),
+            ("127.0.0.1", 8080, "127.0.0.1:8080")
+        );
+        let u = ControlUrl::parse("http://[fd00::1]:9").unwrap();
+        assert_eq!((u.host.as_str(), u.port), ("fd00::1", 9));
+        assert_eq!(u.authority_host_for_dial(), "[fd00::1]");
+        assert_eq!(ControlUrl::parse("http://localhost").unwrap().port, 80);
+        assert!(ControlUrl::parse("https://ctl.example")
+            .unwrap_err()
+            .to_string()
+            .contains("https"));
+        assert!(ControlUrl::parse("ctl.example").is_err());
+    }
+
+    #[test]
+    fn upgrade_response_checks() {
+        let ok = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: tailscale-control-protocol\r\nConnection: upgrade\r\n\r\n";
+        assert!(check_upgrade_response(ok).is_ok());
+        let wrong = ok.replace("tailscale-control-protocol", "websocket");
+        assert!(check_upgrade_response(&wrong)
+            .unwrap_err()
+            .contains("unexpected protocol"));
+        let denied = "HTTP/1.1 400 Bad Request\r\n\r\n";
+        assert!(check_upgrade_response(denied)
+            .unwrap_err()
+            .contains("want 101"));
+        assert!(check_upgrade_response("").is_err());
+    }
+
+    use crate::control::test_stub::{Answer, Script, Stub};
+    use std::sync::Arc;
+
+    /// Dial the stub the way the client does (`/key`, then ts2021) and POST once.
+    async fn dial_and_post(stub: &Stub) -> Result<String, ControlError> {
+        let url = ControlUrl::parse(&stub.url)?;
+        let key = parse_key_response(&fetch_key_body(&url, CAPABILITY_VERSION).await?)
+            .map_err(ControlError::Transient)?;
+        assert_eq!(key, stub.server_key.public());
+        let machine = MachinePrivate::generate();
+        let mut conn = connect(&url, &machine, &key).await?;
+        let resp = conn
+            .post("/machine/register", b"{}".to_vec(), &[NodePublic::zero()])
+            .await?;
+        let body = read_body(resp, 1024)
+            .await
+            .map_err(ControlError::Transient)?;
+        Ok(String::from_utf8_lossy(&body).into_owned())
+    }
+
+    fn echo_path(early_payload: bool) -> Script {
+        Script::Http2 {
+            early_payload,
+            handler: Arc::new(|path, _| Answer::ok(format!("hello {path}"))),
+        }
+    }
+
+    #[tokio::test]
+    async fn dial_handshakes_and_speaks_http2_over_noise() {
+        for early in [false, true] {
+            let stub = Stub::start(echo_path(early)).await;
+            let result = dial_and_post(&stub).await;
+            assert_eq!(
+                result.unwrap(),
+                "hello /machine/register",
+                "early payload: {early}"
+            );
+        }
+    }
+
+    async fn dial_error(script: Script) -> String {
+        let stub = Stub::start(script).await;
+        dial_and_post(&stub).await.unwrap_err().to_string()
+    }
+
+    #[tokio::test]
+    async fn corrupt_or_truncated_noise_response_is_an_error() {
+        let err = dial_error(Script::NoiseResponse(|mut r| {
+            r[40] ^= 1;
+            r
+        }))
+        .await;
+        assert!(err.contains("Noise handshake"), "{err}");
+        let err = dial_error(Script::NoiseResponse(|r| r[..20].to_vec())).await;
+        assert!(err.contains("reading Noise response"), "{err}");
+        let err = dial_error(Script::NoiseResponse(|_| {
+            crate::control::noise::encode_error_frame("go away")
+        }))
+        .await;
+        assert!(err.contains("go away"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn bad_noise_records_are_errors_not_panics() {
+        // Header announcing 4096 bytes of ciphertext: more than a 4096-byte frame can hold.
+        let err = dial_error(Script::RawAfterHandshake(vec![0x04, 0x10, 0x00])).await;
+        assert!(
+            err.contains("early payload") && err.contains("record length"),
+            "{err}"
+        );
+        // A record cut short by the server hanging up.
+        let err = dial_error(Script::RawAfterHandshake(vec![0x04, 0x00, 0x20, 1, 2, 3])).await;
+        assert!(err.contains("early payload"), "{err}");
+        // A record of the wrong type.
+        let mut wrong = vec![0x05, 0x00, 0x10];
+        wrong.extend_from_slice(&[0u8; 16]);
+        let err = dial_error(Script::RawAfterHandshake(wrong)).await;
+        assert!(err.contains("record type"), "{err}");
+        // A record that does not decrypt.
+        let mut forged = vec![0x04, 0x00, 0x14];
+        forged.extend_from_slice(&[7u8; 20]);
+        let err = dial_error(Script::RawAfterHandshake(forged)).await;
+        assert!(err.contains("decryption failed"), "{err}");
+    }
+
+    #[test]
+    fn key_response_forms() {
+        let key = MachinePrivate::generate().public();
+        let body = format!(
+            r#"{{"legacyPublicKey":"mkey:{}","publicKey":"{key}"}}"#,
+            "0".repeat(64)
+        );
+        assert_eq!(parse_key_response(body.as_bytes()).unwrap(), key);
+        let zero = format!(r#"{{"publicKey":"mkey:{}"}}"#, "0".repeat(64));
+        assert!(parse_key_response(zero.as_bytes())
+            .unwrap_err()
+            .contains("too old"));
+        assert!(parse_key_response(b"abcdef")
+            .unwrap_err()
+            .contains("not JSON"));
+        assert!(parse_key_response(b"{}")
+            .unwrap_err()
+            .contains("no publicKey"));
+    }
+
+    /// A server that accepts TCP (the kernel does, from the backlog) but never answers.
+    fn silent_server() -> (std::net::TcpListener, ControlUrl) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = ControlUrl::parse(&format!("http://{}", listener.local_addr().unwrap())).unwrap();
+        (listener, url)
+    }
+
+    // Paused time jumps ahead whenever the runtime idles, so the 10 s timeouts fire at once.
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_server_times_out_key_fetch_and_dial() {
+        let (_listener, url) = silent_server();
+        let err = fetch_key_body(&url, CAPABILITY_VERSION)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("/key: no answer within 10s"), "{err}");
+        let server = MachinePrivate::generate().public();
+        let err = connect(&url, &MachinePrivate::generate(), &server)
+            .await
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("timed out after 10s"), "{err}");
+    }
+}

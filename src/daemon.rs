@@ -1,0 +1,237 @@
+//! `tern daemon`: one tokio runtime that wires the state directory, the LocalAPI and the control
+//! client together.
+//!
+//! The daemon task owns the preferences and the control task. LocalAPI commands (`up`, `down`)
+//! arrive on an mpsc channel; every view reads the [`Status`] watch channel.
+
+use std::path::PathBuf;
+use std::time::SystemTime;
+
+use anyhow::Context as _;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::control::client::{self as control_client, ControlConfig, NodeIdentity};
+use crate::localapi::{self, Command, SocketOwner, UpRequest};
+use crate::state::{Prefs, StateDir};
+use crate::status::{BackendState, ControlState, DataPlaneStatus, Status};
+
+/// How `tern daemon` was invoked.
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    pub state_dir: PathBuf,
+    pub socket: PathBuf,
+    /// TUN name or `userspace-networking`; recorded only (no data plane yet).
+    pub tun: String,
+    pub port: u16,
+    /// User (name or numeric uid) allowed to use the LocalAPI socket besides root.
+    pub operator: Option<String>,
+}
+
+/// Run the daemon until SIGINT/SIGTERM.
+pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
+    let state = StateDir::open(&config.state_dir)?;
+    let identity = NodeIdentity::load(&state)
+        .with_context(|| format!("keys in {}", config.state_dir.display()))?;
+    let prefs = state.load_prefs()?;
+    let owner = SocketOwner {
+        operator: config.operator.as_deref().map(resolve_user).transpose()?,
+    };
+    let listener = localapi::bind(&config.socket, owner)?;
+    tracing::info!(
+        socket = %config.socket.display(),
+        state_dir = %config.state_dir.display(),
+        tun = %config.tun,
+        port = config.port,
+        "tern daemon started"
+    );
+
+    let (status_tx, status_rx) = watch::channel(Status::initial(
+        DataPlaneStatus {
+            tun: config.tun.clone(),
+            port: config.port,
+            active: false,
+            note: Some("no WireGuard data plane in this version: control only".into()),
+        },
+        SystemTime::now(),
+    ));
+    let (cmd_tx, cmd_rx) = mpsc::channel(16);
+    let api = tokio::spawn(localapi::serve(listener, status_rx, cmd_tx));
+
+    let mut daemon = Daemon {
+        state,
+        identity,
+        prefs,
+        status: status_tx,
+        control: None,
+        backend_log_id: hex::encode(rand::random::<[u8; 32]>()),
+    };
+    daemon.start_or_stop();
+    let result = daemon.serve(cmd_rx).await;
+    daemon.stop_control();
+    api.abort();
+    let _ = std::fs::remove_file(&config.socket);
+    tracing::info!("tern daemon stopped");
+    result
+}
+
+struct Daemon {
+    state: StateDir,
+    identity: NodeIdentity,
+    prefs: Prefs,
+    status: watch::Sender<Status>,
+    control: Option<JoinHandle<()>>,
+    /// Random per process, like the Go client's log id when logging is off.
+    backend_log_id: String,
+}
+
+impl Daemon {
+    async fn serve(&mut self, mut commands: mpsc::Receiver<Command>) -> anyhow::Result<()> {
+        let mut sigterm =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        loop {
+            tokio::select! {
+                cmd = commands.recv() => match cmd {
+                    Some(Command::Up(req, reply)) => { let _ = reply.send(self.up(req)); }
+                    Some(Command::Down(reply)) => { let _ = reply.send(self.down()); }
+                    None => return Ok(()),
+                },
+                _ = tokio::signal::ctrl_c() => return Ok(()),
+                _ = sigterm.recv() => return Ok(()),
+            }
+        }
+    }
+
+    fn up(&mut self, req: UpRequest) -> Result<(), String> {
+        let mut prefs = self.prefs.clone();
+        if let Some(url) = req.login_server {
+            prefs.login_server = Some(validate_login_server(&url)?);
+        }
+        if req.auth_key.is_some() {
+            prefs.auth_key = req.auth_key;
+        }
+        if req.hostname.is_some() {
+            prefs.hostname = req.hostname;
+        }
+        if prefs.login_server.is_none() {
+            return Err("no login server: pass --login-server URL".into());
+        }
+        prefs.want_running = true;
+        self.state.store_prefs(&prefs).map_err(|e| e.to_string())?;
+        self.prefs = prefs;
+        self.stop_control();
+        self.start_or_stop();
+        Ok(())
+    }
+
+    fn down(&mut self) -> Result<(), String> {
+        let mut prefs = self.prefs.clone();
+        prefs.want_running = false;
+        self.state.store_prefs(&prefs).map_err(|e| e.to_string())?;
+        self.prefs = prefs;
+        self.stop_control();
+        self.start_or_stop();
+        Ok(())
+    }
+
+    /// Start the control task if the preferences want it, else publish why we are idle.
+    fn start_or_stop(&mut self) {
+        let login_server = self.prefs.login_server.clone();
+        match (self.prefs.want_running, login_server) {
+            (true, Some(url)) => {
+                if let Err(e) = self.identity.refresh_node_key(&self.state) {
+                    tracing::warn!(error = %e, "re-reading the node key; using the one in memory");
+                }
+                let config = ControlConfig {
+                    url,
+                    auth_key: self.prefs.auth_key.clone(),
+                    hostname: self.prefs.hostname.clone().unwrap_or_else(default_hostname),
+                    backend_log_id: self.backend_log_id.clone(),
+                    watchdog: control_client::MAP_WATCHDOG,
+                };
+                let task = control_client::spawn(
+                    config,
+                    self.identity.clone(),
+                    self.state.clone(),
+                    self.status.clone(),
+                );
+                self.control = Some(task);
+            }
+            (want, url) => {
+                let state = if want || url.is_none() {
+                    BackendState::NoState
+                } else {
+                    BackendState::Stopped
+                };
+                self.status.send_modify(|s| {
+                    s.backend_state = state;
+                    s.control.url = url;
+                    s.control.state = ControlState::Idle;
+                    s.control.next_attempt_at = None;
+                    s.control.connected_since = None;
+                    s.peers.clear();
+                });
+            }
+        }
+    }
+
+    fn stop_control(&mut self) {
+        if let Some(task) = self.control.take() {
+            task.abort();
+        }
+    }
+}
+
+/// Accept `http://` and `https://` URLs with a host; trailing slashes are dropped (spec §2).
+fn validate_login_server(url: &str) -> Result<String, String> {
+    let parsed: http::Uri = url
+        .parse()
+        .map_err(|e| format!("bad --login-server {url:?}: {e}"))?;
+    match (parsed.scheme_str(), parsed.host()) {
+        (Some("http" | "https"), Some(_)) => Ok(url.trim_end_matches('/').to_string()),
+        _ => Err(format!(
+            "bad --login-server {url:?}: want http://HOST[:PORT] or https://…"
+        )),
+    }
+}
+
+fn default_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "tern".into())
+}
+
+/// `--operator alice` or `--operator 1000` → (uid, gid).
+fn resolve_user(name: &str) -> anyhow::Result<(u32, u32)> {
+    let user = match name.parse::<u32>() {
+        Ok(uid) => nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))?,
+        Err(_) => nix::unistd::User::from_name(name)?,
+    };
+    let user = user.with_context(|| format!("--operator {name}: no such user"))?;
+    Ok((user.uid.as_raw(), user.gid.as_raw()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn login_server_validation() {
+        assert_eq!(
+            validate_login_server("http://127.0.0.1:8080/").unwrap(),
+            "http://127.0.0.1:8080"
+        );
+        assert!(validate_login_server("ftp://x").is_err());
+        assert!(validate_login_server("127.0.0.1:8080").is_err());
+        assert!(validate_login_server("http://").is_err());
+    }
+
+    #[test]
+    fn operator_resolves_root() {
+        assert_eq!(resolve_user("root").unwrap(), (0, 0));
+        assert_eq!(resolve_user("0").unwrap(), (0, 0));
+        assert!(resolve_user("no-such-user-tern").is_err());
+    }
+}

@@ -1,0 +1,298 @@
+//! The services `tern lab up` starts in the lab after building it: the lab coordination server in
+//! `server` (on `topology::CONTROL_IP:8080`) and a `tern daemon` in `c1` and `c2`, registered with
+//! it. Every process is started detached (it outlives the CLI) and recorded in the lab's state, so
+//! `tern lab down` stops it; its output goes to a log file in the lab's state directory.
+
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use tern_lab::detached::{self, Detached};
+use tern_lab::state::{self, LabState, ServiceState, SocketState, TernNodeState};
+use tern_lab::topology::{CONTROL_IP, RELAY_IPS};
+use tern_lab::Netns;
+
+use crate::localapi::{Client, UpRequest};
+use crate::status::{BackendState, Status};
+
+/// Port of the lab coordination server.
+pub const CONTROL_PORT: u16 = 8080;
+/// The clients that get a tern node, by lab node name (also their tailnet hostnames).
+pub const TERN_CLIENTS: [&str; 2] = ["c1", "c2"];
+/// How long each start-up step may take before `tern lab up` gives up (and tears the lab down).
+const STEP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The control server's URL.
+pub fn control_url() -> String {
+    format!("http://{CONTROL_IP}:{CONTROL_PORT}")
+}
+
+/// Start the control server and the tern nodes in lab `lab` (just built), recording each in its
+/// state file as it starts. On error the caller tears the lab down.
+pub fn start(lab: &mut LabState) -> anyhow::Result<()> {
+    let dir = state::state_dir(&lab.prefix);
+    let auth_key = format!("tskey-auth-lab-{}", hex::encode(rand::random::<[u8; 16]>()));
+    let config = dir.join("control.toml");
+    write_private(&config, &control_config(&dir, &auth_key))?;
+    write_private(&dir.join("auth.key"), &auth_key)?;
+    // Refuse a bad config here, with its own error, rather than as a dead server later.
+    tern_lab::control::Config::load(&config).context("the generated control config")?;
+
+    let exe = std::env::current_exe().context("finding the tern executable")?;
+    let server_ns = Netns::open(&format!("{}-server", lab.prefix))?;
+    let config_arg = config.display().to_string();
+    let mut control = start_process(
+        lab,
+        &server_ns,
+        "server",
+        "control",
+        &exe,
+        &["lab", "control", "--config", &config_arg],
+    )?;
+    let listen = SocketAddr::from((CONTROL_IP, CONTROL_PORT));
+    lab.sockets.push(SocketState {
+        name: "control".into(),
+        node: "server".into(),
+        proto: "tcp".into(),
+        addr: listen,
+    });
+    lab.services.push(ServiceState {
+        kind: "control".into(),
+        name: "control".into(),
+        node: "server".into(),
+        url: control_url(),
+    });
+    lab.save()?;
+    wait_until(&mut control, "the control server to answer /key", || {
+        answers_key(&server_ns, listen)
+    })?;
+
+    let mut daemons = Vec::new();
+    for client in TERN_CLIENTS {
+        daemons.push(start_daemon(lab, &exe, client)?);
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    for node in &lab.tern_nodes {
+        let req = UpRequest {
+            login_server: Some(control_url()),
+            auth_key: Some(auth_key.clone()),
+            hostname: Some(node.hostname.clone()),
+        };
+        runtime
+            .block_on(Client::new(&node.socket).up(&req))
+            .with_context(|| format!("`tern up` on {}", node.hostname))?;
+    }
+    let peers = lab.tern_nodes.len().saturating_sub(1);
+    for (daemon, node) in daemons.iter_mut().zip(&lab.tern_nodes) {
+        let what = format!("{} to be Running with {peers} peer(s)", node.hostname);
+        wait_until(daemon, &what, || {
+            let status = runtime.block_on(Client::new(&node.socket).status()).ok()?;
+            (status.backend_state == BackendState::Running && status.peers.len() >= peers)
+                .then_some(())
+        })?;
+    }
+    Ok(())
+}
+
+/// Start `tern daemon` in lab node `client` and wait for its LocalAPI socket.
+fn start_daemon(lab: &mut LabState, exe: &Path, client: &str) -> anyhow::Result<Detached> {
+    let dir = state::state_dir(&lab.prefix);
+    let ns = Netns::open(&format!("{}-{client}", lab.prefix))?;
+    let socket = dir.join(format!("{client}.sock"));
+    let state_dir = dir.join(client);
+    let (socket_arg, state_arg) = (
+        socket.display().to_string(),
+        state_dir.display().to_string(),
+    );
+    let mut daemon = start_process(
+        lab,
+        &ns,
+        client,
+        &format!("tern:{client}"),
+        exe,
+        &[
+            "--socket",
+            &socket_arg,
+            "daemon",
+            "--state-dir",
+            &state_arg,
+            "--tun",
+            "userspace-networking",
+        ],
+    )?;
+    lab.tern_nodes.push(TernNodeState {
+        hostname: client.to_string(),
+        node: client.to_string(),
+        netns: ns.name().to_string(),
+        status_command: format!("tern --socket {socket_arg} status"),
+        socket: socket.clone(),
+        state_dir,
+        backend_state: None,
+        tailnet_ips: Vec::new(),
+    });
+    lab.save()?;
+    wait_until(
+        &mut daemon,
+        &format!("the LocalAPI socket {socket:?}"),
+        || {
+            std::os::unix::net::UnixStream::connect(&socket)
+                .ok()
+                .map(|_| ())
+        },
+    )?;
+    Ok(daemon)
+}
+
+/// Start `exe args…` detached in `ns`, log to `<state dir>/<label>.log`, record it and save.
+fn start_process(
+    lab: &mut LabState,
+    ns: &Netns,
+    node: &str,
+    name: &str,
+    exe: &Path,
+    args: &[&str],
+) -> anyhow::Result<Detached> {
+    let log = state::state_dir(&lab.prefix).join(format!("{}.log", name.replace(':', "-")));
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let process = detached::spawn(ns, node, name, exe, &args, &log)?;
+    lab.processes.push(process.state.clone());
+    lab.save()?;
+    Ok(process)
+}
+
+/// Poll `probe` every 100 ms until it yields; fail after `STEP_TIMEOUT` or if `process` exits,
+/// quoting the end of its log.
+fn wait_until<T>(
+    process: &mut Detached,
+    what: &str,
+    mut probe: impl FnMut() -> Option<T>,
+) -> anyhow::Result<T> {
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    loop {
+        if let Some(value) = probe() {
+            return Ok(value);
+        }
+        let log = process.state.log.clone().unwrap_or_default();
+        if let Some(status) = process.exited() {
+            bail!(
+                "{} exited ({status}) while waiting for {what}; end of {}:\n{}",
+                process.state.name,
+                log.display(),
+                detached::log_tail(&log, 20)
+            );
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "timed out after {} s waiting for {what}; end of {}:\n{}",
+                STEP_TIMEOUT.as_secs(),
+                log.display(),
+                detached::log_tail(&log, 20)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Whether `GET /key` on `addr`, from inside `ns`, answers 200.
+fn answers_key(ns: &Netns, addr: SocketAddr) -> Option<()> {
+    let ok = ns
+        .run_in(move || {
+            let answer = (|| -> std::io::Result<String> {
+                let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
+                conn.set_read_timeout(Some(Duration::from_secs(2)))?;
+                write!(conn, "GET /key?v=1 HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+                let mut head = [0u8; 16];
+                let n = conn.read(&mut head)?;
+                Ok(String::from_utf8_lossy(head.get(..n).unwrap_or_default()).into_owned())
+            })();
+            Ok(answer.is_ok_and(|head| head.contains(" 200")))
+        })
+        .unwrap_or(false);
+    ok.then_some(())
+}
+
+/// The lab control server's config: one reusable key, a DERP region at the relay host (the DERP
+/// server itself comes later; tsnet needs a region to reach Running), state in `<dir>/control`.
+fn control_config(dir: &Path, auth_key: &str) -> String {
+    let relay = RELAY_IPS[0];
+    format!(
+        r#"# Written by `tern lab up`; see lab/control.example.toml for every field.
+listen = "{CONTROL_IP}:{CONTROL_PORT}"
+state_dir = "{state}"
+
+[[auth_key]]
+key = "{auth_key}"
+reusable = true
+
+[[derp_region]]
+id = 900
+code = "lab"
+name = "Lab DERP"
+
+[[derp_region.node]]
+name = "900a"
+host_name = "{relay}"
+ipv4 = "{relay}"
+ipv6 = "none"
+stun_port = 3478
+derp_port = 443
+insecure_for_tests = true
+
+[[grant]]
+src = ["*"]
+dst = ["*"]
+caps = ["tailscale.com/cap/relay"]
+"#,
+        state = dir.join("control").display()
+    )
+}
+
+/// Write a file readable by root only (it holds the auth key).
+fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    file.write_all(text.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// Fill in each tern node's live state (backend state, tailnet IPs) by asking its daemon; a
+/// daemon that does not answer within a second is left blank.
+pub fn fill_live(lab: &mut LabState) {
+    let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    else {
+        return;
+    };
+    for node in &mut lab.tern_nodes {
+        let client = Client::new(&node.socket);
+        let asked = runtime.block_on(async {
+            tokio::time::timeout(Duration::from_secs(1), client.status()).await
+        });
+        if let Ok(Ok(status)) = asked {
+            apply_live(node, &status);
+        }
+    }
+}
+
+fn apply_live(node: &mut TernNodeState, status: &Status) {
+    node.backend_state = serde_json::to_value(status.backend_state)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string));
+    node.tailnet_ips = status
+        .self_node
+        .as_ref()
+        .map(|me| me.tailnet_ips.clone())
+        .unwrap_or_default();
+}

@@ -1,0 +1,520 @@
+//! The node's `Status` snapshot: one immutable value, published on a `tokio::sync::watch`
+//! channel, that every view reads (`tern status`, later `tern top` and metrics).
+//!
+//! The JSON form is a stable, documented interface (`docs/status-json.md`): fields are only ever
+//! added; existing ones keep their name, type and meaning. Fields that later issues fill
+//! (per-peer path, endpoint, latency, counters) are present now with `null`/`0`.
+
+use std::fmt::Write as _;
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+
+/// Version of the JSON schema; bumped only for incompatible changes (none so far).
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// The whole node, as of one moment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub schema_version: u32,
+    /// `NoState`, `NeedsLogin`, `Stopped`, `Starting`, `Running` (Tailscale's names).
+    pub backend_state: BackendState,
+    pub control: ControlStatus,
+    /// This node; `null` until control has sent the first netmap.
+    #[serde(rename = "self")]
+    pub self_node: Option<SelfStatus>,
+    /// Peers, sorted by name.
+    pub peers: Vec<PeerStatus>,
+    pub data_plane: DataPlaneStatus,
+    pub daemon: DaemonInfo,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BackendState {
+    /// Daemon started, no preferences yet (never ran `tern up`).
+    NoState,
+    /// Control rejected the login (bad auth key, expired key without a way to renew).
+    NeedsLogin,
+    /// `tern down`: registered before, but not talking to control now.
+    Stopped,
+    /// Talking to control (or trying to), no netmap yet.
+    Starting,
+    /// Registered and holding a netmap from control.
+    Running,
+}
+
+/// The control connection as the daemon sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ControlStatus {
+    /// The coordination server URL, if one was configured.
+    pub url: Option<String>,
+    pub state: ControlState,
+    /// The last error talking to control; kept until the next success.
+    pub last_error: Option<ErrorReport>,
+    /// When the current map stream started, RFC 3339.
+    pub connected_since: Option<String>,
+    /// When the next connection attempt is due (while `state` is `backoff`), RFC 3339.
+    pub next_attempt_at: Option<String>,
+    /// Consecutive failed attempts since the last success.
+    pub failed_attempts: u32,
+    /// Map streams opened (first netmap received) since the daemon started.
+    pub map_sessions: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ControlState {
+    /// Not asked to connect (`tern down`, or no `tern up` yet).
+    Idle,
+    /// Dialing, handshaking or registering.
+    Connecting,
+    /// Map stream open.
+    Connected,
+    /// The last attempt failed; waiting before the next one.
+    Backoff,
+    /// Control refused our credentials; not retrying until `tern up` is run again.
+    LoginFailed,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorReport {
+    /// The error with its context chain, e.g. `dial 127.0.0.1:9: connection refused`.
+    pub message: String,
+    /// RFC 3339.
+    pub at: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SelfStatus {
+    /// MagicDNS name without the trailing dot (e.g. `n1.tailnet.example`).
+    pub name: String,
+    pub hostname: String,
+    pub node_id: i64,
+    pub stable_id: String,
+    pub user_id: i64,
+    /// `nodekey:<hex>`
+    pub node_key: String,
+    /// `mkey:<hex>`
+    pub machine_key: String,
+    /// `discokey:<hex>` (new on every daemon start)
+    pub disco_key: String,
+    /// Tailnet addresses, IPv4 first (no prefix length).
+    pub tailnet_ips: Vec<String>,
+    /// RFC 3339, or `null` for "never expires".
+    pub key_expiry: Option<String>,
+    pub home_derp: Option<u16>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PeerStatus {
+    pub name: String,
+    pub hostname: String,
+    pub node_id: i64,
+    pub stable_id: String,
+    pub node_key: String,
+    pub disco_key: Option<String>,
+    pub tailnet_ips: Vec<String>,
+    pub os: Option<String>,
+    /// What control says: `true`, `false`, or `null` when control does not know.
+    pub online: Option<bool>,
+    /// RFC 3339; control sets it for offline peers.
+    pub last_seen: Option<String>,
+    pub key_expiry: Option<String>,
+    pub expired: bool,
+    /// The peer's home DERP region (from the netmap).
+    pub home_derp: Option<u16>,
+    /// The peer's advertised UDP endpoints (from the netmap), `ip:port`.
+    pub endpoints: Vec<String>,
+    // --- Filled by the data plane (later issues); null/0 until then. ---
+    /// `direct`, `relay`, `derp`, or `null` when there is no path.
+    pub path: Option<String>,
+    /// The endpoint in use for `direct`/`relay`, `ip:port`.
+    pub endpoint: Option<String>,
+    /// The DERP region in use when `path` is `derp`.
+    pub derp_region: Option<u16>,
+    pub latency_ms: Option<f64>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    /// RFC 3339.
+    pub last_handshake_at: Option<String>,
+    /// Why this path was chosen, in words.
+    pub path_reason: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DataPlaneStatus {
+    /// The `--tun` setting: an interface name or `userspace-networking`.
+    pub tun: String,
+    /// The UDP port setting.
+    pub port: u16,
+    /// Whether packets can flow. `false` until the data plane exists.
+    pub active: bool,
+    /// Why not, in words.
+    pub note: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DaemonInfo {
+    pub version: String,
+    pub pid: u32,
+    /// RFC 3339.
+    pub started_at: String,
+}
+
+impl Status {
+    /// The snapshot of a daemon that has just started and not talked to anyone.
+    pub fn initial(data_plane: DataPlaneStatus, started_at: SystemTime) -> Self {
+        Self {
+            schema_version: SCHEMA_VERSION,
+            backend_state: BackendState::NoState,
+            control: ControlStatus {
+                url: None,
+                state: ControlState::Idle,
+                last_error: None,
+                connected_since: None,
+                next_attempt_at: None,
+                failed_attempts: 0,
+                map_sessions: 0,
+            },
+            self_node: None,
+            peers: Vec::new(),
+            data_plane,
+            daemon: DaemonInfo {
+                version: env!("CARGO_PKG_VERSION").to_string(),
+                pid: std::process::id(),
+                started_at: rfc3339(started_at),
+            },
+        }
+    }
+
+    /// IPv4 then IPv6 tailnet addresses of this node.
+    pub fn self_ips(&self) -> &[String] {
+        self.self_node
+            .as_ref()
+            .map(|s| s.tailnet_ips.as_slice())
+            .unwrap_or_default()
+    }
+}
+
+/// Format a time as RFC 3339 UTC (seconds precision is enough for people and scripts).
+pub fn rfc3339(t: SystemTime) -> String {
+    let secs = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    time::OffsetDateTime::from_unix_timestamp(secs as i64)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| "1970-01-01T00:00:00Z".to_string())
+}
+
+/// Parse an RFC 3339 string back to a `SystemTime`.
+pub fn parse_rfc3339(s: &str) -> Option<SystemTime> {
+    let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()?;
+    let secs = u64::try_from(t.unix_timestamp()).ok()?;
+    Some(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs))
+}
+
+/// `tern status` in the style of `tailscale status`: one line per node, then health notes.
+///
+/// ```text
+/// 100.64.0.1   n1   linux  -
+/// 100.64.0.2   n2   linux  active; offline, last seen 5m ago
+/// ```
+pub fn render_human(status: &Status, now: SystemTime) -> String {
+    let mut out = String::new();
+    let control_line = describe_control(&status.control, now);
+    match (&status.backend_state, &status.self_node) {
+        (BackendState::NoState, _) => {
+            let _ = writeln!(
+                out,
+                "Logged out. Run `tern up --login-server URL --auth-key KEY`."
+            );
+        }
+        (BackendState::Stopped, _) => {
+            let _ = writeln!(out, "Stopped (tern down). Run `tern up` to connect.");
+        }
+        (BackendState::NeedsLogin, _) => {
+            let _ = writeln!(out, "Logged out: control refused the login.");
+        }
+        (_, None) => {
+            let _ = writeln!(out, "Starting: no network map from control yet.");
+        }
+        (_, Some(me)) => {
+            let mut rows = vec![self_row(me)];
+            rows.extend(status.peers.iter().map(|p| peer_row(p, now)));
+            out.push_str(&format_rows(&rows));
+        }
+    }
+    if let Some(line) = control_line {
+        let _ = writeln!(out, "\n# {line}");
+    }
+    if !status.data_plane.active {
+        let note = status
+            .data_plane
+            .note
+            .as_deref()
+            .unwrap_or("data plane is not running");
+        let _ = writeln!(out, "# Health: no packets flow yet: {note}");
+    }
+    out
+}
+
+fn self_row(me: &SelfStatus) -> [String; 4] {
+    [
+        first_ip(&me.tailnet_ips),
+        short_name(&me.name, &me.hostname),
+        "linux".into(),
+        "-".into(),
+    ]
+}
+
+fn peer_row(peer: &PeerStatus, now: SystemTime) -> [String; 4] {
+    let state = match peer.online {
+        _ if peer.expired => "expired".to_string(),
+        Some(true) => "online".to_string(),
+        Some(false) => match peer.last_seen.as_deref().and_then(parse_rfc3339) {
+            Some(seen) => format!("offline, last seen {}", ago(seen, now)),
+            None => "offline".to_string(),
+        },
+        None => "-".to_string(),
+    };
+    [
+        first_ip(&peer.tailnet_ips),
+        short_name(&peer.name, &peer.hostname),
+        peer.os.clone().unwrap_or_else(|| "-".into()),
+        state,
+    ]
+}
+
+fn format_rows(rows: &[[String; 4]]) -> String {
+    let mut widths = [0usize; 3];
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row.iter()) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for [ip, name, os, state] in rows {
+        let _ = writeln!(
+            out,
+            "{ip:<w0$}  {name:<w1$}  {os:<w2$}  {state}",
+            w0 = widths[0],
+            w1 = widths[1],
+            w2 = widths[2]
+        );
+    }
+    out
+}
+
+fn describe_control(control: &ControlStatus, now: SystemTime) -> Option<String> {
+    let url = control.url.as_deref().unwrap_or("(none)");
+    let error = control
+        .last_error
+        .as_ref()
+        .map(|e| e.message.as_str())
+        .unwrap_or("unknown");
+    match control.state {
+        ControlState::Idle | ControlState::Connected => None,
+        ControlState::Connecting if control.failed_attempts == 0 => {
+            Some(format!("Connecting to control at {url}…"))
+        }
+        ControlState::Connecting | ControlState::Backoff => {
+            let retry = control
+                .next_attempt_at
+                .as_deref()
+                .and_then(parse_rfc3339)
+                .map(|t| format!("; retrying in {}", until(t, now)))
+                .unwrap_or_default();
+            Some(format!(
+                "Control {url} unreachable ({} failed attempts): {error}{retry}",
+                control.failed_attempts
+            ))
+        }
+        ControlState::LoginFailed => Some(format!("Login to {url} failed: {error}")),
+    }
+}
+
+fn first_ip(ips: &[String]) -> String {
+    ips.first().cloned().unwrap_or_else(|| "-".into())
+}
+
+/// The first label of the MagicDNS name, as `tailscale status` prints it.
+fn short_name(name: &str, hostname: &str) -> String {
+    match name.split('.').next() {
+        Some(label) if !label.is_empty() => label.to_string(),
+        _ if !hostname.is_empty() => hostname.to_string(),
+        _ => "-".to_string(),
+    }
+}
+
+fn ago(then: SystemTime, now: SystemTime) -> String {
+    let secs = now.duration_since(then).map(|d| d.as_secs()).unwrap_or(0);
+    format!("{} ago", human_duration(secs))
+}
+
+fn until(then: SystemTime, now: SystemTime) -> String {
+    human_duration(then.duration_since(now).map(|d| d.as_secs()).unwrap_or(0))
+}
+
+fn human_duration(secs: u64) -> String {
+    match secs {
+        s if s < 60 => format!("{s}s"),
+        s if s < 3600 => format!("{}m", s / 60),
+        s if s < 86400 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86400),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn at(secs: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
+    }
+
+    fn data_plane() -> DataPlaneStatus {
+        DataPlaneStatus {
+            tun: "tern0".into(),
+            port: 41641,
+            active: false,
+            note: Some("no WireGuard data plane in this version".into()),
+        }
+    }
+
+    fn peer(name: &str, ip: &str, online: Option<bool>, last_seen: Option<&str>) -> PeerStatus {
+        PeerStatus {
+            name: format!("{name}.tailnet.example"),
+            hostname: name.into(),
+            node_id: 2,
+            stable_id: "n2".into(),
+            node_key: format!("nodekey:{}", "22".repeat(32)),
+            disco_key: None,
+            tailnet_ips: vec![ip.into()],
+            os: Some("linux".into()),
+            online,
+            last_seen: last_seen.map(Into::into),
+            key_expiry: None,
+            expired: false,
+            home_derp: Some(900),
+            endpoints: vec![],
+            path: None,
+            endpoint: None,
+            derp_region: None,
+            latency_ms: None,
+            rx_bytes: 0,
+            tx_bytes: 0,
+            last_handshake_at: None,
+            path_reason: None,
+        }
+    }
+
+    fn running() -> Status {
+        let mut s = Status::initial(data_plane(), at(1_700_000_000));
+        s.backend_state = BackendState::Running;
+        s.control.state = ControlState::Connected;
+        s.self_node = Some(SelfStatus {
+            name: "n1.tailnet.example".into(),
+            hostname: "n1".into(),
+            node_id: 1,
+            stable_id: "n1".into(),
+            user_id: 1,
+            node_key: format!("nodekey:{}", "11".repeat(32)),
+            machine_key: format!("mkey:{}", "33".repeat(32)),
+            disco_key: format!("discokey:{}", "44".repeat(32)),
+            tailnet_ips: vec!["100.64.0.1".into(), "fd7a:115c:a1e0::1".into()],
+            key_expiry: None,
+            home_derp: None,
+        });
+        s.peers = vec![
+            peer("n2", "100.64.0.2", Some(true), None),
+            peer(
+                "n3",
+                "100.64.0.3",
+                Some(false),
+                Some("2023-11-14T22:13:20Z"),
+            ),
+        ];
+        s
+    }
+
+    #[test]
+    fn json_round_trips_and_uses_the_documented_names() {
+        let s = running();
+        let json = serde_json::to_value(&s).unwrap();
+        assert_eq!(json["schema_version"], 1);
+        assert_eq!(json["backend_state"], "Running");
+        assert_eq!(json["control"]["state"], "connected");
+        assert_eq!(json["self"]["tailnet_ips"][0], "100.64.0.1");
+        let p = &json["peers"][0];
+        for field in [
+            "path",
+            "endpoint",
+            "derp_region",
+            "latency_ms",
+            "last_handshake_at",
+            "path_reason",
+        ] {
+            assert!(
+                p.get(field).is_some_and(|v| v.is_null()),
+                "peer field {field}: {p}"
+            );
+        }
+        assert_eq!(p["rx_bytes"], 0);
+        let back: Status = serde_json::from_value(json).unwrap();
+        assert_eq!(back, s);
+    }
+
+    #[test]
+    fn human_output_lists_self_then_peers_with_liveness() {
+        // 2023-11-14T22:13:20Z is 1_700_000_000; "now" is 5 minutes later.
+        let text = render_human(&running(), at(1_700_000_300));
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[0].starts_with("100.64.0.1  n1"), "{text}");
+        assert!(
+            lines[1].starts_with("100.64.0.2  n2") && lines[1].ends_with("online"),
+            "{text}"
+        );
+        assert!(lines[2].ends_with("offline, last seen 5m ago"), "{text}");
+        assert!(
+            text.contains("no packets flow yet"),
+            "must not pretend: {text}"
+        );
+    }
+
+    #[test]
+    fn human_output_says_why_control_is_unreachable() {
+        let mut s = running();
+        s.control.url = Some("http://127.0.0.1:9".into());
+        s.control.state = ControlState::Backoff;
+        s.control.failed_attempts = 3;
+        s.control.last_error = Some(ErrorReport {
+            message: "dial 127.0.0.1:9: connection refused".into(),
+            at: rfc3339(at(1_700_000_000)),
+        });
+        s.control.next_attempt_at = Some(rfc3339(at(1_700_000_010)));
+        let text = render_human(&s, at(1_700_000_000));
+        assert!(
+            text.contains(
+                "Control http://127.0.0.1:9 unreachable (3 failed attempts): \
+                 dial 127.0.0.1:9: connection refused; retrying in 10s"
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn rfc3339_round_trip() {
+        assert_eq!(rfc3339(at(1_700_000_000)), "2023-11-14T22:13:20Z");
+        assert_eq!(
+            parse_rfc3339("2023-11-14T22:13:20Z"),
+            Some(at(1_700_000_000))
+        );
+        assert_eq!(parse_rfc3339("yesterday"), None);
+    }
+}
