@@ -14,6 +14,9 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(stun::parse_binding_request(&stun::request(tx)), Ok(tx));
     }
     if let Ok((tx, addr)) = stun::parse_response(data) {
-        assert_eq!(stun::parse_response(&stun::response(tx, addr)), Ok((tx, addr)));
+        assert_eq!(
+            stun::parse_response(&stun::response(tx, addr)),
+            Ok((tx, addr))
+        );
     }
 });
