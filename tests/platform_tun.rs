@@ -1,0 +1,189 @@
+//! tern-platform's TUN and router in a fresh network namespace: addresses, MTU, routes (checked
+//! with `ip -n NS`), a UDP packet out through the TUN and a reply written back into it.
+
+mod support;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{ensure, Context};
+use ipnet::IpNet;
+use tern::packet::{proto, PacketSummary};
+use tern_lab::{LabError, Netns};
+use tern_platform::router::{default_routes, NetlinkRouter, Router};
+use tern_platform::tun::{LinuxTun, Tun, TunConfig, DEFAULT_TUN_NAME};
+
+const WAIT: Duration = Duration::from_secs(5);
+const NODE_V4: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 1);
+const PEER_V4: Ipv4Addr = Ipv4Addr::new(100, 101, 102, 103);
+
+fn ip_n(ns: &str, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new("ip").arg("-n").arg(ns).args(args).output()?;
+    ensure!(
+        out.status.success(),
+        "ip -n {ns} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn ipv4_checksum(header: &[u8]) -> u16 {
+    let mut sum: u32 = header
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// An IPv4/UDP packet with a valid header checksum and no UDP checksum (allowed for IPv4).
+fn udp4(src: SocketAddr, dst: SocketAddr, payload: &[u8]) -> Vec<u8> {
+    let (IpAddr::V4(s), IpAddr::V4(d)) = (src.ip(), dst.ip()) else {
+        panic!("IPv4 only")
+    };
+    let total = (20 + 8 + payload.len()) as u16;
+    let mut p = vec![0x45, 0];
+    p.extend_from_slice(&total.to_be_bytes());
+    p.extend_from_slice(&[0, 0, 0x40, 0, 64, proto::UDP, 0, 0]);
+    p.extend_from_slice(&s.octets());
+    p.extend_from_slice(&d.octets());
+    let csum = ipv4_checksum(&p);
+    p[10..12].copy_from_slice(&csum.to_be_bytes());
+    p.extend_from_slice(&src.port().to_be_bytes());
+    p.extend_from_slice(&dst.port().to_be_bytes());
+    p.extend_from_slice(&(8 + payload.len() as u16).to_be_bytes());
+    p.extend_from_slice(&[0, 0]);
+    p.extend_from_slice(payload);
+    p
+}
+
+/// Reads TUN packets until an IPv4 UDP one to `dst` arrives (skipping e.g. IPv6 router
+/// solicitations), bounded by WAIT.
+async fn read_udp_to(tun: &LinuxTun, dst: SocketAddr) -> anyhow::Result<(PacketSummary, Vec<u8>)> {
+    let mut buf = vec![0u8; 2048];
+    let read = async {
+        loop {
+            let n = tun.recv(&mut buf).await?;
+            let packet = &buf[..n];
+            if let Ok(s) = PacketSummary::parse(packet) {
+                if s.proto == proto::UDP && SocketAddr::new(s.dst, s.dst_port) == dst {
+                    return anyhow::Ok((s, packet.to_vec()));
+                }
+            }
+        }
+    };
+    tokio::time::timeout(WAIT, read)
+        .await
+        .context("no UDP packet on the TUN within 5 s")?
+}
+
+async fn tun_round_trip(ns: String) -> anyhow::Result<()> {
+    let tun = LinuxTun::create(&TunConfig::default()).await?;
+    ensure!(tun.name() == DEFAULT_TUN_NAME);
+    let addrs: Vec<IpNet> = vec!["100.64.0.1/32".parse()?, "fd7a:115c:a1e0::1/128".parse()?];
+    tun.set_addresses(&addrs).await?;
+    let mut router = NetlinkRouter::new(tun.netlink().clone(), tun.index());
+    router.set_routes(&default_routes()).await?;
+
+    let link = ip_n(&ns, &["link", "show", DEFAULT_TUN_NAME])?;
+    ensure!(
+        link.contains("mtu 1280") && link.contains(",UP"),
+        "link: {link}"
+    );
+    let addr = ip_n(&ns, &["addr", "show", DEFAULT_TUN_NAME])?;
+    ensure!(addr.contains("inet 100.64.0.1/32"), "addr: {addr}");
+    ensure!(addr.contains("inet6 fd7a:115c:a1e0::1/128"), "addr: {addr}");
+    let v4 = ip_n(&ns, &["-4", "route", "show"])?;
+    ensure!(v4.contains("100.64.0.0/10 dev tern0"), "v4 routes: {v4}");
+    let v6 = ip_n(&ns, &["-6", "route", "show"])?;
+    ensure!(
+        v6.contains("fd7a:115c:a1e0::/48 dev tern0"),
+        "v6 routes: {v6}"
+    );
+    let mut kernel = router.kernel_routes().await?;
+    kernel.sort();
+    let mut want = default_routes();
+    want.sort();
+    ensure!(
+        kernel == want,
+        "kernel routes via tern0 {kernel:?}, want {want:?}"
+    );
+
+    // Out: a socket's datagram to a tailnet address is routed into the TUN.
+    let sock = tokio::net::UdpSocket::bind((NODE_V4, 0)).await?;
+    let local = sock.local_addr()?;
+    let peer = SocketAddr::from((PEER_V4, 9999));
+    sock.send_to(b"hello tun", peer).await?;
+    let (summary, packet) = read_udp_to(&tun, peer).await?;
+    ensure!(
+        summary.src == IpAddr::V4(NODE_V4) && summary.src_port == local.port(),
+        "{summary:?}"
+    );
+    ensure!(packet.ends_with(b"hello tun"), "payload lost: {packet:?}");
+
+    // In: a reply written into the TUN reaches the socket.
+    tun.send(&udp4(peer, local, b"hello socket")).await?;
+    let mut buf = [0u8; 64];
+    let (n, from) = tokio::time::timeout(WAIT, sock.recv_from(&mut buf))
+        .await
+        .context("reply written to the TUN never reached the socket")??;
+    ensure!(
+        &buf[..n] == b"hello socket" && from == peer,
+        "got {:?} from {from}",
+        &buf[..n]
+    );
+
+    // Address set is replaced, routes are removed on close.
+    tun.set_addresses(&addrs[..1]).await?;
+    let addr = ip_n(&ns, &["addr", "show", DEFAULT_TUN_NAME])?;
+    ensure!(
+        !addr.contains("fd7a:115c:a1e0::1/128"),
+        "stale address kept: {addr}"
+    );
+    router.close().await?;
+    let v4 = ip_n(&ns, &["-4", "route", "show"])?;
+    ensure!(
+        !v4.contains("100.64.0.0/10"),
+        "route left after close: {v4}"
+    );
+    Ok(())
+}
+
+fn in_runtime(ns: String) -> tern_lab::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| LabError::Invalid(e.to_string()))?;
+    rt.block_on(tun_round_trip(ns))
+        .map_err(|e| LabError::Invalid(format!("{e:#}")))
+}
+
+#[test]
+fn tun_and_routes_in_a_fresh_namespace() {
+    support::require_root();
+    let name = format!("tpt-tun-{}", std::process::id());
+    let ns = Netns::create(&name).expect("create namespace");
+    let thread_name = name.clone();
+    let result = ns.run_in(move || in_runtime(thread_name));
+    // The TUN closed with its fd: nothing of it is left, even in the namespace.
+    let leftover = ip_n(&name, &["link", "show", DEFAULT_TUN_NAME]);
+    ns.delete().expect("delete namespace");
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+    assert!(leftover.is_err(), "TUN outlived its fd: {leftover:?}");
+    assert!(!Netns::exists(&name), "namespace {name} left behind");
+    let host_links_after = Command::new("ip")
+        .args(["-o", "link"])
+        .output()
+        .unwrap()
+        .stdout;
+    let after = String::from_utf8_lossy(&host_links_after);
+    assert!(
+        !after.contains("tern0"),
+        "TUN leaked into the host namespace"
+    );
+}
