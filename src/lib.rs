@@ -6,7 +6,9 @@
 pub mod cli;
 pub mod control;
 pub mod daemon;
+pub mod demux;
 pub mod derp;
+pub mod disco;
 pub mod filter;
 pub mod keys;
 pub mod lab_cli;
@@ -16,6 +18,8 @@ pub mod naclbox;
 pub mod netmap;
 pub mod node_commands;
 pub mod packet;
+pub mod paths;
+pub mod relay;
 pub mod state;
 pub mod status;
 pub mod stun;

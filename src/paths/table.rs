@@ -1,0 +1,466 @@
+//! All peers' path machines behind one disco key: opens inbound disco packets, checks who sent
+//! them (spec dataplane.md §3.4), hands them to the right [`Peer`], and seals what the peers want
+//! to send. Still sans-IO: the driver gives it datagrams and the time, and sends [`Outgoing`]
+//! packets on the UDP socket or via DERP.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use super::{Dest, Event, LocalNet, Path, PathSource, Peer, PeerInfo, SendPlan, TimeoutReason};
+use crate::disco::{self, DiscoError, Message};
+use crate::keys::{DiscoPrivate, DiscoPublic, NodePublic};
+use crate::naclbox::SharedBox;
+
+/// A sealed disco packet to send to `peer`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outgoing {
+    /// Node key of the peer (the DERP routing key when `dest` is DERP).
+    pub peer: NodePublic,
+    pub dest: Dest,
+    /// The whole disco packet (magic, our disco key, nonce, box).
+    pub packet: Vec<u8>,
+}
+
+/// An event of one peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerEvent {
+    pub peer: NodePublic,
+    pub event: Event,
+}
+
+/// Why an inbound disco packet was dropped (each is counted in [`DiscoCounters`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DiscoDrop {
+    #[error("not a disco packet: {0}")]
+    NotDisco(DiscoError),
+    #[error("disco from an unknown disco key")]
+    UnknownSender,
+    #[error("disco via DERP from a node key whose disco key differs")]
+    DerpSenderMismatch,
+    #[error("disco box did not open")]
+    BadBox,
+    #[error("disco message did not parse: {0}")]
+    Malformed(DiscoError),
+}
+
+/// Counters of inbound disco handling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DiscoCounters {
+    pub accepted: u64,
+    pub not_disco: u64,
+    pub unknown_sender: u64,
+    pub derp_sender_mismatch: u64,
+    pub bad_box: u64,
+    pub malformed: u64,
+}
+
+struct Entry {
+    peer: Peer,
+    shared: SharedBox,
+}
+
+/// The path machines of every peer, keyed by node key.
+pub struct PeerTable {
+    disco_private: DiscoPrivate,
+    disco_public: DiscoPublic,
+    local: LocalNet,
+    peers: BTreeMap<NodePublic, Entry>,
+    by_disco: HashMap<DiscoPublic, NodePublic>,
+    by_addr: HashMap<SocketAddr, NodePublic>,
+    counters: DiscoCounters,
+}
+
+impl std::fmt::Debug for PeerTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerTable")
+            .field("disco_public", &self.disco_public)
+            .field("peers", &self.peers.len())
+            .field("counters", &self.counters)
+            .finish()
+    }
+}
+
+impl PeerTable {
+    /// A table for this node's disco key and network facts.
+    pub fn new(disco_private: DiscoPrivate, local: LocalNet) -> PeerTable {
+        PeerTable {
+            disco_public: disco_private.public(),
+            disco_private,
+            local,
+            peers: BTreeMap::new(),
+            by_disco: HashMap::new(),
+            by_addr: HashMap::new(),
+            counters: DiscoCounters::default(),
+        }
+    }
+
+    /// Our disco public key (what control must publish for us).
+    pub fn disco_public(&self) -> DiscoPublic {
+        self.disco_public
+    }
+
+    /// Replaces the peer set with the netmap's peers that have a disco key.
+    pub fn set_peers(&mut self, now: Instant, peers: Vec<PeerInfo>) {
+        let wanted: BTreeMap<NodePublic, PeerInfo> = peers
+            .into_iter()
+            .filter(|p| !p.disco_key.is_zero())
+            .map(|p| (p.node_key, p))
+            .collect();
+        self.peers.retain(|key, _| wanted.contains_key(key));
+        for (key, info) in wanted {
+            match self.peers.get_mut(&key) {
+                Some(entry) => {
+                    if entry.peer.info().disco_key != info.disco_key {
+                        entry.shared = disco::shared_box(&self.disco_private, &info.disco_key);
+                    }
+                    entry.peer.update_info(now, info);
+                }
+                None => {
+                    let shared = disco::shared_box(&self.disco_private, &info.disco_key);
+                    let peer = Peer::new(now, self.local.clone(), info);
+                    self.peers.insert(key, Entry { peer, shared });
+                }
+            }
+        }
+        self.by_disco = self
+            .peers
+            .iter()
+            .map(|(key, e)| (e.peer.info().disco_key, *key))
+            .collect();
+        self.by_addr.retain(|_, key| self.peers.contains_key(key));
+    }
+
+    /// New facts about our own network, for every peer.
+    pub fn set_local(&mut self, now: Instant, local: LocalNet) {
+        self.local = local;
+        for entry in self.peers.values_mut() {
+            entry.peer.set_local(now, self.local.clone());
+        }
+    }
+
+    /// A disco packet (starting at the magic) from UDP source `src`.
+    pub fn handle_udp(
+        &mut self,
+        now: Instant,
+        src: SocketAddr,
+        packet: &[u8],
+    ) -> Result<NodePublic, DiscoDrop> {
+        let result = self.open(packet, None);
+        self.deliver(now, PathSource::Udp(src), result)
+    }
+
+    /// A disco packet from a DERP RecvPacket of `src_node` on our connection to `region`.
+    pub fn handle_derp(
+        &mut self,
+        now: Instant,
+        region: u16,
+        src_node: NodePublic,
+        packet: &[u8],
+    ) -> Result<NodePublic, DiscoDrop> {
+        let result = self.open(packet, Some(src_node));
+        self.deliver(now, PathSource::Derp { region }, result)
+    }
+
+    /// Outgoing WireGuard to `peer`: where to send it (None for an unknown peer).
+    pub fn on_outgoing(&mut self, now: Instant, peer: &NodePublic) -> Option<SendPlan> {
+        self.peers.get_mut(peer).map(|e| e.peer.on_outgoing(now))
+    }
+
+    /// `tern ping` to `peer` (see [`Peer::cli_ping`]); None for an unknown peer.
+    pub fn cli_ping(&mut self, now: Instant, peer: &NodePublic) -> Option<Vec<disco::TxId>> {
+        self.peers.get_mut(peer).map(|e| e.peer.cli_ping(now))
+    }
+
+    /// The peer that owns WireGuard packets from `addr`, as learned from disco.
+    pub fn peer_for_addr(&self, addr: &SocketAddr) -> Option<NodePublic> {
+        self.by_addr.get(addr).copied()
+    }
+
+    /// One peer's machine, for status.
+    pub fn peer(&self, key: &NodePublic) -> Option<&Peer> {
+        self.peers.get(key).map(|e| &e.peer)
+    }
+
+    /// Every peer's current path.
+    pub fn paths(&self) -> impl Iterator<Item = (&NodePublic, Path)> {
+        self.peers.iter().map(|(k, e)| (k, e.peer.current_path()))
+    }
+
+    /// Inbound disco counters.
+    pub fn counters(&self) -> DiscoCounters {
+        self.counters
+    }
+
+    /// The next sealed disco packet to send.
+    pub fn poll_transmit(&mut self) -> Option<Outgoing> {
+        let me = self.disco_public;
+        self.peers.iter_mut().find_map(|(key, entry)| {
+            let t = entry.peer.poll_transmit()?;
+            Some(Outgoing {
+                peer: *key,
+                dest: t.dest,
+                packet: disco::seal_with(&entry.shared, &me, &t.msg),
+            })
+        })
+    }
+
+    /// The next peer event; address attributions are also recorded for [`Self::peer_for_addr`].
+    pub fn poll_event(&mut self) -> Option<PeerEvent> {
+        let (peer, event) = self
+            .peers
+            .iter_mut()
+            .find_map(|(key, entry)| entry.peer.poll_event().map(|e| (*key, e)))?;
+        if let Event::AddrForPeer(addr) = event {
+            self.by_addr.insert(addr, peer);
+        }
+        Some(PeerEvent { peer, event })
+    }
+
+    /// The earliest deadline over all peers.
+    pub fn poll_timeout(&self) -> Option<(Instant, NodePublic, TimeoutReason)> {
+        self.peers
+            .iter()
+            .filter_map(|(key, e)| e.peer.poll_timeout().map(|(t, r)| (t, *key, r)))
+            .min_by_key(|(t, _, _)| *t)
+    }
+
+    /// Runs every peer's timers that are due.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        for entry in self.peers.values_mut() {
+            if entry.peer.poll_timeout().is_some_and(|(t, _)| t <= now) {
+                entry.peer.handle_timeout(now);
+            }
+        }
+    }
+
+    /// Identifies the sender, opens and parses.
+    fn open(
+        &self,
+        packet: &[u8],
+        derp_src: Option<NodePublic>,
+    ) -> Result<(NodePublic, Message), DiscoDrop> {
+        let header = disco::parse_packet(packet).map_err(DiscoDrop::NotDisco)?;
+        let node = *self
+            .by_disco
+            .get(&header.sender)
+            .ok_or(DiscoDrop::UnknownSender)?;
+        // Over DERP the relay vouches for the node key: it must be the disco key's owner.
+        if derp_src.is_some_and(|src| src != node) {
+            return Err(DiscoDrop::DerpSenderMismatch);
+        }
+        let entry = self.peers.get(&node).ok_or(DiscoDrop::UnknownSender)?;
+        let plain = entry
+            .shared
+            .open(header.sealed)
+            .map_err(|_| DiscoDrop::BadBox)?;
+        let msg = disco::parse(&plain).map_err(DiscoDrop::Malformed)?;
+        Ok((node, msg))
+    }
+
+    fn deliver(
+        &mut self,
+        now: Instant,
+        from: PathSource,
+        result: Result<(NodePublic, Message), DiscoDrop>,
+    ) -> Result<NodePublic, DiscoDrop> {
+        let (node, msg) = result.inspect_err(|drop| {
+            tracing::trace!(%drop, ?from, "disco: dropped");
+            let c = &mut self.counters;
+            match drop {
+                DiscoDrop::NotDisco(_) => c.not_disco += 1,
+                DiscoDrop::UnknownSender => c.unknown_sender += 1,
+                DiscoDrop::DerpSenderMismatch => c.derp_sender_mismatch += 1,
+                DiscoDrop::BadBox => c.bad_box += 1,
+                DiscoDrop::Malformed(_) => c.malformed += 1,
+            }
+        })?;
+        self.counters.accepted += 1;
+        if let Some(entry) = self.peers.get_mut(&node) {
+            entry.peer.handle_disco(now, from, msg);
+        }
+        Ok(node)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    struct Side {
+        table: PeerTable,
+        node_key: NodePublic,
+        public: SocketAddr,
+        home: u16,
+    }
+
+    fn side(n: u8, public: &str, home: u16) -> Side {
+        let node_key = NodePublic::from_bytes([n; 32]);
+        let local = LocalNet {
+            node_key,
+            endpoints: vec![addr(public)],
+            udp_working: Some(true),
+            mapping_varies: Some(false),
+        };
+        Side {
+            table: PeerTable::new(DiscoPrivate::generate(), local),
+            node_key,
+            public: addr(public),
+            home,
+        }
+    }
+
+    fn info_of(s: &Side) -> PeerInfo {
+        PeerInfo {
+            node_key: s.node_key,
+            disco_key: s.table.disco_public(),
+            home_derp: Some(s.home),
+            endpoints: vec![s.public],
+            mapping_varies: Some(false),
+        }
+    }
+
+    /// Moves every sealed packet from `from` to `to` (no loss, no NAT), returning how many.
+    fn pump(now: Instant, from: &mut Side, to: &mut Side) -> usize {
+        let mut n = 0;
+        while let Some(out) = from.table.poll_transmit() {
+            assert_eq!(out.peer, to.node_key);
+            let got = match out.dest {
+                Dest::Direct(a) => {
+                    assert_eq!(a, to.public);
+                    to.table.handle_udp(now, from.public, &out.packet)
+                }
+                Dest::Derp(region) => to
+                    .table
+                    .handle_derp(now, region, from.node_key, &out.packet),
+            };
+            assert_eq!(got, Ok(from.node_key));
+            n += 1;
+        }
+        while from.table.poll_event().is_some() {}
+        n
+    }
+
+    #[test]
+    fn two_tables_reach_direct_with_real_sealed_packets() {
+        let t0 = Instant::now();
+        let mut a = side(1, "203.0.113.1:41641", 1);
+        let mut b = side(2, "198.51.100.2:41641", 2);
+        a.table.set_peers(t0, vec![info_of(&b)]);
+        b.table.set_peers(t0, vec![info_of(&a)]);
+        let plan = a.table.on_outgoing(t0, &b.node_key).unwrap();
+        assert_eq!(
+            plan,
+            SendPlan {
+                udp: None,
+                derp: Some(2)
+            }
+        );
+        let mut now = t0;
+        for _ in 0..10 {
+            now += Duration::from_millis(10);
+            pump(now, &mut a, &mut b);
+            pump(now, &mut b, &mut a);
+        }
+        assert!(matches!(
+            a.table.peer(&b.node_key).unwrap().current_path(),
+            Path::Direct { addr, .. } if addr == b.public
+        ));
+        assert_eq!(a.table.peer_for_addr(&b.public), Some(b.node_key));
+        assert_eq!(b.table.peer_for_addr(&a.public), Some(a.node_key));
+        assert!(a.table.counters().accepted > 0);
+        // A CLI ping on the direct path is answered over UDP, reported as a CLI pong.
+        let tx = a.table.cli_ping(now, &b.node_key).unwrap();
+        assert_eq!(tx.len(), 1);
+        pump(now, &mut a, &mut b);
+        let out = b.table.poll_transmit().unwrap();
+        assert_eq!(out.dest, Dest::Direct(a.public));
+        assert_eq!(
+            a.table.handle_udp(now, b.public, &out.packet),
+            Ok(b.node_key)
+        );
+        let cli_pong = std::iter::from_fn(|| a.table.poll_event())
+            .any(|e| matches!(e.event, Event::Pong { cli: true, tx_id, .. } if tx_id == tx[0]));
+        assert!(cli_pong);
+        assert_eq!(a.table.poll_timeout().map(|(_, k, _)| k), Some(b.node_key));
+    }
+
+    #[test]
+    fn unknown_senders_tampering_and_impostors_are_dropped_and_counted() {
+        let t0 = Instant::now();
+        let mut a = side(1, "203.0.113.1:41641", 1);
+        let b = side(2, "198.51.100.2:41641", 2);
+        let stranger = DiscoPrivate::generate();
+        a.table.set_peers(t0, vec![info_of(&b)]);
+        let ping = Message::Ping(disco::Ping {
+            tx_id: disco::TxId([1; 12]),
+            node_key: None,
+            padding: 0,
+        });
+        let from_stranger = disco::seal(&stranger, &a.table.disco_public(), &ping);
+        assert_eq!(
+            a.table.handle_udp(t0, b.public, &from_stranger),
+            Err(DiscoDrop::UnknownSender)
+        );
+        // Sealed by b's key (as b), then tampered.
+        let b_private = DiscoPrivate::generate();
+        let mut b2 = info_of(&b);
+        b2.disco_key = b_private.public();
+        a.table.set_peers(t0, vec![b2]);
+        let mut wire = disco::seal(&b_private, &a.table.disco_public(), &ping);
+        let good = wire.clone();
+        let last = wire.len() - 1;
+        wire[last] ^= 1;
+        assert_eq!(
+            a.table.handle_udp(t0, b.public, &wire),
+            Err(DiscoDrop::BadBox)
+        );
+        // Via DERP from another node key: an impostor.
+        let other = NodePublic::from_bytes([9; 32]);
+        assert_eq!(
+            a.table.handle_derp(t0, 1, other, &good),
+            Err(DiscoDrop::DerpSenderMismatch)
+        );
+        assert!(matches!(
+            a.table.handle_udp(t0, b.public, b"not disco at all"),
+            Err(DiscoDrop::NotDisco(_))
+        ));
+        assert_eq!(a.table.handle_udp(t0, b.public, &good), Ok(b.node_key));
+        let c = a.table.counters();
+        assert_eq!(
+            (
+                c.unknown_sender,
+                c.bad_box,
+                c.derp_sender_mismatch,
+                c.not_disco,
+                c.accepted
+            ),
+            (1, 1, 1, 1, 1)
+        );
+        // The accepted ping is answered with a pong sealed to b.
+        let out = a.table.poll_transmit().unwrap();
+        assert_eq!(out.dest, Dest::Direct(b.public));
+        let header = disco::parse_packet(&out.packet).unwrap();
+        let opened = disco::open(&disco::shared_box(&b_private, &header.sender), &header);
+        assert!(matches!(opened, Ok(Message::Pong(_))));
+    }
+
+    #[test]
+    fn peers_without_disco_key_or_removed_from_the_netmap_are_gone() {
+        let t0 = Instant::now();
+        let mut a = side(1, "203.0.113.1:41641", 1);
+        let b = side(2, "198.51.100.2:41641", 2);
+        let mut no_disco = info_of(&side(3, "192.0.2.3:1", 3));
+        no_disco.disco_key = DiscoPublic::zero();
+        a.table.set_peers(t0, vec![info_of(&b), no_disco]);
+        assert_eq!(a.table.paths().count(), 1);
+        a.table.set_peers(t0, vec![]);
+        assert_eq!(a.table.paths().count(), 0);
+        assert_eq!(a.table.on_outgoing(t0, &b.node_key), None);
+    }
+}
