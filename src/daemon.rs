@@ -11,7 +11,8 @@ use anyhow::Context as _;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::control::client::{self as control_client, ControlConfig, NodeIdentity};
+use crate::control::client::{self as control_client, ControlConfig, EngineLink, NodeIdentity};
+use crate::dataplane::{self, EngineConfig};
 use crate::localapi::{self, Command, SocketOwner, UpRequest};
 use crate::state::{Prefs, StateDir};
 use crate::status::{BackendState, ControlState, DataPlaneStatus, Status};
@@ -21,7 +22,7 @@ use crate::status::{BackendState, ControlState, DataPlaneStatus, Status};
 pub struct DaemonConfig {
     pub state_dir: PathBuf,
     pub socket: PathBuf,
-    /// TUN name or `userspace-networking`; recorded only (no data plane yet).
+    /// TUN name, or `userspace-networking` (not implemented yet: control only).
     pub tun: String,
     pub port: u16,
     /// User (name or numeric uid) allowed to use the LocalAPI socket besides root.
@@ -51,7 +52,11 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
             tun: config.tun.clone(),
             port: config.port,
             active: false,
-            note: Some("no WireGuard data plane in this version: control only".into()),
+            note: Some(if config.tun == USERSPACE_NETWORKING {
+                "userspace networking is not implemented yet: control only".into()
+            } else {
+                "waiting for the first network map".into()
+            }),
         },
         SystemTime::now(),
     ));
@@ -64,6 +69,9 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
         prefs,
         status: status_tx,
         control: None,
+        engine: None,
+        tun: config.tun.clone(),
+        port: config.port,
         backend_log_id: hex::encode(rand::random::<[u8; 32]>()),
     };
     daemon.start_or_stop();
@@ -81,6 +89,10 @@ struct Daemon {
     prefs: Prefs,
     status: watch::Sender<Status>,
     control: Option<JoinHandle<()>>,
+    /// The data plane, running next to the control task.
+    engine: Option<JoinHandle<()>>,
+    tun: String,
+    port: u16,
     /// Random per process, like the Go client's log id when logging is off.
     backend_log_id: String,
 }
@@ -149,11 +161,13 @@ impl Daemon {
                     backend_log_id: self.backend_log_id.clone(),
                     watchdog: control_client::MAP_WATCHDOG,
                 };
+                let link = self.start_engine();
                 let task = control_client::spawn(
                     config,
                     self.identity.clone(),
                     self.state.clone(),
                     self.status.clone(),
+                    link,
                 );
                 self.control = Some(task);
             }
@@ -175,12 +189,47 @@ impl Daemon {
         }
     }
 
+    /// Starts the data plane (TUN mode only); it waits for the control task's first netmap.
+    fn start_engine(&mut self) -> Option<EngineLink> {
+        if self.tun == USERSPACE_NETWORKING {
+            return None;
+        }
+        let (netmap_tx, netmap_rx) = watch::channel(None);
+        let (home_tx, home_rx) = watch::channel(0u16);
+        let config = EngineConfig {
+            tun_name: self.tun.clone(),
+            port: self.port,
+            node_key: self.identity.node.clone(),
+        };
+        self.engine = Some(dataplane::spawn(
+            config,
+            netmap_rx,
+            home_tx,
+            self.status.clone(),
+        ));
+        Some(EngineLink {
+            netmap: std::sync::Arc::new(netmap_tx),
+            home_derp: home_rx,
+        })
+    }
+
     fn stop_control(&mut self) {
         if let Some(task) = self.control.take() {
             task.abort();
         }
+        // Dropping the engine task closes the TUN; its routes go with the device.
+        if let Some(task) = self.engine.take() {
+            task.abort();
+            self.status.send_modify(|s| {
+                s.data_plane.active = false;
+                s.data_plane.note = Some("stopped".into());
+            });
+        }
     }
 }
+
+/// The `--tun` value that asks for no kernel TUN.
+pub const USERSPACE_NETWORKING: &str = "userspace-networking";
 
 /// Accept `http://` and `https://` URLs with a host; trailing slashes are dropped (spec §2).
 fn validate_login_server(url: &str) -> Result<String, String> {

@@ -282,6 +282,11 @@ fn peer_row(peer: &PeerStatus, now: SystemTime) -> [String; 4] {
         },
         None => "-".to_string(),
     };
+    let state = match (peer.path.as_deref(), peer.derp_region) {
+        (Some("derp"), Some(region)) => format!("{state}; derp({region})"),
+        (Some(path), _) => format!("{state}; {path}"),
+        _ => state,
+    };
     [
         first_ip(&peer.tailnet_ips),
         short_name(&peer.name, &peer.hostname),

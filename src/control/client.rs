@@ -5,6 +5,7 @@
 //! off); [`run`] is the one I/O task that dials, registers and reads the map stream, handing
 //! each outcome to the session.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::watch;
@@ -34,6 +35,15 @@ pub struct ControlConfig {
     /// Give up on register or the map poll after this long without an answer or a message
     /// ([`MAP_WATCHDOG`] outside tests).
     pub watchdog: Duration,
+}
+
+/// The data plane's side of the control session: every netmap goes out on `netmap`, and a
+/// change of our home DERP region (`home_derp`, 0 = unknown) is reported to control in a lite
+/// map update as `Hostinfo.NetInfo.PreferredDERP`, so peers know where to reach us.
+#[derive(Debug, Clone)]
+pub struct EngineLink {
+    pub netmap: Arc<watch::Sender<Option<Arc<NetworkMap>>>>,
+    pub home_derp: watch::Receiver<u16>,
 }
 
 /// This node's keys: machine and node keys from the state directory, a disco key made fresh for
@@ -214,8 +224,9 @@ pub fn spawn(
     identity: NodeIdentity,
     state: StateDir,
     status: watch::Sender<Status>,
+    link: Option<EngineLink>,
 ) -> JoinHandle<()> {
-    tokio::spawn(run(config, identity, state, status))
+    tokio::spawn(run(config, identity, state, status, link))
 }
 
 /// The control I/O task: attempt, publish, back off, repeat.
@@ -224,13 +235,21 @@ pub async fn run(
     mut identity: NodeIdentity,
     state: StateDir,
     status: watch::Sender<Status>,
+    link: Option<EngineLink>,
 ) {
     let mut session = Session::new(config.url.clone());
     let mut last_error = String::new();
     loop {
         status.send_modify(|s| session.connecting(s));
-        let err = match connection::run_once(&config, &mut identity, &state, &status, &mut session)
-            .await
+        let err = match connection::run_once(
+            &config,
+            &mut identity,
+            &state,
+            &status,
+            &mut session,
+            link.as_ref(),
+        )
+        .await
         {
             Ok(()) => ControlError::Transient("control closed the map stream".into()),
             Err(e) => e,
@@ -275,6 +294,7 @@ mod connection {
         state: &StateDir,
         status: &watch::Sender<Status>,
         session: &mut Session,
+        link: Option<&EngineLink>,
     ) -> Result<(), ControlError> {
         let url = ControlUrl::parse(&config.url)?;
         let body = dial::fetch_key_body(&url, CAPABILITY_VERSION).await?;
@@ -294,7 +314,9 @@ mod connection {
                 config.watchdog
             ))
         })??;
-        let hostinfo = hostinfo(config);
+        let mut home_derp = link.map(|l| l.home_derp.clone());
+        let home = home_derp.as_mut().map_or(0, |h| *h.borrow_and_update());
+        let hostinfo = with_home_derp(hostinfo(config), home);
         send_lite_update(&conn, identity, &hostinfo);
         let map = map_request(identity, &hostinfo, true);
         let resp = tokio::time::timeout(
@@ -316,16 +338,17 @@ mod connection {
                 String::from_utf8_lossy(&body).trim()
             )));
         }
-        read_map_stream(
-            resp.into_body(),
-            config.watchdog,
-            &mut conn,
+        let mut stream = MapStream {
+            conn: &mut conn,
             identity,
             state,
             status,
             session,
-        )
-        .await
+            link,
+            home_derp,
+            hostinfo,
+        };
+        stream.read(resp.into_body(), config.watchdog).await
     }
 
     /// `POST /machine/register` until control accepts our node key (spec §4).
@@ -403,55 +426,106 @@ mod connection {
         });
     }
 
-    /// Read `[u32le][zstd]` messages until the stream ends, the connection dies, or 120 s pass
-    /// without a message (spec §5.4 watchdog).
-    async fn read_map_stream(
-        mut body: hyper::body::Incoming,
-        watchdog: Duration,
-        conn: &mut ControlConn,
-        identity: &mut NodeIdentity,
-        state: &StateDir,
-        status: &watch::Sender<Status>,
-        session: &mut Session,
-    ) -> Result<(), ControlError> {
-        let mut decoder = MapFrameDecoder::with_max_len(Compression::Zstd, MAX_MAP_MESSAGE);
-        let mut netmap = MapState::default();
-        loop {
-            let frame = tokio::select! {
-                frame = tokio::time::timeout(watchdog, body.frame()) => frame.map_err(|_| {
-                    ControlError::Transient(format!(
-                        "map response long-poll timed out: nothing for {watchdog:?}"
-                    ))
-                })?,
-                ended = &mut conn.driver => {
-                    let why = match ended {
-                        Ok(Ok(())) => "closed".to_string(),
-                        Ok(Err(e)) => error_chain(&e),
-                        Err(e) => e.to_string(),
-                    };
-                    return Err(ControlError::Transient(format!("control connection lost: {why}")));
-                }
-            };
-            let Some(frame) = frame else {
-                return match decoder.buffered() {
-                    0 => Ok(()),
-                    n => Err(ControlError::Transient(format!(
-                        "map stream ended inside a message ({n} bytes of it received)"
-                    ))),
+    /// One open map stream and what it needs to follow our home DERP changes.
+    struct MapStream<'a> {
+        conn: &'a mut ControlConn,
+        identity: &'a mut NodeIdentity,
+        state: &'a StateDir,
+        status: &'a watch::Sender<Status>,
+        session: &'a mut Session,
+        link: Option<&'a EngineLink>,
+        home_derp: Option<watch::Receiver<u16>>,
+        hostinfo: Hostinfo,
+    }
+
+    impl MapStream<'_> {
+        /// Read `[u32le][zstd]` messages until the stream ends, the connection dies, or 120 s
+        /// pass without a message (spec §5.4 watchdog). A new home DERP goes out as a lite update.
+        async fn read(
+            &mut self,
+            mut body: hyper::body::Incoming,
+            watchdog: Duration,
+        ) -> Result<(), ControlError> {
+            let mut decoder = MapFrameDecoder::with_max_len(Compression::Zstd, MAX_MAP_MESSAGE);
+            let mut netmap = MapState::default();
+            loop {
+                let frame = tokio::select! {
+                    frame = tokio::time::timeout(watchdog, body.frame()) => frame.map_err(|_| {
+                        ControlError::Transient(format!(
+                            "map response long-poll timed out: nothing for {watchdog:?}"
+                        ))
+                    })?,
+                    ended = &mut self.conn.driver => {
+                        let why = match ended {
+                            Ok(Ok(())) => "closed".to_string(),
+                            Ok(Err(e)) => error_chain(&e),
+                            Err(e) => e.to_string(),
+                        };
+                        return Err(ControlError::Transient(format!("control connection lost: {why}")));
+                    }
+                    home = home_changed(&mut self.home_derp) => {
+                        tracing::info!(region = home, "reporting home DERP region to control");
+                        self.hostinfo = with_home_derp(self.hostinfo.clone(), home);
+                        send_lite_update(self.conn, self.identity, &self.hostinfo);
+                        continue;
+                    }
                 };
-            };
-            let frame = frame.map_err(|e| ControlError::transient("reading the map stream", e))?;
-            let Ok(data) = frame.into_data() else {
-                continue;
-            };
-            decoder.push(&data);
-            while let Some(msg) = decoder
-                .next_frame()
-                .map_err(|e| ControlError::transient("bad map message", e))?
-            {
-                handle_map_message(msg, &mut netmap, identity, state, status, session)?;
+                let Some(frame) = frame else {
+                    return match decoder.buffered() {
+                        0 => Ok(()),
+                        n => Err(ControlError::Transient(format!(
+                            "map stream ended inside a message ({n} bytes of it received)"
+                        ))),
+                    };
+                };
+                let frame =
+                    frame.map_err(|e| ControlError::transient("reading the map stream", e))?;
+                let Ok(data) = frame.into_data() else {
+                    continue;
+                };
+                decoder.push(&data);
+                while let Some(msg) = decoder
+                    .next_frame()
+                    .map_err(|e| ControlError::transient("bad map message", e))?
+                {
+                    handle_map_message(
+                        msg,
+                        &mut netmap,
+                        self.identity,
+                        self.state,
+                        self.status,
+                        self.session,
+                    )?;
+                    if let Some(link) = self.link {
+                        if netmap.has_self() {
+                            link.netmap
+                                .send_replace(Some(Arc::new(netmap.netmap().clone())));
+                        }
+                    }
+                }
             }
         }
+    }
+
+    /// The next home DERP value; never resolves without an engine or after it is gone.
+    async fn home_changed(rx: &mut Option<watch::Receiver<u16>>) -> u16 {
+        if let Some(r) = rx {
+            if r.changed().await.is_ok() {
+                return *r.borrow_and_update();
+            }
+            *rx = None; // the engine is gone: stop watching
+        }
+        std::future::pending().await
+    }
+
+    /// Hostinfo with `NetInfo.PreferredDERP = home` (unchanged when 0 = unknown).
+    pub(super) fn with_home_derp(mut hostinfo: Hostinfo, home: u16) -> Hostinfo {
+        if home != 0 {
+            let mut info = hostinfo.net_info.take().unwrap_or_default();
+            info.preferred_derp = i32::from(home);
+            hostinfo.net_info = Some(info);
+        }
+        hostinfo
     }
 
     fn handle_map_message(
@@ -564,6 +638,11 @@ pub struct MapState {
 impl MapState {
     pub fn has_self(&self) -> bool {
         self.netmap.self_node.is_some()
+    }
+
+    /// The netmap so far.
+    pub fn netmap(&self) -> &NetworkMap {
+        &self.netmap
     }
 
     pub fn apply(&mut self, msg: &MapResponse) {
@@ -965,7 +1044,7 @@ mod tests {
             let mut session = Session::new(config.url.clone());
             let result = tokio::time::timeout(
                 Duration::from_secs(20),
-                connection::run_once(&config, &mut identity, &state, &tx, &mut session),
+                connection::run_once(&config, &mut identity, &state, &tx, &mut session, None),
             )
             .await
             .expect("run_once must not hang");

@@ -1,0 +1,749 @@
+//! The data plane (dataplane spec §2.8, §4, §9): a kernel TUN, one WireGuard peer table, and
+//! DERP as the only path for now.
+//!
+//! One engine task owns the TUN, the [`WgPeers`] table, the inbound filter and the UDP sockets;
+//! each DERP region has a small task that keeps one connection up (reconnecting with the Go
+//! back-off) and hands received packets back over a channel. Flow:
+//! TUN read → AllowedIPs route → encapsulate → DERP to the peer's home region;
+//! DERP packet from node key K → `decapsulate_for(K)` → filter → TUN write.
+//! WireGuard timers run at `WgPeers::next_deadline` (a sleep, not a tick).
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use ipnet::IpNet;
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::control::tailcfg::{DerpMap, DerpNode, DerpRegion};
+use crate::derp::client::{ClientConfig, DerpClient, Event, Reconnector, TlsVerify, Transport};
+use crate::filter::{Filter, Verdict};
+use crate::keys::{NodePrivate, NodePublic};
+use crate::netmap::NetworkMap;
+use crate::packet::PacketSummary;
+use crate::status::{rfc3339, Status};
+use crate::wg::{consts, PeerId, WgOutput, WgPeers};
+use tern_platform::router::{default_routes, NetlinkRouter, Router};
+use tern_platform::tun::{LinuxTun, Tun, TunConfig, DEFAULT_MTU};
+
+/// Largest packet handled: the TUN MTU leaves room, DERP caps packets at 64 KiB.
+const BUF_LEN: usize = 65535;
+/// Packets queued towards one DERP region before new ones are dropped.
+const DERP_QUEUE: usize = 512;
+/// How often per-peer counters are copied into the status snapshot.
+const STATUS_EVERY: Duration = Duration::from_secs(1);
+
+/// How the daemon runs the data plane.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub tun_name: String,
+    pub port: u16,
+    pub node_key: NodePrivate,
+}
+
+/// Errors that stop the engine.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("TUN: {0}")]
+    Platform(#[from] tern_platform::PlatformError),
+    #[error("UDP socket on port {port}: {source}")]
+    Udp { port: u16, source: std::io::Error },
+    #[error("TUN i/o: {0}")]
+    TunIo(std::io::Error),
+}
+
+/// Counters of packets the engine dropped, by cause.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DropCounters {
+    /// UDP datagrams (no direct paths yet), by what they were.
+    pub udp: u64,
+    /// Packets to a peer without a DERP region we can reach.
+    pub no_derp: u64,
+    /// DERP queue full.
+    pub derp_queue_full: u64,
+    /// Refused by the inbound packet filter.
+    pub filtered: u64,
+    /// From node keys that are not our peers.
+    pub unknown_sender: u64,
+}
+
+/// Starts the engine: it waits for the first netmap, then brings the TUN up and runs until
+/// aborted. `home_derp` receives our home region for control.
+pub fn spawn(
+    config: EngineConfig,
+    netmaps: watch::Receiver<Option<Arc<NetworkMap>>>,
+    home_derp: watch::Sender<u16>,
+    status: watch::Sender<Status>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        if let Err(e) = run(config, netmaps, home_derp, &status).await {
+            tracing::error!(error = %e, "data plane stopped");
+            status.send_modify(|s| {
+                s.data_plane.active = false;
+                s.data_plane.note = Some(format!("data plane failed: {e}"));
+            });
+        }
+    })
+}
+
+async fn run(
+    config: EngineConfig,
+    mut netmaps: watch::Receiver<Option<Arc<NetworkMap>>>,
+    home_derp: watch::Sender<u16>,
+    status: &watch::Sender<Status>,
+) -> Result<(), EngineError> {
+    let Ok(first) = netmaps
+        .wait_for(|m| m.as_ref().is_some_and(|m| m.self_node.is_some()))
+        .await
+        .map(|m| m.clone())
+    else {
+        return Ok(()); // control went away before a netmap
+    };
+    let tun = LinuxTun::create(&TunConfig {
+        name: config.tun_name.clone(),
+        mtu: DEFAULT_MTU,
+    })
+    .await?;
+    let ipv6 = ipv6_enabled();
+    let routes: Vec<IpNet> = default_routes()
+        .into_iter()
+        .filter(|r| ipv6 || r.addr().is_ipv4())
+        .collect();
+    let mut router = NetlinkRouter::new(tun.netlink().clone(), tun.index());
+    router.set_routes(&routes).await?;
+    let sockets = UdpSockets::bind(config.port)?;
+    tracing::info!(
+        tun = tun.name(),
+        port = config.port,
+        "data plane up (DERP only)"
+    );
+
+    let (inbound_tx, inbound_rx) = mpsc::channel(1024);
+    let mut engine = Engine::new(config.node_key.clone(), inbound_tx, home_derp);
+    engine.ipv6 = ipv6;
+    if !ipv6 {
+        tracing::info!("IPv6 is disabled here: tailnet IPv6 addresses and routes are skipped");
+    }
+    if let Some(map) = first {
+        engine.apply_netmap(&map, &tun).await?;
+    }
+    status.send_modify(|s| {
+        s.data_plane.active = true;
+        s.data_plane.note = None;
+    });
+    engine
+        .serve(&tun, &sockets, netmaps, inbound_rx, status)
+        .await
+}
+
+/// Whether this network namespace has IPv6 (the kernel refuses v6 addresses and routes when
+/// `net.ipv6.conf.all.disable_ipv6` is 1).
+fn ipv6_enabled() -> bool {
+    std::fs::read_to_string("/proc/sys/net/ipv6/conf/all/disable_ipv6")
+        .map(|v| v.trim() == "0")
+        .unwrap_or(false)
+}
+
+/// One UDP socket per address family on `--port` (spec: one socket per family; WireGuard,
+/// disco and STUN share it). Nothing is sent on them yet: DERP is the only path.
+struct UdpSockets {
+    v4: UdpSocket,
+    v6: Option<UdpSocket>,
+}
+
+impl UdpSockets {
+    fn bind(port: u16) -> Result<Self, EngineError> {
+        let err = |source| EngineError::Udp { port, source };
+        let v4 = bind_udp(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port)).map_err(err)?;
+        let v6 = match bind_udp(SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port)) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::info!(error = %e, "no IPv6 UDP socket");
+                None
+            }
+        };
+        Ok(Self { v4, v6 })
+    }
+
+    async fn recv(&self, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr)> {
+        match &self.v6 {
+            Some(v6) => {
+                let mut buf6 = [0u8; 2048];
+                tokio::select! {
+                    r = self.v4.recv_from(buf) => r,
+                    r = v6.recv_from(&mut buf6) => {
+                        let (n, from) = r?;
+                        let n = n.min(buf.len());
+                        buf[..n].copy_from_slice(&buf6[..n]);
+                        Ok((n, from))
+                    }
+                }
+            }
+            None => self.v4.recv_from(buf).await,
+        }
+    }
+}
+
+fn bind_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+    let domain = socket2::Domain::for_address(addr);
+    let socket = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    UdpSocket::from_std(socket.into())
+}
+
+/// A packet a DERP region task received.
+struct DerpInbound {
+    region: u16,
+    src: NodePublic,
+    packet: Bytes,
+}
+
+/// Our side of one DERP region's task.
+struct DerpLink {
+    outbound: mpsc::Sender<(NodePublic, Bytes)>,
+    task: JoinHandle<()>,
+    nodes: Vec<DerpNode>,
+}
+
+impl Drop for DerpLink {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Per-peer facts from the netmap the engine needs.
+#[derive(Debug, Clone)]
+struct PeerInfo {
+    key: NodePublic,
+    home_derp: u16,
+}
+
+struct Engine {
+    peers: WgPeers,
+    info: HashMap<PeerId, PeerInfo>,
+    filter: Filter,
+    local: Vec<IpNet>,
+    derp_map: BTreeMap<u16, DerpRegion>,
+    derp: HashMap<u16, DerpLink>,
+    home: u16,
+    home_tx: watch::Sender<u16>,
+    inbound_tx: mpsc::Sender<DerpInbound>,
+    /// Where each peer's packets last came from (what status shows while DERP is the path).
+    last_region: HashMap<PeerId, u16>,
+    private_key: NodePrivate,
+    /// Whether tailnet IPv6 addresses go on the TUN.
+    ipv6: bool,
+    drops: DropCounters,
+    out: Vec<u8>,
+    to_send: Vec<(PeerId, Vec<u8>)>,
+}
+
+impl Engine {
+    fn new(
+        private_key: NodePrivate,
+        inbound_tx: mpsc::Sender<DerpInbound>,
+        home_tx: watch::Sender<u16>,
+    ) -> Self {
+        Self {
+            peers: WgPeers::new(private_key.clone()),
+            info: HashMap::new(),
+            filter: Filter::from_rules(&[], &[]).unwrap_or_else(|_| unreachable_filter()),
+            local: Vec::new(),
+            derp_map: BTreeMap::new(),
+            derp: HashMap::new(),
+            home: 0,
+            home_tx,
+            inbound_tx,
+            last_region: HashMap::new(),
+            private_key,
+            ipv6: true,
+            drops: DropCounters::default(),
+            out: vec![0u8; BUF_LEN + consts::DATA_OVERHEAD + consts::MIN_OUT_BUF],
+            to_send: Vec::new(),
+        }
+    }
+
+    async fn serve(
+        &mut self,
+        tun: &LinuxTun,
+        udp: &UdpSockets,
+        mut netmaps: watch::Receiver<Option<Arc<NetworkMap>>>,
+        mut inbound: mpsc::Receiver<DerpInbound>,
+        status: &watch::Sender<Status>,
+    ) -> Result<(), EngineError> {
+        let mut tun_buf = vec![0u8; BUF_LEN];
+        let mut udp_buf = vec![0u8; 2048];
+        let mut status_tick = tokio::time::interval(STATUS_EVERY);
+        status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let deadline = self.peers.next_deadline();
+            let sleep_until = deadline
+                .map(tokio::time::Instant::from_std)
+                .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+            tokio::select! {
+                r = tun.recv(&mut tun_buf) => {
+                    let n = r.map_err(EngineError::TunIo)?;
+                    if let Some(packet) = tun_buf.get(..n) {
+                        self.outbound(packet);
+                    }
+                }
+                Some(msg) = inbound.recv() => {
+                    if let Some(packet) = self.inbound(msg) {
+                        if let Err(e) = tun.send(&packet).await {
+                            tracing::debug!(error = %e, "TUN write failed");
+                        }
+                    }
+                }
+                r = udp.recv(&mut udp_buf) => {
+                    if let Ok((n, from)) = r {
+                        self.udp_datagram(udp_buf.get(..n).unwrap_or_default(), from);
+                    }
+                }
+                changed = netmaps.changed() => {
+                    if changed.is_err() {
+                        return Ok(()); // control task gone: the daemon is stopping us
+                    }
+                    let map = netmaps.borrow_and_update().clone();
+                    if let Some(map) = map {
+                        self.apply_netmap(&map, tun).await?;
+                    }
+                }
+                _ = tokio::time::sleep_until(sleep_until), if deadline.is_some() => {
+                    let to_send = &mut self.to_send;
+                    self.peers.update_timers(Instant::now(), &mut self.out, |id, b| {
+                        to_send.push((id, b.to_vec()));
+                    });
+                }
+                _ = status_tick.tick() => self.publish(status),
+            }
+            self.flush();
+        }
+    }
+
+    /// A packet from the TUN: route, encrypt, queue for DERP.
+    fn outbound(&mut self, packet: &[u8]) {
+        if let Ok(summary) = PacketSummary::parse(packet) {
+            self.filter.note_outbound(&summary);
+        }
+        let now = Instant::now();
+        match self.peers.encapsulate(now, packet, &mut self.out) {
+            (Some(id), WgOutput::ToNetwork(n)) => {
+                if let Some(bytes) = self.out.get(..n) {
+                    self.to_send.push((id, bytes.to_vec()));
+                }
+            }
+            (_, WgOutput::Dropped(reason)) => {
+                tracing::trace!(?reason, "outbound packet dropped");
+            }
+            _ => {}
+        }
+    }
+
+    /// A packet from DERP: decrypt for the sending peer, filter, hand back for the TUN.
+    fn inbound(&mut self, msg: DerpInbound) -> Option<Vec<u8>> {
+        let Some(id) = self.peers.id_of(&msg.src) else {
+            self.drops.unknown_sender += 1;
+            return None;
+        };
+        if matches!(
+            crate::demux::classify_derp(&msg.packet),
+            crate::demux::Inbound::Disco { .. }
+        ) {
+            return None; // disco over DERP: no path discovery yet
+        }
+        self.last_region.insert(id, msg.region);
+        let now = Instant::now();
+        match self
+            .peers
+            .decapsulate_for(now, id, &msg.packet, &mut self.out)
+        {
+            WgOutput::ToNetwork(n) => {
+                if let Some(bytes) = self.out.get(..n) {
+                    self.to_send.push((id, bytes.to_vec()));
+                }
+                let to_send = &mut self.to_send;
+                self.peers
+                    .drain(now, id, &mut self.out, |b| to_send.push((id, b.to_vec())));
+                None
+            }
+            WgOutput::ToTunnel(n) => {
+                let packet = self.out.get(..n)?;
+                let accepted = PacketSummary::parse(packet)
+                    .is_ok_and(|s| self.filter.check(&s) == Verdict::Accept);
+                if accepted {
+                    Some(packet.to_vec())
+                } else {
+                    self.drops.filtered += 1;
+                    None
+                }
+            }
+            WgOutput::Dropped(reason) => {
+                tracing::trace!(?reason, "inbound packet dropped");
+                None
+            }
+            WgOutput::Done => None,
+        }
+    }
+
+    /// No direct paths yet: every UDP datagram is classified and counted.
+    fn udp_datagram(&mut self, datagram: &[u8], from: SocketAddr) {
+        let kind = crate::demux::classify_udp(datagram);
+        tracing::trace!(%from, ?kind, "UDP datagram dropped (DERP-only data plane)");
+        self.drops.udp += 1;
+    }
+
+    /// Sends everything queued to the peers' DERP regions.
+    fn flush(&mut self) {
+        for (id, packet) in std::mem::take(&mut self.to_send) {
+            let Some(info) = self.info.get(&id) else {
+                continue;
+            };
+            let region = if info.home_derp != 0 {
+                info.home_derp
+            } else {
+                self.home
+            };
+            let key = info.key;
+            let Some(link) = self.derp_link(region) else {
+                self.drops.no_derp += 1;
+                continue;
+            };
+            if link.outbound.try_send((key, Bytes::from(packet))).is_err() {
+                self.drops.derp_queue_full += 1;
+            }
+        }
+    }
+
+    /// The connection to `region`, dialed on first use.
+    fn derp_link(&mut self, region: u16) -> Option<&DerpLink> {
+        let nodes = self.derp_map.get(&region)?.nodes.clone();
+        let stale = self.derp.get(&region).is_some_and(|l| l.nodes != nodes);
+        if stale || !self.derp.contains_key(&region) {
+            let configs: Vec<ClientConfig> = nodes
+                .iter()
+                .filter(|n| !n.stun_only)
+                .filter_map(|n| client_config(n, &self.private_key, region == self.home))
+                .collect();
+            if configs.is_empty() {
+                return None;
+            }
+            let (tx, rx) = mpsc::channel(DERP_QUEUE);
+            let task = tokio::spawn(region_task(region, configs, rx, self.inbound_tx.clone()));
+            self.derp.insert(
+                region,
+                DerpLink {
+                    outbound: tx,
+                    task,
+                    nodes,
+                },
+            );
+        }
+        self.derp.get(&region)
+    }
+
+    /// Brings addresses, peers, filter and DERP in line with a new netmap.
+    async fn apply_netmap(&mut self, map: &NetworkMap, tun: &LinuxTun) -> Result<(), EngineError> {
+        let Some(me) = &map.self_node else {
+            return Ok(());
+        };
+        let local: Vec<IpNet> = me
+            .addresses
+            .iter()
+            .filter(|p| p.prefix_len() == p.max_prefix_len())
+            .filter(|p| self.ipv6 || p.addr().is_ipv4())
+            .copied()
+            .collect();
+        if local != self.local {
+            tun.set_addresses(&local).await?;
+            self.local = local;
+        }
+        match Filter::from_rules(&map.packet_filter(), &self.local) {
+            Ok(f) => self.filter = f,
+            Err(e) => {
+                tracing::warn!(error = %e, "bad packet filter from control; keeping the old one")
+            }
+        }
+        self.sync_peers(map);
+        if let Some(derp_map) = &map.derp_map {
+            self.set_derp_map(derp_map);
+        }
+        Ok(())
+    }
+
+    fn sync_peers(&mut self, map: &NetworkMap) {
+        let mut seen = Vec::with_capacity(map.peers.len());
+        for node in map.peers.values() {
+            match self.peers.upsert(node.key, node.effective_allowed_ips()) {
+                Ok(id) => {
+                    seen.push(id);
+                    self.info.insert(
+                        id,
+                        PeerInfo {
+                            key: node.key,
+                            home_derp: u16::try_from(node.effective_home_derp()).unwrap_or(0),
+                        },
+                    );
+                }
+                Err(e) => tracing::debug!(peer = %node.key, error = %e, "peer not added"),
+            }
+        }
+        let gone: Vec<(PeerId, NodePublic)> = self
+            .info
+            .iter()
+            .filter(|(id, _)| !seen.contains(id))
+            .map(|(id, p)| (*id, p.key))
+            .collect();
+        for (id, key) in gone {
+            self.peers.remove(&key);
+            self.info.remove(&id);
+            self.last_region.remove(&id);
+        }
+    }
+
+    fn set_derp_map(&mut self, map: &DerpMap) {
+        let regions: BTreeMap<u16, DerpRegion> = map
+            .regions
+            .iter()
+            .flatten()
+            .filter_map(|(id, r)| Some((u16::try_from(*id).ok()?, r.clone()?)))
+            .collect();
+        self.derp_map = regions;
+        self.derp.retain(|id, _| self.derp_map.contains_key(id));
+        let home = pick_home(&self.derp_map);
+        if home != self.home {
+            self.home = home;
+            self.derp.remove(&home); // redial with NotePreferred(true)
+            tracing::info!(region = home, "home DERP region");
+            if home != 0 {
+                let _ = self.derp_link(home);
+            }
+            self.home_tx.send_replace(home);
+        }
+    }
+
+    /// Copies per-peer path and counters into the status snapshot.
+    fn publish(&self, status: &watch::Sender<Status>) {
+        let now_instant = Instant::now();
+        let now_wall = SystemTime::now();
+        status.send_if_modified(|s| {
+            let before = s.peers.clone();
+            s.data_plane.active = true;
+            s.data_plane.note = None;
+            for p in &mut s.peers {
+                let Some(id) = p.node_key.parse().ok().and_then(|k| self.peers.id_of(&k)) else {
+                    continue;
+                };
+                let Some(session) = self.peers.session(id) else {
+                    continue;
+                };
+                let stats = session.stats();
+                let region = self
+                    .last_region
+                    .get(&id)
+                    .copied()
+                    .or_else(|| self.info.get(&id).map(|i| i.home_derp))
+                    .filter(|r| *r != 0);
+                p.path = region.map(|_| "derp".to_string());
+                p.derp_region = region;
+                p.rx_bytes = stats.rx_bytes;
+                p.tx_bytes = stats.tx_bytes;
+                p.last_handshake_at = session.last_handshake().and_then(|t| {
+                    let ago = now_instant.checked_duration_since(t)?;
+                    Some(rfc3339(now_wall.checked_sub(ago)?))
+                });
+                p.path_reason = region.map(|_| "DERP only: no direct paths yet".to_string());
+            }
+            s.peers != before
+        });
+    }
+}
+
+/// A filter that accepts nothing (only if an empty rule list ever fails to compile).
+fn unreachable_filter() -> Filter {
+    match Filter::from_rules(&[], &[]) {
+        Ok(f) => f,
+        Err(_) => unreachable!("an empty rule list always compiles"),
+    }
+}
+
+/// Our home region: the lowest region id that has a DERP (not STUN-only) node and is not
+/// marked avoid or no-home. Latency-based choice comes with netcheck.
+pub fn pick_home(regions: &BTreeMap<u16, DerpRegion>) -> u16 {
+    regions
+        .iter()
+        .find(|(_, r)| !r.avoid && !r.no_measure_no_home && r.nodes.iter().any(|n| !n.stun_only))
+        .map(|(id, _)| *id)
+        .unwrap_or(0)
+}
+
+/// How to dial a DERP node from its map entry. `TS_DEBUG_USE_DERP_HTTP=1` dials plain HTTP on
+/// port 3340 like the Go client.
+pub fn client_config(node: &DerpNode, key: &NodePrivate, preferred: bool) -> Option<ClientConfig> {
+    let plain = std::env::var("TS_DEBUG_USE_DERP_HTTP").is_ok_and(|v| v == "1" || v == "true");
+    let ip: IpAddr = match node.ipv4.as_str() {
+        "" | "none" => node.host_name.parse().ok()?,
+        v4 => v4.parse().ok()?,
+    };
+    let port = match (plain, node.derp_port) {
+        (true, _) => 3340,
+        (false, 0) => 443,
+        (false, p) => u16::try_from(p).ok()?,
+    };
+    let transport = if plain {
+        Transport::Plain
+    } else {
+        let verify = if node.insecure_for_tests {
+            TlsVerify::Insecure
+        } else if let Some(pin) = node
+            .cert_name
+            .strip_prefix("sha256-raw:")
+            .and_then(|h| hex::decode(h).ok())
+            .and_then(|b| <[u8; 32]>::try_from(b).ok())
+        {
+            TlsVerify::PinSha256(pin)
+        } else {
+            // No system trust store is loaded yet; public DERP is out of scope for the lab.
+            TlsVerify::Roots(Arc::new(rustls::RootCertStore::empty()))
+        };
+        Transport::Tls {
+            server_name: node.host_name.clone(),
+            verify,
+        }
+    };
+    Some(ClientConfig {
+        addr: SocketAddr::new(ip, port),
+        host: node.host_name.clone(),
+        transport,
+        private_key: key.clone(),
+        preferred,
+    })
+}
+
+/// Keeps one connection to `region` up (nodes tried in order), sending what arrives on
+/// `outbound` and passing received packets to `inbound`.
+async fn region_task(
+    region: u16,
+    configs: Vec<ClientConfig>,
+    mut outbound: mpsc::Receiver<(NodePublic, Bytes)>,
+    inbound: mpsc::Sender<DerpInbound>,
+) {
+    let mut reconnector = Reconnector::default();
+    let mut node = 0usize;
+    loop {
+        let Some(config) = configs.get(node % configs.len().max(1)) else {
+            return;
+        };
+        if let Some(at) = reconnector.next_attempt() {
+            tokio::time::sleep_until(at.into()).await;
+        }
+        let mut client = match DerpClient::connect(config).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(region, addr = %config.addr, error = %e, "DERP connect failed");
+                reconnector.on_failure(Instant::now(), Reconnector::random_jitter());
+                node += 1;
+                continue;
+            }
+        };
+        tracing::info!(region, addr = %config.addr, "DERP connected");
+        let why = loop {
+            tokio::select! {
+                msg = outbound.recv() => {
+                    let Some((dst, packet)) = msg else { return };
+                    if let Err(e) = client.send(dst, packet).await {
+                        break e.to_string();
+                    }
+                }
+                event = client.recv() => match event {
+                    Ok(Event::Packet { src, packet }) => {
+                        reconnector.on_success();
+                        if inbound.send(DerpInbound { region, src, packet }).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(Event::PeerGone { peer, reason }) => {
+                        tracing::debug!(region, %peer, ?reason, "DERP peer gone");
+                    }
+                    Ok(_) => reconnector.on_success(),
+                    Err(e) => break e.to_string(),
+                }
+            }
+        };
+        tracing::info!(region, error = %why, "DERP connection lost; reconnecting");
+        reconnector.on_failure(Instant::now(), Reconnector::random_jitter());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn region(id: u16, stun_only: bool, avoid: bool) -> DerpRegion {
+        DerpRegion {
+            region_id: i32::from(id),
+            avoid,
+            nodes: vec![DerpNode {
+                name: format!("{id}a"),
+                region_id: i32::from(id),
+                host_name: "198.18.0.10".into(),
+                ipv4: "198.18.0.10".into(),
+                stun_only,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn home_is_the_lowest_usable_region() {
+        let mut m = BTreeMap::new();
+        assert_eq!(pick_home(&m), 0);
+        m.insert(905, region(905, false, false));
+        m.insert(901, region(901, true, false));
+        m.insert(902, region(902, false, true));
+        assert_eq!(pick_home(&m), 905);
+        m.insert(903, region(903, false, false));
+        assert_eq!(pick_home(&m), 903);
+    }
+
+    #[test]
+    fn client_config_follows_the_derp_node() {
+        let key = NodePrivate::generate();
+        let mut node = region(900, false, false).nodes.remove(0);
+        node.derp_port = 8443;
+        node.insecure_for_tests = true;
+        let c = client_config(&node, &key, true).unwrap();
+        assert_eq!(c.addr, "198.18.0.10:8443".parse().unwrap());
+        assert!(c.preferred);
+        assert!(matches!(
+            c.transport,
+            Transport::Tls {
+                verify: TlsVerify::Insecure,
+                ..
+            }
+        ));
+        node.insecure_for_tests = false;
+        node.cert_name = format!("sha256-raw:{}", "ab".repeat(32));
+        node.derp_port = 0;
+        let c = client_config(&node, &key, false).unwrap();
+        assert_eq!(c.addr.port(), 443);
+        assert!(matches!(
+            c.transport,
+            Transport::Tls {
+                verify: TlsVerify::PinSha256(p),
+                ..
+            } if p == [0xab; 32]
+        ));
+        node.ipv4 = "none".into();
+        node.host_name = "derp.example".into();
+        assert!(client_config(&node, &key, false).is_none());
+    }
+}
