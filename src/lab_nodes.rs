@@ -1,6 +1,8 @@
 //! The services `tern lab up` starts in the lab after building it: the lab coordination server in
-//! `server` (on `topology::CONTROL_IP:8080`) and a `tern daemon` in `c1` and `c2`, registered with
-//! it. Every process is started detached (it outlives the CLI) and recorded in the lab's state, so
+//! `server` (on `topology::CONTROL_IP:8080`), `tern derp` on the relay host (TLS, self-signed, on
+//! `RELAY_IPS[0]:443`, the control DERP map's region 900) and a `tern daemon` with a kernel TUN
+//! (`tern0`) in `c1` and `c2`, registered with it, so `ip netns exec <prefix>-c1 ping <c2's
+//! tailnet IP>` works over DERP. Every process is started detached (it outlives the CLI) and recorded in the lab's state, so
 //! `tern lab down` stops it; its output goes to a log file in the lab's state directory.
 
 use std::io::{Read as _, Write as _};
@@ -69,6 +71,8 @@ pub fn start(lab: &mut LabState) -> anyhow::Result<()> {
         answers_key(&server_ns, listen)
     })?;
 
+    start_derp(lab, &exe)?;
+
     let mut daemons = Vec::new();
     for client in TERN_CLIENTS {
         daemons.push(start_daemon(lab, &exe, client)?);
@@ -92,11 +96,68 @@ pub fn start(lab: &mut LabState) -> anyhow::Result<()> {
         let what = format!("{} to be Running with {peers} peer(s)", node.hostname);
         wait_until(daemon, &what, || {
             let status = runtime.block_on(Client::new(&node.socket).status()).ok()?;
-            (status.backend_state == BackendState::Running && status.peers.len() >= peers)
+            (status.backend_state == BackendState::Running
+                && status.peers.len() >= peers
+                && status.data_plane.active)
                 .then_some(())
         })?;
     }
     Ok(())
+}
+
+/// Port of the lab's DERP server (TLS).
+pub const DERP_PORT: u16 = 443;
+
+/// Start `tern derp` on the relay host and wait until it accepts connections.
+fn start_derp(lab: &mut LabState, exe: &Path) -> anyhow::Result<()> {
+    let dir = state::state_dir(&lab.prefix);
+    let relay_ns = Netns::open(&format!("{}-relay", lab.prefix))?;
+    let relay = RELAY_IPS[0];
+    let listen = SocketAddr::from((relay, DERP_PORT));
+    let (addr_arg, host_arg, key_arg) = (
+        listen.to_string(),
+        relay.to_string(),
+        dir.join("derp.key").display().to_string(),
+    );
+    let mut derp = start_process(
+        lab,
+        &relay_ns,
+        "relay",
+        "derp",
+        exe,
+        &[
+            "derp",
+            "--addr",
+            &addr_arg,
+            "--self-signed",
+            &host_arg,
+            "--key-file",
+            &key_arg,
+        ],
+    )?;
+    lab.sockets.push(SocketState {
+        name: "derp".into(),
+        node: "relay".into(),
+        proto: "tcp".into(),
+        addr: listen,
+    });
+    lab.services.push(ServiceState {
+        kind: "derp".into(),
+        name: "derp".into(),
+        node: "relay".into(),
+        url: format!("https://{listen}"),
+    });
+    lab.save()?;
+    wait_until(&mut derp, "the DERP server to accept connections", || {
+        accepts_tcp(&relay_ns, listen)
+    })
+}
+
+/// Whether a TCP connection to `addr` from inside `ns` succeeds.
+fn accepts_tcp(ns: &Netns, addr: SocketAddr) -> Option<()> {
+    ns.run_in(move || Ok(TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok()))
+        .unwrap_or(false)
+        .then_some(())
 }
 
 /// Start `tern daemon` in lab node `client` and wait for its LocalAPI socket.
@@ -122,7 +183,7 @@ fn start_daemon(lab: &mut LabState, exe: &Path, client: &str) -> anyhow::Result<
             "--state-dir",
             &state_arg,
             "--tun",
-            "userspace-networking",
+            "tern0",
         ],
     )?;
     lab.tern_nodes.push(TernNodeState {
@@ -216,8 +277,8 @@ fn answers_key(ns: &Netns, addr: SocketAddr) -> Option<()> {
     ok.then_some(())
 }
 
-/// The lab control server's config: one reusable key, a DERP region at the relay host (the DERP
-/// server itself comes later; tsnet needs a region to reach Running), state in `<dir>/control`.
+/// The lab control server's config: one reusable key, a DERP region at the relay host (served by
+/// `tern derp`, self-signed, hence `insecure_for_tests`), state in `<dir>/control`.
 fn control_config(dir: &Path, auth_key: &str) -> String {
     let relay = RELAY_IPS[0];
     format!(

@@ -1,5 +1,5 @@
-//! `tern lab up` as a demo: it starts the lab coordination server in `server` and a registered
-//! tern daemon in `c1` and `c2`; `tern lab status --json` names each node's socket, and
+//! `tern lab up` as a demo: it starts the lab coordination server in `server`, `tern derp` on the
+//! relay host and a registered tern daemon with a TUN in `c1` and `c2` (which ping each other); `tern lab status --json` names each node's socket, and
 //! `tern --socket <it> status` from the root namespace shows both nodes Running and peered.
 //! `tern lab down` (also `--force` without a state file) leaves no process, namespace or file.
 
@@ -114,7 +114,9 @@ fn lab_up_runs_control_and_two_registered_nodes_and_down_removes_them() {
     let names: BTreeSet<&str> = procs.iter().map(|p| p.name.as_str()).collect();
     assert_eq!(
         names,
-        ["control", "tern:c1", "tern:c2"].into_iter().collect()
+        ["control", "derp", "tern:c1", "tern:c2"]
+            .into_iter()
+            .collect()
     );
     for process in &procs {
         assert_eq!(process.alive, Some(true), "{process:?}");
@@ -164,6 +166,32 @@ fn lab_up_runs_control_and_two_registered_nodes_and_down_removes_them() {
         );
     }
 
+    // The data plane: each node pings the other's tailnet address from its namespace, over
+    // tern derp on the relay host.
+    assert_eq!(status["services"][1]["kind"], "derp", "{status}");
+    for (name, _, _) in &seen {
+        let (_, other_ips, _) = seen.iter().find(|(n, _, _)| n != name).unwrap();
+        let ns = format!("{prefix}-{name}");
+        let ping = Command::new("ip")
+            .args([
+                "netns", "exec", &ns, "ping", "-c", "3", "-i", "0.3", "-W", "5",
+            ])
+            .arg(&other_ips[0])
+            .output()
+            .unwrap();
+        assert!(ping.status.success(), "ping from {name}: {}", text(&ping));
+    }
+    let daemon = ok_json(
+        &[
+            "--socket",
+            nodes[0]["socket"].as_str().unwrap(),
+            "status",
+            "--json",
+        ],
+        &prefix,
+    );
+    assert_eq!(daemon["data_plane"]["active"], true, "{daemon}");
+
     // The human status names the control server and the command to ask each node.
     let human = tern(&["lab", "status"], &prefix);
     let human = text(&human);
@@ -191,12 +219,12 @@ fn down_force_without_state_file_still_stops_control_and_daemons() {
     let up = tern(&["lab", "up"], &prefix);
     assert!(up.status.success(), "{}", text(&up));
     let procs = processes(&ok_json(&["lab", "status", "--json"], &prefix));
-    assert_eq!(procs.len(), 3);
+    assert_eq!(procs.len(), 4);
     assert!(procs.iter().all(is_alive));
     let dir = state_dir(&prefix).display().to_string();
     assert_eq!(
         processes_naming(&dir).len(),
-        3,
+        4,
         "{:?}",
         processes_naming(&dir)
     );
