@@ -493,6 +493,19 @@ mod tests {
     }
 
     #[test]
+    fn human_output_shows_the_derp_path_once_the_data_plane_runs() {
+        let mut s = running();
+        s.data_plane.active = true;
+        s.data_plane.note = None;
+        s.peers[0].path = Some("derp".into());
+        s.peers[0].derp_region = Some(900);
+        let text = render_human(&s, at(1_700_000_300));
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[1].ends_with("online; derp(900)"), "{text}");
+        assert!(!text.contains("no packets flow"), "{text}");
+    }
+
+    #[test]
     fn human_output_says_why_control_is_unreachable() {
         let mut s = running();
         s.control.url = Some("http://127.0.0.1:9".into());

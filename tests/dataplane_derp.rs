@@ -196,7 +196,7 @@ fn ping_once(ns: &Netns, ip: &str) -> bool {
 fn two_tern_nodes_ping_and_tcp_over_tern_derp() {
     require_root();
     let topo = Topology::standard_unique(NatMode::Udpblock, NatMode::Udpblock).expect("build lab");
-    let mut derp = start_derp(&topo);
+    let derp = std::cell::RefCell::new(start_derp(&topo));
     let dir = tempfile::tempdir().unwrap();
     let control = start_control(&topo, dir.path());
     let (c1, c2) = (topo.ns("c1").unwrap(), topo.ns("c2").unwrap());
@@ -207,7 +207,7 @@ fn two_tern_nodes_ping_and_tcp_over_tern_derp() {
             "== ta\n{}\n== tb\n{}\n== derp\n{}",
             a.process.output(),
             b.process.output(),
-            derp.output()
+            derp.borrow().output()
         )
     };
     wait("both LocalAPIs", 20, logs, || {
@@ -321,10 +321,22 @@ fn two_tern_nodes_ping_and_tcp_over_tern_derp() {
         .to_string();
     assert!(ping_once(c2, &a_ip), "ping tb → ta failed\n{}", logs());
 
+    // The DERP server restarts (new process, new key): both nodes reconnect with back-off and
+    // traffic flows again over the same WireGuard sessions.
+    let _ = derp.borrow_mut().stop();
+    assert!(
+        !ping_once(c1, &b_ip),
+        "ping passed with DERP down: is there another path?"
+    );
+    *derp.borrow_mut() = start_derp(&topo);
+    wait("ping ta → tb after the DERP restart", 30, logs, || {
+        ping_once(c1, &b_ip).then_some(())
+    });
+
     drop(a);
     drop(b);
     drop(control);
-    let _ = derp.stop();
+    let _ = derp.borrow_mut().stop();
 }
 
 const CADDY_BODY: &str = "hello from tsnet over tern derp";

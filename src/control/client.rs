@@ -690,6 +690,19 @@ pub fn publish_nodes<'a>(
         home_derp: region(self_node.effective_home_derp()),
     });
     let mut peers: Vec<PeerStatus> = peers.map(peer_status).collect();
+    // The data plane fills path and counters between netmaps; keep them for peers still here.
+    for p in &mut peers {
+        if let Some(old) = s.peers.iter().find(|o| o.node_key == p.node_key) {
+            p.path = old.path.clone();
+            p.endpoint = old.endpoint.clone();
+            p.derp_region = old.derp_region;
+            p.latency_ms = old.latency_ms;
+            p.rx_bytes = old.rx_bytes;
+            p.tx_bytes = old.tx_bytes;
+            p.last_handshake_at = old.last_handshake_at.clone();
+            p.path_reason = old.path_reason.clone();
+        }
+    }
     peers.sort_by(|a, b| a.name.cmp(&b.name).then(a.node_id.cmp(&b.node_id)));
     s.peers = peers;
 }
@@ -947,6 +960,23 @@ mod tests {
             NodeIdentity::load(&state).unwrap().node.public(),
             id.node.public()
         );
+    }
+
+    #[test]
+    fn home_derp_goes_into_hostinfo_netinfo() {
+        let config = ControlConfig {
+            url: "http://127.0.0.1:1".into(),
+            auth_key: None,
+            hostname: "n1".into(),
+            backend_log_id: "ab".repeat(32),
+            watchdog: MAP_WATCHDOG,
+        };
+        let hi = connection::with_home_derp(connection::hostinfo(&config), 0);
+        assert!(hi.net_info.is_none(), "unknown home: no NetInfo");
+        let hi = connection::with_home_derp(hi, 900);
+        let json = serde_json::to_value(&hi).unwrap();
+        assert_eq!(json["NetInfo"]["PreferredDERP"], 900, "{json}");
+        assert_eq!(json["Hostname"], "n1");
     }
 
     #[test]
