@@ -69,6 +69,8 @@ pub struct DropCounters {
     pub filtered: u64,
     /// From node keys that are not our peers.
     pub unknown_sender: u64,
+    /// Disco messages (no path discovery yet).
+    pub disco: u64,
 }
 
 /// Starts the engine: it waits for the first netmap, then brings the TUN up and runs until
@@ -80,13 +82,17 @@ pub fn spawn(
     status: watch::Sender<Status>,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
-        if let Err(e) = run(config, netmaps, home_derp, &status).await {
-            tracing::error!(error = %e, "data plane stopped");
-            status.send_modify(|s| {
-                s.data_plane.active = false;
-                s.data_plane.note = Some(format!("data plane failed: {e}"));
-            });
-        }
+        let note = match run(config, netmaps, home_derp, &status).await {
+            Ok(()) => "stopped: the control session ended".to_string(),
+            Err(e) => {
+                tracing::error!(error = %e, "data plane stopped");
+                format!("data plane failed: {e}")
+            }
+        };
+        status.send_modify(|s| {
+            s.data_plane.active = false;
+            s.data_plane.note = Some(note);
+        });
     })
 }
 
@@ -229,7 +235,8 @@ struct PeerInfo {
 struct Engine {
     peers: WgPeers,
     info: HashMap<PeerId, PeerInfo>,
-    filter: Filter,
+    /// The inbound filter; `None` until a netmap compiled (everything is dropped until then).
+    filter: Option<Filter>,
     local: Vec<IpNet>,
     derp_map: BTreeMap<u16, DerpRegion>,
     derp: HashMap<u16, DerpLink>,
@@ -255,7 +262,7 @@ impl Engine {
         Self {
             peers: WgPeers::new(private_key.clone()),
             info: HashMap::new(),
-            filter: Filter::from_rules(&[], &[]).unwrap_or_else(|_| unreachable_filter()),
+            filter: None,
             local: Vec::new(),
             derp_map: BTreeMap::new(),
             derp: HashMap::new(),
@@ -283,6 +290,7 @@ impl Engine {
         let mut udp_buf = vec![0u8; 2048];
         let mut status_tick = tokio::time::interval(STATUS_EVERY);
         status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut logged_drops = DropCounters::default();
         loop {
             let deadline = self.peers.next_deadline();
             let sleep_until = deadline
@@ -322,7 +330,13 @@ impl Engine {
                         to_send.push((id, b.to_vec()));
                     });
                 }
-                _ = status_tick.tick() => self.publish(status),
+                _ = status_tick.tick() => {
+                    self.publish(status);
+                    if self.drops != logged_drops {
+                        tracing::debug!(drops = ?self.drops, "data plane drop counters");
+                        logged_drops = self.drops;
+                    }
+                }
             }
             self.flush();
         }
@@ -330,8 +344,8 @@ impl Engine {
 
     /// A packet from the TUN: route, encrypt, queue for DERP.
     fn outbound(&mut self, packet: &[u8]) {
-        if let Ok(summary) = PacketSummary::parse(packet) {
-            self.filter.note_outbound(&summary);
+        if let (Ok(summary), Some(filter)) = (PacketSummary::parse(packet), &mut self.filter) {
+            filter.note_outbound(&summary);
         }
         let now = Instant::now();
         match self.peers.encapsulate(now, packet, &mut self.out) {
@@ -357,6 +371,7 @@ impl Engine {
             crate::demux::classify_derp(&msg.packet),
             crate::demux::Inbound::Disco { .. }
         ) {
+            self.drops.disco += 1;
             return None; // disco over DERP: no path discovery yet
         }
         self.last_region.insert(id, msg.region);
@@ -376,8 +391,10 @@ impl Engine {
             }
             WgOutput::ToTunnel(n) => {
                 let packet = self.out.get(..n)?;
-                let accepted = PacketSummary::parse(packet)
-                    .is_ok_and(|s| self.filter.check(&s) == Verdict::Accept);
+                let accepted = match (PacketSummary::parse(packet), &self.filter) {
+                    (Ok(s), Some(filter)) => filter.check(&s) == Verdict::Accept,
+                    _ => false,
+                };
                 if accepted {
                     Some(packet.to_vec())
                 } else {
@@ -424,9 +441,8 @@ impl Engine {
 
     /// The connection to `region`, dialed on first use.
     fn derp_link(&mut self, region: u16) -> Option<&DerpLink> {
-        let nodes = self.derp_map.get(&region)?.nodes.clone();
-        let stale = self.derp.get(&region).is_some_and(|l| l.nodes != nodes);
-        if stale || !self.derp.contains_key(&region) {
+        if !self.derp.contains_key(&region) {
+            let nodes = self.derp_map.get(&region)?.nodes.clone();
             let configs: Vec<ClientConfig> = nodes
                 .iter()
                 .filter(|n| !n.stun_only)
@@ -466,7 +482,7 @@ impl Engine {
             self.local = local;
         }
         match Filter::from_rules(&map.packet_filter(), &self.local) {
-            Ok(f) => self.filter = f,
+            Ok(f) => self.filter = Some(f),
             Err(e) => {
                 tracing::warn!(error = %e, "bad packet filter from control; keeping the old one")
             }
@@ -516,7 +532,10 @@ impl Engine {
             .filter_map(|(id, r)| Some((u16::try_from(*id).ok()?, r.clone()?)))
             .collect();
         self.derp_map = regions;
-        self.derp.retain(|id, _| self.derp_map.contains_key(id));
+        // Links to regions that went away or whose nodes changed are closed (redialed on use).
+        let map = &self.derp_map;
+        self.derp
+            .retain(|id, link| map.get(id).is_some_and(|r| r.nodes == link.nodes));
         let home = pick_home(&self.derp_map);
         if home != self.home {
             self.home = home;
@@ -563,14 +582,6 @@ impl Engine {
             }
             s.peers != before
         });
-    }
-}
-
-/// A filter that accepts nothing (only if an empty rule list ever fails to compile).
-fn unreachable_filter() -> Filter {
-    match Filter::from_rules(&[], &[]) {
-        Ok(f) => f,
-        Err(_) => unreachable!("an empty rule list always compiles"),
     }
 }
 
