@@ -205,11 +205,16 @@ fn bind_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
     UdpSocket::from_std(socket.into())
 }
 
-/// A packet a DERP region task received.
-struct DerpInbound {
-    region: u16,
-    src: NodePublic,
-    packet: Bytes,
+/// What a DERP region task passes to the engine.
+enum DerpEvent {
+    /// A packet from `src`.
+    Packet {
+        region: u16,
+        src: NodePublic,
+        packet: Bytes,
+    },
+    /// The server says `peer` left: forget that we heard it there.
+    PeerGone { region: u16, peer: NodePublic },
 }
 
 /// Our side of one DERP region's task.
@@ -217,6 +222,30 @@ struct DerpLink {
     outbound: mpsc::Sender<(NodePublic, Bytes)>,
     task: JoinHandle<()>,
     nodes: Vec<DerpNode>,
+    last_write: Instant,
+}
+
+/// Non-home DERP connections unused for this long are closed (spec §2.8).
+const DERP_IDLE_CLOSE: Duration = Duration::from_secs(60);
+
+/// Which region carries a packet to a peer (spec §2.8, Go `derpWriteChanForRegion`): its home
+/// region if we are connected there; else the region we last heard it on, if still connected;
+/// else its home region (dialed now); with no home, the region it was heard on; else none.
+pub fn choose_region(
+    peer_home: u16,
+    heard_on: Option<u16>,
+    connected: impl Fn(u16) -> bool,
+) -> Option<u16> {
+    if peer_home != 0 && connected(peer_home) {
+        return Some(peer_home);
+    }
+    if let Some(r) = heard_on.filter(|r| connected(*r)) {
+        return Some(r);
+    }
+    if peer_home != 0 {
+        return Some(peer_home);
+    }
+    heard_on
 }
 
 impl Drop for DerpLink {
@@ -242,7 +271,7 @@ struct Engine {
     derp: HashMap<u16, DerpLink>,
     home: u16,
     home_tx: watch::Sender<u16>,
-    inbound_tx: mpsc::Sender<DerpInbound>,
+    inbound_tx: mpsc::Sender<DerpEvent>,
     /// Where each peer's packets last came from (what status shows while DERP is the path).
     last_region: HashMap<PeerId, u16>,
     private_key: NodePrivate,
@@ -256,7 +285,7 @@ struct Engine {
 impl Engine {
     fn new(
         private_key: NodePrivate,
-        inbound_tx: mpsc::Sender<DerpInbound>,
+        inbound_tx: mpsc::Sender<DerpEvent>,
         home_tx: watch::Sender<u16>,
     ) -> Self {
         Self {
@@ -283,7 +312,7 @@ impl Engine {
         tun: &LinuxTun,
         udp: &UdpSockets,
         mut netmaps: watch::Receiver<Option<Arc<NetworkMap>>>,
-        mut inbound: mpsc::Receiver<DerpInbound>,
+        mut inbound: mpsc::Receiver<DerpEvent>,
         status: &watch::Sender<Status>,
     ) -> Result<(), EngineError> {
         let mut tun_buf = vec![0u8; BUF_LEN];
@@ -303,13 +332,16 @@ impl Engine {
                         self.outbound(packet);
                     }
                 }
-                Some(msg) = inbound.recv() => {
-                    if let Some(packet) = self.inbound(msg) {
-                        if let Err(e) = tun.send(&packet).await {
-                            tracing::debug!(error = %e, "TUN write failed");
+                Some(event) = inbound.recv() => match event {
+                    DerpEvent::Packet { region, src, packet } => {
+                        if let Some(packet) = self.inbound(region, src, &packet) {
+                            if let Err(e) = tun.send(&packet).await {
+                                tracing::debug!(error = %e, "TUN write failed");
+                            }
                         }
                     }
-                }
+                    DerpEvent::PeerGone { region, peer } => self.peer_gone(region, &peer),
+                },
                 r = udp.recv(&mut udp_buf) => {
                     if let Ok((n, from)) = r {
                         self.udp_datagram(udp_buf.get(..n).unwrap_or_default(), from);
@@ -332,6 +364,7 @@ impl Engine {
                 }
                 _ = status_tick.tick() => {
                     self.publish(status);
+                    self.close_idle_derp(Instant::now());
                     if self.drops != logged_drops {
                         tracing::debug!(drops = ?self.drops, "data plane drop counters");
                         logged_drops = self.drops;
@@ -362,24 +395,21 @@ impl Engine {
     }
 
     /// A packet from DERP: decrypt for the sending peer, filter, hand back for the TUN.
-    fn inbound(&mut self, msg: DerpInbound) -> Option<Vec<u8>> {
-        let Some(id) = self.peers.id_of(&msg.src) else {
+    fn inbound(&mut self, region: u16, src: NodePublic, packet: &[u8]) -> Option<Vec<u8>> {
+        let Some(id) = self.peers.id_of(&src) else {
             self.drops.unknown_sender += 1;
             return None;
         };
         if matches!(
-            crate::demux::classify_derp(&msg.packet),
+            crate::demux::classify_derp(packet),
             crate::demux::Inbound::Disco { .. }
         ) {
             self.drops.disco += 1;
             return None; // disco over DERP: no path discovery yet
         }
-        self.last_region.insert(id, msg.region);
+        self.last_region.insert(id, region);
         let now = Instant::now();
-        match self
-            .peers
-            .decapsulate_for(now, id, &msg.packet, &mut self.out)
-        {
+        match self.peers.decapsulate_for(now, id, packet, &mut self.out) {
             WgOutput::ToNetwork(n) => {
                 if let Some(bytes) = self.out.get(..n) {
                     self.to_send.push((id, bytes.to_vec()));
@@ -417,30 +447,48 @@ impl Engine {
         self.drops.udp += 1;
     }
 
+    /// The DERP server says `peer` left region `region`.
+    fn peer_gone(&mut self, region: u16, peer: &NodePublic) {
+        if let Some(id) = self.peers.id_of(peer) {
+            if self.last_region.get(&id) == Some(&region) {
+                self.last_region.remove(&id);
+            }
+        }
+    }
+
     /// Sends everything queued to the peers' DERP regions.
     fn flush(&mut self) {
+        let now = Instant::now();
         for (id, packet) in std::mem::take(&mut self.to_send) {
             let Some(info) = self.info.get(&id) else {
                 continue;
             };
-            let region = if info.home_derp != 0 {
-                info.home_derp
-            } else {
-                self.home
-            };
             let key = info.key;
-            let Some(link) = self.derp_link(region) else {
+            let derp = &self.derp;
+            let region = choose_region(info.home_derp, self.last_region.get(&id).copied(), |r| {
+                derp.contains_key(&r)
+            });
+            let Some(link) = region.and_then(|r| self.derp_link(r)) else {
                 self.drops.no_derp += 1;
                 continue;
             };
+            link.last_write = now;
             if link.outbound.try_send((key, Bytes::from(packet))).is_err() {
                 self.drops.derp_queue_full += 1;
             }
         }
     }
 
+    /// Closes non-home DERP connections nothing was written to for [`DERP_IDLE_CLOSE`].
+    fn close_idle_derp(&mut self, now: Instant) {
+        let home = self.home;
+        self.derp.retain(|region, link| {
+            *region == home || now.saturating_duration_since(link.last_write) < DERP_IDLE_CLOSE
+        });
+    }
+
     /// The connection to `region`, dialed on first use.
-    fn derp_link(&mut self, region: u16) -> Option<&DerpLink> {
+    fn derp_link(&mut self, region: u16) -> Option<&mut DerpLink> {
         if !self.derp.contains_key(&region) {
             let nodes = self.derp_map.get(&region)?.nodes.clone();
             let configs: Vec<ClientConfig> = nodes
@@ -459,10 +507,11 @@ impl Engine {
                     outbound: tx,
                     task,
                     nodes,
+                    last_write: Instant::now(),
                 },
             );
         }
-        self.derp.get(&region)
+        self.derp.get_mut(&region)
     }
 
     /// Brings addresses, peers, filter and DERP in line with a new netmap.
@@ -644,7 +693,7 @@ async fn region_task(
     region: u16,
     configs: Vec<ClientConfig>,
     mut outbound: mpsc::Receiver<(NodePublic, Bytes)>,
-    inbound: mpsc::Sender<DerpInbound>,
+    inbound: mpsc::Sender<DerpEvent>,
 ) {
     let mut reconnector = Reconnector::default();
     let mut node = 0usize;
@@ -676,12 +725,16 @@ async fn region_task(
                 event = client.recv() => match event {
                     Ok(Event::Packet { src, packet }) => {
                         reconnector.on_success();
-                        if inbound.send(DerpInbound { region, src, packet }).await.is_err() {
+                        let event = DerpEvent::Packet { region, src, packet };
+                        if inbound.send(event).await.is_err() {
                             return;
                         }
                     }
                     Ok(Event::PeerGone { peer, reason }) => {
                         tracing::debug!(region, %peer, ?reason, "DERP peer gone");
+                        if inbound.send(DerpEvent::PeerGone { region, peer }).await.is_err() {
+                            return;
+                        }
                     }
                     Ok(_) => reconnector.on_success(),
                     Err(e) => break e.to_string(),
@@ -711,6 +764,23 @@ mod tests {
             }],
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn region_choice_follows_go() {
+        let connected = |set: &'static [u16]| move |r: u16| set.contains(&r);
+        // Home region connected: use it, even if the peer was heard elsewhere.
+        assert_eq!(
+            choose_region(901, Some(902), connected(&[901, 902])),
+            Some(901)
+        );
+        // Not connected to its home but heard on a connected region: reply there.
+        assert_eq!(choose_region(901, Some(902), connected(&[902])), Some(902));
+        // Heard on a region we are no longer connected to: dial its home.
+        assert_eq!(choose_region(901, Some(902), connected(&[])), Some(901));
+        // No home: the region it was heard on is the last resort.
+        assert_eq!(choose_region(0, Some(902), connected(&[])), Some(902));
+        assert_eq!(choose_region(0, None, connected(&[900])), None);
     }
 
     #[test]
