@@ -333,6 +333,23 @@ fn two_tern_nodes_ping_and_tcp_over_tern_derp() {
         ping_once(c1, &b_ip).then_some(())
     });
 
+    // `tern down` removes the TUN (and its routes); `tern up` brings the data plane back.
+    let down = a.cli(&["down"]);
+    assert!(
+        down.status.success(),
+        "tern down: {}",
+        String::from_utf8_lossy(&down.stderr)
+    );
+    wait("tern0 to go away after down", 10, logs, || {
+        let link = c1.exec_unchecked(&["ip", "link", "show", "tern0"]).ok()?;
+        (!link.status.success()).then_some(())
+    });
+    assert_eq!(a.status()["data_plane"]["active"], false);
+    a.up("ta");
+    wait("ping ta → tb after down/up", 30, logs, || {
+        ping_once(c1, &b_ip).then_some(())
+    });
+
     drop(a);
     drop(b);
     drop(control);
