@@ -230,10 +230,14 @@ const DERP_IDLE_CLOSE: Duration = Duration::from_secs(60);
 
 /// Which region carries a packet to a peer (spec §2.8, Go `derpWriteChanForRegion`): its home
 /// region if we are connected there; else the region we last heard it on, if still connected;
-/// else its home region (dialed now); with no home, the region it was heard on; else none.
+/// else its home region (dialed now); with no home, the region it was heard on; else our own
+/// home (`our_home`, 0 = none). That last step is ours: Go drops the packet, but a peer that
+/// just came up has no home in our netmap yet, and its first handshake would wait 5 s for a
+/// retransmission; sending via our home costs nothing and works whenever we share a region.
 pub fn choose_region(
     peer_home: u16,
     heard_on: Option<u16>,
+    our_home: u16,
     connected: impl Fn(u16) -> bool,
 ) -> Option<u16> {
     if peer_home != 0 && connected(peer_home) {
@@ -245,7 +249,7 @@ pub fn choose_region(
     if peer_home != 0 {
         return Some(peer_home);
     }
-    heard_on
+    heard_on.or((our_home != 0).then_some(our_home))
 }
 
 impl Drop for DerpLink {
@@ -465,7 +469,8 @@ impl Engine {
             };
             let key = info.key;
             let derp = &self.derp;
-            let region = choose_region(info.home_derp, self.last_region.get(&id).copied(), |r| {
+            let heard_on = self.last_region.get(&id).copied();
+            let region = choose_region(info.home_derp, heard_on, self.home, |r| {
                 derp.contains_key(&r)
             });
             let Some(link) = region.and_then(|r| self.derp_link(r)) else {
@@ -770,17 +775,22 @@ mod tests {
     fn region_choice_follows_go() {
         let connected = |set: &'static [u16]| move |r: u16| set.contains(&r);
         // Home region connected: use it, even if the peer was heard elsewhere.
+        let both = connected(&[901, 902]);
+        assert_eq!(choose_region(901, Some(902), 900, both), Some(901));
+        // Not connected to its home but heard on a connected region: reply there.
         assert_eq!(
-            choose_region(901, Some(902), connected(&[901, 902])),
+            choose_region(901, Some(902), 900, connected(&[902])),
+            Some(902)
+        );
+        // Heard on a region we are no longer connected to: dial its home.
+        assert_eq!(
+            choose_region(901, Some(902), 900, connected(&[])),
             Some(901)
         );
-        // Not connected to its home but heard on a connected region: reply there.
-        assert_eq!(choose_region(901, Some(902), connected(&[902])), Some(902));
-        // Heard on a region we are no longer connected to: dial its home.
-        assert_eq!(choose_region(901, Some(902), connected(&[])), Some(901));
-        // No home: the region it was heard on is the last resort.
-        assert_eq!(choose_region(0, Some(902), connected(&[])), Some(902));
-        assert_eq!(choose_region(0, None, connected(&[900])), None);
+        // No home: the region it was heard on, else our own home.
+        assert_eq!(choose_region(0, Some(902), 900, connected(&[])), Some(902));
+        assert_eq!(choose_region(0, None, 900, connected(&[900])), Some(900));
+        assert_eq!(choose_region(0, None, 0, connected(&[])), None);
     }
 
     #[test]

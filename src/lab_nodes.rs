@@ -93,11 +93,16 @@ pub fn start(lab: &mut LabState) -> anyhow::Result<()> {
     }
     let peers = lab.tern_nodes.len().saturating_sub(1);
     for (daemon, node) in daemons.iter_mut().zip(&lab.tern_nodes) {
-        let what = format!("{} to be Running with {peers} peer(s)", node.hostname);
+        let what = format!(
+            "{} to be Running with {peers} peer(s) and its data plane up",
+            node.hostname
+        );
         wait_until(daemon, &what, || {
             let status = runtime.block_on(Client::new(&node.socket).status()).ok()?;
+            // Peers' home DERP known: the first packets have somewhere to go.
             (status.backend_state == BackendState::Running
                 && status.peers.len() >= peers
+                && status.peers.iter().all(|p| p.home_derp.is_some())
                 && status.data_plane.active)
                 .then_some(())
         })?;
