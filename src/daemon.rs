@@ -1,7 +1,8 @@
-//! `tern daemon`: one tokio runtime that wires the state directory, the LocalAPI and the control
-//! client together.
+//! `tern daemon`: one tokio runtime that wires the state directory, the LocalAPI, the control
+//! client and the data plane ([`crate::dataplane`]) together.
 //!
-//! The daemon task owns the preferences and the control task. LocalAPI commands (`up`, `down`)
+//! The daemon task owns the preferences, the control task and the data-plane task (started and
+//! stopped together; the control task hands netmaps to the engine through an [`EngineLink`]). LocalAPI commands (`up`, `down`)
 //! arrive on an mpsc channel; every view reads the [`Status`] watch channel.
 
 use std::path::PathBuf;
