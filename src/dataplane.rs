@@ -1,5 +1,5 @@
 //! The data plane (dataplane spec §2.8, §4, §9): a kernel TUN, one WireGuard peer table, and
-//! DERP as the only path for now.
+//! DERP as the only path for now; the home region comes from [`crate::netcheck`].
 //!
 //! One engine task owns the TUN, the [`WgPeers`] table, the inbound filter and the UDP sockets;
 //! each DERP region has a small task that keeps one connection up (reconnecting with the Go
@@ -23,6 +23,7 @@ use crate::control::tailcfg::{DerpMap, DerpNode, DerpRegion};
 use crate::derp::client::{ClientConfig, DerpClient, Event, Reconnector, TlsVerify, Transport};
 use crate::filter::{Filter, Verdict};
 use crate::keys::{NodePrivate, NodePublic};
+use crate::netcheck::{self, LatencyHistory, RegionFacts};
 use crate::netmap::NetworkMap;
 use crate::packet::PacketSummary;
 use crate::status::{rfc3339, Status};
@@ -129,7 +130,10 @@ async fn run(
     );
 
     let (inbound_tx, inbound_rx) = mpsc::channel(1024);
-    let mut engine = Engine::new(config.node_key.clone(), inbound_tx, home_derp);
+    let (regions_tx, regions_rx) = watch::channel(BTreeMap::new());
+    let (report_tx, reports) = mpsc::channel(4);
+    let netcheck = AbortOnDrop(tokio::spawn(netcheck_task(regions_rx, report_tx)));
+    let mut engine = Engine::new(config.node_key.clone(), inbound_tx, home_derp, regions_tx);
     engine.ipv6 = ipv6;
     if !ipv6 {
         tracing::info!("IPv6 is disabled here: tailnet IPv6 addresses and routes are skipped");
@@ -141,9 +145,42 @@ async fn run(
         s.data_plane.active = true;
         s.data_plane.note = None;
     });
-    engine
-        .serve(&tun, &sockets, netmaps, inbound_rx, status)
-        .await
+    let served = engine
+        .serve(&tun, &sockets, netmaps, inbound_rx, reports, status)
+        .await;
+    drop(netcheck);
+    served
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Measures DERP latency when the region set changes and every 20–26 s (spec §5.2), handing
+/// each report (latency per region, `None` = no answer) to the engine.
+async fn netcheck_task(
+    mut regions: watch::Receiver<BTreeMap<u16, DerpRegion>>,
+    reports: mpsc::Sender<BTreeMap<u16, Option<Duration>>>,
+) {
+    loop {
+        let map = regions.borrow_and_update().clone();
+        if !map.is_empty() {
+            let report = netcheck::measure(&map).await;
+            tracing::debug!(?report, "DERP latency report");
+            if reports.send(report).await.is_err() {
+                return;
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(netcheck::next_interval()), if !map.is_empty() => {}
+            changed = regions.changed() => if changed.is_err() { return },
+        }
+    }
 }
 
 /// Whether this network namespace has IPv6 (the kernel refuses v6 addresses and routes when
@@ -220,6 +257,8 @@ enum DerpEvent {
 /// Our side of one DERP region's task.
 struct DerpLink {
     outbound: mpsc::Sender<(NodePublic, Bytes)>,
+    /// Whether this is our home region (NotePreferred on change and after each dial).
+    preferred: watch::Sender<bool>,
     task: JoinHandle<()>,
     nodes: Vec<DerpNode>,
     last_write: Instant,
@@ -275,6 +314,9 @@ struct Engine {
     derp: HashMap<u16, DerpLink>,
     home: u16,
     home_tx: watch::Sender<u16>,
+    /// The region set the netcheck task measures.
+    regions_tx: watch::Sender<BTreeMap<u16, DerpRegion>>,
+    latency_history: LatencyHistory,
     inbound_tx: mpsc::Sender<DerpEvent>,
     /// Where each peer's packets last came from (what status shows while DERP is the path).
     last_region: HashMap<PeerId, u16>,
@@ -291,6 +333,7 @@ impl Engine {
         private_key: NodePrivate,
         inbound_tx: mpsc::Sender<DerpEvent>,
         home_tx: watch::Sender<u16>,
+        regions_tx: watch::Sender<BTreeMap<u16, DerpRegion>>,
     ) -> Self {
         Self {
             peers: WgPeers::new(private_key.clone()),
@@ -301,6 +344,8 @@ impl Engine {
             derp: HashMap::new(),
             home: 0,
             home_tx,
+            regions_tx,
+            latency_history: LatencyHistory::default(),
             inbound_tx,
             last_region: HashMap::new(),
             private_key,
@@ -317,6 +362,7 @@ impl Engine {
         udp: &UdpSockets,
         mut netmaps: watch::Receiver<Option<Arc<NetworkMap>>>,
         mut inbound: mpsc::Receiver<DerpEvent>,
+        mut reports: mpsc::Receiver<BTreeMap<u16, Option<Duration>>>,
         status: &watch::Sender<Status>,
     ) -> Result<(), EngineError> {
         let mut tun_buf = vec![0u8; BUF_LEN];
@@ -346,6 +392,10 @@ impl Engine {
                     }
                     DerpEvent::PeerGone { region, peer } => self.peer_gone(region, &peer),
                 },
+                Some(report) = reports.recv() => {
+                    publish_latency(status, &report);
+                    self.on_latency_report(report);
+                }
                 r = udp.recv(&mut udp_buf) => {
                     if let Ok((n, from)) = r {
                         self.udp_datagram(udp_buf.get(..n).unwrap_or_default(), from);
@@ -505,11 +555,19 @@ impl Engine {
                 return None;
             }
             let (tx, rx) = mpsc::channel(DERP_QUEUE);
-            let task = tokio::spawn(region_task(region, configs, rx, self.inbound_tx.clone()));
+            let (preferred, preferred_rx) = watch::channel(region == self.home);
+            let task = tokio::spawn(region_task(
+                region,
+                configs,
+                rx,
+                preferred_rx,
+                self.inbound_tx.clone(),
+            ));
             self.derp.insert(
                 region,
                 DerpLink {
                     outbound: tx,
+                    preferred,
                     task,
                     nodes,
                     last_write: Instant::now(),
@@ -590,16 +648,60 @@ impl Engine {
         let map = &self.derp_map;
         self.derp
             .retain(|id, link| map.get(id).is_some_and(|r| r.nodes == link.nodes));
-        let home = pick_home(&self.derp_map);
-        if home != self.home {
-            self.home = home;
-            self.derp.remove(&home); // redial with NotePreferred(true)
-            tracing::info!(region = home, "home DERP region");
-            if home != 0 {
-                let _ = self.derp_link(home);
-            }
-            self.home_tx.send_replace(home);
+        // The netcheck task measures the new set and reports back; a home that left the map
+        // is replaced at once (by the fallback until a report arrives).
+        let regions = self.derp_map.clone();
+        self.regions_tx.send_if_modified(|r| {
+            let changed = *r != regions;
+            *r = regions;
+            changed
+        });
+        if self.home != 0 && !self.region_facts().contains_key(&self.home) {
+            let home = netcheck::fallback_home(&self.region_facts());
+            self.set_home(home);
         }
+    }
+
+    fn region_facts(&self) -> BTreeMap<u16, RegionFacts> {
+        self.derp_map
+            .iter()
+            .map(|(id, r)| (*id, RegionFacts::of(r)))
+            .collect()
+    }
+
+    /// A latency report from the netcheck task: choose the home by spec §5.6.
+    fn on_latency_report(&mut self, report: BTreeMap<u16, Option<Duration>>) {
+        let measured = report
+            .iter()
+            .filter_map(|(id, l)| Some((*id, (*l)?)))
+            .collect();
+        self.latency_history.add(Instant::now(), measured);
+        let home = netcheck::select_home(
+            &self.region_facts(),
+            &report,
+            &self.latency_history.best_recent(),
+            self.home,
+        );
+        self.set_home(home);
+    }
+
+    /// Makes `home` our home region: NotePreferred(false) to the old one, a connection with
+    /// NotePreferred(true) to the new one, and the news to control (spec §2.8, §5.6 step 7).
+    fn set_home(&mut self, home: u16) {
+        if home == self.home {
+            return;
+        }
+        let old = std::mem::replace(&mut self.home, home);
+        tracing::info!(region = home, previous = old, "home DERP region");
+        if let Some(link) = self.derp.get(&old) {
+            link.preferred.send_replace(false);
+        }
+        if home != 0 {
+            if let Some(link) = self.derp_link(home) {
+                link.preferred.send_replace(true);
+            }
+        }
+        self.home_tx.send_replace(home);
     }
 
     /// Copies per-peer path and counters into the status snapshot.
@@ -639,14 +741,13 @@ impl Engine {
     }
 }
 
-/// Our home region: the lowest region id that has a DERP (not STUN-only) node and is not
-/// marked avoid or no-home. Latency-based choice comes with netcheck.
-pub fn pick_home(regions: &BTreeMap<u16, DerpRegion>) -> u16 {
-    regions
+/// Puts a latency report into the status snapshot (milliseconds, `None` = no answer).
+fn publish_latency(status: &watch::Sender<Status>, report: &BTreeMap<u16, Option<Duration>>) {
+    let ms = report
         .iter()
-        .find(|(_, r)| !r.avoid && !r.no_measure_no_home && r.nodes.iter().any(|n| !n.stun_only))
-        .map(|(id, _)| *id)
-        .unwrap_or(0)
+        .map(|(id, l)| (*id, l.map(|d| (d.as_secs_f64() * 10_000.0).round() / 10.0)))
+        .collect();
+    status.send_modify(|s| s.data_plane.derp_latency_ms = ms);
 }
 
 /// How to dial a DERP node from its map entry. `TS_DEBUG_USE_DERP_HTTP=1` dials plain HTTP on
@@ -698,6 +799,7 @@ async fn region_task(
     region: u16,
     configs: Vec<ClientConfig>,
     mut outbound: mpsc::Receiver<(NodePublic, Bytes)>,
+    mut preferred: watch::Receiver<bool>,
     inbound: mpsc::Sender<DerpEvent>,
 ) {
     let mut reconnector = Reconnector::default();
@@ -709,7 +811,11 @@ async fn region_task(
         if let Some(at) = reconnector.next_attempt() {
             tokio::time::sleep_until(at.into()).await;
         }
-        let mut client = match DerpClient::connect(config).await {
+        let config = ClientConfig {
+            preferred: *preferred.borrow_and_update(),
+            ..config.clone()
+        };
+        let mut client = match DerpClient::connect(&config).await {
             Ok(c) => c,
             Err(e) => {
                 tracing::debug!(region, addr = %config.addr, error = %e, "DERP connect failed");
@@ -724,6 +830,15 @@ async fn region_task(
                 msg = outbound.recv() => {
                     let Some((dst, packet)) = msg else { return };
                     if let Err(e) = client.send(dst, packet).await {
+                        break e.to_string();
+                    }
+                }
+                changed = preferred.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    let value = *preferred.borrow_and_update();
+                    if let Err(e) = client.note_preferred(value).await {
                         break e.to_string();
                     }
                 }
@@ -791,18 +906,6 @@ mod tests {
         assert_eq!(choose_region(0, Some(902), 900, connected(&[])), Some(902));
         assert_eq!(choose_region(0, None, 900, connected(&[900])), Some(900));
         assert_eq!(choose_region(0, None, 0, connected(&[])), None);
-    }
-
-    #[test]
-    fn home_is_the_lowest_usable_region() {
-        let mut m = BTreeMap::new();
-        assert_eq!(pick_home(&m), 0);
-        m.insert(905, region(905, false, false));
-        m.insert(901, region(901, true, false));
-        m.insert(902, region(902, false, true));
-        assert_eq!(pick_home(&m), 905);
-        m.insert(903, region(903, false, false));
-        assert_eq!(pick_home(&m), 903);
     }
 
     #[test]

@@ -16,6 +16,7 @@ pub mod lab_cli;
 pub mod lab_nodes;
 pub mod localapi;
 pub mod naclbox;
+pub mod netcheck;
 pub mod netmap;
 pub mod node_commands;
 pub mod packet;

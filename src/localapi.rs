@@ -337,6 +337,7 @@ mod tests {
                 port: 1,
                 active: false,
                 note: None,
+                derp_latency_ms: Default::default(),
             },
             SystemTime::UNIX_EPOCH,
         )

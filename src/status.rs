@@ -151,6 +151,9 @@ pub struct DataPlaneStatus {
     pub active: bool,
     /// Why not, in words.
     pub note: Option<String>,
+    /// Last measured latency to each DERP region in milliseconds (`null` = no answer).
+    #[serde(default)]
+    pub derp_latency_ms: std::collections::BTreeMap<u16, Option<f64>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -389,6 +392,7 @@ mod tests {
             port: 41641,
             active: false,
             note: Some("no WireGuard data plane in this version".into()),
+            derp_latency_ms: Default::default(),
         }
     }
 

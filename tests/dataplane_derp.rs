@@ -444,3 +444,105 @@ fn tern_and_tsnet_talk_over_tern_derp() {
     drop(control);
     let _ = derp.stop();
 }
+
+/// Home DERP by measured latency: the DERP map has region 900 on a relay address where
+/// nothing listens (no STUN answer, TCP refused) and region 901 on `tern derp`. Both nodes
+/// must pick 901 although it has the higher id, peers must see 901 as their home, and traffic
+/// must flow. ta sits behind an easy NAT (STUN measures 901), tb behind a UDP-blocking NAT
+/// (the TCP-connect fallback measures it).
+#[test]
+fn home_derp_is_the_region_that_answers() {
+    require_root();
+    let topo = Topology::standard_unique(NatMode::Easy, NatMode::Udpblock).expect("build lab");
+    let mut derp = start_derp(&topo);
+    let dir = tempfile::tempdir().unwrap();
+    let server_ns = topo.ns("server").unwrap().name().to_string();
+    let mut config = test_config(
+        &format!("{CONTROL_IP}:8080"),
+        &dir.path().join("control"),
+        &RELAY_IPS[0].to_string(),
+        10,
+    );
+    let mut reachable = config.derp_regions[0].clone();
+    reachable.id = 901;
+    reachable.code = "lab2".into();
+    for node in &mut reachable.nodes {
+        node.name = "901a".into();
+    }
+    let dead_ip = RELAY_IPS[1].to_string();
+    for node in &mut config.derp_regions[0].nodes {
+        node.host_name = dead_ip.clone();
+        node.ipv4 = dead_ip.clone();
+    }
+    config.derp_regions.push(reachable);
+    let control = LabServer::start(config, Some(&server_ns));
+
+    let (c1, c2) = (topo.ns("c1").unwrap(), topo.ns("c2").unwrap());
+    let a = Node::start(c1, dir.path(), "ta");
+    let b = Node::start(c2, dir.path(), "tb");
+    let logs = || {
+        format!(
+            "== ta\n{}\n== tb\n{}\n== derp\n{}",
+            a.process.output(),
+            b.process.output(),
+            derp.output()
+        )
+    };
+    wait("both LocalAPIs", 20, logs, || {
+        (a.status().is_object() && b.status().is_object()).then_some(())
+    });
+    a.up("ta");
+    b.up("tb");
+
+    let peer_with_home = |n: &Node, host: &str| {
+        let s = n.status();
+        s["peers"]
+            .as_array()?
+            .iter()
+            .find(|p| p["hostname"] == host && !p["home_derp"].is_null())
+            .cloned()
+    };
+    let peer_b = wait("ta to see tb's home DERP", 60, logs, || {
+        peer_with_home(&a, "tb")
+    });
+    let peer_a = wait("tb to see ta's home DERP", 60, logs, || {
+        peer_with_home(&b, "ta")
+    });
+    assert_eq!(
+        peer_b["home_derp"], 901,
+        "tb's home as ta sees it: {peer_b}"
+    );
+    assert_eq!(
+        peer_a["home_derp"], 901,
+        "ta's home as tb sees it: {peer_a}"
+    );
+    for (name, node) in [("ta", &a), ("tb", &b)] {
+        let s = node.status();
+        let latency = &s["data_plane"]["derp_latency_ms"];
+        assert!(
+            latency["901"].as_f64().is_some(),
+            "{name} measured no latency to region 901: {latency}"
+        );
+        assert!(
+            latency["900"].is_null() && latency.get("900").is_some(),
+            "{name} should have measured region 900 as unreachable: {latency}"
+        );
+    }
+
+    let b_ip = peer_b["tailnet_ips"][0].as_str().unwrap().to_string();
+    let a_ip = peer_a["tailnet_ips"][0].as_str().unwrap().to_string();
+    wait("ping ta → tb over DERP 901", 30, logs, || {
+        ping_once(c1, &b_ip).then_some(())
+    });
+    assert!(ping_once(c2, &a_ip), "ping tb → ta failed\n{}", logs());
+    let p = wait("ta's status to show the DERP path", 10, logs, || {
+        let p = peer_with_home(&a, "tb")?;
+        (p["path"] == "derp").then_some(p)
+    });
+    assert_eq!(p["derp_region"], 901, "{p}");
+
+    drop(a);
+    drop(b);
+    drop(control);
+    let _ = derp.stop();
+}
