@@ -694,11 +694,11 @@ impl Engine {
         let old = std::mem::replace(&mut self.home, home);
         tracing::info!(region = home, previous = old, "home DERP region");
         if let Some(link) = self.derp.get(&old) {
-            link.preferred.send_replace(false);
+            note_preferred(&link.preferred, false);
         }
         if home != 0 {
             if let Some(link) = self.derp_link(home) {
-                link.preferred.send_replace(true);
+                note_preferred(&link.preferred, true);
             }
         }
         self.home_tx.send_replace(home);
@@ -739,6 +739,11 @@ impl Engine {
             s.peers != before
         });
     }
+}
+
+/// Tells a region task its preferred flag; only a change wakes it (only changes are sent).
+fn note_preferred(flag: &watch::Sender<bool>, preferred: bool) {
+    flag.send_if_modified(|p| std::mem::replace(p, preferred) != preferred);
 }
 
 /// Puts a latency report into the status snapshot (milliseconds, `None` = no answer).

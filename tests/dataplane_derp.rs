@@ -119,8 +119,13 @@ impl Node {
 
 /// `tern derp` (TLS, self-signed; STUN on 3478) on the relay host, the lab DERP map's region 900.
 fn start_derp(topo: &Topology) -> Process {
+    start_derp_at(topo, &RELAY_IPS[0].to_string())
+}
+
+/// `tern derp` on `derp_ip` (one of the relay host's addresses).
+fn start_derp_at(topo: &Topology, derp_ip: &str) -> Process {
     let relay = topo.ns("relay").unwrap();
-    let derp_ip = RELAY_IPS[0].to_string();
+    let derp_ip = derp_ip.to_string();
     let mut derp = Process::spawn(
         relay,
         "tern derp",
@@ -545,4 +550,100 @@ fn home_derp_is_the_region_that_answers() {
     drop(b);
     drop(control);
     let _ = derp.stop();
+}
+
+/// The home moves when it stops answering: regions 900 and 901 each have a `tern derp` (on the
+/// relay's two addresses); once both nodes have a home, that region's server is stopped, and
+/// within the next re-measure (20–26 s) both nodes move to the other region, peers see the new
+/// home, and traffic flows there.
+#[test]
+fn home_derp_moves_when_the_home_region_dies() {
+    require_root();
+    let topo = Topology::standard_unique(NatMode::Easy, NatMode::Easy).expect("build lab");
+    let mut derps = [
+        start_derp_at(&topo, &RELAY_IPS[0].to_string()),
+        start_derp_at(&topo, &RELAY_IPS[1].to_string()),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let server_ns = topo.ns("server").unwrap().name().to_string();
+    let mut config = test_config(
+        &format!("{CONTROL_IP}:8080"),
+        &dir.path().join("control"),
+        &RELAY_IPS[0].to_string(),
+        10,
+    );
+    let mut second = config.derp_regions[0].clone();
+    second.id = 901;
+    second.code = "lab2".into();
+    for node in &mut second.nodes {
+        node.name = "901a".into();
+        node.host_name = RELAY_IPS[1].to_string();
+        node.ipv4 = RELAY_IPS[1].to_string();
+    }
+    config.derp_regions.push(second);
+    let control = LabServer::start(config, Some(&server_ns));
+
+    let (c1, c2) = (topo.ns("c1").unwrap(), topo.ns("c2").unwrap());
+    let a = Node::start(c1, dir.path(), "ta");
+    let b = Node::start(c2, dir.path(), "tb");
+    let logs = || {
+        format!(
+            "== ta\n{}\n== tb\n{}",
+            a.process.output(),
+            b.process.output()
+        )
+    };
+    wait("both LocalAPIs", 20, logs, || {
+        (a.status().is_object() && b.status().is_object()).then_some(())
+    });
+    a.up("ta");
+    b.up("tb");
+    let home_of = |n: &Node, host: &str| -> Option<(u64, String)> {
+        let s = n.status();
+        let p = s["peers"]
+            .as_array()?
+            .iter()
+            .find(|p| p["hostname"] == host)?;
+        Some((
+            p["home_derp"].as_u64()?,
+            p["tailnet_ips"][0].as_str()?.to_string(),
+        ))
+    };
+    let (home, b_ip) = wait("ta to see tb's home DERP", 60, logs, || home_of(&a, "tb"));
+    assert!(home == 900 || home == 901, "tb's home: {home}");
+    wait("ping ta → tb", 30, logs, || {
+        ping_once(c1, &b_ip).then_some(())
+    });
+
+    // Stop the server of tb's home region; the other region must take over.
+    let dead = usize::from(home == 901);
+    let _ = derps[dead].stop();
+    let other = if home == 900 { 901 } else { 900 };
+    wait("ta to see tb's home move", 90, logs, || {
+        (home_of(&a, "tb")?.0 == other).then_some(())
+    });
+    let (a_home, a_ip) = wait("tb to see ta's home move", 90, logs, || {
+        home_of(&b, "ta").filter(|(h, _)| *h == other)
+    });
+    assert_eq!(a_home, other);
+    let latency = b.status()["data_plane"]["derp_latency_ms"].clone();
+    assert!(
+        latency[home.to_string()].is_null() && latency[other.to_string()].is_number(),
+        "tb's latency report after the move: {latency}"
+    );
+    wait("ping ta → tb after the move", 30, logs, || {
+        ping_once(c1, &b_ip).then_some(())
+    });
+    assert!(
+        ping_once(c2, &a_ip),
+        "ping tb → ta after the move\n{}",
+        logs()
+    );
+
+    drop(a);
+    drop(b);
+    drop(control);
+    for d in &mut derps {
+        let _ = d.stop();
+    }
 }
