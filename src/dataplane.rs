@@ -152,6 +152,12 @@ async fn run(
     served
 }
 
+/// One measurement of every region (`None` = no answer).
+struct LatencyReport {
+    started: Instant,
+    latency: BTreeMap<u16, Option<Duration>>,
+}
+
 /// Aborts a task when dropped.
 struct AbortOnDrop(JoinHandle<()>);
 
@@ -165,14 +171,19 @@ impl Drop for AbortOnDrop {
 /// each report (latency per region, `None` = no answer) to the engine.
 async fn netcheck_task(
     mut regions: watch::Receiver<BTreeMap<u16, DerpRegion>>,
-    reports: mpsc::Sender<BTreeMap<u16, Option<Duration>>>,
+    reports: mpsc::Sender<LatencyReport>,
 ) {
     loop {
         let map = regions.borrow_and_update().clone();
         if !map.is_empty() {
-            let report = netcheck::measure(&map).await;
-            tracing::debug!(?report, "DERP latency report");
-            if reports.send(report).await.is_err() {
+            let started = Instant::now();
+            let latency = netcheck::measure(&map).await;
+            tracing::debug!(?latency, "DERP latency report");
+            if reports
+                .send(LatencyReport { started, latency })
+                .await
+                .is_err()
+            {
                 return;
             }
         }
@@ -317,6 +328,8 @@ struct Engine {
     /// The region set the netcheck task measures.
     regions_tx: watch::Sender<BTreeMap<u16, DerpRegion>>,
     latency_history: LatencyHistory,
+    /// When each region last delivered a packet (updated at most every 5 s, spec §5.6).
+    last_frame: HashMap<u16, Instant>,
     inbound_tx: mpsc::Sender<DerpEvent>,
     /// Where each peer's packets last came from (what status shows while DERP is the path).
     last_region: HashMap<PeerId, u16>,
@@ -346,6 +359,7 @@ impl Engine {
             home_tx,
             regions_tx,
             latency_history: LatencyHistory::default(),
+            last_frame: HashMap::new(),
             inbound_tx,
             last_region: HashMap::new(),
             private_key,
@@ -362,7 +376,7 @@ impl Engine {
         udp: &UdpSockets,
         mut netmaps: watch::Receiver<Option<Arc<NetworkMap>>>,
         mut inbound: mpsc::Receiver<DerpEvent>,
-        mut reports: mpsc::Receiver<BTreeMap<u16, Option<Duration>>>,
+        mut reports: mpsc::Receiver<LatencyReport>,
         status: &watch::Sender<Status>,
     ) -> Result<(), EngineError> {
         let mut tun_buf = vec![0u8; BUF_LEN];
@@ -384,6 +398,7 @@ impl Engine {
                 }
                 Some(event) = inbound.recv() => match event {
                     DerpEvent::Packet { region, src, packet } => {
+                        self.note_frame_from(region);
                         if let Some(packet) = self.inbound(region, src, &packet) {
                             if let Err(e) = tun.send(&packet).await {
                                 tracing::debug!(error = %e, "TUN write failed");
@@ -393,7 +408,7 @@ impl Engine {
                     DerpEvent::PeerGone { region, peer } => self.peer_gone(region, &peer),
                 },
                 Some(report) = reports.recv() => {
-                    publish_latency(status, &report);
+                    publish_latency(status, &report.latency);
                     self.on_latency_report(report);
                 }
                 r = udp.recv(&mut udp_buf) => {
@@ -670,19 +685,37 @@ impl Engine {
     }
 
     /// A latency report from the netcheck task: choose the home by spec §5.6.
-    fn on_latency_report(&mut self, report: BTreeMap<u16, Option<Duration>>) {
+    fn on_latency_report(&mut self, report: LatencyReport) {
+        let now = Instant::now();
         let measured = report
+            .latency
             .iter()
             .filter_map(|(id, l)| Some((*id, (*l)?)))
             .collect();
-        self.latency_history.add(Instant::now(), measured);
+        self.latency_history.add(now, measured);
+        let home_heard = self.last_frame.get(&self.home).is_some_and(|t| {
+            *t >= report.started || now.saturating_duration_since(*t) < netcheck::HOME_FRAME_WINDOW
+        });
         let home = netcheck::select_home(
             &self.region_facts(),
-            &report,
+            &report.latency,
             &self.latency_history.best_recent(),
             self.home,
+            home_heard,
         );
         self.set_home(home);
+    }
+
+    /// Notes that `region` delivered a frame (at most once every 5 s, as Go).
+    fn note_frame_from(&mut self, region: u16) {
+        let now = Instant::now();
+        let stale = self
+            .last_frame
+            .get(&region)
+            .is_none_or(|t| now.saturating_duration_since(*t) >= Duration::from_secs(5));
+        if stale {
+            self.last_frame.insert(region, now);
+        }
     }
 
     /// Makes `home` our home region: NotePreferred(false) to the old one, a connection with

@@ -23,6 +23,9 @@ pub const TCP_TIMEOUT: Duration = Duration::from_secs(2);
 pub const HISTORY: Duration = Duration::from_secs(5 * 60);
 /// Keep the current home when it is less than this much slower than the best (§5.6 step 3).
 const KEEP_WITHIN: Duration = Duration::from_millis(10);
+/// A home that delivered a DERP frame this recently counts as accessible (Go
+/// `PreferredDERPFrameTime`, §5.6 step 3).
+pub const HOME_FRAME_WINDOW: Duration = Duration::from_secs(8);
 
 /// The periodic re-measure interval: uniform in 20–26 s (spec §5.2).
 pub fn next_interval() -> Duration {
@@ -81,11 +84,13 @@ impl LatencyHistory {
 /// The home region after a report (§5.6; 0 = none).
 ///
 /// `current`: this report's latency per region (`None` = no answer); `best_recent`: the
-/// lowest latency per region over recent reports; `home`: the current home (0 = none).
+/// lowest latency per region over recent reports; `home`: the current home (0 = none);
+/// `home_heard`: a DERP frame came from the home region since the report started or within
+/// [`HOME_FRAME_WINDOW`].
 /// Candidates are regions that answered in this report, have a DERP node, are not
 /// `NoMeasureNoHome`, and are not `Avoid` unless already home; the one with the smallest
-/// `best_recent` wins (ties: lower id). The current home is kept when it answered and the
-/// winner is not clearly better: less than 10 ms faster, or faster by less than a third.
+/// `best_recent` wins (ties: lower id). The current home is kept when it answered (or was
+/// heard) and the winner is not clearly better: less than 10 ms faster, or faster by less than a third.
 /// When nothing answered, the current home is kept; with no home yet, the lowest usable
 /// region is taken (Go picks a random one) so that packets have somewhere to go.
 pub fn select_home(
@@ -93,6 +98,7 @@ pub fn select_home(
     current: &BTreeMap<u16, Option<Duration>>,
     best_recent: &BTreeMap<u16, Duration>,
     home: u16,
+    home_heard: bool,
 ) -> u16 {
     let eligible = |id: u16| {
         facts
@@ -112,7 +118,10 @@ pub fn select_home(
         return fallback_home(facts);
     };
     if home != 0 && home != best_id && eligible(home) {
-        if let Some(home_latency) = current.get(&home).copied().flatten() {
+        let home_latency = current.get(&home).copied().flatten();
+        if home_latency.is_some() || home_heard {
+            // Heard but not measured: Go compares against 0, so the home stays.
+            let home_latency = home_latency.unwrap_or_default();
             let clearly_better = home_latency.saturating_sub(best_latency) >= KEEP_WITHIN
                 && best_latency * 3 <= home_latency * 2;
             if !clearly_better {
@@ -262,7 +271,7 @@ mod tests {
 
     fn select(f: &BTreeMap<u16, RegionFacts>, r: &[(u16, Option<u64>)], home: u16) -> u16 {
         let r = report(r);
-        select_home(f, &r, &best(&r), home)
+        select_home(f, &r, &best(&r), home, false)
     }
 
     #[test]
@@ -287,8 +296,11 @@ mod tests {
         assert_eq!(select(&f, &[(1, Some(100)), (2, Some(60))], 1), 2);
         // A third faster but under 10 ms: keep.
         assert_eq!(select(&f, &[(1, Some(9)), (2, Some(3))], 1), 1);
-        // The home did not answer this time: the best that did wins.
+        // The home did not answer this time: the best that did wins, unless the home
+        // delivered DERP frames just now.
         assert_eq!(select(&f, &[(1, None), (2, Some(80))], 1), 2);
+        let r = report(&[(1, None), (2, Some(80))]);
+        assert_eq!(select_home(&f, &r, &best(&r), 1, true), 1);
     }
 
     #[test]
@@ -340,13 +352,13 @@ mod tests {
         h.add(t0 + ms(20_000), BTreeMap::from([(1, ms(80)), (2, ms(50))]));
         let now = report(&[(1, Some(80)), (2, Some(50))]);
         // Region 1 was 10 ms a moment ago: its recent best still wins.
-        assert_eq!(select_home(&f, &now, &h.best_recent(), 0), 1);
+        assert_eq!(select_home(&f, &now, &h.best_recent(), 0, false), 1);
         // Five minutes later the old report is gone.
         h.add(
             t0 + HISTORY + ms(1),
             BTreeMap::from([(1, ms(80)), (2, ms(50))]),
         );
-        assert_eq!(select_home(&f, &now, &h.best_recent(), 0), 2);
+        assert_eq!(select_home(&f, &now, &h.best_recent(), 0, false), 2);
     }
 
     #[tokio::test]
