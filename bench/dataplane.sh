@@ -148,10 +148,11 @@ derp_metric() { # NAME -> value of tern_derp_NAME from the relay's /debug/metric
     ip netns exec "$LAB-relay" curl -sk --max-time 3 --interface 127.0.0.1 \
         "https://198.18.0.10:443/debug/metrics" 2>/dev/null | awk -v n="tern_derp_$1" '$1 == n { print $2 }'
 }
-derp_snapshot() { # SUFFIX RUN: forwarded packets, bytes and queue-full drops into $WORK/derp.RUN.{p,b,q}SUFFIX
+derp_snapshot() { # SUFFIX RUN: enqueued packets, their bytes, queue-full drops, packets sent into $WORK/derp.RUN.{p,b,q,s}SUFFIX
     derp_metric packets_forwarded_total >"$WORK/derp.$2.p$1"
     derp_metric bytes_forwarded_total >"$WORK/derp.$2.b$1"
     derp_metric packets_dropped_queue_full_total >"$WORK/derp.$2.q$1"
+    derp_metric packets_sent_total >"$WORK/derp.$2.s$1"
 }
 derp_pre() { derp_snapshot 0 "$2"; }
 derp_post() { derp_snapshot 1 "$2"; }
@@ -181,18 +182,19 @@ bench_tern() {
     BENCH_HOOK_PRE=derp_pre BENCH_HOOK_POST=derp_post \
         measure tern "$LAB-c1" "$ip2" "derp=$pid_derp" "tern-c1=$pid_c1" "tern-c2=$pid_c2"
     # Packets/s through the relay from its own counters (both directions: data and TCP ACKs).
-    local run p0 p1 b0 b1 pps="" avg="" drops="" extra
+    local run p0 p1 b0 b1 pps="" sent="" avg="" drops="" extra
     for run in $(seq 1 "$RUNS"); do
         p0=$(cat "$WORK/derp.$run.p0"); p1=$(cat "$WORK/derp.$run.p1")
         b0=$(cat "$WORK/derp.$run.b0"); b1=$(cat "$WORK/derp.$run.b1")
         if [ -n "$p0" ] && [ -n "$p1" ]; then
             pps+="$(( (p1 - p0) / SECONDS_PER_RUN ))"$'\n'
             avg+="$(( (b1 - b0) / (p1 - p0 > 0 ? p1 - p0 : 1) ))"$'\n'
+            sent+="$(( ($(cat "$WORK/derp.$run.s1") - $(cat "$WORK/derp.$run.s0")) / SECONDS_PER_RUN ))"$'\n'
             drops+="$(( $(cat "$WORK/derp.$run.q1") - $(cat "$WORK/derp.$run.q0") ))"$'\n'
         fi
     done
     if [ -n "$pps" ]; then
-        extra="relay forwarded $(printf '%s' "$pps" | median | awk '{ printf "%.0f", $1 }') packets/s (median, DERP /debug/metrics, both directions), avg $(printf '%s' "$avg" | median | awk '{ printf "%.0f", $1 }') B/packet, queue-full drops per run: $(printf '%s' "$drops" | paste -sd, -); ping ${rtt} ms"
+        extra="relay (DERP /debug/metrics, both directions, median): $(printf '%s' "$pps" | median | awk '{ printf "%.0f", $1 }') packets/s enqueued, $(printf '%s' "$sent" | median | awk '{ printf "%.0f", $1 }') packets/s sent, avg $(printf '%s' "$avg" | median | awk '{ printf "%.0f", $1 }') B/packet, queue-full drops per run: $(printf '%s' "$drops" | paste -sd, -); ping ${rtt} ms"
     else
         # Counters unreachable: estimate from the payload rate and a 1280-byte packet.
         local med
