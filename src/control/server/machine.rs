@@ -160,36 +160,39 @@ fn send_json<T: serde::Serialize>(respond: &mut SendResponse<Bytes>, value: &T) 
     }
 }
 
+/// Decode a register or map request body and refuse clients older than we serve.
+fn decode_request<T: serde::de::DeserializeOwned>(
+    body: &[u8],
+    what: &str,
+    version: impl Fn(&T) -> i32,
+) -> Result<T, String> {
+    let req: T = serde_json::from_slice(body).map_err(|err| format!("bad {what} JSON: {err}"))?;
+    let got = version(&req);
+    if got < MIN_CAPABILITY_VERSION {
+        return Err(format!(
+            "capability version {got} is older than {MIN_CAPABILITY_VERSION}"
+        ));
+    }
+    Ok(req)
+}
+
 /// `/machine/register` with the pre-auth-key flow (§4.3).
 fn register(shared: &Shared, peer: Peer, body: &[u8], mut respond: SendResponse<Bytes>) {
     let path = "/machine/register";
-    let req: RegisterRequest = match serde_json::from_slice(body) {
-        Ok(req) => req,
-        Err(err) => {
-            return reject(
-                shared,
-                &mut respond,
-                &peer,
-                path,
-                StatusCode::BAD_REQUEST,
-                &format!("bad RegisterRequest JSON: {err}"),
-            )
-        }
-    };
-    if req.version < MIN_CAPABILITY_VERSION {
-        let reason = format!(
-            "capability version {} is older than {MIN_CAPABILITY_VERSION}",
-            req.version
-        );
-        return reject(
-            shared,
-            &mut respond,
-            &peer,
-            path,
-            StatusCode::BAD_REQUEST,
-            &reason,
-        );
-    }
+    let req: RegisterRequest =
+        match decode_request(body, "RegisterRequest", |r: &RegisterRequest| r.version) {
+            Ok(req) => req,
+            Err(reason) => {
+                return reject(
+                    shared,
+                    &mut respond,
+                    &peer,
+                    path,
+                    StatusCode::BAD_REQUEST,
+                    &reason,
+                )
+            }
+        };
     let input = mapper::register_input(&req, &peer.machine);
     let outcome = shared.tailnet().register(&input, now_unix());
     let outcome = match outcome {
@@ -246,33 +249,19 @@ fn register(shared: &Shared, peer: Peer, body: &[u8], mut respond: SendResponse<
 /// `/machine/map`: streaming poll, lite update, or one-shot (§5.1).
 fn map(shared: Arc<Shared>, peer: Peer, body: &[u8], mut respond: SendResponse<Bytes>) {
     let path = "/machine/map";
-    let req: MapRequest = match serde_json::from_slice(body) {
+    let req: MapRequest = match decode_request(body, "MapRequest", |r: &MapRequest| r.version) {
         Ok(req) => req,
-        Err(err) => {
+        Err(reason) => {
             return reject(
                 &shared,
                 &mut respond,
                 &peer,
                 path,
                 StatusCode::BAD_REQUEST,
-                &format!("bad MapRequest JSON: {err}"),
+                &reason,
             )
         }
     };
-    if req.version < MIN_CAPABILITY_VERSION {
-        let reason = format!(
-            "capability version {} is older than {MIN_CAPABILITY_VERSION}",
-            req.version
-        );
-        return reject(
-            &shared,
-            &mut respond,
-            &peer,
-            path,
-            StatusCode::BAD_REQUEST,
-            &reason,
-        );
-    }
     let compression = match Compression::from_request(&req.compress) {
         Ok(compression) => compression,
         Err(err) => {
