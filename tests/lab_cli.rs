@@ -6,6 +6,7 @@ mod support;
 use std::collections::BTreeSet;
 use std::process::{Command, Output};
 
+use support::output_text as text;
 use support::require_root;
 use tern_lab::topology::{namespaces_with_prefix, unique_prefix};
 
@@ -16,15 +17,6 @@ fn tern(prefix: &str, args: &[&str]) -> Output {
         .env("TERN_LAB_PREFIX", prefix)
         .output()
         .expect("run tern")
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "status {}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 fn host(args: &[&str]) -> String {

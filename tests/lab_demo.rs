@@ -9,6 +9,7 @@ use std::collections::BTreeSet;
 use std::process::{Command, Output};
 
 use serde_json::Value;
+use support::output_text as text;
 use support::require_root;
 use tern_lab::detached::is_alive;
 use tern_lab::state::{state_dir, LabState, ProcessState};
@@ -20,15 +21,6 @@ fn tern(args: &[&str], prefix: &str) -> Output {
         .env("TERN_LAB_PREFIX", prefix)
         .output()
         .expect("run tern")
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "status {}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 fn ok_json(args: &[&str], prefix: &str) -> Value {

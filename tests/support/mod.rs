@@ -178,3 +178,13 @@ pub fn punch(
     }
     result
 }
+
+/// A finished command's status and output, for assertion messages.
+pub fn output_text(out: &std::process::Output) -> String {
+    format!(
+        "status {}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
