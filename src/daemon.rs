@@ -72,6 +72,7 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
         status: status_tx,
         control: None,
         engine: None,
+        engine_handle: None,
         tun: config.tun.clone(),
         port: config.port,
         backend_log_id: hex::encode(rand::random::<[u8; 32]>()),
@@ -93,6 +94,8 @@ struct Daemon {
     control: Option<JoinHandle<()>>,
     /// The data plane, running next to the control task.
     engine: Option<JoinHandle<()>>,
+    /// Asks the running engine for pings and netchecks (`None` without one).
+    engine_handle: Option<dataplane::api::EngineHandle>,
     tun: String,
     port: u16,
     /// Random per process, like the Go client's log id when logging is off.
@@ -202,13 +205,11 @@ impl Daemon {
             tun_name: self.tun.clone(),
             port: self.port,
             node_key: self.identity.node.clone(),
+            disco_key: self.identity.disco.clone(),
         };
-        self.engine = Some(dataplane::spawn(
-            config,
-            netmap_rx,
-            home_tx,
-            self.status.clone(),
-        ));
+        let (task, handle) = dataplane::spawn(config, netmap_rx, home_tx, self.status.clone());
+        self.engine = Some(task);
+        self.engine_handle = Some(handle);
         Some(EngineLink {
             netmap: std::sync::Arc::new(netmap_tx),
             home_derp: home_rx,
@@ -220,6 +221,7 @@ impl Daemon {
             task.abort();
         }
         // Dropping the engine task closes the TUN; its routes go with the device.
+        self.engine_handle = None;
         if let Some(task) = self.engine.take() {
             task.abort();
             self.status.send_modify(|s| {

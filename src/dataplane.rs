@@ -13,6 +13,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+pub mod api;
+
 use bytes::Bytes;
 use ipnet::IpNet;
 use tokio::net::UdpSocket;
@@ -44,6 +46,8 @@ pub struct EngineConfig {
     pub tun_name: String,
     pub port: u16,
     pub node_key: NodePrivate,
+    /// This process's disco key (control publishes its public half to peers).
+    pub disco_key: crate::keys::DiscoPrivate,
 }
 
 /// Errors that stop the engine.
@@ -75,14 +79,17 @@ pub struct DropCounters {
 }
 
 /// Starts the engine: it waits for the first netmap, then brings the TUN up and runs until
-/// aborted. `home_derp` receives our home region for control.
+/// aborted. `home_derp` receives our home region for control. The [`api::EngineHandle`] asks
+/// the running engine for pings and netchecks.
 pub fn spawn(
     config: EngineConfig,
     netmaps: watch::Receiver<Option<Arc<NetworkMap>>>,
     home_derp: watch::Sender<u16>,
     status: watch::Sender<Status>,
-) -> JoinHandle<()> {
-    tokio::spawn(async move {
+) -> (JoinHandle<()>, api::EngineHandle) {
+    let (tx, requests) = mpsc::channel(api::REQUEST_QUEUE);
+    let task = tokio::spawn(async move {
+        let _requests = requests; // answered once direct paths are wired in
         let note = match run(config, netmaps, home_derp, &status).await {
             Ok(()) => "stopped: the control session ended".to_string(),
             Err(e) => {
@@ -94,7 +101,8 @@ pub fn spawn(
             s.data_plane.active = false;
             s.data_plane.note = Some(note);
         });
-    })
+    });
+    (task, api::EngineHandle { tx })
 }
 
 async fn run(

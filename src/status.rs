@@ -27,6 +27,9 @@ pub struct Status {
     pub peers: Vec<PeerStatus>,
     pub data_plane: DataPlaneStatus,
     pub daemon: DaemonInfo,
+    /// The last netcheck report; `null` until the data plane measured once.
+    #[serde(default)]
+    pub netcheck: Option<crate::dataplane::api::NetcheckReport>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -137,8 +140,28 @@ pub struct PeerStatus {
     pub tx_bytes: u64,
     /// RFC 3339.
     pub last_handshake_at: Option<String>,
-    /// Why this path was chosen, in words.
+    /// Why the path is what it is: a short machine-readable code (`direct`, `discovering`,
+    /// `no-pong-from-candidates`, `peer-hard-nat`, `udp-blocked`, `no-endpoints`, …).
     pub path_reason: Option<String>,
+    /// RFC 3339: the last disco pong from this peer.
+    #[serde(default)]
+    pub last_pong_at: Option<String>,
+    /// The last path changes, oldest first (at most 16).
+    #[serde(default)]
+    pub path_history: Vec<PathHistoryEntry>,
+}
+
+/// One change of a peer's path.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PathHistoryEntry {
+    /// RFC 3339.
+    pub at: String,
+    /// The new path: `direct`, `peer-relay`, `derp` or `none`.
+    pub path: String,
+    pub endpoint: Option<String>,
+    pub derp_region: Option<u16>,
+    /// Why (same codes as `path_reason`).
+    pub reason: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -187,6 +210,7 @@ impl Status {
                 pid: std::process::id(),
                 started_at: rfc3339(started_at),
             },
+            netcheck: None,
         }
     }
 
@@ -420,6 +444,8 @@ mod tests {
             tx_bytes: 0,
             last_handshake_at: None,
             path_reason: None,
+            last_pong_at: None,
+            path_history: Vec::new(),
         }
     }
 

@@ -701,6 +701,8 @@ pub fn publish_nodes<'a>(
             p.tx_bytes = old.tx_bytes;
             p.last_handshake_at = old.last_handshake_at.clone();
             p.path_reason = old.path_reason.clone();
+            p.last_pong_at = old.last_pong_at.clone();
+            p.path_history = old.path_history.clone();
         }
     }
     peers.sort_by(|a, b| a.name.cmp(&b.name).then(a.node_id.cmp(&b.node_id)));
@@ -732,6 +734,8 @@ fn peer_status(node: &Node) -> PeerStatus {
         tx_bytes: 0,
         last_handshake_at: None,
         path_reason: None,
+        last_pong_at: None,
+        path_history: Vec::new(),
     }
 }
 
