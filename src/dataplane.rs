@@ -953,6 +953,7 @@ impl Engine {
                     .net_info
                     .as_ref()
                     .and_then(|n| n.mapping_varies_by_dest_ip),
+                udp_working: node.hostinfo.net_info.as_ref().and_then(|n| n.working_udp),
             });
             match self.peers.upsert(node.key, node.effective_allowed_ips()) {
                 Ok(id) => {
