@@ -320,7 +320,10 @@ fn bind_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
     // Large buffers as Go's magicsock asks for (7 MiB): bursts of WireGuard at line rate would
     // otherwise overflow the default ~200 KiB and be dropped. The kernel caps them at
     // net.core.{r,w}mem_max; that is fine.
-    for set in [socket2::Socket::set_recv_buffer_size, socket2::Socket::set_send_buffer_size] {
+    for set in [
+        socket2::Socket::set_recv_buffer_size,
+        socket2::Socket::set_send_buffer_size,
+    ] {
         if let Err(e) = set(&socket, UDP_BUFFER_BYTES) {
             tracing::debug!(error = %e, "UDP socket buffer size");
         }
@@ -1167,8 +1170,11 @@ impl Engine {
             let ago = now.checked_duration_since(t)?;
             Some(rfc3339(wall.checked_sub(ago)?))
         };
+        let drops = self.drop_counts();
         status.send_if_modified(|s| {
             let before = s.peers.clone();
+            let drops_changed = s.data_plane.drops != drops;
+            s.data_plane.drops = drops;
             s.data_plane.active = true;
             s.data_plane.note = None;
             for p in &mut s.peers {
@@ -1202,8 +1208,33 @@ impl Engine {
                     }
                 }
             }
-            s.peers != before
+            s.peers != before || drops_changed
         });
+    }
+
+    /// Every drop counter by name, for status (zeros left out).
+    fn drop_counts(&self) -> BTreeMap<String, u64> {
+        let d = self.drops;
+        let c = self.paths.counters();
+        [
+            ("udp_unhandled", d.udp),
+            ("udp_unknown_peer", d.udp_unknown_peer),
+            ("udp_send_failed", d.udp_send_failed),
+            ("stun_unmatched", d.stun_unmatched),
+            ("no_derp", d.no_derp),
+            ("derp_queue_full", d.derp_queue_full),
+            ("filtered", d.filtered),
+            ("unknown_sender", d.unknown_sender),
+            ("disco_not_disco", c.not_disco),
+            ("disco_unknown_sender", c.unknown_sender),
+            ("disco_derp_sender_mismatch", c.derp_sender_mismatch),
+            ("disco_bad_box", c.bad_box),
+            ("disco_malformed", c.malformed),
+        ]
+        .into_iter()
+        .filter(|(_, n)| *n != 0)
+        .map(|(k, n)| (k.to_string(), n))
+        .collect()
     }
 
     /// Path, endpoint, latency, reason and history of one peer's machine.
