@@ -129,7 +129,7 @@ pub struct PeerStatus {
     /// The peer's advertised UDP endpoints (from the netmap), `ip:port`.
     pub endpoints: Vec<String>,
     // --- Filled by the data plane (later issues); null/0 until then. ---
-    /// `direct`, `peer-relay`, `derp`, or `null` when there is no path.
+    /// `direct`, `peer-relay`, `derp` or `none`; `null` before the data plane knows the peer.
     pub path: Option<String>,
     /// The endpoint in use for `direct`/`relay`, `ip:port`.
     pub endpoint: Option<String>,
@@ -328,7 +328,8 @@ fn peer_row(peer: &PeerStatus, data_plane_active: bool, now: SystemTime) -> [Str
 /// last measured latency and, once counted, the bytes (like `tailscale status`'s
 /// `, tx N rx M`).
 fn describe_path(peer: &PeerStatus) -> Option<String> {
-    let mut text = match (peer.path.as_deref()?, &peer.endpoint, peer.derp_region) {
+    let path = peer.path.as_deref().filter(|p| *p != "none")?;
+    let mut text = match (path, &peer.endpoint, peer.derp_region) {
         ("derp", _, Some(region)) => format!("derp({region})"),
         ("derp", _, None) => "derp".to_string(),
         (path, Some(endpoint), _) => format!("{path} {endpoint}"),
@@ -554,6 +555,9 @@ mod tests {
         let text = render_human(&s, at(1_700_000_300));
         let lines: Vec<&str> = text.lines().collect();
         assert!(lines[1].ends_with("online; derp(900)"), "{text}");
+        s.peers[1].path = Some("none".into());
+        let text = render_human(&s, at(1_700_000_300));
+        let lines: Vec<&str> = text.lines().collect();
         assert!(
             lines[2].ends_with("offline, last seen 5m ago; -"),
             "no path while the data plane runs: {text}"
