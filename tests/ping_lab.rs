@@ -6,12 +6,14 @@ mod support;
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use support::output_text as text;
 use support::require_root;
 use tern_lab::state::state_dir;
 use tern_lab::topology::unique_prefix;
+use tern_lab::{CaddyConfig, CaddyNode, Netns};
 
 /// Tears the lab down even when the test panics.
 struct Lab(String);
@@ -61,6 +63,27 @@ impl Lab {
 impl Drop for Lab {
     fn drop(&mut self) {
         let _ = self.tern(&["lab", "down", "--force"]);
+    }
+}
+
+/// Poll `probe` every 250 ms until it yields, or fail after `limit` with `context()`.
+fn wait_for<T>(
+    what: &str,
+    limit: Duration,
+    context: impl Fn() -> String,
+    mut probe: impl FnMut() -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(value) = probe() {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}\n{}",
+            context()
+        );
+        std::thread::sleep(Duration::from_millis(250));
     }
 }
 
@@ -161,4 +184,56 @@ fn ping_exits_3_when_only_derp_answers() {
     let report = stdout(&out);
     assert!(report.contains("\t* UDP: false\n"), "{report}");
     assert!(report.contains("\t* IPv4: (no addr found)\n"), "{report}");
+}
+
+/// tern in c1 pings the real Tailscale node (Caddy + tsnet v1.90.9) that runs in c2 behind an
+/// easy NAT: the pong names it, comes back direct through nat2's WAN address, exit 0.
+#[test]
+fn ping_reaches_a_real_tailscale_node_directly() {
+    let lab = Lab::up("easy", "easy");
+    let auth_key =
+        std::fs::read_to_string(state_dir(&lab.0).join("auth.key")).expect("the lab's auth key");
+    let c2 = Netns::open(&format!("{}-c2", lab.0)).expect("open c2's namespace");
+    let mut config = CaddyConfig::new("tsnet-a", "http://10.99.0.20:8080", auth_key.trim());
+    config.debug = true;
+    let caddy = CaddyNode::start(&c2, config).unwrap_or_else(|err| panic!("starting caddy: {err}"));
+    let logs = || format!("== tsnet-a\n{}", caddy.logs());
+
+    let peer = wait_for(
+        "c1 to see tsnet-a online",
+        Duration::from_secs(90),
+        logs,
+        || {
+            let out = lab.c1(&["status", "--json"]);
+            let status: Value = serde_json::from_slice(&out.stdout).ok()?;
+            status["peers"]
+                .as_array()?
+                .iter()
+                .find(|p| {
+                    p["hostname"] == "tsnet-a" && p["online"] == true && p["disco_key"].is_string()
+                })
+                .cloned()
+        },
+    );
+    let ip = peer["tailnet_ips"][0]
+        .as_str()
+        .expect("tsnet-a's IPv4")
+        .to_string();
+
+    let out = lab.c1(&["ping", "-c", "20", "tsnet-a"]);
+    assert_eq!(out.status.code(), Some(0), "{}\n{}", text(&out), logs());
+    let lines = stdout(&out);
+    eprintln!("tern ping tsnet-a:\n{lines}");
+    let last = lines.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with(&format!("pong from tsnet-a ({ip}) via 198.18.2.2:")),
+        "ends on a direct pong through nat2's WAN address: {lines}"
+    );
+    // Its tailnet IP names it too, and the path is direct from now on.
+    let out = lab.c1(&["ping", "--json", "-c", "1", &ip]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let result: Value = serde_json::from_str(stdout(&out).trim()).expect("PingResult JSON");
+    assert_eq!(result["node_name"], "tsnet-a");
+    assert_eq!(result["path"], "direct");
+    drop(caddy);
 }
