@@ -118,11 +118,16 @@ fn ping_exits_0_once_direct_and_4_when_the_peer_is_gone() {
     assert_eq!(result["endpoint"], "198.18.2.2:41641");
     assert!(result["latency_ms"].as_f64().is_some(), "{result}");
 
-    let status = lab.c1(&["status"]);
-    assert!(
-        stdout(&status).contains("c2  linux  online; direct 198.18.2.2:41641"),
-        "{}",
-        text(&status)
+    // The status snapshot is refreshed every second; it shows the direct path soon.
+    wait_for(
+        "`tern status` to show c2 direct",
+        Duration::from_secs(10),
+        || text(&lab.c1(&["status"])),
+        || {
+            stdout(&lab.c1(&["status"]))
+                .contains("c2  linux  online; direct 198.18.2.2:41641")
+                .then_some(())
+        },
     );
 
     let out = lab.c1(&["netcheck"]);
