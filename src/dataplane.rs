@@ -44,6 +44,8 @@ use tern_platform::tun::{LinuxTun, Tun, TunConfig, DEFAULT_MTU};
 const BUF_LEN: usize = 65535;
 /// Packets queued towards one DERP region before new ones are dropped.
 const DERP_QUEUE: usize = 512;
+/// Socket buffer size asked for on the UDP sockets (Go magicsock's `socketBufferSize`).
+const UDP_BUFFER_BYTES: usize = 7 << 20;
 /// How often per-peer counters are copied into the status snapshot.
 const STATUS_EVERY: Duration = Duration::from_secs(1);
 
@@ -315,6 +317,14 @@ fn bind_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
         socket.set_only_v6(true)?;
     }
     socket.set_nonblocking(true)?;
+    // Large buffers as Go's magicsock asks for (7 MiB): bursts of WireGuard at line rate would
+    // otherwise overflow the default ~200 KiB and be dropped. The kernel caps them at
+    // net.core.{r,w}mem_max; that is fine.
+    for set in [socket2::Socket::set_recv_buffer_size, socket2::Socket::set_send_buffer_size] {
+        if let Err(e) = set(&socket, UDP_BUFFER_BYTES) {
+            tracing::debug!(error = %e, "UDP socket buffer size");
+        }
+    }
     socket.bind(&addr.into())?;
     UdpSocket::from_std(socket.into())
 }
@@ -953,6 +963,7 @@ impl Engine {
                     .net_info
                     .as_ref()
                     .and_then(|n| n.mapping_varies_by_dest_ip),
+                udp_working: node.hostinfo.net_info.as_ref().and_then(|n| n.working_udp),
             });
             match self.peers.upsert(node.key, node.effective_allowed_ips()) {
                 Ok(id) => {
