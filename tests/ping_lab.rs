@@ -47,6 +47,18 @@ impl Lab {
         self.tern(&full)
     }
 
+    /// c2's first tailnet IP as c1 sees it (addresses go in registration order, which varies).
+    fn c2_ip(&self) -> String {
+        let out = self.c1(&["status", "--json"]);
+        let status: Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+        status["peers"]
+            .as_array()
+            .and_then(|ps| ps.iter().find(|p| p["hostname"] == "c2"))
+            .and_then(|p| p["tailnet_ips"][0].as_str())
+            .unwrap_or_else(|| panic!("c1 does not list c2: {status}"))
+            .to_string()
+    }
+
     fn pid_of(&self, process: &str) -> i32 {
         let out = self.tern(&["lab", "status", "--json"]);
         assert!(out.status.success(), "{}", text(&out));
@@ -94,6 +106,7 @@ fn stdout(out: &Output) -> String {
 #[test]
 fn ping_exits_0_once_direct_and_4_when_the_peer_is_gone() {
     let lab = Lab::up("easy", "easy");
+    let ip = lab.c2_ip();
     // First contact goes over DERP; the CLI ping starts discovery, and an easy NAT on both
     // sides gives a direct path well within 20 pings.
     let out = lab.c1(&["ping", "-c", "20", "c2"]);
@@ -101,19 +114,22 @@ fn ping_exits_0_once_direct_and_4_when_the_peer_is_gone() {
     let lines = stdout(&out);
     let last = lines.lines().last().unwrap_or_default();
     assert!(
-        last.starts_with("pong from c2 (100.64.0.2) via 198.18.2.2:41641 in "),
+        last.starts_with(&format!("pong from c2 ({ip}) via 198.18.2.2:41641 in ")),
         "ends on the direct pong through nat2's WAN address: {lines}"
     );
     for line in lines.lines() {
-        assert!(line.starts_with("pong from c2 (100.64.0.2) via "), "{line}");
+        assert!(
+            line.starts_with(&format!("pong from c2 ({ip}) via ")),
+            "{line}"
+        );
     }
 
     // --json: one PingResult per line; the path is now direct from the first ping.
-    let out = lab.c1(&["ping", "--json", "-c", "1", "100.64.0.2"]);
+    let out = lab.c1(&["ping", "--json", "-c", "1", &ip]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let result: Value = serde_json::from_str(stdout(&out).trim()).expect("PingResult JSON");
     assert_eq!(result["node_name"], "c2");
-    assert_eq!(result["node_ip"], "100.64.0.2");
+    assert_eq!(result["node_ip"], ip.as_str());
     assert_eq!(result["path"], "direct");
     assert_eq!(result["endpoint"], "198.18.2.2:41641");
     assert!(result["latency_ms"].as_f64().is_some(), "{result}");
@@ -156,23 +172,21 @@ fn ping_exits_0_once_direct_and_4_when_the_peer_is_gone() {
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).expect("kill c2's daemon");
     let out = lab.c1(&["ping", "-c", "2", "--timeout", "1s", "c2"]);
     assert_eq!(out.status.code(), Some(4), "{}", text(&out));
-    assert_eq!(
-        stdout(&out),
-        "ping \"100.64.0.2\" timed out\nping \"100.64.0.2\" timed out\n"
-    );
+    assert_eq!(stdout(&out), format!("ping \"{ip}\" timed out\n").repeat(2));
     assert_eq!(String::from_utf8_lossy(&out.stderr), "no reply\n");
 }
 
 #[test]
 fn ping_exits_3_when_only_derp_answers() {
     let lab = Lab::up("udpblock", "easy");
+    let ip = lab.c2_ip();
     let out = lab.c1(&["ping", "-c", "3", "c2"]);
     assert_eq!(out.status.code(), Some(3), "{}", text(&out));
     let lines = stdout(&out);
     assert_eq!(lines.lines().count(), 3, "{lines}");
     for line in lines.lines() {
         assert!(
-            line.starts_with("pong from c2 (100.64.0.2) via DERP(lab) in "),
+            line.starts_with(&format!("pong from c2 ({ip}) via DERP(lab) in ")),
             "{line}"
         );
     }
