@@ -256,3 +256,84 @@ fn ping_reaches_a_real_tailscale_node_directly() {
     assert_eq!(result["path"], "direct");
     drop(caddy);
 }
+
+/// Bad input on the data plane's UDP port, sent from inside c1's namespace to the daemon's
+/// socket: disco from an unknown key, disco that claims c2's key with a box that does not open,
+/// a truncated disco header, a STUN response nobody asked for and random bytes. Each is counted
+/// in `data_plane.drops` by its cause, and the node keeps working (the direct path to c2 stays).
+#[test]
+fn malformed_disco_and_stun_are_counted_and_dropped() {
+    use tern::disco::{self, Message, Ping, TxId};
+    use tern::keys::{DiscoPrivate, DiscoPublic};
+
+    let lab = Lab::up("easy", "easy");
+    let out = lab.c1(&["ping", "-c", "20", "c2"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let status = |lab: &Lab| -> Value {
+        serde_json::from_slice(&lab.c1(&["status", "--json"]).stdout).expect("status JSON")
+    };
+    let s = status(&lab);
+    let ours: DiscoPublic = s["self"]["disco_key"].as_str().unwrap().parse().unwrap();
+    let c2_key: DiscoPublic = s["peers"][0]["disco_key"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+
+    let ping = Message::Ping(Ping {
+        tx_id: TxId([3; 12]),
+        node_key: None,
+        padding: 0,
+    });
+    let stranger = disco::seal(&DiscoPrivate::generate(), &ours, &ping);
+    // c2's disco key as sender, sealed by somebody else: the box does not open.
+    let mut forged = disco::seal(&DiscoPrivate::generate(), &ours, &ping);
+    forged[disco::MAGIC.len()..disco::CLASSIFY_LEN].copy_from_slice(c2_key.as_bytes());
+    let truncated = forged[..disco::CLASSIFY_LEN + 10].to_vec();
+    let stun_stray = tern::stun::response(
+        tern::stun::TxId([9; 12]),
+        "198.18.1.2:41641".parse().unwrap(),
+    );
+    let garbage: Vec<u8> = (0..200u32).map(|i| (i * 7 + 3) as u8).collect();
+
+    let c1 = Netns::open(&format!("{}-c1", lab.0)).expect("open c1's namespace");
+    let sent = c1
+        .run_in(move || {
+            let send_all = || -> std::io::Result<()> {
+                let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+                for datagram in [&stranger, &forged, &truncated, &stun_stray, &garbage] {
+                    socket.send_to(datagram, "127.0.0.1:41641")?;
+                }
+                Ok(())
+            };
+            Ok(send_all())
+        })
+        .expect("enter c1's namespace");
+    sent.expect("send bad datagrams in c1");
+    // A netcheck round now: it counts the stray STUN response that waited for it.
+    let out = lab.c1(&["netcheck"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+
+    let drops = wait_for(
+        "the drops to be counted",
+        Duration::from_secs(10),
+        || status(&lab).to_string(),
+        || {
+            let drops = status(&lab)["data_plane"]["drops"].clone();
+            let counted = [
+                "disco_unknown_sender",
+                "disco_bad_box",
+                "disco_not_disco",
+                "stun_unmatched",
+                "udp_unknown_peer",
+            ]
+            .iter()
+            .all(|k| drops[*k].as_u64().is_some_and(|n| n >= 1));
+            counted.then_some(drops)
+        },
+    );
+    eprintln!("drops: {drops}");
+    // Still alive and still direct.
+    let out = lab.c1(&["ping", "-c", "1", "c2"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+}
