@@ -516,12 +516,13 @@ impl Engine {
             let sleep_until = deadline
                 .map(tokio::time::Instant::from_std)
                 .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
-            let mut to_tun: Option<Vec<u8>> = None;
+            // A decrypted packet for the TUN: its length in `self.out`.
+            let mut to_tun: Option<usize> = None;
             tokio::select! {
                 r = tun.recv(&mut tun_buf) => {
                     let n = r.map_err(EngineError::TunIo)?;
                     if let Some(packet) = tun_buf.get(..n) {
-                        self.outbound(packet);
+                        self.outbound(udp, packet);
                     }
                 }
                 Some(event) = inbound.recv() => match event {
@@ -562,8 +563,8 @@ impl Engine {
                     }
                 }
             }
-            if let Some(packet) = to_tun {
-                if let Err(e) = tun.send(&packet).await {
+            if let Some(packet) = to_tun.and_then(|n| self.out.get(..n)) {
+                if let Err(e) = tun.send(packet).await {
                     tracing::debug!(error = %e, "TUN write failed");
                 }
             }
@@ -638,16 +639,19 @@ impl Engine {
     }
 
     /// A packet from the TUN: route, encrypt, queue for its peer's path.
-    fn outbound(&mut self, packet: &[u8]) {
+    fn outbound(&mut self, udp: &UdpSockets, packet: &[u8]) {
         if let (Ok(summary), Some(filter)) = (PacketSummary::parse(packet), &mut self.filter) {
             filter.note_outbound(&summary);
         }
         let now = Instant::now();
         match self.peers.encapsulate(now, packet, &mut self.out) {
             (Some(id), WgOutput::ToNetwork(n)) => {
-                if let Some(bytes) = self.out.get(..n) {
-                    self.to_send.push((id, bytes.to_vec()));
+                // Sent straight from the output buffer: no copy on the direct path.
+                let out = std::mem::take(&mut self.out);
+                if let Some(datagram) = out.get(..n) {
+                    self.send_wireguard(udp, now, id, datagram);
                 }
+                self.out = out;
             }
             (_, WgOutput::Dropped(reason)) => {
                 tracing::trace!(?reason, "outbound packet dropped");
@@ -658,7 +662,7 @@ impl Engine {
 
     /// A packet from DERP: disco to the path machines; WireGuard decrypted for the sending
     /// peer, filtered, and handed back for the TUN.
-    fn inbound_derp(&mut self, region: u16, src: NodePublic, packet: &[u8]) -> Option<Vec<u8>> {
+    fn inbound_derp(&mut self, region: u16, src: NodePublic, packet: &[u8]) -> Option<usize> {
         if let Inbound::Disco { packet, .. } = crate::demux::classify_derp(packet) {
             let _ = self.paths.handle_derp(Instant::now(), region, src, packet);
             return None;
@@ -673,7 +677,7 @@ impl Engine {
 
     /// A UDP datagram: STUN to the netcheck task, disco to the path machines, WireGuard to its
     /// peer (by the address disco learned, else by WireGuard's own index or static key).
-    fn udp_datagram(&mut self, datagram: &[u8], from: SocketAddr) -> Option<Vec<u8>> {
+    fn udp_datagram(&mut self, datagram: &[u8], from: SocketAddr) -> Option<usize> {
         let from = unmap_v4(from);
         match crate::demux::classify_udp(datagram) {
             Inbound::Stun(bytes) => {
@@ -732,7 +736,8 @@ impl Engine {
     }
 
     /// Decrypts a WireGuard datagram of peer `id`; handshake answers are queued for sending.
-    fn decapsulate(&mut self, id: PeerId, packet: &[u8]) -> Option<Vec<u8>> {
+    /// Returns the length of an accepted packet for the TUN, left at the start of `self.out`.
+    fn decapsulate(&mut self, id: PeerId, packet: &[u8]) -> Option<usize> {
         let now = Instant::now();
         match self.peers.decapsulate_for(now, id, packet, &mut self.out) {
             WgOutput::ToNetwork(n) => {
@@ -751,7 +756,7 @@ impl Engine {
                     _ => false,
                 };
                 if accepted {
-                    Some(packet.to_vec())
+                    Some(n)
                 } else {
                     self.drops.filtered += 1;
                     None
@@ -779,23 +784,7 @@ impl Engine {
     fn flush(&mut self, udp: &UdpSockets) {
         let now = Instant::now();
         for (id, packet) in std::mem::take(&mut self.to_send) {
-            let Some(info) = self.info.get(&id).cloned() else {
-                continue;
-            };
-            let plan = self.paths.on_outgoing(now, &info.key);
-            let plan = plan.unwrap_or(SendPlan {
-                udp: None,
-                derp: Some(info.home_derp),
-            });
-            if let Some(addr) = plan.udp {
-                self.send_udp(udp, addr, &packet);
-            }
-            if let Some(region) = plan.derp {
-                let heard_on = self.last_region.get(&id).copied();
-                let derp = &self.derp;
-                let region = choose_region(region, heard_on, self.home, |r| derp.contains_key(&r));
-                self.send_derp(region, info.key, packet);
-            }
+            self.send_wireguard(udp, now, id, &packet);
         }
         while let Some(out) = self.paths.poll_transmit() {
             match out.dest {
@@ -805,6 +794,27 @@ impl Engine {
         }
         while let Some(event) = self.paths.poll_event() {
             self.on_path_event(event);
+        }
+    }
+
+    /// One WireGuard datagram to peer `id`, where its send plan says (UDP and/or DERP).
+    fn send_wireguard(&mut self, udp: &UdpSockets, now: Instant, id: PeerId, datagram: &[u8]) {
+        let Some(info) = self.info.get(&id) else {
+            return;
+        };
+        let (key, home_derp) = (info.key, info.home_derp);
+        let plan = self.paths.on_outgoing(now, &key).unwrap_or(SendPlan {
+            udp: None,
+            derp: Some(home_derp),
+        });
+        if let Some(addr) = plan.udp {
+            self.send_udp(udp, addr, datagram);
+        }
+        if let Some(region) = plan.derp {
+            let heard_on = self.last_region.get(&id).copied();
+            let derp = &self.derp;
+            let region = choose_region(region, heard_on, self.home, |r| derp.contains_key(&r));
+            self.send_derp(region, key, datagram.to_vec());
         }
     }
 
