@@ -923,6 +923,10 @@ fn tern_ping_exits_3_when_only_derp_answers() {
     );
     let vias = pong_vias(&String::from_utf8_lossy(&out.stdout), "tb", &pair.b_ip);
     assert_eq!(vias, vec!["DERP(lab)"; 3], "{text}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("direct connection not established"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -945,8 +949,14 @@ fn tern_ping_exits_4_when_the_peer_does_not_answer() {
         pair.a.logs()
     );
     assert!(!text.contains("pong from"), "{text}");
-    assert!(
-        text.contains("timed out"),
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        stdout.lines().filter(|l| l.ends_with("timed out")).count(),
+        2,
         "each unanswered ping says it timed out: {text}"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no reply"),
+        "{text}"
     );
 }
