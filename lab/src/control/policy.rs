@@ -363,8 +363,9 @@ impl Tailnet {
         if let Some(hostinfo) = &update.hostinfo {
             let merged = merge_hostinfo(&node.hostinfo, hostinfo);
             let derp = preferred_derp(&merged);
-            // NetInfo churns (DERP latencies); peers only care about its home DERP.
-            changes.hostinfo = without_netinfo(&node.hostinfo) != without_netinfo(&merged);
+            // DERP latencies churn and the home DERP travels as its own field; the rest of
+            // NetInfo (hard NAT, working UDP) is news for peers' path choice.
+            changes.hostinfo = peer_visible(&node.hostinfo) != peer_visible(&merged);
             node.hostinfo = merged;
             if derp != 0 {
                 changes.home_derp = set_if_changed(&mut node.home_derp, derp);
@@ -549,9 +550,21 @@ fn merge_hostinfo(old: &Value, new: &Value) -> Value {
     merged
 }
 
-fn without_netinfo(hostinfo: &Value) -> Value {
+/// The part of a Hostinfo whose change is worth a peer update: all but NetInfo's DERP
+/// latencies and home DERP, with unknown (`null`) NetInfo facts the same as absent ones.
+fn peer_visible(hostinfo: &Value) -> Value {
     let mut copy = hostinfo.clone();
-    if let Some(map) = copy.as_object_mut() {
+    let Some(map) = copy.as_object_mut() else {
+        return copy;
+    };
+    let keep_netinfo = match map.get_mut("NetInfo").and_then(Value::as_object_mut) {
+        Some(info) => {
+            info.retain(|k, v| !v.is_null() && k != "DERPLatency" && k != "PreferredDERP");
+            !info.is_empty()
+        }
+        None => false,
+    };
+    if !keep_netinfo {
         map.remove("NetInfo");
     }
     copy
