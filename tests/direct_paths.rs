@@ -694,10 +694,7 @@ impl Stream {
         let listener = lab.ns("c2").bind_tcp(addr).expect("bind stream server");
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
-        let server = std::thread::spawn(move || {
-            let (conn, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
-            send_pattern(conn, &flag)
-        });
+        let server = std::thread::spawn(move || send_pattern(accept(&listener, &flag)?, &flag));
         let conn = lab
             .ns("c1")
             .run_in(move || {
@@ -738,6 +735,20 @@ impl Stream {
         let received = self.client.join().unwrap_or(Err("client panicked".into()));
         (sent, received)
     }
+}
+
+/// The first connection, unless `stop` is set or 30 s pass first.
+fn accept(listener: &std::net::TcpListener, stop: &AtomicBool) -> Result<TcpStream, String> {
+    listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+        if let Ok((conn, _)) = listener.accept() {
+            conn.set_nonblocking(false).map_err(|e| e.to_string())?;
+            return Ok(conn);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Err("no connection to the stream server".into())
 }
 
 fn send_pattern(mut conn: TcpStream, stop: &AtomicBool) -> Result<u64, String> {
