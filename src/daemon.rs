@@ -62,6 +62,7 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
                 "waiting for the first network map".into()
             }),
             derp_latency_ms: Default::default(),
+            drops: Default::default(),
         },
         SystemTime::now(),
     ));

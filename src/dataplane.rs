@@ -44,6 +44,8 @@ use tern_platform::tun::{LinuxTun, Tun, TunConfig, DEFAULT_MTU};
 const BUF_LEN: usize = 65535;
 /// Packets queued towards one DERP region before new ones are dropped.
 const DERP_QUEUE: usize = 512;
+/// Socket buffer size asked for on the UDP sockets (Go magicsock's `socketBufferSize`).
+const UDP_BUFFER_BYTES: usize = 7 << 20;
 /// How often per-peer counters are copied into the status snapshot.
 const STATUS_EVERY: Duration = Duration::from_secs(1);
 
@@ -315,6 +317,17 @@ fn bind_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
         socket.set_only_v6(true)?;
     }
     socket.set_nonblocking(true)?;
+    // Large buffers as Go's magicsock asks for (7 MiB): bursts of WireGuard at line rate would
+    // otherwise overflow the default ~200 KiB and be dropped. The kernel caps them at
+    // net.core.{r,w}mem_max; that is fine.
+    for set in [
+        socket2::Socket::set_recv_buffer_size,
+        socket2::Socket::set_send_buffer_size,
+    ] {
+        if let Err(e) = set(&socket, UDP_BUFFER_BYTES) {
+            tracing::debug!(error = %e, "UDP socket buffer size");
+        }
+    }
     socket.bind(&addr.into())?;
     UdpSocket::from_std(socket.into())
 }
@@ -953,6 +966,7 @@ impl Engine {
                     .net_info
                     .as_ref()
                     .and_then(|n| n.mapping_varies_by_dest_ip),
+                udp_working: node.hostinfo.net_info.as_ref().and_then(|n| n.working_udp),
             });
             match self.peers.upsert(node.key, node.effective_allowed_ips()) {
                 Ok(id) => {
@@ -1156,8 +1170,11 @@ impl Engine {
             let ago = now.checked_duration_since(t)?;
             Some(rfc3339(wall.checked_sub(ago)?))
         };
+        let drops = self.drop_counts();
         status.send_if_modified(|s| {
             let before = s.peers.clone();
+            let drops_changed = s.data_plane.drops != drops;
+            s.data_plane.drops = drops;
             s.data_plane.active = true;
             s.data_plane.note = None;
             for p in &mut s.peers {
@@ -1191,8 +1208,33 @@ impl Engine {
                     }
                 }
             }
-            s.peers != before
+            s.peers != before || drops_changed
         });
+    }
+
+    /// Every drop counter by name, for status (zeros left out).
+    fn drop_counts(&self) -> BTreeMap<String, u64> {
+        let d = self.drops;
+        let c = self.paths.counters();
+        [
+            ("udp_unhandled", d.udp),
+            ("udp_unknown_peer", d.udp_unknown_peer),
+            ("udp_send_failed", d.udp_send_failed),
+            ("stun_unmatched", d.stun_unmatched),
+            ("no_derp", d.no_derp),
+            ("derp_queue_full", d.derp_queue_full),
+            ("filtered", d.filtered),
+            ("unknown_sender", d.unknown_sender),
+            ("disco_not_disco", c.not_disco),
+            ("disco_unknown_sender", c.unknown_sender),
+            ("disco_derp_sender_mismatch", c.derp_sender_mismatch),
+            ("disco_bad_box", c.bad_box),
+            ("disco_malformed", c.malformed),
+        ]
+        .into_iter()
+        .filter(|(_, n)| *n != 0)
+        .map(|(k, n)| (k.to_string(), n))
+        .collect()
     }
 
     /// Path, endpoint, latency, reason and history of one peer's machine.

@@ -129,6 +129,13 @@ pub fn resolve_peer<'a>(status: &'a Status, query: &str) -> Result<PingTarget<'a
     if query.is_empty() {
         return Err(ApiError::new(StatusCode::BAD_REQUEST, "no peer named"));
     }
+    if status.self_node.is_none() {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no network map yet (this node is not connected to the tailnet): run tern up, \
+             see tern status",
+        ));
+    }
     let wanted_name = query.trim_end_matches('.').to_ascii_lowercase();
     let wanted_ip = query.parse::<std::net::IpAddr>().ok();
     let wanted_key = query.parse::<NodePublic>().ok();
@@ -592,6 +599,7 @@ mod tests {
                 active: false,
                 note: None,
                 derp_latency_ms: Default::default(),
+                drops: Default::default(),
             },
             SystemTime::UNIX_EPOCH,
         )
@@ -787,6 +795,13 @@ mod tests {
         assert_eq!(
             resolve_peer(&s, " ").unwrap_err().status,
             StatusCode::BAD_REQUEST
+        );
+        let err = resolve_peer(&initial(), "c2").unwrap_err();
+        assert_eq!(err.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            err.message.contains("no network map yet"),
+            "{}",
+            err.message
         );
     }
 

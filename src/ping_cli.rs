@@ -363,6 +363,42 @@ mod tests {
         assert_eq!(final_message(&[Relayed, Direct], true), None);
     }
 
+    fn parse_ping(args: &[&str]) -> Result<PingArgs, clap::Error> {
+        use clap::Parser as _;
+        let cli = crate::cli::Cli::try_parse_from(["tern", "ping"].iter().chain(args))?;
+        match cli.command {
+            crate::cli::Command::Ping(args) => Ok(args),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn ping_flags_default_like_tailscale_and_parse() {
+        let args = parse_ping(&["c2"]).unwrap();
+        assert_eq!(
+            (args.count, args.until_direct, args.timeout, args.json),
+            (10, true, Duration::from_secs(5), false)
+        );
+        let args = parse_ping(&[
+            "-c",
+            "3",
+            "--until-direct=false",
+            "--timeout",
+            "500ms",
+            "--json",
+            "c2",
+        ])
+        .unwrap();
+        assert_eq!(
+            (args.count, args.until_direct, args.timeout, args.json),
+            (3, false, Duration::from_millis(500), true)
+        );
+        assert!(parse_ping(&["--until-direct", "c2"]).unwrap().until_direct);
+        assert!(parse_ping(&["-c", "0", "c2"]).is_err());
+        assert!(parse_ping(&["--timeout", "5", "c2"]).is_err());
+        assert!(parse_ping(&[]).is_err(), "PEER is required");
+    }
+
     #[test]
     fn outcomes_from_results() {
         assert_eq!(Outcome::of(&pong("direct")), Outcome::Direct);

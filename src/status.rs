@@ -177,6 +177,9 @@ pub struct DataPlaneStatus {
     /// Last measured latency to each DERP region in milliseconds (`null` = no answer).
     #[serde(default)]
     pub derp_latency_ms: std::collections::BTreeMap<u16, Option<f64>>,
+    /// Packets the data plane dropped, by cause (`disco_bad_box`, `stun_unmatched`, …).
+    #[serde(default)]
+    pub drops: std::collections::BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -440,6 +443,7 @@ mod tests {
             active: false,
             note: Some("no WireGuard data plane in this version".into()),
             derp_latency_ms: Default::default(),
+            drops: Default::default(),
         }
     }
 

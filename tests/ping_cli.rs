@@ -17,10 +17,14 @@ fn ping_and_netcheck_without_a_data_plane_exit_1_and_say_why() {
     let tmp = tempfile::tempdir().unwrap();
     let daemon = Daemon::start(&tmp.path().join("state"), &tmp.path().join("tern.sock"));
 
-    // No netmap: no peer can match.
+    // No netmap yet: nothing to resolve a name against.
     let out = daemon.cli(&["ping", "-c", "2", "--timeout", "500ms", "somepeer"]);
     assert_eq!(out.status.code(), Some(1), "stderr: {}", stderr(&out));
-    assert_eq!(stderr(&out), "tern: no peer matches \"somepeer\"\n");
+    assert_eq!(
+        stderr(&out),
+        "tern: no network map yet (this node is not connected to the tailnet): run tern up, \
+         see tern status\n"
+    );
     assert!(out.stdout.is_empty(), "nothing on stdout: {out:?}");
 
     let out = daemon.cli(&["netcheck"]);

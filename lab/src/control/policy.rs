@@ -363,9 +363,10 @@ impl Tailnet {
         if let Some(hostinfo) = &update.hostinfo {
             let merged = merge_hostinfo(&node.hostinfo, hostinfo);
             let derp = preferred_derp(&merged);
-            // DERP latencies churn and the home DERP travels as its own field; the rest of
-            // NetInfo (hard NAT, working UDP) is news for peers' path choice.
-            changes.hostinfo = peer_visible(&node.hostinfo) != peer_visible(&merged);
+            // NetInfo churns (DERP latencies); peers care about its home DERP and the NAT facts
+            // that explain why a direct path fails (rare changes).
+            changes.hostinfo = without_netinfo(&node.hostinfo) != without_netinfo(&merged)
+                || nat_facts(&node.hostinfo) != nat_facts(&merged);
             node.hostinfo = merged;
             if derp != 0 {
                 changes.home_derp = set_if_changed(&mut node.home_derp, derp);
@@ -550,24 +551,22 @@ fn merge_hostinfo(old: &Value, new: &Value) -> Value {
     merged
 }
 
-/// The part of a Hostinfo whose change is worth a peer update: all but NetInfo's DERP
-/// latencies and home DERP, with unknown (`null`) NetInfo facts the same as absent ones.
-fn peer_visible(hostinfo: &Value) -> Value {
+fn without_netinfo(hostinfo: &Value) -> Value {
     let mut copy = hostinfo.clone();
-    let Some(map) = copy.as_object_mut() else {
-        return copy;
-    };
-    let keep_netinfo = match map.get_mut("NetInfo").and_then(Value::as_object_mut) {
-        Some(info) => {
-            info.retain(|k, v| !v.is_null() && k != "DERPLatency" && k != "PreferredDERP");
-            !info.is_empty()
-        }
-        None => false,
-    };
-    if !keep_netinfo {
+    if let Some(map) = copy.as_object_mut() {
         map.remove("NetInfo");
     }
     copy
+}
+
+/// `NetInfo.MappingVariesByDestIP` and `WorkingUDP`: what peers show as the reason for a
+/// DERP-only path.
+fn nat_facts(hostinfo: &Value) -> (Option<&Value>, Option<&Value>) {
+    let net_info = hostinfo.get("NetInfo");
+    (
+        net_info.and_then(|n| n.get("MappingVariesByDestIP")),
+        net_info.and_then(|n| n.get("WorkingUDP")),
+    )
 }
 
 fn preferred_derp(hostinfo: &Value) -> u32 {
