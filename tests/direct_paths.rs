@@ -427,6 +427,7 @@ fn derp_reasons(own: NatMode, peer: NatMode) -> &'static [&'static str] {
         (NatMode::Hard, NatMode::Hard) => &["both-hard-nat"],
         (NatMode::Hard, _) => &["local-hard-nat"],
         (_, NatMode::Hard) => &["peer-hard-nat"],
+        (_, NatMode::Udpblock) => &["peer-udp-blocked"],
         _ => &["no-pong-from-candidates"],
     }
 }
