@@ -230,6 +230,16 @@ fn endpoint_ip(peer: &Value) -> Option<std::net::IpAddr> {
         .map(|a| a.ip())
 }
 
+/// The line of human `tern status` on `node` about the peer with tailnet address `ip`.
+fn human_status_line(node: &Node, ip: &str) -> String {
+    let out = node.cli(&["status"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.lines()
+        .find(|l| l.split_whitespace().next() == Some(ip))
+        .map(str::to_string)
+        .unwrap_or_else(|| panic!("no line for {ip} in `tern status`: {}", output_text(&out)))
+}
+
 /// Paths in `path_history`, oldest first.
 fn history_paths(peer: &Value) -> Vec<String> {
     peer["path_history"]
@@ -375,6 +385,12 @@ fn assert_goes_direct(nat1: NatMode, nat2: NatMode) {
         "{nat1}×{nat2}: ta sees tb at {} ({} ms), tb sees ta at {} ({} ms)",
         pa["endpoint"], pa["latency_ms"], pb["endpoint"], pb["latency_ms"]
     );
+    let line = human_status_line(&pair.a, &pair.b_ip);
+    let want = format!("direct {}", pa["endpoint"].as_str().unwrap_or_default());
+    assert!(
+        line.contains(&want),
+        "`tern status` on ta: {line:?} lacks {want:?}"
+    );
     assert_netcheck(&lab, &pair.a, "c1", nat1);
     assert_netcheck(&lab, &pair.b, "c2", nat2);
 }
@@ -481,6 +497,11 @@ fn assert_stays_on_derp(nat1: NatMode, nat2: NatMode) {
     eprintln!(
         "{nat1}×{nat2}: ta reason {}, tb reason {}",
         pa["path_reason"], pb["path_reason"]
+    );
+    let line = human_status_line(&pair.a, &pair.b_ip);
+    assert!(
+        line.contains("derp(900)"),
+        "`tern status` on ta: {line:?} lacks derp(900)"
     );
     assert_netcheck(&lab, &pair.a, "c1", nat1);
     assert_netcheck(&lab, &pair.b, "c2", nat2);
