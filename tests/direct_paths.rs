@@ -889,6 +889,134 @@ fn rebinding_keeps_a_tcp_stream_going_via_derp_and_back_to_direct() {
     }
 }
 
+/// The same against the real Go node: tern in c1, Caddy/tsnet in c2 reverse-proxying a paced
+/// HTTP stream from c2's loopback; curl in c1 downloads it through tern's TUN while nat1 goes
+/// hard and back to easy. The body arrives complete and intact, and tern's path to tsnet goes
+/// direct → derp → direct by itself.
+#[test]
+fn tsnet_rebinding_keeps_an_http_stream_going_via_derp_and_back_to_direct() {
+    let lab = Lab::start(NatMode::Easy, NatMode::Easy);
+    let upstream = SocketAddr::from(([127, 0, 0, 1], 9000));
+    let listener = lab.ns("c2").bind_tcp(upstream).expect("bind upstream");
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let server = std::thread::spawn(move || {
+        let mut conn = accept(&listener, &flag)?;
+        let mut head = [0u8; 4096];
+        let _ = conn.read(&mut head).map_err(|e| e.to_string())?;
+        conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n\r\n")
+            .map_err(|e| e.to_string())?;
+        send_pattern(conn, &flag)
+    });
+    let stop_server = || stop.store(true, Ordering::Relaxed);
+
+    let a = Node::start(lab.ns("c1"), lab.dir.path(), "ta");
+    a.wait_for_api(20);
+    a.up("ta");
+    let url = format!("http://{CONTROL_IP}:8080");
+    let mut config = CaddyConfig::new("tsb", &url, AUTH_KEY);
+    config.site_body = format!("reverse_proxy {upstream} {{\nflush_interval -1\n}}");
+    let caddy = CaddyNode::start(lab.ns("c2"), config).expect("start caddy");
+    let report = || tsnet_report(&lab, &a, &caddy);
+    let caddy_ip = wait("tern to see tsb with home DERP 900", 90, report, || {
+        a.peer("tsb")?["tailnet_ips"][0]
+            .as_str()
+            .map(str::to_string)
+    });
+    let _traffic = background_ping(lab.ns("c1"), &caddy_ip);
+    let tsb_path = || a.peer_entry("tsb").unwrap_or_default();
+    wait("ta's path to tsb to be direct", 30, report, || {
+        is_direct(&tsb_path()).then_some(())
+    });
+
+    let body = lab.dir.path().join("stream.bin");
+    let body_arg = body.display().to_string();
+    let site = format!("http://{caddy_ip}/");
+    let mut curl = Process::spawn(
+        lab.ns("c1"),
+        "curl",
+        "curl",
+        &["-sS", "-N", "--max-time", "150", "-o", &body_arg, &site],
+    )
+    .expect("start curl");
+    let size = || std::fs::metadata(&body).map(|m| m.len()).unwrap_or(0);
+    let progress = |what: &str| {
+        let from = size();
+        wait(
+            &format!("512 KiB more of the download {what} (at {from})"),
+            30,
+            || format!("== curl\n{}\n{}", curl_output(&body), report()),
+            || (size() >= from + (512 << 10)).then_some(()),
+        );
+    };
+    progress("on the direct path");
+
+    let switched = Instant::now();
+    lab.set_nat("nat1", NatMode::Hard);
+    wait("ta's path to tsb to fall back to DERP", 30, report, || {
+        (tsb_path()["path"] == "derp").then_some(())
+    });
+    eprintln!(
+        "tern↔tsnet rebinding: DERP {:?} after nat1 went hard",
+        switched.elapsed()
+    );
+    progress("over DERP");
+
+    let switched = Instant::now();
+    lab.set_nat("nat1", NatMode::Easy);
+    wait("ta's path to tsb to be direct again", 30, report, || {
+        is_direct(&tsb_path()).then_some(())
+    });
+    eprintln!(
+        "tern↔tsnet rebinding: direct again {:?} after nat1 went easy",
+        switched.elapsed()
+    );
+    progress("on the new direct path");
+
+    // Blocking DERP now proves tsnet sends directly too.
+    lab.block_derp();
+    progress("with DERP blocked");
+    lab.unblock_derp();
+
+    stop_server();
+    let sent = server
+        .join()
+        .unwrap_or(Err("server panicked".into()))
+        .unwrap_or_else(|e| panic!("upstream: {e}\n{}", report()));
+    let status = wait("curl to finish", 30, report, || {
+        curl.try_wait().ok().flatten()
+    });
+    let got = std::fs::read(&body).expect("read the download");
+    assert!(
+        status.success() && got.len() as u64 == sent,
+        "curl {status}: {} of {sent} bytes\n{}\n{}",
+        got.len(),
+        curl.output(),
+        report()
+    );
+    if let Some(i) = got
+        .iter()
+        .enumerate()
+        .position(|(i, b)| *b != pattern(i as u64))
+    {
+        panic!("byte {i} of the download is corrupted");
+    }
+    eprintln!("tern↔tsnet rebinding: {sent} bytes arrived intact");
+    let h = history_paths(&tsb_path());
+    assert!(
+        has_subsequence(&h, &["direct", "derp", "direct"]),
+        "ta → tsb: path history must show direct → derp → direct, got {h:?}"
+    );
+}
+
+/// What curl wrote so far, for failure messages.
+fn curl_output(body: &std::path::Path) -> String {
+    format!(
+        "{} bytes downloaded",
+        std::fs::metadata(body).map(|m| m.len()).unwrap_or(0)
+    )
+}
+
 // ---------------------------------------------------------------------------------------------
 // `tern ping` exit codes: 0 direct, 3 only DERP answered, 4 no answer
 
