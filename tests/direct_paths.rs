@@ -7,8 +7,8 @@
 //!   traffic keeps flowing with DERP blocked; the others stay on DERP, traffic flows, and
 //!   `path_reason` names the cause.
 //! * Interop with Caddy/tsnet (tailscale.com v1.90.9): direct in easy×easy, DERP in hard×hard.
-//! * Rebinding: a running TCP stream survives a conntrack flush and a NAT mode switch, going
-//!   direct → DERP → direct by itself.
+//! * Rebinding (tern↔tern, and tern↔tsnet): a running TCP stream survives a conntrack flush and
+//!   a NAT mode switch, going direct → DERP → direct by itself.
 //! * `tern ping` exit codes: 0 direct, 3 DERP only, 4 no answer.
 //!
 //! Discovery starts on outgoing traffic (as in Go), so every test pings through the TUN before it
