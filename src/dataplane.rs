@@ -310,6 +310,35 @@ impl UdpSockets {
     }
 }
 
+/// Large buffers as Go's magicsock asks for (7 MiB): bursts of WireGuard at line rate would
+/// otherwise overflow the default ~200 KiB and be dropped. Like Go, the `…FORCE` options first
+/// (root may exceed `net.core.{r,w}mem_max`, which a fresh network namespace keeps at the
+/// default), then the plain ones (capped by the kernel).
+fn set_buffer_sizes(socket: &socket2::Socket) {
+    use std::os::fd::AsRawFd as _;
+    let size = libc::c_int::try_from(UDP_BUFFER_BYTES).unwrap_or(libc::c_int::MAX);
+    for (force, plain) in [
+        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+    ] {
+        let set = |option| {
+            // SAFETY: a valid socket fd and a c_int option value of the right size.
+            unsafe {
+                libc::setsockopt(
+                    socket.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    option,
+                    std::ptr::addr_of!(size).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            }
+        };
+        if set(force) != 0 && set(plain) != 0 {
+            tracing::debug!(error = %std::io::Error::last_os_error(), "UDP socket buffer size");
+        }
+    }
+}
+
 fn bind_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
     let domain = socket2::Domain::for_address(addr);
     let socket = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
@@ -317,17 +346,7 @@ fn bind_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
         socket.set_only_v6(true)?;
     }
     socket.set_nonblocking(true)?;
-    // Large buffers as Go's magicsock asks for (7 MiB): bursts of WireGuard at line rate would
-    // otherwise overflow the default ~200 KiB and be dropped. The kernel caps them at
-    // net.core.{r,w}mem_max; that is fine.
-    for set in [
-        socket2::Socket::set_recv_buffer_size,
-        socket2::Socket::set_send_buffer_size,
-    ] {
-        if let Err(e) = set(&socket, UDP_BUFFER_BYTES) {
-            tracing::debug!(error = %e, "UDP socket buffer size");
-        }
-    }
+    set_buffer_sizes(&socket);
     socket.bind(&addr.into())?;
     UdpSocket::from_std(socket.into())
 }
