@@ -44,6 +44,10 @@ use tern_platform::tun::{LinuxTun, Tun, TunConfig, DEFAULT_MTU};
 const BUF_LEN: usize = 65535;
 /// Packets queued towards one DERP region before new ones are dropped.
 const DERP_QUEUE: usize = 512;
+/// How long a packet from a not-yet-known node key makes us greet it when it joins the netmap.
+const LATE_PEER_WINDOW: Duration = Duration::from_secs(10);
+/// Not-yet-known senders remembered at most.
+const HEARD_UNKNOWN_MAX: usize = 256;
 /// Packets read from the TUN or the UDP sockets per wakeup at most (the rest waits for the next).
 const BATCH: usize = 64;
 /// Socket buffer size asked for on the UDP sockets (Go magicsock's `socketBufferSize`).
@@ -465,6 +469,9 @@ struct Engine {
     inbound_tx: mpsc::Sender<DerpEvent>,
     /// Where each peer's packets last came from over DERP.
     last_region: HashMap<PeerId, u16>,
+    /// Node keys that sent us WireGuard or disco before our netmap had them, and when: if one
+    /// joins the netmap soon after, we start the handshake instead of waiting for its retry.
+    heard_unknown: HashMap<NodePublic, Instant>,
     private_key: NodePrivate,
     /// Whether tailnet IPv6 addresses go on the TUN.
     ipv6: bool,
@@ -510,6 +517,7 @@ impl Engine {
             last_frame: HashMap::new(),
             inbound_tx,
             last_region: HashMap::new(),
+            heard_unknown: HashMap::new(),
             private_key: config.node_key.clone(),
             ipv6: true,
             drops: DropCounters::default(),
@@ -734,11 +742,15 @@ impl Engine {
     /// peer, filtered, and handed back for the TUN.
     fn inbound_derp(&mut self, region: u16, src: NodePublic, packet: &[u8]) -> Option<usize> {
         if let Inbound::Disco { packet, .. } = crate::demux::classify_derp(packet) {
-            let _ = self.paths.handle_derp(Instant::now(), region, src, packet);
+            let handled = self.paths.handle_derp(Instant::now(), region, src, packet);
+            if handled == Err(paths::DiscoDrop::UnknownSender) {
+                self.note_unknown(src);
+            }
             return None;
         }
         let Some(id) = self.peers.id_of(&src) else {
             self.drops.unknown_sender += 1;
+            self.note_unknown(src);
             return None;
         };
         self.last_region.insert(id, region);
@@ -771,6 +783,9 @@ impl Engine {
                     .and_then(|k| self.peers.id_of(&k));
                 let Some(id) = by_addr.or_else(|| self.peers.identify(packet)) else {
                     self.drops.udp_unknown_peer += 1;
+                    if let Some(key) = self.peers.initiator_key(packet) {
+                        self.note_unknown(key);
+                    }
                     return None;
                 };
                 self.decapsulate(id, packet)
@@ -837,6 +852,19 @@ impl Engine {
                 None
             }
             WgOutput::Done => None,
+        }
+    }
+
+    /// Remembers that `key`, not (yet) our peer, tried to reach us. Bounded: entries older than
+    /// [`LATE_PEER_WINDOW`] go first, and a full map takes no more.
+    fn note_unknown(&mut self, key: NodePublic) {
+        let now = Instant::now();
+        if self.heard_unknown.len() >= HEARD_UNKNOWN_MAX {
+            self.heard_unknown
+                .retain(|_, at| now.saturating_duration_since(*at) < LATE_PEER_WINDOW);
+        }
+        if self.heard_unknown.len() < HEARD_UNKNOWN_MAX || self.heard_unknown.contains_key(&key) {
+            self.heard_unknown.insert(key, now);
         }
     }
 
@@ -1051,6 +1079,9 @@ impl Engine {
             match self.peers.upsert(node.key, node.effective_allowed_ips()) {
                 Ok(id) => {
                     seen.push(id);
+                    if !self.info.contains_key(&id) {
+                        self.greet_late_peer(id, node.key);
+                    }
                     self.info.insert(
                         id,
                         PeerInfo {
@@ -1074,6 +1105,24 @@ impl Engine {
             self.last_region.remove(&id);
         }
         self.paths.set_peers(Instant::now(), path_peers);
+    }
+
+    /// A peer that just joined our netmap: if it tried to reach us shortly before, start the
+    /// WireGuard handshake now (its own retry would come only after 5 s).
+    fn greet_late_peer(&mut self, id: PeerId, key: NodePublic) {
+        let Some(at) = self.heard_unknown.remove(&key) else {
+            return;
+        };
+        let now = Instant::now();
+        if now.saturating_duration_since(at) > LATE_PEER_WINDOW {
+            return;
+        }
+        if let WgOutput::ToNetwork(n) = self.peers.initiate_handshake(now, id, &mut self.out) {
+            tracing::debug!(peer = %key, "peer tried to reach us before our netmap had it: handshaking now");
+            if let Some(bytes) = self.out.get(..n) {
+                self.to_send.push((id, bytes.to_vec()));
+            }
+        }
     }
 
     fn set_derp_map(&mut self, map: &DerpMap) {

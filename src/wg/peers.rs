@@ -217,14 +217,30 @@ impl WgPeers {
     /// by decrypting the initiator's static key.
     pub fn identify(&self, datagram: &[u8]) -> Option<PeerId> {
         match Tunn::parse_incoming_packet(datagram).ok()? {
-            Packet::HandshakeInit(init) => {
-                let half = parse_handshake_anon(&self.secret, &self.public, &init).ok()?;
-                self.id_of(&NodePublic::from_bytes(half.peer_static_public))
-            }
+            Packet::HandshakeInit(_) => self.id_of(&self.initiator_key(datagram)?),
             Packet::HandshakeResponse(p) => self.known(p.receiver_idx >> 8),
             Packet::PacketCookieReply(p) => self.known(p.receiver_idx >> 8),
             Packet::PacketData(p) => self.known(p.receiver_idx >> 8),
         }
+    }
+
+    /// The static key of whoever sent a handshake initiation to us, known peer or not.
+    pub fn initiator_key(&self, datagram: &[u8]) -> Option<NodePublic> {
+        let Packet::HandshakeInit(init) = Tunn::parse_incoming_packet(datagram).ok()? else {
+            return None;
+        };
+        let half = parse_handshake_anon(&self.secret, &self.public, &init).ok()?;
+        Some(NodePublic::from_bytes(half.peer_static_public))
+    }
+
+    /// Starts a handshake with peer `id` now (see [`WgSession::initiate_handshake`]).
+    pub fn initiate_handshake(&mut self, now: Instant, id: PeerId, out: &mut [u8]) -> WgOutput {
+        let Some(peer) = self.peer_mut(id) else {
+            return WgOutput::Dropped(DropReason::NoPeer);
+        };
+        let res = peer.session.initiate_handshake(now, out);
+        self.reschedule(id);
+        res
     }
 
     fn known(&self, id: PeerId) -> Option<PeerId> {

@@ -378,4 +378,12 @@ impl WgSession for BoringSession {
     fn stats(&self) -> WgStats {
         self.stats
     }
+
+    fn initiate_handshake(&mut self, now: Instant, out: &mut [u8]) -> WgOutput {
+        self.expire_if_stale(now);
+        if self.has_session() || self.timers.last_init_sent.is_some() {
+            return WgOutput::Done;
+        }
+        self.initiate(now, out, false)
+    }
 }

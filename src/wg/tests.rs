@@ -209,6 +209,61 @@ fn handshake_then_data_both_ways() {
 }
 
 #[test]
+fn a_late_peer_answers_an_early_initiator_at_once() {
+    let (ka, kb) = (NodePrivate::generate(), NodePrivate::generate());
+    let mut a = WgPeers::new(ka.clone());
+    let mut b = WgPeers::new(kb.clone());
+    a.upsert(kb.public(), &["100.64.0.2/32".parse().unwrap()])
+        .unwrap();
+    let now = Instant::now();
+    let mut out = vec![0u8; 2048];
+    // A knows B and sends; B does not know A yet: the initiation names A but finds no peer.
+    let first = udp4(A_IP, B_IP, b"early");
+    let (_, res) = a.encapsulate(now, &first, &mut out);
+    let WgOutput::ToNetwork(n) = res else {
+        panic!("expected a handshake initiation, got {res:?}")
+    };
+    let init = out[..n].to_vec();
+    assert_eq!(b.identify(&init), None);
+    assert_eq!(b.initiator_key(&init), Some(ka.public()));
+    assert_eq!(b.initiator_key(&udp4(A_IP, B_IP, b"not wg")), None);
+    // B learns A from its netmap and starts a handshake itself, at once.
+    let id = b
+        .upsert(ka.public(), &["100.64.0.1/32".parse().unwrap()])
+        .unwrap();
+    let res = b.initiate_handshake(now, id, &mut out);
+    let WgOutput::ToNetwork(n) = res else {
+        panic!("expected B's initiation, got {res:?}")
+    };
+    // A answers, B completes; A's queued packet follows the new session.
+    let b_init = out[..n].to_vec();
+    let (_, res) = a.decapsulate(now, &b_init, &mut out);
+    let WgOutput::ToNetwork(n) = res else {
+        panic!("expected A's response, got {res:?}")
+    };
+    let response = out[..n].to_vec();
+    // B confirms the session with a keepalive; only then may A, the responder, send its queue.
+    let (_, res) = b.decapsulate(now, &response, &mut out);
+    let WgOutput::ToNetwork(n) = res else {
+        panic!("expected B's keepalive, got {res:?}")
+    };
+    let keepalive = out[..n].to_vec();
+    let (_, res) = a.decapsulate(now, &keepalive, &mut out);
+    assert_eq!(res, WgOutput::Done);
+    let mut queued = Vec::new();
+    a.drain(now, 0, &mut out, |p| queued.push(p.to_vec()));
+    let mut delivered = Vec::new();
+    for datagram in queued {
+        if let (_, WgOutput::ToTunnel(n)) = b.decapsulate(now, &datagram, &mut out) {
+            delivered.push(out[..n].to_vec());
+        }
+    }
+    assert_eq!(delivered, vec![first]);
+    // With a session (or an initiation under way), nothing more is started.
+    assert_eq!(b.initiate_handshake(now, id, &mut out), WgOutput::Done);
+}
+
+#[test]
 fn idle_tunnel_comes_back_after_reject_after_time() {
     let mut net = Net::new();
     exchange(&mut net, "before");
