@@ -104,9 +104,8 @@ lab_down() {
 lab_pid() { jq -r --arg n "$1" '.processes[] | select(.name == $n) | .pid' "$WORK/lab.json"; }
 # lab_tailnet_ip HOST: the IPv4 tailnet address of tern node HOST from $WORK/lab.json.
 lab_tailnet_ip() {
-    local ip
-    ip=$(jq -r --arg h "$1" '.tern_nodes[] | select(.hostname == $h) | .tailnet_ips[]' "$WORK/lab.json" | grep -v : | head -1)
-    echo "${ip%/*}"
+    jq -r --arg h "$1" '[.tern_nodes[] | select(.hostname == $h) | .tailnet_ips[] | select(contains(":") | not)]
+        | first // empty | sub("/.*"; "")' "$WORK/lab.json"
 }
 # lab_dir: the lab's state directory (sockets, node state, auth.key).
 lab_dir() { echo "/run/tern-lab/$LAB"; }

@@ -1,0 +1,379 @@
+#!/usr/bin/env bash
+# Direct-path figures of issue 5, all in one run on the lab topology with nat1=easy, nat2=easy:
+#
+#   sudo bench/direct.sh            # from the repository root; prints the tables
+#
+# 1. tput  TCP throughput c1 -> c2 (iperf3, BENCH_RUNS x BENCH_SECONDS, median) through tern's TUNs
+#          over a DIRECT path (checked in both daemons' `status --json` before and after; the
+#          script fails if it is not direct), then through wireguard-go (Debian) in the same c1/c2
+#          behind the same two NAT boxes, talking to each other's NAT public address; the ratio.
+# 2. ttd   Time to direct: restart both daemons (state kept, `tern down` first), `tern up` both at
+#          t0, ping c1 -> c2 through the TUN as soon as the route is there, poll both daemons'
+#          `status --json` every ~50 ms until each reports `path == "direct"` for the other.
+#          BENCH_TTD_RUNS times (default 3, conntrack of both NAT boxes flushed before each), median.
+# 3. rss   Daemon memory: a third tern node in the lab's `server` namespace (public address, no NAT),
+#          so c1 has 2 peers; VmRSS of c1's daemon idle, during and after iperf3 to both peers at once.
+#
+# Env: BENCH_SECONDS (default 10), BENCH_RUNS (default 3), BENCH_SKIP_BUILD=1, BENCH_TERN (binary),
+#      BENCH_PARTS (subset of "tput wg ttd rss"), BENCH_TTD_RUNS (default 3),
+#      BENCH_DIRECT_TIMEOUT (seconds to wait for a direct path, default 10),
+#      BENCH_WG_MTU (wireguard-go MTU, default 1420 as in dataplane.sh; tern's TUN is 1280),
+#      BENCH_ALLOW_DERP=1 (go on when a path is not direct, to try the other parts out: the figures
+#      are then marked NOT DIRECT and the script still exits 3).
+# Everything runs in the lab's namespaces; the EXIT trap stops every process the script started
+# (by PID) and runs `tern lab down`, which removes the namespaces and everything left in them.
+set -euo pipefail
+
+. "$(dirname "$0")/lib.sh"
+bench_init tbd
+PARTS=${BENCH_PARTS:-tput wg ttd rss}
+TTD_RUNS=${BENCH_TTD_RUNS:-3}
+DIRECT_TIMEOUT=${BENCH_DIRECT_TIMEOUT:-10}
+WG_MTU=${BENCH_WG_MTU:-1420}
+ALLOW_DERP=${BENCH_ALLOW_DERP:-0}
+WG_PORT=51820
+CONTROL_URL=http://10.99.0.20:8080
+NOT_DIRECT=0                   # set when a path was not direct (only with BENCH_ALLOW_DERP=1)
+
+has_part() { case " $PARTS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+
+# ---------- tern nodes ----------
+# tern_cli NODE ARGS...: the tern CLI against NODE's daemon (c1, c2, s1).
+tern_cli() { local node=$1; shift; "$TERN" --socket "$(lab_dir)/$node.sock" "$@"; }
+# node_view NODE PEER: NODE's view of PEER from its `status --json`, into V_STATE (backend state,
+# "down" if the daemon does not answer), V_PATH ("none" if null), V_REASON (path_reason), V_EP.
+node_view() {
+    local out
+    out=$(tern_cli "$1" status --json 2>/dev/null | jq -r --arg h "$2" '
+        ([.peers[] | select(.hostname == $h)] | first) as $p
+        | [.backend_state, ($p.path // "none"), ($p.path_reason // "-"), ($p.endpoint // "-")] | join("\t")' \
+        2>/dev/null) || out=$'down\tnone\t-\t-'
+    IFS=$'\t' read -r V_STATE V_PATH V_REASON V_EP <<<"$out" || true
+}
+# peer_history_len NODE PEER: how many path changes NODE has recorded for PEER.
+peer_history_len() {
+    tern_cli "$1" status --json | jq -r --arg h "$2" '[.peers[] | select(.hostname == $h)] | first | (.path_history // []) | length'
+}
+# not_direct MESSAGE: fail, or with BENCH_ALLOW_DERP=1 note it and go on.
+not_direct() {
+    if [ "$ALLOW_DERP" = 1 ]; then
+        log "WARNING: $* (BENCH_ALLOW_DERP=1: going on; these figures are NOT for a direct path)"
+        NOT_DIRECT=1
+    else
+        die "$* (set BENCH_ALLOW_DERP=1 to measure the other parts anyway)"
+    fi
+}
+
+# require_direct NODE PEER PEER_IP: ping PEER from NODE through the TUN and wait until NODE says
+# `path == "direct"` for PEER (at most DIRECT_TIMEOUT s).
+require_direct() {
+    local node=$1 peer=$2 ip=$3 deadline
+    ip netns exec "$LAB-$node" ping -c $((DIRECT_TIMEOUT * 5)) -i 0.2 -W 1 "$ip" >/dev/null 2>&1 &
+    local ping_pid=$!
+    STARTED_PIDS+=("$ping_pid")
+    deadline=$(($(date +%s) + DIRECT_TIMEOUT))
+    while :; do
+        node_view "$node" "$peer"
+        [ "$V_PATH" = direct ] && break
+        if [ "$(date +%s)" -ge "$deadline" ]; then
+            kill "$ping_pid" 2>/dev/null || true
+            not_direct "$node's path to $peer is '$V_PATH' (path_reason '$V_REASON', backend $V_STATE) after ${DIRECT_TIMEOUT} s of pings, not 'direct': this build has no working direct paths (is the engine from main merged?)"
+            return
+        fi
+        sleep 0.05
+    done
+    kill "$ping_pid" 2>/dev/null || true
+    log "$node -> $peer: path direct via $V_EP"
+}
+
+# ---------- 1. throughput: tern direct ----------
+bench_tput_tern() {
+    local pid1 pid2 ip1 ip2 rtt h1 h2
+    pid1=$(lab_pid tern:c1); pid2=$(lab_pid tern:c2)
+    ip1=$(lab_tailnet_ip c1); ip2=$(lab_tailnet_ip c2)
+    [ -n "$ip1" ] && [ -n "$ip2" ] && [ -n "$pid1" ] && [ -n "$pid2" ] \
+        || die "lab status lacks a tailnet IP or a daemon PID: $(cat "$WORK/lab.json")"
+    log "tailnet IPs c1 $ip1, c2 $ip2; daemon PIDs c1 $pid1, c2 $pid2"
+    require_direct c1 c2 "$ip2"
+    require_direct c2 c1 "$ip1"
+    rtt=$(rtt_ms "$LAB-c1" "$ip2")
+    [ -n "$rtt" ] || die "c1 cannot ping c2 through tern"
+    h1=$(peer_history_len c1 c2); h2=$(peer_history_len c2 c1)
+    start_iperf_server "$LAB-c2" "$ip2"
+    measure tern "$LAB-c1" "$ip2" "tern-c1=$pid1" "tern-c2=$pid2"
+    kill "$IPERF_PID" 2>/dev/null || true
+    # The path must have stayed direct under load: same path now, no path change recorded meanwhile.
+    local changes=$(( $(peer_history_len c1 c2) - h1 + $(peer_history_len c2 c1) - h2 ))
+    node_view c1 c2
+    [ "$V_PATH" = direct ] || not_direct "after the iperf3 runs c1's path to c2 is '$V_PATH' ($V_REASON)"
+    local ep=$V_EP
+    node_view c2 c1
+    [ "$V_PATH" = direct ] || not_direct "after the iperf3 runs c2's path to c1 is '$V_PATH' ($V_REASON)"
+    local label="tern c1 -> c2, direct (TUN tern0 MTU 1280, easy x easy NAT)"
+    [ "$NOT_DIRECT" = 1 ] && label="tern c1 -> c2, NOT DIRECT (BENCH_ALLOW_DERP=1)"
+    summarize tern "$label" "c1 -> c2 via $ep (c2 -> c1 via $V_EP); path changes during the runs: $changes; ping ${rtt} ms"
+}
+
+# ---------- 1b. throughput: wireguard-go through the same NATs ----------
+# c1 and c2 each run wireguard-go (port 51820) with the other's NAT public address as endpoint.
+# The easy NATs keep the source port (masquerade persistent), so c1's 10.1.0.2:51820 is
+# 198.18.1.2:51820 outside, and filter by address and port. First contact order: c1 sends first
+# (its handshake opens nat1's mapping towards 198.18.2.2:51820; nat2 drops it as unsolicited), then
+# c2 sends; nat1 lets c2's handshake in as the reply of that mapping, and c1's answer goes out
+# through nat2's fresh mapping for c2. Both directions are open from then on.
+bench_tput_wg() {
+    local wan1 wan2 pid1 pid2 rtt
+    wan1=$(jq -r '.nat_boxes[] | select(.nat == "nat1") | .wan_ip' "$WORK/lab.json")
+    wan2=$(jq -r '.nat_boxes[] | select(.nat == "nat2") | .wan_ip' "$WORK/lab.json")
+    [ -n "$wan1" ] && [ -n "$wan2" ] || die "lab status lacks the NAT boxes' public addresses"
+    wg_keys w1 w2
+    start_wg "$LAB-c1"; pid1=$WG_PID
+    start_wg "$LAB-c2"; pid2=$WG_PID
+    nsenter -t "$pid1" -m -n wg set wg0 private-key "$WORK/w1.key" listen-port "$WG_PORT" \
+        peer "${WG_PUB[w2]}" allowed-ips 10.77.0.2/32 endpoint "$wan2:$WG_PORT"
+    nsenter -t "$pid2" -m -n wg set wg0 private-key "$WORK/w2.key" listen-port "$WG_PORT" \
+        peer "${WG_PUB[w1]}" allowed-ips 10.77.0.1/32 endpoint "$wan1:$WG_PORT"
+    ip -n "$LAB-c1" addr add 10.77.0.1/24 dev wg0
+    ip -n "$LAB-c2" addr add 10.77.0.2/24 dev wg0
+    ip -n "$LAB-c1" link set wg0 mtu "$WG_MTU" up
+    ip -n "$LAB-c2" link set wg0 mtu "$WG_MTU" up
+    # First contact: c1 first (lost at nat2, but opens nat1), then c2 (passes nat1 as a reply).
+    ip netns exec "$LAB-c1" ping -c 1 -W 1 10.77.0.2 >/dev/null 2>&1 || true
+    ip netns exec "$LAB-c2" ping -c 3 -i 0.3 -W 3 10.77.0.1 >"$WORK/wg-first-contact.txt" 2>&1 \
+        || { cat "$WORK/wg-first-contact.txt" >&2; die "wireguard-go: c2 cannot reach c1 through the NATs"; }
+    rtt=$(rtt_ms "$LAB-c1" 10.77.0.2)
+    [ -n "$rtt" ] || die "wireguard-go: c1 cannot reach c2 through the NATs"
+    local mapping
+    mapping=$(ip netns exec "$LAB-nat1" conntrack -L -p udp --orig-port-src "$WG_PORT" 2>/dev/null | head -1)
+    log "wireguard-go through the NATs up; nat1 conntrack: $mapping"
+    start_iperf_server "$LAB-c2" 10.77.0.2
+    measure wg "$LAB-c1" 10.77.0.2 "wg-c1=$pid1" "wg-c2=$pid2"
+    kill "$IPERF_PID" 2>/dev/null || true
+    summarize wg "wireguard-go c1 -> c2 through nat1/nat2 (endpoints $wan1:$WG_PORT, $wan2:$WG_PORT; MTU $WG_MTU)" "ping ${rtt} ms"
+    kill "$pid1" "$pid2" 2>/dev/null || true
+}
+
+# ---------- 2. time to direct ----------
+C1_PID=""; C2_PID=""; S1_PID=""
+
+# start_daemon NODE: `tern daemon` in NODE's namespace with its lab state dir and socket; prints
+# nothing, sets DAEMON_PID once the LocalAPI answers.
+start_daemon() {
+    local node=$1 ns=${2:-$LAB-$1} i
+    ip netns exec "$ns" "$TERN" --socket "$(lab_dir)/$node.sock" daemon \
+        --state-dir "$(lab_dir)/$node" --tun tern0 >>"$WORK/daemon-$node.log" 2>&1 &
+    DAEMON_PID=$!
+    STARTED_PIDS+=("$DAEMON_PID")
+    for i in $(seq 1 100); do
+        tern_cli "$node" status --json >/dev/null 2>&1 && return
+        kill -0 "$DAEMON_PID" 2>/dev/null || die "the $node daemon exited: $(tail -5 "$WORK/daemon-$node.log")"
+        sleep 0.1
+    done
+    die "the $node daemon's LocalAPI did not answer in 10 s: $(tail -5 "$WORK/daemon-$node.log")"
+}
+
+# stop_daemon PID: SIGTERM, wait for it to go (SIGKILL after 5 s).
+stop_daemon() {
+    local pid=$1 i
+    kill "$pid" 2>/dev/null || return 0
+    for i in $(seq 1 50); do
+        kill -0 "$pid" 2>/dev/null || return 0
+        sleep 0.1
+    done
+    kill -9 "$pid" 2>/dev/null || true
+}
+
+now() { date +%s.%N; }
+elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", b - a }'; }
+
+# one_ttd RUN: one measurement; appends "up->c1-direct up->both-direct running->both-direct" to $WORK/ttd.
+one_ttd() {
+    local run=$1 ip2 t0 t_run="" t_ping="" t1="" t2="" ping_pid="" deadline s1 p1 r1 s2 p2 r2 polls=0
+    ip2=$(lab_tailnet_ip c2)
+    ip netns exec "$LAB-nat1" conntrack -F >/dev/null 2>&1 || true
+    ip netns exec "$LAB-nat2" conntrack -F >/dev/null 2>&1 || true
+    start_daemon c1; C1_PID=$DAEMON_PID
+    start_daemon c2; C2_PID=$DAEMON_PID
+    t0=$(now)
+    tern_cli c1 up --login-server "$CONTROL_URL" --auth-key "file:$(lab_dir)/auth.key" --hostname c1 &
+    local up1=$!
+    tern_cli c2 up --login-server "$CONTROL_URL" --auth-key "file:$(lab_dir)/auth.key" --hostname c2 &
+    local up2=$!
+    wait "$up1" || die "tern up c1 failed"
+    wait "$up2" || die "tern up c2 failed"
+    deadline=$(awk -v a="$t0" -v d="$DIRECT_TIMEOUT" 'BEGIN { printf "%d", a + d + 1 }')
+    while :; do
+        node_view c1 c2; s1=$V_STATE p1=$V_PATH r1=$V_REASON
+        node_view c2 c1; s2=$V_STATE p2=$V_PATH r2=$V_REASON
+        local t
+        t=$(now)
+        polls=$((polls + 1))
+        [ -z "$t_run" ] && [ "$s1" = Running ] && [ "$s2" = Running ] && t_run=$t
+        # Traffic through the TUN as soon as c1 routes c2's tailnet IP (ping exits without a route).
+        if [ "$s1" = Running ] && { [ -z "$ping_pid" ] || ! kill -0 "$ping_pid" 2>/dev/null; } \
+            && ip -n "$LAB-c1" route get "$ip2" 2>/dev/null | grep -q tern0; then
+            ip netns exec "$LAB-c1" ping -i 0.2 -W 1 "$ip2" >/dev/null 2>&1 &
+            ping_pid=$!
+            STARTED_PIDS+=("$ping_pid")
+            [ -z "$t_ping" ] && t_ping=$t
+        fi
+        [ -z "$t1" ] && [ "$p1" = direct ] && t1=$t
+        [ -z "$t2" ] && [ "$p2" = direct ] && t2=$t
+        [ -n "$t1" ] && [ -n "$t2" ] && break
+        if [ "$(date +%s)" -ge "$deadline" ]; then
+            not_direct "run $run: no direct path ${DIRECT_TIMEOUT} s after \`tern up\`: c1 sees c2 as '$p1' ($r1), c2 sees c1 as '$p2' ($r2)"
+            break
+        fi
+        sleep 0.05
+    done
+    [ -n "$ping_pid" ] && kill "$ping_pid" 2>/dev/null
+    local t_end
+    t_end=$(now)
+    log "run $run: both Running after $([ -n "$t_run" ] && elapsed "$t0" "$t_run" || echo never) s, ping started after $([ -n "$t_ping" ] && elapsed "$t0" "$t_ping" || echo never) s; $polls polls of both daemons, one every $(awk -v a="$t0" -v b="$t_end" -v n="$polls" 'BEGIN { printf "%.0f", n ? 1000 * (b - a) / n : 0 }') ms"
+    local both=""
+    if [ -n "$t1" ] && [ -n "$t2" ]; then
+        both=$(awk -v a="$t1" -v b="$t2" 'BEGIN { print (a > b ? a : b) }')
+        printf '%s %s %s\n' "$(elapsed "$t0" "$t1")" "$(elapsed "$t0" "$both")" "$(elapsed "$t_run" "$both")" >>"$WORK/ttd"
+        log "time to direct, run $run: $(elapsed "$t0" "$t1") s until c1 sees c2 direct, $(elapsed "$t0" "$both") s until both do"
+    else
+        printf 'timeout timeout timeout\n' >>"$WORK/ttd"
+    fi
+}
+
+bench_ttd() {
+    : >"$WORK/ttd"
+    # Take the lab's daemons over: `tern down` (stored prefs then say "not running", so a restarted
+    # daemon waits for `tern up`) and stop them; the state dirs (node keys) stay.
+    local run node pid
+    for node in c1 c2; do
+        tern_cli "$node" down >/dev/null
+    done
+    for pid in "$(lab_pid tern:c1)" "$(lab_pid tern:c2)"; do stop_daemon "$pid"; done
+    for run in $(seq 1 "$TTD_RUNS"); do
+        one_ttd "$run"
+        if [ "$run" -lt "$TTD_RUNS" ]; then
+            tern_cli c1 down >/dev/null; tern_cli c2 down >/dev/null
+            stop_daemon "$C1_PID"; stop_daemon "$C2_PID"
+        fi
+    done
+}
+
+# ---------- 3. RSS with 2 peers ----------
+rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
+hwm_kib() { awk '/^VmHWM:/ { print $2 }' "/proc/$1/status"; }
+mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
+
+bench_rss() {
+    [ -n "$C1_PID" ] || C1_PID=$(lab_pid tern:c1)
+    [ -n "$C2_PID" ] || C2_PID=$(lab_pid tern:c2)
+    mkdir -p "$(lab_dir)/s1"
+    start_daemon s1 "$LAB-server"; S1_PID=$DAEMON_PID
+    tern_cli s1 up --login-server "$CONTROL_URL" --auth-key "file:$(lab_dir)/auth.key" --hostname s1
+    local i n ip_s1="" ip2
+    ip2=$(lab_tailnet_ip c2)
+    for i in $(seq 1 300); do
+        n=$(tern_cli c1 status --json | jq '[.peers[] | select(.hostname == "c2" or .hostname == "s1")] | length')
+        ip_s1=$(tern_cli s1 status --json | jq -r '[(.self.tailnet_ips // [])[] | select(contains(":") | not)] | first // empty')
+        [ "$n" = 2 ] && [ -n "$ip_s1" ] && break
+        sleep 0.1
+    done
+    [ "$n" = 2 ] && [ -n "$ip_s1" ] || die "c1 does not see both c2 and s1 as peers after 30 s"
+    ip_s1=${ip_s1%/*}
+    log "third node s1 in $LAB-server, tailnet IP $ip_s1; c1 has 2 peers"
+    require_direct c1 s1 "$ip_s1"
+    require_direct c1 c2 "$ip2"
+    local npeers
+    npeers=$(tern_cli c1 status --json | jq '.peers | length')
+    sleep 5
+    local idle idle_c2 idle_s1
+    idle=$(rss_kib "$C1_PID"); idle_c2=$(rss_kib "$C2_PID"); idle_s1=$(rss_kib "$S1_PID")
+    log "RSS idle: c1 $(mib "$idle") MiB, c2 $(mib "$idle_c2") MiB, s1 $(mib "$idle_s1") MiB"
+    # Traffic to both peers at once: iperf3 c1 -> c2 and c1 -> s1 in parallel, RSS sampled each second.
+    start_iperf_server "$LAB-c2" "$ip2"; local srv2=$IPERF_PID
+    start_iperf_server "$LAB-server" "$ip_s1"; local srv3=$IPERF_PID
+    ip netns exec "$LAB-c1" iperf3 -c "$ip2" -t "$SECONDS_PER_RUN" -J >"$WORK/rss-c2.json" &
+    local cl2=$!
+    ip netns exec "$LAB-c1" iperf3 -c "$ip_s1" -t "$SECONDS_PER_RUN" -J >"$WORK/rss-s1.json" &
+    local cl3=$!
+    STARTED_PIDS+=("$cl2" "$cl3")
+    local peak=0 r
+    while kill -0 "$cl2" 2>/dev/null || kill -0 "$cl3" 2>/dev/null; do
+        r=$(rss_kib "$C1_PID"); [ "$r" -gt "$peak" ] && peak=$r
+        sleep 1
+    done
+    wait "$cl2" || die "iperf3 c1 -> c2 failed"
+    wait "$cl3" || die "iperf3 c1 -> s1 failed"
+    kill "$srv2" "$srv3" 2>/dev/null || true
+    local g2 g3
+    g2=$(jq -r '.end.sum_received.bits_per_second / 1e9' "$WORK/rss-c2.json")
+    g3=$(jq -r '.end.sum_received.bits_per_second / 1e9' "$WORK/rss-s1.json")
+    local after after_c2 after_s1 hwm later
+    after=$(rss_kib "$C1_PID"); after_c2=$(rss_kib "$C2_PID"); after_s1=$(rss_kib "$S1_PID")
+    hwm=$(hwm_kib "$C1_PID")
+    sleep 10
+    later=$(rss_kib "$C1_PID")
+    local p2 p3
+    node_view c1 c2; p2=$V_PATH
+    node_view c1 s1; p3=$V_PATH
+    {
+        echo "| daemon | peers | VmRSS idle | VmRSS during traffic (max of 1 s samples) | VmRSS right after | 10 s later | VmHWM |"
+        echo "|---|---|---|---|---|---|---|"
+        echo "| c1 (traffic to both peers) | $npeers | $(mib "$idle") MiB | $(mib "$peak") MiB | $(mib "$after") MiB | $(mib "$later") MiB | $(mib "$hwm") MiB |"
+        echo "| c2 | 2 | $(mib "$idle_c2") MiB | | $(mib "$after_c2") MiB | | $(mib "$(hwm_kib "$C2_PID")") MiB |"
+        echo "| s1 (server, no NAT) | 2 | $(mib "$idle_s1") MiB | | $(mib "$after_s1") MiB | | $(mib "$(hwm_kib "$S1_PID")") MiB |"
+        echo
+        printf 'traffic: iperf3 c1 -> c2 %.3f Gbit/s (path %s) and c1 -> s1 %.3f Gbit/s (path %s) at the same time, %s s\n' \
+            "$g2" "$p2" "$g3" "$p3" "$SECONDS_PER_RUN"
+    } >"$WORK/rss.md"
+}
+
+# ---------- run ----------
+build_tern
+install_tools
+BACKGROUND=$(busy_percent 3)
+log "machine busy before the runs: ${BACKGROUND}%"
+lab_up easy easy
+has_part tput && bench_tput_tern
+has_part wg && bench_tput_wg
+has_part ttd && bench_ttd
+has_part rss && bench_rss
+
+echo
+echo "# tern direct paths, $(machine_line)"
+echo "# lab: nat1 easy, nat2 easy; machine busy ${BACKGROUND}% in the 3 s before the runs (other load)"
+if has_part tput || has_part wg; then
+    echo "# iperf3 TCP, $RUNS x ${SECONDS_PER_RUN}s; CPU = mean over runs; process % of one core, machine % of all $NCPU cores"
+    echo
+    print_table
+    tern_med=$(median_of tern)
+    wg_med=$(median_of wg)
+    if [ -n "$tern_med" ] && [ -n "$wg_med" ]; then
+        echo
+        awk -v t="$tern_med" -v w="$wg_med" -v nd="$NOT_DIRECT" 'BEGIN { r = t / w
+            printf "ratio tern-direct / wireguard-go (same NATs) = %.3f / %.3f = **%.2f** (goal >= 1.0: %s)%s\n",
+                t, w, r, (r >= 1.0 ? "met" : "NOT met"), (nd == 1 ? " -- INVALID: tern was NOT on a direct path" : "") }'
+    fi
+fi
+if has_part ttd; then
+    echo
+    echo "time to direct (easy x easy, s): from \`tern up\` on both to c1 seeing c2 direct / to both seeing each other direct / from both Running to both direct"
+    awk '{ printf "  run %d: %s / %s / %s\n", NR, $1, $2, $3 }' "$WORK/ttd"
+    if ! grep -q timeout "$WORK/ttd"; then
+        med=$(awk '{ print $2 }' "$WORK/ttd" | median)
+        awk -v m="$med" -v c="$(awk '{ print $1 }' "$WORK/ttd" | median)" 'BEGIN {
+            printf "median: **%.2f s** until both direct (c1 alone %.2f s); goal <= 2 s: %s\n", m, c, (m <= 2 ? "met" : "NOT met") }'
+    else
+        echo "median: n/a (a run did not reach a direct path)"
+    fi
+fi
+if has_part rss && [ -f "$WORK/rss.md" ]; then
+    echo
+    echo "daemon RSS (VmRSS from /proc/PID/status):"
+    echo
+    cat "$WORK/rss.md"
+fi
+if [ "$NOT_DIRECT" = 1 ]; then
+    echo
+    echo "NOT DIRECT: some path stayed on DERP (BENCH_ALLOW_DERP=1); these are not direct-path figures."
+    exit 3
+fi
