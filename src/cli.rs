@@ -151,6 +151,10 @@ pub struct DerpArgs {
     /// UDP port of the STUN responder (0 = off).
     #[arg(long, default_value_t = 3478)]
     pub stun_port: u16,
+    /// Also answer STUN on this address of the host (same port; repeatable): a second STUN
+    /// destination lets clients tell whether their NAT maps per destination ("hard NAT").
+    #[arg(long, value_name = "IP")]
+    pub stun_also: Vec<std::net::IpAddr>,
     /// File holding the server's private key (`privkey:` text); created if missing.
     /// Without it the key is random per run.
     #[arg(long)]

@@ -200,19 +200,19 @@ impl Daemon {
             return None;
         }
         let (netmap_tx, netmap_rx) = watch::channel(None);
-        let (home_tx, home_rx) = watch::channel(0u16);
+        let (local_tx, local_rx) = watch::channel(Default::default());
         let config = EngineConfig {
             tun_name: self.tun.clone(),
             port: self.port,
             node_key: self.identity.node.clone(),
             disco_key: self.identity.disco.clone(),
         };
-        let (task, handle) = dataplane::spawn(config, netmap_rx, home_tx, self.status.clone());
+        let (task, handle) = dataplane::spawn(config, netmap_rx, local_tx, self.status.clone());
         self.engine = Some(task);
         self.engine_handle = Some(handle);
         Some(EngineLink {
             netmap: std::sync::Arc::new(netmap_tx),
-            home_derp: home_rx,
+            local: local_rx,
         })
     }
 

@@ -1,12 +1,16 @@
-//! The data plane (dataplane spec §2.8, §4, §9): a kernel TUN, one WireGuard peer table, and
-//! DERP as the only path for now; the home region comes from [`crate::netcheck`].
+//! The data plane (dataplane spec §2.8, §3–§6, §9): a kernel TUN, one WireGuard peer table, the
+//! per-peer path machines ([`PeerTable`]) that find direct UDP paths with disco, and DERP.
 //!
-//! One engine task owns the TUN, the [`WgPeers`] table, the inbound filter and the UDP sockets;
-//! each DERP region has a small task that keeps one connection up (reconnecting with the Go
-//! back-off) and hands received packets back over a channel. Flow:
-//! TUN read → AllowedIPs route → encapsulate → DERP to the peer's home region;
-//! DERP packet from node key K → `decapsulate_for(K)` → filter → TUN write.
-//! WireGuard timers run at `WgPeers::next_deadline` (a sleep, not a tick).
+//! One engine task owns the TUN, the [`WgPeers`] table, the path machines, the inbound filter
+//! and the UDP sockets (one per family, shared by WireGuard, disco and STUN; inbound datagrams
+//! are told apart by [`crate::demux`]). Each DERP region has a small task that keeps one
+//! connection up (reconnecting with the Go back-off) and hands received packets back over a
+//! channel; a netcheck task sends STUN on the engine's own sockets (so the mapped addresses are
+//! the ones peers must use) and reports latency, endpoints and NAT facts. Flow:
+//! TUN read → AllowedIPs route → encapsulate → the peer's [`SendPlan`]: UDP to its direct
+//! address and/or DERP to its home region; UDP or DERP in → disco to the path machines, STUN to
+//! the netcheck task, WireGuard → decapsulate → filter → TUN write.
+//! WireGuard and path timers run at their next deadline (a sleep, not a tick).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -18,16 +22,19 @@ pub mod api;
 use bytes::Bytes;
 use ipnet::IpNet;
 use tokio::net::UdpSocket;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::task::JoinHandle;
 
-use crate::control::tailcfg::{DerpMap, DerpNode, DerpRegion};
+use crate::control::client::LocalNetInfo;
+use crate::control::tailcfg::{DerpMap, DerpNode, DerpRegion, EndpointType};
+use crate::demux::Inbound;
 use crate::derp::client::{ClientConfig, DerpClient, Event, Reconnector, TlsVerify, Transport};
 use crate::filter::{Filter, Verdict};
 use crate::keys::{NodePrivate, NodePublic};
-use crate::netcheck::{self, LatencyHistory, RegionFacts};
+use crate::netcheck::{self, LatencyHistory, RegionFacts, StunResponse, StunResults, StunSockets};
 use crate::netmap::NetworkMap;
 use crate::packet::PacketSummary;
+use crate::paths::{self, Dest, Path, PeerTable, SendPlan};
 use crate::status::{rfc3339, Status};
 use crate::wg::{consts, PeerId, WgOutput, WgPeers};
 use tern_platform::router::{default_routes, NetlinkRouter, Router};
@@ -61,11 +68,18 @@ pub enum EngineError {
     TunIo(std::io::Error),
 }
 
-/// Counters of packets the engine dropped, by cause.
+/// Counters of packets the engine dropped, by cause (disco drops are counted by the
+/// [`PeerTable`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DropCounters {
-    /// UDP datagrams (no direct paths yet), by what they were.
+    /// UDP datagrams we do not handle: Geneve (peer relay, not yet), STUN requests to us.
     pub udp: u64,
+    /// WireGuard over UDP that belongs to no peer.
+    pub udp_unknown_peer: u64,
+    /// UDP sends that failed (no route, socket buffer full).
+    pub udp_send_failed: u64,
+    /// STUN responses that answered nothing we asked (wrong transaction ID or source).
+    pub stun_unmatched: u64,
     /// Packets to a peer without a DERP region we can reach.
     pub no_derp: u64,
     /// DERP queue full.
@@ -74,23 +88,20 @@ pub struct DropCounters {
     pub filtered: u64,
     /// From node keys that are not our peers.
     pub unknown_sender: u64,
-    /// Disco messages (no path discovery yet).
-    pub disco: u64,
 }
 
 /// Starts the engine: it waits for the first netmap, then brings the TUN up and runs until
-/// aborted. `home_derp` receives our home region for control. The [`api::EngineHandle`] asks
-/// the running engine for pings and netchecks.
+/// aborted. `local` receives what control must know of us (home region, endpoints, NetInfo).
+/// The [`api::EngineHandle`] asks the running engine for pings and netchecks.
 pub fn spawn(
     config: EngineConfig,
     netmaps: watch::Receiver<Option<Arc<NetworkMap>>>,
-    home_derp: watch::Sender<u16>,
+    local: watch::Sender<LocalNetInfo>,
     status: watch::Sender<Status>,
 ) -> (JoinHandle<()>, api::EngineHandle) {
     let (tx, requests) = mpsc::channel(api::REQUEST_QUEUE);
     let task = tokio::spawn(async move {
-        let _requests = requests; // answered once direct paths are wired in
-        let note = match run(config, netmaps, home_derp, &status).await {
+        let note = match run(config, netmaps, local, requests, &status).await {
             Ok(()) => "stopped: the control session ended".to_string(),
             Err(e) => {
                 tracing::error!(error = %e, "data plane stopped");
@@ -108,7 +119,8 @@ pub fn spawn(
 async fn run(
     config: EngineConfig,
     mut netmaps: watch::Receiver<Option<Arc<NetworkMap>>>,
-    home_derp: watch::Sender<u16>,
+    local: watch::Sender<LocalNetInfo>,
+    requests: mpsc::Receiver<api::EngineRequest>,
     status: &watch::Sender<Status>,
 ) -> Result<(), EngineError> {
     let Ok(first) = netmaps
@@ -131,17 +143,32 @@ async fn run(
     let mut router = NetlinkRouter::new(tun.netlink().clone(), tun.index());
     router.set_routes(&routes).await?;
     let sockets = UdpSockets::bind(config.port)?;
-    tracing::info!(
-        tun = tun.name(),
-        port = config.port,
-        "data plane up (DERP only)"
-    );
+    tracing::info!(tun = tun.name(), port = config.port, "data plane up");
 
     let (inbound_tx, inbound_rx) = mpsc::channel(1024);
     let (regions_tx, regions_rx) = watch::channel(BTreeMap::new());
     let (report_tx, reports) = mpsc::channel(4);
-    let netcheck = AbortOnDrop(tokio::spawn(netcheck_task(regions_rx, report_tx)));
-    let mut engine = Engine::new(config.node_key.clone(), inbound_tx, home_derp, regions_tx);
+    let (stun_tx, stun_rx) = mpsc::channel(STUN_QUEUE);
+    let trigger = Arc::new(Notify::new());
+    let stun_sockets = StunSockets {
+        v4: sockets.v4.clone(),
+        v6: sockets.v6.clone().filter(|_| ipv6),
+    };
+    let netcheck = AbortOnDrop(tokio::spawn(netcheck_task(
+        regions_rx,
+        stun_sockets,
+        stun_rx,
+        trigger.clone(),
+        report_tx,
+    )));
+    let mut engine = Engine::new(&config, inbound_tx, local, regions_tx);
+    engine.stun_tx = Some(stun_tx);
+    engine.netcheck_trigger = trigger;
+    engine.udp_port = sockets
+        .v4
+        .local_addr()
+        .map(|a| a.port())
+        .unwrap_or(config.port);
     engine.ipv6 = ipv6;
     if !ipv6 {
         tracing::info!("IPv6 is disabled here: tailnet IPv6 addresses and routes are skipped");
@@ -154,16 +181,22 @@ async fn run(
         s.data_plane.note = None;
     });
     let served = engine
-        .serve(&tun, &sockets, netmaps, inbound_rx, reports, status)
+        .serve(
+            &tun, &sockets, netmaps, inbound_rx, reports, requests, status,
+        )
         .await;
     drop(netcheck);
     served
 }
 
-/// One measurement of every region (`None` = no answer).
+/// STUN responses waiting for the netcheck task.
+const STUN_QUEUE: usize = 64;
+
+/// One measurement: latency of every region (`None` = no answer) and what STUN saw of us.
 struct LatencyReport {
     started: Instant,
     latency: BTreeMap<u16, Option<Duration>>,
+    stun: StunResults,
 }
 
 /// Aborts a task when dropped.
@@ -175,28 +208,33 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Measures DERP latency when the region set changes and every 20–26 s (spec §5.2), handing
-/// each report (latency per region, `None` = no answer) to the engine.
+/// Measures when the region set changes, when `trigger` fires (`tern netcheck`, a CallMeMaybe
+/// that wants fresh endpoints) and every 20–26 s (spec §5.2), handing each report to the engine.
 async fn netcheck_task(
     mut regions: watch::Receiver<BTreeMap<u16, DerpRegion>>,
+    sockets: StunSockets,
+    mut stun: mpsc::Receiver<StunResponse>,
+    trigger: Arc<Notify>,
     reports: mpsc::Sender<LatencyReport>,
 ) {
     loop {
         let map = regions.borrow_and_update().clone();
         if !map.is_empty() {
             let started = Instant::now();
-            let latency = netcheck::measure(&map).await;
-            tracing::debug!(?latency, "DERP latency report");
-            if reports
-                .send(LatencyReport { started, latency })
-                .await
-                .is_err()
-            {
+            let (stun, latency) = netcheck::measure_on(&sockets, &mut stun, &map).await;
+            tracing::debug!(?latency, ?stun, "netcheck report");
+            let report = LatencyReport {
+                started,
+                latency,
+                stun,
+            };
+            if reports.send(report).await.is_err() {
                 return;
             }
         }
         tokio::select! {
             _ = tokio::time::sleep(netcheck::next_interval()), if !map.is_empty() => {}
+            _ = trigger.notified() => {}
             changed = regions.changed() => if changed.is_err() { return },
         }
     }
@@ -211,24 +249,44 @@ fn ipv6_enabled() -> bool {
 }
 
 /// One UDP socket per address family on `--port` (spec: one socket per family; WireGuard,
-/// disco and STUN share it). Nothing is sent on them yet: DERP is the only path.
+/// disco and STUN share it).
 struct UdpSockets {
-    v4: UdpSocket,
-    v6: Option<UdpSocket>,
+    v4: Arc<UdpSocket>,
+    v6: Option<Arc<UdpSocket>>,
 }
 
 impl UdpSockets {
     fn bind(port: u16) -> Result<Self, EngineError> {
         let err = |source| EngineError::Udp { port, source };
         let v4 = bind_udp(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port)).map_err(err)?;
-        let v6 = match bind_udp(SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port)) {
-            Ok(s) => Some(s),
+        // The v6 socket takes the port v4 got (they differ only with --port 0).
+        let port6 = v4.local_addr().map(|a| a.port()).unwrap_or(port);
+        let v6 = match bind_udp(SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port6)) {
+            Ok(s) => Some(Arc::new(s)),
             Err(e) => {
                 tracing::info!(error = %e, "no IPv6 UDP socket");
                 None
             }
         };
-        Ok(Self { v4, v6 })
+        Ok(Self {
+            v4: Arc::new(v4),
+            v6,
+        })
+    }
+
+    /// Sends without waiting: a full socket buffer drops the datagram (as a network would).
+    fn send(&self, to: SocketAddr, datagram: &[u8]) -> std::io::Result<()> {
+        let socket = match (to.is_ipv4(), &self.v6) {
+            (true, _) => &self.v4,
+            (false, Some(v6)) => v6,
+            (false, None) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::Unsupported,
+                    "no IPv6 socket",
+                ))
+            }
+        };
+        socket.try_send_to(datagram, to).map(|_| ())
     }
 
     async fn recv(&self, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr)> {
@@ -323,61 +381,108 @@ struct PeerInfo {
     home_derp: u16,
 }
 
+/// A `tern ping` waiting for its pong.
+struct PendingPing {
+    peer: NodePublic,
+    tx_ids: Vec<crate::disco::TxId>,
+    deadline: Instant,
+    reply: oneshot::Sender<api::PingResult>,
+}
+
 struct Engine {
     peers: WgPeers,
     info: HashMap<PeerId, PeerInfo>,
+    /// Path selection per peer (disco).
+    paths: PeerTable,
+    node_key: NodePublic,
     /// The inbound filter; `None` until a netmap compiled (everything is dropped until then).
     filter: Option<Filter>,
     local: Vec<IpNet>,
     derp_map: BTreeMap<u16, DerpRegion>,
     derp: HashMap<u16, DerpLink>,
     home: u16,
-    home_tx: watch::Sender<u16>,
+    /// What control must know of us.
+    local_tx: watch::Sender<LocalNetInfo>,
     /// The region set the netcheck task measures.
     regions_tx: watch::Sender<BTreeMap<u16, DerpRegion>>,
     latency_history: LatencyHistory,
+    /// STUN responses go to the netcheck task; `trigger` asks it for a report now.
+    stun_tx: Option<mpsc::Sender<StunResponse>>,
+    netcheck_trigger: Arc<Notify>,
+    /// The last netcheck report (also in status).
+    last_report: Option<api::NetcheckReport>,
+    pending_pings: Vec<PendingPing>,
+    pending_netchecks: Vec<oneshot::Sender<api::NetcheckReport>>,
+    /// The port our UDP sockets are bound to (our local endpoints use it).
+    udp_port: u16,
     /// When each region last delivered a packet (updated at most every 5 s, spec §5.6).
     last_frame: HashMap<u16, Instant>,
     inbound_tx: mpsc::Sender<DerpEvent>,
-    /// Where each peer's packets last came from (what status shows while DERP is the path).
+    /// Where each peer's packets last came from over DERP.
     last_region: HashMap<PeerId, u16>,
     private_key: NodePrivate,
     /// Whether tailnet IPv6 addresses go on the TUN.
     ipv6: bool,
     drops: DropCounters,
+    /// A path changed since the last status publish.
+    paths_changed: bool,
     out: Vec<u8>,
+    /// WireGuard datagrams to send, each to where its peer's send plan says.
     to_send: Vec<(PeerId, Vec<u8>)>,
 }
 
 impl Engine {
     fn new(
-        private_key: NodePrivate,
+        config: &EngineConfig,
         inbound_tx: mpsc::Sender<DerpEvent>,
-        home_tx: watch::Sender<u16>,
+        local_tx: watch::Sender<LocalNetInfo>,
         regions_tx: watch::Sender<BTreeMap<u16, DerpRegion>>,
     ) -> Self {
+        let node_key = config.node_key.public();
+        let local = paths::LocalNet {
+            node_key,
+            ..Default::default()
+        };
         Self {
-            peers: WgPeers::new(private_key.clone()),
+            peers: WgPeers::new(config.node_key.clone()),
             info: HashMap::new(),
+            paths: PeerTable::new(config.disco_key.clone(), local),
+            node_key,
             filter: None,
             local: Vec::new(),
             derp_map: BTreeMap::new(),
             derp: HashMap::new(),
             home: 0,
-            home_tx,
+            local_tx,
             regions_tx,
             latency_history: LatencyHistory::default(),
+            stun_tx: None,
+            netcheck_trigger: Arc::new(Notify::new()),
+            last_report: None,
+            pending_pings: Vec::new(),
+            pending_netchecks: Vec::new(),
+            udp_port: config.port,
             last_frame: HashMap::new(),
             inbound_tx,
             last_region: HashMap::new(),
-            private_key,
+            private_key: config.node_key.clone(),
             ipv6: true,
             drops: DropCounters::default(),
+            paths_changed: false,
             out: vec![0u8; BUF_LEN + consts::DATA_OVERHEAD + consts::MIN_OUT_BUF],
             to_send: Vec::new(),
         }
     }
 
+    /// The earliest of the WireGuard timers, the path timers and the pending pings.
+    fn next_deadline(&mut self) -> Option<Instant> {
+        let wg = self.peers.next_deadline();
+        let paths = self.paths.poll_timeout().map(|(t, _, _)| t);
+        let pings = self.pending_pings.iter().map(|p| p.deadline).min();
+        [wg, paths, pings].into_iter().flatten().min()
+    }
+
+    #[allow(clippy::too_many_arguments)]
     async fn serve(
         &mut self,
         tun: &LinuxTun,
@@ -385,18 +490,20 @@ impl Engine {
         mut netmaps: watch::Receiver<Option<Arc<NetworkMap>>>,
         mut inbound: mpsc::Receiver<DerpEvent>,
         mut reports: mpsc::Receiver<LatencyReport>,
+        mut requests: mpsc::Receiver<api::EngineRequest>,
         status: &watch::Sender<Status>,
     ) -> Result<(), EngineError> {
         let mut tun_buf = vec![0u8; BUF_LEN];
-        let mut udp_buf = vec![0u8; 2048];
+        let mut udp_buf = vec![0u8; BUF_LEN];
         let mut status_tick = tokio::time::interval(STATUS_EVERY);
         status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut logged_drops = DropCounters::default();
         loop {
-            let deadline = self.peers.next_deadline();
+            let deadline = self.next_deadline();
             let sleep_until = deadline
                 .map(tokio::time::Instant::from_std)
                 .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+            let mut to_tun: Option<Vec<u8>> = None;
             tokio::select! {
                 r = tun.recv(&mut tun_buf) => {
                     let n = r.map_err(EngineError::TunIo)?;
@@ -407,21 +514,17 @@ impl Engine {
                 Some(event) = inbound.recv() => match event {
                     DerpEvent::Packet { region, src, packet } => {
                         self.note_frame_from(region);
-                        if let Some(packet) = self.inbound(region, src, &packet) {
-                            if let Err(e) = tun.send(&packet).await {
-                                tracing::debug!(error = %e, "TUN write failed");
-                            }
-                        }
+                        to_tun = self.inbound_derp(region, src, &packet);
                     }
                     DerpEvent::PeerGone { region, peer } => self.peer_gone(region, &peer),
                 },
                 Some(report) = reports.recv() => {
-                    publish_latency(status, &report.latency);
-                    self.on_latency_report(report);
+                    self.on_latency_report(report, status);
                 }
+                Some(request) = requests.recv() => self.on_request(request),
                 r = udp.recv(&mut udp_buf) => {
                     if let Ok((n, from)) = r {
-                        self.udp_datagram(udp_buf.get(..n).unwrap_or_default(), from);
+                        to_tun = self.udp_datagram(udp_buf.get(..n).unwrap_or_default(), from);
                     }
                 }
                 changed = netmaps.changed() => {
@@ -434,25 +537,94 @@ impl Engine {
                     }
                 }
                 _ = tokio::time::sleep_until(sleep_until), if deadline.is_some() => {
-                    let to_send = &mut self.to_send;
-                    self.peers.update_timers(Instant::now(), &mut self.out, |id, b| {
-                        to_send.push((id, b.to_vec()));
-                    });
+                    self.on_timers(Instant::now());
                 }
                 _ = status_tick.tick() => {
                     self.publish(status);
                     self.close_idle_derp(Instant::now());
-                    if self.drops != logged_drops {
-                        tracing::debug!(drops = ?self.drops, "data plane drop counters");
-                        logged_drops = self.drops;
+                    let drops = self.drops;
+                    if drops != logged_drops {
+                        tracing::debug!(?drops, disco = ?self.paths.counters(), "data plane drop counters");
+                        logged_drops = drops;
                     }
                 }
             }
-            self.flush();
+            if let Some(packet) = to_tun {
+                if let Err(e) = tun.send(&packet).await {
+                    tracing::debug!(error = %e, "TUN write failed");
+                }
+            }
+            self.flush(udp);
+            if std::mem::take(&mut self.paths_changed) {
+                self.publish(status);
+            }
         }
     }
 
-    /// A packet from the TUN: route, encrypt, queue for DERP.
+    /// Due WireGuard timers, path timers and `tern ping` timeouts.
+    fn on_timers(&mut self, now: Instant) {
+        let to_send = &mut self.to_send;
+        self.peers.update_timers(now, &mut self.out, |id, b| {
+            to_send.push((id, b.to_vec()));
+        });
+        self.paths.handle_timeout(now);
+        let (expired, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending_pings)
+            .into_iter()
+            .partition(|p| p.deadline <= now);
+        self.pending_pings = waiting;
+        for ping in expired {
+            let _ = ping.reply.send(api::PingResult {
+                error: Some("timeout".into()),
+                ..Default::default()
+            });
+        }
+    }
+
+    /// A request from the daemon (`tern ping`, `tern netcheck`).
+    fn on_request(&mut self, request: api::EngineRequest) {
+        match request {
+            api::EngineRequest::Ping {
+                peer,
+                timeout,
+                reply,
+            } => {
+                let now = Instant::now();
+                match self.paths.cli_ping(now, &peer) {
+                    Some(tx_ids) if !tx_ids.is_empty() => self.pending_pings.push(PendingPing {
+                        peer,
+                        tx_ids,
+                        deadline: now + timeout,
+                        reply,
+                    }),
+                    Some(_) => {
+                        let _ = reply.send(api::PingResult {
+                            error: Some(
+                                "no path to the peer (no DERP region, no endpoints)".into(),
+                            ),
+                            ..Default::default()
+                        });
+                    }
+                    None => {
+                        let why = if self.peers.id_of(&peer).is_some() {
+                            "the peer has no disco key (too old, or not connected to control)"
+                        } else {
+                            "unknown peer"
+                        };
+                        let _ = reply.send(api::PingResult {
+                            error: Some(why.into()),
+                            ..Default::default()
+                        });
+                    }
+                }
+            }
+            api::EngineRequest::Netcheck { reply } => {
+                self.pending_netchecks.push(reply);
+                self.netcheck_trigger.notify_one();
+            }
+        }
+    }
+
+    /// A packet from the TUN: route, encrypt, queue for its peer's path.
     fn outbound(&mut self, packet: &[u8]) {
         if let (Ok(summary), Some(filter)) = (PacketSummary::parse(packet), &mut self.filter) {
             filter.note_outbound(&summary);
@@ -471,20 +643,83 @@ impl Engine {
         }
     }
 
-    /// A packet from DERP: decrypt for the sending peer, filter, hand back for the TUN.
-    fn inbound(&mut self, region: u16, src: NodePublic, packet: &[u8]) -> Option<Vec<u8>> {
+    /// A packet from DERP: disco to the path machines; WireGuard decrypted for the sending
+    /// peer, filtered, and handed back for the TUN.
+    fn inbound_derp(&mut self, region: u16, src: NodePublic, packet: &[u8]) -> Option<Vec<u8>> {
+        if let Inbound::Disco { packet, .. } = crate::demux::classify_derp(packet) {
+            let _ = self.paths.handle_derp(Instant::now(), region, src, packet);
+            return None;
+        }
         let Some(id) = self.peers.id_of(&src) else {
             self.drops.unknown_sender += 1;
             return None;
         };
-        if matches!(
-            crate::demux::classify_derp(packet),
-            crate::demux::Inbound::Disco { .. }
-        ) {
-            self.drops.disco += 1;
-            return None; // disco over DERP: no path discovery yet
-        }
         self.last_region.insert(id, region);
+        self.decapsulate(id, packet)
+    }
+
+    /// A UDP datagram: STUN to the netcheck task, disco to the path machines, WireGuard to its
+    /// peer (by the address disco learned, else by WireGuard's own index or static key).
+    fn udp_datagram(&mut self, datagram: &[u8], from: SocketAddr) -> Option<Vec<u8>> {
+        let from = unmap_v4(from);
+        match crate::demux::classify_udp(datagram) {
+            Inbound::Stun(bytes) => {
+                self.stun_datagram(bytes, from);
+                None
+            }
+            Inbound::Disco {
+                geneve: None,
+                packet,
+            } => {
+                let _ = self.paths.handle_udp(Instant::now(), from, packet);
+                None
+            }
+            Inbound::WireGuard {
+                geneve: None,
+                packet,
+            } => {
+                let by_addr = self
+                    .paths
+                    .peer_for_addr(&from)
+                    .and_then(|k| self.peers.id_of(&k));
+                let Some(id) = by_addr.or_else(|| self.peers.identify(packet)) else {
+                    self.drops.udp_unknown_peer += 1;
+                    return None;
+                };
+                self.decapsulate(id, packet)
+            }
+            other => {
+                // Peer relays (Geneve) come with a later issue.
+                tracing::trace!(%from, geneve = other.is_geneve(), "UDP datagram dropped");
+                self.drops.udp += 1;
+                None
+            }
+        }
+    }
+
+    /// STUN responses go to the netcheck task (which matches them); requests to us are dropped.
+    fn stun_datagram(&mut self, bytes: &[u8], from: SocketAddr) {
+        if crate::demux::is_stun_binding(bytes) && crate::stun::parse_binding_request(bytes).is_ok()
+        {
+            self.drops.udp += 1;
+            return;
+        }
+        let response = StunResponse {
+            from,
+            at: Instant::now(),
+            bytes: bytes.to_vec(),
+        };
+        let queued = self
+            .stun_tx
+            .as_ref()
+            .is_some_and(|tx| tx.try_send(response).is_ok());
+        if !queued {
+            self.drops.stun_unmatched += 1;
+        }
+    }
+
+    /// Decrypts a WireGuard datagram of peer `id`; handshake answers are queued for sending.
+    fn decapsulate(&mut self, id: PeerId, packet: &[u8]) -> Option<Vec<u8>> {
         let now = Instant::now();
         match self.peers.decapsulate_for(now, id, packet, &mut self.out) {
             WgOutput::ToNetwork(n) => {
@@ -517,13 +752,6 @@ impl Engine {
         }
     }
 
-    /// No direct paths yet: every UDP datagram is classified and counted.
-    fn udp_datagram(&mut self, datagram: &[u8], from: SocketAddr) {
-        let kind = crate::demux::classify_udp(datagram);
-        tracing::trace!(%from, ?kind, "UDP datagram dropped (DERP-only data plane)");
-        self.drops.udp += 1;
-    }
-
     /// The DERP server says `peer` left region `region`.
     fn peer_gone(&mut self, region: u16, peer: &NodePublic) {
         if let Some(id) = self.peers.id_of(peer) {
@@ -533,28 +761,108 @@ impl Engine {
         }
     }
 
-    /// Sends everything queued to the peers' DERP regions.
-    fn flush(&mut self) {
+    /// Sends queued WireGuard where each peer's send plan says, then the disco messages the
+    /// path machines want out, then handles their events.
+    fn flush(&mut self, udp: &UdpSockets) {
         let now = Instant::now();
         for (id, packet) in std::mem::take(&mut self.to_send) {
-            let Some(info) = self.info.get(&id) else {
+            let Some(info) = self.info.get(&id).cloned() else {
                 continue;
             };
-            let key = info.key;
-            let derp = &self.derp;
-            let heard_on = self.last_region.get(&id).copied();
-            let region = choose_region(info.home_derp, heard_on, self.home, |r| {
-                derp.contains_key(&r)
+            let plan = self.paths.on_outgoing(now, &info.key);
+            let plan = plan.unwrap_or(SendPlan {
+                udp: None,
+                derp: Some(info.home_derp),
             });
-            let Some(link) = region.and_then(|r| self.derp_link(r)) else {
-                self.drops.no_derp += 1;
-                continue;
-            };
-            link.last_write = now;
-            if link.outbound.try_send((key, Bytes::from(packet))).is_err() {
-                self.drops.derp_queue_full += 1;
+            if let Some(addr) = plan.udp {
+                self.send_udp(udp, addr, &packet);
+            }
+            if let Some(region) = plan.derp {
+                let heard_on = self.last_region.get(&id).copied();
+                let derp = &self.derp;
+                let region = choose_region(region, heard_on, self.home, |r| derp.contains_key(&r));
+                self.send_derp(region, info.key, packet);
             }
         }
+        while let Some(out) = self.paths.poll_transmit() {
+            match out.dest {
+                Dest::Direct(addr) => self.send_udp(udp, addr, &out.packet),
+                Dest::Derp(region) => self.send_derp(Some(region), out.peer, out.packet),
+            }
+        }
+        while let Some(event) = self.paths.poll_event() {
+            self.on_path_event(event);
+        }
+    }
+
+    fn send_udp(&mut self, udp: &UdpSockets, to: SocketAddr, datagram: &[u8]) {
+        if let Err(e) = udp.send(to, datagram) {
+            tracing::trace!(%to, error = %e, "UDP send failed");
+            self.drops.udp_send_failed += 1;
+        }
+    }
+
+    fn send_derp(&mut self, region: Option<u16>, to: NodePublic, packet: Vec<u8>) {
+        let Some(link) = region.and_then(|r| self.derp_link(r)) else {
+            self.drops.no_derp += 1;
+            return;
+        };
+        link.last_write = Instant::now();
+        if link.outbound.try_send((to, Bytes::from(packet))).is_err() {
+            self.drops.derp_queue_full += 1;
+        }
+    }
+
+    fn on_path_event(&mut self, event: paths::PeerEvent) {
+        match event.event {
+            paths::Event::PathChanged(change) => {
+                tracing::info!(peer = %event.peer, from = ?change.from, to = ?change.to, reason = %change.reason, "path");
+                self.paths_changed = true;
+            }
+            paths::Event::NeedEndpointRefresh => self.netcheck_trigger.notify_one(),
+            paths::Event::Pong {
+                tx_id,
+                via,
+                latency,
+                cli: true,
+                ..
+            } => self.answer_ping(event.peer, tx_id, via, latency),
+            paths::Event::Pong { .. } | paths::Event::AddrForPeer(_) => {}
+        }
+    }
+
+    /// A pong for a `tern ping`: the first one answers it.
+    fn answer_ping(
+        &mut self,
+        peer: NodePublic,
+        tx_id: crate::disco::TxId,
+        via: paths::PathSource,
+        latency: Duration,
+    ) {
+        let Some(index) = self
+            .pending_pings
+            .iter()
+            .position(|p| p.peer == peer && p.tx_ids.contains(&tx_id))
+        else {
+            return;
+        };
+        let ping = self.pending_pings.swap_remove(index);
+        let mut result = api::PingResult {
+            latency_ms: Some(millis(latency)),
+            ..Default::default()
+        };
+        match via {
+            paths::PathSource::Udp(addr) => {
+                result.path = Some("direct".into());
+                result.endpoint = Some(addr.to_string());
+            }
+            paths::PathSource::Derp { region } => {
+                result.path = Some("derp".into());
+                result.derp_region = Some(region);
+                result.derp_region_code = self.derp_map.get(&region).map(|r| r.region_code.clone());
+            }
+        }
+        let _ = ping.reply.send(result);
     }
 
     /// Closes non-home DERP connections nothing was written to for [`DERP_IDLE_CLOSE`].
@@ -631,7 +939,21 @@ impl Engine {
 
     fn sync_peers(&mut self, map: &NetworkMap) {
         let mut seen = Vec::with_capacity(map.peers.len());
+        let mut path_peers = Vec::with_capacity(map.peers.len());
         for node in map.peers.values() {
+            path_peers.push(paths::PeerInfo {
+                node_key: node.key,
+                disco_key: node.disco_key,
+                home_derp: u16::try_from(node.effective_home_derp())
+                    .ok()
+                    .filter(|r| *r != 0),
+                endpoints: node.endpoints.clone(),
+                mapping_varies: node
+                    .hostinfo
+                    .net_info
+                    .as_ref()
+                    .and_then(|n| n.mapping_varies_by_dest_ip),
+            });
             match self.peers.upsert(node.key, node.effective_allowed_ips()) {
                 Ok(id) => {
                     seen.push(id);
@@ -657,6 +979,7 @@ impl Engine {
             self.info.remove(&id);
             self.last_region.remove(&id);
         }
+        self.paths.set_peers(Instant::now(), path_peers);
     }
 
     fn set_derp_map(&mut self, map: &DerpMap) {
@@ -692,8 +1015,84 @@ impl Engine {
             .collect()
     }
 
-    /// A latency report from the netcheck task: choose the home by spec §5.6.
-    fn on_latency_report(&mut self, report: LatencyReport) {
+    /// A report from the netcheck task: choose the home by spec §5.6, update our endpoints and
+    /// NAT facts for the path machines and control, answer waiting `tern netcheck`s.
+    fn on_latency_report(&mut self, report: LatencyReport, status: &watch::Sender<Status>) {
+        self.choose_home(&report);
+        self.drops.stun_unmatched += report.stun.unmatched;
+        let endpoints = local_endpoints(self.udp_port, &report.stun);
+        let now = Instant::now();
+        self.paths.set_local(
+            now,
+            paths::LocalNet {
+                node_key: self.node_key,
+                endpoints: endpoints.iter().map(|(a, _)| *a).collect(),
+                udp_working: Some(report.stun.udp()),
+                mapping_varies: report.stun.mapping_varies,
+            },
+        );
+        let info = LocalNetInfo {
+            home_derp: self.home,
+            endpoints: endpoints.clone(),
+            working_udp: Some(report.stun.udp()),
+            mapping_varies: report.stun.mapping_varies,
+            working_ipv6: Some(report.stun.global_v6.is_some()),
+            os_has_ipv6: Some(self.ipv6),
+            derp_latency: derp_latency_seconds(&report.latency),
+        };
+        self.local_tx.send_if_modified(|old| {
+            let changed = *old != info;
+            *old = info;
+            changed
+        });
+        let netcheck = self.netcheck_report(&report, &endpoints);
+        for reply in self.pending_netchecks.drain(..) {
+            let _ = reply.send(netcheck.clone());
+        }
+        publish_latency(status, &report.latency);
+        status.send_modify(|s| s.netcheck = Some(netcheck.clone()));
+        self.last_report = Some(netcheck);
+    }
+
+    /// The report `tern netcheck` shows.
+    fn netcheck_report(
+        &self,
+        report: &LatencyReport,
+        endpoints: &[(SocketAddr, EndpointType)],
+    ) -> api::NetcheckReport {
+        let regions = self
+            .derp_map
+            .iter()
+            .map(|(id, r)| api::RegionLatency {
+                id: *id,
+                code: r.region_code.clone(),
+                name: r.region_name.clone(),
+                latency_ms: report.latency.get(id).copied().flatten().map(millis),
+            })
+            .collect();
+        let stun = &report.stun;
+        api::NetcheckReport {
+            at: rfc3339(SystemTime::now()),
+            udp: stun.udp(),
+            ipv4: stun.global_v4.is_some(),
+            global_v4: stun.global_v4.map(|a| a.to_string()),
+            ipv6: stun.global_v6.is_some(),
+            global_v6: stun.global_v6.map(|a| a.to_string()),
+            os_has_ipv6: self.ipv6,
+            mapping_varies_by_dest_ip: stun.mapping_varies,
+            preferred_derp: self.home,
+            regions,
+            endpoints: endpoints
+                .iter()
+                .map(|(addr, kind)| api::EndpointReport {
+                    addr: addr.to_string(),
+                    kind: endpoint_kind(*kind).into(),
+                })
+                .collect(),
+        }
+    }
+
+    fn choose_home(&mut self, report: &LatencyReport) {
         let now = Instant::now();
         let measured = report
             .latency
@@ -742,44 +1141,193 @@ impl Engine {
                 note_preferred(&link.preferred, true);
             }
         }
-        self.home_tx.send_replace(home);
+        self.local_tx.send_if_modified(|info| {
+            let changed = info.home_derp != home;
+            info.home_derp = home;
+            changed
+        });
     }
 
-    /// Copies per-peer path and counters into the status snapshot.
+    /// Copies per-peer path, reason, history and counters into the status snapshot.
     fn publish(&self, status: &watch::Sender<Status>) {
-        let now_instant = Instant::now();
-        let now_wall = SystemTime::now();
+        let now = Instant::now();
+        let wall = SystemTime::now();
+        let at = |t: Instant| -> Option<String> {
+            let ago = now.checked_duration_since(t)?;
+            Some(rfc3339(wall.checked_sub(ago)?))
+        };
         status.send_if_modified(|s| {
             let before = s.peers.clone();
             s.data_plane.active = true;
             s.data_plane.note = None;
             for p in &mut s.peers {
-                let Some(id) = p.node_key.parse().ok().and_then(|k| self.peers.id_of(&k)) else {
+                let Some(key) = p.node_key.parse::<NodePublic>().ok() else {
+                    continue;
+                };
+                let Some(id) = self.peers.id_of(&key) else {
                     continue;
                 };
                 let Some(session) = self.peers.session(id) else {
                     continue;
                 };
                 let stats = session.stats();
-                let region = self
-                    .last_region
-                    .get(&id)
-                    .copied()
-                    .or_else(|| self.info.get(&id).map(|i| i.home_derp))
-                    .filter(|r| *r != 0);
-                p.path = region.map(|_| "derp".to_string());
-                p.derp_region = region;
                 p.rx_bytes = stats.rx_bytes;
                 p.tx_bytes = stats.tx_bytes;
-                p.last_handshake_at = session.last_handshake().and_then(|t| {
-                    let ago = now_instant.checked_duration_since(t)?;
-                    Some(rfc3339(now_wall.checked_sub(ago)?))
-                });
-                p.path_reason = region.map(|_| "DERP only: no direct paths yet".to_string());
+                p.last_handshake_at = session.last_handshake().and_then(at);
+                match self.paths.peer(&key) {
+                    Some(machine) => self.describe_path(p, machine, &at),
+                    None => {
+                        // No disco key: DERP is all we can do.
+                        let region = self
+                            .last_region
+                            .get(&id)
+                            .copied()
+                            .or_else(|| self.info.get(&id).map(|i| i.home_derp))
+                            .filter(|r| *r != 0);
+                        p.path = Some(if region.is_some() { "derp" } else { "none" }.into());
+                        p.derp_region = region;
+                        p.endpoint = None;
+                        p.path_reason = Some("no-disco-key".into());
+                    }
+                }
             }
             s.peers != before
         });
     }
+
+    /// Path, endpoint, latency, reason and history of one peer's machine.
+    fn describe_path(
+        &self,
+        p: &mut crate::status::PeerStatus,
+        machine: &paths::Peer,
+        at: &impl Fn(Instant) -> Option<String>,
+    ) {
+        let (path, endpoint, region) = path_fields(machine.current_path());
+        p.path = Some(path.into());
+        p.endpoint = endpoint;
+        p.derp_region = region;
+        p.path_reason = Some(machine.path_reason().as_str().into());
+        let last_pong = machine
+            .candidates()
+            .into_iter()
+            .filter_map(|c| c.last_pong)
+            .max_by_key(|pong| pong.at);
+        if let Some(pong) = last_pong {
+            p.latency_ms = Some(millis(pong.latency));
+            p.last_pong_at = at(pong.at);
+        }
+        p.path_history = machine
+            .history()
+            .map(|change| {
+                let (path, endpoint, derp_region) = path_fields(change.to);
+                crate::status::PathHistoryEntry {
+                    at: at(change.at).unwrap_or_default(),
+                    path: path.into(),
+                    endpoint,
+                    derp_region,
+                    reason: change.reason.as_str().into(),
+                }
+            })
+            .collect();
+    }
+}
+
+/// A path as status shows it: kind, endpoint, DERP region.
+fn path_fields(path: Path) -> (&'static str, Option<String>, Option<u16>) {
+    match path {
+        Path::Direct { addr, .. } => ("direct", Some(addr.to_string()), None),
+        Path::Derp { region } => ("derp", None, Some(region)),
+        Path::None => ("none", None, None),
+    }
+}
+
+/// Milliseconds with 0.1 ms precision.
+fn millis(d: Duration) -> f64 {
+    (d.as_secs_f64() * 10_000.0).round() / 10.0
+}
+
+/// An IPv4-mapped IPv6 source as the plain IPv4 address it is.
+fn unmap_v4(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(IpAddr::V4(v4), v6.port()),
+            None => addr,
+        },
+        v4 => v4,
+    }
+}
+
+/// Our endpoints (spec §5.7): what STUN saw first, then every interface address with our port
+/// (loopback, link-local and the tailnet's own 100.64.0.0/10 and fd7a:115c:a1e0::/48 left out).
+pub fn local_endpoints(port: u16, stun: &StunResults) -> Vec<(SocketAddr, EndpointType)> {
+    let mut out: Vec<(SocketAddr, EndpointType)> = Vec::new();
+    let mut push = |addr: SocketAddr, kind: EndpointType| {
+        if !out.iter().any(|(a, _)| *a == addr) {
+            out.push((addr, kind));
+        }
+    };
+    for mapped in [stun.global_v4, stun.global_v6].into_iter().flatten() {
+        push(mapped, EndpointType::STUN);
+    }
+    for ip in interface_addresses() {
+        if usable_local_ip(ip) {
+            push(SocketAddr::new(ip, port), EndpointType::LOCAL);
+        }
+    }
+    out
+}
+
+/// Whether an interface address is worth advertising to peers.
+pub fn usable_local_ip(ip: IpAddr) -> bool {
+    let tailnet_v4: IpNet = "100.64.0.0/10".parse().expect("valid prefix");
+    let tailnet_v6: IpNet = "fd7a:115c:a1e0::/48".parse().expect("valid prefix");
+    let link_local = match ip {
+        IpAddr::V4(v4) => v4.is_link_local(),
+        IpAddr::V6(v6) => v6.segments()[0] & 0xffc0 == 0xfe80,
+    };
+    !(ip.is_loopback()
+        || ip.is_unspecified()
+        || ip.is_multicast()
+        || link_local
+        || tailnet_v4.contains(&ip)
+        || tailnet_v6.contains(&ip))
+}
+
+/// Addresses of this namespace's interfaces that are up.
+fn interface_addresses() -> Vec<IpAddr> {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        return Vec::new();
+    };
+    addrs
+        .filter(|a| a.flags.contains(nix::net::if_::InterfaceFlags::IFF_UP))
+        .filter_map(|a| {
+            let addr = a.address?;
+            if let Some(v4) = addr.as_sockaddr_in() {
+                return Some(IpAddr::V4(v4.ip()));
+            }
+            addr.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
+        })
+        .collect()
+}
+
+/// The text kind of an endpoint type for reports.
+fn endpoint_kind(kind: EndpointType) -> &'static str {
+    match kind {
+        EndpointType::LOCAL => "local",
+        EndpointType::STUN => "stun",
+        EndpointType::PORTMAPPED => "portmapped",
+        EndpointType::STUN4_LOCAL_PORT => "stun4localport",
+        EndpointType::EXPLICIT_CONF => "explicit",
+        _ => "unknown",
+    }
+}
+
+/// `NetInfo.DERPLatency`: `"<region>-v4"` → seconds, for regions that answered.
+fn derp_latency_seconds(latency: &BTreeMap<u16, Option<Duration>>) -> BTreeMap<String, f64> {
+    latency
+        .iter()
+        .filter_map(|(id, l)| Some((format!("{id}-v4"), (*l)?.as_secs_f64())))
+        .collect()
 }
 
 /// Tells a region task its preferred flag; only a change wakes it (only changes are sent).
@@ -789,10 +1337,7 @@ fn note_preferred(flag: &watch::Sender<bool>, preferred: bool) {
 
 /// Puts a latency report into the status snapshot (milliseconds, `None` = no answer).
 fn publish_latency(status: &watch::Sender<Status>, report: &BTreeMap<u16, Option<Duration>>) {
-    let ms = report
-        .iter()
-        .map(|(id, l)| (*id, l.map(|d| (d.as_secs_f64() * 10_000.0).round() / 10.0)))
-        .collect();
+    let ms = report.iter().map(|(id, l)| (*id, l.map(millis))).collect();
     status.send_modify(|s| s.data_plane.derp_latency_ms = ms);
 }
 

@@ -124,6 +124,7 @@ fn start_derp(lab: &mut LabState, exe: &Path) -> anyhow::Result<()> {
         relay.to_string(),
         dir.join("derp.key").display().to_string(),
     );
+    let stun_also = RELAY_IPS[1].to_string();
     let mut derp = start_process(
         lab,
         &relay_ns,
@@ -138,6 +139,8 @@ fn start_derp(lab: &mut LabState, exe: &Path) -> anyhow::Result<()> {
             &host_arg,
             "--key-file",
             &key_arg,
+            "--stun-also",
+            &stun_also,
         ],
     )?;
     lab.sockets.push(SocketState {
@@ -285,7 +288,7 @@ fn answers_key(ns: &Netns, addr: SocketAddr) -> Option<()> {
 /// The lab control server's config: one reusable key, a DERP region at the relay host (served by
 /// `tern derp`, self-signed, hence `insecure_for_tests`), state in `<dir>/control`.
 fn control_config(dir: &Path, auth_key: &str) -> String {
-    let relay = RELAY_IPS[0];
+    let (relay, stun2) = (RELAY_IPS[0], RELAY_IPS[1]);
     format!(
         r#"# Written by `tern lab up`; see lab/control.example.toml for every field.
 listen = "{CONTROL_IP}:{CONTROL_PORT}"
@@ -308,6 +311,16 @@ ipv6 = "none"
 stun_port = 3478
 derp_port = 443
 insecure_for_tests = true
+
+# A second STUN address on the relay host, so nodes can see whether their NAT maps per
+# destination (hard NAT); `tern derp --stun-also` answers there.
+[[derp_region.node]]
+name = "900b"
+host_name = "{stun2}"
+ipv4 = "{stun2}"
+ipv6 = "none"
+stun_port = 3478
+stun_only = true
 
 [[grant]]
 src = ["*"]

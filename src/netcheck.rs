@@ -3,11 +3,12 @@
 //! a region that gives no STUN answer is timed by a TCP connect to its DERP port instead (the
 //! spec's HTTPS fallback, cheaper). [`select_home`] applies the §5.6 rules to the results.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use tokio::net::{TcpStream, UdpSocket};
+use tokio::sync::mpsc;
 
 use crate::control::tailcfg::{DerpNode, DerpRegion};
 use crate::stun;
@@ -151,87 +152,262 @@ fn probe_addr(node: &DerpNode) -> Option<IpAddr> {
     }
 }
 
-/// Measures every region that may be measured, in parallel; each wait is bounded, so the
-/// whole report takes at most [`STUN_TIMEOUT`] + [`TCP_TIMEOUT`].
-pub async fn measure(regions: &BTreeMap<u16, DerpRegion>) -> BTreeMap<u16, Option<Duration>> {
-    let probes = regions
-        .iter()
-        .filter(|(_, r)| !r.no_measure_no_home)
-        .map(|(id, r)| {
-            let region = r.clone();
-            let id = *id;
-            tokio::spawn(async move { (id, measure_region(&region).await) })
-        })
-        .collect::<Vec<_>>();
-    let mut out = BTreeMap::new();
-    for probe in probes {
-        if let Ok((id, latency)) = probe.await {
-            out.insert(id, latency);
+/// STUN destinations per region: the first few nodes that answer STUN, per address family.
+const STUN_NODES_PER_REGION: usize = 3;
+
+/// One STUN destination of a round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StunTarget {
+    pub region: u16,
+    pub addr: SocketAddr,
+}
+
+/// The STUN destinations of every region that may be measured: up to three nodes per region
+/// and family (IPv6 only when `ipv6`), STUN-only nodes included. Several destination IPs are
+/// what lets a round see whether our NAT maps per destination.
+pub fn stun_targets(regions: &BTreeMap<u16, DerpRegion>, ipv6: bool) -> Vec<StunTarget> {
+    let mut out = Vec::new();
+    for (id, region) in regions.iter().filter(|(_, r)| !r.no_measure_no_home) {
+        let port = |n: &DerpNode| match n.stun_port {
+            0 => Some(3478),
+            p => u16::try_from(p).ok().filter(|p| *p != 0),
+        };
+        let v4 = region
+            .nodes
+            .iter()
+            .filter_map(|n| Some(SocketAddr::new(probe_addr(n)?, port(n)?)));
+        let v6 = region.nodes.iter().filter(|_| ipv6).filter_map(|n| {
+            let ip: IpAddr = n.ipv6.parse().ok().filter(IpAddr::is_ipv6)?;
+            Some(SocketAddr::new(ip, port(n)?))
+        });
+        for addrs in [v4.collect::<Vec<_>>(), v6.collect()] {
+            out.extend(
+                addrs
+                    .into_iter()
+                    .take(STUN_NODES_PER_REGION)
+                    .map(|addr| StunTarget { region: *id, addr }),
+            );
         }
     }
     out
 }
 
-/// One region's latency: STUN to the first node that does STUN, else TCP connect to the
-/// first DERP node.
-pub async fn measure_region(region: &DerpRegion) -> Option<Duration> {
-    let stun_target = region.nodes.iter().find_map(|n| {
-        let port = match n.stun_port {
-            0 => 3478,
-            p => u16::try_from(p).ok()?,
-        };
-        Some(SocketAddr::new(probe_addr(n)?, port))
-    });
-    if let Some(target) = stun_target {
-        if let Some(rtt) = stun_rtt(target).await {
-            return Some(rtt);
+/// A STUN response as the data plane's UDP socket received it.
+#[derive(Debug, Clone)]
+pub struct StunResponse {
+    pub from: SocketAddr,
+    pub at: Instant,
+    pub bytes: Vec<u8>,
+}
+
+/// The bookkeeping of one STUN round (sans-IO): requests out, responses matched by
+/// transaction ID and source, results per target.
+#[derive(Debug)]
+pub struct StunRound {
+    targets: Vec<StunTarget>,
+    pending: HashMap<stun::TxId, (usize, Instant)>,
+    answers: Vec<Option<(Duration, SocketAddr)>>,
+    unmatched: u64,
+}
+
+/// What one round found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StunResults {
+    /// Lowest STUN RTT per region that answered.
+    pub latency: BTreeMap<u16, Duration>,
+    /// Our address as the first IPv4 / IPv6 server to answer saw it.
+    pub global_v4: Option<SocketAddr>,
+    pub global_v6: Option<SocketAddr>,
+    /// Different IPv4 destinations saw different addresses (hard NAT); `None` with fewer than
+    /// two IPv4 destinations answering.
+    pub mapping_varies: Option<bool>,
+    /// Responses that matched no request of this round (wrong transaction ID or source).
+    pub unmatched: u64,
+}
+
+impl StunResults {
+    /// Any STUN answer at all.
+    pub fn udp(&self) -> bool {
+        self.global_v4.is_some() || self.global_v6.is_some()
+    }
+}
+
+impl StunRound {
+    pub fn new(targets: Vec<StunTarget>) -> StunRound {
+        let answers = vec![None; targets.len()];
+        StunRound {
+            targets,
+            pending: HashMap::new(),
+            answers,
+            unmatched: 0,
         }
     }
-    let tcp_target = region.nodes.iter().filter(|n| !n.stun_only).find_map(|n| {
+
+    /// Targets not answered yet (indexes for [`Self::request`]).
+    pub fn unanswered(&self) -> Vec<usize> {
+        (0..self.targets.len())
+            .filter(|i| self.answers.get(*i).is_some_and(Option::is_none))
+            .collect()
+    }
+
+    /// A fresh binding request to target `index`, sent at `now`: where, and the bytes.
+    pub fn request(&mut self, index: usize, now: Instant) -> Option<(SocketAddr, Vec<u8>)> {
+        let target = self.targets.get(index)?;
+        let tx = stun::TxId::random();
+        self.pending.insert(tx, (index, now));
+        Some((target.addr, stun::request(tx)))
+    }
+
+    /// A STUN datagram; returns whether it answered one of our requests.
+    pub fn on_response(&mut self, response: &StunResponse) -> bool {
+        let Ok((tx, mapped)) = stun::parse_response(&response.bytes) else {
+            self.unmatched += 1;
+            return false;
+        };
+        let Some(&(index, sent)) = self.pending.get(&tx) else {
+            self.unmatched += 1;
+            return false;
+        };
+        if self.targets.get(index).map(|t| t.addr) != Some(response.from) {
+            self.unmatched += 1;
+            return false;
+        }
+        self.pending.remove(&tx);
+        let rtt = response.at.saturating_duration_since(sent);
+        if let Some(slot) = self.answers.get_mut(index) {
+            // The first answer counts; a retry's answer is not faster.
+            slot.get_or_insert((rtt, mapped));
+        }
+        true
+    }
+
+    /// Every target answered.
+    pub fn done(&self) -> bool {
+        self.answers.iter().all(Option::is_some)
+    }
+
+    pub fn finish(self) -> StunResults {
+        let mut out = StunResults {
+            unmatched: self.unmatched,
+            ..StunResults::default()
+        };
+        let mut mapped_by_dest: BTreeMap<IpAddr, SocketAddr> = BTreeMap::new();
+        for (target, answer) in self.targets.iter().zip(&self.answers) {
+            let Some((rtt, mapped)) = answer else {
+                continue;
+            };
+            out.latency
+                .entry(target.region)
+                .and_modify(|l| *l = (*l).min(*rtt))
+                .or_insert(*rtt);
+            if target.addr.is_ipv4() {
+                out.global_v4.get_or_insert(*mapped);
+                mapped_by_dest.entry(target.addr.ip()).or_insert(*mapped);
+            } else {
+                out.global_v6.get_or_insert(*mapped);
+            }
+        }
+        if mapped_by_dest.len() >= 2 {
+            let first = mapped_by_dest.values().next().copied();
+            out.mapping_varies = Some(mapped_by_dest.values().any(|m| Some(*m) != first));
+        }
+        out
+    }
+}
+
+/// Where a round's requests go out: the data plane's own sockets, so that the mapped addresses
+/// are those peers must use.
+#[derive(Debug, Clone)]
+pub struct StunSockets {
+    pub v4: std::sync::Arc<UdpSocket>,
+    pub v6: Option<std::sync::Arc<UdpSocket>>,
+}
+
+impl StunSockets {
+    async fn send(&self, to: SocketAddr, bytes: &[u8]) {
+        let socket = match (to.is_ipv4(), &self.v6) {
+            (true, _) => &self.v4,
+            (false, Some(v6)) => v6,
+            (false, None) => return,
+        };
+        // A send error (no route) is not final: a retry may pass.
+        if let Err(e) = socket.send_to(bytes, to).await {
+            tracing::trace!(%to, error = %e, "STUN send failed");
+        }
+    }
+}
+
+/// One STUN round: requests to every target at 0, 100 and 200 ms (to those still unanswered),
+/// answers read from `responses`, until all answered or [`STUN_TIMEOUT`].
+pub async fn stun_round(
+    sockets: &StunSockets,
+    responses: &mut mpsc::Receiver<StunResponse>,
+    targets: Vec<StunTarget>,
+) -> StunResults {
+    // Answers to an earlier round are stale now.
+    while responses.try_recv().is_ok() {}
+    let mut round = StunRound::new(targets);
+    let start = tokio::time::Instant::now();
+    let deadline = start + STUN_TIMEOUT;
+    let mut tries = 0;
+    while !round.done() {
+        let retry_at = (start + STUN_RETRY * tries).min(deadline);
+        tokio::select! {
+            _ = tokio::time::sleep_until(retry_at), if tries < STUN_TRIES => {
+                for index in round.unanswered() {
+                    if let Some((to, bytes)) = round.request(index, Instant::now()) {
+                        sockets.send(to, &bytes).await;
+                    }
+                }
+                tries += 1;
+            }
+            response = responses.recv() => match response {
+                Some(r) => { round.on_response(&r); }
+                None => break,
+            },
+            _ = tokio::time::sleep_until(deadline) => break,
+        }
+    }
+    round.finish()
+}
+
+/// A whole measurement: the STUN round on the data plane's sockets, then a TCP-connect timing
+/// for each region STUN did not answer (bounded by [`TCP_TIMEOUT`]).
+pub async fn measure_on(
+    sockets: &StunSockets,
+    responses: &mut mpsc::Receiver<StunResponse>,
+    regions: &BTreeMap<u16, DerpRegion>,
+) -> (StunResults, BTreeMap<u16, Option<Duration>>) {
+    let targets = stun_targets(regions, sockets.v6.is_some());
+    let stun = stun_round(sockets, responses, targets).await;
+    let fallbacks = regions
+        .iter()
+        .filter(|(id, r)| !r.no_measure_no_home && !stun.latency.contains_key(id))
+        .map(|(id, r)| {
+            let (id, region) = (*id, r.clone());
+            tokio::spawn(async move { (id, tcp_latency(&region).await) })
+        })
+        .collect::<Vec<_>>();
+    let mut latency: BTreeMap<u16, Option<Duration>> =
+        stun.latency.iter().map(|(id, l)| (*id, Some(*l))).collect();
+    for probe in fallbacks {
+        if let Ok((id, l)) = probe.await {
+            latency.insert(id, l);
+        }
+    }
+    (stun, latency)
+}
+
+/// A region's latency by TCP connect to its first DERP node.
+async fn tcp_latency(region: &DerpRegion) -> Option<Duration> {
+    let target = region.nodes.iter().filter(|n| !n.stun_only).find_map(|n| {
         let port = match n.derp_port {
             0 => 443,
             p => u16::try_from(p).ok()?,
         };
         Some(SocketAddr::new(probe_addr(n)?, port))
     })?;
-    tcp_connect_time(tcp_target).await
-}
-
-/// RTT of a STUN binding request to `target` from a short-lived socket, or `None` when no
-/// matching answer came within [`STUN_TIMEOUT`].
-pub async fn stun_rtt(target: SocketAddr) -> Option<Duration> {
-    let bind: SocketAddr = if target.is_ipv4() {
-        "0.0.0.0:0"
-    } else {
-        "[::]:0"
-    }
-    .parse()
-    .ok()?;
-    let socket = UdpSocket::bind(bind).await.ok()?;
-    let tx = stun::TxId::random();
-    let request = stun::request(tx);
-    let start = Instant::now();
-    let deadline = tokio::time::Instant::now() + STUN_TIMEOUT;
-    let mut buf = [0u8; 1500];
-    let mut sent = 0;
-    loop {
-        let retry_at = tokio::time::Instant::from_std(start + STUN_RETRY * sent).min(deadline);
-        tokio::select! {
-            _ = tokio::time::sleep_until(retry_at), if sent < STUN_TRIES => {
-                // A send error (no route) is not final: a later try may pass.
-                let _ = socket.send_to(&request, target).await;
-                sent += 1;
-            }
-            r = socket.recv_from(&mut buf) => {
-                let Ok((n, from)) = r else { continue };
-                let answer = buf.get(..n).and_then(|b| stun::parse_response(b).ok());
-                if from == target && answer.is_some_and(|(id, _)| id == tx) {
-                    return Some(start.elapsed());
-                }
-            }
-            _ = tokio::time::sleep_until(deadline) => return None,
-        }
-    }
+    tcp_connect_time(target).await
 }
 
 /// Time to open a TCP connection to `target`, bounded by [`TCP_TIMEOUT`].
@@ -361,24 +537,163 @@ mod tests {
         assert_eq!(select_home(&f, &now, &h.best_recent(), 0, false), 2);
     }
 
+    fn target(region: u16, addr: &str) -> StunTarget {
+        StunTarget {
+            region,
+            addr: addr.parse().unwrap(),
+        }
+    }
+
+    fn answer(round: &mut StunRound, index: usize, sent: Instant, rtt: u64, mapped: &str) -> bool {
+        let (to, request) = round.request(index, sent).unwrap();
+        let tx = stun::parse_binding_request(&request).unwrap();
+        round.on_response(&StunResponse {
+            from: to,
+            at: sent + ms(rtt),
+            bytes: stun::response(tx, mapped.parse().unwrap()),
+        })
+    }
+
+    #[test]
+    fn a_round_matches_answers_and_sees_an_easy_nat() {
+        let t0 = Instant::now();
+        let mut round = StunRound::new(vec![
+            target(900, "198.18.0.10:3478"),
+            target(900, "198.18.0.11:3478"),
+            target(901, "198.18.0.12:3478"),
+        ]);
+        assert!(answer(&mut round, 0, t0, 7, "198.18.0.3:41641"));
+        assert!(answer(&mut round, 1, t0, 4, "198.18.0.3:41641"));
+        assert!(!round.done());
+        assert_eq!(round.unanswered(), vec![2]);
+        let r = round.finish();
+        assert_eq!(r.latency, BTreeMap::from([(900, ms(4))]));
+        assert_eq!(r.global_v4, Some("198.18.0.3:41641".parse().unwrap()));
+        assert_eq!(r.mapping_varies, Some(false));
+        assert!(r.udp());
+        assert_eq!(r.unmatched, 0);
+    }
+
+    #[test]
+    fn a_round_sees_a_hard_nat_and_counts_strays() {
+        let t0 = Instant::now();
+        let mut round = StunRound::new(vec![
+            target(900, "198.18.0.10:3478"),
+            target(900, "198.18.0.11:3478"),
+        ]);
+        assert!(answer(&mut round, 0, t0, 5, "198.18.0.3:1024"));
+        // A response with a transaction ID nobody asked for.
+        let stray = StunResponse {
+            from: "198.18.0.11:3478".parse().unwrap(),
+            at: t0,
+            bytes: stun::response(stun::TxId([7; 12]), "198.18.0.3:9".parse().unwrap()),
+        };
+        assert!(!round.on_response(&stray));
+        // The right ID from the wrong source.
+        let (_, request) = round.request(1, t0).unwrap();
+        let tx = stun::parse_binding_request(&request).unwrap();
+        let spoofed = StunResponse {
+            from: "192.0.2.1:3478".parse().unwrap(),
+            at: t0,
+            bytes: stun::response(tx, "198.18.0.3:9".parse().unwrap()),
+        };
+        assert!(!round.on_response(&spoofed));
+        assert!(!round.on_response(&StunResponse {
+            from: "198.18.0.11:3478".parse().unwrap(),
+            at: t0,
+            bytes: b"garbage".to_vec(),
+        }));
+        assert!(answer(&mut round, 1, t0, 5, "198.18.0.3:1025"));
+        assert!(round.done());
+        let r = round.finish();
+        assert_eq!(r.mapping_varies, Some(true));
+        assert_eq!(r.unmatched, 3);
+        // One destination only: whether the mapping varies is unknown.
+        let mut one = StunRound::new(vec![target(900, "198.18.0.10:3478")]);
+        assert!(answer(&mut one, 0, t0, 5, "198.18.0.3:1024"));
+        assert_eq!(one.finish().mapping_varies, None);
+        // Nothing answered: no UDP.
+        let r = StunRound::new(vec![target(900, "198.18.0.10:3478")]).finish();
+        assert!(!r.udp());
+        assert!(r.latency.is_empty());
+    }
+
+    #[test]
+    fn targets_take_every_stun_node_of_measured_regions() {
+        let node = |ip: &str, stun_port: i32, stun_only: bool| DerpNode {
+            host_name: ip.into(),
+            ipv4: ip.into(),
+            ipv6: "fd00::1".into(),
+            stun_port,
+            stun_only,
+            ..Default::default()
+        };
+        let regions = BTreeMap::from([
+            (
+                900,
+                DerpRegion {
+                    nodes: vec![
+                        node("198.18.0.10", 0, false),
+                        node("198.18.0.11", 3479, true),
+                        node("198.18.0.12", -1, false),
+                    ],
+                    ..Default::default()
+                },
+            ),
+            (
+                901,
+                DerpRegion {
+                    no_measure_no_home: true,
+                    nodes: vec![node("198.18.0.13", 0, false)],
+                    ..Default::default()
+                },
+            ),
+        ]);
+        let v4: Vec<String> = stun_targets(&regions, false)
+            .iter()
+            .map(|t| format!("{}:{}", t.region, t.addr))
+            .collect();
+        assert_eq!(v4, ["900:198.18.0.10:3478", "900:198.18.0.11:3479"]);
+        assert_eq!(stun_targets(&regions, true).len(), 4);
+    }
+
+    /// A STUN round on a real socket against two local servers (127.0.0.1 and 127.0.0.2).
     #[tokio::test]
-    async fn stun_probe_times_a_local_server_and_gives_up_on_silence() {
-        let server = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let addr = server.local_addr().unwrap();
-        let serve = tokio::spawn(async move {
+    async fn a_round_on_a_socket_measures_two_servers() {
+        let mut targets = Vec::new();
+        for ip in ["127.0.0.1", "127.0.0.2"] {
+            let server = UdpSocket::bind(format!("{ip}:0")).await.unwrap();
+            targets.push(StunTarget {
+                region: 900,
+                addr: server.local_addr().unwrap(),
+            });
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1500];
+                while let Ok((n, from)) = server.recv_from(&mut buf).await {
+                    if let Ok(tx) = stun::parse_binding_request(&buf[..n]) {
+                        let _ = server.send_to(&stun::response(tx, from), from).await;
+                    }
+                }
+            });
+        }
+        let client = std::sync::Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let (tx, mut rx) = mpsc::channel(8);
+        let reader = client.clone();
+        tokio::spawn(async move {
             let mut buf = [0u8; 1500];
-            let (n, from) = server.recv_from(&mut buf).await.unwrap();
-            let tx = stun::parse_binding_request(&buf[..n]).unwrap();
-            server
-                .send_to(&stun::response(tx, from), from)
-                .await
-                .unwrap();
+            while let Ok((n, from)) = reader.recv_from(&mut buf).await {
+                let at = Instant::now();
+                let bytes = buf[..n].to_vec();
+                let _ = tx.send(StunResponse { from, at, bytes }).await;
+            }
         });
-        assert!(stun_rtt(addr).await.is_some());
-        serve.await.unwrap();
-        // A bound socket that never answers: the probe ends at its timeout with None.
-        let silent = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        tokio::time::pause();
-        assert_eq!(stun_rtt(silent.local_addr().unwrap()).await, None);
+        let sockets = StunSockets {
+            v4: client.clone(),
+            v6: None,
+        };
+        let r = stun_round(&sockets, &mut rx, targets).await;
+        assert_eq!(r.global_v4, Some(client.local_addr().unwrap()));
+        assert_eq!(r.mapping_varies, Some(false));
+        assert!(r.latency.contains_key(&900));
     }
 }

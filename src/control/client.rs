@@ -37,13 +37,29 @@ pub struct ControlConfig {
     pub watchdog: Duration,
 }
 
-/// The data plane's side of the control session: every netmap goes out on `netmap`, and a
-/// change of our home DERP region (`home_derp`, 0 = unknown) is reported to control in a lite
-/// map update as `Hostinfo.NetInfo.PreferredDERP`, so peers know where to reach us.
+/// The data plane's side of the control session: every netmap goes out on `netmap`, and what
+/// the data plane learns of our network (`local`: home DERP region, endpoints, NAT facts) is
+/// reported to control in a lite map update (`Endpoints`, `Hostinfo.NetInfo`), so peers know
+/// where to reach us.
 #[derive(Debug, Clone)]
 pub struct EngineLink {
     pub netmap: Arc<watch::Sender<Option<Arc<NetworkMap>>>>,
-    pub home_derp: watch::Receiver<u16>,
+    pub local: watch::Receiver<LocalNetInfo>,
+}
+
+/// What the data plane knows of our own network, for control.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LocalNetInfo {
+    /// Home DERP region (0 = unknown).
+    pub home_derp: u16,
+    /// Our UDP endpoints with their kinds (`MapRequest.Endpoints` / `EndpointTypes`).
+    pub endpoints: Vec<(std::net::SocketAddr, crate::control::tailcfg::EndpointType)>,
+    pub working_udp: Option<bool>,
+    pub mapping_varies: Option<bool>,
+    pub working_ipv6: Option<bool>,
+    pub os_has_ipv6: Option<bool>,
+    /// `"<region>-v4"` → seconds.
+    pub derp_latency: std::collections::BTreeMap<String, f64>,
 }
 
 /// This node's keys: machine and node keys from the state directory, a disco key made fresh for
@@ -314,11 +330,14 @@ mod connection {
                 config.watchdog
             ))
         })??;
-        let mut home_derp = link.map(|l| l.home_derp.clone());
-        let home = home_derp.as_mut().map_or(0, |h| *h.borrow_and_update());
-        let hostinfo = with_home_derp(hostinfo(config), home);
-        send_lite_update(&conn, identity, &hostinfo);
-        let map = map_request(identity, &hostinfo, true);
+        let mut local_rx = link.map(|l| l.local.clone());
+        let local = local_rx
+            .as_mut()
+            .map(|h| h.borrow_and_update().clone())
+            .unwrap_or_default();
+        let hostinfo = with_net_info(hostinfo(config), &local);
+        send_lite_update(&conn, identity, &hostinfo, &local);
+        let map = map_request(identity, &hostinfo, &local, true);
         let resp = tokio::time::timeout(
             config.watchdog,
             conn.post("/machine/map", map, &[identity.node.public()]),
@@ -345,7 +364,8 @@ mod connection {
             status,
             session,
             link,
-            home_derp,
+            local_rx,
+            local,
             hostinfo,
         };
         stream.read(resp.into_body(), config.watchdog).await
@@ -411,9 +431,14 @@ mod connection {
 
     /// A lite update (spec §5.1): same connection, must not disturb the stream; its answer
     /// is discarded.
-    fn send_lite_update(conn: &ControlConn, identity: &NodeIdentity, hostinfo: &Hostinfo) {
+    fn send_lite_update(
+        conn: &ControlConn,
+        identity: &NodeIdentity,
+        hostinfo: &Hostinfo,
+        local: &LocalNetInfo,
+    ) {
         let mut requests = conn.requests.clone();
-        let body = map_request(identity, hostinfo, false);
+        let body = map_request(identity, hostinfo, local, false);
         let node = identity.node.public();
         tokio::spawn(async move {
             match requests.post("/machine/map", body, &[node]).await {
@@ -434,7 +459,8 @@ mod connection {
         status: &'a watch::Sender<Status>,
         session: &'a mut Session,
         link: Option<&'a EngineLink>,
-        home_derp: Option<watch::Receiver<u16>>,
+        local_rx: Option<watch::Receiver<LocalNetInfo>>,
+        local: LocalNetInfo,
         hostinfo: Hostinfo,
     }
 
@@ -463,10 +489,15 @@ mod connection {
                         };
                         return Err(ControlError::Transient(format!("control connection lost: {why}")));
                     }
-                    home = home_changed(&mut self.home_derp) => {
-                        tracing::info!(region = home, "reporting home DERP region to control");
-                        self.hostinfo = with_home_derp(self.hostinfo.clone(), home);
-                        send_lite_update(self.conn, self.identity, &self.hostinfo);
+                    local = local_changed(&mut self.local_rx) => {
+                        tracing::info!(
+                            home_derp = local.home_derp,
+                            endpoints = ?local.endpoints.iter().map(|(a, _)| *a).collect::<Vec<_>>(),
+                            "reporting our network to control"
+                        );
+                        self.hostinfo = with_net_info(self.hostinfo.clone(), &local);
+                        self.local = local;
+                        send_lite_update(self.conn, self.identity, &self.hostinfo, &self.local);
                         continue;
                     }
                 };
@@ -507,24 +538,31 @@ mod connection {
         }
     }
 
-    /// The next home DERP value; never resolves without an engine or after it is gone.
-    async fn home_changed(rx: &mut Option<watch::Receiver<u16>>) -> u16 {
+    /// The data plane's next news; never resolves without an engine or after it is gone.
+    async fn local_changed(rx: &mut Option<watch::Receiver<LocalNetInfo>>) -> LocalNetInfo {
         if let Some(r) = rx {
             if r.changed().await.is_ok() {
-                return *r.borrow_and_update();
+                return r.borrow_and_update().clone();
             }
             *rx = None; // the engine is gone: stop watching
         }
         std::future::pending().await
     }
 
-    /// Hostinfo with `NetInfo.PreferredDERP = home` (unchanged when 0 = unknown).
-    pub(super) fn with_home_derp(mut hostinfo: Hostinfo, home: u16) -> Hostinfo {
-        if home != 0 {
-            let mut info = hostinfo.net_info.take().unwrap_or_default();
-            info.preferred_derp = i32::from(home);
-            hostinfo.net_info = Some(info);
+    /// Hostinfo with `NetInfo` from the data plane (none while nothing is known: home 0 and
+    /// no measurement).
+    pub(super) fn with_net_info(mut hostinfo: Hostinfo, local: &LocalNetInfo) -> Hostinfo {
+        if local.home_derp == 0 && local.working_udp.is_none() {
+            return hostinfo;
         }
+        let mut info = hostinfo.net_info.take().unwrap_or_default();
+        info.preferred_derp = i32::from(local.home_derp);
+        info.working_udp = local.working_udp;
+        info.mapping_varies_by_dest_ip = local.mapping_varies;
+        info.working_ipv6 = local.working_ipv6;
+        info.os_has_ipv6 = local.os_has_ipv6;
+        info.derp_latency = local.derp_latency.clone();
+        hostinfo.net_info = Some(info);
         hostinfo
     }
 
@@ -597,6 +635,7 @@ mod connection {
     pub(super) fn map_request(
         identity: &NodeIdentity,
         hostinfo: &Hostinfo,
+        local: &LocalNetInfo,
         stream: bool,
     ) -> Vec<u8> {
         let req = MapRequest {
@@ -608,6 +647,8 @@ mod connection {
             stream,
             omit_peers: !stream,
             hostinfo: Some(hostinfo.clone()),
+            endpoints: local.endpoints.iter().map(|(a, _)| a.to_string()).collect(),
+            endpoint_types: local.endpoints.iter().map(|(_, t)| *t).collect(),
             ..Default::default()
         };
         serde_json::to_vec(&req).unwrap_or_default()
@@ -976,11 +1017,22 @@ mod tests {
             backend_log_id: "ab".repeat(32),
             watchdog: MAP_WATCHDOG,
         };
-        let hi = connection::with_home_derp(connection::hostinfo(&config), 0);
-        assert!(hi.net_info.is_none(), "unknown home: no NetInfo");
-        let hi = connection::with_home_derp(hi, 900);
+        let unknown = LocalNetInfo::default();
+        let hi = connection::with_net_info(connection::hostinfo(&config), &unknown);
+        assert!(hi.net_info.is_none(), "nothing measured: no NetInfo");
+        let local = LocalNetInfo {
+            home_derp: 900,
+            working_udp: Some(true),
+            mapping_varies: Some(true),
+            derp_latency: [("900-v4".to_string(), 0.0012)].into(),
+            ..Default::default()
+        };
+        let hi = connection::with_net_info(hi, &local);
         let json = serde_json::to_value(&hi).unwrap();
         assert_eq!(json["NetInfo"]["PreferredDERP"], 900, "{json}");
+        assert_eq!(json["NetInfo"]["WorkingUDP"], true, "{json}");
+        assert_eq!(json["NetInfo"]["MappingVariesByDestIP"], true, "{json}");
+        assert_eq!(json["NetInfo"]["DERPLatency"]["900-v4"], 0.0012, "{json}");
         assert_eq!(json["Hostname"], "n1");
     }
 
@@ -995,8 +1047,26 @@ mod tests {
             watchdog: MAP_WATCHDOG,
         };
         let hi = connection::hostinfo(&config);
+        let local = LocalNetInfo {
+            endpoints: vec![
+                (
+                    "198.18.0.3:41641".parse().unwrap(),
+                    crate::control::tailcfg::EndpointType::STUN,
+                ),
+                (
+                    "10.1.0.2:41641".parse().unwrap(),
+                    crate::control::tailcfg::EndpointType::LOCAL,
+                ),
+            ],
+            ..Default::default()
+        };
         let stream: serde_json::Value =
-            serde_json::from_slice(&connection::map_request(&id, &hi, true)).unwrap();
+            serde_json::from_slice(&connection::map_request(&id, &hi, &local, true)).unwrap();
+        assert_eq!(
+            stream["Endpoints"],
+            serde_json::json!(["198.18.0.3:41641", "10.1.0.2:41641"])
+        );
+        assert_eq!(stream["EndpointTypes"], serde_json::json!([2, 1]));
         assert_eq!(stream["Version"], 130);
         assert_eq!(stream["Compress"], "zstd");
         assert_eq!(stream["KeepAlive"], true);
@@ -1007,8 +1077,9 @@ mod tests {
         assert_eq!(stream["Hostinfo"]["BackendLogID"], "ab".repeat(32));
         assert!(stream.get("OmitPeers").is_none_or(|v| v == false));
         let lite: serde_json::Value =
-            serde_json::from_slice(&connection::map_request(&id, &hi, false)).unwrap();
+            serde_json::from_slice(&connection::map_request(&id, &hi, &local, false)).unwrap();
         assert_eq!(lite["Stream"], false);
+        assert_eq!(lite["Endpoints"], stream["Endpoints"]);
         assert_eq!(lite["OmitPeers"], true);
     }
 

@@ -1111,8 +1111,9 @@ pub fn run_cli(args: &crate::cli::DerpArgs) -> anyhow::Result<std::process::Exit
             if tls.is_some() { "https" } else { "http" },
             server.public_key()
         );
-        if args.stun_port != 0 {
-            let stun_addr = SocketAddr::new(local.ip(), args.stun_port);
+        let stun_ips = std::iter::once(local.ip()).chain(args.stun_also.iter().copied());
+        for ip in stun_ips.filter(|_| args.stun_port != 0) {
+            let stun_addr = SocketAddr::new(ip, args.stun_port);
             let socket = UdpSocket::bind(stun_addr)
                 .await
                 .with_context(|| format!("stun on {stun_addr}"))?;

@@ -141,6 +141,44 @@ fn ping_over_udp_is_answered_once_and_teaches_a_candidate() {
 }
 
 #[test]
+fn ping_over_udp_while_sending_untrusted_is_pinged_back_at_once() {
+    let t0 = Instant::now();
+    let src = addr("198.51.100.7:4000");
+    let mut p = Peer::new(t0, local(1, &[]), info(2, Some(2), &["198.51.100.7:4000"]));
+    // Traffic starts: a discovery ping to the netmap endpoint (and a CallMeMaybe) go out.
+    p.on_outgoing(t0);
+    let first = drain(&mut p);
+    assert!(first
+        .iter()
+        .any(|t| t.dest == Dest::Direct(src) && matches!(t.msg, Message::Ping(_))));
+    // 10 ms later the peer's ping arrives from that address: pong, and our ping again.
+    let t1 = t0 + Duration::from_millis(10);
+    p.handle_disco(t1, PathSource::Udp(src), ping(1));
+    let out = drain(&mut p);
+    assert_eq!(out.len(), 2, "{out:?}");
+    assert!(matches!(out[0].msg, Message::Pong(_)));
+    assert_eq!(out[1].dest, Dest::Direct(src));
+    let Message::Ping(back) = &out[1].msg else {
+        panic!("expected a ping back, got {:?}", out[1].msg)
+    };
+    // Its pong makes the path direct.
+    p.handle_disco(
+        t1 + Duration::from_millis(1),
+        PathSource::Udp(src),
+        Message::Pong(Pong {
+            tx_id: back.tx_id,
+            src: addr("203.0.113.1:41641"),
+        }),
+    );
+    assert!(matches!(p.current_path(), Path::Direct { addr, .. } if addr == src));
+    // Trusted now: a further ping is only answered.
+    p.handle_disco(t1 + Duration::from_millis(2), PathSource::Udp(src), ping(2));
+    let out = drain(&mut p);
+    assert_eq!(out.len(), 1);
+    assert!(matches!(out[0].msg, Message::Pong(_)));
+}
+
+#[test]
 fn call_me_maybe_over_derp_pings_all_now_and_over_udp_is_ignored() {
     let t0 = Instant::now();
     let mut p = Peer::new(
