@@ -188,7 +188,7 @@ elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", b - a }'; }
 
 # one_ttd RUN: one measurement; appends "up->c1-direct up->both-direct running->both-direct" to $WORK/ttd.
 one_ttd() {
-    local run=$1 ip2 t0 t_run="" t_ping="" t1="" t2="" ping_pid="" deadline s1 p1 r1 s2 p2 r2 polls=0
+    local run=$1 ip2 t0 t_run="" t_ping="" t_c1="" t_c2="" ping_pid="" deadline s1 p1 r1 s2 p2 r2 polls=0
     ip2=$(lab_tailnet_ip c2)
     ip netns exec "$LAB-nat1" conntrack -F >/dev/null 2>&1 || true
     ip netns exec "$LAB-nat2" conntrack -F >/dev/null 2>&1 || true
@@ -217,9 +217,9 @@ one_ttd() {
             STARTED_PIDS+=("$ping_pid")
             [ -z "$t_ping" ] && t_ping=$t
         fi
-        [ -z "$t1" ] && [ "$p1" = direct ] && t1=$t
-        [ -z "$t2" ] && [ "$p2" = direct ] && t2=$t
-        [ -n "$t1" ] && [ -n "$t2" ] && break
+        [ -z "$t_c1" ] && [ "$p1" = direct ] && t_c1=$t
+        [ -z "$t_c2" ] && [ "$p2" = direct ] && t_c2=$t
+        [ -n "$t_c1" ] && [ -n "$t_c2" ] && break
         if [ "$(date +%s)" -ge "$deadline" ]; then
             not_direct "run $run: no direct path ${DIRECT_TIMEOUT} s after \`tern up\`: c1 sees c2 as '$p1' ($r1), c2 sees c1 as '$p2' ($r2)"
             break
@@ -231,10 +231,10 @@ one_ttd() {
     t_end=$(now)
     log "run $run: both Running after $([ -n "$t_run" ] && elapsed "$t0" "$t_run" || echo never) s, ping started after $([ -n "$t_ping" ] && elapsed "$t0" "$t_ping" || echo never) s; $polls polls of both daemons, one every $(awk -v a="$t0" -v b="$t_end" -v n="$polls" 'BEGIN { printf "%.0f", n ? 1000 * (b - a) / n : 0 }') ms"
     local both=""
-    if [ -n "$t1" ] && [ -n "$t2" ]; then
-        both=$(awk -v a="$t1" -v b="$t2" 'BEGIN { print (a > b ? a : b) }')
-        printf '%s %s %s\n' "$(elapsed "$t0" "$t1")" "$(elapsed "$t0" "$both")" "$(elapsed "$t_run" "$both")" >>"$WORK/ttd"
-        log "time to direct, run $run: $(elapsed "$t0" "$t1") s until c1 sees c2 direct, $(elapsed "$t0" "$both") s until both do"
+    if [ -n "$t_c1" ] && [ -n "$t_c2" ]; then
+        both=$(awk -v a="$t_c1" -v b="$t_c2" 'BEGIN { print (a > b ? a : b) }')
+        printf '%s %s %s\n' "$(elapsed "$t0" "$t_c1")" "$(elapsed "$t0" "$both")" "$(elapsed "$t_run" "$both")" >>"$WORK/ttd"
+        log "time to direct, run $run: $(elapsed "$t0" "$t_c1") s until c1 sees c2 direct, $(elapsed "$t0" "$both") s until both do"
     else
         printf 'timeout timeout timeout\n' >>"$WORK/ttd"
     fi

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared shell functions of the tern benchmarks (bench/dataplane.sh, bench/direct.sh).
 # Source it from a bench script after `set -euo pipefail`:
 #
@@ -212,6 +213,7 @@ start_wg() {
     local pid=$!
     STARTED_PIDS+=("$pid")
     local i
+    # shellcheck disable=SC2034 # WG_PID is read by the caller
     for i in $(seq 1 50); do
         nsenter -t "$pid" -m -n test -S "/run/wireguard/$iface.sock" && { WG_PID=$pid; return; }
         sleep 0.1
@@ -220,11 +222,13 @@ start_wg() {
 }
 
 # wg_keys NAME...: a private key file $WORK/NAME.key per name and its public key in WG_PUB[NAME].
+# shellcheck disable=SC2034 # WG_PUB and WG_PID are read by the scripts sourcing this file
 declare -A WG_PUB=()
 wg_keys() {
     local name
     for name in "$@"; do
         (umask 077 && wg genkey >"$WORK/$name.key")
+        # shellcheck disable=SC2034
         WG_PUB[$name]=$(wg pubkey <"$WORK/$name.key")
     done
 }
