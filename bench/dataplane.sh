@@ -31,10 +31,6 @@ esac
 install_tools
 
 # ---------- 3. tern over DERP ----------
-derp_metric() { # NAME -> value of tern_derp_NAME from the relay's /debug/metrics ("" if unreachable)
-    ip netns exec "$LAB-relay" curl -sk --max-time 3 --interface 127.0.0.1 \
-        "https://198.18.0.10:443/debug/metrics" 2>/dev/null | awk -v n="tern_derp_$1" '$1 == n { print $2 }'
-}
 derp_snapshot() { # SUFFIX RUN: enqueued packets, their bytes, queue-full drops, packets sent into $WORK/derp.RUN.{p,b,q,s}SUFFIX
     derp_metric packets_forwarded_total >"$WORK/derp.$2.p$1"
     derp_metric bytes_forwarded_total >"$WORK/derp.$2.b$1"

@@ -17,7 +17,8 @@
 # Env: BENCH_SECONDS (default 10), BENCH_RUNS (default 3), BENCH_SKIP_BUILD=1, BENCH_TERN (binary),
 #      BENCH_PARTS (subset of "tput wg ttd rss"), BENCH_TTD_RUNS (default 3),
 #      BENCH_DIRECT_TIMEOUT (seconds to wait for a direct path, default 10),
-#      BENCH_WG_MTU (wireguard-go MTU, default 1420 as in dataplane.sh; tern's TUN is 1280),
+#      BENCH_WG_MTUS (wireguard-go MTUs to measure, default "1420 1280": its default as in
+#      dataplane.sh, the headline, and tern's TUN MTU for an equal-packet-size comparison),
 #      BENCH_ALLOW_DERP=1 (go on when a path is not direct, to try the other parts out: the figures
 #      are then marked NOT DIRECT and the script still exits 3).
 # Everything runs in the lab's namespaces; the EXIT trap stops every process the script started
@@ -29,10 +30,11 @@ bench_init tbd
 PARTS=${BENCH_PARTS:-tput wg ttd rss}
 TTD_RUNS=${BENCH_TTD_RUNS:-3}
 DIRECT_TIMEOUT=${BENCH_DIRECT_TIMEOUT:-10}
-WG_MTU=${BENCH_WG_MTU:-1420}
+WG_MTUS=${BENCH_WG_MTUS:-1420 1280}
 ALLOW_DERP=${BENCH_ALLOW_DERP:-0}
 WG_PORT=51820
 CONTROL_URL=http://10.99.0.20:8080
+WG_LABELS=()                   # label=MTU of each wireguard-go row, the headline first
 NOT_DIRECT=0                   # set when a path was not direct (only with BENCH_ALLOW_DERP=1)
 
 has_part() { case " $PARTS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
@@ -53,6 +55,11 @@ node_view() {
 # peer_history_len NODE PEER: how many path changes NODE has recorded for PEER.
 peer_history_len() {
     tern_cli "$1" status --json | jq -r --arg h "$2" '[.peers[] | select(.hostname == $h)] | first | (.path_history // []) | length'
+}
+# history_line NODE PEER: NODE's path history for PEER as "HH:MM:SS path/reason -> ...".
+history_line() {
+    tern_cli "$1" status --json 2>/dev/null | jq -r --arg h "$2" '[.peers[] | select(.hostname == $h)] | first
+        | [(.path_history // [])[] | "\(.at[11:19]) \(.path)/\(.reason)"] | join(" -> ")' 2>/dev/null || echo "?"
 }
 # not_direct MESSAGE: fail, or with BENCH_ALLOW_DERP=1 note it and go on.
 not_direct() {
@@ -100,8 +107,20 @@ bench_tput_tern() {
     [ -n "$rtt" ] || die "c1 cannot ping c2 through tern"
     h1=$(peer_history_len c1 c2); h2=$(peer_history_len c2 c1)
     start_iperf_server "$LAB-c2" "$ip2"
+    # Independent check that the data did not go through the relay: its packet counter.
+    local derp0 derp1 data_packets
+    derp0=$(derp_metric packets_forwarded_total)
     measure tern "$LAB-c1" "$ip2" "tern-c1=$pid1" "tern-c2=$pid2"
+    derp1=$(derp_metric packets_forwarded_total)
     kill "$IPERF_PID" 2>/dev/null || true
+    local relayed="DERP relay counter unreachable"
+    if [ -n "$derp0" ] && [ -n "$derp1" ]; then
+        relayed="packets through the DERP relay during the runs: $((derp1 - derp0))"
+        data_packets=$(cat "$WORK"/tern.*.json | jq -s 'map(.end.sum_received.bytes) | add / 1280 | floor')
+        # Direct means (nearly) nothing relayed: allow disco/keepalive chatter, not the data.
+        [ $((derp1 - derp0)) -lt $((data_packets / 100 + 100)) ] \
+            || not_direct "the DERP relay forwarded $((derp1 - derp0)) packets during the tern runs (about $data_packets data packets were sent): the data did not go direct"
+    fi
     # The path must have stayed direct under load: same path now, no path change recorded meanwhile.
     local changes=$(( $(peer_history_len c1 c2) - h1 + $(peer_history_len c2 c1) - h2 ))
     node_view c1 c2
@@ -111,7 +130,7 @@ bench_tput_tern() {
     [ "$V_PATH" = direct ] || not_direct "after the iperf3 runs c2's path to c1 is '$V_PATH' ($V_REASON)"
     local label="tern c1 -> c2, direct (TUN tern0 MTU 1280, easy x easy NAT)"
     [ "$NOT_DIRECT" = 1 ] && label="tern c1 -> c2, NOT DIRECT (BENCH_ALLOW_DERP=1)"
-    summarize tern "$label" "c1 -> c2 via $ep (c2 -> c1 via $V_EP); path changes during the runs: $changes; ping ${rtt} ms"
+    summarize tern "$label" "c1 -> c2 via $ep (c2 -> c1 via $V_EP); path changes during the runs: $changes; $relayed; ping ${rtt} ms"
 }
 
 # ---------- 1b. throughput: wireguard-go through the same NATs ----------
@@ -135,8 +154,8 @@ bench_tput_wg() {
         peer "${WG_PUB[w1]}" allowed-ips 10.77.0.1/32 endpoint "$wan1:$WG_PORT"
     ip -n "$LAB-c1" addr add 10.77.0.1/24 dev wg0
     ip -n "$LAB-c2" addr add 10.77.0.2/24 dev wg0
-    ip -n "$LAB-c1" link set wg0 mtu "$WG_MTU" up
-    ip -n "$LAB-c2" link set wg0 mtu "$WG_MTU" up
+    ip -n "$LAB-c1" link set wg0 up
+    ip -n "$LAB-c2" link set wg0 up
     # First contact: c1 first (lost at nat2, but opens nat1), then c2 (passes nat1 as a reply).
     ip netns exec "$LAB-c1" ping -c 1 -W 1 10.77.0.2 >/dev/null 2>&1 || true
     ip netns exec "$LAB-c2" ping -c 3 -i 0.3 -W 3 10.77.0.1 >"$WORK/wg-first-contact.txt" 2>&1 \
@@ -147,9 +166,17 @@ bench_tput_wg() {
     mapping=$(ip netns exec "$LAB-nat1" conntrack -L -p udp --orig-port-src "$WG_PORT" 2>/dev/null | head -1)
     log "wireguard-go through the NATs up; nat1 conntrack: $mapping"
     start_iperf_server "$LAB-c2" 10.77.0.2
-    measure wg "$LAB-c1" 10.77.0.2 "wg-c1=$pid1" "wg-c2=$pid2"
+    local mtu label
+    for mtu in $WG_MTUS; do
+        label=wg
+        [ ${#WG_LABELS[@]} -gt 0 ] && label="wg$mtu"
+        ip -n "$LAB-c1" link set wg0 mtu "$mtu"
+        ip -n "$LAB-c2" link set wg0 mtu "$mtu"
+        measure "$label" "$LAB-c1" 10.77.0.2 "wg-c1=$pid1" "wg-c2=$pid2"
+        summarize "$label" "wireguard-go c1 -> c2 through nat1/nat2 (endpoints $wan1:$WG_PORT, $wan2:$WG_PORT; MTU $mtu)" "ping ${rtt} ms"
+        WG_LABELS+=("$label=$mtu")
+    done
     kill "$IPERF_PID" 2>/dev/null || true
-    summarize wg "wireguard-go c1 -> c2 through nat1/nat2 (endpoints $wan1:$WG_PORT, $wan2:$WG_PORT; MTU $WG_MTU)" "ping ${rtt} ms"
     kill "$pid1" "$pid2" 2>/dev/null || true
 }
 
@@ -159,12 +186,12 @@ C1_PID=""; C2_PID=""; S1_PID=""
 # start_daemon NODE: `tern daemon` in NODE's namespace with its lab state dir and socket; prints
 # nothing, sets DAEMON_PID once the LocalAPI answers.
 start_daemon() {
-    local node=$1 ns=${2:-$LAB-$1} i
+    local node=$1 ns=${2:-$LAB-$1}
     ip netns exec "$ns" "$TERN" --socket "$(lab_dir)/$node.sock" daemon \
         --state-dir "$(lab_dir)/$node" --tun tern0 >>"$WORK/daemon-$node.log" 2>&1 &
     DAEMON_PID=$!
     STARTED_PIDS+=("$DAEMON_PID")
-    for i in $(seq 1 100); do
+    for _ in $(seq 1 100); do
         tern_cli "$node" status --json >/dev/null 2>&1 && return
         kill -0 "$DAEMON_PID" 2>/dev/null || die "the $node daemon exited: $(tail -5 "$WORK/daemon-$node.log")"
         sleep 0.1
@@ -174,62 +201,90 @@ start_daemon() {
 
 # stop_daemon PID: SIGTERM, wait for it to go (SIGKILL after 5 s).
 stop_daemon() {
-    local pid=$1 i
+    local pid=$1
     kill "$pid" 2>/dev/null || return 0
-    for i in $(seq 1 50); do
+    for _ in $(seq 1 50); do
         kill -0 "$pid" 2>/dev/null || return 0
         sleep 0.1
     done
     kill -9 "$pid" 2>/dev/null || true
 }
 
-now() { date +%s.%N; }
 elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", b - a }'; }
+usec() { echo "${1/./}"; }     # $EPOCHREALTIME -> microseconds
 
-# one_ttd RUN: one measurement; appends "up->c1-direct up->both-direct running->both-direct" to $WORK/ttd.
+# poll_both: both daemons' `status --json` at once (two CLIs in parallel, one jq), into
+# S1 P1 R1 (c1: backend state, path to c2, its reason) and S2 P2 R2 (c2's view of c1).
+poll_both() {
+    tern_cli c1 status --json >"$WORK/poll1.json" 2>/dev/null &
+    local a=$!
+    tern_cli c2 status --json >"$WORK/poll2.json" 2>/dev/null &
+    local b=$!
+    wait "$a" || : >"$WORK/poll1.json"
+    wait "$b" || : >"$WORK/poll2.json"
+    local out
+    out=$(jq -rn --slurpfile x "$WORK/poll1.json" --slurpfile y "$WORK/poll2.json" '
+        def view($s; $h): ([($s.peers // [])[] | select(.hostname == $h)] | first) as $p
+            | [($s.backend_state // "down"), ($p.path // "none"), ($p.path_reason // "-")];
+        view($x[0] // {}; "c2") + view($y[0] // {}; "c1") | join("\t")' 2>/dev/null) \
+        || out=$'down\tnone\t-\tdown\tnone\t-'
+    IFS=$'\t' read -r S1 P1 R1 S2 P2 R2 <<<"$out" || true
+}
+
+# one_ttd RUN: one measurement; appends "up->c1-direct up->both-direct running->both-direct" to
+# $WORK/ttd. A status read that says direct is timed when its answer is in (an upper bound; the
+# resolution is the poll period, logged).
 one_ttd() {
-    local run=$1 ip2 t0 t_run="" t_ping="" t_c1="" t_c2="" ping_pid="" deadline s1 p1 r1 s2 p2 r2 polls=0
+    local run=$1 ip2 t0 t t_run="" t_run1="" t_run2="" t_ping="" t_c1="" t_c2="" ping_pid="" deadline polls=0 rest
     ip2=$(lab_tailnet_ip c2)
     ip netns exec "$LAB-nat1" conntrack -F >/dev/null 2>&1 || true
     ip netns exec "$LAB-nat2" conntrack -F >/dev/null 2>&1 || true
     start_daemon c1; C1_PID=$DAEMON_PID
     start_daemon c2; C2_PID=$DAEMON_PID
-    t0=$(now)
+    t0=$EPOCHREALTIME
     tern_cli c1 up --login-server "$CONTROL_URL" --auth-key "file:$(lab_dir)/auth.key" --hostname c1 &
     local up1=$!
     tern_cli c2 up --login-server "$CONTROL_URL" --auth-key "file:$(lab_dir)/auth.key" --hostname c2 &
     local up2=$!
     wait "$up1" || die "tern up c1 failed"
     wait "$up2" || die "tern up c2 failed"
-    deadline=$(awk -v a="$t0" -v d="$DIRECT_TIMEOUT" 'BEGIN { printf "%d", a + d + 1 }')
+    deadline=$(( $(usec "$t0") + DIRECT_TIMEOUT * 1000000 ))
     while :; do
-        node_view c1 c2; s1=$V_STATE p1=$V_PATH r1=$V_REASON
-        node_view c2 c1; s2=$V_STATE p2=$V_PATH r2=$V_REASON
-        local t
-        t=$(now)
+        local p0=$EPOCHREALTIME
+        poll_both
+        t=$EPOCHREALTIME
         polls=$((polls + 1))
-        [ -z "$t_run" ] && [ "$s1" = Running ] && [ "$s2" = Running ] && t_run=$t
+        [ -z "$t_run1" ] && [ "$S1" = Running ] && t_run1=$t
+        [ -z "$t_run2" ] && [ "$S2" = Running ] && t_run2=$t
+        [ -z "$t_run" ] && [ -n "$t_run1" ] && [ -n "$t_run2" ] && t_run=$t
         # Traffic through the TUN as soon as c1 routes c2's tailnet IP (ping exits without a route).
-        if [ "$s1" = Running ] && { [ -z "$ping_pid" ] || ! kill -0 "$ping_pid" 2>/dev/null; } \
+        if [ "$S1" = Running ] && { [ -z "$ping_pid" ] || ! kill -0 "$ping_pid" 2>/dev/null; } \
             && ip -n "$LAB-c1" route get "$ip2" 2>/dev/null | grep -q tern0; then
-            ip netns exec "$LAB-c1" ping -i 0.2 -W 1 "$ip2" >/dev/null 2>&1 &
+            ip netns exec "$LAB-c1" ping -D -i 0.2 -W 1 "$ip2" >>"$WORK/ttd-ping-$run.txt" 2>&1 &
             ping_pid=$!
             STARTED_PIDS+=("$ping_pid")
             [ -z "$t_ping" ] && t_ping=$t
         fi
-        [ -z "$t_c1" ] && [ "$p1" = direct ] && t_c1=$t
-        [ -z "$t_c2" ] && [ "$p2" = direct ] && t_c2=$t
+        [ -z "$t_c1" ] && [ "$P1" = direct ] && t_c1=$t
+        [ -z "$t_c2" ] && [ "$P2" = direct ] && t_c2=$t
         [ -n "$t_c1" ] && [ -n "$t_c2" ] && break
-        if [ "$(date +%s)" -ge "$deadline" ]; then
-            not_direct "run $run: no direct path ${DIRECT_TIMEOUT} s after \`tern up\`: c1 sees c2 as '$p1' ($r1), c2 sees c1 as '$p2' ($r2)"
+        if [ "$(usec "$t")" -ge "$deadline" ]; then
+            not_direct "run $run: no direct path ${DIRECT_TIMEOUT} s after \`tern up\`: c1 sees c2 as '$P1' ($R1), c2 sees c1 as '$P2' ($R2)"
             break
         fi
-        sleep 0.05
+        # One poll every 50 ms: sleep what is left of it.
+        rest=$(( 50000 - ($(usec "$EPOCHREALTIME") - $(usec "$p0")) ))
+        [ "$rest" -gt 0 ] && sleep "$(printf '0.%06d' "$rest")"
     done
     [ -n "$ping_pid" ] && kill "$ping_pid" 2>/dev/null
-    local t_end
-    t_end=$(now)
-    log "run $run: both Running after $([ -n "$t_run" ] && elapsed "$t0" "$t_run" || echo never) s, ping started after $([ -n "$t_ping" ] && elapsed "$t0" "$t_ping" || echo never) s; $polls polls of both daemons, one every $(awk -v a="$t0" -v b="$t_end" -v n="$polls" 'BEGIN { printf "%.0f", n ? 1000 * (b - a) / n : 0 }') ms"
+    local t_end=$EPOCHREALTIME
+    log "run $run: c1 Running after $([ -n "$t_run1" ] && elapsed "$t0" "$t_run1" || echo never) s, c2 after $([ -n "$t_run2" ] && elapsed "$t0" "$t_run2" || echo never) s, ping started after $([ -n "$t_ping" ] && elapsed "$t0" "$t_ping" || echo never) s; $polls polls of both daemons, one every $(( ($(usec "$t_end") - $(usec "$t0")) / (polls * 1000) )) ms"
+    # When the first echo reply came back through the TUN (over DERP or direct), from ping -D.
+    local first_reply
+    first_reply=$(awk -F'[][]' '/bytes from/ { print $2; exit }' "$WORK/ttd-ping-$run.txt" 2>/dev/null)
+    log "run $run: first ping reply through the TUN after $([ -n "$first_reply" ] && elapsed "$t0" "$first_reply" || echo never) s"
+    # How each side got there (path_history: path/reason, oldest first).
+    log "run $run: c1's path history for c2: $(history_line c1 c2); c2's for c1: $(history_line c2 c1)"
     local both=""
     if [ -n "$t_c1" ] && [ -n "$t_c2" ]; then
         both=$(awk -v a="$t_c1" -v b="$t_c2" 'BEGIN { print (a > b ? a : b) }')
@@ -261,7 +316,7 @@ bench_ttd() {
 # ---------- 3. RSS with 2 peers ----------
 rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
 hwm_kib() { awk '/^VmHWM:/ { print $2 }' "/proc/$1/status"; }
-mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
+mib() { awk -v k="$1" 'BEGIN { printf "%.2f", k / 1024 }'; }
 
 bench_rss() {
     [ -n "$C1_PID" ] || C1_PID=$(lab_pid tern:c1)
@@ -269,9 +324,9 @@ bench_rss() {
     mkdir -p "$(lab_dir)/s1"
     start_daemon s1 "$LAB-server"; S1_PID=$DAEMON_PID
     tern_cli s1 up --login-server "$CONTROL_URL" --auth-key "file:$(lab_dir)/auth.key" --hostname s1
-    local i n ip_s1="" ip2
+    local n ip_s1="" ip2
     ip2=$(lab_tailnet_ip c2)
-    for i in $(seq 1 300); do
+    for _ in $(seq 1 300); do
         n=$(tern_cli c1 status --json | jq '[.peers[] | select(.hostname == "c2" or .hostname == "s1")] | length')
         ip_s1=$(tern_cli s1 status --json | jq -r '[(.self.tailnet_ips // [])[] | select(contains(":") | not)] | first // empty')
         [ "$n" = 2 ] && [ -n "$ip_s1" ] && break
@@ -346,13 +401,14 @@ if has_part tput || has_part wg; then
     echo
     print_table
     tern_med=$(median_of tern)
-    wg_med=$(median_of wg)
-    if [ -n "$tern_med" ] && [ -n "$wg_med" ]; then
-        echo
-        awk -v t="$tern_med" -v w="$wg_med" -v nd="$NOT_DIRECT" 'BEGIN { r = t / w
-            printf "ratio tern-direct / wireguard-go (same NATs) = %.3f / %.3f = **%.2f** (goal >= 1.0: %s)%s\n",
-                t, w, r, (r >= 1.0 ? "met" : "NOT met"), (nd == 1 ? " -- INVALID: tern was NOT on a direct path" : "") }'
-    fi
+    [ -n "$tern_med" ] && [ ${#WG_LABELS[@]} -gt 0 ] && echo
+    for spec in "${WG_LABELS[@]}"; do
+        wg_med=$(median_of "${spec%%=*}")
+        [ -n "$tern_med" ] && [ -n "$wg_med" ] || continue
+        awk -v t="$tern_med" -v w="$wg_med" -v m="${spec#*=}" -v nd="$NOT_DIRECT" 'BEGIN { r = t / w
+            printf "ratio tern-direct / wireguard-go MTU %s (same NATs) = %.3f / %.3f = **%.2f** (goal >= 1.0: %s)%s\n",
+                m, t, w, r, (r >= 1.0 ? "met" : "NOT met"), (nd == 1 ? " -- INVALID: tern was NOT on a direct path" : "") }'
+    done
 fi
 if has_part ttd; then
     echo
@@ -360,8 +416,12 @@ if has_part ttd; then
     awk '{ printf "  run %d: %s / %s / %s\n", NR, $1, $2, $3 }' "$WORK/ttd"
     if ! grep -q timeout "$WORK/ttd"; then
         med=$(awk '{ print $2 }' "$WORK/ttd" | median)
-        awk -v m="$med" -v c="$(awk '{ print $1 }' "$WORK/ttd" | median)" 'BEGIN {
-            printf "median: **%.2f s** until both direct (c1 alone %.2f s); goal <= 2 s: %s\n", m, c, (m <= 2 ? "met" : "NOT met") }'
+        awk -v m="$med" -v c="$(awk '{ print $1 }' "$WORK/ttd" | median)" \
+            -v mm="$(awk '{ print $2 }' "$WORK/ttd" | sort -g | sed -n '1p;$p' | paste -sd' ')" \
+            -v slow="$(awk '$2 > 2' "$WORK/ttd" | wc -l)" -v n="$(wc -l <"$WORK/ttd")" 'BEGIN {
+            split(mm, x, " ")
+            printf "median: **%.2f s** until both direct (c1 alone %.2f s; min %.2f s, max %.2f s; %d of %d runs over 2 s); goal <= 2 s: %s\n",
+                m, c, x[1], x[2], slow, n, (m <= 2 ? "met" : "NOT met") }'
     else
         echo "median: n/a (a run did not reach a direct path)"
     fi

@@ -12,6 +12,7 @@
 # Env read here: BENCH_SECONDS (iperf3 -t, default 10), BENCH_RUNS (default 3), BENCH_SKIP_BUILD=1,
 # BENCH_TERN (the tern binary; default target/release/tern).
 
+export LC_ALL=C                # "." as the decimal point in awk, printf and $EPOCHREALTIME
 SECONDS_PER_RUN=${BENCH_SECONDS:-10}
 RUNS=${BENCH_RUNS:-3}
 STARTED_PIDS=()
@@ -110,6 +111,13 @@ lab_tailnet_ip() {
 }
 # lab_dir: the lab's state directory (sockets, node state, auth.key).
 lab_dir() { echo "/run/tern-lab/$LAB"; }
+
+# derp_metric NAME: value of tern_derp_NAME from the lab relay's /debug/metrics ("" if unreachable;
+# the relay serves it to loopback only, hence curl from inside the relay namespace).
+derp_metric() {
+    ip netns exec "$LAB-relay" curl -sk --max-time 3 --interface 127.0.0.1 \
+        "https://198.18.0.10:443/debug/metrics" 2>/dev/null | awk -v n="tern_derp_$1" '$1 == n { print $2 }'
+}
 
 # ---------- measurement helpers ----------
 # utime+stime ticks of a PID (fields after the ")" that ends comm).
