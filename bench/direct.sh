@@ -402,6 +402,12 @@ if has_part tput || has_part wg; then
     print_table
     tern_med=$(median_of tern)
     [ -n "$tern_med" ] && [ ${#WG_LABELS[@]} -gt 0 ] && echo
+    if [ -n "$tern_med" ]; then
+        echo "daemon CPU per Gbit/s (both ends, median of runs): tern $(cores_per_gbit tern | awk '{ printf "%.2f", $1 }') cores$(
+            for spec in "${WG_LABELS[@]}"; do
+                printf ', wireguard-go MTU %s %.2f cores' "${spec#*=}" "$(cores_per_gbit "${spec%%=*}")"
+            done)"
+    fi
     for spec in "${WG_LABELS[@]}"; do
         wg_med=$(median_of "${spec%%=*}")
         [ -n "$tern_med" ] && [ -n "$wg_med" ] || continue

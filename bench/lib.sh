@@ -193,6 +193,13 @@ summarize() {
     printf '%s|%s|%s|%.3f|machine %s %%%s|%s|%s\n' "$label" "$desc" "$runs" "$med" "$machine" "$procs" "$retr" "$extra" >>"$RESULTS"
 }
 
+# cores_per_gbit LABEL: median over LABEL's runs of (CPU of its named processes, in cores) / (Gbit/s):
+# what the tunnel itself costs per Gbit/s, less sensitive to other load than the throughput.
+cores_per_gbit() {
+    awk '{ c = 0; for (i = 4; i <= NF; i++) { split($i, kv, "="); c += kv[2] } print (c / 100) / $1 }' \
+        "$WORK/$1.runs" | median
+}
+
 # print_table: the markdown table of every row summarize wrote.
 print_table() {
     echo "| path | runs (Gbit/s) | **median** | CPU | retransmits/run | notes |"
