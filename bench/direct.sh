@@ -93,6 +93,23 @@ require_direct() {
     log "$node -> $peer: path direct via $V_EP"
 }
 
+# ---------- UDP receive-buffer drops (per namespace: /proc/net/snmp) ----------
+# udp_counters NODE: "<InDatagrams> <RcvbufErrors>" of NODE's namespace.
+udp_counters() {
+    ip netns exec "$LAB-$1" awk '/^Udp:/ { if (seen) { print $2, $6; exit } seen = 1 }' /proc/net/snmp
+}
+udp_pre() { udp_counters c2 >"$WORK/$1.$2.udp0"; }
+udp_post() { udp_counters c2 >"$WORK/$1.$2.udp1"; }
+# udp_drops LABEL: "receiver (c2) UDP socket drops per run: N (x % of datagrams), ..." from the hooks.
+udp_drops() {
+    local run list=""
+    for run in $(seq 1 "$RUNS"); do
+        list+=$(paste -d' ' "$WORK/$1.$run.udp0" "$WORK/$1.$run.udp1" | awk '{ d = $4 - $2; n = $3 - $1
+            printf "%s%d (%.1f %%)", (r ? ", " : ""), d, n ? 100 * d / n : 0 }' r="$((run > 1))")
+    done
+    echo "UDP receive-buffer drops at c2 (RcvbufErrors) per run: $list"
+}
+
 # ---------- 1. throughput: tern direct ----------
 bench_tput_tern() {
     local pid1 pid2 ip1 ip2 rtt h1 h2
@@ -110,7 +127,8 @@ bench_tput_tern() {
     # Independent check that the data did not go through the relay: its packet counter.
     local derp0 derp1 data_packets
     derp0=$(derp_metric packets_forwarded_total)
-    measure tern "$LAB-c1" "$ip2" "tern-c1=$pid1" "tern-c2=$pid2"
+    BENCH_HOOK_PRE=udp_pre BENCH_HOOK_POST=udp_post \
+        measure tern "$LAB-c1" "$ip2" "tern-c1=$pid1" "tern-c2=$pid2"
     derp1=$(derp_metric packets_forwarded_total)
     kill "$IPERF_PID" 2>/dev/null || true
     local relayed="DERP relay counter unreachable"
@@ -130,7 +148,7 @@ bench_tput_tern() {
     [ "$V_PATH" = direct ] || not_direct "after the iperf3 runs c2's path to c1 is '$V_PATH' ($V_REASON)"
     local label="tern c1 -> c2, direct (TUN tern0 MTU 1280, easy x easy NAT)"
     [ "$NOT_DIRECT" = 1 ] && label="tern c1 -> c2, NOT DIRECT (BENCH_ALLOW_DERP=1)"
-    summarize tern "$label" "c1 -> c2 via $ep (c2 -> c1 via $V_EP); path changes during the runs: $changes; $relayed; ping ${rtt} ms"
+    summarize tern "$label" "c1 -> c2 via $ep (c2 -> c1 via $V_EP); path changes during the runs: $changes; $relayed; $(udp_drops tern); ping ${rtt} ms"
 }
 
 # ---------- 1b. throughput: wireguard-go through the same NATs ----------
@@ -172,8 +190,9 @@ bench_tput_wg() {
         [ ${#WG_LABELS[@]} -gt 0 ] && label="wg$mtu"
         ip -n "$LAB-c1" link set wg0 mtu "$mtu"
         ip -n "$LAB-c2" link set wg0 mtu "$mtu"
-        measure "$label" "$LAB-c1" 10.77.0.2 "wg-c1=$pid1" "wg-c2=$pid2"
-        summarize "$label" "wireguard-go c1 -> c2 through nat1/nat2 (endpoints $wan1:$WG_PORT, $wan2:$WG_PORT; MTU $mtu)" "ping ${rtt} ms"
+        BENCH_HOOK_PRE=udp_pre BENCH_HOOK_POST=udp_post \
+            measure "$label" "$LAB-c1" 10.77.0.2 "wg-c1=$pid1" "wg-c2=$pid2"
+        summarize "$label" "wireguard-go c1 -> c2 through nat1/nat2 (endpoints $wan1:$WG_PORT, $wan2:$WG_PORT; MTU $mtu)" "$(udp_drops "$label"); ping ${rtt} ms"
         WG_LABELS+=("$label=$mtu")
     done
     kill "$IPERF_PID" 2>/dev/null || true
