@@ -4,9 +4,11 @@
 #   sudo bench/direct.sh            # from the repository root; prints the tables
 #
 # 1. tput  TCP throughput c1 -> c2 (iperf3, BENCH_RUNS x BENCH_SECONDS, median) through tern's TUNs
-#          over a DIRECT path (checked in both daemons' `status --json` before and after; the
-#          script fails if it is not direct), then through wireguard-go (Debian) in the same c1/c2
-#          behind the same two NAT boxes, talking to each other's NAT public address; the ratio.
+#          over a DIRECT path (checked in both daemons' `status --json` before and after, and on
+#          the DERP relay's packet counter; the script fails if it is not direct), and
+#     wg   through wireguard-go (Debian) in the same c1/c2 behind the same two NAT boxes, talking
+#          to each other's NAT public address; the ratio. The paths take turns run by run.
+#          Also per run: CPU of each tunnel process, UDP receive-buffer drops at the receiver.
 # 2. ttd   Time to direct: restart both daemons (state kept, `tern down` first), `tern up` both at
 #          t0, ping c1 -> c2 through the TUN as soon as the route is there, poll both daemons'
 #          `status --json` every ~50 ms until each reports `path == "direct"` for the other.
@@ -19,6 +21,8 @@
 #      BENCH_DIRECT_TIMEOUT (seconds to wait for a direct path, default 10),
 #      BENCH_WG_MTUS (wireguard-go MTUs to measure, default "1420 1280": its default as in
 #      dataplane.sh, the headline, and tern's TUN MTU for an equal-packet-size comparison),
+#      BENCH_NAT1/BENCH_NAT2 (NAT modes, default easy: the figures are for easy x easy; e.g. hard
+#      shows the script's failure when there is no direct path),
 #      BENCH_ALLOW_DERP=1 (go on when a path is not direct, to try the other parts out: the figures
 #      are then marked NOT DIRECT and the script still exits 3).
 # Everything runs in the lab's namespaces; the EXIT trap stops every process the script started
@@ -84,7 +88,7 @@ require_direct() {
         [ "$V_PATH" = direct ] && break
         if [ "$(date +%s)" -ge "$deadline" ]; then
             kill "$ping_pid" 2>/dev/null || true
-            not_direct "$node's path to $peer is '$V_PATH' (path_reason '$V_REASON', backend $V_STATE) after ${DIRECT_TIMEOUT} s of pings, not 'direct': this build has no working direct paths (is the engine from main merged?)"
+            not_direct "$node's path to $peer is '$V_PATH' (path_reason '$V_REASON', backend $V_STATE) after ${DIRECT_TIMEOUT} s of pings, not 'direct' (a build without direct paths says 'derp' here, a NAT pair without a direct path names its cause)"
             return
         fi
         sleep 0.05
@@ -110,66 +114,76 @@ udp_drops() {
     echo "UDP receive-buffer drops at c2 (RcvbufErrors) per run: $list"
 }
 
-# ---------- 1. throughput: tern direct ----------
-bench_tput_tern() {
-    local pid1 pid2 ip1 ip2 rtt h1 h2
-    pid1=$(lab_pid tern:c1); pid2=$(lab_pid tern:c2)
-    ip1=$(lab_tailnet_ip c1); ip2=$(lab_tailnet_ip c2)
-    [ -n "$ip1" ] && [ -n "$ip2" ] && [ -n "$pid1" ] && [ -n "$pid2" ] \
+# ---------- 1. throughput ----------
+# Every run measures each path in turn (tern, then wireguard-go at each MTU), so that other load
+# on this shared machine hits all paths alike.
+
+# tput_tern_setup: check that both daemons are on a direct path, start iperf3 -s on c2's tailnet IP.
+tput_tern_setup() {
+    local ip1
+    T_PID1=$(lab_pid tern:c1); T_PID2=$(lab_pid tern:c2)
+    ip1=$(lab_tailnet_ip c1); T_IP2=$(lab_tailnet_ip c2)
+    [ -n "$ip1" ] && [ -n "$T_IP2" ] && [ -n "$T_PID1" ] && [ -n "$T_PID2" ] \
         || die "lab status lacks a tailnet IP or a daemon PID: $(cat "$WORK/lab.json")"
-    log "tailnet IPs c1 $ip1, c2 $ip2; daemon PIDs c1 $pid1, c2 $pid2"
-    require_direct c1 c2 "$ip2"
+    log "tailnet IPs c1 $ip1, c2 $T_IP2; daemon PIDs c1 $T_PID1, c2 $T_PID2"
+    require_direct c1 c2 "$T_IP2"
     require_direct c2 c1 "$ip1"
-    rtt=$(rtt_ms "$LAB-c1" "$ip2")
-    [ -n "$rtt" ] || die "c1 cannot ping c2 through tern"
-    h1=$(peer_history_len c1 c2); h2=$(peer_history_len c2 c1)
-    start_iperf_server "$LAB-c2" "$ip2"
-    # Independent check that the data did not go through the relay: its packet counter.
-    local derp0 derp1 data_packets
-    derp0=$(derp_metric packets_forwarded_total)
+    T_RTT=$(rtt_ms "$LAB-c1" "$T_IP2")
+    [ -n "$T_RTT" ] || die "c1 cannot ping c2 through tern"
+    T_H1=$(peer_history_len c1 c2); T_H2=$(peer_history_len c2 c1)
+    start_iperf_server "$LAB-c2" "$T_IP2"; T_IPERF=$IPERF_PID
+    # Independent check that the data does not go through the relay: its packet counter.
+    T_DERP0=$(derp_metric packets_forwarded_total)
+    : >"$WORK/tern.runs"
+}
+
+tput_tern_run() {
     BENCH_HOOK_PRE=udp_pre BENCH_HOOK_POST=udp_post \
-        measure tern "$LAB-c1" "$ip2" "tern-c1=$pid1" "tern-c2=$pid2"
+        measure_one "$1" tern "$LAB-c1" "$T_IP2" "tern-c1=$T_PID1" "tern-c2=$T_PID2"
+}
+
+# tput_tern_finish: the path must have stayed direct under load (same path now, no path change
+# recorded meanwhile, (nearly) nothing through the DERP relay); then the table row.
+tput_tern_finish() {
+    local derp1 data_packets relayed="DERP relay counter unreachable"
     derp1=$(derp_metric packets_forwarded_total)
-    kill "$IPERF_PID" 2>/dev/null || true
-    local relayed="DERP relay counter unreachable"
-    if [ -n "$derp0" ] && [ -n "$derp1" ]; then
-        relayed="packets through the DERP relay during the runs: $((derp1 - derp0))"
+    kill "$T_IPERF" 2>/dev/null || true
+    if [ -n "$T_DERP0" ] && [ -n "$derp1" ]; then
+        relayed="packets through the DERP relay during the runs: $((derp1 - T_DERP0))"
         data_packets=$(cat "$WORK"/tern.*.json | jq -s 'map(.end.sum_received.bytes) | add / 1280 | floor')
-        # Direct means (nearly) nothing relayed: allow disco/keepalive chatter, not the data.
-        [ $((derp1 - derp0)) -lt $((data_packets / 100 + 100)) ] \
-            || not_direct "the DERP relay forwarded $((derp1 - derp0)) packets during the tern runs (about $data_packets data packets were sent): the data did not go direct"
+        # Allow disco/keepalive chatter, not the data.
+        [ $((derp1 - T_DERP0)) -lt $((data_packets / 100 + 100)) ] \
+            || not_direct "the DERP relay forwarded $((derp1 - T_DERP0)) packets during the runs (about $data_packets tern data packets were sent): the data did not go direct"
     fi
-    # The path must have stayed direct under load: same path now, no path change recorded meanwhile.
-    local changes=$(( $(peer_history_len c1 c2) - h1 + $(peer_history_len c2 c1) - h2 ))
+    local changes=$(( $(peer_history_len c1 c2) - T_H1 + $(peer_history_len c2 c1) - T_H2 ))
     node_view c1 c2
     [ "$V_PATH" = direct ] || not_direct "after the iperf3 runs c1's path to c2 is '$V_PATH' ($V_REASON)"
     local ep=$V_EP
     node_view c2 c1
     [ "$V_PATH" = direct ] || not_direct "after the iperf3 runs c2's path to c1 is '$V_PATH' ($V_REASON)"
-    local label="tern c1 -> c2, direct (TUN tern0 MTU 1280, easy x easy NAT)"
+    local label="tern c1 -> c2, direct (TUN tern0 MTU 1280, $NAT1 x $NAT2 NAT)"
     [ "$NOT_DIRECT" = 1 ] && label="tern c1 -> c2, NOT DIRECT (BENCH_ALLOW_DERP=1)"
-    summarize tern "$label" "c1 -> c2 via $ep (c2 -> c1 via $V_EP); path changes during the runs: $changes; $relayed; $(udp_drops tern); ping ${rtt} ms"
+    summarize tern "$label" "c1 -> c2 via $ep (c2 -> c1 via $V_EP); path changes during the runs: $changes; $relayed; $(udp_drops tern); ping ${T_RTT} ms"
 }
 
-# ---------- 1b. throughput: wireguard-go through the same NATs ----------
-# c1 and c2 each run wireguard-go (port 51820) with the other's NAT public address as endpoint.
-# The easy NATs keep the source port (masquerade persistent), so c1's 10.1.0.2:51820 is
-# 198.18.1.2:51820 outside, and filter by address and port. First contact order: c1 sends first
-# (its handshake opens nat1's mapping towards 198.18.2.2:51820; nat2 drops it as unsolicited), then
-# c2 sends; nat1 lets c2's handshake in as the reply of that mapping, and c1's answer goes out
-# through nat2's fresh mapping for c2. Both directions are open from then on.
-bench_tput_wg() {
-    local wan1 wan2 pid1 pid2 rtt
-    wan1=$(jq -r '.nat_boxes[] | select(.nat == "nat1") | .wan_ip' "$WORK/lab.json")
-    wan2=$(jq -r '.nat_boxes[] | select(.nat == "nat2") | .wan_ip' "$WORK/lab.json")
-    [ -n "$wan1" ] && [ -n "$wan2" ] || die "lab status lacks the NAT boxes' public addresses"
+# wireguard-go through the same NATs: c1 and c2 each run wireguard-go (port 51820) with the
+# other's NAT public address as endpoint. The easy NATs keep the source port (masquerade
+# persistent), so c1's 10.1.0.2:51820 is 198.18.1.2:51820 outside, and they filter by address and
+# port. First contact order: c1 sends first (its handshake opens nat1's mapping towards
+# 198.18.2.2:51820; nat2 drops it as unsolicited), then c2 sends; nat1 lets c2's handshake in as
+# the reply of that mapping, and c1's answer goes out through nat2's fresh mapping for c2. Both
+# directions are open from then on.
+tput_wg_setup() {
+    W_WAN1=$(jq -r '.nat_boxes[] | select(.nat == "nat1") | .wan_ip' "$WORK/lab.json")
+    W_WAN2=$(jq -r '.nat_boxes[] | select(.nat == "nat2") | .wan_ip' "$WORK/lab.json")
+    [ -n "$W_WAN1" ] && [ -n "$W_WAN2" ] || die "lab status lacks the NAT boxes' public addresses"
     wg_keys w1 w2
-    start_wg "$LAB-c1"; pid1=$WG_PID
-    start_wg "$LAB-c2"; pid2=$WG_PID
-    nsenter -t "$pid1" -m -n wg set wg0 private-key "$WORK/w1.key" listen-port "$WG_PORT" \
-        peer "${WG_PUB[w2]}" allowed-ips 10.77.0.2/32 endpoint "$wan2:$WG_PORT"
-    nsenter -t "$pid2" -m -n wg set wg0 private-key "$WORK/w2.key" listen-port "$WG_PORT" \
-        peer "${WG_PUB[w1]}" allowed-ips 10.77.0.1/32 endpoint "$wan1:$WG_PORT"
+    start_wg "$LAB-c1"; W_PID1=$WG_PID
+    start_wg "$LAB-c2"; W_PID2=$WG_PID
+    nsenter -t "$W_PID1" -m -n wg set wg0 private-key "$WORK/w1.key" listen-port "$WG_PORT" \
+        peer "${WG_PUB[w2]}" allowed-ips 10.77.0.2/32 endpoint "$W_WAN2:$WG_PORT"
+    nsenter -t "$W_PID2" -m -n wg set wg0 private-key "$WORK/w2.key" listen-port "$WG_PORT" \
+        peer "${WG_PUB[w1]}" allowed-ips 10.77.0.1/32 endpoint "$W_WAN1:$WG_PORT"
     ip -n "$LAB-c1" addr add 10.77.0.1/24 dev wg0
     ip -n "$LAB-c2" addr add 10.77.0.2/24 dev wg0
     ip -n "$LAB-c1" link set wg0 up
@@ -178,25 +192,53 @@ bench_tput_wg() {
     ip netns exec "$LAB-c1" ping -c 1 -W 1 10.77.0.2 >/dev/null 2>&1 || true
     ip netns exec "$LAB-c2" ping -c 3 -i 0.3 -W 3 10.77.0.1 >"$WORK/wg-first-contact.txt" 2>&1 \
         || { cat "$WORK/wg-first-contact.txt" >&2; die "wireguard-go: c2 cannot reach c1 through the NATs"; }
-    rtt=$(rtt_ms "$LAB-c1" 10.77.0.2)
-    [ -n "$rtt" ] || die "wireguard-go: c1 cannot reach c2 through the NATs"
+    W_RTT=$(rtt_ms "$LAB-c1" 10.77.0.2)
+    [ -n "$W_RTT" ] || die "wireguard-go: c1 cannot reach c2 through the NATs"
     local mapping
     mapping=$(ip netns exec "$LAB-nat1" conntrack -L -p udp --orig-port-src "$WG_PORT" 2>/dev/null | head -1)
     log "wireguard-go through the NATs up; nat1 conntrack: $mapping"
-    start_iperf_server "$LAB-c2" 10.77.0.2
+    start_iperf_server "$LAB-c2" 10.77.0.2; W_IPERF=$IPERF_PID
     local mtu label
     for mtu in $WG_MTUS; do
         label=wg
         [ ${#WG_LABELS[@]} -gt 0 ] && label="wg$mtu"
+        WG_LABELS+=("$label=$mtu")
+        : >"$WORK/$label.runs"
+    done
+}
+
+tput_wg_run() {
+    local spec mtu
+    for spec in "${WG_LABELS[@]}"; do
+        mtu=${spec#*=}
         ip -n "$LAB-c1" link set wg0 mtu "$mtu"
         ip -n "$LAB-c2" link set wg0 mtu "$mtu"
         BENCH_HOOK_PRE=udp_pre BENCH_HOOK_POST=udp_post \
-            measure "$label" "$LAB-c1" 10.77.0.2 "wg-c1=$pid1" "wg-c2=$pid2"
-        summarize "$label" "wireguard-go c1 -> c2 through nat1/nat2 (endpoints $wan1:$WG_PORT, $wan2:$WG_PORT; MTU $mtu)" "$(udp_drops "$label"); ping ${rtt} ms"
-        WG_LABELS+=("$label=$mtu")
+            measure_one "$1" "${spec%%=*}" "$LAB-c1" 10.77.0.2 "wg-c1=$W_PID1" "wg-c2=$W_PID2"
     done
-    kill "$IPERF_PID" 2>/dev/null || true
-    kill "$pid1" "$pid2" 2>/dev/null || true
+}
+
+tput_wg_finish() {
+    local spec
+    kill "$W_IPERF" 2>/dev/null || true
+    for spec in "${WG_LABELS[@]}"; do
+        summarize "${spec%%=*}" "wireguard-go c1 -> c2 through nat1/nat2 (endpoints $W_WAN1:$WG_PORT, $W_WAN2:$WG_PORT; MTU ${spec#*=})" \
+            "$(udp_drops "${spec%%=*}"); ping ${W_RTT} ms"
+    done
+    kill "$W_PID1" "$W_PID2" 2>/dev/null || true
+}
+
+bench_tput() {
+    local run
+    has_part tput && tput_tern_setup
+    has_part wg && tput_wg_setup
+    for run in $(seq 1 "$RUNS"); do
+        has_part tput && tput_tern_run "$run"
+        has_part wg && tput_wg_run "$run"
+    done
+    has_part tput && tput_tern_finish
+    has_part wg && tput_wg_finish
+    return 0
 }
 
 # ---------- 2. time to direct ----------
@@ -406,15 +448,16 @@ build_tern
 install_tools
 BACKGROUND=$(busy_percent 3)
 log "machine busy before the runs: ${BACKGROUND}%"
-lab_up easy easy
-has_part tput && bench_tput_tern
-has_part wg && bench_tput_wg
+NAT1=${BENCH_NAT1:-easy}
+NAT2=${BENCH_NAT2:-easy}
+lab_up "$NAT1" "$NAT2"
+{ has_part tput || has_part wg; } && bench_tput
 has_part ttd && bench_ttd
 has_part rss && bench_rss
 
 echo
 echo "# tern direct paths, $(machine_line)"
-echo "# lab: nat1 easy, nat2 easy; machine busy ${BACKGROUND}% in the 3 s before the runs (other load)"
+echo "# lab: nat1 $NAT1, nat2 $NAT2; machine busy ${BACKGROUND}% in the 3 s before the runs (other load)"
 if has_part tput || has_part wg; then
     echo "# iperf3 TCP, $RUNS x ${SECONDS_PER_RUN}s; CPU = mean over runs; process % of one core, machine % of all $NCPU cores"
     echo
@@ -437,7 +480,7 @@ if has_part tput || has_part wg; then
 fi
 if has_part ttd; then
     echo
-    echo "time to direct (easy x easy, s): from \`tern up\` on both to c1 seeing c2 direct / to both seeing each other direct / from both Running to both direct"
+    echo "time to direct ($NAT1 x $NAT2, s): from \`tern up\` on both to c1 seeing c2 direct / to both seeing each other direct / from both Running to both direct"
     awk '{ printf "  run %d: %s / %s / %s\n", NR, $1, $2, $3 }' "$WORK/ttd"
     if ! grep -q timeout "$WORK/ttd"; then
         med=$(awk '{ print $2 }' "$WORK/ttd" | median)

@@ -139,41 +139,49 @@ rtt_ms() {
 }
 
 # measure LABEL CLIENT_NS SERVER_IP [name=PID ...]: RUNS iperf3 runs from CLIENT_NS to an iperf3
-# server already listening on SERVER_IP; per run Gbit/s, retransmits, machine CPU and CPU of each
-# named PID. Appends one line per run to $WORK/<label>.runs. An optional hook `before_run`/
-# `after_run` (functions named by BENCH_HOOK_PRE/POST) is called around each run.
+# server already listening on SERVER_IP (see measure_one), into a fresh $WORK/<label>.runs.
 measure() {
-    local label=$1 client_ns=$2 server_ip=$3
-    shift 3
-    local named=("$@") run
+    local label=$1 run
     : >"$WORK/$label.runs"
     for run in $(seq 1 "$RUNS"); do
-        local -A t0=() t1=()
-        local m0 m1 e spec
-        [ -n "${BENCH_HOOK_PRE:-}" ] && "$BENCH_HOOK_PRE" "$label" "$run"
-        for spec in "${named[@]}"; do t0[$spec]=$(proc_ticks "${spec#*=}"); done
-        m0=$(machine_ticks)
-        local s0 s1
-        s0=$(date +%s.%N)
-        ip netns exec "$client_ns" iperf3 -c "$server_ip" -t "$SECONDS_PER_RUN" -J >"$WORK/$label.$run.json" \
-            || die "$label run $run: iperf3 failed: $(jq -r '.error // empty' "$WORK/$label.$run.json" 2>/dev/null)"
-        s1=$(date +%s.%N)
-        m1=$(machine_ticks)
-        for spec in "${named[@]}"; do t1[$spec]=$(proc_ticks "${spec#*=}"); done
-        [ -n "${BENCH_HOOK_POST:-}" ] && "$BENCH_HOOK_POST" "$label" "$run"
-        e=$(awk -v a="$s0" -v b="$s1" 'BEGIN { print b - a }')
-        local gbit retr machine cpus=""
-        gbit=$(jq -r '.end.sum_received.bits_per_second / 1e9' "$WORK/$label.$run.json")
-        retr=$(jq -r '.end.sum_sent.retransmits // 0' "$WORK/$label.$run.json")
-        machine=$(awk -v a="$m0" -v b="$m1" 'BEGIN { split(a, x, " "); split(b, y, " ");
-            printf "%.0f", 100 * (y[1] - x[1]) / (y[2] - x[2]) }')
-        for spec in "${named[@]}"; do
-            cpus+=" ${spec%%=*}=$(awk -v d="$((t1[$spec] - t0[$spec]))" -v hz="$HZ" -v e="$e" \
-                'BEGIN { printf "%.0f", 100 * d / hz / e }')"
-        done
-        printf '%s %s %s%s\n' "$gbit" "$retr" "$machine" "$cpus" >>"$WORK/$label.runs"
-        log "$label run $run: $(printf '%.3f' "$gbit") Gbit/s, $retr retransmits, machine ${machine}%,$cpus"
+        measure_one "$run" "$@"
     done
+}
+
+# measure_one RUN LABEL CLIENT_NS SERVER_IP [name=PID ...]: one iperf3 run of SECONDS_PER_RUN; its
+# Gbit/s, retransmits, machine CPU and the CPU of each named PID are appended as one line to
+# $WORK/<label>.runs (iperf3's JSON stays in $WORK/<label>.<run>.json). Optional hooks, functions
+# named by BENCH_HOOK_PRE/BENCH_HOOK_POST, are called as HOOK LABEL RUN around the run.
+# Scripts comparing paths call this in turns (path A run 1, path B run 1, A run 2, ...) so that
+# other load on the machine hits every path alike.
+measure_one() {
+    local run=$1 label=$2 client_ns=$3 server_ip=$4
+    shift 4
+    local named=("$@")
+    local -A t0=() t1=()
+    local m0 m1 e spec s0 s1
+    [ -n "${BENCH_HOOK_PRE:-}" ] && "$BENCH_HOOK_PRE" "$label" "$run"
+    for spec in "${named[@]}"; do t0[$spec]=$(proc_ticks "${spec#*=}"); done
+    m0=$(machine_ticks)
+    s0=$(date +%s.%N)
+    ip netns exec "$client_ns" iperf3 -c "$server_ip" -t "$SECONDS_PER_RUN" -J >"$WORK/$label.$run.json" \
+        || die "$label run $run: iperf3 failed: $(jq -r '.error // empty' "$WORK/$label.$run.json" 2>/dev/null)"
+    s1=$(date +%s.%N)
+    m1=$(machine_ticks)
+    for spec in "${named[@]}"; do t1[$spec]=$(proc_ticks "${spec#*=}"); done
+    [ -n "${BENCH_HOOK_POST:-}" ] && "$BENCH_HOOK_POST" "$label" "$run"
+    e=$(awk -v a="$s0" -v b="$s1" 'BEGIN { print b - a }')
+    local gbit retr machine cpus=""
+    gbit=$(jq -r '.end.sum_received.bits_per_second / 1e9' "$WORK/$label.$run.json")
+    retr=$(jq -r '.end.sum_sent.retransmits // 0' "$WORK/$label.$run.json")
+    machine=$(awk -v a="$m0" -v b="$m1" 'BEGIN { split(a, x, " "); split(b, y, " ");
+        printf "%.0f", 100 * (y[1] - x[1]) / (y[2] - x[2]) }')
+    for spec in "${named[@]}"; do
+        cpus+=" ${spec%%=*}=$(awk -v d="$((t1[$spec] - t0[$spec]))" -v hz="$HZ" -v e="$e" \
+            'BEGIN { printf "%.0f", 100 * d / hz / e }')"
+    done
+    printf '%s %s %s%s\n' "$gbit" "$retr" "$machine" "$cpus" >>"$WORK/$label.runs"
+    log "$label run $run: $(printf '%.3f' "$gbit") Gbit/s, $retr retransmits, machine ${machine}%,$cpus"
 }
 
 # summarize LABEL DESCRIPTION [EXTRA]: one table row from $WORK/<label>.runs into $RESULTS.
