@@ -131,6 +131,8 @@ tput_tern_setup() {
     T_RTT=$(rtt_ms "$LAB-c1" "$T_IP2")
     [ -n "$T_RTT" ] || die "c1 cannot ping c2 through tern"
     T_H1=$(peer_history_len c1 c2); T_H2=$(peer_history_len c2 c1)
+    node_view c1 c2; T_EP1=$V_EP
+    node_view c2 c1; T_EP2=$V_EP
     start_iperf_server "$LAB-c2" "$T_IP2"; T_IPERF=$IPERF_PID
     # Independent check that the data does not go through the relay: its packet counter.
     T_DERP0=$(derp_metric packets_forwarded_total)
@@ -162,6 +164,10 @@ tput_tern_finish() {
     node_view c2 c1
     [ "$V_PATH" = direct ] || not_direct "after the iperf3 runs c2's path to c1 is '$V_PATH' ($V_REASON)"
     local label="tern c1 -> c2, direct (TUN tern0 MTU 1280, $NAT1 x $NAT2 NAT)"
+    if [ "$changes" != 0 ] || [ "$ep" != "$T_EP1" ] || [ "$V_EP" != "$T_EP2" ]; then
+        log "WARNING: the direct path changed during the runs: c1 -> c2 $T_EP1 then $ep, c2 -> c1 $T_EP2 then $V_EP, $changes path changes"
+        label+=" -- PATH CHANGED DURING THE RUNS (was $T_EP1)"
+    fi
     [ "$NOT_DIRECT" = 1 ] && label="tern c1 -> c2, NOT DIRECT (BENCH_ALLOW_DERP=1)"
     summarize tern "$label" "c1 -> c2 via $ep (c2 -> c1 via $V_EP); path changes during the runs: $changes; $relayed; $(udp_drops tern); ping ${T_RTT} ms"
 }
@@ -173,6 +179,9 @@ tput_tern_finish() {
 # 198.18.2.2:51820; nat2 drops it as unsolicited), then c2 sends; nat1 lets c2's handshake in as
 # the reply of that mapping, and c1's answer goes out through nat2's fresh mapping for c2. Both
 # directions are open from then on.
+# The tunnel addresses are in 100.64.0.0/10 because tern never advertises local addresses of that
+# range as endpoints: with any other range the two tern daemons find each other through
+# wireguard-go's wg0 and move their direct path into it (seen with 10.77.0.0/24).
 tput_wg_setup() {
     W_WAN1=$(jq -r '.nat_boxes[] | select(.nat == "nat1") | .wan_ip' "$WORK/lab.json")
     W_WAN2=$(jq -r '.nat_boxes[] | select(.nat == "nat2") | .wan_ip' "$WORK/lab.json")
@@ -181,23 +190,23 @@ tput_wg_setup() {
     start_wg "$LAB-c1"; W_PID1=$WG_PID
     start_wg "$LAB-c2"; W_PID2=$WG_PID
     nsenter -t "$W_PID1" -m -n wg set wg0 private-key "$WORK/w1.key" listen-port "$WG_PORT" \
-        peer "${WG_PUB[w2]}" allowed-ips 10.77.0.2/32 endpoint "$W_WAN2:$WG_PORT"
+        peer "${WG_PUB[w2]}" allowed-ips 100.127.77.2/32 endpoint "$W_WAN2:$WG_PORT"
     nsenter -t "$W_PID2" -m -n wg set wg0 private-key "$WORK/w2.key" listen-port "$WG_PORT" \
-        peer "${WG_PUB[w1]}" allowed-ips 10.77.0.1/32 endpoint "$W_WAN1:$WG_PORT"
-    ip -n "$LAB-c1" addr add 10.77.0.1/24 dev wg0
-    ip -n "$LAB-c2" addr add 10.77.0.2/24 dev wg0
+        peer "${WG_PUB[w1]}" allowed-ips 100.127.77.1/32 endpoint "$W_WAN1:$WG_PORT"
+    ip -n "$LAB-c1" addr add 100.127.77.1/24 dev wg0
+    ip -n "$LAB-c2" addr add 100.127.77.2/24 dev wg0
     ip -n "$LAB-c1" link set wg0 up
     ip -n "$LAB-c2" link set wg0 up
     # First contact: c1 first (lost at nat2, but opens nat1), then c2 (passes nat1 as a reply).
-    ip netns exec "$LAB-c1" ping -c 1 -W 1 10.77.0.2 >/dev/null 2>&1 || true
-    ip netns exec "$LAB-c2" ping -c 3 -i 0.3 -W 3 10.77.0.1 >"$WORK/wg-first-contact.txt" 2>&1 \
+    ip netns exec "$LAB-c1" ping -c 1 -W 1 100.127.77.2 >/dev/null 2>&1 || true
+    ip netns exec "$LAB-c2" ping -c 3 -i 0.3 -W 3 100.127.77.1 >"$WORK/wg-first-contact.txt" 2>&1 \
         || { cat "$WORK/wg-first-contact.txt" >&2; die "wireguard-go: c2 cannot reach c1 through the NATs"; }
-    W_RTT=$(rtt_ms "$LAB-c1" 10.77.0.2)
+    W_RTT=$(rtt_ms "$LAB-c1" 100.127.77.2)
     [ -n "$W_RTT" ] || die "wireguard-go: c1 cannot reach c2 through the NATs"
     local mapping
     mapping=$(ip netns exec "$LAB-nat1" conntrack -L -p udp --orig-port-src "$WG_PORT" 2>/dev/null | head -1)
     log "wireguard-go through the NATs up; nat1 conntrack: $mapping"
-    start_iperf_server "$LAB-c2" 10.77.0.2; W_IPERF=$IPERF_PID
+    start_iperf_server "$LAB-c2" 100.127.77.2; W_IPERF=$IPERF_PID
     local mtu label
     for mtu in $WG_MTUS; do
         label=wg
@@ -214,7 +223,7 @@ tput_wg_run() {
         ip -n "$LAB-c1" link set wg0 mtu "$mtu"
         ip -n "$LAB-c2" link set wg0 mtu "$mtu"
         BENCH_HOOK_PRE=udp_pre BENCH_HOOK_POST=udp_post \
-            measure_one "$1" "${spec%%=*}" "$LAB-c1" 10.77.0.2 "wg-c1=$W_PID1" "wg-c2=$W_PID2"
+            measure_one "$1" "${spec%%=*}" "$LAB-c1" 100.127.77.2 "wg-c1=$W_PID1" "wg-c2=$W_PID2"
     done
 }
 
