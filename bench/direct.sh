@@ -9,15 +9,21 @@
 #     wg   through wireguard-go (Debian) in the same c1/c2 behind the same two NAT boxes, talking
 #          to each other's NAT public address; the ratio. The paths take turns run by run.
 #          Also per run: CPU of each tunnel process, UDP receive-buffer drops at the receiver.
-# 2. ttd   Time to direct: restart both daemons (state kept, `tern down` first), `tern up` both at
-#          t0, ping c1 -> c2 through the TUN as soon as the route is there, poll both daemons'
-#          `status --json` every ~50 ms until each reports `path == "direct"` for the other.
-#          BENCH_TTD_RUNS times (default 3, conntrack of both NAT boxes flushed before each), median.
+# 2. ttd   Time to direct: restart both daemons (state kept, `tern down` first), `tern up` both,
+#          ping c1 -> c2 through the TUN, poll both daemons' `status --json` every 50 ms until
+#          each reports `path == "direct"` for the other. Two cases (BENCH_TTD_MODES):
+#          both-up  the ping starts once both are Running with each other as peer; the time is
+#                   from then (the goal's "both nodes up"),
+#          race     the ping starts as soon as c1 has a route, c2 maybe not up yet; the time is
+#                   from `tern up`.
+#          BENCH_TTD_RUNS runs each (default 3, conntrack of both NAT boxes flushed before each),
+#          median.
 # 3. rss   Daemon memory: a third tern node in the lab's `server` namespace (public address, no NAT),
 #          so c1 has 2 peers; VmRSS of c1's daemon idle, during and after iperf3 to both peers at once.
 #
 # Env: BENCH_SECONDS (default 10), BENCH_RUNS (default 3), BENCH_SKIP_BUILD=1, BENCH_TERN (binary),
 #      BENCH_PARTS (subset of "tput wg ttd rss"), BENCH_TTD_RUNS (default 3),
+#      BENCH_TTD_MODES (subset of "both-up race"),
 #      BENCH_DIRECT_TIMEOUT (seconds to wait for a direct path, default 10),
 #      BENCH_WG_MTUS (wireguard-go MTUs to measure, default "1420 1280": its default as in
 #      dataplane.sh, the headline, and tern's TUN MTU for an equal-packet-size comparison),
@@ -33,6 +39,7 @@ set -euo pipefail
 bench_init tbd
 PARTS=${BENCH_PARTS:-tput wg ttd rss}
 TTD_RUNS=${BENCH_TTD_RUNS:-3}
+TTD_MODES=${BENCH_TTD_MODES:-both-up race}
 DIRECT_TIMEOUT=${BENCH_DIRECT_TIMEOUT:-10}
 WG_MTUS=${BENCH_WG_MTUS:-1420 1280}
 ALLOW_DERP=${BENCH_ALLOW_DERP:-0}
@@ -290,7 +297,8 @@ elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", b - a }'; }
 usec() { echo "${1/./}"; }     # $EPOCHREALTIME -> microseconds
 
 # poll_both: both daemons' `status --json` at once (two CLIs in parallel, one jq), into
-# S1 P1 R1 (c1: backend state, path to c2, its reason) and S2 P2 R2 (c2's view of c1).
+# S1 P1 R1 K1 (c1: backend state, path to c2, its reason, whether c2 is in its peer list) and
+# S2 P2 R2 K2 (c2's view of c1).
 poll_both() {
     tern_cli c1 status --json >"$WORK/poll1.json" 2>/dev/null &
     local a=$!
@@ -301,17 +309,24 @@ poll_both() {
     local out
     out=$(jq -rn --slurpfile x "$WORK/poll1.json" --slurpfile y "$WORK/poll2.json" '
         def view($s; $h): ([($s.peers // [])[] | select(.hostname == $h)] | first) as $p
-            | [($s.backend_state // "down"), ($p.path // "none"), ($p.path_reason // "-")];
+            | [($s.backend_state // "down"), ($p.path // "none"), ($p.path_reason // "-"),
+               (if $p == null then "no" else "yes" end)];
         view($x[0] // {}; "c2") + view($y[0] // {}; "c1") | join("\t")' 2>/dev/null) \
-        || out=$'down\tnone\t-\tdown\tnone\t-'
-    IFS=$'\t' read -r S1 P1 R1 S2 P2 R2 <<<"$out" || true
+        || out=$'down\tnone\t-\tno\tdown\tnone\t-\tno'
+    IFS=$'\t' read -r S1 P1 R1 K1 S2 P2 R2 K2 <<<"$out" || true
 }
 
-# one_ttd RUN: one measurement; appends "up->c1-direct up->both-direct running->both-direct" to
-# $WORK/ttd. A status read that says direct is timed when its answer is in (an upper bound; the
-# resolution is the poll period, logged).
+# one_ttd MODE RUN: restart both daemons, `tern up` both at t0, then ping c1 -> c2 through the TUN:
+#   both-up  once both daemons are Running with the other in their peer list (the goal's case:
+#            both nodes up, then traffic),
+#   race     as soon as c1 has a route to c2, whether c2 is up yet or not.
+# Polls both daemons every 50 ms until each says `path == "direct"` for the other. Appends
+# "<tern up -> both direct> <both up -> both direct> <ping start -> both direct>" (seconds) to
+# $WORK/ttd.MODE. A status read that says direct is timed when its answer is in (an upper bound;
+# the resolution is the poll period, logged).
 one_ttd() {
-    local run=$1 ip2 t0 t t_run="" t_run1="" t_run2="" t_ping="" t_c1="" t_c2="" ping_pid="" deadline polls=0 rest
+    local mode=$1 run=$2 ip2 t0 t t_up="" t_run1="" t_run2="" t_ping="" t_c1="" t_c2="" ping_pid=""
+    local deadline polls=0 rest tag="$1 run $2"
     ip2=$(lab_tailnet_ip c2)
     ip netns exec "$LAB-nat1" conntrack -F >/dev/null 2>&1 || true
     ip netns exec "$LAB-nat2" conntrack -F >/dev/null 2>&1 || true
@@ -332,11 +347,16 @@ one_ttd() {
         polls=$((polls + 1))
         [ -z "$t_run1" ] && [ "$S1" = Running ] && t_run1=$t
         [ -z "$t_run2" ] && [ "$S2" = Running ] && t_run2=$t
-        [ -z "$t_run" ] && [ -n "$t_run1" ] && [ -n "$t_run2" ] && t_run=$t
-        # Traffic through the TUN as soon as c1 routes c2's tailnet IP (ping exits without a route).
-        if [ "$S1" = Running ] && { [ -z "$ping_pid" ] || ! kill -0 "$ping_pid" 2>/dev/null; } \
+        [ -z "$t_up" ] && [ "$S1" = Running ] && [ "$S2" = Running ] && [ "$K1" = yes ] && [ "$K2" = yes ] && t_up=$t
+        # Start (or restart: ping exits at once without a route) the traffic through the TUN.
+        local go=0
+        case $mode in
+            both-up) [ -n "$t_up" ] && go=1 ;;
+            race) [ "$S1" = Running ] && go=1 ;;
+        esac
+        if [ "$go" = 1 ] && { [ -z "$ping_pid" ] || ! kill -0 "$ping_pid" 2>/dev/null; } \
             && ip -n "$LAB-c1" route get "$ip2" 2>/dev/null | grep -q tern0; then
-            ip netns exec "$LAB-c1" ping -D -i 0.2 -W 1 "$ip2" >>"$WORK/ttd-ping-$run.txt" 2>&1 &
+            ip netns exec "$LAB-c1" ping -D -i 0.2 -W 1 "$ip2" >>"$WORK/ttd-ping-$mode-$run.txt" 2>&1 &
             ping_pid=$!
             STARTED_PIDS+=("$ping_pid")
             [ -z "$t_ping" ] && t_ping=$t
@@ -345,7 +365,7 @@ one_ttd() {
         [ -z "$t_c2" ] && [ "$P2" = direct ] && t_c2=$t
         [ -n "$t_c1" ] && [ -n "$t_c2" ] && break
         if [ "$(usec "$t")" -ge "$deadline" ]; then
-            not_direct "run $run: no direct path ${DIRECT_TIMEOUT} s after \`tern up\`: c1 sees c2 as '$P1' ($R1), c2 sees c1 as '$P2' ($R2)"
+            not_direct "$tag: no direct path ${DIRECT_TIMEOUT} s after \`tern up\`: c1 sees c2 as '$P1' ($R1), c2 sees c1 as '$P2' ($R2)"
             break
         fi
         # One poll every 50 ms: sleep what is left of it.
@@ -354,39 +374,59 @@ one_ttd() {
     done
     [ -n "$ping_pid" ] && kill "$ping_pid" 2>/dev/null
     local t_end=$EPOCHREALTIME
-    log "run $run: c1 Running after $([ -n "$t_run1" ] && elapsed "$t0" "$t_run1" || echo never) s, c2 after $([ -n "$t_run2" ] && elapsed "$t0" "$t_run2" || echo never) s, ping started after $([ -n "$t_ping" ] && elapsed "$t0" "$t_ping" || echo never) s; $polls polls of both daemons, one every $(( ($(usec "$t_end") - $(usec "$t0")) / (polls * 1000) )) ms"
+    since() { if [ -n "$1" ]; then elapsed "$t0" "$1"; else echo never; fi; }
+    log "$tag: c1 Running after $(since "$t_run1") s, c2 after $(since "$t_run2") s, both up (Running, each other as peer) after $(since "$t_up") s, ping started after $(since "$t_ping") s; $polls polls of both daemons, one every $(( ($(usec "$t_end") - $(usec "$t0")) / (polls * 1000) )) ms"
     # When the first echo reply came back through the TUN (over DERP or direct), from ping -D.
     local first_reply
-    first_reply=$(awk -F'[][]' '/bytes from/ { print $2; exit }' "$WORK/ttd-ping-$run.txt" 2>/dev/null)
-    log "run $run: first ping reply through the TUN after $([ -n "$first_reply" ] && elapsed "$t0" "$first_reply" || echo never) s"
+    first_reply=$(awk -F'[][]' '/bytes from/ { print $2; exit }' "$WORK/ttd-ping-$mode-$run.txt" 2>/dev/null)
+    log "$tag: first ping reply through the TUN after $(since "$first_reply") s"
     # How each side got there (path_history: path/reason, oldest first).
-    log "run $run: c1's path history for c2: $(history_line c1 c2); c2's for c1: $(history_line c2 c1)"
-    local both=""
+    log "$tag: c1's path history for c2: $(history_line c1 c2); c2's for c1: $(history_line c2 c1)"
     if [ -n "$t_c1" ] && [ -n "$t_c2" ]; then
+        local both
         both=$(awk -v a="$t_c1" -v b="$t_c2" 'BEGIN { print (a > b ? a : b) }')
-        printf '%s %s %s\n' "$(elapsed "$t0" "$t_c1")" "$(elapsed "$t0" "$both")" "$(elapsed "$t_run" "$both")" >>"$WORK/ttd"
-        log "time to direct, run $run: $(elapsed "$t0" "$t_c1") s until c1 sees c2 direct, $(elapsed "$t0" "$both") s until both do"
+        printf '%s %s %s\n' "$(elapsed "$t0" "$both")" "$(elapsed "$t_up" "$both")" "$(elapsed "$t_ping" "$both")" >>"$WORK/ttd.$mode"
+        log "$tag: both direct $(elapsed "$t0" "$both") s after \`tern up\`, $(elapsed "$t_up" "$both") s after both were up, $(elapsed "$t_ping" "$both") s after the ping started (c1 alone: $(elapsed "$t0" "$t_c1") s after \`tern up\`)"
     else
-        printf 'timeout timeout timeout\n' >>"$WORK/ttd"
+        printf 'timeout timeout timeout\n' >>"$WORK/ttd.$mode"
     fi
 }
 
 bench_ttd() {
-    : >"$WORK/ttd"
     # Take the lab's daemons over: `tern down` (stored prefs then say "not running", so a restarted
     # daemon waits for `tern up`) and stop them; the state dirs (node keys) stay.
-    local run node pid
+    local mode run node pid first=1
     for node in c1 c2; do
         tern_cli "$node" down >/dev/null
     done
     for pid in "$(lab_pid tern:c1)" "$(lab_pid tern:c2)"; do stop_daemon "$pid"; done
-    for run in $(seq 1 "$TTD_RUNS"); do
-        one_ttd "$run"
-        if [ "$run" -lt "$TTD_RUNS" ]; then
-            tern_cli c1 down >/dev/null; tern_cli c2 down >/dev/null
-            stop_daemon "$C1_PID"; stop_daemon "$C2_PID"
-        fi
+    for mode in $TTD_MODES; do
+        : >"$WORK/ttd.$mode"
+        for run in $(seq 1 "$TTD_RUNS"); do
+            if [ "$first" = 0 ]; then
+                tern_cli c1 down >/dev/null; tern_cli c2 down >/dev/null
+                stop_daemon "$C1_PID"; stop_daemon "$C2_PID"
+            fi
+            first=0
+            one_ttd "$mode" "$run"
+        done
     done
+}
+
+# ttd_summary MODE COLUMN WHAT: the runs of one mode and the median of COLUMN (1-based) of
+# $WORK/ttd.MODE, against the goal.
+ttd_summary() {
+    local mode=$1 col=$2 what=$3 f="$WORK/ttd.$1"
+    echo "$mode ($what):"
+    awk '{ printf "  run %d: %s s after `tern up`, %s s after both were up, %s s after the ping started\n", NR, $1, $2, $3 }' "$f"
+    if grep -q timeout "$f"; then
+        echo "  median: n/a (a run did not reach a direct path)"
+        return
+    fi
+    awk -v c="$col" '{ print $c }' "$f" | sort -g | awk -v n="$(wc -l <"$f")" '{ v[NR] = $1; if ($1 > 2) slow++ }
+        END { m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2
+              printf "  median **%.2f s** (min %.2f s, max %.2f s; %d of %d runs over 2 s); goal <= 2 s: %s\n",
+                  m, v[1], v[NR], slow, n, (m <= 2 ? "met" : "NOT met") }'
 }
 
 # ---------- 3. RSS with 2 peers ----------
@@ -495,19 +535,13 @@ if has_part tput || has_part wg; then
 fi
 if has_part ttd; then
     echo
-    echo "time to direct ($NAT1 x $NAT2, s): from \`tern up\` on both to c1 seeing c2 direct / to both seeing each other direct / from both Running to both direct"
-    awk '{ printf "  run %d: %s / %s / %s\n", NR, $1, $2, $3 }' "$WORK/ttd"
-    if ! grep -q timeout "$WORK/ttd"; then
-        med=$(awk '{ print $2 }' "$WORK/ttd" | median)
-        awk -v m="$med" -v c="$(awk '{ print $1 }' "$WORK/ttd" | median)" \
-            -v mm="$(awk '{ print $2 }' "$WORK/ttd" | sort -g | sed -n '1p;$p' | paste -sd' ')" \
-            -v slow="$(awk '$2 > 2' "$WORK/ttd" | wc -l)" -v n="$(wc -l <"$WORK/ttd")" 'BEGIN {
-            split(mm, x, " ")
-            printf "median: **%.2f s** until both direct (c1 alone %.2f s; min %.2f s, max %.2f s; %d of %d runs over 2 s); goal <= 2 s: %s\n",
-                m, c, x[1], x[2], slow, n, (m <= 2 ? "met" : "NOT met") }'
-    else
-        echo "median: n/a (a run did not reach a direct path)"
-    fi
+    echo "time to direct ($NAT1 x $NAT2), daemons restarted and \`tern up\` on both each run; polls every 50 ms:"
+    for mode in $TTD_MODES; do
+        case $mode in
+            both-up) ttd_summary both-up 2 "ping c1 -> c2 once both are Running with each other as peer; median from then" ;;
+            race) ttd_summary race 1 "ping c1 -> c2 as soon as c1 has a route, c2 maybe not up yet; median from \`tern up\`" ;;
+        esac
+    done
 fi
 if has_part rss && [ -f "$WORK/rss.md" ]; then
     echo
