@@ -92,17 +92,23 @@ pub struct StatusArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(after_help = crate::ping_cli::EXIT_CODES_HELP)]
 pub struct PingArgs {
-    /// Number of pings.
-    #[arg(short = 'c', long = "c", default_value_t = 10)]
+    /// Maximum number of pings.
+    #[arg(short = 'c', long = "c", default_value_t = 10,
+          value_parser = clap::value_parser!(u32).range(1..))]
     pub count: u32,
-    /// Stop as soon as a direct path answers.
-    #[arg(long)]
+    /// Stop as soon as a direct path answers (`--until-direct=false` to keep pinging).
+    #[arg(long, default_value_t = true, num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", action = clap::ArgAction::Set)]
     pub until_direct: bool,
-    /// Time to wait for each pong, e.g. `5s`.
-    #[arg(long, default_value = "5s")]
-    pub timeout: String,
-    /// Peer name or tailnet IP.
+    /// Time to wait for each pong, e.g. `5s`, `500ms`, `1m`.
+    #[arg(long, default_value = "5s", value_parser = crate::ping_cli::parse_duration)]
+    pub timeout: std::time::Duration,
+    /// Print each answer as a JSON line (the LocalAPI's PingResult).
+    #[arg(long)]
+    pub json: bool,
+    /// Peer: MagicDNS name, short name, hostname, tailnet IP or `nodekey:…`.
     pub peer: String,
 }
 
@@ -248,8 +254,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Down => return node::down(&cli.socket),
         Command::Status(args) => return node::status(&cli.socket, args),
         Command::Ip(args) => return node::ip(&cli.socket, args),
-        Command::Ping(_) => "ping",
-        Command::Netcheck(_) => "netcheck",
+        Command::Ping(args) => return crate::ping_cli::run(&cli.socket, args),
+        Command::Netcheck(args) => return crate::netcheck_cli::run(&cli.socket, args),
         Command::Set(_) => "set",
         Command::Metrics => "metrics",
         Command::Top => "top",

@@ -6,15 +6,18 @@
 //! arrive on an mpsc channel; every view reads the [`Status`] watch channel.
 
 use std::path::PathBuf;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
-use tokio::sync::{mpsc, watch};
+use http::StatusCode;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::control::client::{self as control_client, ControlConfig, EngineLink, NodeIdentity};
+use crate::dataplane::api::{EngineGone, EngineHandle, NetcheckReport, PingResult};
 use crate::dataplane::{self, EngineConfig};
-use crate::localapi::{self, Command, SocketOwner, UpRequest};
+use crate::keys::NodePublic;
+use crate::localapi::{self, ApiError, Command, SocketOwner, UpRequest};
 use crate::state::{Prefs, StateDir};
 use crate::status::{BackendState, ControlState, DataPlaneStatus, Status};
 
@@ -59,6 +62,7 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
                 "waiting for the first network map".into()
             }),
             derp_latency_ms: Default::default(),
+            drops: Default::default(),
         },
         SystemTime::now(),
     ));
@@ -95,7 +99,7 @@ struct Daemon {
     /// The data plane, running next to the control task.
     engine: Option<JoinHandle<()>>,
     /// Asks the running engine for pings and netchecks (`None` without one).
-    engine_handle: Option<dataplane::api::EngineHandle>,
+    engine_handle: Option<EngineHandle>,
     tun: String,
     port: u16,
     /// Random per process, like the Go client's log id when logging is off.
@@ -111,6 +115,8 @@ impl Daemon {
                 cmd = commands.recv() => match cmd {
                     Some(Command::Up(req, reply)) => { let _ = reply.send(self.up(req)); }
                     Some(Command::Down(reply)) => { let _ = reply.send(self.down()); }
+                    Some(Command::Ping { peer, timeout, reply }) => self.ping(peer, timeout, reply),
+                    Some(Command::Netcheck(reply)) => self.netcheck(reply),
                     None => return Ok(()),
                 },
                 _ = tokio::signal::ctrl_c() => return Ok(()),
@@ -139,6 +145,52 @@ impl Daemon {
         self.stop_control();
         self.start_or_stop();
         Ok(())
+    }
+
+    /// The engine to ask for pings and netchecks, or why there is none (503).
+    fn engine_for_request(&self) -> Result<EngineHandle, ApiError> {
+        if self.tun == USERSPACE_NETWORKING {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the data plane is not running: ping and netcheck are not supported with \
+                 --tun userspace-networking yet",
+            ));
+        }
+        self.engine_handle.clone().ok_or_else(engine_not_running)
+    }
+
+    /// Answers in a task of its own: a ping takes up to its timeout, and the command loop
+    /// must stay responsive meanwhile.
+    fn ping(
+        &self,
+        peer: NodePublic,
+        timeout: Duration,
+        reply: oneshot::Sender<Result<PingResult, ApiError>>,
+    ) {
+        let engine = match self.engine_for_request() {
+            Ok(engine) => engine,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return;
+            }
+        };
+        tokio::spawn(async move {
+            let answer = bounded(timeout + ENGINE_ANSWER_MARGIN, engine.ping(peer, timeout)).await;
+            let _ = reply.send(answer);
+        });
+    }
+
+    fn netcheck(&self, reply: oneshot::Sender<Result<NetcheckReport, ApiError>>) {
+        let engine = match self.engine_for_request() {
+            Ok(engine) => engine,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return;
+            }
+        };
+        tokio::spawn(async move {
+            let _ = reply.send(bounded(NETCHECK_WAIT, engine.netcheck()).await);
+        });
     }
 
     fn down(&mut self) -> Result<(), String> {
@@ -229,6 +281,36 @@ impl Daemon {
                 s.data_plane.note = Some("stopped".into());
             });
         }
+    }
+}
+
+/// How much longer than the ping's own timeout we wait for the engine's answer.
+const ENGINE_ANSWER_MARGIN: Duration = Duration::from_secs(2);
+/// How long a netcheck may take before the LocalAPI gives up on the engine.
+const NETCHECK_WAIT: Duration = Duration::from_secs(20);
+
+fn engine_not_running() -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the data plane is not running; run tern up",
+    )
+}
+
+/// An engine request with an upper bound: a gone engine is a 503, a silent one a 504.
+async fn bounded<T>(
+    limit: Duration,
+    request: impl std::future::Future<Output = Result<T, EngineGone>>,
+) -> Result<T, ApiError> {
+    match tokio::time::timeout(limit, request).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(EngineGone)) => Err(engine_not_running()),
+        Err(_) => Err(ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            format!(
+                "the data plane did not answer within {}s",
+                limit.as_secs_f64()
+            ),
+        )),
     }
 }
 

@@ -44,6 +44,8 @@ use tern_platform::tun::{LinuxTun, Tun, TunConfig, DEFAULT_MTU};
 const BUF_LEN: usize = 65535;
 /// Packets queued towards one DERP region before new ones are dropped.
 const DERP_QUEUE: usize = 512;
+/// Socket buffer size asked for on the UDP sockets (Go magicsock's `socketBufferSize`).
+const UDP_BUFFER_BYTES: usize = 7 << 20;
 /// How often per-peer counters are copied into the status snapshot.
 const STATUS_EVERY: Duration = Duration::from_secs(1);
 
@@ -315,6 +317,17 @@ fn bind_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
         socket.set_only_v6(true)?;
     }
     socket.set_nonblocking(true)?;
+    // Large buffers as Go's magicsock asks for (7 MiB): bursts of WireGuard at line rate would
+    // otherwise overflow the default ~200 KiB and be dropped. The kernel caps them at
+    // net.core.{r,w}mem_max; that is fine.
+    for set in [
+        socket2::Socket::set_recv_buffer_size,
+        socket2::Socket::set_send_buffer_size,
+    ] {
+        if let Err(e) = set(&socket, UDP_BUFFER_BYTES) {
+            tracing::debug!(error = %e, "UDP socket buffer size");
+        }
+    }
     socket.bind(&addr.into())?;
     UdpSocket::from_std(socket.into())
 }
@@ -503,12 +516,13 @@ impl Engine {
             let sleep_until = deadline
                 .map(tokio::time::Instant::from_std)
                 .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
-            let mut to_tun: Option<Vec<u8>> = None;
+            // A decrypted packet for the TUN: its length in `self.out`.
+            let mut to_tun: Option<usize> = None;
             tokio::select! {
                 r = tun.recv(&mut tun_buf) => {
                     let n = r.map_err(EngineError::TunIo)?;
                     if let Some(packet) = tun_buf.get(..n) {
-                        self.outbound(packet);
+                        self.outbound(udp, packet);
                     }
                 }
                 Some(event) = inbound.recv() => match event {
@@ -549,8 +563,8 @@ impl Engine {
                     }
                 }
             }
-            if let Some(packet) = to_tun {
-                if let Err(e) = tun.send(&packet).await {
+            if let Some(packet) = to_tun.and_then(|n| self.out.get(..n)) {
+                if let Err(e) = tun.send(packet).await {
                     tracing::debug!(error = %e, "TUN write failed");
                 }
             }
@@ -625,16 +639,19 @@ impl Engine {
     }
 
     /// A packet from the TUN: route, encrypt, queue for its peer's path.
-    fn outbound(&mut self, packet: &[u8]) {
+    fn outbound(&mut self, udp: &UdpSockets, packet: &[u8]) {
         if let (Ok(summary), Some(filter)) = (PacketSummary::parse(packet), &mut self.filter) {
             filter.note_outbound(&summary);
         }
         let now = Instant::now();
         match self.peers.encapsulate(now, packet, &mut self.out) {
             (Some(id), WgOutput::ToNetwork(n)) => {
-                if let Some(bytes) = self.out.get(..n) {
-                    self.to_send.push((id, bytes.to_vec()));
+                // Sent straight from the output buffer: no copy on the direct path.
+                let out = std::mem::take(&mut self.out);
+                if let Some(datagram) = out.get(..n) {
+                    self.send_wireguard(udp, now, id, datagram);
                 }
+                self.out = out;
             }
             (_, WgOutput::Dropped(reason)) => {
                 tracing::trace!(?reason, "outbound packet dropped");
@@ -645,7 +662,7 @@ impl Engine {
 
     /// A packet from DERP: disco to the path machines; WireGuard decrypted for the sending
     /// peer, filtered, and handed back for the TUN.
-    fn inbound_derp(&mut self, region: u16, src: NodePublic, packet: &[u8]) -> Option<Vec<u8>> {
+    fn inbound_derp(&mut self, region: u16, src: NodePublic, packet: &[u8]) -> Option<usize> {
         if let Inbound::Disco { packet, .. } = crate::demux::classify_derp(packet) {
             let _ = self.paths.handle_derp(Instant::now(), region, src, packet);
             return None;
@@ -660,7 +677,7 @@ impl Engine {
 
     /// A UDP datagram: STUN to the netcheck task, disco to the path machines, WireGuard to its
     /// peer (by the address disco learned, else by WireGuard's own index or static key).
-    fn udp_datagram(&mut self, datagram: &[u8], from: SocketAddr) -> Option<Vec<u8>> {
+    fn udp_datagram(&mut self, datagram: &[u8], from: SocketAddr) -> Option<usize> {
         let from = unmap_v4(from);
         match crate::demux::classify_udp(datagram) {
             Inbound::Stun(bytes) => {
@@ -719,7 +736,8 @@ impl Engine {
     }
 
     /// Decrypts a WireGuard datagram of peer `id`; handshake answers are queued for sending.
-    fn decapsulate(&mut self, id: PeerId, packet: &[u8]) -> Option<Vec<u8>> {
+    /// Returns the length of an accepted packet for the TUN, left at the start of `self.out`.
+    fn decapsulate(&mut self, id: PeerId, packet: &[u8]) -> Option<usize> {
         let now = Instant::now();
         match self.peers.decapsulate_for(now, id, packet, &mut self.out) {
             WgOutput::ToNetwork(n) => {
@@ -738,7 +756,7 @@ impl Engine {
                     _ => false,
                 };
                 if accepted {
-                    Some(packet.to_vec())
+                    Some(n)
                 } else {
                     self.drops.filtered += 1;
                     None
@@ -766,23 +784,7 @@ impl Engine {
     fn flush(&mut self, udp: &UdpSockets) {
         let now = Instant::now();
         for (id, packet) in std::mem::take(&mut self.to_send) {
-            let Some(info) = self.info.get(&id).cloned() else {
-                continue;
-            };
-            let plan = self.paths.on_outgoing(now, &info.key);
-            let plan = plan.unwrap_or(SendPlan {
-                udp: None,
-                derp: Some(info.home_derp),
-            });
-            if let Some(addr) = plan.udp {
-                self.send_udp(udp, addr, &packet);
-            }
-            if let Some(region) = plan.derp {
-                let heard_on = self.last_region.get(&id).copied();
-                let derp = &self.derp;
-                let region = choose_region(region, heard_on, self.home, |r| derp.contains_key(&r));
-                self.send_derp(region, info.key, packet);
-            }
+            self.send_wireguard(udp, now, id, &packet);
         }
         while let Some(out) = self.paths.poll_transmit() {
             match out.dest {
@@ -792,6 +794,27 @@ impl Engine {
         }
         while let Some(event) = self.paths.poll_event() {
             self.on_path_event(event);
+        }
+    }
+
+    /// One WireGuard datagram to peer `id`, where its send plan says (UDP and/or DERP).
+    fn send_wireguard(&mut self, udp: &UdpSockets, now: Instant, id: PeerId, datagram: &[u8]) {
+        let Some(info) = self.info.get(&id) else {
+            return;
+        };
+        let (key, home_derp) = (info.key, info.home_derp);
+        let plan = self.paths.on_outgoing(now, &key).unwrap_or(SendPlan {
+            udp: None,
+            derp: Some(home_derp),
+        });
+        if let Some(addr) = plan.udp {
+            self.send_udp(udp, addr, datagram);
+        }
+        if let Some(region) = plan.derp {
+            let heard_on = self.last_region.get(&id).copied();
+            let derp = &self.derp;
+            let region = choose_region(region, heard_on, self.home, |r| derp.contains_key(&r));
+            self.send_derp(region, key, datagram.to_vec());
         }
     }
 
@@ -953,6 +976,7 @@ impl Engine {
                     .net_info
                     .as_ref()
                     .and_then(|n| n.mapping_varies_by_dest_ip),
+                udp_working: node.hostinfo.net_info.as_ref().and_then(|n| n.working_udp),
             });
             match self.peers.upsert(node.key, node.effective_allowed_ips()) {
                 Ok(id) => {
@@ -1156,8 +1180,11 @@ impl Engine {
             let ago = now.checked_duration_since(t)?;
             Some(rfc3339(wall.checked_sub(ago)?))
         };
+        let drops = self.drop_counts();
         status.send_if_modified(|s| {
             let before = s.peers.clone();
+            let drops_changed = s.data_plane.drops != drops;
+            s.data_plane.drops = drops;
             s.data_plane.active = true;
             s.data_plane.note = None;
             for p in &mut s.peers {
@@ -1191,8 +1218,33 @@ impl Engine {
                     }
                 }
             }
-            s.peers != before
+            s.peers != before || drops_changed
         });
+    }
+
+    /// Every drop counter by name, for status (zeros left out).
+    fn drop_counts(&self) -> BTreeMap<String, u64> {
+        let d = self.drops;
+        let c = self.paths.counters();
+        [
+            ("udp_unhandled", d.udp),
+            ("udp_unknown_peer", d.udp_unknown_peer),
+            ("udp_send_failed", d.udp_send_failed),
+            ("stun_unmatched", d.stun_unmatched),
+            ("no_derp", d.no_derp),
+            ("derp_queue_full", d.derp_queue_full),
+            ("filtered", d.filtered),
+            ("unknown_sender", d.unknown_sender),
+            ("disco_not_disco", c.not_disco),
+            ("disco_unknown_sender", c.unknown_sender),
+            ("disco_derp_sender_mismatch", c.derp_sender_mismatch),
+            ("disco_bad_box", c.bad_box),
+            ("disco_malformed", c.malformed),
+        ]
+        .into_iter()
+        .filter(|(_, n)| *n != 0)
+        .map(|(k, n)| (k.to_string(), n))
+        .collect()
     }
 
     /// Path, endpoint, latency, reason and history of one peer's machine.

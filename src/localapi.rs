@@ -6,6 +6,14 @@
 //! | `GET /localapi/v0/ip`       | —              | [`IpResponse`]      |
 //! | `POST /localapi/v0/up`      | [`UpRequest`]  | `{}`                |
 //! | `POST /localapi/v0/down`    | —              | `{}`                |
+//! | `POST /localapi/v0/ping`    | [`PingRequest`]| [`PingResult`]      |
+//! | `POST /localapi/v0/netcheck`| —              | [`NetcheckReport`]  |
+//!
+//! `ping` resolves the peer from the status snapshot ([`resolve_peer`]): 404 when nothing
+//! matches, 409 when several do, 503 without a running data plane, 504 when the engine does
+//! not answer in time. A ping that reaches the engine but gets no pong is a 200 with
+//! [`PingResult::error`] set (`timeout`, …); pinging this node itself is a 200 with `error`
+//! = [`PING_ERROR_LOCAL`].
 //!
 //! Errors are a non-2xx status with `{"error": "..."}`. Access control is the socket file
 //! itself: mode 0600, owned by root, or by the one `--operator` user the admin opted in.
@@ -27,7 +35,9 @@ use serde::{Deserialize, Serialize};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::status::Status;
+use crate::dataplane::api::{NetcheckReport, PingResult};
+use crate::keys::NodePublic;
+use crate::status::{PeerStatus, Status};
 
 /// Largest request body the server reads.
 const MAX_BODY: usize = 64 * 1024;
@@ -51,11 +61,158 @@ pub struct IpResponse {
     pub ipv6: Vec<String>,
 }
 
+/// `POST /localapi/v0/ping`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PingRequest {
+    /// MagicDNS name (with or without the trailing dot), its first label, hostname, any
+    /// tailnet IP, or `nodekey:…`.
+    pub peer: String,
+    /// How long to wait for the pong.
+    #[serde(default = "default_ping_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+fn default_ping_timeout_ms() -> u64 {
+    5000
+}
+
+/// Longest ping timeout the LocalAPI accepts (one minute).
+pub const MAX_PING_TIMEOUT_MS: u64 = 60_000;
+
+/// [`PingResult::error`] when the peer named is this node itself.
+pub const PING_ERROR_LOCAL: &str = "local";
+
+/// A LocalAPI failure the daemon reports: HTTP status and message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+        }
+    }
+}
+
 /// What the LocalAPI asks of the daemon; each carries the channel for the answer.
 #[derive(Debug)]
 pub enum Command {
     Up(UpRequest, oneshot::Sender<Result<(), String>>),
     Down(oneshot::Sender<Result<(), String>>),
+    /// Disco-ping the peer with this node key (already resolved by the LocalAPI).
+    Ping {
+        peer: NodePublic,
+        timeout: std::time::Duration,
+        reply: oneshot::Sender<Result<PingResult, ApiError>>,
+    },
+    Netcheck(oneshot::Sender<Result<NetcheckReport, ApiError>>),
+}
+
+/// Which node a `tern ping` argument names.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PingTarget<'a> {
+    Peer(&'a PeerStatus),
+    /// This node; carries its first tailnet IP.
+    SelfNode(String),
+}
+
+/// Find the node `query` names in `status`: the full MagicDNS name (trailing dot optional,
+/// any case), a tailnet IP, the node key text, then the first label of the name or the
+/// hostname (those two must be unique). Errors name no keys.
+pub fn resolve_peer<'a>(status: &'a Status, query: &str) -> Result<PingTarget<'a>, ApiError> {
+    let query = query.trim();
+    let not_found = || ApiError::new(StatusCode::NOT_FOUND, format!("no peer matches {query:?}"));
+    if query.is_empty() {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "no peer named"));
+    }
+    if status.self_node.is_none() {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no network map yet (this node is not connected to the tailnet): run tern up, \
+             see tern status",
+        ));
+    }
+    let wanted_name = query.trim_end_matches('.').to_ascii_lowercase();
+    let wanted_ip = query.parse::<std::net::IpAddr>().ok();
+    let wanted_key = query.parse::<NodePublic>().ok();
+    let exact = |name: &str, ips: &[String], key: &str| {
+        name.trim_end_matches('.')
+            .eq_ignore_ascii_case(&wanted_name)
+            || wanted_ip.is_some_and(|want| {
+                ips.iter()
+                    .any(|ip| ip.parse::<std::net::IpAddr>().ok() == Some(want))
+            })
+            || wanted_key
+                .as_ref()
+                .is_some_and(|want| key.parse::<NodePublic>().ok().as_ref() == Some(want))
+    };
+    if let Some(me) = &status.self_node {
+        if exact(&me.name, &me.tailnet_ips, &me.node_key) {
+            return Ok(PingTarget::SelfNode(
+                me.tailnet_ips.first().cloned().unwrap_or_default(),
+            ));
+        }
+    }
+    if let Some(peer) = status
+        .peers
+        .iter()
+        .find(|p| exact(&p.name, &p.tailnet_ips, &p.node_key))
+    {
+        return Ok(PingTarget::Peer(peer));
+    }
+    if wanted_ip.is_some() || wanted_key.is_some() || wanted_name.contains('.') {
+        return Err(not_found());
+    }
+    let short: Vec<&PeerStatus> = status
+        .peers
+        .iter()
+        .filter(|p| {
+            first_label(&p.name).eq_ignore_ascii_case(&wanted_name)
+                || p.hostname.eq_ignore_ascii_case(&wanted_name)
+        })
+        .collect();
+    match short.as_slice() {
+        [] => {
+            let is_me = status.self_node.as_ref().filter(|me| {
+                first_label(&me.name).eq_ignore_ascii_case(&wanted_name)
+                    || me.hostname.eq_ignore_ascii_case(&wanted_name)
+            });
+            match is_me {
+                Some(me) => Ok(PingTarget::SelfNode(
+                    me.tailnet_ips.first().cloned().unwrap_or_default(),
+                )),
+                None => Err(not_found()),
+            }
+        }
+        [one] => Ok(PingTarget::Peer(one)),
+        several => {
+            let names: Vec<&str> = several.iter().map(|p| p.name.as_str()).collect();
+            Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!(
+                    "{query:?} matches several peers ({}); use the full name or an IP",
+                    names.join(", ")
+                ),
+            ))
+        }
+    }
+}
+
+/// The first label of a MagicDNS name (`n2` of `n2.tailnet.example.`).
+fn first_label(name: &str) -> &str {
+    name.split('.').next().unwrap_or_default()
+}
+
+/// The name `tailscale ping` prints: the first label of the MagicDNS name, else the hostname.
+pub fn ping_display_name(peer: &PeerStatus) -> String {
+    match first_label(&peer.name) {
+        "" => peer.hostname.clone(),
+        label => label.to_string(),
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -182,15 +339,99 @@ impl Shared {
                 Err(reply) => reply,
             },
             (Method::POST, "/localapi/v0/down") => self.command(Command::Down).await,
+            (Method::POST, "/localapi/v0/ping") => match read_json::<PingRequest>(req).await {
+                Ok(ping) => self.ping(ping).await,
+                Err(reply) => reply,
+            },
+            (Method::POST, "/localapi/v0/netcheck") => {
+                let reply = self.ask(Command::Netcheck).await;
+                result_reply(reply)
+            }
             (
                 _,
-                "/localapi/v0/status" | "/localapi/v0/ip" | "/localapi/v0/up" | "/localapi/v0/down",
+                "/localapi/v0/status"
+                | "/localapi/v0/ip"
+                | "/localapi/v0/up"
+                | "/localapi/v0/down"
+                | "/localapi/v0/ping"
+                | "/localapi/v0/netcheck",
             ) => error_reply(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
             _ => error_reply(
                 StatusCode::NOT_FOUND,
                 &format!("no LocalAPI endpoint {path}"),
             ),
         }
+    }
+
+    /// Resolve the peer here (from the snapshot), let the daemon ask the engine, and name the
+    /// peer in the answer.
+    async fn ping(&self, req: PingRequest) -> Reply {
+        if req.timeout_ms == 0 || req.timeout_ms > MAX_PING_TIMEOUT_MS {
+            return error_reply(
+                StatusCode::BAD_REQUEST,
+                &format!("timeout_ms must be 1..={MAX_PING_TIMEOUT_MS}"),
+            );
+        }
+        let (key, node_name, node_ip) = {
+            let status = self.status.borrow();
+            match resolve_peer(&status, &req.peer) {
+                Ok(PingTarget::SelfNode(ip)) => {
+                    return json_reply(&PingResult {
+                        node_ip: ip,
+                        error: Some(PING_ERROR_LOCAL.into()),
+                        ..Default::default()
+                    })
+                }
+                Ok(PingTarget::Peer(peer)) => match peer.node_key.parse::<NodePublic>() {
+                    Ok(key) => (
+                        key,
+                        ping_display_name(peer),
+                        peer.tailnet_ips.first().cloned().unwrap_or_default(),
+                    ),
+                    Err(_) => {
+                        return error_reply(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            "the peer's node key in the status snapshot is unreadable",
+                        )
+                    }
+                },
+                Err(e) => return error_reply(e.status, &e.message),
+            }
+        };
+        let timeout = std::time::Duration::from_millis(req.timeout_ms);
+        let answer = self
+            .ask(|reply| Command::Ping {
+                peer: key,
+                timeout,
+                reply,
+            })
+            .await
+            .map(|result| PingResult {
+                node_name,
+                node_ip,
+                ..result
+            });
+        result_reply(answer)
+    }
+
+    /// Send a command whose answer is a value or an [`ApiError`].
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, ApiError>>) -> Command,
+    ) -> Result<T, ApiError> {
+        let (tx, rx) = oneshot::channel();
+        if self.commands.send(make(tx)).await.is_err() {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "daemon is shutting down",
+            ));
+        }
+        rx.await.unwrap_or_else(|_| {
+            Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "daemon dropped the request",
+            ))
+        })
     }
 
     async fn command(
@@ -228,6 +469,13 @@ async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Re
         .map_err(|e| error_reply(StatusCode::PAYLOAD_TOO_LARGE, &format!("request body: {e}")))?;
     serde_json::from_slice(&body.to_bytes())
         .map_err(|e| error_reply(StatusCode::BAD_REQUEST, &format!("bad JSON: {e}")))
+}
+
+fn result_reply<T: Serialize>(result: Result<T, ApiError>) -> Reply {
+    match result {
+        Ok(value) => json_reply(&value),
+        Err(e) => error_reply(e.status, &e.message),
+    }
 }
 
 fn json_reply<T: Serialize>(value: &T) -> Reply {
@@ -281,6 +529,19 @@ impl Client {
             .call(Method::POST, "/localapi/v0/down", Some(Vec::new()))
             .await?;
         Ok(())
+    }
+
+    /// One disco ping through the daemon (see [`PingRequest`]).
+    pub async fn ping(&self, req: &PingRequest) -> Result<PingResult, LocalApiError> {
+        let body = serde_json::to_vec(req)?;
+        self.call(Method::POST, "/localapi/v0/ping", Some(body))
+            .await
+    }
+
+    /// A fresh netcheck from the running data plane.
+    pub async fn netcheck(&self) -> Result<NetcheckReport, LocalApiError> {
+        self.call(Method::POST, "/localapi/v0/netcheck", Some(Vec::new()))
+            .await
     }
 
     async fn call<T: serde::de::DeserializeOwned>(
@@ -338,6 +599,7 @@ mod tests {
                 active: false,
                 note: None,
                 derp_latency_ms: Default::default(),
+                drops: Default::default(),
             },
             SystemTime::UNIX_EPOCH,
         )
@@ -386,6 +648,7 @@ mod tests {
                     Command::Down(tx) => {
                         let _ = tx.send(Ok(()));
                     }
+                    other => panic!("unexpected command {other:?}"),
                 }
             }
         });
@@ -426,6 +689,224 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    fn peer(name: &str, ip: &str, key_byte: u8) -> PeerStatus {
+        PeerStatus {
+            name: format!("{name}.tailnet.example"),
+            hostname: format!("host-{name}"),
+            node_id: 2,
+            stable_id: name.into(),
+            node_key: format!("nodekey:{}", hex::encode([key_byte; 32])),
+            disco_key: None,
+            tailnet_ips: vec![ip.into(), format!("fd7a:115c:a1e0::{key_byte:x}")],
+            os: None,
+            online: Some(true),
+            last_seen: None,
+            key_expiry: None,
+            expired: false,
+            home_derp: None,
+            endpoints: vec![],
+            path: None,
+            endpoint: None,
+            derp_region: None,
+            latency_ms: None,
+            rx_bytes: 0,
+            tx_bytes: 0,
+            last_handshake_at: None,
+            path_reason: None,
+            last_pong_at: None,
+            path_history: vec![],
+        }
+    }
+
+    fn tailnet() -> Status {
+        let mut s = initial();
+        s.self_node = Some(crate::status::SelfStatus {
+            name: "c1.tailnet.example".into(),
+            hostname: "c1".into(),
+            node_id: 1,
+            stable_id: "c1".into(),
+            user_id: 1,
+            node_key: format!("nodekey:{}", "11".repeat(32)),
+            machine_key: format!("mkey:{}", "33".repeat(32)),
+            disco_key: format!("discokey:{}", "44".repeat(32)),
+            tailnet_ips: vec!["100.64.0.1".into()],
+            key_expiry: None,
+            home_derp: None,
+        });
+        s.peers = vec![
+            peer("c2", "100.64.0.2", 0x22),
+            peer("web", "100.64.0.3", 0x33),
+            peer("web.other", "100.64.0.4", 0x44),
+        ];
+        s
+    }
+
+    fn resolved_name(status: &Status, query: &str) -> Result<String, ApiError> {
+        resolve_peer(status, query).map(|t| match t {
+            PingTarget::Peer(p) => p.name.clone(),
+            PingTarget::SelfNode(ip) => format!("self {ip}"),
+        })
+    }
+
+    #[test]
+    fn peers_resolve_by_name_label_hostname_ip_and_key() {
+        let s = tailnet();
+        let c2 = Ok("c2.tailnet.example".to_string());
+        for query in [
+            "c2.tailnet.example",
+            "c2.tailnet.example.",
+            "C2.Tailnet.Example",
+            "c2",
+            "host-c2",
+            "100.64.0.2",
+            "fd7a:115c:a1e0::22",
+            "fd7a:115c:a1e0:0::22",
+            &format!("nodekey:{}", "22".repeat(32)),
+        ] {
+            assert_eq!(resolved_name(&s, query), c2, "{query}");
+        }
+        assert_eq!(
+            resolved_name(&s, "web.tailnet.example"),
+            Ok("web.tailnet.example".to_string())
+        );
+        assert_eq!(resolved_name(&s, "c1"), Ok("self 100.64.0.1".to_string()));
+        assert_eq!(
+            resolved_name(&s, "100.64.0.1"),
+            Ok("self 100.64.0.1".to_string())
+        );
+    }
+
+    #[test]
+    fn unknown_and_ambiguous_peers_are_refused_without_secrets() {
+        let s = tailnet();
+        for query in ["nope", "100.64.9.9", "nope.tailnet.example", "c2.tailnet"] {
+            let err = resolve_peer(&s, query).unwrap_err();
+            assert_eq!(err.status, StatusCode::NOT_FOUND, "{query}");
+            assert_eq!(err.message, format!("no peer matches {query:?}"));
+        }
+        let err = resolve_peer(&s, "web").unwrap_err();
+        assert_eq!(err.status, StatusCode::CONFLICT);
+        assert!(err
+            .message
+            .contains("web.tailnet.example, web.other.tailnet.example"));
+        assert!(!err.message.contains("nodekey"), "{}", err.message);
+        assert_eq!(
+            resolve_peer(&s, " ").unwrap_err().status,
+            StatusCode::BAD_REQUEST
+        );
+        let err = resolve_peer(&initial(), "c2").unwrap_err();
+        assert_eq!(err.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            err.message.contains("no network map yet"),
+            "{}",
+            err.message
+        );
+    }
+
+    /// A "daemon" that answers pings with a direct pong and netchecks with "no engine".
+    fn fake_engine(mut cmds: mpsc::Receiver<Command>) -> Arc<std::sync::Mutex<Vec<String>>> {
+        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let pinged = log.clone();
+        tokio::spawn(async move {
+            while let Some(cmd) = cmds.recv().await {
+                match cmd {
+                    Command::Ping {
+                        peer,
+                        timeout,
+                        reply,
+                    } => {
+                        if let Ok(mut pinged) = pinged.lock() {
+                            pinged.push(format!("{peer} {}ms", timeout.as_millis()));
+                        }
+                        let _ = reply.send(Ok(PingResult {
+                            path: Some("direct".into()),
+                            endpoint: Some("198.18.0.3:41641".into()),
+                            latency_ms: Some(2.0),
+                            ..Default::default()
+                        }));
+                    }
+                    Command::Netcheck(reply) => {
+                        let _ = reply.send(Err(ApiError::new(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "the data plane is not running; run tern up",
+                        )));
+                    }
+                    other => panic!("unexpected command {other:?}"),
+                }
+            }
+        });
+        log
+    }
+
+    #[tokio::test]
+    async fn ping_resolves_the_peer_and_names_it_in_the_answer() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (client, status_tx, cmds) = start(tmp.path()).await;
+        status_tx.send(tailnet()).unwrap();
+        let daemon = fake_engine(cmds);
+        let answer = client
+            .ping(&PingRequest {
+                peer: "c2".into(),
+                timeout_ms: 750,
+            })
+            .await
+            .unwrap();
+        assert_eq!(answer.node_name, "c2");
+        assert_eq!(answer.node_ip, "100.64.0.2");
+        assert_eq!(answer.path.as_deref(), Some("direct"));
+
+        let local = client
+            .ping(&PingRequest {
+                peer: "c1".into(),
+                timeout_ms: 750,
+            })
+            .await
+            .unwrap();
+        assert_eq!(local.error.as_deref(), Some(PING_ERROR_LOCAL));
+        assert_eq!(local.node_ip, "100.64.0.1");
+
+        let err = client
+            .ping(&PingRequest {
+                peer: "ghost".into(),
+                timeout_ms: 750,
+            })
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, LocalApiError::Status { status, message }
+                if *status == StatusCode::NOT_FOUND && message == "no peer matches \"ghost\""),
+            "{err}"
+        );
+        let err = client
+            .ping(&PingRequest {
+                peer: "c2".into(),
+                timeout_ms: 0,
+            })
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, LocalApiError::Status { status, .. } if *status == StatusCode::BAD_REQUEST),
+            "{err}"
+        );
+        let err = client
+            .call::<serde_json::Value>(Method::POST, "/localapi/v0/ping", Some(b"{}".to_vec()))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("bad JSON"), "{err}");
+
+        let err = client.netcheck().await.unwrap_err();
+        assert!(
+            matches!(&err, LocalApiError::Status { status, message }
+                if *status == StatusCode::SERVICE_UNAVAILABLE && message.contains("run tern up")),
+            "{err}"
+        );
+        // Only the one resolvable, valid ping reached the daemon, with its key and timeout.
+        assert_eq!(
+            *daemon.lock().unwrap(),
+            vec![format!("nodekey:{} 750ms", "22".repeat(32))]
+        );
     }
 
     #[tokio::test]

@@ -344,9 +344,13 @@ pub async fn stun_round(
     responses: &mut mpsc::Receiver<StunResponse>,
     targets: Vec<StunTarget>,
 ) -> StunResults {
-    // Answers to an earlier round are stale now.
-    while responses.try_recv().is_ok() {}
+    // Anything that arrived between rounds answers nothing we are waiting for.
+    let mut stale = 0;
+    while responses.try_recv().is_ok() {
+        stale += 1;
+    }
     let mut round = StunRound::new(targets);
+    round.unmatched = stale;
     let start = tokio::time::Instant::now();
     let deadline = start + STUN_TIMEOUT;
     let mut tries = 0;

@@ -141,6 +141,8 @@ pub enum PathReason {
     LocalHardNat,
     /// The peer's NAT maps per destination, and no pong came back.
     PeerHardNat,
+    /// The peer's netcheck found no working UDP, and no pong came back.
+    PeerUdpBlocked,
     /// Pings to every candidate timed out, for no known reason.
     NoPongFromCandidates,
     /// The direct path stopped answering (no pong for 6.5 s); DERP carries traffic again, and the
@@ -162,6 +164,7 @@ impl PathReason {
             PathReason::BothHardNat => "both-hard-nat",
             PathReason::LocalHardNat => "local-hard-nat",
             PathReason::PeerHardNat => "peer-hard-nat",
+            PathReason::PeerUdpBlocked => "peer-udp-blocked",
             PathReason::NoPongFromCandidates => "no-pong-from-candidates",
             PathReason::DirectLost => "direct-lost",
             PathReason::NoDerpRegion => "no-derp-region",
@@ -224,6 +227,8 @@ pub struct PeerInfo {
     pub endpoints: Vec<SocketAddr>,
     /// The peer's `MappingVariesByDestIP`, if known (used only to explain a failure).
     pub mapping_varies: Option<bool>,
+    /// The peer's `NetInfo.WorkingUDP`, if known (used only to explain a failure).
+    pub udp_working: Option<bool>,
 }
 
 /// What this node knows about its own network (from netcheck / endpoint discovery).
@@ -946,6 +951,9 @@ impl Peer {
         }
         if !self.unanswered_discovery {
             return PathReason::Discovering;
+        }
+        if self.info.udp_working == Some(false) {
+            return PathReason::PeerUdpBlocked;
         }
         let local_hard = self.local.mapping_varies == Some(true);
         let peer_hard = self.info.mapping_varies == Some(true);

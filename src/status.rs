@@ -129,7 +129,7 @@ pub struct PeerStatus {
     /// The peer's advertised UDP endpoints (from the netmap), `ip:port`.
     pub endpoints: Vec<String>,
     // --- Filled by the data plane (later issues); null/0 until then. ---
-    /// `direct`, `relay`, `derp`, or `null` when there is no path.
+    /// `direct`, `peer-relay`, `derp` or `none`; `null` before the data plane knows the peer.
     pub path: Option<String>,
     /// The endpoint in use for `direct`/`relay`, `ip:port`.
     pub endpoint: Option<String>,
@@ -177,6 +177,9 @@ pub struct DataPlaneStatus {
     /// Last measured latency to each DERP region in milliseconds (`null` = no answer).
     #[serde(default)]
     pub derp_latency_ms: std::collections::BTreeMap<u16, Option<f64>>,
+    /// Packets the data plane dropped, by cause (`disco_bad_box`, `stun_unmatched`, …).
+    #[serde(default)]
+    pub drops: std::collections::BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -272,7 +275,8 @@ pub fn render_human(status: &Status, now: SystemTime) -> String {
         }
         (_, Some(me)) => {
             let mut rows = vec![self_row(me)];
-            rows.extend(status.peers.iter().map(|p| peer_row(p, now)));
+            let active = status.data_plane.active;
+            rows.extend(status.peers.iter().map(|p| peer_row(p, active, now)));
             out.push_str(&format_rows(&rows));
         }
     }
@@ -299,7 +303,7 @@ fn self_row(me: &SelfStatus) -> [String; 4] {
     ]
 }
 
-fn peer_row(peer: &PeerStatus, now: SystemTime) -> [String; 4] {
+fn peer_row(peer: &PeerStatus, data_plane_active: bool, now: SystemTime) -> [String; 4] {
     let state = match peer.online {
         _ if peer.expired => "expired".to_string(),
         Some(true) => "online".to_string(),
@@ -309,10 +313,11 @@ fn peer_row(peer: &PeerStatus, now: SystemTime) -> [String; 4] {
         },
         None => "-".to_string(),
     };
-    let state = match (peer.path.as_deref(), peer.derp_region) {
-        (Some("derp"), Some(region)) => format!("{state}; derp({region})"),
-        (Some(path), _) => format!("{state}; {path}"),
-        _ => state,
+    let state = match describe_path(peer) {
+        Some(path) => format!("{state}; {path}"),
+        // With a running data plane, say plainly that this peer has no path.
+        None if data_plane_active => format!("{state}; -"),
+        None => state,
     };
     [
         first_ip(&peer.tailnet_ips),
@@ -320,6 +325,27 @@ fn peer_row(peer: &PeerStatus, now: SystemTime) -> [String; 4] {
         peer.os.clone().unwrap_or_else(|| "-".into()),
         state,
     ]
+}
+
+/// The path column: `direct 198.18.0.3:41641`, `peer-relay ip:port` or `derp(900)`, then the
+/// last measured latency and, once counted, the bytes (like `tailscale status`'s
+/// `, tx N rx M`).
+fn describe_path(peer: &PeerStatus) -> Option<String> {
+    let path = peer.path.as_deref().filter(|p| *p != "none")?;
+    let mut text = match (path, &peer.endpoint, peer.derp_region) {
+        ("derp", _, Some(region)) => format!("derp({region})"),
+        ("derp", _, None) => "derp".to_string(),
+        (path, Some(endpoint), _) => format!("{path} {endpoint}"),
+        (path, None, _) => path.to_string(),
+    };
+    if let Some(ms) = peer.latency_ms {
+        let nanos = crate::ping_cli::ms_to_nanos(ms);
+        let _ = write!(text, ", {}", crate::ping_cli::go_duration(nanos, 100_000));
+    }
+    if peer.tx_bytes > 0 || peer.rx_bytes > 0 {
+        let _ = write!(text, ", tx {} rx {}", peer.tx_bytes, peer.rx_bytes);
+    }
+    Some(text)
 }
 
 fn format_rows(rows: &[[String; 4]]) -> String {
@@ -417,6 +443,7 @@ mod tests {
             active: false,
             note: Some("no WireGuard data plane in this version".into()),
             derp_latency_ms: Default::default(),
+            drops: Default::default(),
         }
     }
 
@@ -532,7 +559,47 @@ mod tests {
         let text = render_human(&s, at(1_700_000_300));
         let lines: Vec<&str> = text.lines().collect();
         assert!(lines[1].ends_with("online; derp(900)"), "{text}");
+        s.peers[1].path = Some("none".into());
+        let text = render_human(&s, at(1_700_000_300));
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(
+            lines[2].ends_with("offline, last seen 5m ago; -"),
+            "no path while the data plane runs: {text}"
+        );
         assert!(!text.contains("no packets flow"), "{text}");
+    }
+
+    #[test]
+    fn human_output_shows_direct_endpoint_latency_and_bytes() {
+        let mut s = running();
+        s.data_plane.active = true;
+        s.peers[0].path = Some("direct".into());
+        s.peers[0].endpoint = Some("198.18.0.3:41641".into());
+        s.peers[0].latency_ms = Some(1.234);
+        s.peers[0].tx_bytes = 1200;
+        s.peers[0].rx_bytes = 3400;
+        s.peers[1].path = Some("derp".into());
+        s.peers[1].derp_region = Some(900);
+        s.peers[1].latency_ms = Some(12.0);
+        let text = render_human(&s, at(1_700_000_300));
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(
+            lines[1].ends_with("online; direct 198.18.0.3:41641, 1.2ms, tx 1200 rx 3400"),
+            "{text}"
+        );
+        assert!(lines[2].ends_with("; derp(900), 12ms"), "{text}");
+        s.peers[0].path = Some("peer-relay".into());
+        s.peers[0].endpoint = Some("198.18.0.9:7000".into());
+        s.peers[0].latency_ms = None;
+        s.peers[0].tx_bytes = 0;
+        s.peers[0].rx_bytes = 0;
+        let text = render_human(&s, at(1_700_000_300));
+        assert!(
+            text.lines()
+                .nth(1)
+                .is_some_and(|l| l.ends_with("online; peer-relay 198.18.0.9:7000")),
+            "{text}"
+        );
     }
 
     #[test]

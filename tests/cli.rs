@@ -18,6 +18,45 @@ fn unimplemented_subcommand_says_so_and_exits_2() {
 }
 
 #[test]
+fn ping_usage_errors_say_what_to_write() {
+    let out = tern()
+        .args(["ping", "--timeout", "nonsense", "c2"])
+        .output()
+        .expect("run tern");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("invalid duration \"nonsense\": write a number and a unit, e.g. 5s"),
+        "stderr: {stderr}"
+    );
+    let out = tern()
+        .args(["ping", "-c", "0", "c2"])
+        .output()
+        .expect("run tern");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("-c <COUNT>") && stderr.contains("0"),
+        "stderr: {stderr}"
+    );
+}
+
+#[test]
+fn ping_help_documents_the_exit_codes() {
+    let out = tern().args(["ping", "--help"]).output().expect("run tern");
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for needle in [
+        "0 = a pong came back over a direct path",
+        "3 = ",
+        "4 = no pong",
+        "1 = other",
+    ] {
+        assert!(help.contains(needle), "help lacks {needle:?}: {help}");
+    }
+}
+
+#[test]
 fn unknown_flag_is_refused_with_usage() {
     let out = tern()
         .args(["status", "--no-such-flag"])

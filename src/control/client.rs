@@ -815,6 +815,7 @@ mod tests {
                 active: false,
                 note: None,
                 derp_latency_ms: Default::default(),
+                drops: Default::default(),
             },
             SystemTime::UNIX_EPOCH,
         )

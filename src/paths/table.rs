@@ -322,6 +322,7 @@ mod tests {
             home_derp: Some(s.home),
             endpoints: vec![s.public],
             mapping_varies: Some(false),
+            udp_working: Some(true),
         }
     }
 

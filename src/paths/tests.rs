@@ -83,6 +83,7 @@ fn info(node: u8, home: Option<u16>, eps: &[&str]) -> PeerInfo {
         home_derp: home,
         endpoints: eps.iter().map(|e| addr(e)).collect(),
         mapping_varies: Some(false),
+        udp_working: Some(true),
     }
 }
 
@@ -497,6 +498,7 @@ impl Sim {
                         vec![]
                     },
                     mapping_varies: Some(hard[other]),
+                    udp_working: Some(true),
                 };
                 Node {
                     peer: Peer::new(t0, local.clone(), peer_info),
@@ -879,4 +881,11 @@ fn sim_udp_blocked_is_reported() {
     assert_eq!(sim.path(A), Path::Derp { region: HOME[B] });
     assert_eq!(sim.reason(A), PathReason::UdpBlocked);
     assert_eq!(sim.reason(A).as_str(), "udp-blocked");
+    // B learns from control that A's UDP does not work, and says so.
+    assert_eq!(sim.reason(B), PathReason::NoPongFromCandidates);
+    let mut a_info = sim.nodes[B].peer.info().clone();
+    a_info.udp_working = Some(false);
+    let now = sim.now;
+    sim.nodes[B].peer.update_info(now, a_info);
+    assert_eq!(sim.reason(B).as_str(), "peer-udp-blocked");
 }

@@ -59,6 +59,29 @@ caps = ["tailscale.com/cap/relay"]
     Config::parse(&text).expect("test config")
 }
 
+/// [`test_config`] plus a STUN-only node `900b` at `stun_ip` in region 900 (after `900a`), so a
+/// node can STUN two destinations and detect a NAT whose mapping varies by destination.
+pub fn test_config_with_stun_only(
+    listen: &str,
+    state_dir: &Path,
+    derp_ip: &str,
+    stun_ip: &str,
+    grace_secs: u64,
+) -> Config {
+    let mut config = test_config(listen, state_dir, derp_ip, grace_secs);
+    let region = &mut config.derp_regions[0];
+    let mut stun = region.nodes[0].clone();
+    stun.name = "900b".into();
+    stun.host_name = stun_ip.into();
+    stun.ipv4 = stun_ip.into();
+    stun.stun_only = true;
+    region.nodes.push(stun);
+    config
+        .validate()
+        .expect("test config with a STUN-only node");
+    config
+}
+
 impl LabServer {
     /// Starts the server; `netns` names a namespace (under /run/netns) to serve from.
     pub fn start(config: Config, netns: Option<&str>) -> LabServer {

@@ -363,8 +363,10 @@ impl Tailnet {
         if let Some(hostinfo) = &update.hostinfo {
             let merged = merge_hostinfo(&node.hostinfo, hostinfo);
             let derp = preferred_derp(&merged);
-            // NetInfo churns (DERP latencies); peers only care about its home DERP.
-            changes.hostinfo = without_netinfo(&node.hostinfo) != without_netinfo(&merged);
+            // NetInfo churns (DERP latencies); peers care about its home DERP and the NAT facts
+            // that explain why a direct path fails (rare changes).
+            changes.hostinfo = without_netinfo(&node.hostinfo) != without_netinfo(&merged)
+                || nat_facts(&node.hostinfo) != nat_facts(&merged);
             node.hostinfo = merged;
             if derp != 0 {
                 changes.home_derp = set_if_changed(&mut node.home_derp, derp);
@@ -555,6 +557,16 @@ fn without_netinfo(hostinfo: &Value) -> Value {
         map.remove("NetInfo");
     }
     copy
+}
+
+/// `NetInfo.MappingVariesByDestIP` and `WorkingUDP`: what peers show as the reason for a
+/// DERP-only path.
+fn nat_facts(hostinfo: &Value) -> (Option<&Value>, Option<&Value>) {
+    let net_info = hostinfo.get("NetInfo");
+    (
+        net_info.and_then(|n| n.get("MappingVariesByDestIP")),
+        net_info.and_then(|n| n.get("WorkingUDP")),
+    )
 }
 
 fn preferred_derp(hostinfo: &Value) -> u32 {

@@ -263,6 +263,42 @@ fn map_updates_report_changes_and_keep_netinfo() {
 }
 
 #[test]
+fn netinfo_nat_facts_reach_peers_but_latencies_do_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut tailnet = Tailnet::open(config(dir.path(), "")).unwrap();
+    let (a, _) = accepted(
+        tailnet
+            .register(&req(1, 1, Some("reusable"), "a"), 0)
+            .unwrap(),
+    );
+    let with_netinfo = |netinfo: serde_json::Value| NodeUpdate {
+        hostinfo: Some(json!({"Hostname": "a", "OS": "linux", "NetInfo": netinfo})),
+        ..NodeUpdate::default()
+    };
+    let hard = with_netinfo(json!({
+        "MappingVariesByDestIP": true,
+        "PreferredDERP": 900,
+        "DERPLatency": {"900-v4": 0.001}
+    }));
+    let changes = tailnet.update_node(a, &hard).unwrap();
+    assert!(
+        changes.hostinfo,
+        "a hard NAT is news for peers: {changes:?}"
+    );
+    let slower = with_netinfo(json!({
+        "MappingVariesByDestIP": true,
+        "PreferredDERP": 900,
+        "DERPLatency": {"900-v4": 0.002}
+    }));
+    let changes = tailnet.update_node(a, &slower).unwrap();
+    assert!(!changes.any(), "latencies alone are not: {changes:?}");
+    assert_eq!(
+        tailnet.node(a).unwrap().hostinfo["NetInfo"]["DERPLatency"]["900-v4"],
+        0.002
+    );
+}
+
+#[test]
 fn restart_keeps_nodes_and_addresses() {
     let dir = tempfile::tempdir().unwrap();
     let (a, ip) = {
