@@ -44,6 +44,8 @@ use tern_platform::tun::{LinuxTun, Tun, TunConfig, DEFAULT_MTU};
 const BUF_LEN: usize = 65535;
 /// Packets queued towards one DERP region before new ones are dropped.
 const DERP_QUEUE: usize = 512;
+/// Packets read from the TUN or the UDP sockets per wakeup at most (the rest waits for the next).
+const BATCH: usize = 64;
 /// Socket buffer size asked for on the UDP sockets (Go magicsock's `socketBufferSize`).
 const UDP_BUFFER_BYTES: usize = 7 << 20;
 /// How often per-peer counters are copied into the status snapshot.
@@ -291,6 +293,17 @@ impl UdpSockets {
         socket.try_send_to(datagram, to).map(|_| ())
     }
 
+    /// A datagram that is already waiting on either socket (`WouldBlock` when none is).
+    fn try_recv(&self, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr)> {
+        match self.v4.try_recv_from(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => match &self.v6 {
+                Some(v6) => v6.try_recv_from(buf),
+                None => Err(e),
+            },
+            other => other,
+        }
+    }
+
     async fn recv(&self, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr)> {
         match &self.v6 {
             Some(v6) => {
@@ -310,6 +323,35 @@ impl UdpSockets {
     }
 }
 
+/// Large buffers as Go's magicsock asks for (7 MiB): bursts of WireGuard at line rate would
+/// otherwise overflow the default ~200 KiB and be dropped. Like Go, the `…FORCE` options first
+/// (root may exceed `net.core.{r,w}mem_max`, which a fresh network namespace keeps at the
+/// default), then the plain ones (capped by the kernel).
+fn set_buffer_sizes(socket: &socket2::Socket) {
+    use std::os::fd::AsRawFd as _;
+    let size = libc::c_int::try_from(UDP_BUFFER_BYTES).unwrap_or(libc::c_int::MAX);
+    for (force, plain) in [
+        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+    ] {
+        let set = |option| {
+            // SAFETY: a valid socket fd and a c_int option value of the right size.
+            unsafe {
+                libc::setsockopt(
+                    socket.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    option,
+                    std::ptr::addr_of!(size).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            }
+        };
+        if set(force) != 0 && set(plain) != 0 {
+            tracing::debug!(error = %std::io::Error::last_os_error(), "UDP socket buffer size");
+        }
+    }
+}
+
 fn bind_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
     let domain = socket2::Domain::for_address(addr);
     let socket = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
@@ -317,17 +359,7 @@ fn bind_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
         socket.set_only_v6(true)?;
     }
     socket.set_nonblocking(true)?;
-    // Large buffers as Go's magicsock asks for (7 MiB): bursts of WireGuard at line rate would
-    // otherwise overflow the default ~200 KiB and be dropped. The kernel caps them at
-    // net.core.{r,w}mem_max; that is fine.
-    for set in [
-        socket2::Socket::set_recv_buffer_size,
-        socket2::Socket::set_send_buffer_size,
-    ] {
-        if let Err(e) = set(&socket, UDP_BUFFER_BYTES) {
-            tracing::debug!(error = %e, "UDP socket buffer size");
-        }
-    }
+    set_buffer_sizes(&socket);
     socket.bind(&addr.into())?;
     UdpSocket::from_std(socket.into())
 }
@@ -524,6 +556,7 @@ impl Engine {
                     if let Some(packet) = tun_buf.get(..n) {
                         self.outbound(udp, packet);
                     }
+                    self.drain_tun(tun, udp, &mut tun_buf)?;
                 }
                 Some(event) = inbound.recv() => match event {
                     DerpEvent::Packet { region, src, packet } => {
@@ -540,6 +573,8 @@ impl Engine {
                     if let Ok((n, from)) = r {
                         to_tun = self.udp_datagram(udp_buf.get(..n).unwrap_or_default(), from);
                     }
+                    self.write_tun(tun, to_tun.take()).await;
+                    self.drain_udp(tun, udp, &mut udp_buf).await;
                 }
                 changed = netmaps.changed() => {
                     if changed.is_err() {
@@ -563,16 +598,51 @@ impl Engine {
                     }
                 }
             }
-            if let Some(packet) = to_tun.and_then(|n| self.out.get(..n)) {
-                if let Err(e) = tun.send(packet).await {
-                    tracing::debug!(error = %e, "TUN write failed");
-                }
-            }
+            self.write_tun(tun, to_tun).await;
             self.flush(udp);
             if std::mem::take(&mut self.paths_changed) {
                 self.publish(status);
             }
         }
+    }
+
+    /// Packets that queued up on the TUN while we handled one: up to [`BATCH`] without going
+    /// back to the event loop (its per-wakeup cost, timers included, is paid once per burst).
+    fn drain_tun(
+        &mut self,
+        tun: &LinuxTun,
+        udp: &UdpSockets,
+        buf: &mut [u8],
+    ) -> Result<(), EngineError> {
+        for _ in 0..BATCH {
+            match tun.try_recv(buf) {
+                Ok(n) => {
+                    if let Some(packet) = buf.get(..n) {
+                        self.outbound(udp, packet);
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(EngineError::TunIo(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Datagrams that queued up on the UDP sockets, up to [`BATCH`], each decrypted packet
+    /// written to the TUN before the next is read (they share the output buffer).
+    async fn drain_udp(&mut self, tun: &LinuxTun, udp: &UdpSockets, buf: &mut [u8]) {
+        for _ in 0..BATCH {
+            let Ok((n, from)) = udp.try_recv(buf) else {
+                break;
+            };
+            let to_tun = self.udp_datagram(buf.get(..n).unwrap_or_default(), from);
+            self.write_tun(tun, to_tun).await;
+        }
+    }
+
+    /// Writes the decrypted packet of length `len` at the start of `self.out` to the TUN.
+    async fn write_tun(&mut self, tun: &LinuxTun, len: Option<usize>) {
+        write_tun(tun, len.and_then(|n| self.out.get(..n))).await;
     }
 
     /// Due WireGuard timers, path timers and `tern ping` timeouts.
@@ -1290,6 +1360,14 @@ fn path_fields(path: Path) -> (&'static str, Option<String>, Option<u16>) {
         Path::Direct { addr, .. } => ("direct", Some(addr.to_string()), None),
         Path::Derp { region } => ("derp", None, Some(region)),
         Path::None => ("none", None, None),
+    }
+}
+
+async fn write_tun(tun: &LinuxTun, packet: Option<&[u8]>) {
+    if let Some(packet) = packet {
+        if let Err(e) = tun.send(packet).await {
+            tracing::debug!(error = %e, "TUN write failed");
+        }
     }
 }
 

@@ -38,6 +38,9 @@ pub trait Tun: Send + Sync {
     fn recv(&self, buf: &mut [u8]) -> impl Future<Output = io::Result<usize>> + Send;
     /// Writes one IP packet.
     fn send(&self, packet: &[u8]) -> impl Future<Output = io::Result<usize>> + Send;
+    /// Reads one IP packet if one is waiting (`WouldBlock` otherwise): lets a reader drain a
+    /// burst without going back to its event loop for each packet.
+    fn try_recv(&self, buf: &mut [u8]) -> io::Result<usize>;
 }
 
 /// A Linux kernel TUN device (`IFF_TUN | IFF_NO_PI`, not persistent: it goes away with the fd).
@@ -112,5 +115,9 @@ impl Tun for LinuxTun {
 
     fn send(&self, packet: &[u8]) -> impl Future<Output = io::Result<usize>> + Send {
         self.device.send(packet)
+    }
+
+    fn try_recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        self.device.try_recv(buf)
     }
 }
