@@ -109,10 +109,13 @@ require_direct() {
 udp_counters() {
     ip netns exec "$LAB-$1" awk '/^Udp:/ { if (seen) { print $2, $6; exit } seen = 1 }' /proc/net/snmp
 }
-# udp_rcvbuf NODE PORT: the receive buffer (bytes) of NODE's IPv4 UDP socket on PORT (ss skmem rb).
-udp_rcvbuf() {
+# udp_buffers NODE PORT: "receive R B, send S B", the buffers of NODE's IPv4 UDP socket on PORT
+# (ss skmem rb and tb).
+udp_buffers() {
     ip netns exec "$LAB-$1" ss -u -a -m -n "sport = :$2" 2>/dev/null \
-        | awk '/0\.0\.0\.0|[0-9]+\.[0-9]+\.[0-9]+\.[0-9]+:/ { v4 = 1; next } v4 && /skmem/ { match($0, /rb[0-9]+/); print substr($0, RSTART + 2, RLENGTH - 2); exit }'
+        | awk '/0\.0\.0\.0|[0-9]+\.[0-9]+\.[0-9]+\.[0-9]+:/ { v4 = 1; next }
+            v4 && /skmem/ { match($0, /rb[0-9]+/); r = substr($0, RSTART + 2, RLENGTH - 2)
+                match($0, /tb[0-9]+/); printf "receive %s B, send %s B", r, substr($0, RSTART + 2, RLENGTH - 2); exit }'
 }
 udp_pre() { udp_counters c2 >"$WORK/$1.$2.udp0"; }
 udp_post() { udp_counters c2 >"$WORK/$1.$2.udp1"; }
@@ -181,7 +184,7 @@ tput_tern_finish() {
         label+=" -- PATH CHANGED DURING THE RUNS (was $T_EP1)"
     fi
     [ "$NOT_DIRECT" = 1 ] && label="tern c1 -> c2, NOT DIRECT (BENCH_ALLOW_DERP=1)"
-    summarize tern "$label" "c1 -> c2 via $ep (c2 -> c1 via $V_EP); path changes during the runs: $changes; $relayed; $(udp_drops tern), socket receive buffer $(udp_rcvbuf c2 41641) B; ping ${T_RTT} ms"
+    summarize tern "$label" "c1 -> c2 via $ep (c2 -> c1 via $V_EP); path changes during the runs: $changes; $relayed; $(udp_drops tern); c2's socket buffers: $(udp_buffers c2 41641); ping ${T_RTT} ms"
 }
 
 # wireguard-go through the same NATs: c1 and c2 each run wireguard-go (port 51820) with the
@@ -219,7 +222,7 @@ tput_wg_setup() {
     mapping=$(ip netns exec "$LAB-nat1" conntrack -L -p udp --orig-port-src "$WG_PORT" 2>/dev/null | head -1)
     log "wireguard-go through the NATs up; nat1 conntrack: $mapping"
     start_iperf_server "$LAB-c2" 100.127.77.2; W_IPERF=$IPERF_PID
-    W_RCVBUF=$(udp_rcvbuf c2 "$WG_PORT")
+    W_BUFFERS=$(udp_buffers c2 "$WG_PORT")
     local mtu label
     for mtu in $WG_MTUS; do
         label=wg
@@ -245,7 +248,7 @@ tput_wg_finish() {
     kill "$W_IPERF" 2>/dev/null || true
     for spec in "${WG_LABELS[@]}"; do
         summarize "${spec%%=*}" "wireguard-go c1 -> c2 through nat1/nat2 (endpoints $W_WAN1:$WG_PORT, $W_WAN2:$WG_PORT; MTU ${spec#*=})" \
-            "$(udp_drops "${spec%%=*}"), socket receive buffer $W_RCVBUF B; ping ${W_RTT} ms"
+            "$(udp_drops "${spec%%=*}"); c2's socket buffers: $W_BUFFERS; ping ${W_RTT} ms"
     done
     kill "$W_PID1" "$W_PID2" 2>/dev/null || true
 }
