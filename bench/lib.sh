@@ -60,7 +60,7 @@ bench_cleanup() {
             ip netns del "$ns"
         fi
     done
-    rm -rf "$WORK"
+    if [ "${BENCH_KEEP_WORK:-0}" = 1 ]; then echo "[bench] kept $WORK" >&2; else rm -rf "$WORK"; fi
     exit "$rc"
 }
 

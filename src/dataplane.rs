@@ -44,6 +44,9 @@ use tern_platform::tun::{LinuxTun, Tun, TunConfig, DEFAULT_MTU};
 const BUF_LEN: usize = 65535;
 /// Packets queued towards one DERP region before new ones are dropped.
 const DERP_QUEUE: usize = 512;
+/// Early handshake retransmissions after a DERP "peer gone": 0.5 s, then doubling, 3 at most.
+const HANDSHAKE_RETRY_FIRST: Duration = Duration::from_millis(500);
+const HANDSHAKE_RETRIES: u32 = 3;
 /// How long a packet from a not-yet-known node key makes us greet it when it joins the netmap.
 const LATE_PEER_WINDOW: Duration = Duration::from_secs(10);
 /// Not-yet-known senders remembered at most.
@@ -428,6 +431,36 @@ impl Drop for DerpLink {
 struct PeerInfo {
     key: NodePublic,
     home_derp: u16,
+    reach: Reach,
+}
+
+/// What in a peer's netmap entry says how to reach it; a change may make a lost handshake
+/// worth sending again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Reach {
+    disco_key: crate::keys::DiscoPublic,
+    home_derp: i32,
+    endpoints: Vec<SocketAddr>,
+    online: Option<bool>,
+}
+
+impl Reach {
+    fn of(node: &crate::control::tailcfg::Node) -> Reach {
+        Reach {
+            disco_key: node.disco_key,
+            home_derp: node.effective_home_derp(),
+            endpoints: node.endpoints.clone(),
+            online: node.online,
+        }
+    }
+}
+
+/// Early handshake retransmissions to a peer DERP said was not there: the next one (if any)
+/// and how many were sent since the session was last up.
+#[derive(Debug, Clone, Copy, Default)]
+struct HandshakeRetry {
+    due: Option<Instant>,
+    tries: u32,
 }
 
 /// A `tern ping` waiting for its pong.
@@ -472,6 +505,8 @@ struct Engine {
     /// Node keys that sent us WireGuard or disco before our netmap had them, and when: if one
     /// joins the netmap soon after, we start the handshake instead of waiting for its retry.
     heard_unknown: HashMap<NodePublic, Instant>,
+    /// Early handshake retransmissions after DERP said the peer is not there.
+    handshake_retries: HashMap<PeerId, HandshakeRetry>,
     private_key: NodePrivate,
     /// Whether tailnet IPv6 addresses go on the TUN.
     ipv6: bool,
@@ -518,6 +553,7 @@ impl Engine {
             inbound_tx,
             last_region: HashMap::new(),
             heard_unknown: HashMap::new(),
+            handshake_retries: HashMap::new(),
             private_key: config.node_key.clone(),
             ipv6: true,
             drops: DropCounters::default(),
@@ -532,7 +568,8 @@ impl Engine {
         let wg = self.peers.next_deadline();
         let paths = self.paths.poll_timeout().map(|(t, _, _)| t);
         let pings = self.pending_pings.iter().map(|p| p.deadline).min();
-        [wg, paths, pings].into_iter().flatten().min()
+        let retries = self.handshake_retries.values().filter_map(|r| r.due).min();
+        [wg, paths, pings, retries].into_iter().flatten().min()
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -660,6 +697,7 @@ impl Engine {
             to_send.push((id, b.to_vec()));
         });
         self.paths.handle_timeout(now);
+        self.run_handshake_retries(now);
         let (expired, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending_pings)
             .into_iter()
             .partition(|p| p.deadline <= now);
@@ -869,10 +907,57 @@ impl Engine {
     }
 
     /// The DERP server says `peer` left region `region`.
+    /// The server also says this when we sent to a peer that is not connected (yet): a
+    /// handshake of ours just got lost, so it is tried again soon (0.5 s, 1 s, 2 s after the
+    /// first loss) rather than at WireGuard's 5 s retransmission; a peer that is starting up
+    /// is usually on DERP by then.
     fn peer_gone(&mut self, region: u16, peer: &NodePublic) {
-        if let Some(id) = self.peers.id_of(peer) {
-            if self.last_region.get(&id) == Some(&region) {
-                self.last_region.remove(&id);
+        let Some(id) = self.peers.id_of(peer) else {
+            return;
+        };
+        if self.last_region.get(&id) == Some(&region) {
+            self.last_region.remove(&id);
+        }
+        let now = Instant::now();
+        if self
+            .peers
+            .session(id)
+            .is_some_and(|s| s.is_established(now))
+        {
+            // Nothing of ours was lost: a later loss gets the full set of early retries again.
+            self.handshake_retries.remove(&id);
+            return;
+        }
+        let retry = self.handshake_retries.entry(id).or_default();
+        if retry.due.is_none() && retry.tries < HANDSHAKE_RETRIES {
+            retry.due = Some(now + HANDSHAKE_RETRY_FIRST * (1 << retry.tries));
+        }
+    }
+
+    /// Early handshake retransmissions that are due (see [`Self::peer_gone`]).
+    fn run_handshake_retries(&mut self, now: Instant) {
+        let due: Vec<PeerId> = self
+            .handshake_retries
+            .iter()
+            .filter(|(_, r)| r.due.is_some_and(|t| t <= now))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in due {
+            if let Some(retry) = self.handshake_retries.get_mut(&id) {
+                retry.due = None;
+                retry.tries += 1;
+            }
+            if let WgOutput::ToNetwork(n) = self.peers.retry_handshake_now(now, id, &mut self.out) {
+                tracing::debug!(
+                    peer = id,
+                    "handshake lost on DERP (peer not there yet): sent again"
+                );
+                if let Some(bytes) = self.out.get(..n) {
+                    self.to_send.push((id, bytes.to_vec()));
+                }
+            } else {
+                // Established (or nothing pending): no more early retries.
+                self.handshake_retries.remove(&id);
             }
         }
     }
@@ -1059,8 +1144,9 @@ impl Engine {
     }
 
     fn sync_peers(&mut self, map: &NetworkMap) {
-        let mut seen = Vec::with_capacity(map.peers.len());
+        let mut seen = std::collections::HashSet::with_capacity(map.peers.len());
         let mut path_peers = Vec::with_capacity(map.peers.len());
+        let mut reachable_anew = Vec::new();
         for node in map.peers.values() {
             path_peers.push(paths::PeerInfo {
                 node_key: node.key,
@@ -1078,17 +1164,17 @@ impl Engine {
             });
             match self.peers.upsert(node.key, node.effective_allowed_ips()) {
                 Ok(id) => {
-                    seen.push(id);
-                    if !self.info.contains_key(&id) {
-                        self.greet_late_peer(id, node.key);
+                    seen.insert(id);
+                    let info = PeerInfo {
+                        key: node.key,
+                        home_derp: u16::try_from(node.effective_home_derp()).unwrap_or(0),
+                        reach: Reach::of(node),
+                    };
+                    match self.info.insert(id, info) {
+                        None => self.greet_late_peer(id, node.key),
+                        Some(old) if old.reach != Reach::of(node) => reachable_anew.push(id),
+                        Some(_) => {}
                     }
-                    self.info.insert(
-                        id,
-                        PeerInfo {
-                            key: node.key,
-                            home_derp: u16::try_from(node.effective_home_derp()).unwrap_or(0),
-                        },
-                    );
                 }
                 Err(e) => tracing::debug!(peer = %node.key, error = %e, "peer not added"),
             }
@@ -1103,8 +1189,19 @@ impl Engine {
             self.peers.remove(&key);
             self.info.remove(&id);
             self.last_region.remove(&id);
+            self.handshake_retries.remove(&id);
         }
-        self.paths.set_peers(Instant::now(), path_peers);
+        let now = Instant::now();
+        self.paths.set_peers(now, path_peers);
+        // A handshake sent while the peer was not there (it restarted, came online, got a new
+        // address) goes again now rather than at its 5 s retransmission.
+        for id in reachable_anew {
+            if let WgOutput::ToNetwork(n) = self.peers.retry_handshake_now(now, id, &mut self.out) {
+                if let Some(bytes) = self.out.get(..n) {
+                    self.to_send.push((id, bytes.to_vec()));
+                }
+            }
+        }
     }
 
     /// A peer that just joined our netmap: if it tried to reach us shortly before, start the

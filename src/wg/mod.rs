@@ -104,6 +104,9 @@ pub trait WgSession: Send {
     /// Starts a handshake now unless a session exists or one is under way (a peer that tried to
     /// reach us before we knew it would otherwise wait for its 5 s retransmission).
     fn initiate_handshake(&mut self, now: Instant, out: &mut [u8]) -> WgOutput;
+    /// Retransmits an unanswered handshake initiation now instead of at its 5 s timer (the
+    /// peer's reachability just changed, e.g. it came up); nothing when no handshake is pending.
+    fn retry_handshake_now(&mut self, now: Instant, out: &mut [u8]) -> WgOutput;
 }
 
 /// Errors when configuring peers.

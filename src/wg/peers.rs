@@ -243,6 +243,16 @@ impl WgPeers {
         res
     }
 
+    /// Retransmits peer `id`'s pending handshake now (see [`WgSession::retry_handshake_now`]).
+    pub fn retry_handshake_now(&mut self, now: Instant, id: PeerId, out: &mut [u8]) -> WgOutput {
+        let Some(peer) = self.peer_mut(id) else {
+            return WgOutput::Dropped(DropReason::NoPeer);
+        };
+        let res = peer.session.retry_handshake_now(now, out);
+        self.reschedule(id);
+        res
+    }
+
     fn known(&self, id: PeerId) -> Option<PeerId> {
         self.peer(id).map(|_| id)
     }

@@ -386,4 +386,11 @@ impl WgSession for BoringSession {
         }
         self.initiate(now, out, false)
     }
+
+    fn retry_handshake_now(&mut self, now: Instant, out: &mut [u8]) -> WgOutput {
+        if self.has_session() || self.timers.last_init_sent.is_none() {
+            return WgOutput::Done;
+        }
+        self.initiate(now, out, true)
+    }
 }

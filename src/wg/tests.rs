@@ -261,6 +261,34 @@ fn a_late_peer_answers_an_early_initiator_at_once() {
     assert_eq!(delivered, vec![first]);
     // With a session (or an initiation under way), nothing more is started.
     assert_eq!(b.initiate_handshake(now, id, &mut out), WgOutput::Done);
+    assert_eq!(b.retry_handshake_now(now, id, &mut out), WgOutput::Done);
+}
+
+#[test]
+fn a_pending_handshake_is_retransmitted_on_demand_only() {
+    let mut net = Net::new();
+    let mut out = vec![0u8; 2048];
+    // Nothing pending: nothing to retry.
+    assert_eq!(
+        net.a.peers.retry_handshake_now(net.now, 0, &mut out),
+        WgOutput::Done
+    );
+    // A's first initiation is lost (B is not there yet).
+    let (_, res) = net
+        .a
+        .peers
+        .encapsulate(net.now, &udp4(A_IP, B_IP, b"lost"), &mut out);
+    assert!(matches!(res, WgOutput::ToNetwork(148)));
+    // B comes up; A retries at once rather than after 5 s, and the queued packet arrives.
+    net.now += Duration::from_millis(300);
+    let res = net.a.peers.retry_handshake_now(net.now, 0, &mut out);
+    let WgOutput::ToNetwork(n) = res else {
+        panic!("expected a retransmitted initiation, got {res:?}")
+    };
+    net.b.inbox.push_back(out[..n].to_vec());
+    net.pump();
+    assert_eq!(net.b.tun, vec![udp4(A_IP, B_IP, b"lost")]);
+    assert_eq!(net.stats(true).handshakes_sent, 2);
 }
 
 #[test]
