@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 pub mod api;
+mod gso;
 
 use bytes::Bytes;
 use ipnet::IpNet;
@@ -285,19 +286,21 @@ impl UdpSockets {
         })
     }
 
+    /// The socket of `to`'s address family.
+    fn socket_for(&self, to: SocketAddr) -> std::io::Result<&UdpSocket> {
+        match (to.is_ipv4(), &self.v6) {
+            (true, _) => Ok(&self.v4),
+            (false, Some(v6)) => Ok(v6),
+            (false, None) => Err(std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                "no IPv6 socket",
+            )),
+        }
+    }
+
     /// Sends without waiting: a full socket buffer drops the datagram (as a network would).
     fn send(&self, to: SocketAddr, datagram: &[u8]) -> std::io::Result<()> {
-        let socket = match (to.is_ipv4(), &self.v6) {
-            (true, _) => &self.v4,
-            (false, Some(v6)) => v6,
-            (false, None) => {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::Unsupported,
-                    "no IPv6 socket",
-                ))
-            }
-        };
-        socket.try_send_to(datagram, to).map(|_| ())
+        self.socket_for(to)?.try_send_to(datagram, to).map(|_| ())
     }
 
     /// A datagram that is already waiting on either socket (`WouldBlock` when none is).
@@ -513,6 +516,9 @@ struct Engine {
     drops: DropCounters,
     /// A path changed since the last status publish.
     paths_changed: bool,
+    /// UDP datagrams waiting for one GSO send; off once the kernel refused GSO.
+    gso: gso::GsoBatch,
+    gso_enabled: bool,
     out: Vec<u8>,
     /// WireGuard datagrams to send, each to where its peer's send plan says.
     to_send: Vec<(PeerId, Vec<u8>)>,
@@ -558,6 +564,8 @@ impl Engine {
             ipv6: true,
             drops: DropCounters::default(),
             paths_changed: false,
+            gso: gso::GsoBatch::default(),
+            gso_enabled: true,
             out: vec![0u8; BUF_LEN + consts::DATA_OVERHEAD + consts::MIN_OUT_BUF],
             to_send: Vec::new(),
         }
@@ -978,6 +986,7 @@ impl Engine {
         while let Some(event) = self.paths.poll_event() {
             self.on_path_event(event);
         }
+        self.flush_udp(udp);
     }
 
     /// One WireGuard datagram to peer `id`, where its send plan says (UDP and/or DERP).
@@ -1001,7 +1010,47 @@ impl Engine {
         }
     }
 
+    /// Queues a datagram for UDP: consecutive ones to one address go out in one GSO send at
+    /// the end of this turn of the event loop (or when the batch is full).
     fn send_udp(&mut self, udp: &UdpSockets, to: SocketAddr, datagram: &[u8]) {
+        if !self.gso_enabled {
+            return self.send_udp_now(udp, to, datagram);
+        }
+        if let Some(ready) = self.gso.push(to, datagram) {
+            self.send_batch(udp, ready);
+        }
+    }
+
+    /// Sends what [`Self::send_udp`] batched.
+    fn flush_udp(&mut self, udp: &UdpSockets) {
+        if let Some(ready) = self.gso.take() {
+            self.send_batch(udp, ready);
+        }
+    }
+
+    fn send_batch(&mut self, udp: &UdpSockets, ready: gso::Ready) {
+        if ready.count == 1 {
+            return self.send_udp_now(udp, ready.dest, &ready.bytes);
+        }
+        let sent = udp
+            .socket_for(ready.dest)
+            .and_then(|socket| gso::send(socket, &ready));
+        match sent {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                self.drops.udp_send_failed += ready.count as u64;
+            }
+            Err(e) => {
+                tracing::info!(error = %e, "UDP GSO is not available here: sending datagrams one by one");
+                self.gso_enabled = false;
+                for datagram in ready.datagrams() {
+                    self.send_udp_now(udp, ready.dest, datagram);
+                }
+            }
+        }
+    }
+
+    fn send_udp_now(&mut self, udp: &UdpSockets, to: SocketAddr, datagram: &[u8]) {
         if let Err(e) = udp.send(to, datagram) {
             tracing::trace!(%to, error = %e, "UDP send failed");
             self.drops.udp_send_failed += 1;
