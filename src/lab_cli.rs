@@ -169,6 +169,9 @@ fn render_status(status: &LabStatus) -> String {
             node.socket.display(),
             node.status_command
         );
+        for peer in &node.peers {
+            let _ = writeln!(out, "    to {}: {}", peer.hostname, describe_path(peer));
+        }
     }
     for ns in &status.unknown_netns {
         let _ = writeln!(
@@ -179,6 +182,22 @@ fn render_status(status: &LabStatus) -> String {
     out
 }
 
+/// `direct 198.18.2.2:41641`, `derp(900), peer-hard-nat`, or `no path yet`.
+fn describe_path(peer: &tern_lab::state::PeerPathState) -> String {
+    let route = match (peer.path.as_deref(), &peer.endpoint, peer.derp_region) {
+        (Some("direct" | "peer-relay"), Some(ep), _) => {
+            format!("{} {ep}", peer.path.as_deref().unwrap_or_default())
+        }
+        (Some("derp"), _, Some(region)) => format!("derp({region})"),
+        (Some(path), _, _) => path.to_string(),
+        (None, _, _) => return "no path yet".into(),
+    };
+    match peer.path_reason.as_deref() {
+        Some(reason) if !matches!(reason, "direct") => format!("{route}, {reason}"),
+        _ => route,
+    }
+}
+
 /// `tern lab control`: load and check the config, then serve until killed.
 fn control(args: &LabControlArgs) -> anyhow::Result<ExitCode> {
     crate::cli::init_logging();
@@ -186,4 +205,41 @@ fn control(args: &LabControlArgs) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(crate::control::server::run_from_config(config))?;
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tern_lab::state::PeerPathState;
+
+    fn peer(
+        path: Option<&str>,
+        endpoint: Option<&str>,
+        region: Option<u16>,
+        reason: Option<&str>,
+    ) -> PeerPathState {
+        PeerPathState {
+            hostname: "c2".into(),
+            path: path.map(str::to_string),
+            endpoint: endpoint.map(str::to_string),
+            derp_region: region,
+            path_reason: reason.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn paths_read_like_tern_status() {
+        let direct = peer(
+            Some("direct"),
+            Some("198.18.2.2:41641"),
+            None,
+            Some("direct"),
+        );
+        assert_eq!(describe_path(&direct), "direct 198.18.2.2:41641");
+        let derp = peer(Some("derp"), None, Some(900), Some("both-hard-nat"));
+        assert_eq!(describe_path(&derp), "derp(900), both-hard-nat");
+        let none = peer(Some("none"), None, None, Some("no-derp-region"));
+        assert_eq!(describe_path(&none), "none, no-derp-region");
+        assert_eq!(describe_path(&peer(None, None, None, None)), "no path yet");
+    }
 }

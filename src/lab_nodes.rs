@@ -203,6 +203,7 @@ fn start_daemon(lab: &mut LabState, exe: &Path, client: &str) -> anyhow::Result<
         state_dir,
         backend_state: None,
         tailnet_ips: Vec::new(),
+        peers: Vec::new(),
     });
     lab.save()?;
     wait_until(
@@ -374,4 +375,15 @@ fn apply_live(node: &mut TernNodeState, status: &Status) {
         .as_ref()
         .map(|me| me.tailnet_ips.clone())
         .unwrap_or_default();
+    node.peers = status
+        .peers
+        .iter()
+        .map(|p| tern_lab::state::PeerPathState {
+            hostname: p.hostname.clone(),
+            path: p.path.clone(),
+            endpoint: p.endpoint.clone(),
+            derp_region: p.derp_region,
+            path_reason: p.path_reason.clone(),
+        })
+        .collect();
 }

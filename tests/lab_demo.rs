@@ -184,10 +184,49 @@ fn lab_up_runs_control_and_two_registered_nodes_and_down_removes_them() {
     );
     assert_eq!(daemon["data_plane"]["active"], true, "{daemon}");
 
-    // The human status names the control server and the command to ask each node.
+    // nat2 is hard: after the traffic the paths stay on DERP, and the lab status shows why, live
+    // (the reason settles when the first discovery pings time out, 5 s).
+    let want = |host: &Value| match host.as_str() {
+        Some("c1") => "peer-hard-nat",
+        _ => "local-hard-nat",
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let lab_status = loop {
+        let lab_status = ok_json(&["lab", "status", "--json"], &prefix);
+        let settled = lab_status["tern_nodes"].as_array().is_some_and(|nodes| {
+            nodes
+                .iter()
+                .all(|n| n["peers"][0]["path_reason"] == want(&n["hostname"]))
+        });
+        if settled {
+            break lab_status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "path reasons not settled after 15 s: {lab_status}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    };
+    for node in lab_status["tern_nodes"].as_array().unwrap() {
+        let peer = &node["peers"][0];
+        let other = if node["hostname"] == "c1" { "c2" } else { "c1" };
+        assert_eq!(peer["hostname"], other, "{node}");
+        assert_eq!(peer["path"], "derp", "{node}");
+        assert_eq!(peer["derp_region"], 900, "{node}");
+    }
+
+    // The human status names the control server, the command to ask each node and the paths.
     let human = tern(&["lab", "status"], &prefix);
     let human = text(&human);
     assert!(human.contains("http://10.99.0.20:8080"), "{human}");
+    assert!(
+        human.contains("    to c2: derp(900), peer-hard-nat\n"),
+        "{human}"
+    );
+    assert!(
+        human.contains("    to c1: derp(900), local-hard-nat\n"),
+        "{human}"
+    );
     for node in nodes {
         assert!(
             human.contains(node["status_command"].as_str().unwrap()),

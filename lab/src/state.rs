@@ -121,6 +121,24 @@ pub struct TernNodeState {
     /// Live: its tailnet addresses from its daemon (status only).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tailnet_ips: Vec<String>,
+    /// Live: how it reaches each peer, from its daemon (status only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peers: Vec<PeerPathState>,
+}
+
+/// One peer of a tern node and the path to it, as the node's `status --json` has it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerPathState {
+    pub hostname: String,
+    /// `direct`, `peer-relay`, `derp` or `none`; absent before the data plane runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub derp_region: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_reason: Option<String>,
 }
 
 /// A socket a lab service listens on.
