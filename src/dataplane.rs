@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 pub mod api;
-mod gso;
+mod offload;
 
 use bytes::Bytes;
 use ipnet::IpNet;
@@ -280,6 +280,11 @@ impl UdpSockets {
                 None
             }
         };
+        for socket in std::iter::once(&v4).chain(v6.as_deref()) {
+            if !offload::enable_gro(socket) {
+                tracing::debug!("UDP GRO not available: one datagram per read");
+            }
+        }
         Ok(Self {
             v4: Arc::new(v4),
             v6,
@@ -303,32 +308,35 @@ impl UdpSockets {
         self.socket_for(to)?.try_send_to(datagram, to).map(|_| ())
     }
 
-    /// A datagram that is already waiting on either socket (`WouldBlock` when none is).
-    fn try_recv(&self, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr)> {
-        match self.v4.try_recv_from(buf) {
+    /// Datagrams already waiting on either socket (`WouldBlock` when none are); with GRO on,
+    /// one read may hold several (see [`offload::Received`]).
+    fn try_recv(&self, buf: &mut [u8]) -> std::io::Result<offload::Received> {
+        match offload::recv(&self.v4, buf) {
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => match &self.v6 {
-                Some(v6) => v6.try_recv_from(buf),
+                Some(v6) => offload::recv(v6, buf),
                 None => Err(e),
             },
             other => other,
         }
     }
 
-    async fn recv(&self, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr)> {
-        match &self.v6 {
-            Some(v6) => {
-                let mut buf6 = [0u8; 2048];
-                tokio::select! {
-                    r = self.v4.recv_from(buf) => r,
-                    r = v6.recv_from(&mut buf6) => {
-                        let (n, from) = r?;
-                        let n = n.min(buf.len());
-                        buf[..n].copy_from_slice(&buf6[..n]);
-                        Ok((n, from))
-                    }
+    /// Waits for datagrams on either socket.
+    async fn recv(&self, buf: &mut [u8]) -> std::io::Result<offload::Received> {
+        loop {
+            let socket = match &self.v6 {
+                Some(v6) => tokio::select! {
+                    r = self.v4.readable() => r.map(|()| &self.v4)?,
+                    r = v6.readable() => r.map(|()| v6)?,
+                },
+                None => {
+                    self.v4.readable().await?;
+                    &self.v4
                 }
+            };
+            match offload::recv(socket, buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                other => return other,
             }
-            None => self.v4.recv_from(buf).await,
         }
     }
 }
@@ -517,7 +525,7 @@ struct Engine {
     /// A path changed since the last status publish.
     paths_changed: bool,
     /// UDP datagrams waiting for one GSO send; off once the kernel refused GSO.
-    gso: gso::GsoBatch,
+    gso: offload::GsoBatch,
     gso_enabled: bool,
     out: Vec<u8>,
     /// WireGuard datagrams to send, each to where its peer's send plan says.
@@ -564,7 +572,7 @@ impl Engine {
             ipv6: true,
             drops: DropCounters::default(),
             paths_changed: false,
-            gso: gso::GsoBatch::default(),
+            gso: offload::GsoBatch::default(),
             gso_enabled: true,
             out: vec![0u8; BUF_LEN + consts::DATA_OVERHEAD + consts::MIN_OUT_BUF],
             to_send: Vec::new(),
@@ -623,10 +631,9 @@ impl Engine {
                 }
                 Some(request) = requests.recv() => self.on_request(request),
                 r = udp.recv(&mut udp_buf) => {
-                    if let Ok((n, from)) = r {
-                        to_tun = self.udp_datagram(udp_buf.get(..n).unwrap_or_default(), from);
+                    if let Ok(received) = r {
+                        self.received(tun, &udp_buf, received).await;
                     }
-                    self.write_tun(tun, to_tun.take()).await;
                     self.drain_udp(tun, udp, &mut udp_buf).await;
                 }
                 changed = netmaps.changed() => {
@@ -685,10 +692,18 @@ impl Engine {
     /// written to the TUN before the next is read (they share the output buffer).
     async fn drain_udp(&mut self, tun: &LinuxTun, udp: &UdpSockets, buf: &mut [u8]) {
         for _ in 0..BATCH {
-            let Ok((n, from)) = udp.try_recv(buf) else {
+            let Ok(received) = udp.try_recv(buf) else {
                 break;
             };
-            let to_tun = self.udp_datagram(buf.get(..n).unwrap_or_default(), from);
+            self.received(tun, buf, received).await;
+        }
+    }
+
+    /// Handles what one UDP read brought: one datagram, or several that GRO coalesced.
+    async fn received(&mut self, tun: &LinuxTun, buf: &[u8], received: offload::Received) {
+        let data = buf.get(..received.len).unwrap_or_default();
+        for datagram in offload::segments(data, received.segment) {
+            let to_tun = self.udp_datagram(datagram, received.from);
             self.write_tun(tun, to_tun).await;
         }
     }
@@ -1028,13 +1043,13 @@ impl Engine {
         }
     }
 
-    fn send_batch(&mut self, udp: &UdpSockets, ready: gso::Ready) {
+    fn send_batch(&mut self, udp: &UdpSockets, ready: offload::Ready) {
         if ready.count == 1 {
             return self.send_udp_now(udp, ready.dest, &ready.bytes);
         }
         let sent = udp
             .socket_for(ready.dest)
-            .and_then(|socket| gso::send(socket, &ready));
+            .and_then(|socket| offload::send(socket, &ready));
         match sent {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {

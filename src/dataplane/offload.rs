@@ -1,21 +1,27 @@
-//! UDP generic segmentation offload for WireGuard sends: consecutive datagrams to the same
-//! address with the same size go to the kernel as one buffer and one `sendmsg` with a
-//! `UDP_SEGMENT` control message. The kernel (or the NIC) cuts it into datagrams as late as it
-//! can, so one skb instead of dozens crosses the stack; on a veth path (the lab) the whole
-//! forwarding path runs once per batch instead of once per packet.
+//! UDP segmentation offloads for WireGuard.
 //!
-//! [`GsoBatch`] is the pure part (which datagrams may share a send); [`send`] is the syscall.
-//! A kernel or device without UDP GSO fails the first batched send with an error other than
+//! Sending (GSO): consecutive datagrams to the same address with the same size go to the kernel
+//! as one buffer and one `sendmsg` with a `UDP_SEGMENT` control message. The kernel (or the NIC)
+//! cuts it into datagrams as late as it can, so one skb instead of dozens crosses the stack; on a
+//! veth path (the lab) the whole forwarding path runs once per batch instead of once per packet.
+//! [`GsoBatch`] is the pure part (which datagrams may share a send); [`send`] is the syscall. A
+//! kernel or device without UDP GSO fails the first batched send with an error other than
 //! `WouldBlock`; the caller then sends that batch one datagram at a time and stops batching.
+//!
+//! Receiving (GRO): with `UDP_GRO` on, the kernel may hand one `recvmsg` several datagrams of one
+//! flow back to back, all `segment` bytes but the last, and says so in a `UDP_GRO` control
+//! message ([`recv`]); [`segments`] splits them again.
 
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 
+use tokio::io::Interest;
 use tokio::net::UdpSocket;
 
-/// Linux `UDP_SEGMENT` (include/uapi/linux/udp.h), at level `IPPROTO_UDP`.
+/// Linux `UDP_SEGMENT` and `UDP_GRO` (include/uapi/linux/udp.h), at level `IPPROTO_UDP`.
 const UDP_SEGMENT: libc::c_int = 103;
+const UDP_GRO: libc::c_int = 104;
 /// The kernel's limit of segments per GSO send (`UDP_MAX_SEGMENTS`).
 pub const MAX_SEGMENTS: usize = 64;
 /// One send carries at most this many bytes (an IP packet's payload limit).
@@ -132,6 +138,121 @@ pub fn send(socket: &UdpSocket, ready: &Ready) -> io::Result<()> {
     Ok(())
 }
 
+/// Asks the kernel to coalesce received datagrams (`UDP_GRO`); false where it cannot.
+pub fn enable_gro(socket: &UdpSocket) -> bool {
+    let on: libc::c_int = 1;
+    // SAFETY: a valid socket fd and a c_int option value of the right size.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_UDP,
+            UDP_GRO,
+            std::ptr::addr_of!(on).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    rc == 0
+}
+
+/// What one [`recv`] read: `len` bytes from `from`, several datagrams of `segment` bytes each
+/// (the last may be shorter) when the kernel coalesced them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Received {
+    pub len: usize,
+    pub from: SocketAddr,
+    pub segment: Option<usize>,
+}
+
+/// The datagrams in `buf` as [`recv`] described them.
+pub fn segments(buf: &[u8], segment: Option<usize>) -> impl Iterator<Item = &[u8]> {
+    let size = segment.filter(|s| *s > 0).unwrap_or(buf.len().max(1));
+    buf.chunks(size)
+}
+
+/// One non-blocking `recvmsg` (`WouldBlock` when nothing waits), with the `UDP_GRO` segment
+/// size if the kernel coalesced datagrams. A datagram larger than `buf` is an error
+/// (`InvalidData`): it is dropped rather than handed on truncated.
+pub fn recv(socket: &UdpSocket, buf: &mut [u8]) -> io::Result<Received> {
+    socket.try_io(Interest::READABLE, || recvmsg(socket.as_raw_fd(), buf))
+}
+
+fn recvmsg(fd: libc::c_int, buf: &mut [u8]) -> io::Result<Received> {
+    // SAFETY: zeroed sockaddr_storage and msghdr are valid; every pointer set below outlives
+    // the recvmsg call and the buffers have the lengths given.
+    unsafe {
+        let mut storage: libc::sockaddr_storage = std::mem::zeroed();
+        let mut iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        let mut control = [0u64; 8];
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_name = std::ptr::addr_of_mut!(storage).cast();
+        msg.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = std::mem::size_of_val(&control) as _;
+        let n = libc::recvmsg(fd, &mut msg, libc::MSG_DONTWAIT);
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if msg.msg_flags & libc::MSG_TRUNC != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "datagram truncated",
+            ));
+        }
+        let mut segment = None;
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::IPPROTO_UDP && (*cmsg).cmsg_type == UDP_GRO {
+                let size = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::c_int>());
+                segment = usize::try_from(size).ok().filter(|s| *s > 0);
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        }
+        let from = socket_addr(&storage).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                "datagram from an unknown address family",
+            )
+        })?;
+        Ok(Received {
+            len: n as usize,
+            from,
+            segment,
+        })
+    }
+}
+
+/// A `sockaddr_storage` filled by the kernel as a `SocketAddr` (IPv4 or IPv6).
+fn socket_addr(storage: &libc::sockaddr_storage) -> Option<SocketAddr> {
+    match libc::c_int::from(storage.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: the family says the storage holds a sockaddr_in.
+            let sin =
+                unsafe { &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            let ip = std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+            Some(SocketAddr::new(ip.into(), u16::from_be(sin.sin_port)))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says the storage holds a sockaddr_in6.
+            let sin6 = unsafe {
+                &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>()
+            };
+            let ip = std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr);
+            Some(SocketAddr::V6(std::net::SocketAddrV6::new(
+                ip,
+                u16::from_be(sin6.sin6_port),
+                sin6.sin6_flowinfo,
+                sin6.sin6_scope_id,
+            )))
+        }
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -209,5 +330,39 @@ mod tests {
         }
         let want: Vec<Vec<u8>> = (0..5u8).map(|i| vec![i; 300]).chain([vec![9; 7]]).collect();
         assert_eq!(got, want);
+    }
+
+    /// GSO out, GRO in on loopback: the receiver reads the datagrams back, coalesced or not,
+    /// with the sender's address, and `segments` splits them as sent.
+    #[tokio::test]
+    async fn gro_receive_splits_back_into_the_datagrams_sent() {
+        let rx = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        assert!(enable_gro(&rx), "UDP_GRO refused on loopback");
+        let tx = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let to = rx.local_addr().unwrap();
+        let mut b = GsoBatch::default();
+        for i in 0..4u8 {
+            assert_eq!(b.push(to, &[i; 200]), None);
+        }
+        send(&tx, &b.take().unwrap()).expect("GSO send");
+        let mut got: Vec<Vec<u8>> = Vec::new();
+        let mut buf = vec![0u8; 65535];
+        while got.len() < 4 {
+            rx.readable().await.unwrap();
+            let r = match recv(&rx, &mut buf) {
+                Ok(r) => r,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => panic!("recv: {e}"),
+            };
+            assert_eq!(r.from, tx.local_addr().unwrap());
+            got.extend(segments(&buf[..r.len], r.segment).map(<[u8]>::to_vec));
+        }
+        let want: Vec<Vec<u8>> = (0..4u8).map(|i| vec![i; 200]).collect();
+        assert_eq!(got, want);
+        assert_eq!(segments(&[1, 2, 3], None).count(), 1);
+        assert_eq!(
+            segments(&[1, 2, 3], Some(2)).collect::<Vec<_>>(),
+            vec![&[1, 2][..], &[3]]
+        );
     }
 }
