@@ -502,8 +502,6 @@ struct Engine {
     /// STUN responses go to the netcheck task; `trigger` asks it for a report now.
     stun_tx: Option<mpsc::Sender<StunResponse>>,
     netcheck_trigger: Arc<Notify>,
-    /// The last netcheck report (also in status).
-    last_report: Option<api::NetcheckReport>,
     pending_pings: Vec<PendingPing>,
     pending_netchecks: Vec<oneshot::Sender<api::NetcheckReport>>,
     /// The port our UDP sockets are bound to (our local endpoints use it).
@@ -559,7 +557,6 @@ impl Engine {
             latency_history: LatencyHistory::default(),
             stun_tx: None,
             netcheck_trigger: Arc::new(Notify::new()),
-            last_report: None,
             pending_pings: Vec::new(),
             pending_netchecks: Vec::new(),
             udp_port: config.port,
@@ -1354,8 +1351,7 @@ impl Engine {
             let _ = reply.send(netcheck.clone());
         }
         publish_latency(status, &report.latency);
-        status.send_modify(|s| s.netcheck = Some(netcheck.clone()));
-        self.last_report = Some(netcheck);
+        status.send_modify(|s| s.netcheck = Some(netcheck));
     }
 
     /// The report `tern netcheck` shows.
