@@ -707,16 +707,8 @@ mod tests {
             expired: false,
             home_derp: None,
             endpoints: vec![],
-            path: None,
-            endpoint: None,
-            derp_region: None,
-            latency_ms: None,
-            rx_bytes: 0,
-            tx_bytes: 0,
-            last_handshake_at: None,
-            path_reason: None,
-            last_pong_at: None,
-            path_history: vec![],
+            // Filled by the data plane.
+            ..Default::default()
         }
     }
 

@@ -108,7 +108,7 @@ pub struct SelfStatus {
     pub home_derp: Option<u16>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct PeerStatus {
     pub name: String,
     pub hostname: String,
@@ -463,16 +463,8 @@ mod tests {
             expired: false,
             home_derp: Some(900),
             endpoints: vec![],
-            path: None,
-            endpoint: None,
-            derp_region: None,
-            latency_ms: None,
-            rx_bytes: 0,
-            tx_bytes: 0,
-            last_handshake_at: None,
-            path_reason: None,
-            last_pong_at: None,
-            path_history: Vec::new(),
+            // Filled by the data plane.
+            ..Default::default()
         }
     }
 

@@ -767,16 +767,8 @@ fn peer_status(node: &Node) -> PeerStatus {
         expired: node.expired,
         home_derp: region(node.effective_home_derp()),
         endpoints: node.endpoints.iter().map(|e| e.to_string()).collect(),
-        path: None,
-        endpoint: None,
-        derp_region: None,
-        latency_ms: None,
-        rx_bytes: 0,
-        tx_bytes: 0,
-        last_handshake_at: None,
-        path_reason: None,
-        last_pong_at: None,
-        path_history: Vec::new(),
+        // Filled by the data plane.
+        ..Default::default()
     }
 }
 
