@@ -61,8 +61,7 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
             } else {
                 "waiting for the first network map".into()
             }),
-            derp_latency_ms: Default::default(),
-            drops: Default::default(),
+            ..Default::default()
         },
         SystemTime::now(),
     ));

@@ -164,7 +164,7 @@ pub struct PathHistoryEntry {
     pub reason: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct DataPlaneStatus {
     /// The `--tun` setting: an interface name or `userspace-networking`.
     pub tun: String,
@@ -442,8 +442,7 @@ mod tests {
             port: 41641,
             active: false,
             note: Some("no WireGuard data plane in this version".into()),
-            derp_latency_ms: Default::default(),
-            drops: Default::default(),
+            ..Default::default()
         }
     }
 

@@ -804,10 +804,7 @@ mod tests {
             DataPlaneStatus {
                 tun: "t".into(),
                 port: 1,
-                active: false,
-                note: None,
-                derp_latency_ms: Default::default(),
-                drops: Default::default(),
+                ..Default::default()
             },
             SystemTime::UNIX_EPOCH,
         )
