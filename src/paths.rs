@@ -576,6 +576,11 @@ impl Peer {
         self.events.pop_front()
     }
 
+    /// Whether disco messages or events wait to be polled.
+    pub fn has_output(&self) -> bool {
+        !self.transmits.is_empty() || !self.events.is_empty()
+    }
+
     /// When [`Peer::handle_timeout`] must next be called, and why.
     pub fn poll_timeout(&self) -> Option<(Instant, TimeoutReason)> {
         let heartbeat = self.heartbeat_at.map(|t| (t, TimeoutReason::Heartbeat));

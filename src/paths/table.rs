@@ -3,7 +3,7 @@
 //! to send. Still sans-IO: the driver gives it datagrams and the time, and sends [`Outgoing`]
 //! packets on the UDP socket or via DERP.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::time::Instant;
 
@@ -69,6 +69,13 @@ pub struct PeerTable {
     by_disco: HashMap<DiscoPublic, NodePublic>,
     by_addr: HashMap<SocketAddr, NodePublic>,
     counters: DiscoCounters,
+    /// Peers handed input since their output was last drained: only they can have something
+    /// for `poll_transmit` / `poll_event`, so those never scan every peer.
+    touched: BTreeSet<NodePublic>,
+    /// Every peer's next deadline, earliest first (`deadline_of` is the reverse index), so
+    /// `poll_timeout` costs O(log n) per call, not a scan.
+    deadlines: BTreeSet<(Instant, NodePublic)>,
+    deadline_of: HashMap<NodePublic, Instant>,
 }
 
 impl std::fmt::Debug for PeerTable {
@@ -92,6 +99,37 @@ impl PeerTable {
             by_disco: HashMap::new(),
             by_addr: HashMap::new(),
             counters: DiscoCounters::default(),
+            touched: BTreeSet::new(),
+            deadlines: BTreeSet::new(),
+            deadline_of: HashMap::new(),
+        }
+    }
+
+    /// After `key`'s machine got input: its output may be waiting and its deadline moved.
+    fn touch(&mut self, key: NodePublic) {
+        if let Some(old) = self.deadline_of.remove(&key) {
+            self.deadlines.remove(&(old, key));
+        }
+        let Some(entry) = self.peers.get(&key) else {
+            self.touched.remove(&key);
+            return;
+        };
+        self.touched.insert(key);
+        if let Some((at, _)) = entry.peer.poll_timeout() {
+            self.deadlines.insert((at, key));
+            self.deadline_of.insert(key, at);
+        }
+    }
+
+    fn touch_all(&mut self) {
+        let keys: Vec<NodePublic> = self
+            .peers
+            .keys()
+            .chain(self.deadline_of.keys())
+            .copied()
+            .collect();
+        for key in keys {
+            self.touch(key);
         }
     }
 
@@ -129,6 +167,7 @@ impl PeerTable {
             .map(|(key, e)| (e.peer.info().disco_key, *key))
             .collect();
         self.by_addr.retain(|_, key| self.peers.contains_key(key));
+        self.touch_all();
     }
 
     /// New facts about our own network, for every peer.
@@ -137,6 +176,7 @@ impl PeerTable {
         for entry in self.peers.values_mut() {
             entry.peer.set_local(now, self.local.clone());
         }
+        self.touch_all();
     }
 
     /// A disco packet (starting at the magic) from UDP source `src`.
@@ -164,12 +204,20 @@ impl PeerTable {
 
     /// Outgoing WireGuard to `peer`: where to send it (None for an unknown peer).
     pub fn on_outgoing(&mut self, now: Instant, peer: &NodePublic) -> Option<SendPlan> {
-        self.peers.get_mut(peer).map(|e| e.peer.on_outgoing(now))
+        let plan = self.peers.get_mut(peer).map(|e| e.peer.on_outgoing(now));
+        if plan.is_some() {
+            self.touch(*peer);
+        }
+        plan
     }
 
     /// `tern ping` to `peer` (see [`Peer::cli_ping`]); None for an unknown peer.
     pub fn cli_ping(&mut self, now: Instant, peer: &NodePublic) -> Option<Vec<disco::TxId>> {
-        self.peers.get_mut(peer).map(|e| e.peer.cli_ping(now))
+        let sent = self.peers.get_mut(peer).map(|e| e.peer.cli_ping(now));
+        if sent.is_some() {
+            self.touch(*peer);
+        }
+        sent
     }
 
     /// The peer that owns WireGuard packets from `addr`, as learned from disco.
@@ -195,7 +243,9 @@ impl PeerTable {
     /// The next sealed disco packet to send.
     pub fn poll_transmit(&mut self) -> Option<Outgoing> {
         let me = self.disco_public;
-        self.peers.iter_mut().find_map(|(key, entry)| {
+        let peers = &mut self.peers;
+        self.touched.iter().find_map(|key| {
+            let entry = peers.get_mut(key)?;
             let t = entry.peer.poll_transmit()?;
             Some(Outgoing {
                 peer: *key,
@@ -206,11 +256,19 @@ impl PeerTable {
     }
 
     /// The next peer event; address attributions are also recorded for [`Self::peer_for_addr`].
+    /// When none is left, peers whose output is all drained stop being looked at.
     pub fn poll_event(&mut self) -> Option<PeerEvent> {
-        let (peer, event) = self
-            .peers
-            .iter_mut()
-            .find_map(|(key, entry)| entry.peer.poll_event().map(|e| (*key, e)))?;
+        let peers = &mut self.peers;
+        let found = self
+            .touched
+            .iter()
+            .find_map(|key| Some((*key, peers.get_mut(key)?.peer.poll_event()?)));
+        let Some((peer, event)) = found else {
+            let peers = &self.peers;
+            self.touched
+                .retain(|key| peers.get(key).is_some_and(|e| e.peer.has_output()));
+            return None;
+        };
         if let Event::AddrForPeer(addr) = event {
             self.by_addr.insert(addr, peer);
         }
@@ -219,18 +277,24 @@ impl PeerTable {
 
     /// The earliest deadline over all peers.
     pub fn poll_timeout(&self) -> Option<(Instant, NodePublic, TimeoutReason)> {
-        self.peers
-            .iter()
-            .filter_map(|(key, e)| e.peer.poll_timeout().map(|(t, r)| (t, *key, r)))
-            .min_by_key(|(t, _, _)| *t)
+        let (_, key) = self.deadlines.first()?;
+        let (at, reason) = self.peers.get(key)?.peer.poll_timeout()?;
+        Some((at, *key, reason))
     }
 
-    /// Runs every peer's timers that are due.
+    /// Runs the timers of every peer that has one due.
     pub fn handle_timeout(&mut self, now: Instant) {
-        for entry in self.peers.values_mut() {
-            if entry.peer.poll_timeout().is_some_and(|(t, _)| t <= now) {
+        let due: Vec<NodePublic> = self
+            .deadlines
+            .iter()
+            .take_while(|(at, _)| *at <= now)
+            .map(|(_, key)| *key)
+            .collect();
+        for key in due {
+            if let Some(entry) = self.peers.get_mut(&key) {
                 entry.peer.handle_timeout(now);
             }
+            self.touch(key);
         }
     }
 
@@ -279,6 +343,7 @@ impl PeerTable {
         if let Some(entry) = self.peers.get_mut(&node) {
             entry.peer.handle_disco(now, from, msg);
         }
+        self.touch(node);
         Ok(node)
     }
 }
@@ -449,6 +514,39 @@ mod tests {
         let header = disco::parse_packet(&out.packet).unwrap();
         let opened = disco::open(&disco::shared_box(&b_private, &header.sender), &header);
         assert!(matches!(opened, Ok(Message::Pong(_))));
+    }
+
+    #[test]
+    fn deadlines_and_output_follow_the_peers_that_got_input() {
+        let t0 = Instant::now();
+        let mut a = side(1, "203.0.113.1:41641", 1);
+        let others: Vec<Side> = (2..6)
+            .map(|n| side(n, &format!("198.51.100.{n}:41641"), 2))
+            .collect();
+        a.table.set_peers(t0, others.iter().map(info_of).collect());
+        // Idle peers: no deadline, nothing to send.
+        assert_eq!(a.table.poll_timeout(), None);
+        assert_eq!(a.table.poll_transmit(), None);
+        assert_eq!(a.table.poll_event(), None);
+        // Traffic to one peer: its pings go out and its deadline is the table's.
+        let busy = others[2].node_key;
+        a.table.on_outgoing(t0, &busy).unwrap();
+        let out: Vec<Outgoing> = std::iter::from_fn(|| a.table.poll_transmit()).collect();
+        assert!(!out.is_empty());
+        assert!(out.iter().all(|o| o.peer == busy));
+        while a.table.poll_event().is_some() {}
+        let (at, key, _) = a.table.poll_timeout().unwrap();
+        assert_eq!(key, busy);
+        // Its timers run when due (ping timeouts at 5 s, heartbeats at 3 s)…
+        a.table.handle_timeout(at);
+        assert!(a
+            .table
+            .poll_timeout()
+            .is_some_and(|(t, k, _)| t > at && k == busy));
+        // …and a peer that leaves the netmap takes its deadline along.
+        a.table
+            .set_peers(t0, others.iter().take(2).map(info_of).collect());
+        assert_eq!(a.table.poll_timeout(), None);
     }
 
     #[test]
