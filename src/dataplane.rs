@@ -723,8 +723,13 @@ impl Engine {
             .partition(|p| p.deadline <= now);
         self.pending_pings = waiting;
         for ping in expired {
+            let error = if ping.tx_ids.is_empty() {
+                "no path to the peer (no DERP region, no endpoints)"
+            } else {
+                "timeout"
+            };
             let _ = ping.reply.send(api::PingResult {
-                error: Some("timeout".into()),
+                error: Some(error.into()),
                 ..Default::default()
             });
         }
@@ -740,20 +745,15 @@ impl Engine {
             } => {
                 let now = Instant::now();
                 match self.paths.cli_ping(now, &peer) {
-                    Some(tx_ids) if !tx_ids.is_empty() => self.pending_pings.push(PendingPing {
+                    // No path yet (a peer that just joined has no home DERP until its first
+                    // netcheck): like Go, the ping waits for its timeout; unlike Go, it is sent
+                    // as soon as a netmap gives the peer a path.
+                    Some(tx_ids) => self.pending_pings.push(PendingPing {
                         peer,
                         tx_ids,
                         deadline: now + timeout,
                         reply,
                     }),
-                    Some(_) => {
-                        let _ = reply.send(api::PingResult {
-                            error: Some(
-                                "no path to the peer (no DERP region, no endpoints)".into(),
-                            ),
-                            ..Default::default()
-                        });
-                    }
                     None => {
                         let why = if self.peers.id_of(&peer).is_some() {
                             "the peer has no disco key (too old, or not connected to control)"
@@ -1201,7 +1201,21 @@ impl Engine {
         if let Some(derp_map) = &map.derp_map {
             self.set_derp_map(derp_map);
         }
+        self.send_unsent_pings(Instant::now());
         Ok(())
+    }
+
+    /// `tern ping`s that found no path to their peer: try again (after a netmap change).
+    fn send_unsent_pings(&mut self, now: Instant) {
+        for ping in self
+            .pending_pings
+            .iter_mut()
+            .filter(|p| p.tx_ids.is_empty())
+        {
+            if let Some(tx_ids) = self.paths.cli_ping(now, &ping.peer) {
+                ping.tx_ids = tx_ids;
+            }
+        }
     }
 
     fn sync_peers(&mut self, map: &NetworkMap) {

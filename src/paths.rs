@@ -19,7 +19,10 @@
 //! One addition to Go: a UDP ping that arrives while we are sending to the peer without a
 //! trusted direct path is also pinged back at once (the peer's NAT has just opened towards us),
 //! which brings both sides direct within a round trip of the peer's first ping instead of at our
-//! next 5 s discovery round.
+//! next 5 s discovery round. Another: a peer we have no candidate address for gets our endpoints
+//! in a CallMeMaybe anyway (at most every 10 s), so that its pings find us (see
+//! `Peer::invite_to_ping_us`), and a `tern ping` that pings candidates sends our CallMeMaybe
+//! with it rather than at the next heartbeat.
 //!
 //! On top of Go's behaviour this machine keeps a machine-readable [`PathReason`] and a short history
 //! of path changes for `tern status` and the dashboard.
@@ -59,6 +62,10 @@ pub mod consts {
     pub const MAX_ENDPOINTS: usize = 100;
     /// Wire MTU assumed for a path proven by an unpadded ping.
     pub const DEFAULT_WIRE_MTU: u16 = 1360;
+    /// Ours: the least gap between two CallMeMaybes to a peer we have no candidate for. Longer
+    /// than a discovery round on purpose: each one makes the peer re-ping us (postponing its own
+    /// round, which carries its CallMeMaybe), so inviting every 5 s could starve that round.
+    pub const INVITE_INTERVAL: Duration = Duration::from_secs(10);
     /// Path changes kept per peer.
     pub const PATH_HISTORY_LEN: usize = 16;
 }
@@ -393,6 +400,10 @@ pub struct Peer {
     /// The region we last heard this peer on (fallback when it has no home).
     derp_route: Option<u16>,
     call_me_maybe_pending: bool,
+    /// When we last sent (or asked for fresh endpoints to send) a CallMeMaybe.
+    call_me_maybe_at: Option<Instant>,
+    /// When we last invited a peer without candidates to ping us (see [`Peer::invite_to_ping_us`]).
+    invited_at: Option<Instant>,
     /// A discovery ping timed out while no best address existed.
     unanswered_discovery: bool,
     attributed: BTreeSet<SocketAddr>,
@@ -418,6 +429,8 @@ impl Peer {
             heartbeat_at: None,
             derp_route: None,
             call_me_maybe_pending: false,
+            call_me_maybe_at: None,
+            invited_at: None,
             unanswered_discovery: false,
             attributed: BTreeSet::new(),
             reported: (Path::None, PathReason::Idle),
@@ -480,12 +493,21 @@ impl Peer {
             (true, Some(addr)) => sent.push(self.send_ping(now, addr, PingPurpose::Cli)),
             _ if self.want_full_ping(now) => {
                 let candidates: Vec<SocketAddr> = self.endpoints.keys().copied().collect();
-                for addr in candidates {
-                    sent.push(self.send_ping(now, addr, PingPurpose::Cli));
+                for addr in &candidates {
+                    sent.push(self.send_ping(now, *addr, PingPurpose::Cli));
+                }
+                // Ours: Go leaves the CallMeMaybe to the heartbeat 3 s later, so behind a NAT
+                // that filters by address the first pongs come only after that.
+                let recently = self
+                    .call_me_maybe_at
+                    .is_some_and(|t| now.saturating_duration_since(t) < DISCO_PING_INTERVAL);
+                if !candidates.is_empty() && !self.local.endpoints.is_empty() && !recently {
+                    self.call_me_maybe(now);
                 }
             }
             _ => {}
         }
+        self.invite_to_ping_us(now);
         self.last_send_ext = Some(now);
         if self.heartbeat_at.is_none() {
             self.heartbeat_at = Some(now + HEARTBEAT_INTERVAL);
@@ -768,17 +790,44 @@ impl Peer {
         for addr in &due {
             let _ = self.send_ping(now, *addr, PingPurpose::Discovery);
         }
-        if !due.is_empty() && send_call_me_maybe && self.info.home_derp.is_some() {
-            let fresh = self
-                .local_endpoints_at
-                .is_some_and(|t| now.saturating_duration_since(t) <= ENDPOINTS_FRESH_ENOUGH);
-            if fresh {
-                self.queue_call_me_maybe();
-            } else if !self.call_me_maybe_pending {
-                self.call_me_maybe_pending = true;
-                self.events.push_back(Event::NeedEndpointRefresh);
-            }
+        if !due.is_empty() && send_call_me_maybe {
+            self.call_me_maybe(now);
+        } else if send_call_me_maybe {
+            self.invite_to_ping_us(now);
         }
+    }
+
+    /// Send our endpoints in a CallMeMaybe via the peer's home DERP, refreshing them first when
+    /// they are stale.
+    fn call_me_maybe(&mut self, now: Instant) {
+        if self.info.home_derp.is_none() {
+            return;
+        }
+        self.call_me_maybe_at = Some(now);
+        let fresh = self
+            .local_endpoints_at
+            .is_some_and(|t| now.saturating_duration_since(t) <= ENDPOINTS_FRESH_ENOUGH);
+        if fresh {
+            self.queue_call_me_maybe();
+        } else if !self.call_me_maybe_pending {
+            self.call_me_maybe_pending = true;
+            self.events.push_back(Event::NeedEndpointRefresh);
+        }
+    }
+
+    /// Ours on top of Go: a peer we have no candidate for (nothing in the netmap yet, e.g. a Go
+    /// node whose endpoint report raced with an empty one) cannot be pinged, so ask it to ping
+    /// us: a CallMeMaybe with our endpoints, at most every [`INVITE_INTERVAL`]. Its pings then
+    /// teach us its address and our ping-back completes the path in one round trip.
+    fn invite_to_ping_us(&mut self, now: Instant) {
+        let recently = self
+            .invited_at
+            .is_some_and(|t| now.saturating_duration_since(t) < INVITE_INTERVAL);
+        if !self.endpoints.is_empty() || self.local.endpoints.is_empty() || recently {
+            return;
+        }
+        self.invited_at = Some(now);
+        self.call_me_maybe(now);
     }
 
     fn queue_call_me_maybe(&mut self) {

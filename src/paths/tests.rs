@@ -231,6 +231,51 @@ fn call_me_maybe_over_derp_pings_all_now_and_over_udp_is_ignored() {
 }
 
 #[test]
+fn a_peer_without_candidates_is_invited_to_ping_us_every_10_s_at_most() {
+    let t0 = Instant::now();
+    let ours = addr("192.0.2.1:1");
+    let mut p = Peer::new(t0, local(1, &["192.0.2.1:1"]), info(2, Some(2), &[]));
+    let invitation = Transmit {
+        dest: Dest::Derp(2),
+        msg: Message::CallMeMaybe(vec![ours]),
+    };
+    // A CLI ping goes via DERP and brings our endpoints along.
+    p.cli_ping(t0);
+    let out = drain(&mut p);
+    assert_eq!(out.len(), 2, "{out:?}");
+    assert!(matches!(out[0].msg, Message::Ping(_)) && out[0].dest == Dest::Derp(2));
+    assert_eq!(out[1], invitation);
+    // Pings and traffic within 10 s send no second invitation …
+    for secs in [1, 5, 9] {
+        let t = t0 + Duration::from_secs(secs);
+        p.cli_ping(t);
+        p.on_outgoing(t);
+        assert!(!drain(&mut p).contains(&invitation), "at {secs} s");
+    }
+    // … traffic after 10 s does.
+    let t10 = t0 + INVITE_INTERVAL;
+    p.on_outgoing(t10);
+    assert_eq!(drain(&mut p), vec![invitation]);
+    // The peer's ping over UDP makes a candidate: from then on Go's rules apply, and our
+    // ping back goes to the address the ping came from.
+    let theirs = addr("203.0.113.7:9");
+    p.handle_disco(t10, PathSource::Udp(theirs), ping(1));
+    let out = drain(&mut p);
+    assert!(
+        out.iter().all(|t| t.dest == Dest::Direct(theirs)),
+        "{out:?}"
+    );
+    assert_eq!(out.len(), 2, "pong and ping back: {out:?}");
+    // Without endpoints of our own there is nothing to invite to.
+    let mut q = Peer::new(t0, local(1, &[]), info(2, Some(2), &[]));
+    q.cli_ping(t0);
+    q.on_outgoing(t0);
+    assert!(drain(&mut q)
+        .iter()
+        .all(|t| !matches!(t.msg, Message::CallMeMaybe(_))));
+}
+
+#[test]
 fn stale_own_endpoints_are_refreshed_before_call_me_maybe() {
     let t0 = Instant::now();
     let mut p = Peer::new(
@@ -377,12 +422,26 @@ fn no_derp_and_no_direct_is_no_path() {
 fn cli_ping_goes_via_derp_and_candidates_then_only_the_trusted_path() {
     let t0 = Instant::now();
     let cand = addr("203.0.113.5:1");
-    let mut p = Peer::new(t0, local(1, &[]), info(2, Some(2), &["203.0.113.5:1"]));
+    let mut p = Peer::new(
+        t0,
+        local(1, &["192.0.2.1:1"]),
+        info(2, Some(2), &["203.0.113.5:1"]),
+    );
     let txs = p.cli_ping(t0);
     let out = drain(&mut p);
     let dests: Vec<Dest> = out.iter().map(|t| t.dest).collect();
-    assert_eq!(dests, vec![Dest::Derp(2), Dest::Direct(cand)]);
+    // Pings via DERP and to the candidate, and our CallMeMaybe at once (Go: at the heartbeat).
+    assert_eq!(
+        dests,
+        vec![Dest::Derp(2), Dest::Direct(cand), Dest::Derp(2)]
+    );
+    assert_eq!(out[2].msg, Message::CallMeMaybe(vec![addr("192.0.2.1:1")]));
     assert_eq!(txs.len(), 2);
+    // A second ping within 5 s brings no second CallMeMaybe.
+    let _ = p.cli_ping(t0 + Duration::from_secs(1));
+    let again = drain(&mut p);
+    assert_eq!(again.len(), 2, "{again:?}");
+    assert!(again.iter().all(|t| matches!(t.msg, Message::Ping(_))));
     // The DERP reply is reported but changes nothing.
     let t1 = t0 + Duration::from_millis(50);
     let derp_pong = Message::Pong(Pong {
