@@ -215,6 +215,10 @@ pub struct LabUpArgs {
     /// NAT mode of the second client's NAT box: easy, hard, fw, udpblock, portfwd or none.
     #[arg(long, default_value = "easy")]
     pub nat2: String,
+    /// Dual stack: also give every host a global IPv6 address (2001:db8::/32, no NAT; the NAT
+    /// boxes' firewall applies), and the DERP region IPv6 STUN.
+    #[arg(long)]
+    pub ipv6: bool,
 }
 
 #[derive(Debug, Args)]

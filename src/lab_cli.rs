@@ -22,6 +22,7 @@ pub fn run(args: &LabArgs) -> anyhow::Result<ExitCode> {
             let defaults = LabUpArgs {
                 nat1: "easy".into(),
                 nat2: "easy".into(),
+                ipv6: false,
             };
             up(prefix, &defaults)?;
             status(prefix, &LabStatusArgs { json: false })
@@ -32,7 +33,7 @@ pub fn run(args: &LabArgs) -> anyhow::Result<ExitCode> {
 fn up(prefix: &str, args: &LabUpArgs) -> anyhow::Result<ExitCode> {
     let nat1: NatMode = args.nat1.parse().context("--nat1")?;
     let nat2: NatMode = args.nat2.parse().context("--nat2")?;
-    let mut lab = state::up(prefix, nat1, nat2)?;
+    let mut lab = state::up(prefix, nat1, nat2, args.ipv6)?;
     if let Err(err) = crate::lab_nodes::start(&mut lab) {
         // Never leave a half-started lab (or its processes) behind.
         if let Err(down_err) = state::down(prefix, true) {
@@ -41,8 +42,9 @@ fn up(prefix: &str, args: &LabUpArgs) -> anyhow::Result<ExitCode> {
         return Err(err.context(format!("starting lab `{prefix}` (torn down again)")));
     }
     println!(
-        "lab `{prefix}` is up: {} namespaces (nat1 {nat1}, nat2 {nat2}), control server {}, tern nodes {}",
+        "lab `{prefix}` is up: {} namespaces (nat1 {nat1}, nat2 {nat2}{}), control server {}, tern nodes {}",
         lab.nodes.len(),
+        if lab.ipv6 { ", dual-stack" } else { "" },
         crate::lab_nodes::control_url(),
         crate::lab_nodes::TERN_CLIENTS.join(", ")
     );

@@ -6,14 +6,14 @@
 //! `tern lab down` stops it; its output goes to a log file in the lab's state directory.
 
 use std::io::{Read as _, Write as _};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use tern_lab::detached::{self, Detached};
 use tern_lab::state::{self, LabState, ServiceState, SocketState, TernNodeState};
-use tern_lab::topology::{CONTROL_IP, RELAY_IPS};
+use tern_lab::topology::{v6_of, CONTROL_IP, RELAY_IPS};
 use tern_lab::Netns;
 
 use crate::localapi::{Client, UpRequest};
@@ -37,7 +37,7 @@ pub fn start(lab: &mut LabState) -> anyhow::Result<()> {
     let dir = state::state_dir(&lab.prefix);
     let auth_key = format!("tskey-auth-lab-{}", hex::encode(rand::random::<[u8; 16]>()));
     let config = dir.join("control.toml");
-    write_private(&config, &control_config(&dir, &auth_key))?;
+    write_private(&config, &control_config(&dir, &auth_key, lab.ipv6))?;
     write_private(&dir.join("auth.key"), &auth_key)?;
     // Refuse a bad config here, with its own error, rather than as a dead server later.
     tern_lab::control::Config::load(&config).context("the generated control config")?;
@@ -124,25 +124,29 @@ fn start_derp(lab: &mut LabState, exe: &Path) -> anyhow::Result<()> {
         relay.to_string(),
         dir.join("derp.key").display().to_string(),
     );
-    let stun_also = RELAY_IPS[1].to_string();
-    let mut derp = start_process(
-        lab,
-        &relay_ns,
-        "relay",
+    // The second IPv4 address, and in a dual-stack lab both IPv6 twins.
+    let stun_also: Vec<String> = std::iter::once(RELAY_IPS[1].into())
+        .chain(
+            RELAY_IPS
+                .iter()
+                .filter(|_| lab.ipv6)
+                .filter_map(|ip| v6_of(*ip).map(IpAddr::V6)),
+        )
+        .map(|ip: IpAddr| ip.to_string())
+        .collect();
+    let mut args = vec![
         "derp",
-        exe,
-        &[
-            "derp",
-            "--addr",
-            &addr_arg,
-            "--self-signed",
-            &host_arg,
-            "--key-file",
-            &key_arg,
-            "--stun-also",
-            &stun_also,
-        ],
-    )?;
+        "--addr",
+        &addr_arg,
+        "--self-signed",
+        &host_arg,
+        "--key-file",
+        &key_arg,
+    ];
+    for ip in &stun_also {
+        args.extend(["--stun-also", ip]);
+    }
+    let mut derp = start_process(lab, &relay_ns, "relay", "derp", exe, &args)?;
     lab.sockets.push(SocketState {
         name: "derp".into(),
         node: "relay".into(),
@@ -288,8 +292,15 @@ fn answers_key(ns: &Netns, addr: SocketAddr) -> Option<()> {
 
 /// The lab control server's config: one reusable key, a DERP region at the relay host (served by
 /// `tern derp`, self-signed, hence `insecure_for_tests`), state in `<dir>/control`.
-fn control_config(dir: &Path, auth_key: &str) -> String {
+fn control_config(dir: &Path, auth_key: &str, ipv6: bool) -> String {
     let (relay, stun2) = (RELAY_IPS[0], RELAY_IPS[1]);
+    // In a dual-stack lab both nodes get their IPv6 twins: clients STUN there for IPv6 (DERP
+    // itself is served on IPv4 only; Go clients fall back to it at once).
+    let v6 = |ip| match v6_of(ip).filter(|_| ipv6) {
+        Some(v6) => v6.to_string(),
+        None => "none".to_string(),
+    };
+    let (relay6, stun26) = (v6(relay), v6(stun2));
     format!(
         r#"# Written by `tern lab up`; see lab/control.example.toml for every field.
 listen = "{CONTROL_IP}:{CONTROL_PORT}"
@@ -308,7 +319,7 @@ name = "Lab DERP"
 name = "900a"
 host_name = "{relay}"
 ipv4 = "{relay}"
-ipv6 = "none"
+ipv6 = "{relay6}"
 stun_port = 3478
 derp_port = 443
 insecure_for_tests = true
@@ -319,7 +330,7 @@ insecure_for_tests = true
 name = "900b"
 host_name = "{stun2}"
 ipv4 = "{stun2}"
-ipv6 = "none"
+ipv6 = "{stun26}"
 stun_port = 3478
 stun_only = true
 

@@ -20,9 +20,16 @@ struct Lab(String);
 
 impl Lab {
     fn up(nat1: &str, nat2: &str) -> Lab {
+        Lab::up_with(&["--nat1", nat1, "--nat2", nat2])
+    }
+
+    /// `tern lab up ARGS`.
+    fn up_with(args: &[&str]) -> Lab {
         require_root();
         let lab = Lab(unique_prefix());
-        let up = lab.tern(&["lab", "up", "--nat1", nat1, "--nat2", nat2]);
+        let mut full = vec!["lab", "up"];
+        full.extend_from_slice(args);
+        let up = lab.tern(&full);
         assert!(up.status.success(), "lab up: {}", text(&up));
         lab
     }
@@ -254,6 +261,131 @@ fn ping_reaches_a_real_tailscale_node_directly() {
     let result: Value = serde_json::from_str(stdout(&out).trim()).expect("PingResult JSON");
     assert_eq!(result["node_name"], "tsnet-a");
     assert_eq!(result["path"], "direct");
+    drop(caddy);
+}
+
+/// A dual-stack lab (`tern lab up --ipv6`: global IPv6 without NAT behind each NAT box's
+/// firewall) where c1's IPv4 NAT is hard, as on a mobile network with CGNAT: IPv4 cannot go
+/// direct (see the NAT matrix), IPv6 can. netcheck finds both, the path to c2 is direct over
+/// IPv6, tailnet IPv6 crosses both TUNs, and the real Tailscale node publishes IPv6 endpoints
+/// (its netcheck used our DERP's IPv6 STUN), goes direct over IPv6 too and serves Caddy's site on
+/// its tailnet IPv6 address.
+#[test]
+fn dual_stack_lab_goes_direct_over_ipv6_past_a_hard_ipv4_nat() {
+    let lab = Lab::up_with(&["--ipv6", "--nat1", "hard", "--nat2", "easy"]);
+    let out = lab.c1(&["netcheck"]);
+    let report = stdout(&out);
+    for needle in [
+        "\t* IPv4: yes, 198.18.1.2:",
+        "\t* IPv6: yes, [2001:db8:1:1::2]:41641\n",
+        "\t* MappingVariesByDestIP: true\n",
+    ] {
+        assert!(
+            report.contains(needle),
+            "netcheck lacks {needle:?}: {report}"
+        );
+    }
+
+    let out = lab.c1(&["ping", "-c", "20", "c2"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let lines = stdout(&out);
+    assert!(
+        lines
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .contains(" via [2001:db8:2:1::2]:41641 in "),
+        "ends on a direct IPv6 pong: {lines}"
+    );
+    let status: Value =
+        serde_json::from_slice(&lab.c1(&["status", "--json"]).stdout).expect("status JSON");
+    let c2 = status["peers"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["hostname"] == "c2"))
+        .cloned()
+        .unwrap_or_else(|| panic!("c1 does not list c2: {status}"));
+    assert_eq!(c2["path"], "direct", "{c2:#}");
+    assert_eq!(c2["endpoint"], "[2001:db8:2:1::2]:41641", "{c2:#}");
+    let c2_v6 = c2["tailnet_ips"]
+        .as_array()
+        .and_then(|ips| {
+            ips.iter()
+                .filter_map(Value::as_str)
+                .find(|ip| ip.contains(':'))
+        })
+        .unwrap_or_else(|| panic!("c2 has no tailnet IPv6: {c2:#}"))
+        .to_string();
+    let c1 = Netns::open(&format!("{}-c1", lab.0)).expect("open c1's namespace");
+    let ping6 = c1
+        .exec_unchecked(&["ping", "-6", "-c", "3", "-i", "0.2", "-W", "2", &c2_v6])
+        .expect("run ping");
+    assert!(
+        ping6.status.success(),
+        "ping {c2_v6} through both TUNs: {}",
+        text(&ping6)
+    );
+
+    // The real Tailscale node in c2 beside tern's c2.
+    let auth_key =
+        std::fs::read_to_string(state_dir(&lab.0).join("auth.key")).expect("the lab's auth key");
+    let c2_ns = Netns::open(&format!("{}-c2", lab.0)).expect("open c2's namespace");
+    let mut config = CaddyConfig::new("tsnet-b", "http://10.99.0.20:8080", auth_key.trim());
+    config.site_body = "respond \"hello over IPv6\"".into();
+    let caddy =
+        CaddyNode::start(&c2_ns, config).unwrap_or_else(|err| panic!("starting caddy: {err}"));
+    let logs = || format!("== tsnet-b\n{}", caddy.logs());
+    let peer = wait_for(
+        "c1 to see tsnet-b with an IPv6 endpoint",
+        Duration::from_secs(90),
+        logs,
+        || {
+            let out = lab.c1(&["status", "--json"]);
+            let status: Value = serde_json::from_slice(&out.stdout).ok()?;
+            status["peers"]
+                .as_array()?
+                .iter()
+                .find(|p| {
+                    p["hostname"] == "tsnet-b"
+                        && p["endpoints"].as_array().is_some_and(|eps| {
+                            eps.iter()
+                                .filter_map(Value::as_str)
+                                .any(|e| e.starts_with("[2001:db8:2:1::2]:"))
+                        })
+                })
+                .cloned()
+        },
+    );
+    let out = lab.c1(&["ping", "-c", "20", "tsnet-b"]);
+    assert_eq!(out.status.code(), Some(0), "{}\n{}", text(&out), logs());
+    let lines = stdout(&out);
+    assert!(
+        lines
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .contains(" via [2001:db8:2:1::2]:"),
+        "ends on a direct IPv6 pong: {lines}"
+    );
+    let ts_v6 = peer["tailnet_ips"]
+        .as_array()
+        .and_then(|ips| {
+            ips.iter()
+                .filter_map(Value::as_str)
+                .find(|ip| ip.contains(':'))
+        })
+        .unwrap_or_else(|| panic!("tsnet-b has no tailnet IPv6: {peer:#}"))
+        .to_string();
+    let url = format!("http://[{ts_v6}]/");
+    let curl = c1
+        .exec_unchecked(&["curl", "-sS", "--max-time", "20", &url])
+        .expect("run curl");
+    assert_eq!(
+        String::from_utf8_lossy(&curl.stdout),
+        "hello over IPv6",
+        "curl {url}: {}\n{}",
+        text(&curl),
+        logs()
+    );
     drop(caddy);
 }
 

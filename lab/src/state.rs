@@ -43,6 +43,9 @@ pub struct LabState {
     /// tern nodes (daemons) with their LocalAPI sockets.
     #[serde(default)]
     pub tern_nodes: Vec<TernNodeState>,
+    /// Dual-stack: IPv6 besides IPv4 (`tern lab up --ipv6`).
+    #[serde(default)]
+    pub ipv6: bool,
 }
 
 /// One namespace.
@@ -207,6 +210,7 @@ impl LabState {
             sockets: Vec::new(),
             services: Vec::new(),
             tern_nodes: Vec::new(),
+            ipv6: topo.ipv6(),
         }
     }
 
@@ -261,9 +265,15 @@ pub fn state_dir(prefix: &str) -> PathBuf {
     PathBuf::from(STATE_ROOT).join(prefix)
 }
 
-/// Build the standard topology with `prefix`, keep it after we exit, and record it.
-pub fn up(prefix: &str, nat1: crate::NatMode, nat2: crate::NatMode) -> Result<LabState> {
-    let mut topo = Topology::standard(prefix, nat1, nat2)?;
+/// Build the standard topology with `prefix` (dual-stack when `ipv6`), keep it after we exit, and
+/// record it.
+pub fn up(
+    prefix: &str,
+    nat1: crate::NatMode,
+    nat2: crate::NatMode,
+    ipv6: bool,
+) -> Result<LabState> {
+    let mut topo = Topology::standard_with(prefix, nat1, nat2, ipv6)?;
     let state = LabState::from_topology(&topo);
     state.save()?;
     topo.persist();
@@ -302,6 +312,7 @@ pub fn status(prefix: &str) -> Result<LabStatus> {
         sockets: Vec::new(),
         services: Vec::new(),
         tern_nodes: Vec::new(),
+        ipv6: false,
     });
     for node in &mut lab.nodes {
         node.exists = Some(existing.contains(&node.netns));

@@ -10,8 +10,14 @@
 //! `rtr` has no default route and nothing links to the root namespace, so the lab is a closed world:
 //! every namespace routes only 198.18.0.0/15 and the private /24s the lab uses (10.N.0.0/24 per
 //! client site, 10.99.0.0/24 for control), so `ip route get` fails for anything else.
+//!
+//! A dual-stack lab ([`Topology::standard_with`] with `ipv6`) adds IPv6 the way most ISPs hand it
+//! out: global addresses without NAT, routed within 2001:db8::/32 only (public 198.18.A.B is
+//! 2001:db8:A::B, client-site 10.N.0.B is 2001:db8:N:1::B; see [`v6_of`]). The NAT boxes' filter
+//! table is `inet`, so their firewall (established-only from the WAN) applies to IPv6 too;
+//! `udpblock` blocks IPv6 UDP as well.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use serde::{Deserialize, Serialize};
@@ -32,6 +38,20 @@ pub const SERVER_IPS: [Ipv4Addr; 2] =
 pub const CONTROL_IP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 20);
 /// The public segment (RFC 2544 benchmarking range).
 pub const PUBLIC_NET: &str = "198.18.0.0/15";
+/// The IPv6 part of a dual-stack lab (the documentation prefix).
+pub const PUBLIC_NET6: &str = "2001:db8::/32";
+
+/// The IPv6 address a dual-stack lab gives the host that has `v4`: 198.18.A.B → 2001:db8:A::B,
+/// 10.N.0.B → 2001:db8:N:1::B (decimal digits read as hex groups: easy to recognise); none for
+/// other addresses (control's private address stays IPv4 only).
+pub fn v6_of(v4: Ipv4Addr) -> Option<Ipv6Addr> {
+    let text = match v4.octets() {
+        [198, 18, a, b] => format!("2001:db8:{a}::{b}"),
+        [10, n, 0, b] if n != 99 => format!("2001:db8:{n}:1::{b}"),
+        _ => return None,
+    };
+    text.parse().ok()
+}
 /// Name of the router node.
 pub const ROUTER: &str = "rtr";
 /// Name of the bridge in the router.
@@ -130,6 +150,8 @@ pub struct Topology {
     sites: Vec<NatSite>,
     /// Private /24s in use and the nodes that own them (connected there, routed elsewhere).
     private_nets: Vec<(String, Vec<String>)>,
+    /// Dual stack: IPv6 addresses and routes besides the IPv4 ones.
+    ipv6: bool,
 }
 
 static NEXT_PREFIX: AtomicU32 = AtomicU32::new(0);
@@ -217,7 +239,17 @@ impl Topology {
     /// The standard lab: router + bridge, relay and server hosts, and two client sites (c1 behind
     /// nat1 in `nat1` mode, c2 behind nat2 in `nat2` mode).
     pub fn standard(prefix: &str, nat1: NatMode, nat2: NatMode) -> Result<Topology> {
-        let mut topo = Topology::router_only(prefix)?;
+        Topology::standard_with(prefix, nat1, nat2, false)
+    }
+
+    /// The standard lab, dual-stack when `ipv6` (see the module docs).
+    pub fn standard_with(
+        prefix: &str,
+        nat1: NatMode,
+        nat2: NatMode,
+        ipv6: bool,
+    ) -> Result<Topology> {
+        let mut topo = Topology::router_with(prefix, ipv6)?;
         topo.add_public_host("relay", &RELAY_IPS)?;
         topo.add_public_host("server", &SERVER_IPS)?;
         topo.add_control_ip("server", CONTROL_IP)?;
@@ -233,6 +265,11 @@ impl Topology {
 
     /// Only the router with its public bridge; add hosts and sites to it.
     pub fn router_only(prefix: &str) -> Result<Topology> {
+        Topology::router_with(prefix, false)
+    }
+
+    /// Only the router, dual-stack when `ipv6`.
+    pub fn router_with(prefix: &str, ipv6: bool) -> Result<Topology> {
         crate::netns::preflight()?;
         validate_prefix(prefix)?;
         if let Some(name) = namespaces_with_prefix(prefix)?.into_iter().next() {
@@ -246,14 +283,42 @@ impl Topology {
             nodes: Vec::new(),
             sites: Vec::new(),
             private_nets: Vec::new(),
+            ipv6,
         };
         topo.create_nodes(&[(ROUTER, NodeKind::Router, vec![RTR_PUBLIC_IP])])?;
         let rtr = topo.ns(ROUTER)?;
         rtr.sysctl("net.ipv4.ip_forward", "1")?;
-        rtr.ip_batch(&format!(
+        let mut batch = format!(
             "link add {BRIDGE} type bridge\nlink set {BRIDGE} up\naddr add {RTR_PUBLIC_IP}/24 dev {BRIDGE}\n"
-        ))?;
+        );
+        if ipv6 {
+            rtr.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+            batch += &topo.v6_addr(RTR_PUBLIC_IP, BRIDGE);
+        }
+        rtr.ip_batch(&batch)?;
         Ok(topo)
+    }
+
+    /// Whether this lab is dual-stack.
+    pub fn ipv6(&self) -> bool {
+        self.ipv6
+    }
+
+    /// `ip` batch line giving `dev` the /64 IPv6 twin of `v4` (nothing in an IPv4-only lab).
+    /// `nodad`: no 1-2 s of duplicate address detection before the address can be used.
+    fn v6_addr(&self, v4: Ipv4Addr, dev: &str) -> String {
+        match v6_of(v4).filter(|_| self.ipv6) {
+            Some(v6) => format!("addr add {v6}/64 dev {dev} nodad\n"),
+            None => String::new(),
+        }
+    }
+
+    /// `ip` batch line routing the lab's IPv6 via the twin of `gateway` (nothing in IPv4-only).
+    fn v6_route(&self, dest: &str, gateway: Ipv4Addr) -> String {
+        match v6_of(gateway).filter(|_| self.ipv6) {
+            Some(v6) => format!("route add {dest} via {v6}\n"),
+            None => String::new(),
+        }
     }
 
     /// Add a host on the public bridge with these addresses (first = primary, all /24 in
@@ -273,9 +338,11 @@ impl Topology {
         let mut batch = String::new();
         for addr in addrs {
             batch += &format!("addr add {addr}/24 dev {HOST_IF}\n");
+            batch += &self.v6_addr(*addr, HOST_IF);
         }
         batch += &format!("link set {HOST_IF} up\n");
         batch += &format!("route add {PUBLIC_NET} via {RTR_PUBLIC_IP}\n");
+        batch += &self.v6_route(PUBLIC_NET6, RTR_PUBLIC_IP);
         self.ns(name)?.ip_batch(&batch)?;
         self.set_gateway(name, RTR_PUBLIC_IP)
     }
@@ -329,29 +396,43 @@ impl Topology {
             ),
         )?;
         let up = site.uplink_ip();
-        self.ns(ROUTER)?.ip_batch(&format!(
+        let client_net6 = v6_of(site.client_ip).map(|c| format!("{c}/64"));
+        let mut rtr_batch = format!(
             "addr add {up}/24 dev {uplink}\nlink set {uplink} up\n\
              route add 10.{index}.0.0/24 via {}\n",
             site.wan_ip
-        ))?;
-        let nat_ns = self.ns(&site.nat)?;
-        nat_ns.sysctl("net.ipv4.ip_forward", "1")?;
-        nat_ns.ip_batch(&format!(
+        );
+        rtr_batch += &self.v6_addr(up, uplink);
+        if let Some(net) = &client_net6 {
+            rtr_batch += &self.v6_route(net, site.wan_ip);
+        }
+        self.ns(ROUTER)?.ip_batch(&rtr_batch)?;
+        let (wan, lan) = (nat::WAN_IF, nat::LAN_IF);
+        let mut nat_batch = format!(
             "addr add {}/24 dev {wan}\nlink set {wan} up\n\
              addr add {}/24 dev {lan}\nlink set {lan} up\n\
              route add {PUBLIC_NET} via {up}\n",
-            site.wan_ip,
-            site.lan_ip,
-            wan = nat::WAN_IF,
-            lan = nat::LAN_IF,
-        ))?;
+            site.wan_ip, site.lan_ip,
+        );
+        nat_batch += &self.v6_addr(site.wan_ip, wan);
+        nat_batch += &self.v6_addr(site.lan_ip, lan);
+        nat_batch += &self.v6_route(PUBLIC_NET6, up);
+        let nat_ns = self.ns(&site.nat)?;
+        nat_ns.sysctl("net.ipv4.ip_forward", "1")?;
+        if self.ipv6 {
+            nat_ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+        }
+        nat_ns.ip_batch(&nat_batch)?;
         nat_ns.nft_apply(&nat::ruleset(mode, site.client_ip))?;
-        self.ns(&site.client)?.ip_batch(&format!(
+        let mut client_batch = format!(
             "addr add {}/24 dev {HOST_IF}\nlink set {HOST_IF} up\n\
              route add {PUBLIC_NET} via {lan}\n",
             site.client_ip,
             lan = site.lan_ip,
-        ))?;
+        );
+        client_batch += &self.v6_addr(site.client_ip, HOST_IF);
+        client_batch += &self.v6_route(PUBLIC_NET6, site.lan_ip);
+        self.ns(&site.client)?.ip_batch(&client_batch)?;
         self.set_gateway(&site.nat, up)?;
         self.set_gateway(&site.client, site.lan_ip)?;
         let net = format!("10.{index}.0.0/24");
@@ -463,8 +544,8 @@ impl Topology {
         Ok(())
     }
 
-    /// Create namespaces in one `ip -batch`, IPv6 off (the lab is IPv4 only, and this keeps
-    /// link-local chatter and DAD out of it).
+    /// Create namespaces in one `ip -batch`, IPv6 off unless the lab is dual-stack (this keeps
+    /// link-local chatter and DAD out of an IPv4 lab).
     fn create_nodes(&mut self, specs: &[(&str, NodeKind, Vec<Ipv4Addr>)]) -> Result<()> {
         let mut batch = String::new();
         for (name, _, _) in specs {
@@ -498,10 +579,11 @@ impl Topology {
             }
         }
         created?;
+        let disable_ipv6 = if self.ipv6 { "0" } else { "1" };
         for (name, _, _) in specs {
             let ns = self.ns(name)?;
-            ns.sysctl("net.ipv6.conf.all.disable_ipv6", "1")?;
-            ns.sysctl("net.ipv6.conf.default.disable_ipv6", "1")?;
+            ns.sysctl("net.ipv6.conf.all.disable_ipv6", disable_ipv6)?;
+            ns.sysctl("net.ipv6.conf.default.disable_ipv6", disable_ipv6)?;
             ns.ip_batch("link set lo up\n")?;
             ns.write_resolv_conf()?;
         }
@@ -529,6 +611,16 @@ mod tests {
         assert_eq!(test_lab_pid("tl12x-c1"), None);
         assert_eq!(test_lab_pid("tl12x3"), None);
         assert_eq!(test_lab_pid("other"), None);
+    }
+
+    #[test]
+    fn ipv6_twins_of_lab_addresses() {
+        let v6 = |s: &str| v6_of(s.parse().unwrap()).map(|a| a.to_string());
+        assert_eq!(v6("198.18.0.10").as_deref(), Some("2001:db8::10"));
+        assert_eq!(v6("198.18.2.2").as_deref(), Some("2001:db8:2::2"));
+        assert_eq!(v6("10.1.0.2").as_deref(), Some("2001:db8:1:1::2"));
+        assert_eq!(v6("10.99.0.20"), None);
+        assert_eq!(v6("192.0.2.1"), None);
     }
 
     #[test]
