@@ -107,3 +107,64 @@ fn standard_topology_reaches_public_hosts_and_nothing_outside() {
     assert_eq!(etc_left, 0, "/etc/netns entries of {prefix} left behind");
     let _ = Netns::list();
 }
+
+/// A dual-stack lab: clients reach the public hosts' IPv6 twins through their NAT box's firewall,
+/// and IPv6 routes only 2001:db8::/32 (nothing outside, the host's own IPv6 included).
+#[test]
+fn dual_stack_topology_routes_lab_ipv6_and_nothing_outside() {
+    require_root();
+    let prefix = tern_lab::topology::unique_prefix();
+    let topo = Topology::standard_with(&prefix, NatMode::Easy, NatMode::Easy, true)
+        .expect("build dual-stack lab");
+    assert!(topo.ipv6());
+    let c1 = topo.ns("c1").unwrap();
+    let twins: Vec<String> = RELAY_IPS
+        .iter()
+        .chain(&SERVER_IPS)
+        .filter_map(|ip| tern_lab::topology::v6_of(*ip))
+        .map(|ip| ip.to_string())
+        .collect();
+    assert_eq!(
+        twins,
+        [
+            "2001:db8::10",
+            "2001:db8::11",
+            "2001:db8::20",
+            "2001:db8::21"
+        ]
+    );
+    for ip in twins.iter().map(String::as_str).chain(["2001:db8:2:1::2"]) {
+        let out = c1
+            .exec_unchecked(&["ping", "-6", "-c1", "-W2", ip])
+            .unwrap();
+        // c2's firewall lets no new inbound connection in: c1 reaches the public hosts only.
+        let want = ip != "2001:db8:2:1::2";
+        assert_eq!(out.status.success(), want, "c1 ping {ip}: {out:?}");
+    }
+    let out = std::process::Command::new("ip")
+        .args(["-6", "-o", "addr", "show", "scope", "global"])
+        .output()
+        .unwrap();
+    let mut outside = vec!["2606:4700:4700::1111".to_string()];
+    outside.extend(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|line| line.split_whitespace().nth(3))
+            .filter_map(|cidr| cidr.split('/').next().map(str::to_string)),
+    );
+    for node in topo.nodes() {
+        for addr in &outside {
+            let out = node
+                .ns()
+                .exec_unchecked(&["ip", "-6", "route", "get", addr])
+                .unwrap();
+            assert!(
+                !out.status.success(),
+                "{} has a route to {addr}: {out:?}",
+                node.name()
+            );
+        }
+    }
+    drop(topo);
+    assert!(namespaces_with_prefix(&prefix).unwrap().is_empty());
+}

@@ -584,6 +584,12 @@ impl Topology {
             let ns = self.ns(name)?;
             ns.sysctl("net.ipv6.conf.all.disable_ipv6", disable_ipv6)?;
             ns.sysctl("net.ipv6.conf.default.disable_ipv6", disable_ipv6)?;
+            if self.ipv6 {
+                // No duplicate address detection: link-local addresses (neighbour discovery's
+                // source) are usable at once instead of after a second or two.
+                ns.sysctl("net.ipv6.conf.all.accept_dad", "0")?;
+                ns.sysctl("net.ipv6.conf.default.accept_dad", "0")?;
+            }
             ns.ip_batch("link set lo up\n")?;
             ns.write_resolv_conf()?;
         }
