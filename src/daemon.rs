@@ -79,7 +79,9 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
         tun: config.tun.clone(),
         port: config.port,
         backend_log_id: hex::encode(rand::random::<[u8; 32]>()),
+        relay_server_port: watch::channel(None).0,
     };
+    daemon.relay_server_port.send_replace(daemon.prefs.relay_server_port);
     daemon.start_or_stop();
     let result = daemon.serve(cmd_rx).await;
     daemon.stop_control();
@@ -103,6 +105,8 @@ struct Daemon {
     port: u16,
     /// Random per process, like the Go client's log id when logging is off.
     backend_log_id: String,
+    /// `prefs.relay_server_port`, watched by the engine (which runs the relay server).
+    relay_server_port: watch::Sender<Option<u16>>,
 }
 
 impl Daemon {
@@ -257,6 +261,7 @@ impl Daemon {
             port: self.port,
             node_key: self.identity.node.clone(),
             disco_key: self.identity.disco.clone(),
+            relay_server_port: self.relay_server_port.subscribe(),
         };
         let (task, handle) = dataplane::spawn(config, netmap_rx, local_tx, self.status.clone());
         self.engine = Some(task);

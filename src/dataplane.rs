@@ -67,6 +67,9 @@ pub struct EngineConfig {
     pub node_key: NodePrivate,
     /// This process's disco key (control publishes its public half to peers).
     pub disco_key: crate::keys::DiscoPrivate,
+    /// The peer relay server's UDP port from prefs (`tern set --relay-server-port`); `None` =
+    /// no relay server. Changes apply live: the engine starts, restarts or stops the server.
+    pub relay_server_port: tokio::sync::watch::Receiver<Option<u16>>,
 }
 
 /// Errors that stop the engine.

@@ -52,6 +52,9 @@ pub struct Prefs {
     pub hostname: Option<String>,
     /// `true` after `up`, `false` after `down`: whether the daemon talks to control at start.
     pub want_running: bool,
+    /// `tern set --relay-server-port=N`: run a peer relay server on UDP port N (0 = a port the
+    /// kernel picks); `None` = no relay server (Go `RelayServerPort`).
+    pub relay_server_port: Option<u16>,
 }
 
 /// A 32-byte private key as read from the state directory (clamping is the key type's job).
@@ -239,6 +242,7 @@ mod tests {
             auth_key: Some("tskey-x".into()),
             hostname: Some("n1".into()),
             want_running: true,
+            relay_server_port: Some(40000),
         };
         state.store_prefs(&prefs).unwrap();
         assert_eq!(

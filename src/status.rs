@@ -30,6 +30,54 @@ pub struct Status {
     /// The last netcheck report; `null` until the data plane measured once.
     #[serde(default)]
     pub netcheck: Option<crate::dataplane::api::NetcheckReport>,
+    /// The peer relay server (`tern set --relay-server-port`); `null` when it is off.
+    #[serde(default)]
+    pub relay_server: Option<RelayServerStatus>,
+}
+
+/// A running peer relay server, as `status --json` shows it (docs/status-json.md).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RelayServerStatus {
+    /// The UDP port it listens on (both families).
+    pub port: u16,
+    /// The addresses it offers clients in allocations (`ip:port`), empty until discovered.
+    pub addr_ports: Vec<String>,
+    /// Its ephemeral relay disco key (`discokey:…`, fresh every start; not the node's).
+    pub server_disco_key: String,
+    /// Allocation requests answered since start.
+    pub allocations: u64,
+    /// Packets and bytes forwarded between bound legs since start (Geneve header included).
+    pub forwarded_packets: u64,
+    pub forwarded_bytes: u64,
+    /// Packets dropped, by cause (`unknown_vni`, `not_bound`, `unknown_source`, `bad_bind`, …).
+    pub drops: std::collections::BTreeMap<String, u64>,
+    /// Live sessions (endpoints), by VNI.
+    pub sessions: Vec<RelaySessionStatus>,
+}
+
+/// One relay endpoint: a pair of clients and the VNI they share.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RelaySessionStatus {
+    pub vni: u32,
+    /// `connecting` (allocated, a leg unbound) or `open` (both bound, forwarding).
+    pub state: String,
+    /// Seconds since allocation.
+    pub age_secs: u64,
+    /// The two legs, in the allocation's sorted disco-key order.
+    pub legs: Vec<RelayLegStatus>,
+}
+
+/// One client of a relay session.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RelayLegStatus {
+    /// The client's disco key (`discokey:…`) and, when it is a known peer, its hostname.
+    pub disco_key: String,
+    pub peer: Option<String>,
+    /// The address its bind handshake proved (`ip:port`); `null` until bound.
+    pub bound: Option<String>,
+    /// Packets and bytes received from this leg (and forwarded to the other).
+    pub packets_rx: u64,
+    pub bytes_rx: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -214,6 +262,7 @@ impl Status {
                 started_at: rfc3339(started_at),
             },
             netcheck: None,
+            relay_server: None,
         }
     }
 
