@@ -81,7 +81,9 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
         backend_log_id: hex::encode(rand::random::<[u8; 32]>()),
         relay_server_port: watch::channel(None).0,
     };
-    daemon.relay_server_port.send_replace(daemon.prefs.relay_server_port);
+    daemon
+        .relay_server_port
+        .send_replace(daemon.prefs.relay_server_port);
     daemon.start_or_stop();
     let result = daemon.serve(cmd_rx).await;
     daemon.stop_control();

@@ -36,7 +36,8 @@ use crate::netcheck::{self, LatencyHistory, RegionFacts, StunResponse, StunResul
 use crate::netmap::NetworkMap;
 use crate::packet::PacketSummary;
 use crate::paths::{self, Dest, Path, PeerTable, SendPlan};
-use crate::status::{rfc3339, Status};
+use crate::relay::io::RelayRuntime;
+use crate::status::{rfc3339, RelayServerStatus, Status};
 use crate::wg::{consts, PeerId, WgOutput, WgPeers};
 use tern_platform::router::{default_routes, NetlinkRouter, Router};
 use tern_platform::tun::{LinuxTun, Tun, TunConfig, DEFAULT_MTU};
@@ -373,7 +374,7 @@ fn set_buffer_sizes(socket: &socket2::Socket) {
     }
 }
 
-fn bind_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+pub(crate) fn bind_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
     let domain = socket2::Domain::for_address(addr);
     let socket = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
     if addr.is_ipv6() {
@@ -531,6 +532,13 @@ struct Engine {
     out: Vec<u8>,
     /// WireGuard datagrams to send, each to where its peer's send plan says.
     to_send: Vec<(PeerId, Vec<u8>)>,
+    /// `prefs.relay_server_port` as the daemon publishes it.
+    relay_port: watch::Receiver<Option<u16>>,
+    /// The peer relay server, while the pref asks for one.
+    relay: Option<RelayRuntime>,
+    /// Each peer's first tailnet address (Go `nodeHasCap` checks capabilities between first
+    /// addresses).
+    first_ip: HashMap<NodePublic, IpAddr>,
 }
 
 impl Engine {
@@ -576,6 +584,9 @@ impl Engine {
             gso_enabled: true,
             out: vec![0u8; BUF_LEN + consts::DATA_OVERHEAD + consts::MIN_OUT_BUF],
             to_send: Vec::new(),
+            relay_port: config.relay_server_port.clone(),
+            relay: None,
+            first_ip: HashMap::new(),
         }
     }
 
@@ -604,6 +615,8 @@ impl Engine {
         let mut status_tick = tokio::time::interval(STATUS_EVERY);
         status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut logged_drops = DropCounters::default();
+        let mut relay_port = self.relay_port.clone();
+        self.apply_relay_port(*relay_port.borrow_and_update());
         loop {
             let deadline = self.next_deadline();
             let sleep_until = deadline
@@ -647,6 +660,12 @@ impl Engine {
                 }
                 _ = tokio::time::sleep_until(sleep_until), if deadline.is_some() => {
                     self.on_timers(Instant::now());
+                }
+                changed = relay_port.changed() => {
+                    if changed.is_ok() {
+                        self.apply_relay_port(*relay_port.borrow_and_update());
+                        self.publish(status);
+                    }
                 }
                 _ = status_tick.tick() => {
                     self.publish(status);
@@ -1001,6 +1020,13 @@ impl Engine {
         while let Some(event) = self.paths.poll_event() {
             self.on_path_event(event);
         }
+        // Answers that events asked for (relay allocations).
+        while let Some(out) = self.paths.poll_transmit() {
+            match out.dest {
+                Dest::Direct(addr) => self.send_udp(udp, addr, &out.packet),
+                Dest::Derp(region) => self.send_derp(Some(region), out.peer, out.packet),
+            }
+        }
         self.flush_udp(udp);
     }
 
@@ -1098,7 +1124,80 @@ impl Engine {
                 ..
             } => self.answer_ping(event.peer, tx_id, via, latency),
             paths::Event::Pong { .. } | paths::Event::AddrForPeer(_) => {}
+            paths::Event::RelayAllocRequest(request) => {
+                self.answer_relay_allocation(event.peer, &request)
+            }
         }
+    }
+
+    /// Starts, restarts or stops the relay server to match the pref. A port that cannot be
+    /// bound leaves it off, with a warning (the node itself keeps running).
+    fn apply_relay_port(&mut self, want: Option<u16>) {
+        let running = self.relay.as_ref().map(|r| r.port());
+        let keep = matches!((want, running), (Some(w), Some(r)) if w == r || w == 0);
+        if keep {
+            return;
+        }
+        if self.relay.take().is_some() {
+            tracing::info!("relay server stopped");
+        }
+        let Some(port) = want else {
+            return;
+        };
+        match RelayRuntime::start(port, self.regions_tx.subscribe()) {
+            Ok(relay) => self.relay = Some(relay),
+            Err(e) => {
+                tracing::warn!(port, error = %e, "relay server not started: cannot bind its UDP port")
+            }
+        }
+    }
+
+    /// An allocation request from `peer` (spec peer-relay.md §3.1): answered over DERP when our
+    /// relay server runs and control granted the peer `tailscale.com/cap/relay` towards us.
+    fn answer_relay_allocation(
+        &mut self,
+        peer: NodePublic,
+        request: &crate::disco::AllocateRequest,
+    ) {
+        let Some(relay) = &self.relay else {
+            tracing::trace!(%peer, "relay: allocation request, but no relay server runs here");
+            return;
+        };
+        if !self.peer_has_cap(&peer, crate::relay::CAP_RELAY) {
+            tracing::debug!(%peer, "relay: allocation refused: the peer has no relay capability here");
+            return;
+        }
+        match relay.allocate(request) {
+            Ok(endpoint) => {
+                let answer = crate::disco::Message::AllocateUdpRelayEndpointResponse(
+                    crate::disco::AllocateResponse {
+                        generation: request.generation,
+                        endpoint,
+                    },
+                );
+                if !self.paths.send_via_derp(&peer, answer) {
+                    tracing::debug!(%peer, "relay: no DERP region to answer the allocation on");
+                }
+            }
+            Err(e) => tracing::debug!(%peer, error = %e, "relay: allocation not answered"),
+        }
+    }
+
+    /// Whether the packet filter grants `cap` from `peer` to us (Go `nodeHasCap`: the peer's
+    /// first address against our first address of the same family).
+    fn peer_has_cap(&self, peer: &NodePublic, cap: &str) -> bool {
+        let (Some(filter), Some(src)) = (&self.filter, self.first_ip.get(peer)) else {
+            return false;
+        };
+        let Some(dst) = self
+            .local
+            .iter()
+            .map(|net| net.addr())
+            .find(|ip| ip.is_ipv4() == src.is_ipv4())
+        else {
+            return false;
+        };
+        filter.peer_caps(*src, dst).iter().any(|c| c == cap)
     }
 
     /// A pong for a `tern ping`: the first one answers it.
@@ -1225,6 +1324,17 @@ impl Engine {
         let mut seen = std::collections::HashSet::with_capacity(map.peers.len());
         let mut path_peers = Vec::with_capacity(map.peers.len());
         let mut reachable_anew = Vec::new();
+        self.first_ip = map
+            .peers
+            .values()
+            .filter_map(|node| {
+                let first = node
+                    .addresses
+                    .iter()
+                    .find(|p| p.prefix_len() == p.max_prefix_len())?;
+                Some((node.key, first.addr()))
+            })
+            .collect();
         for node in map.peers.values() {
             path_peers.push(paths::PeerInfo {
                 node_key: node.key,
@@ -1511,7 +1621,10 @@ impl Engine {
                     }
                 }
             }
-            s.peers != before || drops_changed
+            let relay = self.relay.as_ref().map(|r| relay_status(r, &s.peers));
+            let relay_changed = s.relay_server != relay;
+            s.relay_server = relay;
+            s.peers != before || drops_changed || relay_changed
         });
     }
 
@@ -1608,6 +1721,18 @@ fn unmap_v4(addr: SocketAddr) -> SocketAddr {
         },
         v4 => v4,
     }
+}
+
+/// The relay server's status with each leg's peer named when its disco key is a known peer's.
+fn relay_status(relay: &RelayRuntime, peers: &[crate::status::PeerStatus]) -> RelayServerStatus {
+    let mut status = relay.status();
+    for leg in status.sessions.iter_mut().flat_map(|s| s.legs.iter_mut()) {
+        leg.peer = peers
+            .iter()
+            .find(|p| p.disco_key.as_deref() == Some(leg.disco_key.as_str()))
+            .map(|p| p.hostname.clone());
+    }
+    status
 }
 
 /// Our endpoints (spec §5.7): what STUN saw first, then every interface address with our port

@@ -213,6 +213,10 @@ pub enum Event {
         /// It answered a [`Peer::cli_ping`].
         cli: bool,
     },
+    /// The peer asks our relay server for an endpoint (came over DERP and names the peer's own
+    /// disco key; the caller checks the relay capability and answers with
+    /// [`Peer::send_via_derp`]).
+    RelayAllocRequest(crate::disco::AllocateRequest),
 }
 
 /// Which timer [`Peer::poll_timeout`] is for.
@@ -459,9 +463,43 @@ impl Peer {
                 // Upstream ignores CallMeMaybe over UDP.
                 PathSource::Udp(_) => tracing::debug!("disco: call-me-maybe over UDP ignored"),
             },
+            Message::AllocateUdpRelayEndpointRequest(request) => {
+                self.handle_relay_alloc_request(from, request)
+            }
             other => tracing::trace!(kind = other.name(), "disco: message not for path selection"),
         }
         self.update_report(now);
+    }
+
+    /// Go's checks before a relay allocation (spec peer-relay.md §3.1): over DERP only, and the
+    /// sender's own disco key must be one of the pair.
+    fn handle_relay_alloc_request(
+        &mut self,
+        from: PathSource,
+        request: crate::disco::AllocateRequest,
+    ) {
+        match from {
+            PathSource::Udp(_) => {
+                tracing::debug!("relay: allocation request over UDP ignored (DERP only)")
+            }
+            PathSource::Derp { .. } if !request.client_disco.contains(&self.info.disco_key) => {
+                tracing::debug!("relay: allocation request without the sender's disco key ignored")
+            }
+            PathSource::Derp { .. } => self.events.push_back(Event::RelayAllocRequest(request)),
+        }
+    }
+
+    /// Queues `msg` to the peer over DERP, to its home region (else the region we last heard it
+    /// on). Returns false when neither is known (nothing is sent, as in Go).
+    pub fn send_via_derp(&mut self, msg: Message) -> bool {
+        let Some(region) = self.info.home_derp.or(self.derp_route) else {
+            return false;
+        };
+        self.transmits.push_back(Transmit {
+            dest: Dest::Derp(region),
+            msg,
+        });
+        true
     }
 
     /// Outgoing WireGuard traffic to this peer: where to send it. Starts discovery when no trusted

@@ -220,6 +220,18 @@ impl PeerTable {
         sent
     }
 
+    /// Queues a disco message to `peer` over DERP (see [`Peer::send_via_derp`]).
+    pub fn send_via_derp(&mut self, peer: &NodePublic, msg: Message) -> bool {
+        let sent = self
+            .peers
+            .get_mut(peer)
+            .is_some_and(|e| e.peer.send_via_derp(msg));
+        if sent {
+            self.touch(*peer);
+        }
+        sent
+    }
+
     /// The peer that owns WireGuard packets from `addr`, as learned from disco.
     pub fn peer_for_addr(&self, addr: &SocketAddr) -> Option<NodePublic> {
         self.by_addr.get(addr).copied()

@@ -722,7 +722,7 @@ impl Sim {
                     // Anything it released is routed on the next flush.
                 }
                 Event::PathChanged(c) => self.nodes[i].changes.push(c),
-                Event::AddrForPeer(_) | Event::Pong { .. } => {}
+                Event::AddrForPeer(_) | Event::Pong { .. } | Event::RelayAllocRequest(_) => {}
             }
         }
         if self.nodes[i].peer.transmits.is_empty() {
@@ -947,4 +947,49 @@ fn sim_udp_blocked_is_reported() {
     let now = sim.now;
     sim.nodes[B].peer.update_info(now, a_info);
     assert_eq!(sim.reason(B).as_str(), "peer-udp-blocked");
+}
+
+#[test]
+fn relay_allocation_requests_are_passed_on_only_over_derp_with_the_senders_key() {
+    use crate::disco::AllocateRequest;
+    let t0 = Instant::now();
+    let mut p = Peer::new(t0, local(1, &[]), info(2, Some(2), &[]));
+    let theirs = p.info().disco_key;
+    let other = DiscoPublic::from_bytes([77; 32]);
+    let request = |pair: [DiscoPublic; 2]| {
+        Message::AllocateUdpRelayEndpointRequest(AllocateRequest {
+            client_disco: pair,
+            generation: 5,
+        })
+    };
+    let events = |p: &mut Peer| -> Vec<Event> {
+        std::iter::from_fn(|| p.poll_event())
+            .filter(|e| matches!(e, Event::RelayAllocRequest(_)))
+            .collect()
+    };
+    p.handle_disco(
+        t0,
+        PathSource::Udp(addr("192.0.2.1:1")),
+        request([theirs, other]),
+    );
+    assert!(events(&mut p).is_empty(), "over UDP: ignored");
+    p.handle_disco(t0, PathSource::Derp { region: 2 }, request([other, other]));
+    assert!(
+        events(&mut p).is_empty(),
+        "without the sender's key: ignored"
+    );
+    p.handle_disco(t0, PathSource::Derp { region: 2 }, request([other, theirs]));
+    assert_eq!(events(&mut p).len(), 1);
+    // The answer goes to the peer's home region.
+    let answer = Message::CallMeMaybe(vec![]);
+    assert!(p.send_via_derp(answer.clone()));
+    assert_eq!(
+        drain(&mut p),
+        vec![Transmit {
+            dest: Dest::Derp(2),
+            msg: answer
+        }]
+    );
+    let mut homeless = Peer::new(t0, local(1, &[]), info(3, None, &[]));
+    assert!(!homeless.send_via_derp(Message::CallMeMaybe(vec![])));
 }

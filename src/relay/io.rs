@@ -1,0 +1,279 @@
+//! The relay server's I/O (spec peer-relay.md §5.6–§5.8): its own UDP sockets on the relay port
+//! (IPv4 required, IPv6 when the host has it), a reader per socket that hands each datagram to
+//! the sans-IO [`RelayServer`] and does what it says, and a housekeeping task that discovers the
+//! addresses to offer (interface addresses, and what STUN from the relay socket itself sees)
+//! every 20–26 s and expires idle endpoints every 30 s.
+//!
+//! Allocation requests do not come here: they arrive as disco over DERP at the engine, which
+//! calls [`RelayRuntime::allocate`].
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::control::tailcfg::DerpRegion;
+use crate::disco::{AllocateRequest, UdpRelayEndpoint};
+use crate::netcheck::{self, StunResponse, StunSockets};
+use crate::relay::server::{Action, AllocError, RelayServer, BIND_LIFETIME};
+use crate::status::RelayServerStatus;
+
+/// Largest datagram read (Go uses 65 535-byte buffers).
+const BUF_LEN: usize = 65_535;
+/// STUN answers waiting for address discovery.
+const STUN_QUEUE: usize = 16;
+
+/// A running relay server. Dropping it stops its tasks and closes its sockets.
+pub struct RelayRuntime {
+    port: u16,
+    server: Arc<Mutex<RelayServer>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for RelayRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RelayRuntime")
+            .field("port", &self.port)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for RelayRuntime {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// The relay's sockets (one per family).
+#[derive(Clone)]
+struct Sockets {
+    v4: Arc<UdpSocket>,
+    v6: Option<Arc<UdpSocket>>,
+}
+
+impl Sockets {
+    fn bind(port: u16) -> std::io::Result<Sockets> {
+        let v4 = crate::dataplane::bind_udp(SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port))?;
+        let port = v4.local_addr()?.port();
+        let v6 = crate::dataplane::bind_udp(SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port))
+            .map_err(|e| tracing::debug!(error = %e, "relay: no IPv6 socket"))
+            .ok()
+            .map(Arc::new);
+        Ok(Sockets {
+            v4: Arc::new(v4),
+            v6,
+        })
+    }
+
+    fn port(&self) -> u16 {
+        self.v4.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
+    fn for_dest(&self, to: SocketAddr) -> Option<&UdpSocket> {
+        match to {
+            SocketAddr::V4(_) => Some(&self.v4),
+            SocketAddr::V6(_) => self.v6.as_deref(),
+        }
+    }
+
+    fn stun(&self) -> StunSockets {
+        StunSockets {
+            v4: self.v4.clone(),
+            v6: self.v6.clone(),
+        }
+    }
+}
+
+impl RelayRuntime {
+    /// Binds the relay port (0 = any) and starts serving. STUN targets come from `regions`
+    /// (the DERP map), re-read when it changes.
+    pub fn start(
+        port: u16,
+        regions: watch::Receiver<BTreeMap<u16, DerpRegion>>,
+    ) -> std::io::Result<RelayRuntime> {
+        let sockets = Sockets::bind(port)?;
+        let port = sockets.port();
+        let server = Arc::new(Mutex::new(RelayServer::new(Instant::now())));
+        let (stun_tx, stun_rx) = mpsc::channel(STUN_QUEUE);
+        let mut tasks = vec![tokio::spawn(read_loop(
+            sockets.clone(),
+            false,
+            server.clone(),
+            stun_tx.clone(),
+        ))];
+        if sockets.v6.is_some() {
+            tasks.push(tokio::spawn(read_loop(
+                sockets.clone(),
+                true,
+                server.clone(),
+                stun_tx,
+            )));
+        }
+        tasks.push(tokio::spawn(housekeeping(
+            sockets,
+            server.clone(),
+            regions,
+            stun_rx,
+        )));
+        tracing::info!(port, "relay server listening");
+        Ok(RelayRuntime {
+            port,
+            server,
+            tasks,
+        })
+    }
+
+    /// The UDP port it listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// An endpoint for an allocation request (the caller checked who asks).
+    pub fn allocate(&self, request: &AllocateRequest) -> Result<UdpRelayEndpoint, AllocError> {
+        self.lock().allocate(Instant::now(), request)
+    }
+
+    /// The live state for status.
+    pub fn status(&self) -> RelayServerStatus {
+        self.lock().status(Instant::now(), self.port)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, RelayServer> {
+        lock(&self.server)
+    }
+}
+
+/// The server's lock; a panic elsewhere while holding it leaves usable state (plain counters
+/// and maps), so a poisoned lock is taken over rather than propagated.
+fn lock(server: &Mutex<RelayServer>) -> MutexGuard<'_, RelayServer> {
+    server
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Reads one socket until it fails (Go closes the server on a read error; we log and stop
+/// this reader).
+async fn read_loop(
+    sockets: Sockets,
+    v6: bool,
+    server: Arc<Mutex<RelayServer>>,
+    stun: mpsc::Sender<StunResponse>,
+) {
+    let socket = match (v6, &sockets.v6) {
+        (false, _) => sockets.v4.clone(),
+        (true, Some(s)) => s.clone(),
+        (true, None) => return,
+    };
+    let mut buf = vec![0u8; BUF_LEN];
+    loop {
+        let (n, from) = match socket.recv_from(&mut buf).await {
+            Ok(received) => received,
+            Err(e) => {
+                tracing::warn!(error = %e, "relay: socket read failed; reader stopped");
+                return;
+            }
+        };
+        let Some(packet) = buf.get(..n) else {
+            continue;
+        };
+        let from = unmap(from);
+        let action = lock(&server).handle_packet(Instant::now(), from, packet);
+        match action {
+            Action::Forward(to) => send(&sockets, to, packet).await,
+            Action::Reply { to, packet } => send(&sockets, to, &packet).await,
+            Action::Stun => {
+                let response = StunResponse {
+                    from,
+                    at: Instant::now(),
+                    bytes: packet.to_vec(),
+                };
+                // Discovery not listening right now: a stray answer, nothing to keep.
+                let _ = stun.try_send(response);
+            }
+            Action::Accepted => {}
+            Action::Drop(reason) => tracing::trace!(%from, reason, "relay: dropped"),
+        }
+    }
+}
+
+async fn send(sockets: &Sockets, to: SocketAddr, packet: &[u8]) {
+    let Some(socket) = sockets.for_dest(to) else {
+        tracing::trace!(%to, "relay: no socket for that family");
+        return;
+    };
+    if let Err(e) = socket.send_to(packet, to).await {
+        tracing::trace!(%to, error = %e, "relay: send failed");
+    }
+}
+
+/// Address discovery every 20–26 s (and when the DERP map changes), endpoint expiry every
+/// [`BIND_LIFETIME`].
+async fn housekeeping(
+    sockets: Sockets,
+    server: Arc<Mutex<RelayServer>>,
+    mut regions: watch::Receiver<BTreeMap<u16, DerpRegion>>,
+    mut stun: mpsc::Receiver<StunResponse>,
+) {
+    let mut gc = tokio::time::interval(BIND_LIFETIME);
+    gc.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let map = regions.borrow_and_update().clone();
+        let addrs = discover_addresses(&sockets, &map, &mut stun).await;
+        tracing::debug!(?addrs, "relay: addresses to offer");
+        lock(&server).set_addr_ports(addrs);
+        let rediscover = tokio::time::sleep(netcheck::next_interval());
+        tokio::pin!(rediscover);
+        loop {
+            tokio::select! {
+                _ = &mut rediscover => break,
+                changed = regions.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    break;
+                }
+                _ = gc.tick() => {
+                    let _ = lock(&server).expire(Instant::now());
+                }
+            }
+        }
+    }
+}
+
+/// What STUN from the relay socket sees (its mapped addresses), then every usable interface
+/// address with the relay port (as Go v1.90: interfaces plus STUN's global v4/v6).
+async fn discover_addresses(
+    sockets: &Sockets,
+    regions: &BTreeMap<u16, DerpRegion>,
+    stun: &mut mpsc::Receiver<StunResponse>,
+) -> Vec<SocketAddr> {
+    let port = sockets.port();
+    let results = if regions.is_empty() {
+        netcheck::StunResults::default()
+    } else {
+        let targets = netcheck::stun_targets(regions, sockets.v6.is_some());
+        netcheck::stun_round(&sockets.stun(), stun, targets).await
+    };
+    crate::dataplane::local_endpoints(port, &results)
+        .into_iter()
+        .map(|(addr, _)| addr)
+        .filter(|addr| sockets.for_dest(*addr).is_some())
+        .collect()
+}
+
+/// IPv4-mapped IPv6 sources as plain IPv4 (a dual-stack peer of the v6 socket).
+fn unmap(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(IpAddr::V4(v4), v6.port()),
+            None => addr,
+        },
+        v4 => v4,
+    }
+}
