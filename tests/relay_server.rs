@@ -1,0 +1,192 @@
+//! The relay server's runtime on real sockets, in a namespace of its own (192.0.2.1 on a veth is its
+//! only address): it discovers that address, hands out an endpoint, runs the bind
+//! handshake with two clients over UDP and forwards their datagrams unchanged both ways. Go
+//! clients against it: tests/peer_relay.rs.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use tern::disco::{self, AllocateRequest, BindBody, Message};
+use tern::keys::{DiscoPrivate, DiscoPublic};
+use tern::relay::geneve::{self, Header, Vni, PROTOCOL_DISCO, PROTOCOL_WIREGUARD};
+use tern::relay::io::RelayRuntime;
+use tern_lab::topology::unique_prefix;
+use tern_lab::Netns;
+use tokio::net::UdpSocket;
+use tokio::sync::watch;
+
+const RELAY_IP: &str = "192.0.2.1";
+
+fn geneve(vni: u32, protocol: u16, control: bool) -> Vec<u8> {
+    let header = Header {
+        version: 0,
+        protocol,
+        control,
+        vni: Vni::new(vni),
+    };
+    header.to_bytes().expect("header").to_vec()
+}
+
+/// One relay client: a disco key and a socket in the relay's namespace.
+struct Client {
+    disco: DiscoPrivate,
+    socket: UdpSocket,
+}
+
+impl Client {
+    async fn new() -> Client {
+        Client {
+            disco: DiscoPrivate::generate(),
+            socket: UdpSocket::bind((RELAY_IP, 0)).await.expect("client socket"),
+        }
+    }
+
+    fn public(&self) -> DiscoPublic {
+        self.disco.public()
+    }
+
+    async fn send_control(&self, to: SocketAddr, server: &DiscoPublic, vni: u32, msg: &Message) {
+        let mut packet = geneve(vni, PROTOCOL_DISCO, true);
+        packet.extend_from_slice(&disco::seal(&self.disco, server, msg));
+        self.socket.send_to(&packet, to).await.expect("send");
+    }
+
+    async fn recv(&self) -> (Vec<u8>, SocketAddr) {
+        let mut buf = vec![0u8; 2048];
+        let (n, from) =
+            tokio::time::timeout(Duration::from_secs(5), self.socket.recv_from(&mut buf))
+                .await
+                .expect("an answer within 5 s")
+                .expect("recv");
+        buf.truncate(n);
+        (buf, from)
+    }
+
+    /// Bind, read the Challenge, Answer: this leg is bound from the client's socket address.
+    async fn bind(&self, relay: SocketAddr, server: &DiscoPublic, vni: u32, other: DiscoPublic) {
+        let bind = BindBody {
+            vni,
+            generation: 11,
+            remote_key: other,
+            challenge: [0; 32],
+        };
+        self.send_control(relay, server, vni, &Message::BindUdpRelayEndpoint(bind))
+            .await;
+        let (packet, from) = self.recv().await;
+        assert_eq!(from, relay, "the challenge comes from the address bound to");
+        let header = geneve::parse(&packet).expect("geneve");
+        assert!(header.control && header.protocol == PROTOCOL_DISCO);
+        let frame = disco::parse_packet(&packet[geneve::HEADER_LEN..]).expect("disco frame");
+        assert_eq!(frame.sender, *server);
+        let challenge = match disco::open(&disco::shared_box(&self.disco, server), &frame) {
+            Ok(Message::BindUdpRelayEndpointChallenge(body)) => body,
+            other => panic!("not a challenge: {other:?}"),
+        };
+        assert_eq!((challenge.vni, challenge.generation), (vni, 11));
+        self.send_control(
+            relay,
+            server,
+            vni,
+            &Message::BindUdpRelayEndpointAnswer(challenge),
+        )
+        .await;
+    }
+}
+
+async fn wait_for<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(v) = probe() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn relay_two_clients() {
+    // The DERP map stays empty (no STUN): the interface address is all there is to offer.
+    let (_regions_tx, regions) = watch::channel(BTreeMap::new());
+    let relay = RelayRuntime::start(0, regions).expect("relay starts on a free port");
+    let port = relay.port();
+    let relay_addr: SocketAddr = format!("{RELAY_IP}:{port}").parse().expect("address");
+    let addrs = wait_for("address discovery", || {
+        Some(relay.status().addr_ports).filter(|a| !a.is_empty())
+    })
+    .await;
+    assert_eq!(addrs, vec![relay_addr.to_string()]);
+
+    let (a, b) = (Client::new().await, Client::new().await);
+    let endpoint = relay
+        .allocate(&AllocateRequest {
+            client_disco: [a.public(), b.public()],
+            generation: 1,
+        })
+        .expect("allocated");
+    assert_eq!(endpoint.addr_ports, vec![relay_addr]);
+    let (server, vni) = (endpoint.server_disco, endpoint.vni);
+    a.bind(relay_addr, &server, vni, b.public()).await;
+    b.bind(relay_addr, &server, vni, a.public()).await;
+    wait_for("both legs bound", || {
+        let status = relay.status();
+        (status.sessions.first()?.state == "open").then_some(())
+    })
+    .await;
+
+    // WireGuard-framed data both ways, byte for byte; garbage in between changes nothing.
+    for (from, to, body) in [(&a, &b, b"from a".as_slice()), (&b, &a, b"from b, longer")] {
+        let mut packet = geneve(vni, PROTOCOL_WIREGUARD, false);
+        packet.extend_from_slice(body);
+        from.socket
+            .send_to(b"\x00junk", relay_addr)
+            .await
+            .expect("send junk");
+        from.socket
+            .send_to(&packet, relay_addr)
+            .await
+            .expect("send");
+        let (got, src) = to.recv().await;
+        assert_eq!(src, relay_addr);
+        assert_eq!(got, packet);
+    }
+    let status = relay.status();
+    assert_eq!(status.forwarded_packets, 2);
+    assert_eq!(status.forwarded_bytes, 2 * 8 + 6 + 14);
+    assert_eq!(status.allocations, 1);
+    assert_eq!(status.drops.get("short"), Some(&2), "{:?}", status.drops);
+    let session = &status.sessions[0];
+    let bound: Vec<Option<String>> = session.legs.iter().map(|l| l.bound.clone()).collect();
+    for client in [&a, &b] {
+        let own = client.socket.local_addr().expect("addr").to_string();
+        assert!(bound.contains(&Some(own.clone())), "{own} not in {bound:?}");
+    }
+    // Dropping the runtime closes the port.
+    drop(relay);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    UdpSocket::bind(relay_addr)
+        .await
+        .expect("the relay port is free again after drop");
+}
+
+#[test]
+fn relay_runtime_binds_two_clients_and_forwards_between_them() {
+    support::require_root();
+    let ns = Netns::create(&format!("{}-relay", unique_prefix())).expect("namespace");
+    ns.ip_batch(&format!(
+        "link add r0 type veth peer name r1\naddr add {RELAY_IP}/24 dev r0\n\
+         link set r0 up\nlink set r1 up\n"
+    ))
+    .expect("a veth pair with the relay's address");
+    ns.run_in(|| {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| tern_lab::LabError::io("tokio runtime", e))?;
+        runtime.block_on(relay_two_clients());
+        Ok(())
+    })
+    .expect("test body in the namespace");
+}
