@@ -121,9 +121,43 @@ pub struct NetcheckArgs {
 
 #[derive(Debug, Args)]
 pub struct SetArgs {
-    /// Run a peer relay server on this UDP port (0 = off).
-    #[arg(long)]
-    pub relay_server_port: Option<u16>,
+    /// Run a peer relay server on this UDP port (1-65535; 0 = a port the kernel picks); an empty
+    /// value (`--relay-server-port=`) turns it off.
+    #[arg(long, value_name = "PORT", value_parser = parse_relay_port)]
+    pub relay_server_port: Option<RelayPort>,
+}
+
+/// `--relay-server-port`: off, or a UDP port (0 = any).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelayPort {
+    Off,
+    Port(u16),
+}
+
+impl RelayPort {
+    /// The pref value (`None` = off).
+    pub fn pref(self) -> Option<u16> {
+        match self {
+            RelayPort::Off => None,
+            RelayPort::Port(p) => Some(p),
+        }
+    }
+}
+
+/// Go's meaning: an empty string disables the relay server, `0` asks for a random port.
+pub fn parse_relay_port(text: &str) -> Result<RelayPort, String> {
+    if text.trim().is_empty() {
+        return Ok(RelayPort::Off);
+    }
+    text.trim()
+        .parse::<u16>()
+        .map(RelayPort::Port)
+        .map_err(|_| {
+            format!(
+                "`{text}` is not a UDP port: pass 1-65535, 0 for a port the kernel picks, or an \
+             empty value (--relay-server-port=) to turn the relay server off"
+            )
+        })
 }
 
 #[derive(Debug, Args)]
@@ -260,7 +294,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Ip(args) => return node::ip(&cli.socket, args),
         Command::Ping(args) => return crate::ping_cli::run(&cli.socket, args),
         Command::Netcheck(args) => return crate::netcheck_cli::run(&cli.socket, args),
-        Command::Set(_) => "set",
+        Command::Set(args) => return node::set(&cli.socket, args),
         Command::Metrics => "metrics",
         Command::Top => "top",
         Command::Derp(args) => return crate::derp::server::run_cli(args),
@@ -283,4 +317,43 @@ pub fn init_logging() {
 pub fn not_implemented(name: &str) -> ExitCode {
     eprintln!("tern: '{name}' is not implemented yet");
     ExitCode::from(EXIT_NOT_IMPLEMENTED)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set_args(args: &[&str]) -> Result<SetArgs, clap::Error> {
+        let mut full = vec!["tern", "set"];
+        full.extend_from_slice(args);
+        match Cli::try_parse_from(full)?.command {
+            Command::Set(args) => Ok(args),
+            other => panic!("not set: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn relay_server_port_takes_a_port_zero_or_empty_like_tailscale() {
+        let port = |a: &[&str]| set_args(a).map(|s| s.relay_server_port);
+        assert_eq!(
+            port(&["--relay-server-port=40000"]).unwrap(),
+            Some(RelayPort::Port(40000))
+        );
+        assert_eq!(
+            port(&["--relay-server-port", "0"]).unwrap(),
+            Some(RelayPort::Port(0))
+        );
+        assert_eq!(
+            port(&["--relay-server-port="]).unwrap(),
+            Some(RelayPort::Off)
+        );
+        assert_eq!(port(&[]).unwrap(), None);
+        for bad in ["abc", "70000", "-1", "4.5"] {
+            let err = port(&[&format!("--relay-server-port={bad}")]).unwrap_err();
+            assert_eq!(err.exit_code(), 2);
+            assert!(err.to_string().contains("is not a UDP port"), "{err}");
+        }
+        assert_eq!(RelayPort::Off.pref(), None);
+        assert_eq!(RelayPort::Port(9).pref(), Some(9));
+    }
 }

@@ -17,7 +17,7 @@ use crate::control::client::{self as control_client, ControlConfig, EngineLink, 
 use crate::dataplane::api::{EngineGone, EngineHandle, NetcheckReport, PingResult};
 use crate::dataplane::{self, EngineConfig};
 use crate::keys::NodePublic;
-use crate::localapi::{self, ApiError, Command, SocketOwner, UpRequest};
+use crate::localapi::{self, ApiError, Command, SetRequest, SocketOwner, UpRequest};
 use crate::state::{Prefs, StateDir};
 use crate::status::{BackendState, ControlState, DataPlaneStatus, Status};
 
@@ -120,6 +120,7 @@ impl Daemon {
                 cmd = commands.recv() => match cmd {
                     Some(Command::Up(req, reply)) => { let _ = reply.send(self.up(req)); }
                     Some(Command::Down(reply)) => { let _ = reply.send(self.down()); }
+                    Some(Command::Set(req, reply)) => { let _ = reply.send(self.set(req)); }
                     Some(Command::Ping { peer, timeout, reply }) => self.ping(peer, timeout, reply),
                     Some(Command::Netcheck(reply)) => self.netcheck(reply),
                     None => return Ok(()),
@@ -196,6 +197,29 @@ impl Daemon {
         tokio::spawn(async move {
             let _ = reply.send(bounded(NETCHECK_WAIT, engine.netcheck()).await);
         });
+    }
+
+    /// `tern set`: store the changed prefs, then apply them (the engine watches the relay port).
+    fn set(&mut self, req: SetRequest) -> Result<(), String> {
+        if !req.relay_server_port_set {
+            return Err(
+                "nothing to change: mark a preference as set (relay_server_port_set)".into(),
+            );
+        }
+        if let Some(port) = req.relay_server_port.filter(|p| *p != 0 && *p == self.port) {
+            return Err(format!(
+                "UDP port {port} is this node's own WireGuard port (--port); pick another relay \
+                 server port"
+            ));
+        }
+        let mut prefs = self.prefs.clone();
+        prefs.relay_server_port = req.relay_server_port;
+        self.state.store_prefs(&prefs).map_err(|e| e.to_string())?;
+        self.prefs = prefs;
+        self.relay_server_port
+            .send_replace(self.prefs.relay_server_port);
+        tracing::info!(port = ?self.prefs.relay_server_port, "relay server preference set");
+        Ok(())
     }
 
     fn down(&mut self) -> Result<(), String> {

@@ -110,6 +110,18 @@ pub enum Command {
         reply: oneshot::Sender<Result<PingResult, ApiError>>,
     },
     Netcheck(oneshot::Sender<Result<NetcheckReport, ApiError>>),
+    /// `tern set`: change the preferences the request marks as set.
+    Set(SetRequest, oneshot::Sender<Result<(), String>>),
+}
+
+/// `PATCH /localapi/v0/prefs`: masked preferences (Go `MaskedPrefs`): a field changes only when its
+/// `…_set` flag is true, so an absent field means "unchanged".
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SetRequest {
+    /// The relay server's UDP port (`null` = off, 0 = a port the kernel picks).
+    pub relay_server_port: Option<u16>,
+    pub relay_server_port_set: bool,
 }
 
 /// Which node a `tern ping` argument names.
@@ -339,6 +351,10 @@ impl Shared {
                 Err(reply) => reply,
             },
             (Method::POST, "/localapi/v0/down") => self.command(Command::Down).await,
+            (Method::PATCH, "/localapi/v0/prefs") => match read_json::<SetRequest>(req).await {
+                Ok(set) => self.command(|tx| Command::Set(set, tx)).await,
+                Err(reply) => reply,
+            },
             (Method::POST, "/localapi/v0/ping") => match read_json::<PingRequest>(req).await {
                 Ok(ping) => self.ping(ping).await,
                 Err(reply) => reply,
@@ -353,6 +369,7 @@ impl Shared {
                 | "/localapi/v0/ip"
                 | "/localapi/v0/up"
                 | "/localapi/v0/down"
+                | "/localapi/v0/prefs"
                 | "/localapi/v0/ping"
                 | "/localapi/v0/netcheck",
             ) => error_reply(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
@@ -531,6 +548,15 @@ impl Client {
         Ok(())
     }
 
+    /// `tern set`: change the marked preferences (see [`SetRequest`]).
+    pub async fn set(&self, req: &SetRequest) -> Result<(), LocalApiError> {
+        let body = serde_json::to_vec(req)?;
+        let _: serde_json::Value = self
+            .call(Method::PATCH, "/localapi/v0/prefs", Some(body))
+            .await?;
+        Ok(())
+    }
+
     /// One disco ping through the daemon (see [`PingRequest`]).
     pub async fn ping(&self, req: &PingRequest) -> Result<PingResult, LocalApiError> {
         let body = serde_json::to_vec(req)?;
@@ -657,6 +683,69 @@ mod tests {
         let err = client.up(&UpRequest::default()).await.unwrap_err();
         assert!(err.to_string().contains("no login server"), "{err}");
         client.down().await.unwrap();
+        daemon.abort();
+    }
+
+    #[tokio::test]
+    async fn set_patches_prefs_and_refusals_come_back_as_400() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (client, _status, mut cmds) = start(tmp.path()).await;
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = seen.clone();
+        let daemon = tokio::spawn(async move {
+            while let Some(cmd) = cmds.recv().await {
+                match cmd {
+                    Command::Set(req, tx) => {
+                        let answer = if req.relay_server_port == Some(41641) {
+                            Err("port 41641 is taken".to_string())
+                        } else {
+                            Ok(())
+                        };
+                        log.lock().unwrap().push(req);
+                        let _ = tx.send(answer);
+                    }
+                    other => panic!("unexpected command {other:?}"),
+                }
+            }
+        });
+        let on = SetRequest {
+            relay_server_port: Some(40000),
+            relay_server_port_set: true,
+        };
+        client.set(&on).await.unwrap();
+        let off = SetRequest {
+            relay_server_port: None,
+            relay_server_port_set: true,
+        };
+        client.set(&off).await.unwrap();
+        let taken = SetRequest {
+            relay_server_port: Some(41641),
+            relay_server_port_set: true,
+        };
+        match client.set(&taken).await.unwrap_err() {
+            LocalApiError::Status { status, message } => {
+                assert_eq!(status, StatusCode::BAD_REQUEST);
+                assert_eq!(message, "port 41641 is taken");
+            }
+            other => panic!("{other:?}"),
+        }
+        // An absent field means "unchanged": `{}` arrives as nothing set.
+        let _: serde_json::Value = client
+            .call(Method::PATCH, "/localapi/v0/prefs", Some(b"{}".to_vec()))
+            .await
+            .unwrap();
+        assert_eq!(
+            *seen.lock().unwrap(),
+            vec![on, off, taken, SetRequest::default()]
+        );
+        // Only PATCH.
+        let err = client
+            .call::<serde_json::Value>(Method::POST, "/localapi/v0/prefs", Some(b"{}".to_vec()))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, LocalApiError::Status { status, .. } if status == StatusCode::METHOD_NOT_ALLOWED)
+        );
         daemon.abort();
     }
 

@@ -7,9 +7,9 @@ use std::time::SystemTime;
 
 use anyhow::Context as _;
 
-use crate::cli::{DaemonArgs, IpArgs, StatusArgs, UpArgs};
+use crate::cli::{DaemonArgs, IpArgs, SetArgs, StatusArgs, UpArgs};
 use crate::daemon::{self, DaemonConfig};
-use crate::localapi::{Client, UpRequest};
+use crate::localapi::{Client, SetRequest, UpRequest};
 use crate::status::{self, BackendState, ControlState};
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -40,6 +40,23 @@ pub fn up(socket: &Path, args: &UpArgs) -> anyhow::Result<ExitCode> {
         hostname: args.hostname.clone(),
     };
     runtime()?.block_on(Client::new(socket).up(&req))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `tern set`: at least one flag; each given flag changes that preference only.
+pub fn set(socket: &Path, args: &SetArgs) -> anyhow::Result<ExitCode> {
+    let Some(relay) = args.relay_server_port else {
+        eprintln!(
+            "tern set: nothing to change; pass a flag, e.g. --relay-server-port=40000 (or \
+             --relay-server-port= to turn the relay server off); see `tern set --help`"
+        );
+        return Ok(ExitCode::from(2));
+    };
+    let req = SetRequest {
+        relay_server_port: relay.pref(),
+        relay_server_port_set: true,
+    };
+    runtime()?.block_on(Client::new(socket).set(&req))?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -340,7 +340,80 @@ pub fn render_human(status: &Status, now: SystemTime) -> String {
             .unwrap_or("data plane is not running");
         let _ = writeln!(out, "# Health: no packets flow yet: {note}");
     }
+    if let Some(relay) = &status.relay_server {
+        out.push_str(&render_relay_server(relay));
+    }
     out
+}
+
+/// The relay server block of `tern status`: where it listens, what it offers, each session.
+pub fn render_relay_server(relay: &RelayServerStatus) -> String {
+    let mut out = String::new();
+    let offers = if relay.addr_ports.is_empty() {
+        "no address found yet".to_string()
+    } else {
+        format!("offers {}", relay.addr_ports.join(", "))
+    };
+    let _ = writeln!(out, "\nrelay server: udp/{}, {offers}", relay.port);
+    let open = relay.sessions.iter().filter(|s| s.state == "open").count();
+    let _ = writeln!(
+        out,
+        "  {} session{} ({open} open), {} allocation{}, {} packets / {} forwarded",
+        relay.sessions.len(),
+        plural(relay.sessions.len()),
+        relay.allocations,
+        plural(relay.allocations as usize),
+        relay.forwarded_packets,
+        human_bytes(relay.forwarded_bytes),
+    );
+    for session in &relay.sessions {
+        let legs: Vec<String> = session.legs.iter().map(describe_leg).collect();
+        let _ = writeln!(
+            out,
+            "  vni {:<6} {:<10} {}",
+            session.vni,
+            session.state,
+            legs.join("  <->  ")
+        );
+    }
+    out
+}
+
+fn describe_leg(leg: &RelayLegStatus) -> String {
+    let who = leg.peer.clone().unwrap_or_else(|| {
+        let key = leg.disco_key.trim_start_matches("discokey:");
+        format!("[{}]", key.get(..8).unwrap_or(key))
+    });
+    match &leg.bound {
+        Some(addr) => format!("{who} @ {addr} ({} pkts)", leg.packets_rx),
+        None => format!("{who} (not bound)"),
+    }
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 {
+        ""
+    } else {
+        "s"
+    }
+}
+
+/// Bytes in B, KiB, MiB or GiB with one decimal.
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 3] = ["KiB", "MiB", "GiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut value = n as f64 / 1024.0;
+    let mut unit = UNITS[0];
+    for next in &UNITS[1..] {
+        if value < 1024.0 {
+            break;
+        }
+        value /= 1024.0;
+        unit = next;
+    }
+    format!("{value:.1} {unit}")
 }
 
 fn self_row(me: &SelfStatus) -> [String; 4] {
@@ -671,5 +744,60 @@ mod tests {
             Some(at(1_700_000_000))
         );
         assert_eq!(parse_rfc3339("yesterday"), None);
+    }
+
+    #[test]
+    fn relay_server_block_names_sessions_legs_and_totals() {
+        let leg = |peer: Option<&str>, bound: Option<&str>, packets_rx| RelayLegStatus {
+            disco_key: "discokey:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
+                .into(),
+            peer: peer.map(str::to_string),
+            bound: bound.map(str::to_string),
+            packets_rx,
+            bytes_rx: 0,
+        };
+        let relay = RelayServerStatus {
+            port: 40000,
+            addr_ports: vec!["198.18.0.20:40000".into(), "[2001:db8::20]:40000".into()],
+            server_disco_key: "discokey:00".into(),
+            allocations: 3,
+            forwarded_packets: 150,
+            forwarded_bytes: 12_595,
+            drops: Default::default(),
+            sessions: vec![
+                RelaySessionStatus {
+                    vni: 1,
+                    state: "open".into(),
+                    age_secs: 20,
+                    legs: vec![
+                        leg(Some("c1"), Some("198.18.1.2:33011"), 120),
+                        leg(Some("tsb"), Some("198.18.2.2:40123"), 30),
+                    ],
+                },
+                RelaySessionStatus {
+                    vni: 2,
+                    state: "connecting".into(),
+                    age_secs: 3,
+                    legs: vec![leg(None, None, 0), leg(Some("c2"), Some("198.18.2.2:1"), 0)],
+                },
+            ],
+        };
+        assert_eq!(
+            render_relay_server(&relay),
+            "\nrelay server: udp/40000, offers 198.18.0.20:40000, [2001:db8::20]:40000\n\
+             \x20 2 sessions (1 open), 3 allocations, 150 packets / 12.3 KiB forwarded\n\
+             \x20 vni 1      open       c1 @ 198.18.1.2:33011 (120 pkts)  <->  tsb @ 198.18.2.2:40123 (30 pkts)\n\
+             \x20 vni 2      connecting [01234567] (not bound)  <->  c2 @ 198.18.2.2:1 (0 pkts)\n"
+        );
+        let empty = RelayServerStatus {
+            port: 7,
+            ..Default::default()
+        };
+        assert_eq!(
+            render_relay_server(&empty),
+            "\nrelay server: udp/7, no address found yet\n\
+             \x20 0 sessions (0 open), 0 allocations, 0 packets / 0 B forwarded\n"
+        );
+        assert_eq!(human_bytes(5 << 30), "5.0 GiB");
     }
 }
