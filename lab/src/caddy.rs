@@ -51,6 +51,9 @@ pub struct CaddyConfig {
     pub site_address: String,
     /// The site's directives after `bind` (default `respond "hi"`; e.g. `reverse_proxy 127.0.0.1:8000`).
     pub site_body: String,
+    /// More sites, appended verbatim after the tailnet one (e.g. a loopback site that
+    /// `reverse_proxy`s to another tailnet node with `transport tailscale <node_name>`).
+    pub extra_sites: String,
     /// Caddy's global `debug` option (shows tsnet's `[v1]` logs).
     pub debug: bool,
     /// Extra environment (e.g. `TS_DEBUG_ALWAYS_USE_DERP=1`).
@@ -69,6 +72,7 @@ impl CaddyConfig {
             ephemeral: true,
             site_address: ":80".to_string(),
             site_body: "respond \"hi\"".to_string(),
+            extra_sites: String::new(),
             debug: false,
             env: Vec::new(),
             binary: None,
@@ -101,6 +105,7 @@ impl CaddyConfig {
             let _ = writeln!(out, "\t{line}");
         }
         out += "}\n";
+        out += &self.extra_sites;
         out
     }
 }
@@ -215,6 +220,12 @@ mod tests {
         assert!(text.contains("state_dir /tmp/s"), "{text}");
         assert!(
             text.contains(":80 {\n\tbind tailscale/peer1\n\treverse_proxy 127.0.0.1:8000\n}"),
+            "{text}"
+        );
+        config.extra_sites = "http://127.0.0.1:8081 {\n\trespond \"x\"\n}\n".into();
+        let text = config.caddyfile(Path::new("/tmp/s"));
+        assert!(
+            text.ends_with("}\nhttp://127.0.0.1:8081 {\n\trespond \"x\"\n}\n"),
             "{text}"
         );
     }
