@@ -617,6 +617,8 @@ impl Engine {
         let mut logged_drops = DropCounters::default();
         let mut relay_port = self.relay_port.clone();
         self.apply_relay_port(*relay_port.borrow_and_update());
+        // Without a sender (daemon gone) `changed()` would be ready forever: stop watching.
+        let mut relay_port_open = true;
         loop {
             let deadline = self.next_deadline();
             let sleep_until = deadline
@@ -661,10 +663,12 @@ impl Engine {
                 _ = tokio::time::sleep_until(sleep_until), if deadline.is_some() => {
                     self.on_timers(Instant::now());
                 }
-                changed = relay_port.changed() => {
+                changed = relay_port.changed(), if relay_port_open => {
                     if changed.is_ok() {
                         self.apply_relay_port(*relay_port.borrow_and_update());
                         self.publish(status);
+                    } else {
+                        relay_port_open = false;
                     }
                 }
                 _ = status_tick.tick() => {
