@@ -3,15 +3,17 @@
 //! handshake with two clients over UDP and forwards their datagrams unchanged both ways. Go
 //! clients against it: tests/peer_relay.rs.
 
+#[path = "support/relay_client.rs"]
+mod relay_client;
 mod support;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use tern::disco::{self, AllocateRequest, BindBody, Message};
-use tern::keys::{DiscoPrivate, DiscoPublic};
-use tern::relay::geneve::{self, Header, Vni, PROTOCOL_DISCO, PROTOCOL_WIREGUARD};
+use relay_client::{geneve, Client};
+use tern::disco::AllocateRequest;
+use tern::relay::geneve::PROTOCOL_WIREGUARD;
 use tern::relay::io::RelayRuntime;
 use tern_lab::topology::unique_prefix;
 use tern_lab::Netns;
@@ -19,82 +21,6 @@ use tokio::net::UdpSocket;
 use tokio::sync::watch;
 
 const RELAY_IP: &str = "192.0.2.1";
-
-fn geneve(vni: u32, protocol: u16, control: bool) -> Vec<u8> {
-    let header = Header {
-        version: 0,
-        protocol,
-        control,
-        vni: Vni::new(vni),
-    };
-    header.to_bytes().expect("header").to_vec()
-}
-
-/// One relay client: a disco key and a socket in the relay's namespace.
-struct Client {
-    disco: DiscoPrivate,
-    socket: UdpSocket,
-}
-
-impl Client {
-    async fn new() -> Client {
-        Client {
-            disco: DiscoPrivate::generate(),
-            socket: UdpSocket::bind((RELAY_IP, 0)).await.expect("client socket"),
-        }
-    }
-
-    fn public(&self) -> DiscoPublic {
-        self.disco.public()
-    }
-
-    async fn send_control(&self, to: SocketAddr, server: &DiscoPublic, vni: u32, msg: &Message) {
-        let mut packet = geneve(vni, PROTOCOL_DISCO, true);
-        packet.extend_from_slice(&disco::seal(&self.disco, server, msg));
-        self.socket.send_to(&packet, to).await.expect("send");
-    }
-
-    async fn recv(&self) -> (Vec<u8>, SocketAddr) {
-        let mut buf = vec![0u8; 2048];
-        let (n, from) =
-            tokio::time::timeout(Duration::from_secs(5), self.socket.recv_from(&mut buf))
-                .await
-                .expect("an answer within 5 s")
-                .expect("recv");
-        buf.truncate(n);
-        (buf, from)
-    }
-
-    /// Bind, read the Challenge, Answer: this leg is bound from the client's socket address.
-    async fn bind(&self, relay: SocketAddr, server: &DiscoPublic, vni: u32, other: DiscoPublic) {
-        let bind = BindBody {
-            vni,
-            generation: 11,
-            remote_key: other,
-            challenge: [0; 32],
-        };
-        self.send_control(relay, server, vni, &Message::BindUdpRelayEndpoint(bind))
-            .await;
-        let (packet, from) = self.recv().await;
-        assert_eq!(from, relay, "the challenge comes from the address bound to");
-        let header = geneve::parse(&packet).expect("geneve");
-        assert!(header.control && header.protocol == PROTOCOL_DISCO);
-        let frame = disco::parse_packet(&packet[geneve::HEADER_LEN..]).expect("disco frame");
-        assert_eq!(frame.sender, *server);
-        let challenge = match disco::open(&disco::shared_box(&self.disco, server), &frame) {
-            Ok(Message::BindUdpRelayEndpointChallenge(body)) => body,
-            other => panic!("not a challenge: {other:?}"),
-        };
-        assert_eq!((challenge.vni, challenge.generation), (vni, 11));
-        self.send_control(
-            relay,
-            server,
-            vni,
-            &Message::BindUdpRelayEndpointAnswer(challenge),
-        )
-        .await;
-    }
-}
 
 async fn wait_for<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -119,7 +45,7 @@ async fn relay_two_clients() {
     .await;
     assert_eq!(addrs, vec![relay_addr.to_string()]);
 
-    let (a, b) = (Client::new().await, Client::new().await);
+    let (a, b) = (Client::new(RELAY_IP).await, Client::new(RELAY_IP).await);
     let endpoint = relay
         .allocate(&AllocateRequest {
             client_disco: [a.public(), b.public()],
