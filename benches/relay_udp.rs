@@ -7,13 +7,11 @@
 mod relay_client;
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use relay_client::{geneve, Client};
-use tern::disco::AllocateRequest;
+use relay_client::{bound_pair, geneve};
 use tern::relay::geneve::PROTOCOL_WIREGUARD;
 use tern::relay::io::RelayRuntime;
 use tern_lab::topology::unique_prefix;
@@ -27,26 +25,7 @@ const RUN: Duration = Duration::from_secs(5);
 async fn measure() -> (u64, u64, Duration) {
     let (_regions_tx, regions) = watch::channel(BTreeMap::new());
     let relay = RelayRuntime::start(0, regions).expect("relay starts");
-    let relay_addr: SocketAddr = format!("{RELAY_IP}:{}", relay.port())
-        .parse()
-        .expect("addr");
-    while relay.status().addr_ports.is_empty() {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let (a, b) = (Client::new(RELAY_IP).await, Client::new(RELAY_IP).await);
-    let endpoint = relay
-        .allocate(&AllocateRequest {
-            client_disco: [a.public(), b.public()],
-            generation: 1,
-        })
-        .expect("allocated");
-    a.bind(relay_addr, &endpoint.server_disco, endpoint.vni, b.public())
-        .await;
-    b.bind(relay_addr, &endpoint.server_disco, endpoint.vni, a.public())
-        .await;
-    while relay.status().sessions.first().map(|s| s.state.as_str()) != Some("open") {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let (a, b, relay_addr, endpoint) = bound_pair(&relay, RELAY_IP).await;
     let mut packet = geneve(endpoint.vni, PROTOCOL_WIREGUARD, false);
     packet.extend_from_slice(&[0x55; PAYLOAD]);
 

@@ -1717,7 +1717,7 @@ fn millis(d: Duration) -> f64 {
 }
 
 /// An IPv4-mapped IPv6 source as the plain IPv4 address it is.
-fn unmap_v4(addr: SocketAddr) -> SocketAddr {
+pub(crate) fn unmap_v4(addr: SocketAddr) -> SocketAddr {
     match addr {
         SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
             Some(v4) => SocketAddr::new(IpAddr::V4(v4), v6.port()),

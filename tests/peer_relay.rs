@@ -12,53 +12,13 @@ use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use support::lab_cli::LabCli as Lab;
 use support::output_text as text;
-use support::require_root;
-use tern_lab::state::state_dir;
-use tern_lab::topology::unique_prefix;
-use tern_lab::{CaddyConfig, CaddyNode, Netns};
+use tern_lab::{CaddyConfig, CaddyNode};
 
 const RELAY_PORT: &str = "40000";
 const CONTROL_URL: &str = "http://10.99.0.20:8080";
 const BLOB_LEN: usize = 1 << 20;
-
-/// `tern lab up` with both NATs hard; torn down on Drop.
-struct Lab(String);
-
-impl Lab {
-    fn up() -> Lab {
-        require_root();
-        let lab = Lab(unique_prefix());
-        let out = lab.tern(&["lab", "up", "--nat1", "hard", "--nat2", "hard"]);
-        assert!(out.status.success(), "lab up: {}", text(&out));
-        lab
-    }
-
-    fn tern(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_tern"))
-            .args(args)
-            .env("TERN_LAB_PREFIX", &self.0)
-            .output()
-            .expect("run tern")
-    }
-
-    fn ns(&self, node: &str) -> Netns {
-        Netns::open(&format!("{}-{node}", self.0)).expect("lab namespace")
-    }
-
-    fn auth_key(&self) -> String {
-        std::fs::read_to_string(state_dir(&self.0).join("auth.key"))
-            .expect("the lab's auth key")
-            .trim()
-            .to_string()
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        let _ = self.tern(&["lab", "down", "--force"]);
-    }
-}
 
 /// A tern daemon with a TUN in the lab's `server` namespace (public, no NAT); killed on Drop.
 struct RelayNode {
@@ -224,7 +184,7 @@ fn set_derp_blocked(lab: &Lab, blocked: bool) {
 
 #[test]
 fn two_tsnet_nodes_behind_hard_nats_relay_through_tern() {
-    let lab = Lab::up();
+    let lab = Lab::up(&["--nat1", "hard", "--nat2", "hard"]);
     let dir = tempfile::tempdir().expect("tempdir");
     let relay = RelayNode::start(&lab, dir.path());
     relay.ok(&[

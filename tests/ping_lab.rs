@@ -4,19 +4,16 @@
 
 mod support;
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use support::lab_cli::LabCli;
 use support::output_text as text;
-use support::require_root;
-use tern_lab::state::state_dir;
-use tern_lab::topology::unique_prefix;
-use tern_lab::{CaddyConfig, CaddyNode, Netns};
+use tern_lab::{CaddyConfig, CaddyNode};
 
-/// Tears the lab down even when the test panics.
-struct Lab(String);
+/// The lab of `tern lab up` (torn down on Drop), and c1's CLI.
+struct Lab(LabCli);
 
 impl Lab {
     fn up(nat1: &str, nat2: &str) -> Lab {
@@ -25,45 +22,37 @@ impl Lab {
 
     /// `tern lab up ARGS`.
     fn up_with(args: &[&str]) -> Lab {
-        require_root();
-        let lab = Lab(unique_prefix());
-        let mut full = vec!["lab", "up"];
-        full.extend_from_slice(args);
-        let up = lab.tern(&full);
-        assert!(up.status.success(), "lab up: {}", text(&up));
-        lab
+        Lab(LabCli::up(args))
     }
 
     fn tern(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_tern"))
-            .args(args)
-            .env("TERN_LAB_PREFIX", &self.0)
-            .output()
-            .expect("run tern")
-    }
-
-    fn socket(&self, node: &str) -> PathBuf {
-        state_dir(&self.0).join(format!("{node}.sock"))
+        self.0.tern(args)
     }
 
     /// `tern --socket <c1's> ARGS`, from the root namespace.
     fn c1(&self, args: &[&str]) -> Output {
-        let socket = self.socket("c1");
+        let socket = self.0.socket("c1");
         let mut full = vec!["--socket", socket.to_str().expect("UTF-8 socket path")];
         full.extend_from_slice(args);
         self.tern(&full)
     }
 
+    /// c1's status entry of the peer `hostname` once `want` holds for it.
+    fn c1_peer(&self, hostname: &str, want: impl Fn(&Value) -> bool) -> Option<Value> {
+        let out = self.c1(&["status", "--json"]);
+        let status: Value = serde_json::from_slice(&out.stdout).ok()?;
+        status["peers"]
+            .as_array()?
+            .iter()
+            .find(|p| p["hostname"] == hostname && want(p))
+            .cloned()
+    }
+
     /// c2's first tailnet IP as c1 sees it (addresses go in registration order, which varies).
     fn c2_ip(&self) -> String {
-        let out = self.c1(&["status", "--json"]);
-        let status: Value = serde_json::from_slice(&out.stdout).expect("status JSON");
-        status["peers"]
-            .as_array()
-            .and_then(|ps| ps.iter().find(|p| p["hostname"] == "c2"))
-            .and_then(|p| p["tailnet_ips"][0].as_str())
-            .unwrap_or_else(|| panic!("c1 does not list c2: {status}"))
-            .to_string()
+        self.c1_peer("c2", |_| true)
+            .and_then(|p| p["tailnet_ips"][0].as_str().map(str::to_string))
+            .unwrap_or_else(|| panic!("c1 does not list c2: {}", text(&self.c1(&["status"]))))
     }
 
     fn pid_of(&self, process: &str) -> i32 {
@@ -79,10 +68,22 @@ impl Lab {
     }
 }
 
-impl Drop for Lab {
-    fn drop(&mut self) {
-        let _ = self.tern(&["lab", "down", "--force"]);
-    }
+/// A peer entry's tailnet IPv6 address.
+fn tailnet_ipv6(peer: &Value) -> String {
+    peer["tailnet_ips"]
+        .as_array()
+        .and_then(|ips| {
+            ips.iter()
+                .filter_map(Value::as_str)
+                .find(|ip| ip.contains(':'))
+        })
+        .unwrap_or_else(|| panic!("no tailnet IPv6 in {peer:#}"))
+        .to_string()
+}
+
+/// Caddy/tsnet in c2 (beside tern's c2), stopped on Drop.
+fn start_caddy_in_c2(lab: &Lab, config: CaddyConfig) -> CaddyNode {
+    CaddyNode::start(&lab.0.ns("c2"), config).unwrap_or_else(|err| panic!("starting caddy: {err}"))
 }
 
 /// Poll `probe` every 250 ms until it yields, or fail after `limit` with `context()`.
@@ -217,12 +218,9 @@ fn ping_exits_3_when_only_derp_answers() {
 #[test]
 fn ping_reaches_a_real_tailscale_node_directly() {
     let lab = Lab::up("easy", "easy");
-    let auth_key =
-        std::fs::read_to_string(state_dir(&lab.0).join("auth.key")).expect("the lab's auth key");
-    let c2 = Netns::open(&format!("{}-c2", lab.0)).expect("open c2's namespace");
-    let mut config = CaddyConfig::new("tsnet-a", "http://10.99.0.20:8080", auth_key.trim());
+    let mut config = CaddyConfig::new("tsnet-a", "http://10.99.0.20:8080", &lab.0.auth_key());
     config.debug = true;
-    let caddy = CaddyNode::start(&c2, config).unwrap_or_else(|err| panic!("starting caddy: {err}"));
+    let caddy = start_caddy_in_c2(&lab, config);
     let logs = || format!("== tsnet-a\n{}", caddy.logs());
 
     let peer = wait_for(
@@ -230,15 +228,9 @@ fn ping_reaches_a_real_tailscale_node_directly() {
         Duration::from_secs(90),
         logs,
         || {
-            let out = lab.c1(&["status", "--json"]);
-            let status: Value = serde_json::from_slice(&out.stdout).ok()?;
-            status["peers"]
-                .as_array()?
-                .iter()
-                .find(|p| {
-                    p["hostname"] == "tsnet-a" && p["online"] == true && p["disco_key"].is_string()
-                })
-                .cloned()
+            lab.c1_peer("tsnet-a", |p| {
+                p["online"] == true && p["disco_key"].is_string()
+            })
         },
     );
     let ip = peer["tailnet_ips"][0]
@@ -297,25 +289,13 @@ fn dual_stack_lab_goes_direct_over_ipv6_past_a_hard_ipv4_nat() {
             .contains(" via [2001:db8:2:1::2]:41641 in "),
         "ends on a direct IPv6 pong: {lines}"
     );
-    let status: Value =
-        serde_json::from_slice(&lab.c1(&["status", "--json"]).stdout).expect("status JSON");
-    let c2 = status["peers"]
-        .as_array()
-        .and_then(|ps| ps.iter().find(|p| p["hostname"] == "c2"))
-        .cloned()
-        .unwrap_or_else(|| panic!("c1 does not list c2: {status}"));
+    let c2 = lab
+        .c1_peer("c2", |_| true)
+        .unwrap_or_else(|| panic!("c1 does not list c2: {}", text(&lab.c1(&["status"]))));
     assert_eq!(c2["path"], "direct", "{c2:#}");
     assert_eq!(c2["endpoint"], "[2001:db8:2:1::2]:41641", "{c2:#}");
-    let c2_v6 = c2["tailnet_ips"]
-        .as_array()
-        .and_then(|ips| {
-            ips.iter()
-                .filter_map(Value::as_str)
-                .find(|ip| ip.contains(':'))
-        })
-        .unwrap_or_else(|| panic!("c2 has no tailnet IPv6: {c2:#}"))
-        .to_string();
-    let c1 = Netns::open(&format!("{}-c1", lab.0)).expect("open c1's namespace");
+    let c2_v6 = tailnet_ipv6(&c2);
+    let c1 = lab.0.ns("c1");
     let ping6 = c1
         .exec_unchecked(&["ping", "-6", "-c", "3", "-i", "0.2", "-W", "2", &c2_v6])
         .expect("run ping");
@@ -326,33 +306,22 @@ fn dual_stack_lab_goes_direct_over_ipv6_past_a_hard_ipv4_nat() {
     );
 
     // The real Tailscale node in c2 beside tern's c2.
-    let auth_key =
-        std::fs::read_to_string(state_dir(&lab.0).join("auth.key")).expect("the lab's auth key");
-    let c2_ns = Netns::open(&format!("{}-c2", lab.0)).expect("open c2's namespace");
-    let mut config = CaddyConfig::new("tsnet-b", "http://10.99.0.20:8080", auth_key.trim());
+    let mut config = CaddyConfig::new("tsnet-b", "http://10.99.0.20:8080", &lab.0.auth_key());
     config.site_body = "respond \"hello over IPv6\"".into();
-    let caddy =
-        CaddyNode::start(&c2_ns, config).unwrap_or_else(|err| panic!("starting caddy: {err}"));
+    let caddy = start_caddy_in_c2(&lab, config);
     let logs = || format!("== tsnet-b\n{}", caddy.logs());
     let peer = wait_for(
         "c1 to see tsnet-b with an IPv6 endpoint",
         Duration::from_secs(90),
         logs,
         || {
-            let out = lab.c1(&["status", "--json"]);
-            let status: Value = serde_json::from_slice(&out.stdout).ok()?;
-            status["peers"]
-                .as_array()?
-                .iter()
-                .find(|p| {
-                    p["hostname"] == "tsnet-b"
-                        && p["endpoints"].as_array().is_some_and(|eps| {
-                            eps.iter()
-                                .filter_map(Value::as_str)
-                                .any(|e| e.starts_with("[2001:db8:2:1::2]:"))
-                        })
+            lab.c1_peer("tsnet-b", |p| {
+                p["endpoints"].as_array().is_some_and(|eps| {
+                    eps.iter()
+                        .filter_map(Value::as_str)
+                        .any(|e| e.starts_with("[2001:db8:2:1::2]:"))
                 })
-                .cloned()
+            })
         },
     );
     let out = lab.c1(&["ping", "-c", "20", "tsnet-b"]);
@@ -366,15 +335,7 @@ fn dual_stack_lab_goes_direct_over_ipv6_past_a_hard_ipv4_nat() {
             .contains(" via [2001:db8:2:1::2]:"),
         "ends on a direct IPv6 pong: {lines}"
     );
-    let ts_v6 = peer["tailnet_ips"]
-        .as_array()
-        .and_then(|ips| {
-            ips.iter()
-                .filter_map(Value::as_str)
-                .find(|ip| ip.contains(':'))
-        })
-        .unwrap_or_else(|| panic!("tsnet-b has no tailnet IPv6: {peer:#}"))
-        .to_string();
+    let ts_v6 = tailnet_ipv6(&peer);
     let url = format!("http://[{ts_v6}]/");
     let curl = c1
         .exec_unchecked(&["curl", "-sS", "--max-time", "20", &url])
@@ -428,7 +389,7 @@ fn malformed_disco_and_stun_are_counted_and_dropped() {
     );
     let garbage: Vec<u8> = (0..200u32).map(|i| (i * 7 + 3) as u8).collect();
 
-    let c1 = Netns::open(&format!("{}-c1", lab.0)).expect("open c1's namespace");
+    let c1 = lab.0.ns("c1");
     let sent = c1
         .run_in(move || {
             let send_all = || -> std::io::Result<()> {

@@ -8,11 +8,9 @@ mod relay_client;
 mod support;
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use relay_client::{geneve, Client};
-use tern::disco::AllocateRequest;
+use relay_client::{bound_pair, geneve};
 use tern::relay::geneve::PROTOCOL_WIREGUARD;
 use tern::relay::io::RelayRuntime;
 use tern_lab::topology::unique_prefix;
@@ -22,45 +20,15 @@ use tokio::sync::watch;
 
 const RELAY_IP: &str = "192.0.2.1";
 
-async fn wait_for<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(v) = probe() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 async fn relay_two_clients() {
     // The DERP map stays empty (no STUN): the interface address is all there is to offer.
     let (_regions_tx, regions) = watch::channel(BTreeMap::new());
     let relay = RelayRuntime::start(0, regions).expect("relay starts on a free port");
-    let port = relay.port();
-    let relay_addr: SocketAddr = format!("{RELAY_IP}:{port}").parse().expect("address");
-    let addrs = wait_for("address discovery", || {
-        Some(relay.status().addr_ports).filter(|a| !a.is_empty())
-    })
-    .await;
-    assert_eq!(addrs, vec![relay_addr.to_string()]);
-
-    let (a, b) = (Client::new(RELAY_IP).await, Client::new(RELAY_IP).await);
-    let endpoint = relay
-        .allocate(&AllocateRequest {
-            client_disco: [a.public(), b.public()],
-            generation: 1,
-        })
-        .expect("allocated");
+    let (a, b, relay_addr, endpoint) = bound_pair(&relay, RELAY_IP).await;
+    // The interface address is what it offers (and the allocation carries).
+    assert_eq!(relay.status().addr_ports, vec![relay_addr.to_string()]);
     assert_eq!(endpoint.addr_ports, vec![relay_addr]);
-    let (server, vni) = (endpoint.server_disco, endpoint.vni);
-    a.bind(relay_addr, &server, vni, b.public()).await;
-    b.bind(relay_addr, &server, vni, a.public()).await;
-    wait_for("both legs bound", || {
-        let status = relay.status();
-        (status.sessions.first()?.state == "open").then_some(())
-    })
-    .await;
+    let vni = endpoint.vni;
 
     // WireGuard-framed data both ways, byte for byte; garbage in between changes nothing.
     for (from, to, body) in [(&a, &b, b"from a".as_slice()), (&b, &a, b"from b, longer")] {

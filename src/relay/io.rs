@@ -8,7 +8,7 @@
 //! calls [`RelayRuntime::allocate`].
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -182,7 +182,7 @@ async fn read_loop(
         let Some(packet) = buf.get(..n) else {
             continue;
         };
-        let from = unmap(from);
+        let from = crate::dataplane::unmap_v4(from);
         let action = lock(&server).handle_packet(Instant::now(), from, packet);
         match action {
             Action::Forward(to) => send(&sockets, to, packet).await,
@@ -265,15 +265,4 @@ async fn discover_addresses(
         .map(|(addr, _)| addr)
         .filter(|addr| sockets.for_dest(*addr).is_some())
         .collect()
-}
-
-/// IPv4-mapped IPv6 sources as plain IPv4 (a dual-stack peer of the v6 socket).
-fn unmap(addr: SocketAddr) -> SocketAddr {
-    match addr {
-        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
-            Some(v4) => SocketAddr::new(IpAddr::V4(v4), v6.port()),
-            None => addr,
-        },
-        v4 => v4,
-    }
 }

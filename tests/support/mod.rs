@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 use tern::stun;
 use tern_lab::Netns;
 
+pub mod lab_cli;
+
 /// Fail (never skip) when not root.
 pub fn require_root() {
     assert!(

@@ -4,9 +4,10 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use tern::disco::{self, BindBody, Message};
+use tern::disco::{self, AllocateRequest, BindBody, Message, UdpRelayEndpoint};
 use tern::keys::{DiscoPrivate, DiscoPublic};
 use tern::relay::geneve::{self, Header, Vni, PROTOCOL_DISCO};
+use tern::relay::io::RelayRuntime;
 use tokio::net::UdpSocket;
 
 pub fn geneve(vni: u32, protocol: u16, control: bool) -> Vec<u8> {
@@ -95,5 +96,49 @@ impl Client {
             &Message::BindUdpRelayEndpointAnswer(challenge),
         )
         .await;
+    }
+}
+
+/// Two clients on `ip`, with an endpoint allocated on `relay` (once it has an address to offer)
+/// and both legs bound; returns them, the relay's address on `ip` and the endpoint.
+pub async fn bound_pair(
+    relay: &RelayRuntime,
+    ip: &str,
+) -> (Client, Client, SocketAddr, UdpRelayEndpoint) {
+    let relay_addr: SocketAddr = format!("{ip}:{}", relay.port()).parse().expect("address");
+    wait_until("address discovery", || {
+        !relay.status().addr_ports.is_empty()
+    })
+    .await;
+    let (a, b) = (Client::new(ip).await, Client::new(ip).await);
+    let endpoint = relay
+        .allocate(&AllocateRequest {
+            client_disco: [a.public(), b.public()],
+            generation: 1,
+        })
+        .expect("allocated");
+    let (server, vni) = (endpoint.server_disco, endpoint.vni);
+    a.bind(relay_addr, &server, vni, b.public()).await;
+    b.bind(relay_addr, &server, vni, a.public()).await;
+    wait_until("both legs bound", || {
+        relay
+            .status()
+            .sessions
+            .first()
+            .is_some_and(|s| s.state == "open")
+    })
+    .await;
+    (a, b, relay_addr, endpoint)
+}
+
+/// Polls `done` every 20 ms; panics after 10 s.
+pub async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
