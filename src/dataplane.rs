@@ -534,8 +534,9 @@ struct Engine {
     to_send: Vec<(PeerId, Vec<u8>)>,
     /// `prefs.relay_server_port` as the daemon publishes it.
     relay_port: watch::Receiver<Option<u16>>,
-    /// The peer relay server, while the pref asks for one.
+    /// The peer relay server, while the pref asks for one, and the pref it was started for.
     relay: Option<RelayRuntime>,
+    relay_wanted: Option<u16>,
     /// Each peer's first tailnet address (Go `nodeHasCap` checks capabilities between first
     /// addresses).
     first_ip: HashMap<NodePublic, IpAddr>,
@@ -586,6 +587,7 @@ impl Engine {
             to_send: Vec::new(),
             relay_port: config.relay_server_port.clone(),
             relay: None,
+            relay_wanted: None,
             first_ip: HashMap::new(),
         }
     }
@@ -1137,11 +1139,11 @@ impl Engine {
     /// Starts, restarts or stops the relay server to match the pref. A port that cannot be
     /// bound leaves it off, with a warning (the node itself keeps running).
     fn apply_relay_port(&mut self, want: Option<u16>) {
-        let running = self.relay.as_ref().map(|r| r.port());
-        let keep = matches!((want, running), (Some(w), Some(r)) if w == r || w == 0);
-        if keep {
+        // Any change of the pref restarts the server (as Go does); the same value keeps it.
+        if self.relay.is_some() && want == self.relay_wanted {
             return;
         }
+        self.relay_wanted = want;
         if self.relay.take().is_some() {
             tracing::info!("relay server stopped");
         }
