@@ -68,6 +68,7 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
     let (cmd_tx, cmd_rx) = mpsc::channel(16);
     let api = tokio::spawn(localapi::serve(listener, status_rx, cmd_tx));
 
+    let relay_server_port = prefs.relay_server_port;
     let mut daemon = Daemon {
         state,
         identity,
@@ -79,11 +80,8 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
         tun: config.tun.clone(),
         port: config.port,
         backend_log_id: hex::encode(rand::random::<[u8; 32]>()),
-        relay_server_port: watch::channel(None).0,
+        relay_server_port: watch::channel(relay_server_port).0,
     };
-    daemon
-        .relay_server_port
-        .send_replace(daemon.prefs.relay_server_port);
     daemon.start_or_stop();
     let result = daemon.serve(cmd_rx).await;
     daemon.stop_control();
