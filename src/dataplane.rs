@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 pub mod api;
-mod offload;
+pub(crate) mod offload;
 
 use bytes::Bytes;
 use ipnet::IpNet;

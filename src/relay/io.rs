@@ -17,6 +17,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::control::tailcfg::DerpRegion;
+use crate::dataplane::offload::{self, GsoBatch};
 use crate::disco::{AllocateRequest, UdpRelayEndpoint};
 use crate::netcheck::{self, StunResponse, StunSockets};
 use crate::relay::server::{Action, AllocError, RelayServer, BIND_LIFETIME};
@@ -157,8 +158,12 @@ fn lock(server: &Mutex<RelayServer>) -> MutexGuard<'_, RelayServer> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// Datagrams (or GRO batches) read per wakeup before what they produced is sent.
+const BATCH: usize = 64;
+
 /// Reads one socket until it fails (Go closes the server on a read error; we log and stop
-/// this reader).
+/// this reader). Reads are batched (up to [`BATCH`] per wakeup, `UDP_GRO` where the kernel
+/// coalesces a flow's datagrams) and forwards to one address leave in one `UDP_SEGMENT` send.
 async fn read_loop(
     sockets: Sockets,
     v6: bool,
@@ -170,45 +175,122 @@ async fn read_loop(
         (true, Some(s)) => s.clone(),
         (true, None) => return,
     };
+    if !offload::enable_gro(&socket) {
+        tracing::debug!("relay: UDP GRO not available: one datagram per read");
+    }
     let mut buf = vec![0u8; BUF_LEN];
+    let mut out = Forwarder::new(sockets);
     loop {
-        let (n, from) = match socket.recv_from(&mut buf).await {
-            Ok(received) => received,
-            Err(e) => {
-                tracing::warn!(error = %e, "relay: socket read failed; reader stopped");
-                return;
+        if let Err(e) = socket.readable().await {
+            tracing::warn!(error = %e, "relay: socket failed; reader stopped");
+            return;
+        }
+        for _ in 0..BATCH {
+            let received = match offload::recv(&socket, &mut buf) {
+                Ok(received) => received,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                // Larger than any datagram we relay: dropped, not truncated.
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidData => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, "relay: socket read failed; reader stopped");
+                    return;
+                }
+            };
+            let data = buf.get(..received.len).unwrap_or_default();
+            let from = crate::dataplane::unmap_v4(received.from);
+            let now = Instant::now();
+            let mut server = lock(&server);
+            for datagram in offload::segments(data, received.segment) {
+                match server.handle_packet(now, from, datagram) {
+                    Action::Forward(to) => out.forward(to, datagram),
+                    Action::Reply { to, packet } => out.send_one(to, &packet),
+                    Action::Stun => {
+                        let response = StunResponse {
+                            from,
+                            at: now,
+                            bytes: datagram.to_vec(),
+                        };
+                        // Discovery not listening right now: a stray answer, nothing to keep.
+                        let _ = stun.try_send(response);
+                    }
+                    Action::Accepted => {}
+                    Action::Drop(reason) => tracing::trace!(%from, reason, "relay: dropped"),
+                }
             }
-        };
-        let Some(packet) = buf.get(..n) else {
-            continue;
-        };
-        let from = crate::dataplane::unmap_v4(from);
-        let action = lock(&server).handle_packet(Instant::now(), from, packet);
-        match action {
-            Action::Forward(to) => send(&sockets, to, packet).await,
-            Action::Reply { to, packet } => send(&sockets, to, &packet).await,
-            Action::Stun => {
-                let response = StunResponse {
-                    from,
-                    at: Instant::now(),
-                    bytes: packet.to_vec(),
-                };
-                // Discovery not listening right now: a stray answer, nothing to keep.
-                let _ = stun.try_send(response);
-            }
-            Action::Accepted => {}
-            Action::Drop(reason) => tracing::trace!(%from, reason, "relay: dropped"),
+        }
+        out.flush();
+        let failed = std::mem::take(&mut out.failed);
+        if failed > 0 {
+            lock(&server).count_drops("send_failed", failed);
         }
     }
 }
 
-async fn send(sockets: &Sockets, to: SocketAddr, packet: &[u8]) {
-    let Some(socket) = sockets.for_dest(to) else {
-        tracing::trace!(%to, "relay: no socket for that family");
-        return;
-    };
-    if let Err(e) = socket.send_to(packet, to).await {
-        tracing::trace!(%to, error = %e, "relay: send failed");
+/// Sends what the server says: forwards batched per destination (GSO), replies at once.
+struct Forwarder {
+    sockets: Sockets,
+    batch: GsoBatch,
+    gso: bool,
+    /// Datagrams the kernel would not take (send buffer full): dropped, like a full link.
+    failed: u64,
+}
+
+impl Forwarder {
+    fn new(sockets: Sockets) -> Forwarder {
+        Forwarder {
+            sockets,
+            batch: GsoBatch::default(),
+            gso: true,
+            failed: 0,
+        }
+    }
+
+    fn forward(&mut self, to: SocketAddr, datagram: &[u8]) {
+        if !self.gso {
+            return self.send_one(to, datagram);
+        }
+        if let Some(ready) = self.batch.push(to, datagram) {
+            self.send_ready(ready);
+        }
+    }
+
+    fn flush(&mut self) {
+        if let Some(ready) = self.batch.take() {
+            self.send_ready(ready);
+        }
+    }
+
+    fn send_ready(&mut self, ready: offload::Ready) {
+        if ready.count == 1 {
+            return self.send_one(ready.dest, &ready.bytes);
+        }
+        let Some(socket) = self.sockets.for_dest(ready.dest) else {
+            return;
+        };
+        match offload::send(socket, &ready) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                self.failed += ready.count as u64;
+            }
+            Err(e) => {
+                tracing::info!(error = %e, "relay: UDP GSO not available: sending one by one");
+                self.gso = false;
+                for datagram in ready.datagrams() {
+                    self.send_one(ready.dest, datagram);
+                }
+            }
+        }
+    }
+
+    fn send_one(&mut self, to: SocketAddr, datagram: &[u8]) {
+        let Some(socket) = self.sockets.for_dest(to) else {
+            tracing::trace!(%to, "relay: no socket for that family");
+            return;
+        };
+        if let Err(e) = socket.try_send_to(datagram, to) {
+            tracing::trace!(%to, error = %e, "relay: send failed");
+            self.failed += 1;
+        }
     }
 }
 

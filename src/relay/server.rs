@@ -247,6 +247,12 @@ impl RelayServer {
         action
     }
 
+    /// Counts `n` datagrams dropped for `reason` outside [`Self::handle_packet`] (e.g. by the
+    /// caller's socket).
+    pub fn count_drops(&mut self, reason: &'static str, n: u64) {
+        *self.drops.entry(reason).or_default() += n;
+    }
+
     fn classify(&mut self, now: Instant, from: SocketAddr, packet: &[u8]) -> Action {
         if crate::stun::is(packet) && packet.get(1) == Some(&0x01) {
             return Action::Stun;
