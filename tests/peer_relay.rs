@@ -9,11 +9,12 @@ mod support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 use support::lab_cli::LabCli as Lab;
 use support::output_text as text;
+use support::{tail, wait as wait_for};
 use tern_lab::{CaddyConfig, CaddyNode};
 
 const RELAY_PORT: &str = "40000";
@@ -99,26 +100,6 @@ impl Drop for RelayNode {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-}
-
-fn wait_for<T>(
-    what: &str,
-    secs: u64,
-    context: impl Fn() -> String,
-    mut probe: impl FnMut() -> Option<T>,
-) -> T {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = probe() {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {secs} s waiting for {what}\n{}",
-            context()
-        );
-        std::thread::sleep(Duration::from_millis(250));
     }
 }
 
@@ -306,9 +287,4 @@ fn two_tsnet_nodes_behind_hard_nats_relay_through_tern() {
     eprintln!("{human}");
     drop(tsa);
     drop(tsb);
-}
-
-fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
 }

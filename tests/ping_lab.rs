@@ -5,11 +5,12 @@
 mod support;
 
 use std::process::Output;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 use support::lab_cli::LabCli;
 use support::output_text as text;
+use support::wait_for;
 use tern_lab::{CaddyConfig, CaddyNode};
 
 /// The lab of `tern lab up` (torn down on Drop), and c1's CLI.
@@ -84,27 +85,6 @@ fn tailnet_ipv6(peer: &Value) -> String {
 /// Caddy/tsnet in c2 (beside tern's c2), stopped on Drop.
 fn start_caddy_in_c2(lab: &Lab, config: CaddyConfig) -> CaddyNode {
     CaddyNode::start(&lab.0.ns("c2"), config).unwrap_or_else(|err| panic!("starting caddy: {err}"))
-}
-
-/// Poll `probe` every 250 ms until it yields, or fail after `limit` with `context()`.
-fn wait_for<T>(
-    what: &str,
-    limit: Duration,
-    context: impl Fn() -> String,
-    mut probe: impl FnMut() -> Option<T>,
-) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(value) = probe() {
-            return value;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {limit:?} waiting for {what}\n{}",
-            context()
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    }
 }
 
 fn stdout(out: &Output) -> String {

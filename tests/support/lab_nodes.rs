@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 use tern_lab::topology::{CONTROL_IP, RELAY_IPS};
@@ -32,50 +32,9 @@ pub const DERP_REGION: u64 = 900;
 /// Log filter for the daemons (debug for tern itself; per-packet logs are at trace).
 pub const DAEMON_LOG: &str = "info,tern=debug";
 
-/// Poll `probe` every 100 ms until it yields a value; after `secs` seconds fail the test with
-/// `what` and `logs()`.
-pub fn wait<T>(
-    what: &str,
-    secs: u64,
-    logs: impl Fn() -> String,
-    probe: impl FnMut() -> Option<T>,
-) -> T {
-    wait_for(what, Duration::from_secs(secs), logs, probe)
-}
-
-/// [`wait`] with any timeout.
-pub fn wait_for<T>(
-    what: &str,
-    timeout: Duration,
-    logs: impl Fn() -> String,
-    mut probe: impl FnMut() -> Option<T>,
-) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = probe() {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {:.1} s waiting for {what}\n{}",
-            timeout.as_secs_f64(),
-            logs()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// The last `lines` lines of `text` (logs in failure messages stay readable).
-pub fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    let skip = all.len().saturating_sub(lines);
-    let mut out = String::new();
-    if skip > 0 {
-        out += &format!("[… {skip} earlier lines]\n");
-    }
-    out += &all[skip..].join("\n");
-    out
-}
+// Re-exported for the tests that include this file; not every one uses all three.
+#[allow(unused_imports)]
+pub use crate::support::{tail, wait, wait_for};
 
 /// A `tern daemon` with the kernel TUN `tern0` on port 41641 in a lab namespace.
 pub struct Node {
