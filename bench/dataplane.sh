@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Data-plane throughput of tern over DERP against the direct-path baselines of
-# spec/lab.md §3, all on this machine in one run (issue 4 figures).
+# the direct baselines, all on this machine in one run (issue 4 figures).
 #
 #   sudo bench/dataplane.sh            # from the repository root; prints a table
 #

@@ -48,7 +48,7 @@ fn key32(tag: u8, i: usize) -> [u8; 32] {
     b
 }
 
-/// A peer shaped like the SaaS sample in the spec (§6): keys, two addresses, endpoints,
+/// A peer shaped like the SaaS sample in tests/vectors: keys, two addresses, endpoints,
 /// Hostinfo with services and NetInfo, a few CapMap entries, tags.
 fn peer(i: usize) -> Node {
     let id = i as i64 + 100;

@@ -1,9 +1,9 @@
 #!/bin/sh
-# Builds seed corpora for the fuzz targets from the shared vectors (corpus/ is not committed).
+# Builds seed corpora for the fuzz targets from the repository's vectors (tests/vectors) (corpus/ is not committed).
 # Usage: fuzz/seed.sh   (run from anywhere; needs python3 and the zstd CLI)
 set -eu
 here=$(cd "$(dirname "$0")" && pwd)
-vectors="$here/../../shared/vectors"
+vectors="$here/../tests/vectors"
 python3 - "$here" "$vectors" <<'PY'
 import json, os, struct, subprocess, sys
 here, vectors = sys.argv[1], sys.argv[2]

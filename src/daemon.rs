@@ -345,7 +345,7 @@ async fn bounded<T>(
 /// The `--tun` value that asks for no kernel TUN.
 pub const USERSPACE_NETWORKING: &str = "userspace-networking";
 
-/// Accept `http://` and `https://` URLs with a host; trailing slashes are dropped (spec §2).
+/// Accept `http://` and `https://` URLs with a host; trailing slashes are dropped.
 fn validate_login_server(url: &str) -> Result<String, String> {
     let parsed: http::Uri = url
         .parse()

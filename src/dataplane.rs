@@ -1,4 +1,4 @@
-//! The data plane (dataplane spec §2.8, §3–§6, §9): a kernel TUN, one WireGuard peer table, the
+//! The data plane: a kernel TUN, one WireGuard peer table, the
 //! per-peer path machines ([`PeerTable`]) that find direct UDP paths with disco, and DERP.
 //!
 //! One engine task owns the TUN, the [`WgPeers`] table, the path machines, the inbound filter
@@ -225,7 +225,7 @@ impl Drop for AbortOnDrop {
 }
 
 /// Measures when the region set changes, when `trigger` fires (`tern netcheck`, a CallMeMaybe
-/// that wants fresh endpoints) and every 20–26 s (spec §5.2), handing each report to the engine.
+/// that wants fresh endpoints) and every 20–26 s, handing each report to the engine.
 async fn netcheck_task(
     mut regions: watch::Receiver<BTreeMap<u16, DerpRegion>>,
     sockets: StunSockets,
@@ -264,7 +264,7 @@ fn ipv6_enabled() -> bool {
         .unwrap_or(false)
 }
 
-/// One UDP socket per address family on `--port` (spec: one socket per family; WireGuard,
+/// One UDP socket per address family on `--port` (one socket per family; WireGuard,
 /// disco and STUN share it).
 struct UdpSockets {
     v4: Arc<UdpSocket>,
@@ -408,10 +408,10 @@ struct DerpLink {
     last_write: Instant,
 }
 
-/// Non-home DERP connections unused for this long are closed (spec §2.8).
+/// Non-home DERP connections unused for this long are closed.
 const DERP_IDLE_CLOSE: Duration = Duration::from_secs(60);
 
-/// Which region carries a packet to a peer (spec §2.8, Go `derpWriteChanForRegion`): its home
+/// Which region carries a packet to a peer (Go `derpWriteChanForRegion`): its home
 /// region if we are connected there; else the region we last heard it on, if still connected;
 /// else its home region (dialed now); with no home, the region it was heard on; else our own
 /// home (`our_home`, 0 = none). That last step is ours: Go drops the packet, but a peer that
@@ -510,7 +510,7 @@ struct Engine {
     pending_netchecks: Vec<oneshot::Sender<api::NetcheckReport>>,
     /// The port our UDP sockets are bound to (our local endpoints use it).
     udp_port: u16,
-    /// When each region last delivered a packet (updated at most every 5 s, spec §5.6).
+    /// When each region last delivered a packet (updated at most every 5 s).
     last_frame: HashMap<u16, Instant>,
     inbound_tx: mpsc::Sender<DerpEvent>,
     /// Where each peer's packets last came from over DERP.
@@ -1158,7 +1158,7 @@ impl Engine {
         }
     }
 
-    /// An allocation request from `peer` (spec peer-relay.md §3.1): answered over DERP when our
+    /// An allocation request from `peer`: answered over DERP when our
     /// relay server runs and control granted the peer `tailscale.com/cap/relay` towards us.
     fn answer_relay_allocation(
         &mut self,
@@ -1449,7 +1449,7 @@ impl Engine {
             .collect()
     }
 
-    /// A report from the netcheck task: choose the home by spec §5.6, update our endpoints and
+    /// A report from the netcheck task: choose the home region, update our endpoints and
     /// NAT facts for the path machines and control, answer waiting `tern netcheck`s.
     fn on_latency_report(&mut self, report: LatencyReport, status: &watch::Sender<Status>) {
         self.choose_home(&report);
@@ -1559,7 +1559,7 @@ impl Engine {
     }
 
     /// Makes `home` our home region: NotePreferred(false) to the old one, a connection with
-    /// NotePreferred(true) to the new one, and the news to control (spec §2.8, §5.6 step 7).
+    /// NotePreferred(true) to the new one, and the news to control.
     fn set_home(&mut self, home: u16) {
         if home == self.home {
             return;
@@ -1741,7 +1741,7 @@ fn relay_status(relay: &RelayRuntime, peers: &[crate::status::PeerStatus]) -> Re
     status
 }
 
-/// Our endpoints (spec §5.7): what STUN saw first, then every interface address with our port
+/// Our endpoints: what STUN saw first, then every interface address with our port
 /// (loopback, link-local and the tailnet's own 100.64.0.0/10 and fd7a:115c:a1e0::/48 left out).
 pub fn local_endpoints(port: u16, stun: &StunResults) -> Vec<(SocketAddr, EndpointType)> {
     let mut out: Vec<(SocketAddr, EndpointType)> = Vec::new();

@@ -1,5 +1,5 @@
-//! Classification of datagrams on the shared UDP socket and of DERP payloads (spec dataplane.md
-//! §4, peer-relay.md §2.5; Go magicsock `packetLooksLike`, `receiveIP`). Pure functions.
+//! Classification of datagrams on the shared UDP socket and of DERP payloads (Go
+//! magicsock `packetLooksLike`, `receiveIP`). Pure functions.
 //!
 //! Order on UDP: STUN binding → Geneve (Tailscale protocols only) → naked disco → WireGuard.
 //! The tests are unambiguous: disco starts with `0x54`, STUN needs byte 1 = `0x01`, Geneve needs the
@@ -116,7 +116,7 @@ mod tests {
     use serde_json::Value;
 
     fn vectors() -> Value {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/vectors/geneve.json");
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/vectors/geneve.json");
         let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {path}: {e}"));
         serde_json::from_str(&text).expect("geneve.json is JSON")
     }
@@ -153,7 +153,7 @@ mod tests {
 
     #[test]
     fn stun_requests_and_every_response_vector_are_stun() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/vectors/stun.json");
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/vectors/stun.json");
         let v: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
         let mut n = 0;
         for key in ["request_vectors", "response_vectors"] {

@@ -1,5 +1,4 @@
-//! Disco (discovery) messages, byte-compatible with Tailscale's `disco` package (spec dataplane.md §3,
-//! peer-relay.md §2).
+//! Disco (discovery) messages, byte-compatible with Tailscale's `disco` package.
 //!
 //! Two layers, both pure:
 //! * the outer packet `magic "TS💬" (6) || sender disco public key (32) || nonce (24) || box`,
@@ -75,7 +74,7 @@ pub enum DiscoError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ping {
     pub tx_id: TxId,
-    /// Sender's node key; a hint only (see spec §3.3). Encoded only when present.
+    /// Sender's node key; a hint only. Encoded only when present.
     pub node_key: Option<NodePublic>,
     /// Zero bytes after the fixed part, for path-MTU probing.
     pub padding: usize,
@@ -232,7 +231,7 @@ pub fn to_vec(msg: &Message) -> Vec<u8> {
     out
 }
 
-/// Parses a plaintext message. Versions other than 0 are handled as upstream does (see spec §3.3).
+/// Parses a plaintext message. Versions other than 0 are handled as upstream does.
 pub fn parse(b: &[u8]) -> Result<Message, DiscoError> {
     let [kind, version, body @ ..] = b else {
         return Err(DiscoError::TooShort {

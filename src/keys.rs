@@ -1,4 +1,4 @@
-//! Tailscale key types and their text encodings (spec control.md §1).
+//! Tailscale key types and their text encodings.
 //!
 //! Every key is 32 raw bytes. The text form is `<prefix><64 hex digits>`: emitted in lowercase,
 //! parsed in either case, prefix matched case-sensitively. JSON carries the text form; a zero key
@@ -303,7 +303,7 @@ mod tests {
     use serde_json::Value;
 
     fn keys_json() -> Value {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/vectors/keys.json");
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/vectors/keys.json");
         let text = std::fs::read_to_string(path).expect("read keys.json");
         serde_json::from_str(&text).expect("parse keys.json")
     }

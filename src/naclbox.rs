@@ -1,4 +1,4 @@
-//! NaCl `crypto_box` (X25519 + XSalsa20-Poly1305) as Tailscale uses it (spec dataplane.md §1.2).
+//! NaCl `crypto_box` (X25519 + XSalsa20-Poly1305) as Tailscale uses it.
 //!
 //! Sealed form: `nonce[24] || tag[16] || ciphertext`, with a fresh random nonce per message.
 //! Used by the DERP handshake (ClientInfo/ServerInfo) and by disco.

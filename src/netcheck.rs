@@ -1,7 +1,7 @@
-//! Home DERP region by measured latency (dataplane spec §5.2–§5.6), a small subset of Go's
+//! Home DERP region by measured latency, a small subset of Go's
 //! netcheck: each region's first usable node is probed by STUN (its `STUNPort`, 0 = 3478);
 //! a region that gives no STUN answer is timed by a TCP connect to its DERP port instead (the
-//! spec's HTTPS fallback, cheaper). [`select_home`] applies the §5.6 rules to the results.
+//! HTTPS fallback, cheaper). [`select_home`] applies Go's home-region rules to the results.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
@@ -13,9 +13,9 @@ use tokio::sync::mpsc;
 use crate::control::tailcfg::{DerpNode, DerpRegion};
 use crate::stun;
 
-/// How long one region's STUN probe waits for an answer (spec `stunProbeTimeout`).
+/// How long one region's STUN probe waits for an answer ( `stunProbeTimeout`).
 pub const STUN_TIMEOUT: Duration = Duration::from_secs(3);
-/// STUN tries per region, `STUN_RETRY` apart (spec full plan: 3 tries, 100 ms apart).
+/// STUN tries per region, `STUN_RETRY` apart ( full plan: 3 tries, 100 ms apart).
 const STUN_TRIES: u32 = 3;
 const STUN_RETRY: Duration = Duration::from_millis(100);
 /// How long the TCP-connect fallback may take.
@@ -28,7 +28,7 @@ const KEEP_WITHIN: Duration = Duration::from_millis(10);
 /// `PreferredDERPFrameTime`, §5.6 step 3).
 pub const HOME_FRAME_WINDOW: Duration = Duration::from_secs(8);
 
-/// The periodic re-measure interval: uniform in 20–26 s (spec §5.2).
+/// The periodic re-measure interval: uniform in 20–26 s.
 pub fn next_interval() -> Duration {
     Duration::from_millis(20_000 + rand::random::<u64>() % 6_000)
 }

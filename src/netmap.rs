@@ -1,4 +1,4 @@
-//! The node's network map: what one map session has told us so far (spec control.md §5.4).
+//! The node's network map: what one map session has told us so far.
 //!
 //! A map session starts empty; the first non-keep-alive message is a full map and later ones
 //! are deltas. [`NetworkMap::apply_owned`] implements the delta rules of the Go client
@@ -25,7 +25,7 @@ pub const BASE_FILTER_NAME: &str = "base";
 pub struct NetworkMap {
     /// This node, as control describes it. `None` until the first full map.
     pub self_node: Option<Node>,
-    /// Peers by node ID (never includes the self node if control follows the spec).
+    /// Peers by node ID (never includes the self node if control follows the protocol).
     pub peers: BTreeMap<NodeId, Node>,
     /// Node key → node ID of the peers, kept in step with `peers`.
     peer_ids_by_key: HashMap<NodePublic, NodeId>,

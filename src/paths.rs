@@ -1,5 +1,5 @@
-//! Per-peer path selection: DERP first, direct UDP once a disco pong proves it (spec dataplane.md §6,
-//! Go magicsock `endpoint`). Sans-IO: a [`Peer`] is handed disco messages, outgoing-traffic notices
+//! Per-peer path selection: DERP first, direct UDP once a disco pong proves it (Go
+//! magicsock `endpoint`). Sans-IO: a [`Peer`] is handed disco messages, outgoing-traffic notices
 //! and the current time, and is asked for disco messages to send ([`Peer::poll_transmit`]), its next
 //! deadline ([`Peer::poll_timeout`]) and path-change events ([`Peer::poll_event`]).
 //!
@@ -265,7 +265,7 @@ pub struct AddrQuality {
     pub wire_mtu: u16,
 }
 
-/// Whether candidate `a` should replace the current best `b` (spec §6.6, Go `betterAddr`).
+/// Whether candidate `a` should replace the current best `b` (Go `betterAddr`).
 pub fn better_addr(a: &AddrQuality, b: Option<&AddrQuality>) -> bool {
     let Some(b) = b else { return true };
     if (a.addr, a.vni) == (b.addr, b.vni) {
@@ -471,7 +471,7 @@ impl Peer {
         self.update_report(now);
     }
 
-    /// Go's checks before a relay allocation (spec peer-relay.md §3.1): over DERP only, and the
+    /// Go's checks before a relay allocation: over DERP only, and the
     /// sender's own disco key must be one of the pair.
     fn handle_relay_alloc_request(
         &mut self,

@@ -5,7 +5,7 @@
 //! - `node.key`     `privkey:<64 hex>`: the WireGuard/node key; rotated when control says it expired.
 //! - `prefs.json`   [`Prefs`]: what `tern up` asked for, so a restart comes back the same way.
 //!
-//! The disco key is *not* stored: a fresh one is made on every process start (spec §8.6).
+//! The disco key is *not* stored: a fresh one is made on every process start.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};

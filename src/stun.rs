@@ -353,7 +353,7 @@ mod tests {
     use serde_json::Value;
 
     fn vectors() -> Value {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/vectors/stun.json");
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/vectors/stun.json");
         let text = std::fs::read_to_string(path).expect("read stun.json");
         serde_json::from_str(&text).expect("parse stun.json")
     }

@@ -277,7 +277,7 @@ async fn serve_request(
     }
 }
 
-/// The first map of a one-node tailnet (spec §8.3): enough for tsnet to reach Running.
+/// The first map of a one-node tailnet: enough for tsnet to reach Running.
 fn full_map(req: &MapRequest, machine: MachinePublic) -> MapResponse {
     let mut cap_map = CapMap::new();
     cap_map.insert("disable-captive-portal-detection".into(), None);

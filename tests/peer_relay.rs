@@ -1,4 +1,4 @@
-//! tern as a peer relay server for real Tailscale nodes (spec peer-relay.md §8): two Caddy/tsnet
+//! tern as a peer relay server for real Tailscale nodes: two Caddy/tsnet
 //! nodes (tailscale.com v1.90.9) behind hard NATs, which cannot go direct, and a tern node on the
 //! lab's public `server` host with `tern set --relay-server-port=40000`. Traffic from one tsnet
 //! node to the other makes Go allocate an endpoint on tern over DERP, bind both legs and move the

@@ -1,5 +1,5 @@
-//! Exponential backoff with jitter for the control client's retry loops (spec §8.6 item 8:
-//! capped at 30 s). Pure: the caller supplies the randomness, so tests are deterministic.
+//! Exponential backoff with jitter for the control client's retry loops (capped at
+//! 30 s). Pure: the caller supplies the randomness, so tests are deterministic.
 
 use std::time::Duration;
 

@@ -20,7 +20,7 @@ use crate::status::{
     rfc3339, BackendState, ControlState, ErrorReport, PeerStatus, SelfStatus, Status,
 };
 
-/// The map poll is restarted when nothing arrives for this long (spec §5.4).
+/// The map poll is restarted when nothing arrives for this long.
 pub const MAP_WATCHDOG: Duration = Duration::from_secs(120);
 
 /// What the daemon tells the control client to do.
@@ -63,7 +63,7 @@ pub struct LocalNetInfo {
 }
 
 /// This node's keys: machine and node keys from the state directory, a disco key made fresh for
-/// this process (spec §8.6).
+/// this process.
 #[derive(Clone)]
 pub struct NodeIdentity {
     pub machine: MachinePrivate,
@@ -298,7 +298,7 @@ mod connection {
     use crate::control::CAPABILITY_VERSION;
     use http_body_util::BodyExt;
 
-    /// Largest register response read (spec §4: the client reads up to 1 MiB).
+    /// Largest register response read (the client reads up to 1 MiB).
     const MAX_REGISTER_BODY: usize = 1 << 20;
     /// Largest single map message accepted (compressed or decompressed).
     pub(super) const MAX_MAP_MESSAGE: usize = 16 << 20;
@@ -371,7 +371,7 @@ mod connection {
         stream.read(resp.into_body(), config.watchdog).await
     }
 
-    /// `POST /machine/register` until control accepts our node key (spec §4).
+    /// `POST /machine/register` until control accepts our node key.
     async fn register(
         conn: &mut ControlConn,
         config: &ControlConfig,
@@ -429,7 +429,7 @@ mod connection {
         ))
     }
 
-    /// A lite update (spec §5.1): same connection, must not disturb the stream; its answer
+    /// A lite update: same connection, must not disturb the stream; its answer
     /// is discarded.
     fn send_lite_update(
         conn: &ControlConn,
@@ -466,7 +466,7 @@ mod connection {
 
     impl MapStream<'_> {
         /// Read `[u32le][zstd]` messages until the stream ends, the connection dies, or 120 s
-        /// pass without a message (spec §5.4 watchdog). A new home DERP goes out as a lite update.
+        /// pass without a message. A new home DERP goes out as a lite update.
         async fn read(
             &mut self,
             mut body: hyper::body::Incoming,
@@ -601,7 +601,7 @@ mod connection {
         Ok(())
     }
 
-    /// Register outcome as the Go client classifies it (spec §4.2).
+    /// Register outcome as the Go client classifies it.
     #[derive(Debug, PartialEq, Eq)]
     pub(super) enum RegisterOutcome {
         Accepted,
@@ -772,7 +772,7 @@ fn peer_status(node: &Node) -> PeerStatus {
     }
 }
 
-/// Single-IP prefixes only (spec §6: only those are the node's own addresses), IPv4 first.
+/// Single-IP prefixes only (only those are the node's own addresses), IPv4 first.
 fn tailnet_ips(addresses: &[ipnet::IpNet]) -> Vec<String> {
     let mut ips: Vec<std::net::IpAddr> = addresses
         .iter()

@@ -1,4 +1,4 @@
-//! Dialing control over ts2021 (spec §2, §3): `GET /key`, the HTTP/1.1 `POST /ts2021` upgrade
+//! Dialing control over ts2021: `GET /key`, the HTTP/1.1 `POST /ts2021` upgrade
 //! carrying the Noise initiation, the Noise response, the optional early payload, and an HTTP/2
 //! client (prior knowledge) over the Noise record stream.
 //!
@@ -21,9 +21,9 @@ use super::noise::{handshake_answer_len, Initiator, NoiseStream, HEADER_LEN};
 use super::CAPABILITY_VERSION;
 use crate::keys::{MachinePrivate, MachinePublic, NodePublic};
 
-/// Time allowed for TCP connect + upgrade + Noise handshake (spec §3.1: 10 s).
+/// Time allowed for TCP connect + upgrade + Noise handshake (10 s).
 pub const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
-/// Largest `/key` response body read (spec §2: 64 KiB).
+/// Largest `/key` response body read (64 KiB).
 const MAX_KEY_BODY: usize = 64 * 1024;
 /// Largest HTTP/1.1 response head accepted during the upgrade.
 const MAX_RESPONSE_HEAD: usize = 16 * 1024;
@@ -189,7 +189,7 @@ async fn read_response_head(stream: &mut BufReader<TcpStream>) -> std::io::Resul
     }
 }
 
-/// The server must switch to exactly `tailscale-control-protocol` (spec §3.2).
+/// The server must switch to exactly `tailscale-control-protocol`.
 pub fn check_upgrade_response(head: &str) -> Result<(), String> {
     let mut lines = head.lines();
     let status_line = lines.next().unwrap_or_default();
@@ -213,7 +213,7 @@ pub fn check_upgrade_response(head: &str) -> Result<(), String> {
     }
 }
 
-/// The control server's Noise public key from a `/key` body (spec §2): JSON with a non-zero
+/// The control server's Noise public key from a `/key` body: JSON with a non-zero
 /// `publicKey`. A bare-hex legacy body means a server too old for ts2021.
 pub fn parse_key_response(body: &[u8]) -> Result<MachinePublic, String> {
     let json: serde_json::Value = serde_json::from_slice(body)
@@ -327,8 +327,8 @@ impl ControlConn {
 }
 
 impl Requester {
-    /// `POST https://<authority><path>` with a JSON body and the `Ts-Lb` node-key hints
-    /// (spec §3.6); returns the response with its body still streaming.
+    /// `POST https://<authority><path>` with a JSON body and the `Ts-Lb` node-key hints.
+    /// Returns the response with its body still streaming.
     pub async fn post(
         &mut self,
         path: &str,

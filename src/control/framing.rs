@@ -1,4 +1,4 @@
-//! Map-stream framing (spec control.md §5.3): `[u32 LITTLE-endian length][payload]…`, each
+//! Map-stream framing: `[u32 LITTLE-endian length][payload]…`, each
 //! payload a zstd frame of the JSON `MapResponse` when the request said `Compress:"zstd"`, raw
 //! JSON otherwise. Pure: bytes in, messages out.
 

@@ -1,4 +1,4 @@
-//! The ts2021 control protocol (spec control.md): Noise transport, wire JSON, map framing.
+//! The ts2021 control protocol: Noise transport, wire JSON, map framing.
 //!
 //! Pure building blocks (`noise`, `tailcfg`, `framing`), plus the node's side of the session:
 //! `dial` (HTTP upgrade, Noise, HTTP/2), `backoff` and `client` (the control session task).
@@ -17,7 +17,7 @@ pub(crate) mod test_stub;
 /// `RegisterRequest.Version` and `MapRequest.Version`.
 ///
 /// 130 is what tailscale v1.90.9 (our reference peer) sends, and what tailscale-rs claims. The
-/// numbers are cumulative (spec §9.3): claiming 130 says we understand `HomeDERP` (111),
+/// numbers are cumulative: claiming 130 says we understand `HomeDERP` (111),
 /// `AllowedIPs: null` = Addresses (112), `NoMeasureNoHome` (115), `DisplayMessages` (117),
 /// `PacketFilters` (81), incremental DERPMaps (65), `PeersChangedPatch` (33/36) and `CapMap`
 /// (74). `netmap::NetworkMap::apply` implements those; 131 (default-auto-update node attribute)

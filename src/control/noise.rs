@@ -1,4 +1,4 @@
-//! ts2021 Noise IK handshake and transport records (spec control.md §3.3–§3.5), sans-IO.
+//! ts2021 Noise IK handshake and transport records, sans-IO.
 //!
 //! The handshake is `Noise_IK_25519_ChaChaPoly_BLAKE2s` with the prologue
 //! `Tailscale Control Protocol v<version>`; the symmetric state is written here because the

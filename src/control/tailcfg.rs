@@ -1,4 +1,4 @@
-//! Control-plane wire JSON (Go `tailcfg`, spec control.md §0.1, §4–§7), with Go's exact key casing.
+//! Control-plane wire JSON (Go `tailcfg`), with Go's exact key casing.
 //!
 //! Decoding follows Go: unknown fields are ignored, and `null` for any non-pointer field leaves
 //! it at its zero value (the `nullable` deserializer). Where Go distinguishes nil from empty

@@ -1,4 +1,4 @@
-//! A DERP client connection (spec dataplane.md §2.3–2.8).
+//! A DERP client connection (–2.8).
 //!
 //! [`ClientCore`] is the sans-IO part: it builds the handshake frames, turns received frames
 //! into [`Event`]s, queues Pong answers, and knows the read deadline. [`Reconnector`] is the

@@ -1,4 +1,4 @@
-//! DERP frame codec (spec dataplane.md §2.5–2.7). Pure: no sockets, no clocks.
+//! DERP frame codec (–2.7). Pure: no sockets, no clocks.
 //!
 //! A frame is `type[1] || length[u32 BE] || payload[length]`. [`decode`] takes frames off the
 //! front of a stream buffer; [`parse`] reads one complete frame; [`Frame::encode`] writes one.
@@ -664,7 +664,7 @@ mod tests {
     use serde_json::Value;
 
     fn vectors() -> Value {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/vectors/derp.json");
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/vectors/derp.json");
         let text = std::fs::read_to_string(path).expect("read derp.json vectors");
         serde_json::from_str(&text).expect("parse derp.json")
     }

@@ -1,4 +1,4 @@
-//! DERP: the TCP/TLS relay addressed by node key (spec dataplane.md §2).
+//! DERP: the TCP/TLS relay addressed by node key.
 //!
 //! - [`frame`]: pure codec for frames and the ClientInfo/ServerInfo JSON.
 //! - [`server`]: the relay (`tern derp`): HTTP front, handshake, routing, queues, metrics, STUN.

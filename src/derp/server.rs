@@ -1,4 +1,4 @@
-//! The DERP relay server (`tern derp`), spec dataplane.md §2.4, §2.6, §2.9, §2.10.
+//! The DERP relay server (`tern derp`), Go `derp/derpserver`.
 //!
 //! Shape: one task per TCP connection. It reads the HTTP request head itself (so it controls the
 //! exact 101 bytes and keeps pipelined fast-start bytes), then runs the DERP handshake, registers
@@ -1021,7 +1021,7 @@ pub fn tls_self_signed(
     Ok((config, der))
 }
 
-/// The `derpkey` meta certificate (spec §2.3): self-signed Ed25519, CN `derpkey<hex key>`,
+/// The `derpkey` meta certificate: self-signed Ed25519, CN `derpkey<hex key>`,
 /// serial = protocol version. Go clients on TLS 1.3 read the server key from it and use fast
 /// start; others treat it as an unused extra certificate.
 pub fn meta_cert(
@@ -1189,7 +1189,7 @@ mod tests {
 
     #[test]
     fn upgrade_response_matches_vector() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/vectors/derp.json");
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/vectors/derp.json");
         let v: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
         let key: NodePublic =
@@ -1226,7 +1226,7 @@ mod tests {
     /// The STUN request vector from stun.json (txid 00..0b) gets an answer; mutations do not.
     #[test]
     fn stun_responder_is_strict() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/vectors/stun.json");
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/vectors/stun.json");
         let v: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
         let req = hex::decode(v["request_vectors"][0]["packet_hex"].as_str().unwrap()).unwrap();

@@ -2,7 +2,7 @@ use super::*;
 use serde_json::Value;
 
 fn vectors() -> Value {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/vectors/disco.json");
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/vectors/disco.json");
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {path}: {e}"));
     serde_json::from_str(&text).expect("disco.json is JSON")
 }

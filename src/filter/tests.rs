@@ -1,11 +1,11 @@
-//! Upstream vectors from `shared/vectors/filter.json`.
+//! Upstream vectors from `tests/vectors/filter.json`.
 
 use super::*;
 use crate::packet::tcp_flags;
 use serde_json::Value;
 
 fn vectors() -> Value {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/vectors/filter.json");
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/vectors/filter.json");
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {path}: {e}"));
     serde_json::from_str(&text).expect("filter.json parses")
 }

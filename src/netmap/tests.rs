@@ -334,7 +334,7 @@ fn nodes_are_upgraded_like_go() {
 fn fixture_map_response_applies() {
     let path = concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../shared/vectors/control_json/map_response.json"
+        "/tests/vectors/control_json/map_response.json"
     );
     let resp: MapResponse = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let mut nm = NetworkMap::new();

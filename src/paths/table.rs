@@ -1,5 +1,5 @@
 //! All peers' path machines behind one disco key: opens inbound disco packets, checks who sent
-//! them (spec dataplane.md §3.4), hands them to the right [`Peer`], and seals what the peers want
+//! them, hands them to the right [`Peer`], and seals what the peers want
 //! to send. Still sans-IO: the driver gives it datagrams and the time, and sends [`Outgoing`]
 //! packets on the UDP socket or via DERP.
 

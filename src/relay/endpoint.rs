@@ -184,7 +184,7 @@ mod tests {
 
     #[test]
     fn relay_server_endpoint_json_vectors() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/vectors/disco.json");
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/vectors/disco.json");
         let v: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
         let cases = v["relay_server_endpoint_json"]["cases"].as_array().unwrap();
         assert_eq!(cases.len(), 7);

@@ -1,5 +1,5 @@
 //! The Geneve header (RFC 8926 fixed part, no options) that peer relays put in front of disco and
-//! WireGuard datagrams (spec dataplane.md §3.5, peer-relay.md §2.4). Pure codec.
+//! WireGuard datagrams. Pure codec.
 //!
 //! ```text
 //! byte 0   version (2 bits) | options length (6 bits, 0)
@@ -127,7 +127,7 @@ mod tests {
     use serde_json::Value;
 
     fn vectors() -> Value {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/vectors/geneve.json");
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/vectors/geneve.json");
         let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {path}: {e}"));
         serde_json::from_str(&text).expect("geneve.json is JSON")
     }

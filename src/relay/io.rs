@@ -1,4 +1,4 @@
-//! The relay server's I/O (spec peer-relay.md §5.6–§5.8): its own UDP sockets on the relay port
+//! The relay server's I/O: its own UDP sockets on the relay port
 //! (IPv4 required, IPv6 when the host has it), a reader per socket that hands each datagram to
 //! the sans-IO [`RelayServer`] and does what it says, and a housekeeping task that discovers the
 //! addresses to offer (interface addresses, and what STUN from the relay socket itself sees)

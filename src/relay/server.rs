@@ -1,4 +1,4 @@
-//! The peer relay server (spec peer-relay.md §3–§5, Go `net/udprelay.Server`), sans-IO.
+//! The peer relay server (Go `net/udprelay.Server`), sans-IO.
 //!
 //! Two clients that cannot reach each other directly each bind to an *endpoint* (identified by a
 //! VNI) on this server; it then forwards their Geneve-framed datagrams to each other, unchanged
@@ -6,7 +6,7 @@
 //! ([`RelayServer::allocate`]); the bind handshake and the data arrive on the relay's own UDP
 //! socket ([`RelayServer::handle_packet`]). The caller owns the sockets and the clock.
 //!
-//! The handshake follows Go v1.92+ (what the spec recommends for every client version): every
+//! The handshake follows Go v1.92+ (which we apply to every client version): every
 //! valid Bind is answered with a Challenge whose cookie is a keyed BLAKE2s MAC over (VNI,
 //! generation, the other client's disco key, the Bind's source address), so an Answer proves the
 //! client receives at that address and no per-attempt state is kept. The MAC key rotates every

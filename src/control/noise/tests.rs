@@ -4,7 +4,7 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 
 fn noise_json() -> Value {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/vectors/noise.json");
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/vectors/noise.json");
     serde_json::from_str(&std::fs::read_to_string(path).expect("read noise.json")).unwrap()
 }
 

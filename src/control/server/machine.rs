@@ -1,4 +1,4 @@
-//! HTTP/2 over Noise: `/machine/register` and `/machine/map` (spec control.md §4, §5).
+//! HTTP/2 over Noise: `/machine/register` and `/machine/map`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -1,4 +1,4 @@
-//! The lab coordination server's protocol side (spec control.md §2–§5, §8): HTTP/1.1 `/key` and
+//! The lab coordination server's protocol side: HTTP/1.1 `/key` and
 //! the `/ts2021` upgrade, the Noise responder, HTTP/2 over Noise, `/machine/register` and
 //! `/machine/map` streaming.
 //!

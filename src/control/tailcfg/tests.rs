@@ -3,7 +3,7 @@ use serde::de::DeserializeOwned;
 
 fn vector(name: &str) -> String {
     let path = format!(
-        "{}/../shared/vectors/control_json/{name}",
+        "{}/tests/vectors/control_json/{name}",
         env!("CARGO_MANIFEST_DIR")
     );
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {path}: {e}"))
