@@ -14,7 +14,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::control::client::{self as control_client, ControlConfig, EngineLink, NodeIdentity};
-use crate::dataplane::api::{EngineGone, EngineHandle, NetcheckReport, PingResult};
+use crate::dataplane::api::{EngineGone, EngineHandle};
+use crate::report::{NetcheckReport, PingResult};
 use crate::dataplane::{self, EngineConfig};
 use crate::keys::NodePublic;
 use crate::localapi::{self, ApiError, Command, SetRequest, SocketOwner, UpRequest};

@@ -37,6 +37,7 @@ use crate::netmap::NetworkMap;
 use crate::packet::PacketSummary;
 use crate::paths::{self, Dest, Path, PeerTable, SendPlan};
 use crate::relay::io::RelayRuntime;
+use crate::report;
 use crate::status::{rfc3339, RelayServerStatus, Status};
 use crate::wg::{consts, PeerId, WgOutput, WgPeers};
 use tern_platform::router::{default_routes, NetlinkRouter, Router};
@@ -483,7 +484,7 @@ struct PendingPing {
     peer: NodePublic,
     tx_ids: Vec<crate::disco::TxId>,
     deadline: Instant,
-    reply: oneshot::Sender<api::PingResult>,
+    reply: oneshot::Sender<report::PingResult>,
 }
 
 struct Engine {
@@ -507,7 +508,7 @@ struct Engine {
     stun_tx: Option<mpsc::Sender<StunResponse>>,
     netcheck_trigger: Arc<Notify>,
     pending_pings: Vec<PendingPing>,
-    pending_netchecks: Vec<oneshot::Sender<api::NetcheckReport>>,
+    pending_netchecks: Vec<oneshot::Sender<report::NetcheckReport>>,
     /// The port our UDP sockets are bound to (our local endpoints use it).
     udp_port: u16,
     /// When each region last delivered a packet (updated at most every 5 s).
@@ -756,7 +757,7 @@ impl Engine {
             } else {
                 "timeout"
             };
-            let _ = ping.reply.send(api::PingResult {
+            let _ = ping.reply.send(report::PingResult {
                 error: Some(error.into()),
                 ..Default::default()
             });
@@ -788,7 +789,7 @@ impl Engine {
                         } else {
                             "unknown peer"
                         };
-                        let _ = reply.send(api::PingResult {
+                        let _ = reply.send(report::PingResult {
                             error: Some(why.into()),
                             ..Default::default()
                         });
@@ -1222,7 +1223,7 @@ impl Engine {
             return;
         };
         let ping = self.pending_pings.swap_remove(index);
-        let mut result = api::PingResult {
+        let mut result = report::PingResult {
             latency_ms: Some(millis(latency)),
             ..Default::default()
         };
@@ -1492,11 +1493,11 @@ impl Engine {
         &self,
         report: &LatencyReport,
         endpoints: &[(SocketAddr, EndpointType)],
-    ) -> api::NetcheckReport {
+    ) -> report::NetcheckReport {
         let regions = self
             .derp_map
             .iter()
-            .map(|(id, r)| api::RegionLatency {
+            .map(|(id, r)| report::RegionLatency {
                 id: *id,
                 code: r.region_code.clone(),
                 name: r.region_name.clone(),
@@ -1504,7 +1505,7 @@ impl Engine {
             })
             .collect();
         let stun = &report.stun;
-        api::NetcheckReport {
+        report::NetcheckReport {
             at: rfc3339(SystemTime::now()),
             udp: stun.udp(),
             ipv4: stun.global_v4.is_some(),
@@ -1517,7 +1518,7 @@ impl Engine {
             regions,
             endpoints: endpoints
                 .iter()
-                .map(|(addr, kind)| api::EndpointReport {
+                .map(|(addr, kind)| report::EndpointReport {
                     addr: addr.to_string(),
                     kind: endpoint_kind(*kind).into(),
                 })

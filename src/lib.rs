@@ -24,6 +24,7 @@ pub mod packet;
 pub mod paths;
 pub mod ping_cli;
 pub mod relay;
+pub mod report;
 pub mod state;
 pub mod status;
 pub mod stun;

@@ -35,7 +35,7 @@ use serde::{Deserialize, Serialize};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::dataplane::api::{NetcheckReport, PingResult};
+use crate::report::{NetcheckReport, PingResult};
 use crate::keys::NodePublic;
 use crate::status::{PeerStatus, Status};
 

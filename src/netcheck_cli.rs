@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use crate::cli::NetcheckArgs;
-use crate::dataplane::api::{NetcheckReport, RegionLatency};
+use crate::report::{NetcheckReport, RegionLatency};
 use crate::localapi::Client;
 use crate::ping_cli::{api_error_text, go_duration, ms_to_nanos};
 
@@ -109,7 +109,7 @@ fn by_latency(regions: &[RegionLatency]) -> Vec<&RegionLatency> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dataplane::api::EndpointReport;
+    use crate::report::EndpointReport;
 
     fn region(id: u16, code: &str, name: &str, latency_ms: Option<f64>) -> RegionLatency {
         RegionLatency {

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use crate::cli::PingArgs;
-use crate::dataplane::api::PingResult;
+use crate::report::PingResult;
 use crate::localapi::{Client, LocalApiError, PingRequest, PING_ERROR_LOCAL};
 
 /// `tern ping` exit codes; scripts rely on them (cf. tailscale/tailscale#11439).

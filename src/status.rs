@@ -29,7 +29,7 @@ pub struct Status {
     pub daemon: DaemonInfo,
     /// The last netcheck report; `null` until the data plane measured once.
     #[serde(default)]
-    pub netcheck: Option<crate::dataplane::api::NetcheckReport>,
+    pub netcheck: Option<crate::report::NetcheckReport>,
     /// The peer relay server (`tern set --relay-server-port`); `null` when it is off.
     #[serde(default)]
     pub relay_server: Option<RelayServerStatus>,
