@@ -26,7 +26,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::task::JoinHandle;
 
-use crate::control::client::LocalNetInfo;
+use crate::report::LocalNetInfo;
 use crate::control::tailcfg::{DerpMap, DerpNode, DerpRegion, EndpointType};
 use crate::demux::Inbound;
 use crate::derp::client::{ClientConfig, DerpClient, Event, Reconnector, TlsVerify, Transport};

@@ -1,5 +1,6 @@
 //! The engine's answers as plain, serializable values: a disco ping's result (`tern ping`), a
-//! netcheck report (`tern netcheck`, and `netcheck` in the status snapshot). They sit below the
+//! netcheck report (`tern netcheck`, and `netcheck` in the status snapshot), and what the engine
+//! learned of our own network for control ([`LocalNetInfo`]). They sit below the
 //! engine, the LocalAPI and the CLI so that all three can name them without importing each other.
 
 use serde::{Deserialize, Serialize};
@@ -68,4 +69,20 @@ pub struct EndpointReport {
     pub addr: String,
     /// `local` (an interface address) or `stun` (as a STUN server saw us).
     pub kind: String,
+}
+
+/// What the data plane knows of our own network, for control: reported in a lite map update
+/// (`Endpoints`, `Hostinfo.NetInfo`) so that peers know where to reach us.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LocalNetInfo {
+    /// Home DERP region (0 = unknown).
+    pub home_derp: u16,
+    /// Our UDP endpoints with their kinds (`MapRequest.Endpoints` / `EndpointTypes`).
+    pub endpoints: Vec<(std::net::SocketAddr, crate::control::tailcfg::EndpointType)>,
+    pub working_udp: Option<bool>,
+    pub mapping_varies: Option<bool>,
+    pub working_ipv6: Option<bool>,
+    pub os_has_ipv6: Option<bool>,
+    /// `"<region>-v4"` → seconds.
+    pub derp_latency: std::collections::BTreeMap<String, f64>,
 }

@@ -12,9 +12,11 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::control::backoff::Backoff;
+use crate::control::error::{error_chain, ControlError};
 use crate::control::tailcfg::{GoTime, MapResponse, Node};
 use crate::keys::{DiscoPrivate, MachinePrivate, NodePrivate, NodePublic};
 use crate::netmap::NetworkMap;
+use crate::report::LocalNetInfo;
 use crate::state::{StateDir, StateError};
 use crate::status::{
     rfc3339, BackendState, ControlState, ErrorReport, PeerStatus, SelfStatus, Status,
@@ -45,21 +47,6 @@ pub struct ControlConfig {
 pub struct EngineLink {
     pub netmap: Arc<watch::Sender<Option<Arc<NetworkMap>>>>,
     pub local: watch::Receiver<LocalNetInfo>,
-}
-
-/// What the data plane knows of our own network, for control.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct LocalNetInfo {
-    /// Home DERP region (0 = unknown).
-    pub home_derp: u16,
-    /// Our UDP endpoints with their kinds (`MapRequest.Endpoints` / `EndpointTypes`).
-    pub endpoints: Vec<(std::net::SocketAddr, crate::control::tailcfg::EndpointType)>,
-    pub working_udp: Option<bool>,
-    pub mapping_varies: Option<bool>,
-    pub working_ipv6: Option<bool>,
-    pub os_has_ipv6: Option<bool>,
-    /// `"<region>-v4"` → seconds.
-    pub derp_latency: std::collections::BTreeMap<String, f64>,
 }
 
 /// This node's keys: machine and node keys from the state directory, a disco key made fresh for
@@ -119,43 +106,6 @@ impl NodeIdentity {
         self.node = fresh;
         Ok(())
     }
-}
-
-/// Why a control attempt ended.
-#[derive(Debug, thiserror::Error)]
-pub enum ControlError {
-    /// Worth retrying: control down, connection lost, bad bytes on the wire, a timeout.
-    #[error("{0}")]
-    Transient(String),
-    /// Control refused the login (e.g. a bad auth key); retrying without new input won't help.
-    #[error("login refused: {0}")]
-    LoginRefused(String),
-}
-
-impl ControlError {
-    /// A retryable error: `context: error: cause: …` with the whole source chain, since the
-    /// outer errors (hyper's "connection error") often hide the reason.
-    pub fn transient(
-        context: &str,
-        err: impl Into<Box<dyn std::error::Error + Send + Sync>>,
-    ) -> Self {
-        Self::Transient(format!("{context}: {}", error_chain(err.into().as_ref())))
-    }
-}
-
-/// An error and its sources, joined by `: `, skipping sources the message already shows.
-pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        let part = cause.to_string();
-        if !text.contains(&part) {
-            text.push_str(": ");
-            text.push_str(&part);
-        }
-        source = cause.source();
-    }
-    text
 }
 
 /// The pure part of the control session: connection state, error and retry bookkeeping, and

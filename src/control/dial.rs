@@ -16,7 +16,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 
-use super::client::ControlError;
+use super::error::ControlError;
 use super::noise::{handshake_answer_len, Initiator, NoiseStream, HEADER_LEN};
 use super::CAPABILITY_VERSION;
 use crate::keys::{MachinePrivate, MachinePublic, NodePublic};
