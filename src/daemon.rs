@@ -1,5 +1,5 @@
 //! `tern daemon`: one tokio runtime that wires the state directory, the LocalAPI, the control
-//! client and the data plane ([`crate::dataplane`]) together.
+//! client and the data plane ([`crate::engine`]) together.
 //!
 //! The daemon task owns the preferences, the control task and the data-plane task (started and
 //! stopped together; the control task hands netmaps to the engine through an [`EngineLink`]). LocalAPI commands (`up`, `down`)
@@ -14,11 +14,11 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::control::client::{self as control_client, ControlConfig, EngineLink, NodeIdentity};
-use crate::dataplane::api::{EngineGone, EngineHandle};
-use crate::report::{NetcheckReport, PingResult};
-use crate::dataplane::{self, EngineConfig};
+use crate::engine::api::{EngineGone, EngineHandle};
+use crate::engine::{self, EngineConfig};
 use crate::keys::NodePublic;
 use crate::localapi::{self, ApiError, Command, SetRequest, SocketOwner, UpRequest};
+use crate::report::{NetcheckReport, PingResult};
 use crate::state::{Prefs, StateDir};
 use crate::status::{BackendState, ControlState, DataPlaneStatus, Status};
 
@@ -288,7 +288,7 @@ impl Daemon {
             disco_key: self.identity.disco.clone(),
             relay_server_port: self.relay_server_port.subscribe(),
         };
-        let (task, handle) = dataplane::spawn(config, netmap_rx, local_tx, self.status.clone());
+        let (task, handle) = engine::spawn(config, netmap_rx, local_tx, self.status.clone());
         self.engine = Some(task);
         self.engine_handle = Some(handle);
         Some(EngineLink {

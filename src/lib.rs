@@ -6,10 +6,10 @@
 pub mod cli;
 pub mod control;
 pub mod daemon;
-pub mod dataplane;
 pub mod demux;
 pub mod derp;
 pub mod disco;
+pub mod engine;
 pub mod filter;
 pub mod keys;
 pub mod lab_cli;
@@ -28,4 +28,5 @@ pub mod report;
 pub mod state;
 pub mod status;
 pub mod stun;
+pub mod udp;
 pub mod wg;

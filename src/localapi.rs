@@ -35,8 +35,8 @@ use serde::{Deserialize, Serialize};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::report::{NetcheckReport, PingResult};
 use crate::keys::NodePublic;
+use crate::report::{NetcheckReport, PingResult};
 use crate::status::{PeerStatus, Status};
 
 /// Largest request body the server reads.

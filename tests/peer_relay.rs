@@ -43,7 +43,7 @@ impl RelayNode {
             .arg(&socket)
             .args(["daemon", "--tun", "tern0", "--state-dir"])
             .arg(&state)
-            .env("TERN_LOG", "info,tern::relay=debug,tern::dataplane=debug")
+            .env("TERN_LOG", "info,tern::relay=debug,tern::engine=debug")
             .stdout(log_file.try_clone().expect("log file"))
             .stderr(log_file)
             .spawn()

@@ -17,11 +17,11 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::control::tailcfg::DerpRegion;
-use crate::dataplane::offload::{self, GsoBatch};
 use crate::disco::{AllocateRequest, UdpRelayEndpoint};
 use crate::netcheck::{self, StunResponse, StunSockets};
 use crate::relay::server::{Action, AllocError, RelayServer, BIND_LIFETIME};
 use crate::status::RelayServerStatus;
+use crate::udp::offload::{self, GsoBatch};
 
 /// Largest datagram read (Go uses 65 535-byte buffers).
 const BUF_LEN: usize = 65_535;
@@ -60,9 +60,9 @@ struct Sockets {
 
 impl Sockets {
     fn bind(port: u16) -> std::io::Result<Sockets> {
-        let v4 = crate::dataplane::bind_udp(SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port))?;
+        let v4 = crate::udp::bind(SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port))?;
         let port = v4.local_addr()?.port();
-        let v6 = crate::dataplane::bind_udp(SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port))
+        let v6 = crate::udp::bind(SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port))
             .map_err(|e| tracing::debug!(error = %e, "relay: no IPv6 socket"))
             .ok()
             .map(Arc::new);
@@ -197,7 +197,7 @@ async fn read_loop(
                 }
             };
             let data = buf.get(..received.len).unwrap_or_default();
-            let from = crate::dataplane::unmap_v4(received.from);
+            let from = crate::udp::unmap_v4(received.from);
             let now = Instant::now();
             let mut server = lock(&server);
             for datagram in offload::segments(data, received.segment) {
@@ -342,7 +342,7 @@ async fn discover_addresses(
         let targets = netcheck::stun_targets(regions, sockets.v6.is_some());
         netcheck::stun_round(&sockets.stun(), stun, targets).await
     };
-    crate::dataplane::local_endpoints(port, &results)
+    crate::udp::endpoints::local_endpoints(port, &results)
         .into_iter()
         .map(|(addr, _)| addr)
         .filter(|addr| sockets.for_dest(*addr).is_some())

@@ -1,0 +1,354 @@
+//! DERP region links: one task per region keeps a connection up (Go back-off, nodes in order,
+//! `NotePreferred` on the home region), dialed on first use, closed after idling when not home.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use super::Engine;
+use crate::control::tailcfg::{DerpMap, DerpNode, DerpRegion};
+use crate::derp::client::{ClientConfig, DerpClient, Event, Reconnector, TlsVerify, Transport};
+use crate::keys::{NodePrivate, NodePublic};
+use crate::netcheck;
+
+/// Packets queued towards one DERP region before new ones are dropped.
+pub(super) const DERP_QUEUE: usize = 512;
+
+/// What a DERP region task passes to the engine.
+pub(super) enum DerpEvent {
+    /// A packet from `src`.
+    Packet {
+        region: u16,
+        src: NodePublic,
+        packet: Bytes,
+    },
+    /// The server says `peer` left: forget that we heard it there.
+    PeerGone { region: u16, peer: NodePublic },
+}
+
+/// Our side of one DERP region's task.
+pub(super) struct DerpLink {
+    pub(super) outbound: mpsc::Sender<(NodePublic, Bytes)>,
+    /// Whether this is our home region (NotePreferred on change and after each dial).
+    pub(super) preferred: watch::Sender<bool>,
+    pub(super) task: JoinHandle<()>,
+    pub(super) nodes: Vec<DerpNode>,
+    pub(super) last_write: Instant,
+}
+
+/// Non-home DERP connections unused for this long are closed.
+pub(super) const DERP_IDLE_CLOSE: Duration = Duration::from_secs(60);
+
+/// Which region carries a packet to a peer (Go `derpWriteChanForRegion`): its home
+/// region if we are connected there; else the region we last heard it on, if still connected;
+/// else its home region (dialed now); with no home, the region it was heard on; else our own
+/// home (`our_home`, 0 = none). That last step is ours: Go drops the packet, but a peer that
+/// just came up has no home in our netmap yet, and its first handshake would wait 5 s for a
+/// retransmission; sending via our home costs nothing and works whenever we share a region.
+pub fn choose_region(
+    peer_home: u16,
+    heard_on: Option<u16>,
+    our_home: u16,
+    connected: impl Fn(u16) -> bool,
+) -> Option<u16> {
+    if peer_home != 0 && connected(peer_home) {
+        return Some(peer_home);
+    }
+    if let Some(r) = heard_on.filter(|r| connected(*r)) {
+        return Some(r);
+    }
+    if peer_home != 0 {
+        return Some(peer_home);
+    }
+    heard_on.or((our_home != 0).then_some(our_home))
+}
+
+impl Drop for DerpLink {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Engine {
+    pub(super) fn send_derp(&mut self, region: Option<u16>, to: NodePublic, packet: Vec<u8>) {
+        let Some(link) = region.and_then(|r| self.derp_link(r)) else {
+            self.drops.no_derp += 1;
+            return;
+        };
+        link.last_write = Instant::now();
+        if link.outbound.try_send((to, Bytes::from(packet))).is_err() {
+            self.drops.derp_queue_full += 1;
+        }
+    }
+
+    /// Closes non-home DERP connections nothing was written to for [`DERP_IDLE_CLOSE`].
+    pub(super) fn close_idle_derp(&mut self, now: Instant) {
+        let home = self.home;
+        self.derp.retain(|region, link| {
+            *region == home || now.saturating_duration_since(link.last_write) < DERP_IDLE_CLOSE
+        });
+    }
+
+    /// The connection to `region`, dialed on first use.
+    pub(super) fn derp_link(&mut self, region: u16) -> Option<&mut DerpLink> {
+        if !self.derp.contains_key(&region) {
+            let nodes = self.derp_map.get(&region)?.nodes.clone();
+            let configs: Vec<ClientConfig> = nodes
+                .iter()
+                .filter(|n| !n.stun_only)
+                .filter_map(|n| client_config(n, &self.private_key, region == self.home))
+                .collect();
+            if configs.is_empty() {
+                return None;
+            }
+            let (tx, rx) = mpsc::channel(DERP_QUEUE);
+            let (preferred, preferred_rx) = watch::channel(region == self.home);
+            let task = tokio::spawn(region_task(
+                region,
+                configs,
+                rx,
+                preferred_rx,
+                self.inbound_tx.clone(),
+            ));
+            self.derp.insert(
+                region,
+                DerpLink {
+                    outbound: tx,
+                    preferred,
+                    task,
+                    nodes,
+                    last_write: Instant::now(),
+                },
+            );
+        }
+        self.derp.get_mut(&region)
+    }
+
+    pub(super) fn set_derp_map(&mut self, map: &DerpMap) {
+        let regions: BTreeMap<u16, DerpRegion> = map
+            .regions
+            .iter()
+            .flatten()
+            .filter_map(|(id, r)| Some((u16::try_from(*id).ok()?, r.clone()?)))
+            .collect();
+        self.derp_map = regions;
+        // Links to regions that went away or whose nodes changed are closed (redialed on use).
+        let map = &self.derp_map;
+        self.derp
+            .retain(|id, link| map.get(id).is_some_and(|r| r.nodes == link.nodes));
+        // The netcheck task measures the new set and reports back; a home that left the map
+        // is replaced at once (by the fallback until a report arrives).
+        let regions = self.derp_map.clone();
+        self.regions_tx.send_if_modified(|r| {
+            let changed = *r != regions;
+            *r = regions;
+            changed
+        });
+        if self.home != 0 && !self.region_facts().contains_key(&self.home) {
+            let home = netcheck::fallback_home(&self.region_facts());
+            self.set_home(home);
+        }
+    }
+}
+
+/// Tells a region task its preferred flag; only a change wakes it (only changes are sent).
+pub(super) fn note_preferred(flag: &watch::Sender<bool>, preferred: bool) {
+    flag.send_if_modified(|p| std::mem::replace(p, preferred) != preferred);
+}
+
+/// How to dial a DERP node from its map entry. `TS_DEBUG_USE_DERP_HTTP=1` dials plain HTTP on
+/// port 3340 like the Go client.
+pub fn client_config(node: &DerpNode, key: &NodePrivate, preferred: bool) -> Option<ClientConfig> {
+    let plain = std::env::var("TS_DEBUG_USE_DERP_HTTP").is_ok_and(|v| v == "1" || v == "true");
+    let ip: IpAddr = match node.ipv4.as_str() {
+        "" | "none" => node.host_name.parse().ok()?,
+        v4 => v4.parse().ok()?,
+    };
+    let port = match (plain, node.derp_port) {
+        (true, _) => 3340,
+        (false, 0) => 443,
+        (false, p) => u16::try_from(p).ok()?,
+    };
+    let transport = if plain {
+        Transport::Plain
+    } else {
+        let verify = if node.insecure_for_tests {
+            TlsVerify::Insecure
+        } else if let Some(pin) = node
+            .cert_name
+            .strip_prefix("sha256-raw:")
+            .and_then(|h| hex::decode(h).ok())
+            .and_then(|b| <[u8; 32]>::try_from(b).ok())
+        {
+            TlsVerify::PinSha256(pin)
+        } else {
+            // No system trust store is loaded yet; public DERP is out of scope for the lab.
+            TlsVerify::Roots(Arc::new(rustls::RootCertStore::empty()))
+        };
+        Transport::Tls {
+            server_name: node.host_name.clone(),
+            verify,
+        }
+    };
+    Some(ClientConfig {
+        addr: SocketAddr::new(ip, port),
+        host: node.host_name.clone(),
+        transport,
+        private_key: key.clone(),
+        preferred,
+    })
+}
+
+/// Keeps one connection to `region` up (nodes tried in order), sending what arrives on
+/// `outbound` and passing received packets to `inbound`.
+pub(super) async fn region_task(
+    region: u16,
+    configs: Vec<ClientConfig>,
+    mut outbound: mpsc::Receiver<(NodePublic, Bytes)>,
+    mut preferred: watch::Receiver<bool>,
+    inbound: mpsc::Sender<DerpEvent>,
+) {
+    let mut reconnector = Reconnector::default();
+    let mut node = 0usize;
+    loop {
+        let Some(config) = configs.get(node % configs.len().max(1)) else {
+            return;
+        };
+        if let Some(at) = reconnector.next_attempt() {
+            tokio::time::sleep_until(at.into()).await;
+        }
+        let config = ClientConfig {
+            preferred: *preferred.borrow_and_update(),
+            ..config.clone()
+        };
+        let mut client = match DerpClient::connect(&config).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(region, addr = %config.addr, error = %e, "DERP connect failed");
+                reconnector.on_failure(Instant::now(), Reconnector::random_jitter());
+                node += 1;
+                continue;
+            }
+        };
+        tracing::info!(region, addr = %config.addr, "DERP connected");
+        let why = loop {
+            tokio::select! {
+                msg = outbound.recv() => {
+                    let Some((dst, packet)) = msg else { return };
+                    if let Err(e) = client.send(dst, packet).await {
+                        break e.to_string();
+                    }
+                }
+                changed = preferred.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    let value = *preferred.borrow_and_update();
+                    if let Err(e) = client.note_preferred(value).await {
+                        break e.to_string();
+                    }
+                }
+                event = client.recv() => match event {
+                    Ok(Event::Packet { src, packet }) => {
+                        reconnector.on_success();
+                        let event = DerpEvent::Packet { region, src, packet };
+                        if inbound.send(event).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(Event::PeerGone { peer, reason }) => {
+                        tracing::debug!(region, %peer, ?reason, "DERP peer gone");
+                        if inbound.send(DerpEvent::PeerGone { region, peer }).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => reconnector.on_success(),
+                    Err(e) => break e.to_string(),
+                }
+            }
+        };
+        tracing::info!(region, error = %why, "DERP connection lost; reconnecting");
+        reconnector.on_failure(Instant::now(), Reconnector::random_jitter());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn region(id: u16, stun_only: bool, avoid: bool) -> DerpRegion {
+        DerpRegion {
+            region_id: i32::from(id),
+            avoid,
+            nodes: vec![DerpNode {
+                name: format!("{id}a"),
+                region_id: i32::from(id),
+                host_name: "198.18.0.10".into(),
+                ipv4: "198.18.0.10".into(),
+                stun_only,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn region_choice_follows_go() {
+        let connected = |set: &'static [u16]| move |r: u16| set.contains(&r);
+        // Home region connected: use it, even if the peer was heard elsewhere.
+        let both = connected(&[901, 902]);
+        assert_eq!(choose_region(901, Some(902), 900, both), Some(901));
+        // Not connected to its home but heard on a connected region: reply there.
+        assert_eq!(
+            choose_region(901, Some(902), 900, connected(&[902])),
+            Some(902)
+        );
+        // Heard on a region we are no longer connected to: dial its home.
+        assert_eq!(
+            choose_region(901, Some(902), 900, connected(&[])),
+            Some(901)
+        );
+        // No home: the region it was heard on, else our own home.
+        assert_eq!(choose_region(0, Some(902), 900, connected(&[])), Some(902));
+        assert_eq!(choose_region(0, None, 900, connected(&[900])), Some(900));
+        assert_eq!(choose_region(0, None, 0, connected(&[])), None);
+    }
+
+    #[test]
+    fn client_config_follows_the_derp_node() {
+        let key = NodePrivate::generate();
+        let mut node = region(900, false, false).nodes.remove(0);
+        node.derp_port = 8443;
+        node.insecure_for_tests = true;
+        let c = client_config(&node, &key, true).unwrap();
+        assert_eq!(c.addr, "198.18.0.10:8443".parse().unwrap());
+        assert!(c.preferred);
+        assert!(matches!(
+            c.transport,
+            Transport::Tls {
+                verify: TlsVerify::Insecure,
+                ..
+            }
+        ));
+        node.insecure_for_tests = false;
+        node.cert_name = format!("sha256-raw:{}", "ab".repeat(32));
+        node.derp_port = 0;
+        let c = client_config(&node, &key, false).unwrap();
+        assert_eq!(c.addr.port(), 443);
+        assert!(matches!(
+            c.transport,
+            Transport::Tls {
+                verify: TlsVerify::PinSha256(p),
+                ..
+            } if p == [0xab; 32]
+        ));
+        node.ipv4 = "none".into();
+        node.host_name = "derp.example".into();
+        assert!(client_config(&node, &key, false).is_none());
+    }
+}

@@ -1,0 +1,234 @@
+//! The engine's event loop: one `select!` over the TUN, the UDP sockets, DERP events, netcheck
+//! reports, daemon requests, netmaps, the relay-port pref, the next timer and the status tick.
+//! Each wakeup handles what woke it, drains up to [`BATCH`] more packets of the same source, then
+//! flushes what is queued for the network.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, watch};
+
+use super::api;
+use super::derp::DerpEvent;
+use super::netcheck::LatencyReport;
+use super::sockets::UdpSockets;
+use super::{DropCounters, Engine, EngineError, BUF_LEN};
+use crate::netmap::NetworkMap;
+use crate::paths;
+use crate::report;
+use crate::status::Status;
+use crate::udp::offload;
+use tern_platform::tun::{LinuxTun, Tun};
+
+/// Packets read from the TUN or the UDP sockets per wakeup at most (the rest waits for the next).
+pub(super) const BATCH: usize = 64;
+
+/// How often per-peer counters are copied into the status snapshot.
+pub(super) const STATUS_EVERY: Duration = Duration::from_secs(1);
+
+impl Engine {
+    /// The earliest of the WireGuard timers, the path timers and the pending pings.
+    pub(super) fn next_deadline(&mut self) -> Option<Instant> {
+        let wg = self.peers.next_deadline();
+        let paths = self.paths.poll_timeout().map(|(t, _, _)| t);
+        let pings = self.pending_pings.iter().map(|p| p.deadline).min();
+        let retries = self.handshake_retries.values().filter_map(|r| r.due).min();
+        [wg, paths, pings, retries].into_iter().flatten().min()
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn serve(
+        &mut self,
+        tun: &LinuxTun,
+        udp: &UdpSockets,
+        mut netmaps: watch::Receiver<Option<Arc<NetworkMap>>>,
+        mut inbound: mpsc::Receiver<DerpEvent>,
+        mut reports: mpsc::Receiver<LatencyReport>,
+        mut requests: mpsc::Receiver<api::EngineRequest>,
+        status: &watch::Sender<Status>,
+    ) -> Result<(), EngineError> {
+        let mut tun_buf = vec![0u8; BUF_LEN];
+        let mut udp_buf = vec![0u8; BUF_LEN];
+        let mut status_tick = tokio::time::interval(STATUS_EVERY);
+        status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut logged_drops = DropCounters::default();
+        let mut relay_port = self.relay_port.clone();
+        self.apply_relay_port(*relay_port.borrow_and_update());
+        // Without a sender (daemon gone) `changed()` would be ready forever: stop watching.
+        let mut relay_port_open = true;
+        loop {
+            let deadline = self.next_deadline();
+            let sleep_until = deadline
+                .map(tokio::time::Instant::from_std)
+                .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+            // A decrypted packet for the TUN: its length in `self.out`.
+            let mut to_tun: Option<usize> = None;
+            tokio::select! {
+                r = tun.recv(&mut tun_buf) => {
+                    let n = r.map_err(EngineError::TunIo)?;
+                    if let Some(packet) = tun_buf.get(..n) {
+                        self.outbound(udp, packet);
+                    }
+                    self.drain_tun(tun, udp, &mut tun_buf)?;
+                }
+                Some(event) = inbound.recv() => match event {
+                    DerpEvent::Packet { region, src, packet } => {
+                        self.note_frame_from(region);
+                        to_tun = self.inbound_derp(region, src, &packet);
+                    }
+                    DerpEvent::PeerGone { region, peer } => self.peer_gone(region, &peer),
+                },
+                Some(report) = reports.recv() => {
+                    self.on_latency_report(report, status);
+                }
+                Some(request) = requests.recv() => self.on_request(request),
+                r = udp.recv(&mut udp_buf) => {
+                    if let Ok(received) = r {
+                        self.received(tun, &udp_buf, received).await;
+                    }
+                    self.drain_udp(tun, udp, &mut udp_buf).await;
+                }
+                changed = netmaps.changed() => {
+                    if changed.is_err() {
+                        return Ok(()); // control task gone: the daemon is stopping us
+                    }
+                    let map = netmaps.borrow_and_update().clone();
+                    if let Some(map) = map {
+                        self.apply_netmap(&map, tun).await?;
+                    }
+                }
+                _ = tokio::time::sleep_until(sleep_until), if deadline.is_some() => {
+                    self.on_timers(Instant::now());
+                }
+                changed = relay_port.changed(), if relay_port_open => {
+                    if changed.is_ok() {
+                        self.apply_relay_port(*relay_port.borrow_and_update());
+                        self.publish(status);
+                    } else {
+                        relay_port_open = false;
+                    }
+                }
+                _ = status_tick.tick() => {
+                    self.publish(status);
+                    self.close_idle_derp(Instant::now());
+                    let drops = self.drops;
+                    if drops != logged_drops {
+                        tracing::debug!(?drops, disco = ?self.paths.counters(), "data plane drop counters");
+                        logged_drops = drops;
+                    }
+                }
+            }
+            self.write_tun(tun, to_tun).await;
+            self.flush(udp);
+            if std::mem::take(&mut self.paths_changed) {
+                self.publish(status);
+            }
+        }
+    }
+
+    /// Packets that queued up on the TUN while we handled one: up to [`BATCH`] without going
+    /// back to the event loop (its per-wakeup cost, timers included, is paid once per burst).
+    pub(super) fn drain_tun(
+        &mut self,
+        tun: &LinuxTun,
+        udp: &UdpSockets,
+        buf: &mut [u8],
+    ) -> Result<(), EngineError> {
+        for _ in 0..BATCH {
+            match tun.try_recv(buf) {
+                Ok(n) => {
+                    if let Some(packet) = buf.get(..n) {
+                        self.outbound(udp, packet);
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(EngineError::TunIo(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Datagrams that queued up on the UDP sockets, up to [`BATCH`], each decrypted packet
+    /// written to the TUN before the next is read (they share the output buffer).
+    pub(super) async fn drain_udp(&mut self, tun: &LinuxTun, udp: &UdpSockets, buf: &mut [u8]) {
+        for _ in 0..BATCH {
+            let Ok(received) = udp.try_recv(buf) else {
+                break;
+            };
+            self.received(tun, buf, received).await;
+        }
+    }
+
+    /// Handles what one UDP read brought: one datagram, or several that GRO coalesced.
+    pub(super) async fn received(
+        &mut self,
+        tun: &LinuxTun,
+        buf: &[u8],
+        received: offload::Received,
+    ) {
+        let data = buf.get(..received.len).unwrap_or_default();
+        for datagram in offload::segments(data, received.segment) {
+            let to_tun = self.udp_datagram(datagram, received.from);
+            self.write_tun(tun, to_tun).await;
+        }
+    }
+
+    /// Writes the decrypted packet of length `len` at the start of `self.out` to the TUN.
+    pub(super) async fn write_tun(&mut self, tun: &LinuxTun, len: Option<usize>) {
+        write_tun(tun, len.and_then(|n| self.out.get(..n))).await;
+    }
+
+    /// Due WireGuard timers, path timers and `tern ping` timeouts.
+    pub(super) fn on_timers(&mut self, now: Instant) {
+        let to_send = &mut self.to_send;
+        self.peers.update_timers(now, &mut self.out, |id, b| {
+            to_send.push((id, b.to_vec()));
+        });
+        self.paths.handle_timeout(now);
+        self.run_handshake_retries(now);
+        let (expired, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending_pings)
+            .into_iter()
+            .partition(|p| p.deadline <= now);
+        self.pending_pings = waiting;
+        for ping in expired {
+            let error = if ping.tx_ids.is_empty() {
+                "no path to the peer (no DERP region, no endpoints)"
+            } else {
+                "timeout"
+            };
+            let _ = ping.reply.send(report::PingResult {
+                error: Some(error.into()),
+                ..Default::default()
+            });
+        }
+    }
+
+    pub(super) fn on_path_event(&mut self, event: paths::PeerEvent) {
+        match event.event {
+            paths::Event::PathChanged(change) => {
+                tracing::info!(peer = %event.peer, from = ?change.from, to = ?change.to, reason = %change.reason, "path");
+                self.paths_changed = true;
+            }
+            paths::Event::NeedEndpointRefresh => self.netcheck_trigger.notify_one(),
+            paths::Event::Pong {
+                tx_id,
+                via,
+                latency,
+                cli: true,
+                ..
+            } => self.answer_ping(event.peer, tx_id, via, latency),
+            paths::Event::Pong { .. } | paths::Event::AddrForPeer(_) => {}
+            paths::Event::RelayAllocRequest(request) => {
+                self.answer_relay_allocation(event.peer, &request)
+            }
+        }
+    }
+}
+
+pub(super) async fn write_tun(tun: &LinuxTun, packet: Option<&[u8]>) {
+    if let Some(packet) = packet {
+        if let Err(e) = tun.send(packet).await {
+            tracing::debug!(error = %e, "TUN write failed");
+        }
+    }
+}

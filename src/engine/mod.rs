@@ -1,0 +1,340 @@
+//! The data plane engine: a kernel TUN, one WireGuard peer table, the per-peer path machines
+//! ([`PeerTable`]) that find direct UDP paths with disco, DERP, and the peer relay server it hosts.
+//!
+//! One engine task owns the TUN, the [`WgPeers`] table, the path machines, the inbound filter
+//! and the UDP sockets (one per family, shared by WireGuard, disco and STUN; inbound datagrams
+//! are told apart by [`crate::demux`]). Each DERP region has a small task that keeps one
+//! connection up (reconnecting with the Go back-off) and hands received packets back over a
+//! channel; a netcheck task sends STUN on the engine's own sockets (so the mapped addresses are
+//! the ones peers must use) and reports latency, endpoints and NAT facts. Flow:
+//! TUN read → AllowedIPs route → encapsulate → the peer's [`SendPlan`]: UDP to its direct
+//! address and/or DERP to its home region; UDP or DERP in → disco to the path machines, STUN to
+//! the netcheck task, WireGuard → decapsulate → filter → TUN write.
+//! WireGuard and path timers run at their next deadline (a sleep, not a tick).
+//!
+//! The engine's state is the [`Engine`] struct below; each concern is an `impl Engine` block in
+//! its own file: `event_loop` (the `select!`), `wireguard` (packets in and out), `sockets` (UDP
+//! and GSO sends), `derp` (region links), `netcheck` (reports → home region, endpoints),
+//! `peers` (netmaps), `relay_host` (the relay server), `requests` (ping, netcheck) and
+//! `publish` (status).
+
+pub mod api;
+mod derp;
+mod event_loop;
+mod netcheck;
+mod peers;
+mod publish;
+mod relay_host;
+mod requests;
+mod sockets;
+mod wireguard;
+
+pub use derp::{choose_region, client_config};
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use ipnet::IpNet;
+use tokio::sync::{mpsc, oneshot, watch, Notify};
+use tokio::task::JoinHandle;
+
+use crate::control::tailcfg::DerpRegion;
+use crate::filter::Filter;
+use crate::keys::{NodePrivate, NodePublic};
+use crate::netcheck::{LatencyHistory, StunResponse, StunSockets};
+use crate::netmap::NetworkMap;
+use crate::paths::{self, PeerTable};
+use crate::relay::io::RelayRuntime;
+use crate::report::{self, LocalNetInfo};
+use crate::status::Status;
+use crate::udp::offload;
+use crate::wg::{consts, PeerId, WgPeers};
+use derp::{DerpEvent, DerpLink};
+use netcheck::{netcheck_task, STUN_QUEUE};
+use peers::PeerInfo;
+use requests::PendingPing;
+use sockets::UdpSockets;
+use tern_platform::router::{default_routes, NetlinkRouter, Router};
+use tern_platform::tun::{LinuxTun, Tun, TunConfig, DEFAULT_MTU};
+
+/// Largest packet handled: the TUN MTU leaves room, DERP caps packets at 64 KiB.
+const BUF_LEN: usize = 65535;
+
+/// How the daemon runs the data plane.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub tun_name: String,
+    pub port: u16,
+    pub node_key: NodePrivate,
+    /// This process's disco key (control publishes its public half to peers).
+    pub disco_key: crate::keys::DiscoPrivate,
+    /// The peer relay server's UDP port from prefs (`tern set --relay-server-port`); `None` =
+    /// no relay server. Changes apply live: the engine starts, restarts or stops the server.
+    pub relay_server_port: tokio::sync::watch::Receiver<Option<u16>>,
+}
+
+/// Errors that stop the engine.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("TUN: {0}")]
+    Platform(#[from] tern_platform::PlatformError),
+    #[error("UDP socket on port {port}: {source}")]
+    Udp { port: u16, source: std::io::Error },
+    #[error("TUN i/o: {0}")]
+    TunIo(std::io::Error),
+}
+
+/// Counters of packets the engine dropped, by cause (disco drops are counted by the
+/// [`PeerTable`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DropCounters {
+    /// UDP datagrams we do not handle: Geneve (peer relay, not yet), STUN requests to us.
+    pub udp: u64,
+    /// WireGuard over UDP that belongs to no peer.
+    pub udp_unknown_peer: u64,
+    /// UDP sends that failed (no route, socket buffer full).
+    pub udp_send_failed: u64,
+    /// STUN responses that answered nothing we asked (wrong transaction ID or source).
+    pub stun_unmatched: u64,
+    /// Packets to a peer without a DERP region we can reach.
+    pub no_derp: u64,
+    /// DERP queue full.
+    pub derp_queue_full: u64,
+    /// Refused by the inbound packet filter.
+    pub filtered: u64,
+    /// From node keys that are not our peers.
+    pub unknown_sender: u64,
+}
+
+/// Starts the engine: it waits for the first netmap, then brings the TUN up and runs until
+/// aborted. `local` receives what control must know of us (home region, endpoints, NetInfo).
+/// The [`api::EngineHandle`] asks the running engine for pings and netchecks.
+pub fn spawn(
+    config: EngineConfig,
+    netmaps: watch::Receiver<Option<Arc<NetworkMap>>>,
+    local: watch::Sender<LocalNetInfo>,
+    status: watch::Sender<Status>,
+) -> (JoinHandle<()>, api::EngineHandle) {
+    let (tx, requests) = mpsc::channel(api::REQUEST_QUEUE);
+    let task = tokio::spawn(async move {
+        let note = match run(config, netmaps, local, requests, &status).await {
+            Ok(()) => "stopped: the control session ended".to_string(),
+            Err(e) => {
+                tracing::error!(error = %e, "data plane stopped");
+                format!("data plane failed: {e}")
+            }
+        };
+        status.send_modify(|s| {
+            s.data_plane.active = false;
+            s.data_plane.note = Some(note);
+        });
+    });
+    (task, api::EngineHandle { tx })
+}
+
+async fn run(
+    config: EngineConfig,
+    mut netmaps: watch::Receiver<Option<Arc<NetworkMap>>>,
+    local: watch::Sender<LocalNetInfo>,
+    requests: mpsc::Receiver<api::EngineRequest>,
+    status: &watch::Sender<Status>,
+) -> Result<(), EngineError> {
+    let Ok(first) = netmaps
+        .wait_for(|m| m.as_ref().is_some_and(|m| m.self_node.is_some()))
+        .await
+        .map(|m| m.clone())
+    else {
+        return Ok(()); // control went away before a netmap
+    };
+    let tun = LinuxTun::create(&TunConfig {
+        name: config.tun_name.clone(),
+        mtu: DEFAULT_MTU,
+    })
+    .await?;
+    let ipv6 = ipv6_enabled();
+    let routes: Vec<IpNet> = default_routes()
+        .into_iter()
+        .filter(|r| ipv6 || r.addr().is_ipv4())
+        .collect();
+    let mut router = NetlinkRouter::new(tun.netlink().clone(), tun.index());
+    router.set_routes(&routes).await?;
+    let sockets = UdpSockets::bind(config.port)?;
+    tracing::info!(tun = tun.name(), port = config.port, "data plane up");
+
+    let (inbound_tx, inbound_rx) = mpsc::channel(1024);
+    let (regions_tx, regions_rx) = watch::channel(BTreeMap::new());
+    let (report_tx, reports) = mpsc::channel(4);
+    let (stun_tx, stun_rx) = mpsc::channel(STUN_QUEUE);
+    let trigger = Arc::new(Notify::new());
+    let stun_sockets = StunSockets {
+        v4: sockets.v4.clone(),
+        v6: sockets.v6.clone().filter(|_| ipv6),
+    };
+    let netcheck = AbortOnDrop(tokio::spawn(netcheck_task(
+        regions_rx,
+        stun_sockets,
+        stun_rx,
+        trigger.clone(),
+        report_tx,
+    )));
+    let mut engine = Engine::new(&config, inbound_tx, local, regions_tx);
+    engine.stun_tx = Some(stun_tx);
+    engine.netcheck_trigger = trigger;
+    engine.udp_port = sockets
+        .v4
+        .local_addr()
+        .map(|a| a.port())
+        .unwrap_or(config.port);
+    engine.ipv6 = ipv6;
+    if !ipv6 {
+        tracing::info!("IPv6 is disabled here: tailnet IPv6 addresses and routes are skipped");
+    }
+    if let Some(map) = first {
+        engine.apply_netmap(&map, &tun).await?;
+    }
+    status.send_modify(|s| {
+        s.data_plane.active = true;
+        s.data_plane.note = None;
+    });
+    let served = engine
+        .serve(
+            &tun, &sockets, netmaps, inbound_rx, reports, requests, status,
+        )
+        .await;
+    drop(netcheck);
+    served
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Whether this network namespace has IPv6 (the kernel refuses v6 addresses and routes when
+/// `net.ipv6.conf.all.disable_ipv6` is 1).
+fn ipv6_enabled() -> bool {
+    std::fs::read_to_string("/proc/sys/net/ipv6/conf/all/disable_ipv6")
+        .map(|v| v.trim() == "0")
+        .unwrap_or(false)
+}
+
+/// Early handshake retransmissions to a peer DERP said was not there: the next one (if any)
+/// and how many were sent since the session was last up.
+#[derive(Debug, Clone, Copy, Default)]
+struct HandshakeRetry {
+    due: Option<Instant>,
+    tries: u32,
+}
+
+struct Engine {
+    peers: WgPeers,
+    info: HashMap<PeerId, PeerInfo>,
+    /// Path selection per peer (disco).
+    paths: PeerTable,
+    node_key: NodePublic,
+    /// The inbound filter; `None` until a netmap compiled (everything is dropped until then).
+    filter: Option<Filter>,
+    local: Vec<IpNet>,
+    derp_map: BTreeMap<u16, DerpRegion>,
+    derp: HashMap<u16, DerpLink>,
+    home: u16,
+    /// What control must know of us.
+    local_tx: watch::Sender<LocalNetInfo>,
+    /// The region set the netcheck task measures.
+    regions_tx: watch::Sender<BTreeMap<u16, DerpRegion>>,
+    latency_history: LatencyHistory,
+    /// STUN responses go to the netcheck task; `trigger` asks it for a report now.
+    stun_tx: Option<mpsc::Sender<StunResponse>>,
+    netcheck_trigger: Arc<Notify>,
+    pending_pings: Vec<PendingPing>,
+    pending_netchecks: Vec<oneshot::Sender<report::NetcheckReport>>,
+    /// The port our UDP sockets are bound to (our local endpoints use it).
+    udp_port: u16,
+    /// When each region last delivered a packet (updated at most every 5 s).
+    last_frame: HashMap<u16, Instant>,
+    inbound_tx: mpsc::Sender<DerpEvent>,
+    /// Where each peer's packets last came from over DERP.
+    last_region: HashMap<PeerId, u16>,
+    /// Node keys that sent us WireGuard or disco before our netmap had them, and when: if one
+    /// joins the netmap soon after, we start the handshake instead of waiting for its retry.
+    heard_unknown: HashMap<NodePublic, Instant>,
+    /// Early handshake retransmissions after DERP said the peer is not there.
+    handshake_retries: HashMap<PeerId, HandshakeRetry>,
+    private_key: NodePrivate,
+    /// Whether tailnet IPv6 addresses go on the TUN.
+    ipv6: bool,
+    drops: DropCounters,
+    /// A path changed since the last status publish.
+    paths_changed: bool,
+    /// UDP datagrams waiting for one GSO send; off once the kernel refused GSO.
+    gso: offload::GsoBatch,
+    gso_enabled: bool,
+    out: Vec<u8>,
+    /// WireGuard datagrams to send, each to where its peer's send plan says.
+    to_send: Vec<(PeerId, Vec<u8>)>,
+    /// `prefs.relay_server_port` as the daemon publishes it.
+    relay_port: watch::Receiver<Option<u16>>,
+    /// The peer relay server, while the pref asks for one, and the pref it was started for.
+    relay: Option<RelayRuntime>,
+    relay_wanted: Option<u16>,
+    /// Each peer's first tailnet address (Go `nodeHasCap` checks capabilities between first
+    /// addresses).
+    first_ip: HashMap<NodePublic, IpAddr>,
+}
+
+impl Engine {
+    fn new(
+        config: &EngineConfig,
+        inbound_tx: mpsc::Sender<DerpEvent>,
+        local_tx: watch::Sender<LocalNetInfo>,
+        regions_tx: watch::Sender<BTreeMap<u16, DerpRegion>>,
+    ) -> Self {
+        let node_key = config.node_key.public();
+        let local = paths::LocalNet {
+            node_key,
+            ..Default::default()
+        };
+        Self {
+            peers: WgPeers::new(config.node_key.clone()),
+            info: HashMap::new(),
+            paths: PeerTable::new(config.disco_key.clone(), local),
+            node_key,
+            filter: None,
+            local: Vec::new(),
+            derp_map: BTreeMap::new(),
+            derp: HashMap::new(),
+            home: 0,
+            local_tx,
+            regions_tx,
+            latency_history: LatencyHistory::default(),
+            stun_tx: None,
+            netcheck_trigger: Arc::new(Notify::new()),
+            pending_pings: Vec::new(),
+            pending_netchecks: Vec::new(),
+            udp_port: config.port,
+            last_frame: HashMap::new(),
+            inbound_tx,
+            last_region: HashMap::new(),
+            heard_unknown: HashMap::new(),
+            handshake_retries: HashMap::new(),
+            private_key: config.node_key.clone(),
+            ipv6: true,
+            drops: DropCounters::default(),
+            paths_changed: false,
+            gso: offload::GsoBatch::default(),
+            gso_enabled: true,
+            out: vec![0u8; BUF_LEN + consts::DATA_OVERHEAD + consts::MIN_OUT_BUF],
+            to_send: Vec::new(),
+            relay_port: config.relay_server_port.clone(),
+            relay: None,
+            relay_wanted: None,
+            first_ip: HashMap::new(),
+        }
+    }
+}

@@ -1,0 +1,152 @@
+//! Netmaps into the engine: TUN addresses, the packet filter, WireGuard peers and path machines
+//! kept in step with the netmap's peers, the DERP map.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use ipnet::IpNet;
+
+use super::{Engine, EngineError};
+use crate::filter::Filter;
+use crate::keys::NodePublic;
+use crate::netmap::NetworkMap;
+use crate::paths;
+use crate::wg::{PeerId, WgOutput};
+use tern_platform::tun::LinuxTun;
+
+/// Per-peer facts from the netmap the engine needs.
+#[derive(Debug, Clone)]
+pub(super) struct PeerInfo {
+    pub(super) key: NodePublic,
+    pub(super) home_derp: u16,
+    pub(super) reach: Reach,
+}
+
+/// What in a peer's netmap entry says how to reach it; a change may make a lost handshake
+/// worth sending again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Reach {
+    pub(super) disco_key: crate::keys::DiscoPublic,
+    pub(super) home_derp: i32,
+    pub(super) endpoints: Vec<SocketAddr>,
+    pub(super) online: Option<bool>,
+}
+
+impl Reach {
+    pub(super) fn of(node: &crate::control::tailcfg::Node) -> Reach {
+        Reach {
+            disco_key: node.disco_key,
+            home_derp: node.effective_home_derp(),
+            endpoints: node.endpoints.clone(),
+            online: node.online,
+        }
+    }
+}
+
+impl Engine {
+    /// Brings addresses, peers, filter and DERP in line with a new netmap.
+    pub(super) async fn apply_netmap(
+        &mut self,
+        map: &NetworkMap,
+        tun: &LinuxTun,
+    ) -> Result<(), EngineError> {
+        let Some(me) = &map.self_node else {
+            return Ok(());
+        };
+        let local: Vec<IpNet> = me
+            .addresses
+            .iter()
+            .filter(|p| p.prefix_len() == p.max_prefix_len())
+            .filter(|p| self.ipv6 || p.addr().is_ipv4())
+            .copied()
+            .collect();
+        if local != self.local {
+            tun.set_addresses(&local).await?;
+            self.local = local;
+        }
+        match Filter::from_rules(&map.packet_filter(), &self.local) {
+            Ok(f) => self.filter = Some(f),
+            Err(e) => {
+                tracing::warn!(error = %e, "bad packet filter from control; keeping the old one")
+            }
+        }
+        self.sync_peers(map);
+        if let Some(derp_map) = &map.derp_map {
+            self.set_derp_map(derp_map);
+        }
+        self.send_unsent_pings(Instant::now());
+        Ok(())
+    }
+
+    pub(super) fn sync_peers(&mut self, map: &NetworkMap) {
+        let mut seen = std::collections::HashSet::with_capacity(map.peers.len());
+        let mut path_peers = Vec::with_capacity(map.peers.len());
+        let mut reachable_anew = Vec::new();
+        self.first_ip = map
+            .peers
+            .values()
+            .filter_map(|node| {
+                let first = node
+                    .addresses
+                    .iter()
+                    .find(|p| p.prefix_len() == p.max_prefix_len())?;
+                Some((node.key, first.addr()))
+            })
+            .collect();
+        for node in map.peers.values() {
+            path_peers.push(paths::PeerInfo {
+                node_key: node.key,
+                disco_key: node.disco_key,
+                home_derp: u16::try_from(node.effective_home_derp())
+                    .ok()
+                    .filter(|r| *r != 0),
+                endpoints: node.endpoints.clone(),
+                mapping_varies: node
+                    .hostinfo
+                    .net_info
+                    .as_ref()
+                    .and_then(|n| n.mapping_varies_by_dest_ip),
+                udp_working: node.hostinfo.net_info.as_ref().and_then(|n| n.working_udp),
+            });
+            match self.peers.upsert(node.key, node.effective_allowed_ips()) {
+                Ok(id) => {
+                    seen.insert(id);
+                    let info = PeerInfo {
+                        key: node.key,
+                        home_derp: u16::try_from(node.effective_home_derp()).unwrap_or(0),
+                        reach: Reach::of(node),
+                    };
+                    match self.info.insert(id, info) {
+                        None => self.greet_late_peer(id, node.key),
+                        Some(old) if old.reach != Reach::of(node) => reachable_anew.push(id),
+                        Some(_) => {}
+                    }
+                }
+                Err(e) => tracing::debug!(peer = %node.key, error = %e, "peer not added"),
+            }
+        }
+        let gone: Vec<(PeerId, NodePublic)> = self
+            .info
+            .iter()
+            .filter(|(id, _)| !seen.contains(id))
+            .map(|(id, p)| (*id, p.key))
+            .collect();
+        for (id, key) in gone {
+            self.peers.remove(&key);
+            self.info.remove(&id);
+            self.last_region.remove(&id);
+            self.handshake_retries.remove(&id);
+        }
+        let now = Instant::now();
+        self.paths.set_peers(now, path_peers);
+        // A handshake sent while the peer was not there (it restarted, came online, got a new
+        // address) goes again now rather than at its 5 s retransmission.
+        for id in reachable_anew {
+            if let WgOutput::ToNetwork(n) = self.peers.retry_handshake_now(now, id, &mut self.out) {
+                if let Some(bytes) = self.out.get(..n) {
+                    self.to_send.push((id, bytes.to_vec()));
+                }
+            }
+        }
+    }
+}

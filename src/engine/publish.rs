@@ -1,0 +1,143 @@
+//! Status publishing: per-peer path, reason, history, counters and the drop counters copied
+//! into the status snapshot every second and on every path change.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::watch;
+
+use super::relay_host::relay_status;
+use super::Engine;
+use crate::keys::NodePublic;
+use crate::paths::{self, Path};
+use crate::status::{rfc3339, Status};
+
+impl Engine {
+    /// Copies per-peer path, reason, history and counters into the status snapshot.
+    pub(super) fn publish(&self, status: &watch::Sender<Status>) {
+        let now = Instant::now();
+        let wall = SystemTime::now();
+        let at = |t: Instant| -> Option<String> {
+            let ago = now.checked_duration_since(t)?;
+            Some(rfc3339(wall.checked_sub(ago)?))
+        };
+        let drops = self.drop_counts();
+        status.send_if_modified(|s| {
+            let before = s.peers.clone();
+            let drops_changed = s.data_plane.drops != drops;
+            s.data_plane.drops = drops;
+            s.data_plane.active = true;
+            s.data_plane.note = None;
+            for p in &mut s.peers {
+                let Some(key) = p.node_key.parse::<NodePublic>().ok() else {
+                    continue;
+                };
+                let Some(id) = self.peers.id_of(&key) else {
+                    continue;
+                };
+                let Some(session) = self.peers.session(id) else {
+                    continue;
+                };
+                let stats = session.stats();
+                p.rx_bytes = stats.rx_bytes;
+                p.tx_bytes = stats.tx_bytes;
+                p.last_handshake_at = session.last_handshake().and_then(at);
+                match self.paths.peer(&key) {
+                    Some(machine) => self.describe_path(p, machine, &at),
+                    None => {
+                        // No disco key: DERP is all we can do.
+                        let region = self
+                            .last_region
+                            .get(&id)
+                            .copied()
+                            .or_else(|| self.info.get(&id).map(|i| i.home_derp))
+                            .filter(|r| *r != 0);
+                        p.path = Some(if region.is_some() { "derp" } else { "none" }.into());
+                        p.derp_region = region;
+                        p.endpoint = None;
+                        p.path_reason = Some("no-disco-key".into());
+                    }
+                }
+            }
+            let relay = self.relay.as_ref().map(|r| relay_status(r, &s.peers));
+            let relay_changed = s.relay_server != relay;
+            s.relay_server = relay;
+            s.peers != before || drops_changed || relay_changed
+        });
+    }
+
+    /// Every drop counter by name, for status (zeros left out).
+    pub(super) fn drop_counts(&self) -> BTreeMap<String, u64> {
+        let d = self.drops;
+        let c = self.paths.counters();
+        [
+            ("udp_unhandled", d.udp),
+            ("udp_unknown_peer", d.udp_unknown_peer),
+            ("udp_send_failed", d.udp_send_failed),
+            ("stun_unmatched", d.stun_unmatched),
+            ("no_derp", d.no_derp),
+            ("derp_queue_full", d.derp_queue_full),
+            ("filtered", d.filtered),
+            ("unknown_sender", d.unknown_sender),
+            ("disco_not_disco", c.not_disco),
+            ("disco_unknown_sender", c.unknown_sender),
+            ("disco_derp_sender_mismatch", c.derp_sender_mismatch),
+            ("disco_bad_box", c.bad_box),
+            ("disco_malformed", c.malformed),
+        ]
+        .into_iter()
+        .filter(|(_, n)| *n != 0)
+        .map(|(k, n)| (k.to_string(), n))
+        .collect()
+    }
+
+    /// Path, endpoint, latency, reason and history of one peer's machine.
+    pub(super) fn describe_path(
+        &self,
+        p: &mut crate::status::PeerStatus,
+        machine: &paths::Peer,
+        at: &impl Fn(Instant) -> Option<String>,
+    ) {
+        let (path, endpoint, region) = path_fields(machine.current_path());
+        p.path = Some(path.into());
+        p.endpoint = endpoint;
+        p.derp_region = region;
+        p.path_reason = Some(machine.path_reason().as_str().into());
+        let last_pong = machine
+            .candidates()
+            .into_iter()
+            .filter_map(|c| c.last_pong)
+            .max_by_key(|pong| pong.at);
+        if let Some(pong) = last_pong {
+            p.latency_ms = Some(millis(pong.latency));
+            p.last_pong_at = at(pong.at);
+        }
+        p.path_history = machine
+            .history()
+            .map(|change| {
+                let (path, endpoint, derp_region) = path_fields(change.to);
+                crate::status::PathHistoryEntry {
+                    at: at(change.at).unwrap_or_default(),
+                    path: path.into(),
+                    endpoint,
+                    derp_region,
+                    reason: change.reason.as_str().into(),
+                }
+            })
+            .collect();
+    }
+}
+
+/// A path as status shows it: kind, endpoint, DERP region.
+pub(super) fn path_fields(path: Path) -> (&'static str, Option<String>, Option<u16>) {
+    match path {
+        Path::Direct { addr, .. } => ("direct", Some(addr.to_string()), None),
+        Path::Derp { region } => ("derp", None, Some(region)),
+        Path::None => ("none", None, None),
+    }
+}
+
+/// Milliseconds with 0.1 ms precision.
+pub(super) fn millis(d: Duration) -> f64 {
+    (d.as_secs_f64() * 10_000.0).round() / 10.0
+}

@@ -1,0 +1,94 @@
+//! Hosting the peer relay server: started, restarted or stopped as the pref says; allocation
+//! requests from peers answered over DERP when control grants them `cap/relay` towards us.
+
+use super::Engine;
+use crate::keys::NodePublic;
+use crate::relay::io::RelayRuntime;
+use crate::status::RelayServerStatus;
+
+impl Engine {
+    /// Starts, restarts or stops the relay server to match the pref. A port that cannot be
+    /// bound leaves it off, with a warning (the node itself keeps running).
+    pub(super) fn apply_relay_port(&mut self, want: Option<u16>) {
+        // Any change of the pref restarts the server (as Go does); the same value keeps it.
+        if self.relay.is_some() && want == self.relay_wanted {
+            return;
+        }
+        self.relay_wanted = want;
+        if self.relay.take().is_some() {
+            tracing::info!("relay server stopped");
+        }
+        let Some(port) = want else {
+            return;
+        };
+        match RelayRuntime::start(port, self.regions_tx.subscribe()) {
+            Ok(relay) => self.relay = Some(relay),
+            Err(e) => {
+                tracing::warn!(port, error = %e, "relay server not started: cannot bind its UDP port")
+            }
+        }
+    }
+
+    /// An allocation request from `peer`: answered over DERP when our
+    /// relay server runs and control granted the peer `tailscale.com/cap/relay` towards us.
+    pub(super) fn answer_relay_allocation(
+        &mut self,
+        peer: NodePublic,
+        request: &crate::disco::AllocateRequest,
+    ) {
+        let Some(relay) = &self.relay else {
+            tracing::trace!(%peer, "relay: allocation request, but no relay server runs here");
+            return;
+        };
+        if !self.peer_has_cap(&peer, crate::relay::CAP_RELAY) {
+            tracing::debug!(%peer, "relay: allocation refused: the peer has no relay capability here");
+            return;
+        }
+        match relay.allocate(request) {
+            Ok(endpoint) => {
+                let answer = crate::disco::Message::AllocateUdpRelayEndpointResponse(
+                    crate::disco::AllocateResponse {
+                        generation: request.generation,
+                        endpoint,
+                    },
+                );
+                if !self.paths.send_via_derp(&peer, answer) {
+                    tracing::debug!(%peer, "relay: no DERP region to answer the allocation on");
+                }
+            }
+            Err(e) => tracing::debug!(%peer, error = %e, "relay: allocation not answered"),
+        }
+    }
+
+    /// Whether the packet filter grants `cap` from `peer` to us (Go `nodeHasCap`: the peer's
+    /// first address against our first address of the same family).
+    pub(super) fn peer_has_cap(&self, peer: &NodePublic, cap: &str) -> bool {
+        let (Some(filter), Some(src)) = (&self.filter, self.first_ip.get(peer)) else {
+            return false;
+        };
+        let Some(dst) = self
+            .local
+            .iter()
+            .map(|net| net.addr())
+            .find(|ip| ip.is_ipv4() == src.is_ipv4())
+        else {
+            return false;
+        };
+        filter.peer_caps(*src, dst).iter().any(|c| c == cap)
+    }
+}
+
+/// The relay server's status with each leg's peer named when its disco key is a known peer's.
+pub(super) fn relay_status(
+    relay: &RelayRuntime,
+    peers: &[crate::status::PeerStatus],
+) -> RelayServerStatus {
+    let mut status = relay.status();
+    for leg in status.sessions.iter_mut().flat_map(|s| s.legs.iter_mut()) {
+        leg.peer = peers
+            .iter()
+            .find(|p| p.disco_key.as_deref() == Some(leg.disco_key.as_str()))
+            .map(|p| p.hostname.clone());
+    }
+    status
+}
