@@ -461,8 +461,8 @@ fn describe_path(peer: &PeerStatus) -> Option<String> {
         (path, None, _) => path.to_string(),
     };
     if let Some(ms) = peer.latency_ms {
-        let nanos = crate::ping_cli::ms_to_nanos(ms);
-        let _ = write!(text, ", {}", crate::ping_cli::go_duration(nanos, 100_000));
+        let nanos = crate::cli::ping::ms_to_nanos(ms);
+        let _ = write!(text, ", {}", crate::cli::ping::go_duration(nanos, 100_000));
     }
     if peer.tx_bytes > 0 || peer.rx_bytes > 0 {
         let _ = write!(text, ", tx {} rx {}", peer.tx_bytes, peer.rx_bytes);

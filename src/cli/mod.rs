@@ -5,6 +5,11 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
+pub mod lab;
+pub mod netcheck;
+pub mod node_commands;
+pub mod ping;
+
 /// Exit code for a subcommand whose issue has not landed yet, and for usage errors.
 pub const EXIT_NOT_IMPLEMENTED: u8 = 2;
 
@@ -92,7 +97,7 @@ pub struct StatusArgs {
 }
 
 #[derive(Debug, Args)]
-#[command(after_help = crate::ping_cli::EXIT_CODES_HELP)]
+#[command(after_help = ping::EXIT_CODES_HELP)]
 pub struct PingArgs {
     /// Maximum number of pings.
     #[arg(short = 'c', long = "c", default_value_t = 10,
@@ -103,7 +108,7 @@ pub struct PingArgs {
           default_missing_value = "true", action = clap::ArgAction::Set)]
     pub until_direct: bool,
     /// Time to wait for each pong, e.g. `5s`, `500ms`, `1m`.
-    #[arg(long, default_value = "5s", value_parser = crate::ping_cli::parse_duration)]
+    #[arg(long, default_value = "5s", value_parser = ping::parse_duration)]
     pub timeout: std::time::Duration,
     /// Print each answer as a JSON line (the LocalAPI's PingResult).
     #[arg(long)]
@@ -283,17 +288,17 @@ pub fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     if let Command::Lab(args) = &cli.command {
-        return crate::lab_cli::run(args);
+        return lab::run(args);
     }
-    use crate::node_commands as node;
+    use node_commands as node;
     let name = match &cli.command {
         Command::Daemon(args) => return node::daemon(&cli.socket, args),
         Command::Up(args) => return node::up(&cli.socket, args),
         Command::Down => return node::down(&cli.socket),
         Command::Status(args) => return node::status(&cli.socket, args),
         Command::Ip(args) => return node::ip(&cli.socket, args),
-        Command::Ping(args) => return crate::ping_cli::run(&cli.socket, args),
-        Command::Netcheck(args) => return crate::netcheck_cli::run(&cli.socket, args),
+        Command::Ping(args) => return ping::run(&cli.socket, args),
+        Command::Netcheck(args) => return netcheck::run(&cli.socket, args),
         Command::Set(args) => return node::set(&cli.socket, args),
         Command::Metrics => "metrics",
         Command::Top => "top",

@@ -6,8 +6,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use crate::cli::PingArgs;
-use crate::report::PingResult;
 use crate::localapi::{Client, LocalApiError, PingRequest, PING_ERROR_LOCAL};
+use crate::report::PingResult;
 
 /// `tern ping` exit codes; scripts rely on them (cf. tailscale/tailscale#11439).
 pub mod exit {

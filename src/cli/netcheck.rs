@@ -5,10 +5,10 @@ use std::fmt::Write as _;
 use std::path::Path;
 use std::process::ExitCode;
 
+use crate::cli::ping::{api_error_text, go_duration, ms_to_nanos};
 use crate::cli::NetcheckArgs;
-use crate::report::{NetcheckReport, RegionLatency};
 use crate::localapi::Client;
-use crate::ping_cli::{api_error_text, go_duration, ms_to_nanos};
+use crate::report::{NetcheckReport, RegionLatency};
 
 /// `tern netcheck`.
 pub fn run(socket: &Path, args: &NetcheckArgs) -> anyhow::Result<ExitCode> {
