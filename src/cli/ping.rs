@@ -5,9 +5,31 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use crate::cli::PingArgs;
+use clap::Args;
+
 use crate::localapi::{Client, LocalApiError, PingRequest, PING_ERROR_LOCAL};
 use crate::report::PingResult;
+
+#[derive(Debug, Args)]
+#[command(after_help = EXIT_CODES_HELP)]
+pub struct PingArgs {
+    /// Maximum number of pings.
+    #[arg(short = 'c', long = "c", default_value_t = 10,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub count: u32,
+    /// Stop as soon as a direct path answers (`--until-direct=false` to keep pinging).
+    #[arg(long, default_value_t = true, num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub until_direct: bool,
+    /// Time to wait for each pong, e.g. `5s`, `500ms`, `1m`.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub timeout: std::time::Duration,
+    /// Print each answer as a JSON line (the LocalAPI's PingResult).
+    #[arg(long)]
+    pub json: bool,
+    /// Peer: MagicDNS name, short name, hostname, tailnet IP or `nodekey:…`.
+    pub peer: String,
+}
 
 /// `tern ping` exit codes; scripts rely on them (cf. tailscale/tailscale#11439).
 pub mod exit {

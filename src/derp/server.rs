@@ -1071,7 +1071,7 @@ pub enum TlsSetupError {
 }
 
 /// `tern derp`: run the relay until interrupted.
-pub fn run_cli(args: &crate::cli::DerpArgs) -> anyhow::Result<std::process::ExitCode> {
+pub fn run_cli(args: &crate::cli::derp::DerpArgs) -> anyhow::Result<std::process::ExitCode> {
     use anyhow::Context;
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
