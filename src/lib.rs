@@ -10,6 +10,7 @@ pub mod dataplane;
 pub mod demux;
 pub mod derp;
 pub mod disco;
+pub mod duration_text;
 pub mod filter;
 pub mod keys;
 pub mod lab_nodes;

@@ -7,7 +7,8 @@ use std::process::ExitCode;
 
 use clap::Args;
 
-use super::ping::{api_error_text, go_duration, ms_to_nanos};
+use super::ping::api_error_text;
+use crate::duration_text::{go_duration, ms_to_nanos};
 use crate::localapi::Client;
 use crate::report::{NetcheckReport, RegionLatency};
 
