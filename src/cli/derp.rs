@@ -5,6 +5,8 @@ use std::process::ExitCode;
 
 use clap::Args;
 
+use crate::derp::server::{self, RunConfig};
+
 #[derive(Debug, Args)]
 pub struct DerpArgs {
     /// Address to serve DERP on (`:443` = all addresses, port 443).
@@ -41,5 +43,22 @@ pub struct DerpArgs {
 
 /// `tern derp`: run the relay until interrupted.
 pub fn run(args: &DerpArgs) -> anyhow::Result<ExitCode> {
-    crate::derp::server::run_cli(args)
+    super::init_logging();
+    server::run(&config(args))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The flags as the server's plain configuration.
+fn config(args: &DerpArgs) -> RunConfig {
+    RunConfig {
+        addr: args.addr.clone(),
+        certfile: args.certfile.clone(),
+        keyfile: args.keyfile.clone(),
+        self_signed: args.self_signed.clone(),
+        http: args.http,
+        stun_port: args.stun_port,
+        stun_also: args.stun_also.clone(),
+        key_file: args.key_file.clone(),
+        mesh_key: args.mesh_key.clone(),
+    }
 }
