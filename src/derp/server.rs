@@ -7,8 +7,8 @@
 //! writer drains; a writer that cannot write within `write_timeout` closes its connection.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::net::SocketAddr;
-use std::path::Path;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -1070,25 +1070,50 @@ pub enum TlsSetupError {
     Rustls(String),
 }
 
-/// `tern derp`: run the relay until interrupted.
-pub fn run_cli(args: &crate::cli::DerpArgs) -> anyhow::Result<std::process::ExitCode> {
+/// What [`run`] serves: listen address, TLS, STUN, identity and mesh key. Plain data, filled
+/// from `tern derp`'s flags; the text fields are checked by `run`, whose errors name those flags.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    /// Address to serve DERP on: `ip:port`, or `:port` for all addresses.
+    pub addr: String,
+    /// PEM certificate chain for TLS (with `keyfile`).
+    pub certfile: Option<PathBuf>,
+    /// PEM private key for TLS (with `certfile`).
+    pub keyfile: Option<PathBuf>,
+    /// Serve TLS with a fresh self-signed certificate for this hostname; its `sha256-raw:` pin
+    /// is printed.
+    pub self_signed: Option<String>,
+    /// Plain HTTP, no TLS (wins over the TLS settings).
+    pub http: bool,
+    /// UDP port of the STUN responder (0 = off).
+    pub stun_port: u16,
+    /// More host addresses to answer STUN on (same port), besides the listen address.
+    pub stun_also: Vec<IpAddr>,
+    /// File holding the server's private key (`privkey:` text); created if missing. `None`: a
+    /// random key per run.
+    pub key_file: Option<PathBuf>,
+    /// Mesh key (64 hex digits) that privileged clients must present.
+    pub mesh_key: Option<String>,
+}
+
+/// Run the relay described by `config` until interrupted (Ctrl-C).
+pub fn run(run_config: &RunConfig) -> anyhow::Result<()> {
     use anyhow::Context;
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .try_init();
-    let addr = parse_listen_addr(&args.addr)?;
-    let private_key = load_or_create_key(args.key_file.as_deref())?;
+    let addr = parse_listen_addr(&run_config.addr)?;
+    let private_key = load_or_create_key(run_config.key_file.as_deref())?;
     let public_key = private_key.public();
     let mut config = ServerConfig::new(private_key);
-    if let Some(mesh) = &args.mesh_key {
+    if let Some(mesh) = &run_config.mesh_key {
         config.mesh_key = Some(
             crate::keys::parse_bare_hex(mesh.trim()).context("--mesh-key must be 64 hex digits")?,
         );
     }
-    let tls = match (&args.certfile, &args.keyfile, &args.self_signed, args.http) {
+    let tls = match (
+        &run_config.certfile,
+        &run_config.keyfile,
+        &run_config.self_signed,
+        run_config.http,
+    ) {
         (_, _, _, true) => None,
         (Some(cert), Some(key), _, _) => Some(tls_from_pem_files(cert, key, &public_key)?),
         (_, _, Some(host), _) => {
@@ -1111,9 +1136,9 @@ pub fn run_cli(args: &crate::cli::DerpArgs) -> anyhow::Result<std::process::Exit
             if tls.is_some() { "https" } else { "http" },
             server.public_key()
         );
-        let stun_ips = std::iter::once(local.ip()).chain(args.stun_also.iter().copied());
-        for ip in stun_ips.filter(|_| args.stun_port != 0) {
-            let stun_addr = SocketAddr::new(ip, args.stun_port);
+        let stun_ips = std::iter::once(local.ip()).chain(run_config.stun_also.iter().copied());
+        for ip in stun_ips.filter(|_| run_config.stun_port != 0) {
+            let stun_addr = SocketAddr::new(ip, run_config.stun_port);
             let socket = UdpSocket::bind(stun_addr)
                 .await
                 .with_context(|| format!("stun on {stun_addr}"))?;
@@ -1126,8 +1151,7 @@ pub fn run_cli(args: &crate::cli::DerpArgs) -> anyhow::Result<std::process::Exit
             _ = tokio::signal::ctrl_c() => {}
         }
         Ok::<_, anyhow::Error>(())
-    })?;
-    Ok(std::process::ExitCode::SUCCESS)
+    })
 }
 
 /// Binds `addr`; an all-addresses IPv6 bind falls back to IPv4 on hosts without IPv6.

@@ -5,10 +5,19 @@ use std::fmt::Write as _;
 use std::path::Path;
 use std::process::ExitCode;
 
-use crate::cli::NetcheckArgs;
+use clap::Args;
+
+use super::ping::api_error_text;
+use crate::duration_text::{go_duration, ms_to_nanos};
 use crate::localapi::Client;
-use crate::ping_cli::{api_error_text, go_duration, ms_to_nanos};
 use crate::report::{NetcheckReport, RegionLatency};
+
+#[derive(Debug, Args)]
+pub struct NetcheckArgs {
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
 
 /// `tern netcheck`.
 pub fn run(socket: &Path, args: &NetcheckArgs) -> anyhow::Result<ExitCode> {

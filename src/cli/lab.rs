@@ -1,13 +1,78 @@
 //! `tern lab …`: the long-lived lab a person can enter with `ip netns exec`, driven by tern-lab.
 
 use std::fmt::Write as _;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
+use clap::{Args, Subcommand};
 use tern_lab::state::{self, LabStatus};
 use tern_lab::NatMode;
 
-use crate::cli::{LabArgs, LabCommand, LabControlArgs, LabDownArgs, LabStatusArgs, LabUpArgs};
+/// Without a subcommand (for now): build the standard lab like `tern lab up` with default NAT
+/// modes, then print its status like `tern lab status`.
+#[derive(Debug, Args)]
+pub struct LabArgs {
+    /// Namespace name prefix of the lab (namespaces are `<prefix>-<node>`); for tests.
+    #[arg(
+        long,
+        global = true,
+        hide = true,
+        env = "TERN_LAB_PREFIX",
+        default_value = "tlab"
+    )]
+    pub prefix: String,
+    #[command(subcommand)]
+    pub command: Option<LabCommand>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LabCommand {
+    /// Build the standard lab topology, start the lab coordination server and a registered tern
+    /// node in c1 and c2, and leave it all running (`tern lab status` names each node's socket).
+    Up(LabUpArgs),
+    /// Describe the running lab.
+    Status(LabStatusArgs),
+    /// Tear the lab down: stop its processes, delete its namespaces and state.
+    Down(LabDownArgs),
+    /// Run the lab coordination server (for labs and tests only, not production).
+    Control(LabControlArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct LabControlArgs {
+    /// TOML configuration file (see lab/control.example.toml).
+    #[arg(long)]
+    pub config: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct LabUpArgs {
+    /// NAT mode of the first client's NAT box: easy, hard, fw, udpblock, portfwd or none.
+    #[arg(long, default_value = "easy")]
+    pub nat1: String,
+    /// NAT mode of the second client's NAT box: easy, hard, fw, udpblock, portfwd or none.
+    #[arg(long, default_value = "easy")]
+    pub nat2: String,
+    /// Dual stack: also give every host a global IPv6 address (2001:db8::/32, no NAT; the NAT
+    /// boxes' firewall applies), and the DERP region IPv6 STUN.
+    #[arg(long)]
+    pub ipv6: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct LabStatusArgs {
+    /// Print the status as JSON (format: lab/README.md).
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct LabDownArgs {
+    /// Remove every object with the lab's prefix, even without a state file.
+    #[arg(long)]
+    pub force: bool,
+}
 
 /// Run a `tern lab` subcommand.
 pub fn run(args: &LabArgs) -> anyhow::Result<ExitCode> {
@@ -202,7 +267,7 @@ fn describe_path(peer: &tern_lab::state::PeerPathState) -> String {
 
 /// `tern lab control`: load and check the config, then serve until killed.
 fn control(args: &LabControlArgs) -> anyhow::Result<ExitCode> {
-    crate::cli::init_logging();
+    super::init_logging();
     let config = tern_lab::control::Config::load(&args.config)?;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(crate::control::server::run_from_config(config))?;

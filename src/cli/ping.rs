@@ -5,9 +5,32 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use crate::cli::PingArgs;
+use clap::Args;
+
+use crate::duration_text::{go_duration, ms_to_nanos};
 use crate::localapi::{Client, LocalApiError, PingRequest, PING_ERROR_LOCAL};
 use crate::report::PingResult;
+
+#[derive(Debug, Args)]
+#[command(after_help = EXIT_CODES_HELP)]
+pub struct PingArgs {
+    /// Maximum number of pings.
+    #[arg(short = 'c', long = "c", default_value_t = 10,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub count: u32,
+    /// Stop as soon as a direct path answers (`--until-direct=false` to keep pinging).
+    #[arg(long, default_value_t = true, num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub until_direct: bool,
+    /// Time to wait for each pong, e.g. `5s`, `500ms`, `1m`.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub timeout: std::time::Duration,
+    /// Print each answer as a JSON line (the LocalAPI's PingResult).
+    #[arg(long)]
+    pub json: bool,
+    /// Peer: MagicDNS name, short name, hostname, tailnet IP or `nodekey:…`.
+    pub peer: String,
+}
 
 /// `tern ping` exit codes; scripts rely on them (cf. tailscale/tailscale#11439).
 pub mod exit {
@@ -103,56 +126,6 @@ pub fn format_ping_line(result: &PingResult, target: &str) -> String {
         "pong from {} ({ip}) via {via} in {latency}",
         result.node_name
     )
-}
-
-/// Milliseconds (as the JSON has them) to whole nanoseconds; negative or absurd values → 0.
-pub fn ms_to_nanos(ms: f64) -> u64 {
-    let ns = (ms * 1e6).round();
-    if ns.is_finite() && ns >= 0.0 && ns < u64::MAX as f64 {
-        ns as u64
-    } else {
-        0
-    }
-}
-
-/// A duration rounded to a multiple of `round_to` nanoseconds, printed like Go's
-/// `time.Duration.String`: `0s`, `850µs`, `1.2ms`, `12ms`, `1.234s`, `1m2.5s`, `1h0m0s`.
-pub fn go_duration(nanos: u64, round_to: u64) -> String {
-    let n = match round_to {
-        0 | 1 => nanos,
-        r => (nanos.saturating_add(r / 2) / r).saturating_mul(r),
-    };
-    const US: u64 = 1_000;
-    const MS: u64 = 1_000_000;
-    const S: u64 = 1_000_000_000;
-    match n {
-        0 => "0s".to_string(),
-        n if n < US => format!("{n}ns"),
-        n if n < MS => format!("{}µs", decimal(n, US)),
-        n if n < S => format!("{}ms", decimal(n, MS)),
-        n => {
-            let hours = n / (3600 * S);
-            let minutes = n / (60 * S) % 60;
-            let seconds = decimal(n % (60 * S), S);
-            match (hours, minutes) {
-                (0, 0) => format!("{seconds}s"),
-                (0, m) => format!("{m}m{seconds}s"),
-                (h, m) => format!("{h}h{m}m{seconds}s"),
-            }
-        }
-    }
-}
-
-/// `n / unit` with its fraction, trailing zeros dropped (`unit` a power of ten).
-fn decimal(n: u64, unit: u64) -> String {
-    let whole = n / unit;
-    let frac = n % unit;
-    if frac == 0 {
-        return whole.to_string();
-    }
-    let digits = unit.ilog10() as usize;
-    let frac = format!("{frac:0digits$}");
-    format!("{whole}.{}", frac.trim_end_matches('0'))
 }
 
 /// Parse `--timeout`: a positive Go-style duration such as `5s`, `500ms`, `1m`, `1m30s`,
@@ -315,22 +288,6 @@ mod tests {
             format_ping_line(&local, "c1"),
             "100.64.0.1 is local Tailscale IP"
         );
-    }
-
-    #[test]
-    fn go_durations() {
-        assert_eq!(go_duration(0, 1_000_000), "0s");
-        assert_eq!(go_duration(400_000, 1_000_000), "0s");
-        assert_eq!(go_duration(12_400_000, 1_000_000), "12ms");
-        assert_eq!(go_duration(1_234_000_000, 1_000_000), "1.234s");
-        assert_eq!(go_duration(62_500_000_000, 1_000_000), "1m2.5s");
-        assert_eq!(go_duration(3_600_000_000_000, 1), "1h0m0s");
-        assert_eq!(go_duration(1_234_567, 100_000), "1.2ms");
-        assert_eq!(go_duration(850_000, 100_000), "900µs");
-        assert_eq!(go_duration(999, 1), "999ns");
-        assert_eq!(ms_to_nanos(1.5), 1_500_000);
-        assert_eq!(ms_to_nanos(-3.0), 0);
-        assert_eq!(ms_to_nanos(f64::NAN), 0);
     }
 
     #[test]

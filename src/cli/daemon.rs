@@ -1,0 +1,49 @@
+//! `tern daemon`: run the node daemon in the foreground.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::Args;
+
+use crate::daemon::{self, DaemonConfig};
+
+#[derive(Debug, Args)]
+pub struct DaemonArgs {
+    /// Directory for keys and preferences.
+    #[arg(long, default_value = "/var/lib/tern")]
+    pub state_dir: PathBuf,
+    /// TUN device name, or `userspace-networking`.
+    #[arg(long, default_value = "tern0")]
+    pub tun: String,
+    /// UDP port for WireGuard, disco and STUN (0 = pick one).
+    #[arg(long, default_value_t = 41641)]
+    pub port: u16,
+    /// Also let this user (name or uid) use the LocalAPI socket (otherwise root only).
+    #[arg(long)]
+    pub operator: Option<String>,
+}
+
+/// `tern daemon`.
+pub fn run(socket: &Path, args: &DaemonArgs) -> anyhow::Result<ExitCode> {
+    init_logging();
+    let config = DaemonConfig {
+        state_dir: args.state_dir.clone(),
+        socket: socket.to_path_buf(),
+        tun: args.tun.clone(),
+        port: args.port,
+        operator: args.operator.clone(),
+    };
+    super::runtime()?.block_on(daemon::run(config))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The daemon's logs go to stderr, filtered by `TERN_LOG` (default `info`); the other commands
+/// use `RUST_LOG` ([`super::init_logging`]).
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TERN_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}

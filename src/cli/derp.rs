@@ -1,0 +1,64 @@
+//! `tern derp`: run a DERP relay server.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+
+use crate::derp::server::{self, RunConfig};
+
+#[derive(Debug, Args)]
+pub struct DerpArgs {
+    /// Address to serve DERP on (`:443` = all addresses, port 443).
+    #[arg(long, default_value = ":443")]
+    pub addr: String,
+    /// PEM certificate chain for TLS (with --keyfile).
+    #[arg(long, requires = "keyfile", conflicts_with_all = ["self_signed", "http"])]
+    pub certfile: Option<PathBuf>,
+    /// PEM private key for TLS (with --certfile).
+    #[arg(long, requires = "certfile")]
+    pub keyfile: Option<PathBuf>,
+    /// Serve TLS with a fresh self-signed certificate for HOSTNAME (lab use); prints its
+    /// `sha256-raw:` pin for the DERP map's CertName.
+    #[arg(long, value_name = "HOSTNAME", conflicts_with = "http")]
+    pub self_signed: Option<String>,
+    /// Plain HTTP, no TLS (Go clients: TS_DEBUG_USE_DERP_HTTP=1, port 3340).
+    #[arg(long)]
+    pub http: bool,
+    /// UDP port of the STUN responder (0 = off).
+    #[arg(long, default_value_t = 3478)]
+    pub stun_port: u16,
+    /// Also answer STUN on this address of the host (same port; repeatable): a second STUN
+    /// destination lets clients tell whether their NAT maps per destination ("hard NAT").
+    #[arg(long, value_name = "IP")]
+    pub stun_also: Vec<std::net::IpAddr>,
+    /// File holding the server's private key (`privkey:` text); created if missing.
+    /// Without it the key is random per run.
+    #[arg(long)]
+    pub key_file: Option<PathBuf>,
+    /// Mesh key (64 hex digits) that privileged clients must present.
+    #[arg(long, env = "TERN_DERP_MESH_KEY", hide_env_values = true)]
+    pub mesh_key: Option<String>,
+}
+
+/// `tern derp`: run the relay until interrupted.
+pub fn run(args: &DerpArgs) -> anyhow::Result<ExitCode> {
+    super::init_logging();
+    server::run(&config(args))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The flags as the server's plain configuration.
+fn config(args: &DerpArgs) -> RunConfig {
+    RunConfig {
+        addr: args.addr.clone(),
+        certfile: args.certfile.clone(),
+        keyfile: args.keyfile.clone(),
+        self_signed: args.self_signed.clone(),
+        http: args.http,
+        stun_port: args.stun_port,
+        stun_also: args.stun_also.clone(),
+        key_file: args.key_file.clone(),
+        mesh_key: args.mesh_key.clone(),
+    }
+}

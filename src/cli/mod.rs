@@ -1,0 +1,133 @@
+//! The `tern` command line: one clap tree, dispatched to one file per verb.
+//!
+//! Each verb's file holds its clap arguments and its handler; nothing below the CLI imports
+//! from here. Verbs that have not landed yet (`metrics`, `top`; `exit-node` later) answer with
+//! [`not_implemented`].
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+pub mod daemon;
+pub mod derp;
+pub mod lab;
+pub mod netcheck;
+pub mod ping;
+pub mod set;
+pub mod status;
+pub mod up;
+
+use daemon::DaemonArgs;
+use derp::DerpArgs;
+use lab::LabArgs;
+use netcheck::NetcheckArgs;
+use ping::PingArgs;
+use set::SetArgs;
+use status::{IpArgs, StatusArgs};
+use up::UpArgs;
+
+/// Exit code for a subcommand whose issue has not landed yet, and for usage errors.
+pub const EXIT_NOT_IMPLEMENTED: u8 = 2;
+
+/// Default LocalAPI socket of the daemon.
+pub const DEFAULT_SOCKET: &str = "/run/tern/tern.sock";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tern",
+    version,
+    about = "A Tailscale-compatible node for Linux"
+)]
+pub struct Cli {
+    /// Path of the daemon's LocalAPI socket.
+    #[arg(long, global = true, env = "TERN_SOCKET", default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the node daemon.
+    Daemon(DaemonArgs),
+    /// Connect to the tailnet, registering if needed.
+    Up(UpArgs),
+    /// Disconnect from the tailnet (the daemon keeps running).
+    Down,
+    /// Show this node and its peers.
+    Status(StatusArgs),
+    /// Disco-ping a peer and report the path it answers on.
+    Ping(PingArgs),
+    /// Report UDP reachability, NAT type and DERP latency.
+    Netcheck(NetcheckArgs),
+    /// Change preferences without a full `up`.
+    Set(SetArgs),
+    /// Show this node's tailnet addresses.
+    Ip(IpArgs),
+    /// Print the daemon's metrics (Prometheus text format).
+    Metrics,
+    /// Live dashboard of peers, paths and relays.
+    Top,
+    /// Run a DERP relay server.
+    Derp(DerpArgs),
+    /// Network-namespace lab: topologies, NAT boxes, lab coordination server. Without a
+    /// subcommand (for now): `lab up`, then `lab status`.
+    Lab(LabArgs),
+}
+
+/// Parse the command line and run it; returns the process exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("tern: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let socket = cli.socket.as_path();
+    match &cli.command {
+        Command::Daemon(args) => daemon::run(socket, args),
+        Command::Up(args) => up::up(socket, args),
+        Command::Down => up::down(socket),
+        Command::Status(args) => status::status(socket, args),
+        Command::Ip(args) => status::ip(socket, args),
+        Command::Ping(args) => ping::run(socket, args),
+        Command::Netcheck(args) => netcheck::run(socket, args),
+        Command::Set(args) => set::run(socket, args),
+        Command::Metrics => Ok(not_implemented("metrics")),
+        Command::Top => Ok(not_implemented("top")),
+        Command::Derp(args) => derp::run(args),
+        Command::Lab(args) => lab::run(args),
+    }
+}
+
+/// The multi-thread runtime the node commands (`daemon`, `up`, `set`, …) run on.
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`). A second call is a no-op.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// What a subcommand whose issue has not landed yet does.
+pub fn not_implemented(name: &str) -> ExitCode {
+    eprintln!("tern: '{name}' is not implemented yet");
+    ExitCode::from(EXIT_NOT_IMPLEMENTED)
+}
