@@ -346,17 +346,12 @@ async fn bounded<T>(
 /// The `--tun` value that asks for no kernel TUN.
 pub const USERSPACE_NETWORKING: &str = "userspace-networking";
 
-/// Accept `http://` and `https://` URLs with a host; trailing slashes are dropped.
+/// Accept `http://` and `https://` URLs with a host and nothing else; trailing slashes are
+/// dropped. The same rules the control client dials by, so a bad URL fails here, at `tern up`.
 fn validate_login_server(url: &str) -> Result<String, String> {
-    let parsed: http::Uri = url
-        .parse()
-        .map_err(|e| format!("bad --login-server {url:?}: {e}"))?;
-    match (parsed.scheme_str(), parsed.host()) {
-        (Some("http" | "https"), Some(_)) => Ok(url.trim_end_matches('/').to_string()),
-        _ => Err(format!(
-            "bad --login-server {url:?}: want http://HOST[:PORT] or https://…"
-        )),
-    }
+    crate::control::url::ControlUrl::parse(url)
+        .map(|_| url.trim_end_matches('/').to_string())
+        .map_err(|e| format!("bad --login-server: {e}"))
 }
 
 fn default_hostname() -> String {

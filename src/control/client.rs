@@ -264,9 +264,8 @@ mod connection {
     ) -> Result<(), ControlError> {
         let url = ControlUrl::parse(&config.url)?;
         let body = dial::fetch_key_body(&url, CAPABILITY_VERSION).await?;
-        let server_key = dial::parse_key_response(&body).map_err(|e| {
-            ControlError::Transient(format!("GET http://{}/key: {e}", url.authority))
-        })?;
+        let server_key = dial::parse_key_response(&body)
+            .map_err(|e| ControlError::Transient(format!("GET {}/key: {e}", url.origin())))?;
         let mut conn = dial::connect(&url, &identity.machine, &server_key).await?;
         tracing::debug!(server = %url.authority, "ts2021 connection up");
         tokio::time::timeout(

@@ -2,22 +2,27 @@
 //! carrying the Noise initiation, the Noise response, the optional early payload, and an HTTP/2
 //! client (prior knowledge) over the Noise record stream.
 //!
-//! Only `http://` control URLs are dialed for now (the lab and headscale-on-loopback setups);
-//! `https://` is refused with a clear error.
+//! `/ts2021` is raced like Go's `controlhttp` dialer: plain HTTP first, TLS on the HTTPS port
+//! 500 ms later (or as soon as plain HTTP fails), the first finished Noise handshake wins; after a
+//! dial less than 2 minutes ago (or with `TS_FORCE_NOISE_443`) only TLS is tried. `GET /key` goes
+//! to the URL's own scheme and port, with the certificate verified ([`super::tls`]).
 
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Full, Limited};
 use hyper::body::Incoming;
 use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 
 use super::error::ControlError;
 use super::noise::{handshake_answer_len, Initiator, NoiseStream, HEADER_LEN};
+use super::tls;
+pub use super::url::{ControlUrl, Scheme};
 use super::CAPABILITY_VERSION;
 use crate::keys::{MachinePrivate, MachinePublic, NodePublic};
 
@@ -28,53 +33,13 @@ const MAX_KEY_BODY: usize = 64 * 1024;
 /// Largest HTTP/1.1 response head accepted during the upgrade.
 const MAX_RESPONSE_HEAD: usize = 16 * 1024;
 
-/// Where control lives, split out of its URL.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ControlUrl {
-    pub host: String,
-    pub port: u16,
-    /// `host[:port]` exactly as the URL had it, for `Host` and `:authority`.
-    pub authority: String,
-}
+/// A byte stream control is reached over: plain TCP or TLS.
+pub trait ControlIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> ControlIo for T {}
 
-impl ControlUrl {
-    pub fn parse(url: &str) -> Result<Self, ControlError> {
-        let uri: http::Uri = url
-            .trim_end_matches('/')
-            .parse()
-            .map_err(|e| ControlError::transient(&format!("control URL {url:?}"), e))?;
-        let authority = uri
-            .authority()
-            .ok_or_else(|| ControlError::Transient(format!("control URL {url:?} has no host")))?;
-        match uri.scheme_str() {
-            Some("http") => {}
-            Some("https") => {
-                return Err(ControlError::Transient(format!(
-                    "control URL {url:?}: https control servers are not supported yet; use http://"
-                )))
-            }
-            _ => {
-                return Err(ControlError::Transient(format!(
-                    "control URL {url:?}: want http://"
-                )))
-            }
-        }
-        let host = authority
-            .host()
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_string();
-        Ok(Self {
-            host,
-            port: authority.port_u16().unwrap_or(80),
-            authority: authority.to_string(),
-        })
-    }
-}
-
-/// Connect TCP to control.
-pub async fn connect_tcp(url: &ControlUrl) -> Result<TcpStream, ControlError> {
-    let target = format!("{}:{}", url.authority_host_for_dial(), url.port);
+/// Connect TCP to `host:port`.
+pub async fn connect_tcp(url: &ControlUrl, port: u16) -> Result<TcpStream, ControlError> {
+    let target = format!("{}:{port}", url.host_for_dial());
     let stream = TcpStream::connect(&target)
         .await
         .map_err(|e| ControlError::transient(&format!("dial {target}"), e))?;
@@ -82,49 +47,79 @@ pub async fn connect_tcp(url: &ControlUrl) -> Result<TcpStream, ControlError> {
     Ok(stream)
 }
 
-impl ControlUrl {
-    fn authority_host_for_dial(&self) -> String {
-        if self.host.contains(':') {
-            format!("[{}]", self.host)
-        } else {
-            self.host.clone()
+/// TLS over `tcp` with `config`; the server name is the URL's host (an IP literal sends no SNI).
+async fn connect_tls(
+    url: &ControlUrl,
+    tcp: TcpStream,
+    config: Arc<rustls::ClientConfig>,
+    ctx: &str,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, ControlError> {
+    let name = rustls::pki_types::ServerName::try_from(url.host.clone())
+        .map_err(|e| ControlError::transient(&format!("{ctx}: TLS server name"), e))?;
+    tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .map_err(|e| tls_error(ctx, &e))
+}
+
+/// A TLS failure with a hint when it is a certificate problem.
+fn tls_error(ctx: &str, err: &std::io::Error) -> ControlError {
+    let text = super::error::error_chain(err);
+    match tls::certificate_hint(&text) {
+        Some(hint) => ControlError::Transient(format!("{ctx}: TLS: {text} ({hint})")),
+        None => ControlError::Transient(format!("{ctx}: TLS: {text}")),
+    }
+}
+
+/// `GET /key?v=N` over the URL's scheme (HTTPS verified against the system's roots); returns the
+/// response body (JSON) on 200. Bounded by [`DIAL_TIMEOUT`].
+pub async fn fetch_key_body(url: &ControlUrl, version: u16) -> Result<Bytes, ControlError> {
+    let ctx = format!("GET {}/key", url.origin());
+    tokio::time::timeout(DIAL_TIMEOUT, fetch_key_body_inner(url, version, &ctx))
+        .await
+        .map_err(|_| ControlError::Transient(format!("{ctx}: no answer within {DIAL_TIMEOUT:?}")))?
+}
+
+async fn fetch_key_body_inner(
+    url: &ControlUrl,
+    version: u16,
+    ctx: &str,
+) -> Result<Bytes, ControlError> {
+    let tcp = connect_tcp(url, url.port).await?;
+    match url.scheme {
+        Scheme::Http => get_key(tcp, url, version, ctx).await,
+        Scheme::Https => {
+            let config = tls::verifying_config(tls::root_store())
+                .map_err(|e| ControlError::transient(ctx, e))?;
+            let stream = connect_tls(url, tcp, config, ctx).await?;
+            get_key(stream, url, version, ctx).await
         }
     }
 }
 
-/// `GET /key?v=N` over plain HTTP/1.1; returns the response body (JSON) on 200.
-/// Bounded by [`DIAL_TIMEOUT`].
-pub async fn fetch_key_body(url: &ControlUrl, version: u16) -> Result<Bytes, ControlError> {
-    tokio::time::timeout(DIAL_TIMEOUT, fetch_key_body_inner(url, version))
-        .await
-        .map_err(|_| {
-            ControlError::Transient(format!(
-                "GET http://{}/key: no answer within {DIAL_TIMEOUT:?}",
-                url.authority
-            ))
-        })?
-}
-
-async fn fetch_key_body_inner(url: &ControlUrl, version: u16) -> Result<Bytes, ControlError> {
-    let ctx = format!("GET http://{}/key", url.authority);
-    let stream = connect_tcp(url).await?;
+async fn get_key<S: ControlIo>(
+    stream: S,
+    url: &ControlUrl,
+    version: u16,
+    ctx: &str,
+) -> Result<Bytes, ControlError> {
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
-        .map_err(|e| ControlError::transient(&ctx, e))?;
+        .map_err(|e| ControlError::transient(ctx, e))?;
     let driver = tokio::spawn(conn);
     let req = http::Request::get(format!("/key?v={version}"))
         .header(http::header::HOST, &url.authority)
         .body(Empty::<Bytes>::new())
-        .map_err(|e| ControlError::transient(&ctx, e))?;
+        .map_err(|e| ControlError::transient(ctx, e))?;
     let resp = sender
         .send_request(req)
         .await
-        .map_err(|e| ControlError::transient(&ctx, e))?;
+        .map_err(|e| ControlError::transient(ctx, e))?;
     let status = resp.status();
     let body = Limited::new(resp.into_body(), MAX_KEY_BODY)
         .collect()
         .await
-        .map_err(|e| ControlError::transient(&ctx, e))?
+        .map_err(|e| ControlError::transient(ctx, e))?
         .to_bytes();
     driver.abort();
     if status != http::StatusCode::OK {
@@ -135,13 +130,13 @@ async fn fetch_key_body_inner(url: &ControlUrl, version: u16) -> Result<Bytes, C
 
 /// Send the `POST /ts2021` upgrade carrying `initiation`, check the `101` answer, and return
 /// the stream positioned at the first byte after the response head (the Noise response).
-pub async fn upgrade(
-    stream: TcpStream,
+pub async fn upgrade<S: ControlIo>(
+    stream: S,
     url: &ControlUrl,
     initiation: &[u8],
-) -> Result<BufReader<TcpStream>, ControlError> {
+    ctx: &str,
+) -> Result<BufReader<S>, ControlError> {
     use base64::Engine as _;
-    let ctx = format!("POST http://{}/ts2021", url.authority);
     let handshake = base64::engine::general_purpose::STANDARD.encode(initiation);
     let request = format!(
         "POST /ts2021 HTTP/1.1\r\nHost: {}\r\nUser-Agent: tern/{}\r\nUpgrade: tailscale-control-protocol\r\n\
@@ -154,16 +149,16 @@ pub async fn upgrade(
         .get_mut()
         .write_all(request.as_bytes())
         .await
-        .map_err(|e| ControlError::transient(&ctx, e))?;
+        .map_err(|e| ControlError::transient(ctx, e))?;
     let head = read_response_head(&mut stream)
         .await
-        .map_err(|e| ControlError::transient(&ctx, e))?;
+        .map_err(|e| ControlError::transient(ctx, e))?;
     check_upgrade_response(&head).map_err(|e| ControlError::Transient(format!("{ctx}: {e}")))?;
     Ok(stream)
 }
 
 /// Read lines up to the empty line that ends an HTTP/1.1 response head (bounded).
-async fn read_response_head(stream: &mut BufReader<TcpStream>) -> std::io::Result<String> {
+async fn read_response_head<S: ControlIo>(stream: &mut BufReader<S>) -> std::io::Result<String> {
     let mut head = String::new();
     loop {
         let before = head.len();
@@ -252,14 +247,49 @@ impl Drop for ControlConn {
     }
 }
 
-/// Dial control: TCP, `/ts2021` upgrade with the Noise initiation, Noise response, optional early
-/// payload, then HTTP/2 with prior knowledge. Bounded by [`DIAL_TIMEOUT`].
+/// How long plain HTTP has before TLS is tried too (Go `controlhttp`).
+const TLS_HEAD_START: Duration = Duration::from_millis(500);
+/// A Noise dial within this long of the previous one goes straight to TLS (Go's
+/// `LastNoiseDialWasRecent`): a network that broke plain HTTP is not tried again first.
+const RECENT_DIAL: Duration = Duration::from_secs(120);
+
+/// When this process last dialed `/ts2021`.
+static LAST_NOISE_DIAL: Mutex<Option<Instant>> = Mutex::new(None);
+
+/// Notes a dial now; returns whether the previous one was recent.
+fn note_noise_dial(now: Instant) -> bool {
+    let Ok(mut last) = LAST_NOISE_DIAL.lock() else {
+        return false;
+    };
+    let recent = last.is_some_and(|t| now.saturating_duration_since(t) < RECENT_DIAL);
+    *last = Some(now);
+    recent
+}
+
+/// Which transports to try: plain HTTP unless TLS is forced (a recent dial, or
+/// `TS_FORCE_NOISE_443`) and there is a TLS port; TLS wherever the URL has a TLS port.
+pub fn dial_ports(url: &ControlUrl, force_tls: bool) -> (Option<u16>, Option<u16>) {
+    let plain = url
+        .http_port
+        .filter(|_| !(force_tls && url.https_port.is_some()));
+    (plain, url.https_port)
+}
+
+fn force_noise_443() -> bool {
+    std::env::var("TS_FORCE_NOISE_443").is_ok_and(|v| !v.is_empty() && v != "0" && v != "false")
+}
+
+/// Dial control: `/ts2021` upgrade with the Noise initiation over plain HTTP and/or TLS (raced
+/// as Go does), Noise response, optional early payload, then HTTP/2 with prior knowledge.
+/// Bounded by [`DIAL_TIMEOUT`].
 pub async fn connect(
     url: &ControlUrl,
     machine: &MachinePrivate,
     server: &MachinePublic,
 ) -> Result<ControlConn, ControlError> {
-    tokio::time::timeout(DIAL_TIMEOUT, connect_inner(url, machine, server))
+    let force_tls = note_noise_dial(Instant::now()) || force_noise_443();
+    let (plain, tls_port) = dial_ports(url, force_tls);
+    tokio::time::timeout(DIAL_TIMEOUT, race(url, machine, server, plain, tls_port))
         .await
         .map_err(|_| {
             ControlError::Transient(format!(
@@ -269,22 +299,104 @@ pub async fn connect(
         })?
 }
 
-async fn connect_inner(
+/// Plain HTTP at once, TLS after [`TLS_HEAD_START`] or as soon as plain fails; the first
+/// handshake that completes wins. Both failing returns the plain error with the TLS one.
+async fn race(
     url: &ControlUrl,
     machine: &MachinePrivate,
     server: &MachinePublic,
+    plain: Option<u16>,
+    tls_port: Option<u16>,
 ) -> Result<ControlConn, ControlError> {
-    let ctx = format!("ts2021 to {}", url.authority);
+    let (plain, tls_port) = match (plain, tls_port) {
+        (Some(p), None) => return connect_plain(url, p, machine, server).await,
+        (None, Some(t)) => return connect_tls_noise(url, t, machine, server).await,
+        (None, None) => {
+            return Err(ControlError::Transient(format!(
+                "control URL {}: no port to dial",
+                url.origin()
+            )))
+        }
+        (Some(p), Some(t)) => (p, t),
+    };
+    let plain_dial = connect_plain(url, plain, machine, server);
+    tokio::pin!(plain_dial);
+    let head_start = tokio::time::sleep(TLS_HEAD_START);
+    tokio::pin!(head_start);
+    let mut plain_error: Option<ControlError> = None;
+    // Phase 1: plain HTTP alone until it fails or its head start is over.
+    tokio::select! {
+        r = &mut plain_dial => match r {
+            Ok(conn) => return Ok(conn),
+            Err(e) => plain_error = Some(e),
+        },
+        _ = &mut head_start => {}
+    }
+    let tls_dial = connect_tls_noise(url, tls_port, machine, server);
+    tokio::pin!(tls_dial);
+    let Some(plain_error) = plain_error else {
+        // Phase 2: both running; the first success wins, a failure waits for the other.
+        return tokio::select! {
+            r = &mut plain_dial => match r {
+                Ok(conn) => Ok(conn),
+                Err(e) => tls_dial.await.map_err(|t| both_failed(e, t)),
+            },
+            r = &mut tls_dial => match r {
+                Ok(conn) => Ok(conn),
+                Err(t) => plain_dial.await.map_err(|e| both_failed(e, t)),
+            },
+        };
+    };
+    tracing::debug!(error = %plain_error, "ts2021 over plain HTTP failed; trying TLS");
+    tls_dial.await.map_err(|t| both_failed(plain_error, t))
+}
+
+fn both_failed(plain: ControlError, tls: ControlError) -> ControlError {
+    ControlError::Transient(format!("{plain}; and over TLS: {tls}"))
+}
+
+async fn connect_plain(
+    url: &ControlUrl,
+    port: u16,
+    machine: &MachinePrivate,
+    server: &MachinePublic,
+) -> Result<ControlConn, ControlError> {
+    let ctx = format!("ts2021 to http://{}:{port}", url.host_for_dial());
+    let tcp = connect_tcp(url, port).await?;
+    connect_over(tcp, url, machine, server, &ctx).await
+}
+
+async fn connect_tls_noise(
+    url: &ControlUrl,
+    port: u16,
+    machine: &MachinePrivate,
+    server: &MachinePublic,
+) -> Result<ControlConn, ControlError> {
+    let ctx = format!("ts2021 to https://{}:{port}", url.host_for_dial());
+    let config =
+        tls::noise_config(tls::root_store()).map_err(|e| ControlError::transient(&ctx, e))?;
+    let tcp = connect_tcp(url, port).await?;
+    let stream = connect_tls(url, tcp, config, &ctx).await?;
+    connect_over(stream, url, machine, server, &ctx).await
+}
+
+/// The upgrade, the Noise handshake and HTTP/2 over one established stream.
+async fn connect_over<S: ControlIo>(
+    stream: S,
+    url: &ControlUrl,
+    machine: &MachinePrivate,
+    server: &MachinePublic,
+    ctx: &str,
+) -> Result<ControlConn, ControlError> {
     let (initiator, initiation) = Initiator::start(machine, server, CAPABILITY_VERSION)
-        .map_err(|e| ControlError::transient(&ctx, e))?;
-    let tcp = connect_tcp(url).await?;
-    let mut stream = upgrade(tcp, url, &initiation).await?;
+        .map_err(|e| ControlError::transient(ctx, e))?;
+    let mut stream = upgrade(stream, url, &initiation, ctx).await?;
     let mut header = [0u8; HEADER_LEN];
     stream
         .read_exact(&mut header)
         .await
         .map_err(|e| ControlError::transient(&format!("{ctx}: reading Noise response"), e))?;
-    let total = handshake_answer_len(header).map_err(|e| ControlError::transient(&ctx, e))?;
+    let total = handshake_answer_len(header).map_err(|e| ControlError::transient(ctx, e))?;
     let mut answer = vec![0u8; total];
     answer[..HEADER_LEN].copy_from_slice(&header);
     stream
@@ -311,6 +423,7 @@ async fn connect_inner(
         sender,
         authority: url.authority.clone(),
     };
+    tracing::debug!(via = ctx, "ts2021 connection up");
     Ok(ControlConn { requests, driver })
 }
 
@@ -366,24 +479,6 @@ pub async fn read_body(resp: http::Response<Incoming>, limit: usize) -> Result<B
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn control_url_forms() {
-        let u = ControlUrl::parse("http://127.0.0.1:8080/").unwrap();
-        assert_eq!(
-            (u.host.as_str(), u.port, u.authority.as_str()),
-            ("127.0.0.1", 8080, "127.0.0.1:8080")
-        );
-        let u = ControlUrl::parse("http://[fd00::1]:9").unwrap();
-        assert_eq!((u.host.as_str(), u.port), ("fd00::1", 9));
-        assert_eq!(u.authority_host_for_dial(), "[fd00::1]");
-        assert_eq!(ControlUrl::parse("http://localhost").unwrap().port, 80);
-        assert!(ControlUrl::parse("https://ctl.example")
-            .unwrap_err()
-            .to_string()
-            .contains("https"));
-        assert!(ControlUrl::parse("ctl.example").is_err());
-    }
 
     #[test]
     fn upgrade_response_checks() {

@@ -13,6 +13,8 @@ pub mod server;
 pub mod tailcfg;
 #[cfg(test)]
 pub(crate) mod test_stub;
+pub mod tls;
+pub mod url;
 
 /// The capability version we claim: in the Noise initiation header and prologue, `/key?v=`,
 /// `RegisterRequest.Version` and `MapRequest.Version`.

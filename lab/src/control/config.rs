@@ -23,6 +23,9 @@ pub const CAP_RELAY_TARGET: &str = "tailscale.com/cap/relay-target";
 pub struct Config {
     /// Address to serve HTTP on (`/key`, `/ts2021`, `/generate_204`).
     pub listen: SocketAddr,
+    /// Serve the same over HTTPS too (for `https://` control URLs).
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
     /// Directory for the Noise key and the node database; created if missing.
     pub state_dir: PathBuf,
     /// Tailnet DNS domain: node names become `<label>.<domain>.`.
@@ -49,6 +52,18 @@ pub struct Config {
     /// Capability grants (delivered as `CapGrant` rules).
     #[serde(default, rename = "grant")]
     pub grants: Vec<GrantConfig>,
+}
+
+/// HTTPS for the lab control server: where to listen and the certificate to present.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Address to serve HTTPS on, e.g. `10.99.0.20:443`.
+    pub listen: SocketAddr,
+    /// PEM file with the certificate chain (leaf first).
+    pub cert: PathBuf,
+    /// PEM file with the private key.
+    pub key: PathBuf,
 }
 
 /// One pre-auth key.
@@ -204,6 +219,17 @@ impl Config {
                 "keep_alive_secs = {} is out of range: use 1 to 60 (clients time out after 120 s of silence)",
                 self.keep_alive_secs
             ));
+        }
+        if let Some(tls) = &self.tls {
+            if tls.listen == self.listen {
+                return bad(format!(
+                    "tls.listen {} is also `listen`: HTTP and HTTPS need different ports",
+                    tls.listen
+                ));
+            }
+            if tls.cert.as_os_str().is_empty() || tls.key.as_os_str().is_empty() {
+                return bad("tls.cert and tls.key must name PEM files".into());
+            }
         }
         self.validate_auth_keys()?;
         self.validate_derp()?;

@@ -12,7 +12,6 @@ use hyper::header::{HeaderValue, CONNECTION, UPGRADE};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
 use super::{count, machine, Shared};
@@ -27,7 +26,10 @@ const HANDSHAKE_HEADER: &str = "x-tailscale-handshake";
 type Body = Full<Bytes>;
 
 /// Serves one TCP connection: HTTP/1.1 requests, and at most one upgrade to ts2021.
-pub(super) async fn serve_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
+pub(super) async fn serve_connection<S>(shared: Arc<Shared>, stream: S, peer: SocketAddr)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let service = hyper::service::service_fn(move |req| {
         let shared = shared.clone();
         async move { Ok::<_, Infallible>(route(shared, peer, req)) }

@@ -20,7 +20,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tern_lab::control::{Config, ControlError, NodeChanges, NodeRecord, Tailnet};
 use tokio::net::TcpListener;
 use tokio::sync::{broadcast, oneshot};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::keys::{MachinePrivate, MachinePublic};
 
@@ -37,6 +37,9 @@ pub enum ServerError {
         #[source]
         source: std::io::Error,
     },
+    /// The HTTPS certificate or key could not be loaded.
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 /// A change to the tailnet that map streams turn into deltas.
@@ -120,6 +123,8 @@ pub(crate) fn now_unix() -> u64 {
 pub struct ControlServer {
     shared: Arc<Shared>,
     listener: TcpListener,
+    /// The HTTPS listener and its certificate, when the config has `[tls]`.
+    tls: Option<(TcpListener, tokio_rustls::TlsAcceptor)>,
 }
 
 /// A cheap handle for watching a running server (node list, events, counters).
@@ -134,6 +139,7 @@ impl ControlServer {
         tern_lab::control::db::ensure_state_dir(&config.state_dir)?;
         let key = tern_lab::control::db::load_or_create_noise_key(&config.state_dir)?;
         let listen = config.listen;
+        let tls_config = config.tls.clone();
         let offline_grace = Duration::from_secs(config.offline_grace_secs);
         let keep_alive = Duration::from_secs(config.keep_alive_secs);
         let tailnet = Tailnet::open(config)?;
@@ -155,7 +161,20 @@ impl ControlServer {
             rejections: Rejections::default(),
             sent: Sent::default(),
         });
-        Ok(ControlServer { shared, listener })
+        let tls = match tls_config {
+            Some(tls) => Some(bind_tls(&tls).await?),
+            None => None,
+        };
+        Ok(ControlServer {
+            shared,
+            listener,
+            tls,
+        })
+    }
+
+    /// The HTTPS address actually bound, when serving HTTPS.
+    pub fn tls_local_addr(&self) -> Option<SocketAddr> {
+        self.tls.as_ref().and_then(|(l, _)| l.local_addr().ok())
     }
 
     /// The address actually bound.
@@ -170,25 +189,95 @@ impl ControlServer {
         }
     }
 
-    /// Serves until the task is dropped. Each connection runs in its own task.
+    /// Serves until the task is dropped. Each connection runs in its own task; an accept error
+    /// (out of file descriptors, say) is logged and the loop goes on after a pause.
     pub async fn run(self) {
         info!(
             addr = %self.listener.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string()),
+            https = ?self.tls_local_addr(),
             key = %self.shared.noise_key.public(),
             "lab control server listening (a lab server: not for production tailnets)"
         );
-        loop {
-            match self.listener.accept().await {
-                Ok((stream, peer)) => {
-                    tokio::spawn(http::serve_connection(self.shared.clone(), stream, peer));
-                }
-                Err(err) => {
-                    warn!(error = %err, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
+        let plain = accept_plain(self.shared.clone(), self.listener);
+        match self.tls {
+            Some((listener, acceptor)) => {
+                tokio::join!(plain, accept_tls(self.shared, listener, acceptor));
             }
+            None => plain.await,
         }
     }
+}
+
+/// How long a client has to finish the TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+async fn accept_plain(shared: Arc<Shared>, listener: TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                tokio::spawn(http::serve_connection(shared.clone(), stream, peer));
+            }
+            Err(err) => accept_failed(&err).await,
+        }
+    }
+}
+
+async fn accept_tls(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let (shared, acceptor) = (shared.clone(), acceptor.clone());
+                tokio::spawn(async move {
+                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
+                    {
+                        Ok(Ok(tls)) => http::serve_connection(shared, tls, peer).await,
+                        Ok(Err(err)) => debug!(%peer, error = %err, "TLS handshake failed"),
+                        Err(_) => debug!(%peer, "TLS handshake timed out"),
+                    }
+                });
+            }
+            Err(err) => accept_failed(&err).await,
+        }
+    }
+}
+
+async fn accept_failed(err: &std::io::Error) {
+    warn!(error = %err, "accept failed");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
+/// Binds the HTTPS listener and loads its certificate and key (PEM).
+async fn bind_tls(
+    tls: &tern_lab::control::config::TlsConfig,
+) -> Result<(TcpListener, tokio_rustls::TlsAcceptor), ServerError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let pem_error =
+        |what: &str, e: &dyn std::fmt::Display| ServerError::Tls(format!("{what}: {e}"));
+    let chain = CertificateDer::pem_file_iter(&tls.cert)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| pem_error(&format!("tls.cert {}", tls.cert.display()), &e))?;
+    let key = PrivateKeyDer::from_pem_file(&tls.key)
+        .map_err(|e| pem_error(&format!("tls.key {}", tls.key.display()), &e))?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| pem_error("TLS", &e))?
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .map_err(|e| pem_error("tls.cert/tls.key", &e))?;
+    let listener = TcpListener::bind(tls.listen)
+        .await
+        .map_err(|source| ServerError::Listen {
+            addr: tls.listen,
+            source,
+        })?;
+    Ok((listener, tokio_rustls::TlsAcceptor::from(Arc::new(config))))
 }
 
 impl ServerHandle {
