@@ -46,6 +46,11 @@ pub struct Node {
 impl Node {
     /// Start the daemon `name` in `ns`, with its state and LocalAPI socket under `dir`.
     pub fn start(ns: &Netns, dir: &Path, name: &str) -> Node {
+        Node::start_with_env(ns, dir, name, &[])
+    }
+
+    /// [`Node::start`] with extra environment (e.g. `SSL_CERT_FILE`).
+    pub fn start_with_env(ns: &Netns, dir: &Path, name: &str, env: &[(&str, &Path)]) -> Node {
         let socket = dir.join(format!("{name}.sock"));
         let state = dir.join(format!("{name}-state"));
         let mut cmd = ns.command(env!("CARGO_BIN_EXE_tern"));
@@ -55,6 +60,9 @@ impl Node {
             .arg(&socket)
             .env("TERN_LOG", DAEMON_LOG)
             .env("NO_COLOR", "1");
+        for (key, value) in env {
+            cmd.env(key, value);
+        }
         let process = Process::spawn_command(ns, name, cmd).expect("start tern daemon");
         Node {
             process,
@@ -90,11 +98,15 @@ impl Node {
 
     /// `tern up` against the lab control server as `hostname`.
     pub fn up(&self, hostname: &str) {
-        let url = format!("http://{CONTROL_IP}:8080");
+        self.up_at(&format!("http://{CONTROL_IP}:8080"), hostname);
+    }
+
+    /// `tern up` against the control server at `url` as `hostname`.
+    pub fn up_at(&self, url: &str, hostname: &str) {
         let out = self.cli(&[
             "up",
             "--login-server",
-            &url,
+            url,
             "--auth-key",
             AUTH_KEY,
             "--hostname",
