@@ -25,5 +25,6 @@ pub mod report;
 pub mod state;
 pub mod status;
 pub mod stun;
+pub mod trust;
 pub mod udp;
 pub mod wg;

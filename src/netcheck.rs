@@ -382,6 +382,8 @@ pub async fn measure_on(
     responses: &mut mpsc::Receiver<StunResponse>,
     regions: &BTreeMap<u16, DerpRegion>,
 ) -> (StunResults, BTreeMap<u16, Option<Duration>>) {
+    // Nodes the map names only by host name get their addresses from DNS first (Go does too).
+    let regions = &crate::derp::resolve::resolve_regions(regions).await;
     let targets = stun_targets(regions, sockets.v6.is_some());
     let stun = stun_round(sockets, responses, targets).await;
     let fallbacks = regions

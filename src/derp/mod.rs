@@ -6,4 +6,5 @@
 
 pub mod client;
 pub mod frame;
+pub mod resolve;
 pub mod server;

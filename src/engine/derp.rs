@@ -3,7 +3,6 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -13,6 +12,7 @@ use tokio::task::JoinHandle;
 use super::Engine;
 use crate::control::tailcfg::{DerpMap, DerpNode, DerpRegion};
 use crate::derp::client::{ClientConfig, DerpClient, Event, Reconnector, TlsVerify, Transport};
+use crate::derp::resolve::{self, MapAddr};
 use crate::keys::{NodePrivate, NodePublic};
 use crate::netcheck;
 
@@ -98,19 +98,18 @@ impl Engine {
     pub(super) fn derp_link(&mut self, region: u16) -> Option<&mut DerpLink> {
         if !self.derp.contains_key(&region) {
             let nodes = self.derp_map.get(&region)?.nodes.clone();
-            let configs: Vec<ClientConfig> = nodes
-                .iter()
-                .filter(|n| !n.stun_only)
-                .filter_map(|n| client_config(n, &self.private_key, region == self.home))
-                .collect();
-            if configs.is_empty() {
+            let dialable: Vec<DerpNode> = nodes.iter().filter(|n| !n.stun_only).cloned().collect();
+            if dialable.is_empty() {
                 return None;
             }
             let (tx, rx) = mpsc::channel(DERP_QUEUE);
             let (preferred, preferred_rx) = watch::channel(region == self.home);
             let task = tokio::spawn(region_task(
                 region,
-                configs,
+                RegionNodes {
+                    nodes: dialable,
+                    key: self.private_key.clone(),
+                },
                 rx,
                 preferred_rx,
                 self.inbound_tx.clone(),
@@ -165,10 +164,7 @@ pub(super) fn note_preferred(flag: &watch::Sender<bool>, preferred: bool) {
 /// port 3340 like the Go client.
 pub fn client_config(node: &DerpNode, key: &NodePrivate, preferred: bool) -> Option<ClientConfig> {
     let plain = std::env::var("TS_DEBUG_USE_DERP_HTTP").is_ok_and(|v| v == "1" || v == "true");
-    let ip: IpAddr = match node.ipv4.as_str() {
-        "" | "none" => node.host_name.parse().ok()?,
-        v4 => v4.parse().ok()?,
-    };
+    let ip = dial_ip(node)?;
     let port = match (plain, node.derp_port) {
         (true, _) => 3340,
         (false, 0) => 443,
@@ -177,22 +173,9 @@ pub fn client_config(node: &DerpNode, key: &NodePrivate, preferred: bool) -> Opt
     let transport = if plain {
         Transport::Plain
     } else {
-        let verify = if node.insecure_for_tests {
-            TlsVerify::Insecure
-        } else if let Some(pin) = node
-            .cert_name
-            .strip_prefix("sha256-raw:")
-            .and_then(|h| hex::decode(h).ok())
-            .and_then(|b| <[u8; 32]>::try_from(b).ok())
-        {
-            TlsVerify::PinSha256(pin)
-        } else {
-            // No system trust store is loaded yet; public DERP is out of scope for the lab.
-            TlsVerify::Roots(Arc::new(rustls::RootCertStore::empty()))
-        };
         Transport::Tls {
             server_name: node.host_name.clone(),
-            verify,
+            verify: tls_verify(node),
         }
     };
     Some(ClientConfig {
@@ -204,11 +187,72 @@ pub fn client_config(node: &DerpNode, key: &NodePrivate, preferred: bool) -> Opt
     })
 }
 
+/// The address to dial: the map's IPv4, else its IPv6, else a `HostName` that is an IP literal.
+/// A node named only by host name has none until [`resolve::resolve_node`] filled them in.
+fn dial_ip(node: &DerpNode) -> Option<IpAddr> {
+    match (
+        resolve::map_addr(&node.ipv4, false),
+        resolve::map_addr(&node.ipv6, true),
+    ) {
+        (MapAddr::Ip(ip), _) | (_, MapAddr::Ip(ip)) => Some(ip),
+        _ => node.host_name.parse().ok(),
+    }
+}
+
+/// The map's certificate rule for a node (Go `derphttp`): `InsecureForTests` accepts anything,
+/// `CertName: "sha256-raw:<hex>"` pins the leaf, another `CertName` is the name the certificate
+/// must carry, and otherwise the certificate must verify for `HostName` against the system's
+/// roots (and `SSL_CERT_FILE`/`SSL_CERT_DIR`).
+fn tls_verify(node: &DerpNode) -> TlsVerify {
+    if node.insecure_for_tests {
+        return TlsVerify::Insecure;
+    }
+    if let Some(pin) = node
+        .cert_name
+        .strip_prefix("sha256-raw:")
+        .and_then(|h| hex::decode(h).ok())
+        .and_then(|b| <[u8; 32]>::try_from(b).ok())
+    {
+        return TlsVerify::PinSha256(pin);
+    }
+    let roots = crate::trust::root_store();
+    if node.cert_name.is_empty() {
+        TlsVerify::Roots(roots)
+    } else {
+        TlsVerify::RootsFor {
+            roots,
+            cert_name: node.cert_name.clone(),
+        }
+    }
+}
+
+/// The nodes a region task dials, in order, and our key.
+pub(super) struct RegionNodes {
+    nodes: Vec<DerpNode>,
+    key: NodePrivate,
+}
+
+impl RegionNodes {
+    /// How to dial the `attempt`-th node (round robin): its host name resolved when the map
+    /// gives no address, its certificate rules from the map.
+    async fn config(&self, attempt: usize, preferred: bool) -> Result<ClientConfig, String> {
+        let node = self
+            .nodes
+            .get(attempt % self.nodes.len().max(1))
+            .ok_or("the region has no DERP nodes")?;
+        let node = resolve::resolve_node(node)
+            .await
+            .map_err(|e| e.to_string())?;
+        client_config(&node, &self.key, preferred)
+            .ok_or_else(|| format!("DERP node {} has no usable address", node.name))
+    }
+}
+
 /// Keeps one connection to `region` up (nodes tried in order), sending what arrives on
 /// `outbound` and passing received packets to `inbound`.
 pub(super) async fn region_task(
     region: u16,
-    configs: Vec<ClientConfig>,
+    dial: RegionNodes,
     mut outbound: mpsc::Receiver<(NodePublic, Bytes)>,
     mut preferred: watch::Receiver<bool>,
     inbound: mpsc::Sender<DerpEvent>,
@@ -216,15 +260,18 @@ pub(super) async fn region_task(
     let mut reconnector = Reconnector::default();
     let mut node = 0usize;
     loop {
-        let Some(config) = configs.get(node % configs.len().max(1)) else {
-            return;
-        };
         if let Some(at) = reconnector.next_attempt() {
             tokio::time::sleep_until(at.into()).await;
         }
-        let config = ClientConfig {
-            preferred: *preferred.borrow_and_update(),
-            ..config.clone()
+        let is_preferred = *preferred.borrow_and_update();
+        let config = match dial.config(node, is_preferred).await {
+            Ok(config) => config,
+            Err(e) => {
+                tracing::debug!(region, error = %e, "DERP node not dialable");
+                reconnector.on_failure(Instant::now(), Reconnector::random_jitter());
+                node += 1;
+                continue;
+            }
         };
         let mut client = match DerpClient::connect(&config).await {
             Ok(c) => c,

@@ -339,6 +339,7 @@ async fn discover_addresses(
     let results = if regions.is_empty() {
         netcheck::StunResults::default()
     } else {
+        let regions = &crate::derp::resolve::resolve_regions(regions).await;
         let targets = netcheck::stun_targets(regions, sockets.v6.is_some());
         netcheck::stun_round(&sockets.stun(), stun, targets).await
     };

@@ -1,0 +1,80 @@
+//! The trust store for every TLS connection tern verifies (control's `/key`, DERP servers): the
+//! system's CA certificates through `rustls-native-certs`, which honours `SSL_CERT_FILE` and
+//! `SSL_CERT_DIR` (that is how a self-hosted CA is trusted), plus Let's Encrypt's roots, which Go
+//! bakes in as its fallback.
+
+use std::sync::{Arc, OnceLock};
+
+use rustls::RootCertStore;
+
+/// The roots tern trusts: the system's, then Let's Encrypt's (read once per process).
+pub fn root_store() -> Arc<RootCertStore> {
+    static ROOTS: OnceLock<Arc<RootCertStore>> = OnceLock::new();
+    ROOTS.get_or_init(load_roots).clone()
+}
+
+fn load_roots() -> Arc<RootCertStore> {
+    let mut roots = RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    for err in &native.errors {
+        tracing::warn!(error = %err, "reading the system's CA certificates");
+    }
+    let (added, ignored) = roots.add_parsable_certificates(native.certs);
+    if ignored > 0 {
+        tracing::debug!(ignored, "system CA certificates that did not parse");
+    }
+    // Go falls back to its baked-in Let's Encrypt roots when the system has none that work.
+    roots.extend(
+        webpki_roots::TLS_SERVER_ROOTS
+            .iter()
+            .filter(|anchor| is_lets_encrypt(anchor.subject.as_ref()))
+            .cloned(),
+    );
+    tracing::debug!(system = added, total = roots.len(), "CA roots for control");
+    Arc::new(roots)
+}
+
+/// Whether a DER-encoded subject names ISRG (the Let's Encrypt roots).
+fn is_lets_encrypt(subject: &[u8]) -> bool {
+    subject.windows(4).any(|w| w == b"ISRG")
+}
+
+/// What to tell a person whose server certificate was refused, from rustls's error text.
+pub fn certificate_hint(error_text: &str) -> Option<&'static str> {
+    if error_text.contains("UnknownIssuer") {
+        Some("the certificate's issuer is not trusted here; for a private CA, point SSL_CERT_FILE at its PEM file")
+    } else if error_text.contains("Expired") {
+        Some("the certificate has expired (or this machine's clock is wrong)")
+    } else if error_text.contains("NotValidYet") {
+        Some("the certificate is not valid yet (or this machine's clock is wrong)")
+    } else if error_text.contains("NotValidForName") {
+        Some("the certificate is for another host name than the control URL's")
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lets_encrypt_roots_are_always_trusted() {
+        let roots = load_roots();
+        let isrg = webpki_roots::TLS_SERVER_ROOTS
+            .iter()
+            .filter(|a| is_lets_encrypt(a.subject.as_ref()))
+            .count();
+        assert!(isrg >= 2, "ISRG Root X1 and X2 are in webpki-roots");
+        assert!(roots.len() >= isrg);
+    }
+
+    #[test]
+    fn certificate_problems_get_a_hint() {
+        let hint = |t| certificate_hint(t).unwrap_or_default();
+        assert!(hint("invalid peer certificate: UnknownIssuer").contains("SSL_CERT_FILE"));
+        assert!(hint("invalid peer certificate: Expired").contains("expired"));
+        assert!(hint("NotValidForName { .. }").contains("host name"));
+        assert_eq!(certificate_hint("connection reset"), None);
+    }
+}
