@@ -127,3 +127,83 @@ for name, b in packets:
 d = Dir("relay_packet")
 for name, b in packets:
     d.put("raw_" + name, b)
+
+# --- structured op sequences (layouts in bodies/relay_packet.rs and bodies/disco_ops.rs) -----
+def u16(n):
+    return struct.pack(">H", n)
+
+
+def u32(n):
+    return struct.pack(">I", n)
+
+
+def lv(b):
+    return u16(len(b)) + b
+
+
+# relay_packet ops: 0 allocate(sel, gen) 1 bind(c, slot, vni, gen, flags)
+# 2 answer(c, slot, which, pos, flip) 3 plaintext(c, slot, vni, lv) 4 raw(slot, shape, vni, lv)
+# 5 data(slot, vni, len) 6 advance(u16 x 10 ms) 7 expire
+ALLOC_01 = b"\x00\x04" + u32(1)         # clients 0 and 1
+
+
+def bind(c, slot, gen, flags=0):
+    return bytes([1, c, slot, 0]) + u32(gen) + bytes([flags])
+
+
+def answer(c, slot, which, pos=0, flip=0):
+    return bytes([2, c, slot, which, pos, flip])
+
+
+def data(slot, n):
+    return bytes([5, slot, 0, n])
+
+
+def advance(ms):
+    return b"\x06" + u16(ms // 10)
+
+
+handshake = (ALLOC_01 + bind(0, 0, 7) + answer(0, 0, 0) + bind(1, 1, 9) + answer(1, 1, 1)
+             + data(0, 100) + data(1, 60) + data(2, 10))
+d.put("ops_handshake_and_forward", handshake + advance(20_000) + b"\x07" + data(0, 1)
+      + advance(301_000) + b"\x07")
+d.put("ops_wrong_cookie", ALLOC_01 + bind(0, 0, 7) + answer(0, 0, 0, 5, 0x01) + data(0, 8))
+d.put("ops_answer_from_elsewhere", ALLOC_01 + bind(0, 0, 7) + answer(0, 2, 0) + data(2, 8))
+d.put("ops_half_bound", ALLOC_01 + bind(0, 0, 7) + answer(0, 0, 0) + data(0, 8) + data(1, 8))
+d.put("ops_bind_trailing_bytes", ALLOC_01 + bind(0, 0, 7, 0x30) + bind(1, 1, 0) + bind(0, 0, 3, 1))
+d.put("ops_mac_rotation", ALLOC_01 + bind(0, 0, 7) + advance(130_000) + answer(0, 0, 0)
+      + bind(1, 1, 9) + advance(250_000) + answer(1, 1, 1) + b"\x07")
+d.put("ops_replayed_answer", ALLOC_01 + bind(0, 0, 7) + answer(0, 0, 0) + answer(0, 0, 0)
+      + answer(0, 3, 0))
+d.put("ops_allocations", b"\x00\x04" + u32(1) + b"\x00\x01" + u32(2) + b"\x00\x08" + u32(3)
+      + b"\x00\x0c" + u32(4) + b"\x00\x00" + u32(5) + b"\x00\x09" + u32(6) + advance(31_000)
+      + b"\x07" + b"\x00\x04" + u32(7))
+d.put("ops_stun", bytes([4, 2, 0, 0]) + lv(bytes.fromhex(stun["request_vectors"][0]["packet_hex"])))
+for name, b in plaintexts:
+    d.put("ops_plain_" + name, ALLOC_01 + bytes([3, 0, 0, 0]) + lv(b))
+for name, b in packets:
+    d.put("ops_raw_" + name, ALLOC_01 + bind(0, 0, 7) + answer(0, 0, 0)
+          + bytes([4, 0, 1, 0]) + lv(b) + bytes([4, 2, 2, 0]) + lv(b))
+
+# disco_parse ops mode (odd first byte). ops: [op, peer, …]
+# 0 plaintext over UDP (lv, via, slot) 1 plaintext over DERP (lv, region, impostor)
+# 2 built message (kind + fields, via, …) 3 raw (via, lv, slot|region,node) 4 pong echo (bool)
+# 5 time (u16 x 4 ms) 6 outgoing (0)/cli ping (1)/send via DERP (2 + message) 7 local (flags)
+d = Dir("disco_parse_ops")
+shutil.rmtree(d.path)
+d.path = os.path.join(SEEDS, "disco_parse")
+for name, b in plaintexts:
+    d.put("ops_udp_" + name, b"\x01" + b"\x00\x00" + lv(b) + b"\x00\x00")
+    d.put("ops_derp_" + name, b"\x01" + b"\x01\x01" + lv(b) + b"\x01\x00")
+for name, b in packets:
+    d.put("ops_raw_" + name, b"\x01" + b"\x03\x00\x00" + lv(b) + b"\x00")
+discovery = (b"\x06\x00\x00" + b"\x04\x00\x00" + b"\x06\x01\x00" + b"\x04\x01\x00"
+             + b"\x05\x00" + u16(1250) + b"\x04\x00\x00" + b"\x06\x00\x01" + b"\x04\x00\x00"
+             + b"\x05\x00" + u16(16000) + b"\x07\x00\x05" + b"\x06\x01\x00")
+d.put("ops_discovery", b"\x01" + discovery)
+# Built messages (kinds 0-8 with zero fields), over UDP from the peer's address and over DERP.
+for kind in range(9):
+    body = bytes([kind]) + bytes(24)
+    d.put("ops_built_%d_udp" % kind, b"\x01" + b"\x02\x00" + body + b"\x00\x00")
+    d.put("ops_built_%d_derp" % kind, b"\x01" + b"\x02\x01" + body + b"\x01\x02\x00")
+d.put("ops_send_via_derp", b"\x01" + b"\x06\x00\x02\x06" + bytes(30))

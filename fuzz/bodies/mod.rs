@@ -9,6 +9,7 @@
 pub mod input;
 
 pub mod derp_frame;
+pub mod disco_ops;
 pub mod disco_parse;
 pub mod map_decode;
 pub mod noise_records;
