@@ -1,0 +1,209 @@
+"""Builds fuzz/seeds/<target>/ from tests/vectors (called by fuzz/seed.sh).
+
+Every seed is named after the vector it came from. The structured targets' op sequences are
+encoded here by hand; the byte layouts are documented in fuzz/bodies/{disco_parse,relay_packet}.rs.
+"""
+import json, os, shutil, struct, subprocess, sys
+
+here, vectors = sys.argv[1], sys.argv[2]
+SEEDS = os.path.join(here, "seeds")
+
+
+def load(name):
+    with open(os.path.join(vectors, name)) as f:
+        return json.load(f)
+
+
+def clean(name):
+    keep = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+    return keep[:48]
+
+
+class Dir:
+    def __init__(self, target):
+        self.path = os.path.join(SEEDS, target)
+        shutil.rmtree(self.path, ignore_errors=True)
+        os.makedirs(self.path)
+
+    def put(self, name, data):
+        with open(os.path.join(self.path, clean(name)), "wb") as f:
+            f.write(data)
+
+
+def zstd(data):
+    return subprocess.run(["zstd", "-q", "-c", "-3"], input=data, stdout=subprocess.PIPE,
+                          check=True).stdout
+
+
+def hexes(items, key):
+    return [(i.get("name") or str(n), bytes.fromhex(i[key])) for n, i in enumerate(items)
+            if i.get(key) is not None]
+
+
+# --- derp_frame: frames and ClientInfo/ServerInfo JSON --------------------------------------
+derp = load("derp.json")
+d = Dir("derp_frame")
+for group in ["client_recv_vectors", "client_send_vectors", "derived_frame_vectors"]:
+    for name, b in hexes(derp[group], "frame_hex"):
+        d.put(group.split("_")[1] + "_" + name, b)
+for group in ["client_info_unmarshal_vectors", "derived_json_vectors"]:
+    for n, v in enumerate(derp[group]):
+        d.put("json_" + (v.get("name") or str(n)), v["json"].encode())
+
+# --- stun_parse ---------------------------------------------------------------------------
+stun = load("stun.json")
+d = Dir("stun_parse")
+for group in ["parse_response_vectors", "is_vectors", "request_vectors", "response_vectors"]:
+    for name, b in hexes(stun[group], "packet_hex"):
+        d.put(group.split("_")[0] + "_" + name, b)
+
+# --- map_decode (mode byte, then stream or JSON) --------------------------------------------
+d = Dir("map_decode")
+cj = os.path.join(vectors, "control_json")
+full = open(os.path.join(cj, "map_response.json"), "rb").read()
+node = json.load(open(os.path.join(cj, "node.json")))
+small = [
+    b'{"KeepAlive":true}',
+    json.dumps({"PeersChanged": [node]}).encode(),
+    b'{"PeersRemoved":[1679275757477108]}',
+    b'{"PeersChangedPatch":[{"NodeID":1679275757477108,"DERPRegion":900,"Endpoints":["1.2.3.4:5"],"Online":false}]}',
+    b'{"OnlineChange":{"1679275757477108":true},"PeerSeenChange":{"1679275757477108":false}}',
+    b'{"PacketFilters":{"*":null,"base":[{"SrcIPs":["*"]}]},"DERPMap":{"Regions":{}},"Health":[]}',
+    b'{"DisplayMessages":{"*":null,"a":{"Title":"t"}},"CollectServices":true,"Domain":"x"}',
+]
+samples = load("control_json/samples.json")
+health = samples.get("map_response_health", {})
+if isinstance(health, dict) and "json" in health:
+    small.append(health["json"].encode())
+d.put("full_json", b"\x02" + full)
+for i, m in enumerate(small):
+    d.put("small_json_%d" % i, b"\x02" + m)
+d.put("sequence", b"\x03" + b"\xff".join([full] + small))
+stream = b"".join(struct.pack("<I", len(z)) + z for z in map(zstd, [full] + small))
+d.put("zstd_stream", b"\x00" + stream)
+raw = b"".join(struct.pack("<I", len(m)) + m for m in [full] + small)
+d.put("raw_stream", b"\x01" + raw)
+
+# --- noise_records (mode, chunk, bytes) -----------------------------------------------------
+d = Dir("noise_records")
+noise = load("noise.json")
+for i, t in enumerate(noise["controlbase_transcripts"]):
+    init = bytes.fromhex(t["initiation_message_hex"])
+    resp = bytes.fromhex(t["response_message_hex"])
+    c2s = b"".join(bytes.fromhex(r["record_hex"]) for r in t["records"]
+                   if r["direction"] == "client->server")
+    s2c = b"".join(bytes.fromhex(r["record_hex"]) for r in t["records"]
+                   if r["direction"] == "server->client")
+    d.put("raw_init_%d" % i, b"\x00\x40" + init)
+    d.put("raw_resp_%d" % i, b"\x00\x40" + resp)
+    d.put("raw_records_%d" % i, b"\x00\x07" + c2s + s2c)
+    # Modes 3 and 4: the handshake with the transcript keys, then that direction's records.
+    d.put("server_transcript_%d" % i, b"\x03\x05" + init + c2s)
+    d.put("client_transcript_%d" % i,
+          b"\x04\x05" + struct.pack(">H", t["protocol_version"]) + resp + s2c)
+for f in noise["other_frames"]:
+    d.put("raw_" + f["name"], b"\x00\x03" + bytes.fromhex(f.get("frame_hex") or f["plaintext_hex"]))
+d.put("seal_small", b"\x01\x05\x03hello, world")
+d.put("seal_big", b"\x01\xff\xf0" + bytes(range(256)) * 20)
+d.put("tamper", b"\x02\x10\x33\x04abcdefgh\x02xy")
+
+# --- disco_parse and relay_packet ---------------------------------------------------------
+disco = load("disco.json")
+geneve = load("geneve.json")
+plaintexts = hexes(disco["marshal_vectors"], "plaintext_hex")
+packets = (hexes(geneve["packet_looks_like_vectors"], "packet_hex")
+           + hexes(geneve["wireguard_initiation_vectors"]["cases"], "packet_hex")
+           + hexes(geneve["receive_ip_vectors"], "packet_hex")
+           + [("geneve_" + n, b) for n, b in hexes(geneve["header_vectors"], "encoded_hex")]
+           + [("stun_" + n, b) for n, b in hexes(stun["response_vectors"], "packet_hex")])
+
+d = Dir("disco_parse")
+# Mode 0 (even first byte): the pure codec and classifier checks on the bytes as they are.
+for name, b in plaintexts:
+    d.put("codec_plain_" + name, b"\x00" + b)
+for name, b in packets:
+    d.put("codec_packet_" + name, b"\x00" + b)
+
+d = Dir("relay_packet")
+for name, b in packets:
+    d.put("raw_" + name, b)
+
+# --- structured op sequences (layouts in bodies/relay_packet.rs and bodies/disco_ops.rs) -----
+def u16(n):
+    return struct.pack(">H", n)
+
+
+def u32(n):
+    return struct.pack(">I", n)
+
+
+def lv(b):
+    return u16(len(b)) + b
+
+
+# relay_packet ops: 0 allocate(sel, gen) 1 bind(c, slot, vni, gen, flags)
+# 2 answer(c, slot, which, pos, flip) 3 plaintext(c, slot, vni, lv) 4 raw(slot, shape, vni, lv)
+# 5 data(slot, vni, len) 6 advance(u16 x 10 ms) 7 expire
+ALLOC_01 = b"\x00\x04" + u32(1)         # clients 0 and 1
+
+
+def bind(c, slot, gen, flags=0):
+    return bytes([1, c, slot, 0]) + u32(gen) + bytes([flags])
+
+
+def answer(c, slot, which, pos=0, flip=0):
+    return bytes([2, c, slot, which, pos, flip])
+
+
+def data(slot, n):
+    return bytes([5, slot, 0, n])
+
+
+def advance(ms):
+    return b"\x06" + u16(ms // 10)
+
+
+handshake = (ALLOC_01 + bind(0, 0, 7) + answer(0, 0, 0) + bind(1, 1, 9) + answer(1, 1, 1)
+             + data(0, 100) + data(1, 60) + data(2, 10))
+d.put("ops_handshake_and_forward", handshake + advance(20_000) + b"\x07" + data(0, 1)
+      + advance(301_000) + b"\x07")
+d.put("ops_wrong_cookie", ALLOC_01 + bind(0, 0, 7) + answer(0, 0, 0, 5, 0x01) + data(0, 8))
+d.put("ops_answer_from_elsewhere", ALLOC_01 + bind(0, 0, 7) + answer(0, 2, 0) + data(2, 8))
+d.put("ops_half_bound", ALLOC_01 + bind(0, 0, 7) + answer(0, 0, 0) + data(0, 8) + data(1, 8))
+d.put("ops_bind_trailing_bytes", ALLOC_01 + bind(0, 0, 7, 0x30) + bind(1, 1, 0) + bind(0, 0, 3, 1))
+d.put("ops_mac_rotation", ALLOC_01 + bind(0, 0, 7) + advance(130_000) + answer(0, 0, 0)
+      + bind(1, 1, 9) + advance(250_000) + answer(1, 1, 1) + b"\x07")
+d.put("ops_replayed_answer", ALLOC_01 + bind(0, 0, 7) + answer(0, 0, 0) + answer(0, 0, 0)
+      + answer(0, 3, 0))
+d.put("ops_allocations", b"\x00\x04" + u32(1) + b"\x00\x01" + u32(2) + b"\x00\x08" + u32(3)
+      + b"\x00\x0c" + u32(4) + b"\x00\x00" + u32(5) + b"\x00\x09" + u32(6) + advance(31_000)
+      + b"\x07" + b"\x00\x04" + u32(7))
+d.put("ops_stun", bytes([4, 2, 0, 0]) + lv(bytes.fromhex(stun["request_vectors"][0]["packet_hex"])))
+for name, b in plaintexts:
+    d.put("ops_plain_" + name, ALLOC_01 + bytes([3, 0, 0, 0]) + lv(b))
+for name, b in packets:
+    d.put("ops_raw_" + name, ALLOC_01 + bind(0, 0, 7) + answer(0, 0, 0)
+          + bytes([4, 0, 1, 0]) + lv(b) + bytes([4, 2, 2, 0]) + lv(b))
+
+# disco_parse ops mode (odd first byte). ops: [op, peer, …]
+# 0 plaintext over UDP (lv, via, slot) 1 plaintext over DERP (lv, region, impostor)
+# 2 built message (kind + fields, via, …) 3 raw (via, lv, slot|region,node) 4 pong echo (bool)
+# 5 time (u16 x 4 ms) 6 outgoing (0)/cli ping (1)/send via DERP (2 + message) 7 local (flags)
+d = Dir("disco_parse_ops")
+shutil.rmtree(d.path)
+d.path = os.path.join(SEEDS, "disco_parse")
+for name, b in plaintexts:
+    d.put("ops_udp_" + name, b"\x01" + b"\x00\x00" + lv(b) + b"\x00\x00")
+    d.put("ops_derp_" + name, b"\x01" + b"\x01\x01" + lv(b) + b"\x01\x00")
+for name, b in packets:
+    d.put("ops_raw_" + name, b"\x01" + b"\x03\x00\x00" + lv(b) + b"\x00")
+discovery = (b"\x06\x00\x00" + b"\x04\x00\x00" + b"\x06\x01\x00" + b"\x04\x01\x00"
+             + b"\x05\x00" + u16(1250) + b"\x04\x00\x00" + b"\x06\x00\x01" + b"\x04\x00\x00"
+             + b"\x05\x00" + u16(16000) + b"\x07\x00\x05" + b"\x06\x01\x00")
+d.put("ops_discovery", b"\x01" + discovery)
+# Built messages (kinds 0-8 with zero fields), over UDP from the peer's address and over DERP.
+for kind in range(9):
+    body = bytes([kind]) + bytes(24)
+    d.put("ops_built_%d_udp" % kind, b"\x01" + b"\x02\x00" + body + b"\x00\x00")
+    d.put("ops_built_%d_derp" % kind, b"\x01" + b"\x02\x01" + body + b"\x01\x02\x00")
+d.put("ops_send_via_derp", b"\x01" + b"\x06\x00\x02\x06" + bytes(30))
