@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Args;
 
@@ -39,11 +40,21 @@ pub struct DerpArgs {
     /// Mesh key (64 hex digits) that privileged clients must present.
     #[arg(long, env = "TERN_DERP_MESH_KEY", hide_env_values = true)]
     pub mesh_key: Option<String>,
+    /// Most connections open at once; more are closed as soon as they are accepted.
+    #[arg(long, default_value_t = server::DEFAULT_MAX_CONNS, value_name = "N")]
+    pub max_conns: usize,
+    /// Most connections per source (IPv4 address, IPv6 /64) still in the handshake.
+    #[arg(long, default_value_t = server::DEFAULT_MAX_UNAUTH_PER_IP, value_name = "N")]
+    pub max_unauth_per_ip: usize,
+    /// Time from accept to a finished handshake (TLS, HTTP head, ClientInfo): `5s`, `500ms`.
+    #[arg(long, default_value = "5s", value_parser = parse_duration, value_name = "DURATION")]
+    pub handshake_timeout: Duration,
 }
 
 /// `tern derp`: run the relay until interrupted.
 pub fn run(args: &DerpArgs) -> anyhow::Result<ExitCode> {
     super::init_logging();
+    crate::rlimit::raise_nofile_logged();
     server::run(&config(args))?;
     Ok(ExitCode::SUCCESS)
 }
@@ -60,5 +71,39 @@ fn config(args: &DerpArgs) -> RunConfig {
         stun_also: args.stun_also.clone(),
         key_file: args.key_file.clone(),
         mesh_key: args.mesh_key.clone(),
+        max_conns: args.max_conns,
+        max_unauth_per_ip: args.max_unauth_per_ip,
+        handshake_timeout: args.handshake_timeout,
+    }
+}
+
+/// `500ms`, `5s`, or bare seconds (`5`, `0.5`).
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let (number, scale) = match text.strip_suffix("ms") {
+        Some(ms) => (ms, 1e-3),
+        None => (text.strip_suffix('s').unwrap_or(text), 1.0),
+    };
+    let secs = number
+        .trim()
+        .parse::<f64>()
+        .map_err(|_| format!("{text:?} is not a duration like 5s or 500ms"))?;
+    Duration::try_from_secs_f64(secs * scale)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| format!("{text:?} must be a positive duration"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_in_seconds_or_milliseconds() {
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("-1s").is_err());
+        assert!(parse_duration("soon").is_err());
     }
 }

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use blake2::digest::{FixedOutput, KeyInit, Update};
 use blake2::Blake2sMac256;
+use subtle::ConstantTimeEq;
 
 use crate::disco::{self, AllocateRequest, BindBody, Message, UdpRelayEndpoint};
 use crate::keys::{DiscoPrivate, DiscoPublic};
@@ -365,7 +366,10 @@ impl RelayServer {
         let valid_cookie = [Some(self.mac.current), self.mac.previous]
             .into_iter()
             .flatten()
-            .any(|key| cookie(&key, vni, gen, &other, from) == answer.challenge);
+            // Constant time: an attacker timing the comparison must learn nothing of the cookie.
+            .any(|key| {
+                bool::from(cookie(&key, vni, gen, &other, from)[..].ct_eq(&answer.challenge[..]))
+            });
         let Some(ep) = self.endpoints.get_mut(&vni) else {
             return Action::Drop("unknown_vni");
         };
