@@ -1,6 +1,6 @@
 //! `tern derp`: run a DERP relay server.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -49,18 +49,26 @@ pub struct DerpArgs {
     /// Time from accept to a finished handshake (TLS, HTTP head, ClientInfo): `5s`, `500ms`.
     #[arg(long, default_value = "5s", value_parser = parse_duration, value_name = "DURATION")]
     pub handshake_timeout: Duration,
+    /// Only nodes of our tailnet may connect: each client's node key must be the local tern
+    /// daemon's own or one of its peers' (asked over the LocalAPI; refused if it cannot be asked).
+    #[arg(long)]
+    pub verify_clients: bool,
+    /// LocalAPI socket asked by --verify-clients (default: the global --socket).
+    #[arg(long, value_name = "PATH", requires = "verify_clients")]
+    pub verify_socket: Option<PathBuf>,
 }
 
 /// `tern derp`: run the relay until interrupted.
-pub fn run(args: &DerpArgs) -> anyhow::Result<ExitCode> {
+pub fn run(socket: &Path, args: &DerpArgs) -> anyhow::Result<ExitCode> {
     super::init_logging();
     crate::rlimit::raise_nofile_logged();
-    server::run(&config(args))?;
+    server::run(&config(socket, args))?;
     Ok(ExitCode::SUCCESS)
 }
 
 /// The flags as the server's plain configuration.
-fn config(args: &DerpArgs) -> RunConfig {
+fn config(socket: &Path, args: &DerpArgs) -> RunConfig {
+    let verify_socket = args.verify_socket.as_deref().unwrap_or(socket);
     RunConfig {
         addr: args.addr.clone(),
         certfile: args.certfile.clone(),
@@ -74,6 +82,7 @@ fn config(args: &DerpArgs) -> RunConfig {
         max_conns: args.max_conns,
         max_unauth_per_ip: args.max_unauth_per_ip,
         handshake_timeout: args.handshake_timeout,
+        verify_clients: args.verify_clients.then(|| verify_socket.to_path_buf()),
     }
 }
 

@@ -24,8 +24,10 @@ use crate::keys::{NodePrivate, NodePublic};
 use crate::naclbox::SharedBox;
 pub use limits::Refusal;
 use limits::{Limits, Permit, RateLimitedLog};
+pub use verify::{Verifier, VerifyError};
 
 mod limits;
+mod verify;
 
 /// Default [`ServerConfig::handshake_timeout`].
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -64,6 +66,9 @@ pub struct ServerConfig {
     /// Connections per source (IPv4 address, IPv6 /64) still in the handshake; more from that
     /// source are closed at once. Default 32.
     pub max_unauth_per_ip: usize,
+    /// `--verify-clients`: the LocalAPI socket of the tern daemon whose tailnet may use the
+    /// relay. `None`: anyone may.
+    pub verify_clients: Option<PathBuf>,
 }
 
 impl ServerConfig {
@@ -79,6 +84,7 @@ impl ServerConfig {
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             max_conns: DEFAULT_MAX_CONNS,
             max_unauth_per_ip: DEFAULT_MAX_UNAUTH_PER_IP,
+            verify_clients: None,
         }
     }
 }
@@ -118,6 +124,10 @@ metrics! {
     conns_refused_unauth_per_ip_total: "counter",
     /// Connections that did not finish TLS, HTTP head and ClientInfo within the deadline.
     handshake_timeouts_total: "counter",
+    /// `--verify-clients`: clients refused, their node key not in the daemon's tailnet.
+    clients_refused_unverified_total: "counter",
+    /// `--verify-clients`: clients refused because the daemon could not be asked.
+    clients_refused_verify_error_total: "counter",
     /// HTTP requests parsed (any path).
     http_requests_total: "counter",
     /// Connections that failed TLS, HTTP or the DERP handshake.
@@ -185,6 +195,8 @@ pub enum ConnError {
     Closed,
     #[error("refused: {0}")]
     Refused(#[from] Refusal),
+    #[error("{0}")]
+    Unverified(#[from] VerifyError),
 }
 
 /// Frames waiting to be written to one client.
@@ -291,6 +303,7 @@ struct Shared {
     metrics: Metrics,
     next_id: AtomicU64,
     limits: Arc<Limits>,
+    verifier: Option<Verifier>,
 }
 
 /// A connection that asked for the DERP upgrade: what is left of the handshake.
@@ -321,6 +334,7 @@ impl Server {
                 metrics: Metrics::default(),
                 next_id: AtomicU64::new(1),
                 limits: Limits::new(config.max_conns, config.max_unauth_per_ip),
+                verifier: config.verify_clients.clone().map(Verifier::new),
                 config,
             }),
         }
@@ -583,6 +597,10 @@ impl Server {
                 Ok(Err(e)) => return self.handshake_failed(e),
                 Err(_) => return self.handshake_failed(ConnError::Timeout),
             };
+        if let Err(e) = self.verify(&client_key, deadline).await {
+            tracing::info!(key = %client_key, %addr, error = %e, "derp: client refused");
+            return self.handshake_failed(e);
+        }
         permit.authenticated();
         let is_mesh = match (&info.mesh_key, &config.mesh_key) {
             (Some(a), Some(b)) => bool::from(a[..].ct_eq(&b[..])),
@@ -625,6 +643,32 @@ impl Server {
         }
         tracing::debug!(key = %client_key, %addr, result = ?result.as_ref().err().map(ToString::to_string), "derp client disconnected");
         result
+    }
+
+    /// `--verify-clients`: whether the daemon knows `key` (within the handshake deadline).
+    async fn verify(
+        &self,
+        key: &NodePublic,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), ConnError> {
+        let Some(verifier) = &self.shared.verifier else {
+            return Ok(());
+        };
+        let metrics = &self.shared.metrics;
+        match tokio::time::timeout_at(deadline, verifier.check(key)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                inc(match e {
+                    VerifyError::NotInTailnet(_) => &metrics.clients_refused_unverified_total,
+                    VerifyError::Daemon(_) => &metrics.clients_refused_verify_error_total,
+                });
+                Err(e.into())
+            }
+            Err(_) => {
+                inc(&metrics.clients_refused_verify_error_total);
+                Err(ConnError::Timeout)
+            }
+        }
     }
 
     /// Sends ServerKey (after the 101 unless fast start), reads and opens ClientInfo.
@@ -1229,6 +1273,8 @@ pub struct RunConfig {
     pub max_unauth_per_ip: usize,
     /// [`ServerConfig::handshake_timeout`].
     pub handshake_timeout: Duration,
+    /// [`ServerConfig::verify_clients`].
+    pub verify_clients: Option<PathBuf>,
 }
 
 /// Run the relay described by `config` until interrupted (Ctrl-C).
@@ -1241,6 +1287,10 @@ pub fn run(run_config: &RunConfig) -> anyhow::Result<()> {
     config.max_conns = run_config.max_conns;
     config.max_unauth_per_ip = run_config.max_unauth_per_ip;
     config.handshake_timeout = run_config.handshake_timeout;
+    config.verify_clients = run_config.verify_clients.clone();
+    if let Some(socket) = &config.verify_clients {
+        tracing::info!(socket = %socket.display(), "derp: only nodes the tern daemon knows may connect");
+    }
     warn_if_over_fd_limit(config.max_conns);
     if let Some(mesh) = &run_config.mesh_key {
         config.mesh_key = Some(
