@@ -46,8 +46,9 @@ pub struct DerpArgs {
     /// Most connections per source (IPv4 address, IPv6 /64) still in the handshake.
     #[arg(long, default_value_t = server::DEFAULT_MAX_UNAUTH_PER_IP, value_name = "N")]
     pub max_unauth_per_ip: usize,
-    /// Time from accept to a finished handshake (TLS, HTTP head, ClientInfo): `5s`, `500ms`.
-    #[arg(long, default_value = "5s", value_parser = parse_duration, value_name = "DURATION")]
+    /// Time from accept to a finished handshake (TLS, HTTP head, ClientInfo; Go-style: `5s`,
+    /// `500ms`).
+    #[arg(long, default_value = "5s", value_parser = super::ping::parse_duration, value_name = "DURATION")]
     pub handshake_timeout: Duration,
     /// Only nodes of our tailnet may connect: each client's node key must be the local tern
     /// daemon's own or one of its peers' (asked over the LocalAPI; refused if it cannot be asked).
@@ -86,33 +87,53 @@ fn config(socket: &Path, args: &DerpArgs) -> RunConfig {
     }
 }
 
-/// `500ms`, `5s`, or bare seconds (`5`, `0.5`).
-fn parse_duration(text: &str) -> Result<Duration, String> {
-    let (number, scale) = match text.strip_suffix("ms") {
-        Some(ms) => (ms, 1e-3),
-        None => (text.strip_suffix('s').unwrap_or(text), 1.0),
-    };
-    let secs = number
-        .trim()
-        .parse::<f64>()
-        .map_err(|_| format!("{text:?} is not a duration like 5s or 500ms"))?;
-    Duration::try_from_secs_f64(secs * scale)
-        .ok()
-        .filter(|d| !d.is_zero())
-        .ok_or_else(|| format!("{text:?} must be a positive duration"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cli::{Cli, Command};
+    use clap::Parser;
+
+    fn parsed(args: &[&str]) -> (PathBuf, RunConfig) {
+        let cli = Cli::try_parse_from(args).expect("parses");
+        let Command::Derp(derp) = cli.command else {
+            panic!("not derp")
+        };
+        let config = config(&cli.socket, &derp);
+        (cli.socket, config)
+    }
 
     #[test]
-    fn durations_parse_in_seconds_or_milliseconds() {
-        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
-        assert!(parse_duration("0s").is_err());
-        assert!(parse_duration("-1s").is_err());
-        assert!(parse_duration("soon").is_err());
+    fn limits_have_defaults_and_verify_asks_the_global_socket_unless_told() {
+        let (_, plain) = parsed(&["tern", "derp", "--http"]);
+        assert_eq!(plain.max_conns, server::DEFAULT_MAX_CONNS);
+        assert_eq!(plain.max_unauth_per_ip, server::DEFAULT_MAX_UNAUTH_PER_IP);
+        assert_eq!(plain.handshake_timeout, Duration::from_secs(5));
+        assert_eq!(plain.verify_clients, None);
+
+        let (socket, verify) = parsed(&[
+            "tern",
+            "--socket",
+            "/tmp/t.sock",
+            "derp",
+            "--verify-clients",
+            "--handshake-timeout",
+            "1500ms",
+            "--max-conns",
+            "7",
+        ]);
+        assert_eq!(verify.verify_clients, Some(socket));
+        assert_eq!(verify.handshake_timeout, Duration::from_millis(1500));
+        assert_eq!(verify.max_conns, 7);
+
+        let (_, own) = parsed(&[
+            "tern",
+            "derp",
+            "--verify-clients",
+            "--verify-socket",
+            "/run/x.sock",
+        ]);
+        assert_eq!(own.verify_clients, Some(PathBuf::from("/run/x.sock")));
+        // --verify-socket alone means nothing: it needs --verify-clients.
+        assert!(Cli::try_parse_from(["tern", "derp", "--verify-socket", "/x"]).is_err());
     }
 }
