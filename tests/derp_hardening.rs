@@ -12,8 +12,9 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use tern::derp::client::{ClientConfig, DerpClient, Event, Transport};
+use tern::derp::frame::{self, ClientInfo, Frame};
 use tern::derp::server::{Server, ServerConfig};
 use tern::keys::NodePrivate;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
@@ -385,4 +386,78 @@ async fn a_huge_client_info_announced_before_auth_is_refused_at_once() {
         .load(std::sync::atomic::Ordering::Relaxed);
     assert_eq!(failed, 2);
     assert_eq!(server.client_count(), 0);
+}
+
+/// Raw DERP handshake with `info` (ClientInfo pipelined behind the request, as fast start does):
+/// whether ServerInfo follows ServerKey (admitted) rather than the connection closing.
+async fn raw_admitted(server: &Server, addr: SocketAddr, info: ClientInfo) -> bool {
+    let key = NodePrivate::generate();
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    let mut out =
+        b"GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: DERP\r\nDerp-Fast-Start: 1\r\n\r\n".to_vec();
+    let sealed = tern::naclbox::seal(
+        key.as_bytes(),
+        server.public_key().as_bytes(),
+        info.to_json().as_bytes(),
+    );
+    Frame::ClientInfo {
+        key: key.public(),
+        sealed: Bytes::from(sealed),
+    }
+    .encode(&mut out);
+    stream.write_all(&out).await.expect("write");
+    let mut buf = BytesMut::new();
+    let mut frames = Vec::new();
+    within("the server's answer", async {
+        while frames.len() < 2 {
+            match frame::decode(&mut buf, frame::MAX_CLIENT_RECV_LEN) {
+                Ok(Some(f)) => frames.push(f),
+                Ok(None) => {
+                    if stream.read_buf(&mut buf).await.unwrap_or(0) == 0 {
+                        break;
+                    }
+                }
+                Err(e) => panic!("bad frame from the server: {e}"),
+            }
+        }
+    })
+    .await;
+    matches!(
+        frames.as_slice(),
+        [Frame::ServerKey { .. }, Frame::ServerInfo { .. }]
+    )
+}
+
+/// Under `--verify-clients`, mesh peers (the right mesh key) are trusted without asking the
+/// daemon, as Go's derper does; anyone else is refused when there is no daemon to ask.
+#[tokio::test]
+async fn verify_clients_trusts_mesh_peers_and_fails_closed_without_a_daemon() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mesh_key = [9u8; 32];
+    let (server, addr) = start_server(|c| {
+        c.mesh_key = Some(mesh_key);
+        c.verify_clients = Some(tmp.path().join("no-daemon.sock"));
+    })
+    .await;
+    let info = |mesh_key| ClientInfo {
+        mesh_key,
+        ..ClientInfo::regular()
+    };
+    assert!(
+        raw_admitted(&server, addr, info(Some(mesh_key))).await,
+        "mesh peer"
+    );
+    assert!(
+        !raw_admitted(&server, addr, info(None)).await,
+        "regular client"
+    );
+    assert!(
+        !raw_admitted(&server, addr, info(Some([8u8; 32]))).await,
+        "wrong mesh key"
+    );
+    let refused = server
+        .metrics()
+        .clients_refused_verify_error_total
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(refused, 2);
 }

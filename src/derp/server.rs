@@ -416,12 +416,7 @@ impl Server {
     fn admit(&self, addr: SocketAddr) -> Result<Permit, Refusal> {
         let metrics = &self.shared.metrics;
         match self.shared.limits.admit(addr.ip()) {
-            Ok(permit) => {
-                metrics
-                    .conns_current
-                    .store(self.shared.limits.open() as u64, Ordering::Relaxed);
-                Ok(permit)
-            }
+            Ok(permit) => Ok(permit),
             Err(refusal) => {
                 inc(match refusal {
                     Refusal::MaxConns => &metrics.conns_refused_max_conns_total,
@@ -472,7 +467,7 @@ impl Server {
         };
         inc(&self.shared.metrics.http_requests_total);
         let head = buf.split_to(head_len);
-        let result = match self.route(&head, addr) {
+        match self.route(&head, addr) {
             Route::Respond(response) => {
                 stream.write_all(&response).await?;
                 stream.shutdown().await?;
@@ -490,13 +485,7 @@ impl Server {
                 };
                 self.run_derp(stream, hello, &mut permit).await
             }
-        };
-        drop(permit);
-        self.shared
-            .metrics
-            .conns_current
-            .store(self.shared.limits.open() as u64, Ordering::Relaxed);
-        result
+        }
     }
 
     fn route(&self, head: &[u8], addr: SocketAddr) -> Route {
@@ -560,6 +549,12 @@ impl Server {
                 b"User-agent: *\nDisallow: /\n",
             )),
             "/debug/metrics" if addr.ip().is_loopback() => {
+                // The gauge is read from the admission counters when asked for.
+                let open = self.shared.limits.open() as u64;
+                self.shared
+                    .metrics
+                    .conns_current
+                    .store(open, Ordering::Relaxed);
                 let body = self.shared.metrics.render_prometheus();
                 Route::Respond(http_response(
                     200,
@@ -597,15 +592,18 @@ impl Server {
                 Ok(Err(e)) => return self.handshake_failed(e),
                 Err(_) => return self.handshake_failed(ConnError::Timeout),
             };
-        if let Err(e) = self.verify(&client_key, deadline).await {
-            tracing::info!(key = %client_key, %addr, error = %e, "derp: client refused");
-            return self.handshake_failed(e);
-        }
-        permit.authenticated();
         let is_mesh = match (&info.mesh_key, &config.mesh_key) {
             (Some(a), Some(b)) => bool::from(a[..].ct_eq(&b[..])),
             _ => false,
         };
+        // Mesh peers (other relays of the region) are trusted without asking, as in Go.
+        if !is_mesh {
+            if let Err(e) = self.verify(&client_key, deadline).await {
+                tracing::debug!(key = %client_key, %addr, error = %e, "derp: client refused");
+                return self.handshake_failed(e);
+            }
+        }
+        permit.authenticated();
         let conn = Arc::new(Conn {
             id: self.shared.next_id.fetch_add(1, Ordering::Relaxed),
             key: client_key,
@@ -1284,6 +1282,11 @@ pub fn run(run_config: &RunConfig) -> anyhow::Result<()> {
     let private_key = load_or_create_key(run_config.key_file.as_deref())?;
     let public_key = private_key.public();
     let mut config = ServerConfig::new(private_key);
+    anyhow::ensure!(run_config.max_conns > 0, "--max-conns must be at least 1");
+    anyhow::ensure!(
+        run_config.max_unauth_per_ip > 0,
+        "--max-unauth-per-ip must be at least 1"
+    );
     config.max_conns = run_config.max_conns;
     config.max_unauth_per_ip = run_config.max_unauth_per_ip;
     config.handshake_timeout = run_config.handshake_timeout;
