@@ -22,6 +22,7 @@ pub mod packet;
 pub mod paths;
 pub mod relay;
 pub mod report;
+pub mod rlimit;
 pub mod state;
 pub mod status;
 pub mod stun;

@@ -8,6 +8,11 @@
 //! | `POST /localapi/v0/down`    | —              | `{}`                |
 //! | `POST /localapi/v0/ping`    | [`PingRequest`]| [`PingResult`]      |
 //! | `POST /localapi/v0/netcheck`| —              | [`NetcheckReport`]  |
+//! | `GET /localapi/v0/whois?nodekey=nodekey:<hex>` | — | [`WhoIsResponse`] |
+//!
+//! `whois` answers from the status snapshot whether a node key is this node's or one of its
+//! netmap peers' (404 when neither, 400 when the key is malformed); `tern derp
+//! --verify-clients` asks it, as Go's derper asks tailscaled.
 //!
 //! `ping` resolves the peer from the status snapshot ([`resolve_peer`]): 404 when nothing
 //! matches, 409 when several do, 503 without a running data plane, 504 when the engine does
@@ -59,6 +64,56 @@ pub struct UpRequest {
 pub struct IpResponse {
     pub ipv4: Vec<String>,
     pub ipv6: Vec<String>,
+}
+
+/// `GET /localapi/v0/whois?nodekey=…`: the node with that key, this one or a peer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WhoIsResponse {
+    /// `nodekey:<hex>`
+    pub node_key: String,
+    pub hostname: String,
+    /// MagicDNS name without the trailing dot.
+    pub name: String,
+    /// The key is this node's own.
+    pub is_self: bool,
+}
+
+/// The node with `key` in `status`: this node or one of its peers.
+pub fn whois(status: &Status, key: &NodePublic) -> Option<WhoIsResponse> {
+    let same = |text: &str| text.parse::<NodePublic>().is_ok_and(|k| k == *key);
+    if let Some(me) = status.self_node.as_ref().filter(|me| same(&me.node_key)) {
+        return Some(WhoIsResponse {
+            node_key: me.node_key.clone(),
+            hostname: me.hostname.clone(),
+            name: me.name.clone(),
+            is_self: true,
+        });
+    }
+    status
+        .peers
+        .iter()
+        .find(|p| same(&p.node_key))
+        .map(|p| WhoIsResponse {
+            node_key: p.node_key.clone(),
+            hostname: p.hostname.clone(),
+            name: p.name.clone(),
+            is_self: false,
+        })
+}
+
+/// The `nodekey` parameter of a query string.
+fn nodekey_param(query: Option<&str>) -> Result<NodePublic, ApiError> {
+    let bad = |m: &str| ApiError::new(StatusCode::BAD_REQUEST, m);
+    let value = query
+        .unwrap_or_default()
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("nodekey="))
+        .ok_or_else(|| bad("missing nodekey parameter"))?;
+    // `:` may arrive percent-encoded.
+    let value = value.replace("%3A", ":").replace("%3a", ":");
+    value
+        .parse()
+        .map_err(|_| bad("nodekey must be nodekey:<64 hex digits>"))
 }
 
 /// `POST /localapi/v0/ping`.
@@ -363,6 +418,7 @@ impl Shared {
                 let reply = self.ask(Command::Netcheck).await;
                 result_reply(reply)
             }
+            (Method::GET, "/localapi/v0/whois") => result_reply(self.whois(req.uri().query())),
             (
                 _,
                 "/localapi/v0/status"
@@ -371,13 +427,20 @@ impl Shared {
                 | "/localapi/v0/down"
                 | "/localapi/v0/prefs"
                 | "/localapi/v0/ping"
-                | "/localapi/v0/netcheck",
+                | "/localapi/v0/netcheck"
+                | "/localapi/v0/whois",
             ) => error_reply(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
             _ => error_reply(
                 StatusCode::NOT_FOUND,
                 &format!("no LocalAPI endpoint {path}"),
             ),
         }
+    }
+
+    fn whois(&self, query: Option<&str>) -> Result<WhoIsResponse, ApiError> {
+        let key = nodekey_param(query)?;
+        whois(&self.status.borrow(), &key)
+            .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "no node with that key"))
     }
 
     /// Resolve the peer here (from the snapshot), let the daemon ask the engine, and name the
@@ -568,6 +631,18 @@ impl Client {
     pub async fn netcheck(&self) -> Result<NetcheckReport, LocalApiError> {
         self.call(Method::POST, "/localapi/v0/netcheck", Some(Vec::new()))
             .await
+    }
+
+    /// The node with `key` (this one or a peer), or `None` when the daemon knows no such node.
+    pub async fn whois(&self, key: &NodePublic) -> Result<Option<WhoIsResponse>, LocalApiError> {
+        let path = format!("/localapi/v0/whois?nodekey={key}");
+        match self.call(Method::GET, &path, None).await {
+            Ok(found) => Ok(Some(found)),
+            Err(LocalApiError::Status { status, .. }) if status == StatusCode::NOT_FOUND => {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     async fn call<T: serde::de::DeserializeOwned>(
@@ -819,6 +894,36 @@ mod tests {
             peer("web.other", "100.64.0.4", 0x44),
         ];
         s
+    }
+
+    #[tokio::test]
+    async fn whois_knows_self_and_peers_and_nothing_else() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (client, status_tx, _cmds) = start(tmp.path()).await;
+        status_tx.send(tailnet()).unwrap();
+        let key = |b: u8| NodePublic::from_bytes([b; 32]);
+        let me = client.whois(&key(0x11)).await.unwrap().expect("self");
+        assert!(me.is_self);
+        assert_eq!(me.hostname, "c1");
+        let peer = client.whois(&key(0x22)).await.unwrap().expect("peer");
+        assert_eq!(
+            (peer.hostname.as_str(), peer.is_self, peer.node_key),
+            ("host-c2", false, format!("nodekey:{}", "22".repeat(32)))
+        );
+        assert_eq!(client.whois(&key(0x99)).await.unwrap(), None);
+        let bad = client
+            .call::<serde_json::Value>(Method::GET, "/localapi/v0/whois?nodekey=nodekey:zz", None)
+            .await;
+        assert!(
+            matches!(bad, Err(LocalApiError::Status { status, .. }) if status == StatusCode::BAD_REQUEST),
+            "{bad:?}"
+        );
+        let missing = client
+            .call::<serde_json::Value>(Method::GET, "/localapi/v0/whois", None)
+            .await;
+        assert!(
+            matches!(missing, Err(LocalApiError::Status { status, .. }) if status == StatusCode::BAD_REQUEST)
+        );
     }
 
     fn resolved_name(status: &Status, query: &str) -> Result<String, ApiError> {

@@ -26,6 +26,7 @@ pub struct DaemonArgs {
 /// `tern daemon`.
 pub fn run(socket: &Path, args: &DaemonArgs) -> anyhow::Result<ExitCode> {
     init_logging();
+    crate::rlimit::raise_nofile_logged();
     let config = DaemonConfig {
         state_dir: args.state_dir.clone(),
         socket: socket.to_path_buf(),

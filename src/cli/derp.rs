@@ -1,7 +1,8 @@
 //! `tern derp`: run a DERP relay server.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Args;
 
@@ -39,17 +40,36 @@ pub struct DerpArgs {
     /// Mesh key (64 hex digits) that privileged clients must present.
     #[arg(long, env = "TERN_DERP_MESH_KEY", hide_env_values = true)]
     pub mesh_key: Option<String>,
+    /// Most connections open at once; more are closed as soon as they are accepted.
+    #[arg(long, default_value_t = server::DEFAULT_MAX_CONNS, value_name = "N")]
+    pub max_conns: usize,
+    /// Most connections per source (IPv4 address, IPv6 /64) still in the handshake.
+    #[arg(long, default_value_t = server::DEFAULT_MAX_UNAUTH_PER_IP, value_name = "N")]
+    pub max_unauth_per_ip: usize,
+    /// Time from accept to a finished handshake (TLS, HTTP head, ClientInfo; Go-style: `5s`,
+    /// `500ms`).
+    #[arg(long, default_value = "5s", value_parser = super::ping::parse_duration, value_name = "DURATION")]
+    pub handshake_timeout: Duration,
+    /// Only nodes of our tailnet may connect: each client's node key must be the local tern
+    /// daemon's own or one of its peers' (asked over the LocalAPI; refused if it cannot be asked).
+    #[arg(long)]
+    pub verify_clients: bool,
+    /// LocalAPI socket asked by --verify-clients (default: the global --socket).
+    #[arg(long, value_name = "PATH", requires = "verify_clients")]
+    pub verify_socket: Option<PathBuf>,
 }
 
 /// `tern derp`: run the relay until interrupted.
-pub fn run(args: &DerpArgs) -> anyhow::Result<ExitCode> {
+pub fn run(socket: &Path, args: &DerpArgs) -> anyhow::Result<ExitCode> {
     super::init_logging();
-    server::run(&config(args))?;
+    crate::rlimit::raise_nofile_logged();
+    server::run(&config(socket, args))?;
     Ok(ExitCode::SUCCESS)
 }
 
 /// The flags as the server's plain configuration.
-fn config(args: &DerpArgs) -> RunConfig {
+fn config(socket: &Path, args: &DerpArgs) -> RunConfig {
+    let verify_socket = args.verify_socket.as_deref().unwrap_or(socket);
     RunConfig {
         addr: args.addr.clone(),
         certfile: args.certfile.clone(),
@@ -60,5 +80,60 @@ fn config(args: &DerpArgs) -> RunConfig {
         stun_also: args.stun_also.clone(),
         key_file: args.key_file.clone(),
         mesh_key: args.mesh_key.clone(),
+        max_conns: args.max_conns,
+        max_unauth_per_ip: args.max_unauth_per_ip,
+        handshake_timeout: args.handshake_timeout,
+        verify_clients: args.verify_clients.then(|| verify_socket.to_path_buf()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::{Cli, Command};
+    use clap::Parser;
+
+    fn parsed(args: &[&str]) -> (PathBuf, RunConfig) {
+        let cli = Cli::try_parse_from(args).expect("parses");
+        let Command::Derp(derp) = cli.command else {
+            panic!("not derp")
+        };
+        let config = config(&cli.socket, &derp);
+        (cli.socket, config)
+    }
+
+    #[test]
+    fn limits_have_defaults_and_verify_asks_the_global_socket_unless_told() {
+        let (_, plain) = parsed(&["tern", "derp", "--http"]);
+        assert_eq!(plain.max_conns, server::DEFAULT_MAX_CONNS);
+        assert_eq!(plain.max_unauth_per_ip, server::DEFAULT_MAX_UNAUTH_PER_IP);
+        assert_eq!(plain.handshake_timeout, Duration::from_secs(5));
+        assert_eq!(plain.verify_clients, None);
+
+        let (socket, verify) = parsed(&[
+            "tern",
+            "--socket",
+            "/tmp/t.sock",
+            "derp",
+            "--verify-clients",
+            "--handshake-timeout",
+            "1500ms",
+            "--max-conns",
+            "7",
+        ]);
+        assert_eq!(verify.verify_clients, Some(socket));
+        assert_eq!(verify.handshake_timeout, Duration::from_millis(1500));
+        assert_eq!(verify.max_conns, 7);
+
+        let (_, own) = parsed(&[
+            "tern",
+            "derp",
+            "--verify-clients",
+            "--verify-socket",
+            "/run/x.sock",
+        ]);
+        assert_eq!(own.verify_clients, Some(PathBuf::from("/run/x.sock")));
+        // --verify-socket alone means nothing: it needs --verify-clients.
+        assert!(Cli::try_parse_from(["tern", "derp", "--verify-socket", "/x"]).is_err());
     }
 }

@@ -103,7 +103,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Set(args) => set::run(socket, args),
         Command::Metrics => Ok(not_implemented("metrics")),
         Command::Top => Ok(not_implemented("top")),
-        Command::Derp(args) => derp::run(args),
+        Command::Derp(args) => derp::run(socket, args),
         Command::Lab(args) => lab::run(args),
     }
 }

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use subtle::ConstantTimeEq;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::Notify;
@@ -21,6 +22,25 @@ use tokio::sync::Notify;
 use super::frame::{self, ClientInfo, Frame, FrameError, PeerGoneReason, ServerInfo};
 use crate::keys::{NodePrivate, NodePublic};
 use crate::naclbox::SharedBox;
+pub use limits::Refusal;
+use limits::{Limits, Permit, RateLimitedLog};
+pub use verify::{Verifier, VerifyError};
+
+mod limits;
+mod verify;
+
+/// Default [`ServerConfig::handshake_timeout`].
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default [`ServerConfig::max_conns`].
+pub const DEFAULT_MAX_CONNS: usize = 10_000;
+/// Default [`ServerConfig::max_unauth_per_ip`].
+pub const DEFAULT_MAX_UNAUTH_PER_IP: usize = 32;
+/// Largest ClientInfo frame before the handshake is done. A real one is a key, a nonce and a
+/// sealed JSON object of a few fields (~200 bytes); the frame decoder reserves what the header
+/// announces, so this bounds what an unauthenticated client can make us allocate.
+pub const MAX_PRE_AUTH_CLIENT_INFO_LEN: usize = 4 << 10;
+/// Accept errors are logged at most this often.
+const ACCEPT_LOG_EVERY: Duration = Duration::from_secs(5);
 
 /// Settings of a relay.
 #[derive(Debug, Clone)]
@@ -37,8 +57,18 @@ pub struct ServerConfig {
     pub keep_alive: Duration,
     /// Upper bound of the random per-connection extra added to `keep_alive`. Go: 5 s.
     pub keep_alive_jitter: Duration,
-    /// Limit for TLS, the HTTP request head, and the ClientInfo frame. Go: 10 s.
+    /// One deadline, from accept, for TLS, the HTTP request head and the ClientInfo frame
+    /// together (Go: 10 s, per step). Default 5 s.
     pub handshake_timeout: Duration,
+    /// Connections open at once (any state); more are closed as soon as they are accepted.
+    /// Default 10,000 (keep it below the open-file limit).
+    pub max_conns: usize,
+    /// Connections per source (IPv4 address, IPv6 /64) still in the handshake; more from that
+    /// source are closed at once. Default 32.
+    pub max_unauth_per_ip: usize,
+    /// `--verify-clients`: the LocalAPI socket of the tern daemon whose tailnet may use the
+    /// relay. `None`: anyone may.
+    pub verify_clients: Option<PathBuf>,
 }
 
 impl ServerConfig {
@@ -51,7 +81,10 @@ impl ServerConfig {
             write_timeout: Duration::from_secs(2),
             keep_alive: Duration::from_secs(60),
             keep_alive_jitter: Duration::from_secs(5),
-            handshake_timeout: Duration::from_secs(10),
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            max_conns: DEFAULT_MAX_CONNS,
+            max_unauth_per_ip: DEFAULT_MAX_UNAUTH_PER_IP,
+            verify_clients: None,
         }
     }
 }
@@ -81,6 +114,20 @@ macro_rules! metrics {
 metrics! {
     /// TCP connections accepted.
     connections_accepted_total: "counter",
+    /// Failed accepts (e.g. EMFILE: out of descriptors); the server pauses briefly and goes on.
+    accept_errors_total: "counter",
+    /// Connections open now (any state).
+    conns_current: "gauge",
+    /// Connections closed at once: `max_conns` open already.
+    conns_refused_max_conns_total: "counter",
+    /// Connections closed at once: their source had `max_unauth_per_ip` mid-handshake.
+    conns_refused_unauth_per_ip_total: "counter",
+    /// Connections that did not finish TLS, HTTP head and ClientInfo within the deadline.
+    handshake_timeouts_total: "counter",
+    /// `--verify-clients`: clients refused, their node key not in the daemon's tailnet.
+    clients_refused_unverified_total: "counter",
+    /// `--verify-clients`: clients refused because the daemon could not be asked.
+    clients_refused_verify_error_total: "counter",
     /// HTTP requests parsed (any path).
     http_requests_total: "counter",
     /// Connections that failed TLS, HTTP or the DERP handshake.
@@ -146,6 +193,10 @@ pub enum ConnError {
     Protocol(&'static str),
     #[error("closed")]
     Closed,
+    #[error("refused: {0}")]
+    Refused(#[from] Refusal),
+    #[error("{0}")]
+    Unverified(#[from] VerifyError),
 }
 
 /// Frames waiting to be written to one client.
@@ -251,6 +302,18 @@ struct Shared {
     registry: Mutex<Registry>,
     metrics: Metrics,
     next_id: AtomicU64,
+    limits: Arc<Limits>,
+    verifier: Option<Verifier>,
+}
+
+/// A connection that asked for the DERP upgrade: what is left of the handshake.
+struct Hello {
+    /// Bytes read after the request head (fast-start clients send ClientInfo at once).
+    buf: BytesMut,
+    addr: SocketAddr,
+    fast_start: bool,
+    /// End of the handshake deadline that began at accept.
+    deadline: tokio::time::Instant,
 }
 
 /// What the HTTP front decided for a request.
@@ -266,11 +329,13 @@ impl Server {
         let public = config.private_key.public();
         Server {
             shared: Arc::new(Shared {
-                config,
                 public,
                 registry: Mutex::new(Registry::default()),
                 metrics: Metrics::default(),
                 next_id: AtomicU64::new(1),
+                limits: Limits::new(config.max_conns, config.max_unauth_per_ip),
+                verifier: config.verify_clients.clone().map(Verifier::new),
+                config,
             }),
         }
     }
@@ -296,55 +361,109 @@ impl Server {
         self.registry().clients.len()
     }
 
-    /// Accepts TCP connections forever, optionally wrapping each in TLS.
-    pub async fn serve(
-        self,
-        listener: TcpListener,
-        tls: Option<tokio_rustls::TlsAcceptor>,
-    ) -> std::io::Result<()> {
+    /// Accepts TCP connections forever, optionally wrapping each in TLS. An accept error (out
+    /// of descriptors, say) is counted, logged at most every few seconds, and followed by a short
+    /// pause; it never ends the loop.
+    pub async fn serve(self, listener: TcpListener, tls: Option<tokio_rustls::TlsAcceptor>) {
+        let mut log = RateLimitedLog::new(ACCEPT_LOG_EVERY);
         loop {
-            let (tcp, addr) = listener.accept().await?;
-            inc(&self.shared.metrics.connections_accepted_total);
-            let _ = tcp.set_nodelay(true);
-            let server = self.clone();
-            let tls = tls.clone();
-            tokio::spawn(async move {
-                let result = match tls {
-                    None => server.serve_conn(tcp, addr).await,
-                    Some(acceptor) => {
-                        let timeout = server.shared.config.handshake_timeout;
-                        match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
-                            Ok(Ok(stream)) => server.serve_conn(stream, addr).await,
-                            Ok(Err(e)) => Err(ConnError::Handshake(format!("tls: {e}"))),
-                            Err(_) => Err(ConnError::Timeout),
-                        }
+            match listener.accept().await {
+                Ok((tcp, addr)) => self.accepted(tcp, addr, tls.clone()),
+                Err(e) => {
+                    inc(&self.shared.metrics.accept_errors_total);
+                    if let Some(suppressed) = log.allow(Instant::now()) {
+                        tracing::warn!(error = %e, suppressed, "derp: accept failed; going on");
                     }
-                };
-                if let Err(e) = result {
-                    tracing::debug!(%addr, error = %e, "derp connection ended");
+                    tokio::time::sleep(limits::accept_pause(&e)).await;
                 }
-            });
+            }
         }
     }
 
-    /// Serves one HTTP connection (already TLS-terminated if TLS is used).
-    pub async fn serve_conn<S>(&self, mut stream: S, addr: SocketAddr) -> Result<(), ConnError>
+    /// Admits (or closes at once) one accepted connection and serves it on its own task.
+    fn accepted(
+        &self,
+        tcp: tokio::net::TcpStream,
+        addr: SocketAddr,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) {
+        inc(&self.shared.metrics.connections_accepted_total);
+        // Dropping `tcp` on refusal closes it before any byte is read.
+        let Ok(permit) = self.admit(addr) else { return };
+        let _ = tcp.set_nodelay(true);
+        let server = self.clone();
+        let deadline = tokio::time::Instant::now() + self.shared.config.handshake_timeout;
+        tokio::spawn(async move {
+            let result = match tls {
+                None => server.serve_admitted(tcp, addr, permit, deadline).await,
+                Some(acceptor) => match tokio::time::timeout_at(deadline, acceptor.accept(tcp))
+                    .await
+                {
+                    Ok(Ok(stream)) => server.serve_admitted(stream, addr, permit, deadline).await,
+                    Ok(Err(e)) => {
+                        server.handshake_failed(ConnError::Handshake(format!("tls: {e}")))
+                    }
+                    Err(_) => server.handshake_failed(ConnError::Timeout),
+                },
+            };
+            if let Err(e) = result {
+                tracing::debug!(%addr, error = %e, "derp connection ended");
+            }
+        });
+    }
+
+    /// A slot under the connection caps, or the refusal (counted).
+    fn admit(&self, addr: SocketAddr) -> Result<Permit, Refusal> {
+        let metrics = &self.shared.metrics;
+        match self.shared.limits.admit(addr.ip()) {
+            Ok(permit) => Ok(permit),
+            Err(refusal) => {
+                inc(match refusal {
+                    Refusal::MaxConns => &metrics.conns_refused_max_conns_total,
+                    Refusal::UnauthPerSource => &metrics.conns_refused_unauth_per_ip_total,
+                });
+                tracing::debug!(%addr, %refusal, "derp: connection refused");
+                Err(refusal)
+            }
+        }
+    }
+
+    /// Counts a failed handshake (and a timeout separately) and passes the error on.
+    fn handshake_failed<T>(&self, error: ConnError) -> Result<T, ConnError> {
+        inc(&self.shared.metrics.handshakes_failed_total);
+        if matches!(error, ConnError::Timeout) {
+            inc(&self.shared.metrics.handshake_timeouts_total);
+        }
+        Err(error)
+    }
+
+    /// Serves one HTTP connection (already TLS-terminated if TLS is used), under the same caps
+    /// and handshake deadline as the connections [`Server::serve`] accepts.
+    pub async fn serve_conn<S>(&self, stream: S, addr: SocketAddr) -> Result<(), ConnError>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let timeout = self.shared.config.handshake_timeout;
+        let permit = self.admit(addr)?;
+        let deadline = tokio::time::Instant::now() + self.shared.config.handshake_timeout;
+        self.serve_admitted(stream, addr, permit, deadline).await
+    }
+
+    async fn serve_admitted<S>(
+        &self,
+        mut stream: S,
+        addr: SocketAddr,
+        mut permit: Permit,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), ConnError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let mut buf = BytesMut::with_capacity(4096);
-        let head = tokio::time::timeout(timeout, read_request_head(&mut stream, &mut buf)).await;
-        let head_len = match head {
+        let head = tokio::time::timeout_at(deadline, read_request_head(&mut stream, &mut buf));
+        let head_len = match head.await {
             Ok(Ok(n)) => n,
-            Ok(Err(e)) => {
-                inc(&self.shared.metrics.handshakes_failed_total);
-                return Err(e);
-            }
-            Err(_) => {
-                inc(&self.shared.metrics.handshakes_failed_total);
-                return Err(ConnError::Timeout);
-            }
+            Ok(Err(e)) => return self.handshake_failed(e),
+            Err(_) => return self.handshake_failed(ConnError::Timeout),
         };
         inc(&self.shared.metrics.http_requests_total);
         let head = buf.split_to(head_len);
@@ -358,7 +477,13 @@ impl Server {
                 if fast_start {
                     inc(&self.shared.metrics.fast_starts_total);
                 }
-                self.run_derp(stream, buf, addr, fast_start).await
+                let hello = Hello {
+                    buf,
+                    addr,
+                    fast_start,
+                    deadline,
+                };
+                self.run_derp(stream, hello, &mut permit).await
             }
         }
     }
@@ -424,6 +549,12 @@ impl Server {
                 b"User-agent: *\nDisallow: /\n",
             )),
             "/debug/metrics" if addr.ip().is_loopback() => {
+                // The gauge is read from the admission counters when asked for.
+                let open = self.shared.limits.open() as u64;
+                self.shared
+                    .metrics
+                    .conns_current
+                    .store(open, Ordering::Relaxed);
                 let body = self.shared.metrics.render_prometheus();
                 Route::Respond(http_response(
                     200,
@@ -441,31 +572,38 @@ impl Server {
     async fn run_derp<S>(
         &self,
         mut stream: S,
-        mut buf: BytesMut,
-        addr: SocketAddr,
-        fast_start: bool,
+        hello: Hello,
+        permit: &mut Permit,
     ) -> Result<(), ConnError>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let config = &self.shared.config;
-        let hello = tokio::time::timeout(
-            config.handshake_timeout,
-            self.handshake(&mut stream, &mut buf, fast_start),
-        )
-        .await;
-        let (client_key, info, shared_box) = match hello {
-            Ok(Ok(v)) => v,
-            Ok(Err(e)) => {
-                inc(&self.shared.metrics.handshakes_failed_total);
-                return Err(e);
-            }
-            Err(_) => {
-                inc(&self.shared.metrics.handshakes_failed_total);
-                return Err(ConnError::Timeout);
-            }
+        let Hello {
+            mut buf,
+            addr,
+            fast_start,
+            deadline,
+        } = hello;
+        let handshake = self.handshake(&mut stream, &mut buf, fast_start);
+        let (client_key, info, shared_box) =
+            match tokio::time::timeout_at(deadline, handshake).await {
+                Ok(Ok(v)) => v,
+                Ok(Err(e)) => return self.handshake_failed(e),
+                Err(_) => return self.handshake_failed(ConnError::Timeout),
+            };
+        let is_mesh = match (&info.mesh_key, &config.mesh_key) {
+            (Some(a), Some(b)) => bool::from(a[..].ct_eq(&b[..])),
+            _ => false,
         };
-        let is_mesh = matches!((&info.mesh_key, &config.mesh_key), (Some(a), Some(b)) if a == b);
+        // Mesh peers (other relays of the region) are trusted without asking, as in Go.
+        if !is_mesh {
+            if let Err(e) = self.verify(&client_key, deadline).await {
+                tracing::debug!(key = %client_key, %addr, error = %e, "derp: client refused");
+                return self.handshake_failed(e);
+            }
+        }
+        permit.authenticated();
         let conn = Arc::new(Conn {
             id: self.shared.next_id.fetch_add(1, Ordering::Relaxed),
             key: client_key,
@@ -505,6 +643,32 @@ impl Server {
         result
     }
 
+    /// `--verify-clients`: whether the daemon knows `key` (within the handshake deadline).
+    async fn verify(
+        &self,
+        key: &NodePublic,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), ConnError> {
+        let Some(verifier) = &self.shared.verifier else {
+            return Ok(());
+        };
+        let metrics = &self.shared.metrics;
+        match tokio::time::timeout_at(deadline, verifier.check(key)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                inc(match e {
+                    VerifyError::NotInTailnet(_) => &metrics.clients_refused_unverified_total,
+                    VerifyError::Daemon(_) => &metrics.clients_refused_verify_error_total,
+                });
+                Err(e.into())
+            }
+            Err(_) => {
+                inc(&metrics.clients_refused_verify_error_total);
+                Err(ConnError::Timeout)
+            }
+        }
+    }
+
     /// Sends ServerKey (after the 101 unless fast start), reads and opens ClientInfo.
     async fn handshake<S>(
         &self,
@@ -526,7 +690,9 @@ impl Server {
         stream.write_all(&out).await?;
         stream.flush().await?;
 
-        let first = read_frame(stream, buf, frame::MAX_CLIENT_INFO_LEN).await?;
+        // Not `frame::MAX_CLIENT_INFO_LEN` (Go's 256 KiB): nothing is allocated for more than a
+        // real ClientInfo needs before the client has proved its key.
+        let first = read_frame(stream, buf, MAX_PRE_AUTH_CLIENT_INFO_LEN).await?;
         let Frame::ClientInfo { key, sealed } = first else {
             return Err(ConnError::Handshake(format!(
                 "first frame type {:#04x}, want ClientInfo",
@@ -903,10 +1069,15 @@ async fn read_request_head<S: AsyncRead + Unpin>(
     stream: &mut S,
     buf: &mut BytesMut,
 ) -> Result<usize, ConnError> {
+    // Only the bytes not yet searched (and 3 before them): a client that trickles its head a
+    // byte at a time must not make this quadratic.
+    let mut searched: usize = 0;
     loop {
-        if let Some(pos) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            return Ok(pos + 4);
+        let from = searched.saturating_sub(3);
+        if let Some(pos) = buf[from..].windows(4).position(|w| w == b"\r\n\r\n") {
+            return Ok(from + pos + 4);
         }
+        searched = buf.len();
         if buf.len() > MAX_REQUEST_HEAD {
             return Err(ConnError::Handshake("request head too large".into()));
         }
@@ -1094,6 +1265,14 @@ pub struct RunConfig {
     pub key_file: Option<PathBuf>,
     /// Mesh key (64 hex digits) that privileged clients must present.
     pub mesh_key: Option<String>,
+    /// [`ServerConfig::max_conns`].
+    pub max_conns: usize,
+    /// [`ServerConfig::max_unauth_per_ip`].
+    pub max_unauth_per_ip: usize,
+    /// [`ServerConfig::handshake_timeout`].
+    pub handshake_timeout: Duration,
+    /// [`ServerConfig::verify_clients`].
+    pub verify_clients: Option<PathBuf>,
 }
 
 /// Run the relay described by `config` until interrupted (Ctrl-C).
@@ -1103,6 +1282,19 @@ pub fn run(run_config: &RunConfig) -> anyhow::Result<()> {
     let private_key = load_or_create_key(run_config.key_file.as_deref())?;
     let public_key = private_key.public();
     let mut config = ServerConfig::new(private_key);
+    anyhow::ensure!(run_config.max_conns > 0, "--max-conns must be at least 1");
+    anyhow::ensure!(
+        run_config.max_unauth_per_ip > 0,
+        "--max-unauth-per-ip must be at least 1"
+    );
+    config.max_conns = run_config.max_conns;
+    config.max_unauth_per_ip = run_config.max_unauth_per_ip;
+    config.handshake_timeout = run_config.handshake_timeout;
+    config.verify_clients = run_config.verify_clients.clone();
+    if let Some(socket) = &config.verify_clients {
+        tracing::info!(socket = %socket.display(), "derp: only nodes the tern daemon knows may connect");
+    }
+    warn_if_over_fd_limit(config.max_conns);
     if let Some(mesh) = &run_config.mesh_key {
         config.mesh_key = Some(
             crate::keys::parse_bare_hex(mesh.trim()).context("--mesh-key must be 64 hex digits")?,
@@ -1147,11 +1339,24 @@ pub fn run(run_config: &RunConfig) -> anyhow::Result<()> {
         }
         let acceptor = tls.map(|t| tokio_rustls::TlsAcceptor::from(Arc::new(t)));
         tokio::select! {
-            r = server.serve(listener, acceptor) => r.context("accept")?,
+            _ = server.serve(listener, acceptor) => {}
             _ = tokio::signal::ctrl_c() => {}
         }
         Ok::<_, anyhow::Error>(())
     })
+}
+
+/// `max_conns` above the open-file limit cannot be reached: accept fails (EMFILE) first.
+fn warn_if_over_fd_limit(max_conns: usize) {
+    if let Ok((soft, _)) = crate::rlimit::nofile() {
+        if max_conns as u64 > soft {
+            tracing::warn!(
+                max_conns,
+                nofile = soft,
+                "--max-conns is above the open-file limit; accepts will fail with EMFILE first"
+            );
+        }
+    }
 }
 
 /// Binds `addr`; an all-addresses IPv6 bind falls back to IPv4 on hosts without IPv6.

@@ -18,12 +18,15 @@ use std::time::{Duration, Instant};
 
 use blake2::digest::{FixedOutput, KeyInit, Update};
 use blake2::Blake2sMac256;
+use subtle::ConstantTimeEq;
 
 use crate::disco::{self, AllocateRequest, BindBody, Message, UdpRelayEndpoint};
 use crate::keys::{DiscoPrivate, DiscoPublic};
 use crate::naclbox::SharedBox;
 use crate::relay::geneve::{self, Header, Vni, PROTOCOL_DISCO, VNI_MAX};
 use crate::status::{RelayLegStatus, RelayServerStatus, RelaySessionStatus};
+use bind_limit::BindLimiter;
+pub use bind_limit::{CHALLENGES_PER_SECOND, CHALLENGE_BURST};
 
 /// How long both legs have to bind after allocation (`BindLifetime`, also the GC period).
 pub const BIND_LIFETIME: Duration = Duration::from_secs(30);
@@ -118,6 +121,7 @@ pub struct RelayServer {
     forwarded_packets: u64,
     forwarded_bytes: u64,
     drops: BTreeMap<&'static str, u64>,
+    bind_limiter: BindLimiter,
 }
 
 impl std::fmt::Debug for RelayServer {
@@ -155,6 +159,7 @@ impl RelayServer {
             forwarded_packets: 0,
             forwarded_bytes: 0,
             drops: BTreeMap::new(),
+            bind_limiter: BindLimiter::default(),
         }
     }
 
@@ -315,7 +320,7 @@ impl RelayServer {
         };
         let other = ep.disco[1 - i];
         match msg {
-            Message::BindUdpRelayEndpoint(bind) => self.on_bind(from, vni, i, other, bind),
+            Message::BindUdpRelayEndpoint(bind) => self.on_bind(now, from, vni, i, other, bind),
             Message::BindUdpRelayEndpointAnswer(answer) => {
                 self.on_answer(now, from, vni, i, other, answer)
             }
@@ -325,6 +330,7 @@ impl RelayServer {
 
     fn on_bind(
         &mut self,
+        now: Instant,
         from: SocketAddr,
         vni: u32,
         i: usize,
@@ -333,6 +339,10 @@ impl RelayServer {
     ) -> Action {
         if bind.vni != vni || bind.remote_key != other || bind.generation == 0 {
             return Action::Drop("bad_bind");
+        }
+        // A replayed Bind with a spoofed source must not turn the relay into a reflector.
+        if !self.bind_limiter.allow(now, from.ip()) {
+            return Action::Drop("bind_rate_limited");
         }
         let cookie = cookie(&self.mac.current, vni, bind.generation, &other, from);
         let Some(ep) = self.endpoints.get_mut(&vni) else {
@@ -365,7 +375,10 @@ impl RelayServer {
         let valid_cookie = [Some(self.mac.current), self.mac.previous]
             .into_iter()
             .flatten()
-            .any(|key| cookie(&key, vni, gen, &other, from) == answer.challenge);
+            // Constant time: an attacker timing the comparison must learn nothing of the cookie.
+            .any(|key| {
+                bool::from(cookie(&key, vni, gen, &other, from)[..].ct_eq(&answer.challenge[..]))
+            });
         let Some(ep) = self.endpoints.get_mut(&vni) else {
             return Action::Drop("unknown_vni");
         };
@@ -392,6 +405,7 @@ impl RelayServer {
 
     /// Removes expired endpoints (§5.4); the caller runs this every [`BIND_LIFETIME`].
     pub fn expire(&mut self, now: Instant) -> usize {
+        self.bind_limiter.expire(now);
         let expired: Vec<u32> = self
             .endpoints
             .values()
@@ -503,6 +517,8 @@ fn control_frame(vni: u32, sealed: &[u8]) -> Vec<u8> {
     out.extend_from_slice(sealed);
     out
 }
+
+mod bind_limit;
 
 #[cfg(test)]
 mod tests;

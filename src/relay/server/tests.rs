@@ -392,3 +392,54 @@ fn stun_is_handed_over_and_garbage_is_counted_never_a_panic() {
     let drops = s.status(t0, 1).drops;
     assert!(drops.values().sum::<u64>() >= 3, "{drops:?}");
 }
+
+/// Binds from one source are challenged up to the burst, then at the refill rate; another
+/// source has its own budget. Drops are counted as `bind_rate_limited`.
+#[test]
+fn replayed_binds_get_at_most_burst_plus_rate_challenges() {
+    let t0 = Instant::now();
+    let (a, b) = (Client::new("192.0.2.1:1"), Client::new("192.0.2.2:2"));
+    let mut s = ready_server(t0);
+    let ep = s.allocate(t0, &request(&a, &b, 1)).expect("allocated");
+    let server = s.disco_public();
+    let bind = a.bind(&server, ep.vni, 7, b.public());
+    let challenged = |s: &mut RelayServer, at: Instant, from: SocketAddr, n: usize| {
+        (0..n)
+            .filter(|_| matches!(s.handle_packet(at, from, &bind), Action::Reply { .. }))
+            .count()
+    };
+    assert_eq!(
+        challenged(&mut s, t0, a.from, 100),
+        CHALLENGE_BURST as usize
+    );
+    // Another port of the same address shares the budget; another address does not.
+    assert_eq!(challenged(&mut s, t0, addr("192.0.2.1:999"), 10), 0);
+    assert_eq!(challenged(&mut s, t0, addr("192.0.2.9:1"), 5), 5);
+    let t1 = t0 + Duration::from_secs(1);
+    assert_eq!(
+        challenged(&mut s, t1, a.from, 100),
+        CHALLENGES_PER_SECOND as usize
+    );
+    let limited = s.status(t1, 0).drops.get("bind_rate_limited").copied();
+    assert_eq!(limited, Some(80 + 10 + 90));
+}
+
+/// Spoofed sources cannot grow the table past its bound; idle sources are forgotten.
+#[test]
+fn the_bind_limiter_table_is_bounded_and_expires() {
+    use super::bind_limit::{BindLimiter, MAX_SOURCES};
+    let t0 = Instant::now();
+    let mut limiter = BindLimiter::default();
+    for i in 0..(MAX_SOURCES as u32 + 100) {
+        let ip = std::net::Ipv4Addr::from(0x0a00_0000 + i);
+        let allowed = limiter.allow(t0, ip.into());
+        assert_eq!(allowed, (i as usize) < MAX_SOURCES, "source {i}");
+    }
+    assert_eq!(limiter.len(), MAX_SOURCES);
+    // Once their buckets have refilled, old sources make room for new ones.
+    let later = t0 + Duration::from_secs(3);
+    assert!(limiter.allow(later, "192.0.2.77".parse().unwrap()));
+    assert_eq!(limiter.len(), 1);
+    limiter.expire(later + Duration::from_secs(3));
+    assert_eq!(limiter.len(), 0);
+}
