@@ -41,14 +41,16 @@ fn is_lets_encrypt(subject: &[u8]) -> bool {
 
 /// What to tell a person whose server certificate was refused, from rustls's error text.
 pub fn certificate_hint(error_text: &str) -> Option<&'static str> {
-    if error_text.contains("UnknownIssuer") {
+    // rustls writes some problems as their Debug names, others as sentences.
+    let has = |needles: &[&str]| needles.iter().any(|n| error_text.contains(n));
+    if has(&["UnknownIssuer"]) {
         Some("the certificate's issuer is not trusted here; for a private CA, point SSL_CERT_FILE at its PEM file")
-    } else if error_text.contains("Expired") {
+    } else if has(&["Expired", "certificate expired"]) {
         Some("the certificate has expired (or this machine's clock is wrong)")
-    } else if error_text.contains("NotValidYet") {
+    } else if has(&["NotValidYet", "certificate not valid yet"]) {
         Some("the certificate is not valid yet (or this machine's clock is wrong)")
-    } else if error_text.contains("NotValidForName") {
-        Some("the certificate is for another host name than the control URL's")
+    } else if has(&["NotValidForName", "not valid for name"]) {
+        Some("the certificate is for another host name than the one dialed")
     } else {
         None
     }
@@ -75,6 +77,11 @@ mod tests {
         assert!(hint("invalid peer certificate: UnknownIssuer").contains("SSL_CERT_FILE"));
         assert!(hint("invalid peer certificate: Expired").contains("expired"));
         assert!(hint("NotValidForName { .. }").contains("host name"));
+        assert!(
+            hint("certificate not valid for name \"x\"; certificate is only valid for y")
+                .contains("host name")
+        );
+        assert!(hint("certificate expired: verification time 5 (UNIX)").contains("expired"));
         assert_eq!(certificate_hint("connection reset"), None);
     }
 }

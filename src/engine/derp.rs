@@ -276,7 +276,16 @@ pub(super) async fn region_task(
         let mut client = match DerpClient::connect(&config).await {
             Ok(c) => c,
             Err(e) => {
-                tracing::debug!(region, addr = %config.addr, error = %e, "DERP connect failed");
+                let error = e.to_string();
+                match crate::trust::certificate_hint(&error) {
+                    // A certificate problem will not fix itself: say so where people look.
+                    Some(hint) => {
+                        tracing::warn!(region, addr = %config.addr, %error, hint, "DERP server's certificate refused")
+                    }
+                    None => {
+                        tracing::debug!(region, addr = %config.addr, %error, "DERP connect failed")
+                    }
+                }
                 reconnector.on_failure(Instant::now(), Reconnector::random_jitter());
                 node += 1;
                 continue;
