@@ -119,6 +119,7 @@ impl Daemon {
                 cmd = commands.recv() => match cmd {
                     Some(Command::Up(req, reply)) => { let _ = reply.send(self.up(req)); }
                     Some(Command::Down(reply)) => { let _ = reply.send(self.down()); }
+                    Some(Command::Logout(reply)) => self.logout(reply),
                     Some(Command::Set(req, reply)) => { let _ = reply.send(self.set(req)); }
                     Some(Command::Ping { peer, timeout, reply }) => self.ping(peer, timeout, reply),
                     Some(Command::Netcheck(reply)) => self.netcheck(reply),
@@ -231,20 +232,65 @@ impl Daemon {
         Ok(())
     }
 
+    /// `tern logout`: stop talking to control, forget the auth key (the next `up` needs a new
+    /// one or an interactive login), and tell control in the background to expire our node key.
+    /// Keys and other preferences stay, as Go's logout keeps the machine.
+    fn logout(&mut self, reply: oneshot::Sender<Result<(), String>>) {
+        let config = self.control_config();
+        let mut prefs = self.prefs.clone();
+        prefs.want_running = false;
+        prefs.auth_key = None;
+        if let Err(e) = self.state.store_prefs(&prefs) {
+            let _ = reply.send(Err(e.to_string()));
+            return;
+        }
+        self.prefs = prefs;
+        self.stop_control();
+        self.status.send_modify(|s| {
+            s.backend_state = BackendState::NeedsLogin;
+            s.control.state = ControlState::Idle;
+            s.control.next_attempt_at = None;
+            s.control.connected_since = None;
+            s.auth_url = None;
+            s.self_node = None;
+            s.peers.clear();
+        });
+        let identity = self.identity.clone();
+        tokio::spawn(async move {
+            let told = match config {
+                Some(config) => control_client::logout(&config, &identity)
+                    .await
+                    .map_err(|e| format!("logged out here, but control could not be told: {e}")),
+                None => Ok(()),
+            };
+            if let Err(e) = &told {
+                tracing::warn!(error = %e, "logout");
+            }
+            let _ = reply.send(told);
+        });
+    }
+
+    /// The control client's configuration from the preferences (`None` without a login server).
+    fn control_config(&self) -> Option<ControlConfig> {
+        Some(ControlConfig {
+            url: self.prefs.login_server.clone()?,
+            auth_key: self.prefs.auth_key.clone(),
+            hostname: self.prefs.hostname.clone().unwrap_or_else(default_hostname),
+            backend_log_id: self.backend_log_id.clone(),
+            watchdog: control_client::MAP_WATCHDOG,
+        })
+    }
+
     /// Start the control task if the preferences want it, else publish why we are idle.
     fn start_or_stop(&mut self) {
         let login_server = self.prefs.login_server.clone();
         match (self.prefs.want_running, login_server) {
-            (true, Some(url)) => {
+            (true, Some(_)) => {
                 if let Err(e) = self.identity.refresh_node_key(&self.state) {
                     tracing::warn!(error = %e, "re-reading the node key; using the one in memory");
                 }
-                let config = ControlConfig {
-                    url,
-                    auth_key: self.prefs.auth_key.clone(),
-                    hostname: self.prefs.hostname.clone().unwrap_or_else(default_hostname),
-                    backend_log_id: self.backend_log_id.clone(),
-                    watchdog: control_client::MAP_WATCHDOG,
+                let Some(config) = self.control_config() else {
+                    return;
                 };
                 let link = self.start_engine();
                 let task = control_client::spawn(

@@ -158,6 +158,9 @@ impl ApiError {
 pub enum Command {
     Up(UpRequest, oneshot::Sender<Result<(), String>>),
     Down(oneshot::Sender<Result<(), String>>),
+    /// `tern logout`: leave the tailnet and expire the node key at control. The reply says
+    /// whether control could be told (the local logout happens either way).
+    Logout(oneshot::Sender<Result<(), String>>),
     /// Disco-ping the peer with this node key (already resolved by the LocalAPI).
     Ping {
         peer: NodePublic,
@@ -406,6 +409,7 @@ impl Shared {
                 Err(reply) => reply,
             },
             (Method::POST, "/localapi/v0/down") => self.command(Command::Down).await,
+            (Method::POST, "/localapi/v0/logout") => self.command(Command::Logout).await,
             (Method::PATCH, "/localapi/v0/prefs") => match read_json::<SetRequest>(req).await {
                 Ok(set) => self.command(|tx| Command::Set(set, tx)).await,
                 Err(reply) => reply,
@@ -425,6 +429,7 @@ impl Shared {
                 | "/localapi/v0/ip"
                 | "/localapi/v0/up"
                 | "/localapi/v0/down"
+                | "/localapi/v0/logout"
                 | "/localapi/v0/prefs"
                 | "/localapi/v0/ping"
                 | "/localapi/v0/netcheck"
@@ -600,6 +605,13 @@ impl Client {
         let body = serde_json::to_vec(req)?;
         let _: serde_json::Value = self
             .call(Method::POST, "/localapi/v0/up", Some(body))
+            .await?;
+        Ok(())
+    }
+
+    pub async fn logout(&self) -> Result<(), LocalApiError> {
+        let _: serde_json::Value = self
+            .call(Method::POST, "/localapi/v0/logout", Some(Vec::new()))
             .await?;
         Ok(())
     }

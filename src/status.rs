@@ -35,6 +35,9 @@ pub struct Status {
     /// The peer relay server (`tern set --relay-server-port`); `null` when it is off.
     #[serde(default)]
     pub relay_server: Option<RelayServerStatus>,
+    /// The URL to visit while control waits for an interactive login (`NeedsLogin`); else `null`.
+    #[serde(default)]
+    pub auth_url: Option<String>,
 }
 
 /// A running peer relay server, as `status --json` shows it (docs/status-json.md).
@@ -127,6 +130,8 @@ pub enum ControlState {
     Backoff,
     /// Control refused our credentials; not retrying until `tern up` is run again.
     LoginFailed,
+    /// Control wants a person to visit `auth_url`; the registration waits for it.
+    WaitingForLogin,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -265,6 +270,7 @@ impl Status {
             },
             netcheck: None,
             relay_server: None,
+            auth_url: None,
         }
     }
 
@@ -318,9 +324,14 @@ pub fn render_human(status: &Status, now: SystemTime) -> String {
         (BackendState::Stopped, _) => {
             let _ = writeln!(out, "Stopped (tern down). Run `tern up` to connect.");
         }
-        (BackendState::NeedsLogin, _) => {
-            let _ = writeln!(out, "Logged out: control refused the login.");
-        }
+        (BackendState::NeedsLogin, _) => match &status.auth_url {
+            Some(url) => {
+                let _ = writeln!(out, "Logged out.\n\nTo authenticate, visit:\n\n\t{url}\n");
+            }
+            None => {
+                let _ = writeln!(out, "Logged out: control refused the login.");
+            }
+        },
         (_, None) => {
             let _ = writeln!(out, "Starting: no network map from control yet.");
         }
@@ -517,6 +528,9 @@ fn describe_control(control: &ControlStatus, now: SystemTime) -> Option<String> 
             ))
         }
         ControlState::LoginFailed => Some(format!("Login to {url} failed: {error}")),
+        ControlState::WaitingForLogin => {
+            Some(format!("Waiting for the login at {url} to be approved"))
+        }
     }
 }
 

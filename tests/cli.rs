@@ -73,8 +73,8 @@ fn help_lists_every_subcommand() {
     assert!(out.status.success());
     let help = String::from_utf8_lossy(&out.stdout);
     for sub in [
-        "daemon", "up", "down", "status", "ping", "netcheck", "set", "ip", "metrics", "top",
-        "derp", "lab",
+        "daemon", "up", "down", "login", "logout", "status", "ping", "netcheck", "set", "ip",
+        "metrics", "top", "derp", "lab",
     ] {
         assert!(help.contains(sub), "help lacks {sub}: {help}");
     }

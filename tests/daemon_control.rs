@@ -285,7 +285,19 @@ fn a_bad_auth_key_is_reported_and_not_retried() {
     let (config, url) = LabControl::write_config(tmp.path());
     let _control = LabControl::start(&config, &url);
     let n1 = start_node(tmp.path(), "n1");
-    up(&n1, &url, "tskey-not-a-key", "n1");
+    // Like `tailscale up`, `tern up` waits for control's answer and fails with it.
+    let out = n1.cli(&[
+        "up",
+        "--login-server",
+        &url,
+        "--auth-key",
+        "tskey-not-a-key",
+        "--hostname",
+        "n1",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("invalid authkey"), "{stderr}");
     let s = wait_for_secs("the login to be refused", CONVERGE_SECS, || {
         let s = n1.status();
         (s["backend_state"] == "NeedsLogin").then_some(s)

@@ -57,6 +57,10 @@ pub enum Command {
     Up(UpArgs),
     /// Disconnect from the tailnet (the daemon keeps running).
     Down,
+    /// Log in to the tailnet (as `up`: with --auth-key, or by visiting the URL control gives).
+    Login(UpArgs),
+    /// Log out: disconnect, forget the auth key, and have control expire this node's key.
+    Logout,
     /// Show this node and its peers.
     Status(StatusArgs),
     /// Disco-ping a peer and report the path it answers on.
@@ -96,6 +100,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Daemon(args) => daemon::run(socket, args),
         Command::Up(args) => up::up(socket, args),
         Command::Down => up::down(socket),
+        Command::Login(args) => up::up(socket, args),
+        Command::Logout => up::logout(socket),
         Command::Status(args) => status::status(socket, args),
         Command::Ip(args) => status::ip(socket, args),
         Command::Ping(args) => ping::run(socket, args),

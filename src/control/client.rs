@@ -108,6 +108,12 @@ impl NodeIdentity {
     }
 }
 
+/// Logs this node out at control (see [`connection::logout`]); bounded by `config.watchdog`
+/// for the request and the dial timeouts for the rest.
+pub async fn logout(config: &ControlConfig, identity: &NodeIdentity) -> Result<(), ControlError> {
+    connection::logout(config, identity).await
+}
+
 /// The pure part of the control session: connection state, error and retry bookkeeping, and
 /// how each of them shows in the status snapshot.
 #[derive(Debug)]
@@ -141,8 +147,16 @@ impl Session {
         }
     }
 
+    /// Control wants a person to visit `auth_url`; the register request waits for it.
+    pub fn needs_login(&self, s: &mut Status, auth_url: &str) {
+        s.backend_state = BackendState::NeedsLogin;
+        s.auth_url = Some(auth_url.to_string());
+        s.control.state = ControlState::WaitingForLogin;
+    }
+
     /// The map stream is open and the first netmap arrived.
     pub fn connected(&mut self, s: &mut Status, now: SystemTime) {
+        s.auth_url = None;
         self.backoff.succeeded();
         s.control.state = ControlState::Connected;
         s.control.connected_since = Some(rfc3339(now));
@@ -166,6 +180,7 @@ impl Session {
             at: rfc3339(now),
         });
         s.control.connected_since = None;
+        s.auth_url = None;
         match err {
             ControlError::LoginRefused(_) => {
                 s.control.state = ControlState::LoginFailed;
@@ -268,17 +283,8 @@ mod connection {
             .map_err(|e| ControlError::Transient(format!("GET {}/key: {e}", url.origin())))?;
         let mut conn = dial::connect(&url, &identity.machine, &server_key).await?;
         tracing::debug!(server = %url.authority, "ts2021 connection up");
-        tokio::time::timeout(
-            config.watchdog,
-            register(&mut conn, config, identity, state),
-        )
-        .await
-        .map_err(|_| {
-            ControlError::Transient(format!(
-                "POST /machine/register: no answer within {:?}",
-                config.watchdog
-            ))
-        })??;
+        let login = LoginWatch { status, session };
+        register(&mut conn, config, identity, state, &login).await?;
         let mut local_rx = link.map(|l| l.local.clone());
         let local = local_rx
             .as_mut()
@@ -326,24 +332,140 @@ mod connection {
         config: &ControlConfig,
         identity: &mut NodeIdentity,
         state: &StateDir,
+        login: &LoginWatch<'_>,
     ) -> Result<(), ControlError> {
+        let mut followup = String::new();
         // One renewal per attempt: a second "expired" answer for a fresh key is control's bug.
-        for _ in 0..2 {
-            let old = identity.old_node.unwrap_or_default();
-            let req = RegisterRequest {
-                version: i32::from(CAPABILITY_VERSION),
-                node_key: identity.node.public(),
-                old_node_key: old,
-                auth: config.auth_key.as_ref().map(|k| RegisterResponseAuth {
-                    auth_key: k.clone(),
-                    ..Default::default()
-                }),
-                expiry: GoTime::ZERO,
-                hostinfo: Some(hostinfo(config)),
-                ..Default::default()
+        let mut renewed = false;
+        loop {
+            let answer = match register_once(conn, config, identity, &followup).await {
+                Ok(answer) => answer,
+                // A held follow-up that outlived the watchdog is asked again, as Go polls.
+                Err(RegisterWait::TimedOut) if !followup.is_empty() => continue,
+                Err(RegisterWait::TimedOut) => {
+                    return Err(ControlError::Transient(format!(
+                        "POST /machine/register: no answer within {:?}",
+                        config.watchdog
+                    )))
+                }
+                Err(RegisterWait::Failed(e)) => return Err(e),
             };
-            let body = serde_json::to_vec(&req)
-                .map_err(|e| ControlError::transient("encoding RegisterRequest", e))?;
+            match register_outcome(&answer) {
+                RegisterOutcome::Accepted => {
+                    tracing::info!(node_key = %identity.node.public(), user = answer.user.id, "registered with control");
+                    identity.old_node = None;
+                    return Ok(());
+                }
+                RegisterOutcome::NodeKeyExpired if !renewed => {
+                    tracing::info!("control says our node key expired; renewing it");
+                    identity.renew_node_key(state)?;
+                    renewed = true;
+                }
+                RegisterOutcome::NodeKeyExpired => {
+                    return Err(ControlError::Transient(
+                        "control called a freshly renewed node key expired".into(),
+                    ))
+                }
+                RegisterOutcome::NeedsAuth(url) => {
+                    if followup != url {
+                        tracing::info!(auth_url = %url, "control wants an interactive login");
+                        login.show(&url);
+                    } else {
+                        // The same URL straight back: not approved yet; poll, gently.
+                        tokio::time::sleep(FOLLOWUP_POLL).await;
+                    }
+                    followup = url;
+                }
+                RegisterOutcome::Refused(why) => return Err(ControlError::LoginRefused(why)),
+            }
+        }
+    }
+
+    /// Tells control this node logs out: a register request whose `Expiry` is in the past
+    /// (Unix 123, as Go sends). Control expires the node key; the next login renews it.
+    pub(super) async fn logout(
+        config: &ControlConfig,
+        identity: &NodeIdentity,
+    ) -> Result<(), ControlError> {
+        let url = ControlUrl::parse(&config.url)?;
+        let body = dial::fetch_key_body(&url, CAPABILITY_VERSION).await?;
+        let server_key = dial::parse_key_response(&body)
+            .map_err(|e| ControlError::Transient(format!("GET {}/key: {e}", url.origin())))?;
+        let mut conn = dial::connect(&url, &identity.machine, &server_key).await?;
+        let req = RegisterRequest {
+            version: i32::from(CAPABILITY_VERSION),
+            node_key: identity.node.public(),
+            expiry: GoTime::from_unix(LOGOUT_EXPIRY_UNIX),
+            hostinfo: Some(hostinfo(config)),
+            ..Default::default()
+        };
+        let body = serde_json::to_vec(&req)
+            .map_err(|e| ControlError::transient("encoding the logout request", e))?;
+        let resp = tokio::time::timeout(
+            config.watchdog,
+            conn.post("/machine/register", body, &[identity.node.public()]),
+        )
+        .await
+        .map_err(|_| ControlError::Transient("logout: no answer from control".into()))??;
+        if resp.status() != http::StatusCode::OK {
+            return Err(ControlError::Transient(format!(
+                "logout: control answered HTTP {}",
+                resp.status()
+            )));
+        }
+        Ok(())
+    }
+
+    /// The expiry Go's client sends to log out (a time long past).
+    const LOGOUT_EXPIRY_UNIX: i64 = 123;
+
+    /// How long to wait before asking again when control answers a follow-up at once.
+    const FOLLOWUP_POLL: Duration = Duration::from_secs(2);
+
+    /// Where a pending interactive login is shown (the status snapshot).
+    pub(super) struct LoginWatch<'a> {
+        pub(super) status: &'a watch::Sender<Status>,
+        pub(super) session: &'a Session,
+    }
+
+    impl LoginWatch<'_> {
+        fn show(&self, url: &str) {
+            self.status
+                .send_modify(|s| self.session.needs_login(s, url));
+        }
+    }
+
+    enum RegisterWait {
+        TimedOut,
+        Failed(ControlError),
+    }
+
+    /// One `POST /machine/register` (with `Followup` when waiting for a login), bounded by the
+    /// watchdog.
+    async fn register_once(
+        conn: &mut ControlConn,
+        config: &ControlConfig,
+        identity: &NodeIdentity,
+        followup: &str,
+    ) -> Result<RegisterResponse, RegisterWait> {
+        let old = identity.old_node.unwrap_or_default();
+        let req = RegisterRequest {
+            version: i32::from(CAPABILITY_VERSION),
+            node_key: identity.node.public(),
+            old_node_key: old,
+            auth: config.auth_key.as_ref().map(|k| RegisterResponseAuth {
+                auth_key: k.clone(),
+                ..Default::default()
+            }),
+            expiry: GoTime::ZERO,
+            followup: followup.to_string(),
+            hostinfo: Some(hostinfo(config)),
+            ..Default::default()
+        };
+        let failed = RegisterWait::Failed;
+        let body = serde_json::to_vec(&req)
+            .map_err(|e| failed(ControlError::transient("encoding RegisterRequest", e)))?;
+        let exchange = async {
             let resp = conn
                 .post("/machine/register", body, &[old, identity.node.public()])
                 .await?;
@@ -357,25 +479,14 @@ mod connection {
                     String::from_utf8_lossy(&body).trim()
                 )));
             }
-            let answer: RegisterResponse = serde_json::from_slice(&body).map_err(|e| {
+            serde_json::from_slice::<RegisterResponse>(&body).map_err(|e| {
                 ControlError::Transient(format!("POST /machine/register: bad JSON: {e}"))
-            })?;
-            match register_outcome(&answer) {
-                RegisterOutcome::Accepted => {
-                    tracing::info!(node_key = %identity.node.public(), user = answer.user.id, "registered with control");
-                    identity.old_node = None;
-                    return Ok(());
-                }
-                RegisterOutcome::NodeKeyExpired => {
-                    tracing::info!("control says our node key expired; renewing it");
-                    identity.renew_node_key(state)?;
-                }
-                RegisterOutcome::Refused(why) => return Err(ControlError::LoginRefused(why)),
-            }
+            })
+        };
+        match tokio::time::timeout(config.watchdog, exchange).await {
+            Ok(result) => result.map_err(failed),
+            Err(_) => Err(RegisterWait::TimedOut),
         }
-        Err(ControlError::Transient(
-            "control called a freshly renewed node key expired".into(),
-        ))
     }
 
     /// A lite update: same connection, must not disturb the stream; its answer
@@ -555,6 +666,8 @@ mod connection {
     pub(super) enum RegisterOutcome {
         Accepted,
         NodeKeyExpired,
+        /// Control wants a person to visit this URL (checked to be http or https).
+        NeedsAuth(String),
         Refused(String),
     }
 
@@ -562,10 +675,18 @@ mod connection {
         if !r.error.is_empty() {
             RegisterOutcome::Refused(r.error.clone())
         } else if !r.auth_url.is_empty() {
-            RegisterOutcome::Refused(format!(
-                "control wants an interactive login at {}; use --auth-key",
-                r.auth_url
-            ))
+            match http::Uri::try_from(r.auth_url.as_str()) {
+                Ok(uri)
+                    if matches!(uri.scheme_str(), Some("http" | "https"))
+                        && uri.host().is_some() =>
+                {
+                    RegisterOutcome::NeedsAuth(r.auth_url.clone())
+                }
+                _ => RegisterOutcome::Refused(format!(
+                    "control sent a login URL that is not http(s), refused: {:?}",
+                    r.auth_url
+                )),
+            }
         } else if r.node_key_expired {
             RegisterOutcome::NodeKeyExpired
         } else if r
@@ -910,9 +1031,20 @@ mod tests {
             auth_url: "http://x/register/1".into(),
             ..Default::default()
         };
-        assert!(
-            matches!(register_outcome(&url), RegisterOutcome::Refused(m) if m.contains("--auth-key"))
+        assert_eq!(
+            register_outcome(&url),
+            RegisterOutcome::NeedsAuth("http://x/register/1".into())
         );
+        for bad in ["javascript:alert(1)", "file:///etc/passwd", "x/register/1"] {
+            let url = RegisterResponse {
+                auth_url: bad.into(),
+                ..Default::default()
+            };
+            assert!(
+                matches!(register_outcome(&url), RegisterOutcome::Refused(m) if m.contains("not http(s)")),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

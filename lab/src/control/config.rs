@@ -26,6 +26,12 @@ pub struct Config {
     /// Serve the same over HTTPS too (for `https://` control URLs).
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+    /// Nodes without a pre-auth key get a login URL to be approved on this server's page.
+    #[serde(default)]
+    pub interactive_login: bool,
+    /// This server's URL as people reach it, for login URLs (default `http://<listen>`).
+    #[serde(default)]
+    pub server_url: Option<String>,
     /// Directory for the Noise key and the node database; created if missing.
     pub state_dir: PathBuf,
     /// Tailnet DNS domain: node names become `<label>.<domain>.`.
@@ -180,6 +186,14 @@ fn default_keep_alive_secs() -> u64 {
 }
 
 impl Config {
+    /// The URL people reach this server at (`server_url`, else `http://<listen>`), no trailing `/`.
+    pub fn public_url(&self) -> String {
+        match &self.server_url {
+            Some(url) => url.trim_end_matches('/').to_string(),
+            None => format!("http://{}", self.listen),
+        }
+    }
+
     /// Reads, parses and validates a configuration file.
     pub fn load(path: &Path) -> Result<Self, ControlError> {
         let text = std::fs::read_to_string(path).map_err(|source| ControlError::Io {
@@ -219,6 +233,13 @@ impl Config {
                 "keep_alive_secs = {} is out of range: use 1 to 60 (clients time out after 120 s of silence)",
                 self.keep_alive_secs
             ));
+        }
+        if let Some(url) = &self.server_url {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return bad(format!(
+                    "server_url {url:?} must start with http:// or https://"
+                ));
+            }
         }
         if let Some(tls) = &self.tls {
             if tls.listen == self.listen {

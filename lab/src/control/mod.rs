@@ -15,6 +15,7 @@ use std::path::PathBuf;
 
 pub use config::{Config, CAP_RELAY, CAP_RELAY_TARGET};
 pub use db::{NodeDb, NodeRecord};
+pub use policy::login::LoginRequest;
 pub use policy::{
     CapGrantRule, DstPortRange, FilterRule, NodeChanges, NodeUpdate, RegisterInput,
     RegisterOutcome, Tailnet, LAB_USER_ID,

@@ -31,6 +31,8 @@ pub struct RegisterInput {
     pub logout: bool,
     /// Capability version of the client.
     pub version: u32,
+    /// The login URL of an earlier answer that this request waits on (`Followup`), if any.
+    pub followup: Option<String>,
 }
 
 /// Result of a registration.
@@ -44,6 +46,9 @@ pub enum RegisterOutcome {
     Rejected(String),
     /// The node key belongs to another machine (answer 401).
     MachineMismatch,
+    /// An interactive login is pending: the node must visit `/register/<login_id>` (and wait
+    /// for it to be approved there).
+    NeedsLogin { login_id: String },
 }
 
 /// Node state carried by a `/machine/map` request.
@@ -117,6 +122,8 @@ pub struct CapGrantRule {
 pub struct Tailnet {
     config: Config,
     db: NodeDb,
+    /// Interactive logins waiting for approval, by login ID (memory only: a restart forgets them).
+    logins: login::PendingLogins,
 }
 
 impl Tailnet {
@@ -124,7 +131,11 @@ impl Tailnet {
     pub fn open(config: Config) -> Result<Self, ControlError> {
         ensure_state_dir(&config.state_dir)?;
         let db = NodeDb::load(&config.state_dir)?;
-        Ok(Tailnet { config, db })
+        Ok(Tailnet {
+            config,
+            db,
+            logins: login::PendingLogins::default(),
+        })
     }
 
     /// The configuration.
@@ -207,14 +218,12 @@ impl Tailnet {
             }
         }
         let Some(auth_key) = req.auth_key.as_deref() else {
-            return Ok(RegisterOutcome::Rejected(
-                "this lab server only registers nodes with a pre-auth key".into(),
-            ));
+            return self.interactive(req, now_unix);
         };
         if let Err(reason) = self.check_auth_key(auth_key, &req.machine_key) {
             return Ok(RegisterOutcome::Rejected(reason));
         }
-        self.admit(req, auth_key, now_unix)
+        self.admit(req, Some(auth_key), now_unix)
     }
 
     /// Checks a pre-auth key: known, and unused unless reusable or used by this same machine.
@@ -237,12 +246,12 @@ impl Tailnet {
     fn admit(
         &mut self,
         req: &RegisterInput,
-        auth_key: &str,
+        auth_key: Option<&str>,
         now_unix: u64,
     ) -> Result<RegisterOutcome, ControlError> {
-        let ephemeral =
-            req.ephemeral || self.config.auth_key(auth_key).is_some_and(|k| k.ephemeral);
-        if !self.config.auth_key(auth_key).is_some_and(|k| k.reusable) {
+        let key = auth_key.and_then(|k| self.config.auth_key(k));
+        let ephemeral = req.ephemeral || key.is_some_and(|k| k.ephemeral);
+        if let Some(auth_key) = auth_key.filter(|_| !key.is_some_and(|k| k.reusable)) {
             self.db
                 .used_auth_keys
                 .insert(auth_key.to_string(), req.machine_key.clone());
@@ -607,5 +616,6 @@ fn dns_label(hostname: &str) -> String {
     }
 }
 
+pub mod login;
 #[cfg(test)]
 mod tests;

@@ -47,11 +47,63 @@ fn route(shared: Arc<Shared>, peer: SocketAddr, req: Request<Incoming>) -> Respo
         (&Method::GET, "/key") => key_response(&shared),
         (_, "/ts2021") => upgrade(shared, peer, req),
         (&Method::GET, "/generate_204") => status(StatusCode::NO_CONTENT, ""),
+        (method, path) if path.starts_with("/register/") => {
+            login_page(&shared, method, &path["/register/".len()..])
+        }
         (_, path) => {
             debug!(%peer, path, "unknown HTTP path");
             status(StatusCode::NOT_FOUND, "not found\n")
         }
     }
+}
+
+/// The interactive login page: `GET` shows which node asks, `POST` approves it (a lab server:
+/// whoever can reach the page and knows the unguessable ID may approve).
+fn login_page(shared: &Shared, method: &Method, id: &str) -> Response<Body> {
+    let valid_id = !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_hexdigit());
+    let request = valid_id
+        .then(|| shared.tailnet().login_request(id))
+        .flatten();
+    let Some(request) = request else {
+        return status(StatusCode::NOT_FOUND, "unknown or expired login\n");
+    };
+    let host = html_escape(&request.hostname);
+    match *method {
+        Method::GET if request.approved => html(&format!("<p>Node <b>{host}</b> is approved.</p>")),
+        Method::GET => html(&format!(
+            "<p>Node <b>{host}</b> asks to join this lab tailnet.</p>\
+             <form method=\"post\"><button type=\"submit\">Approve</button></form>"
+        )),
+        Method::POST => {
+            shared.tailnet().approve_login(id);
+            shared.logins_approved.notify_waiters();
+            tracing::info!(hostname = %request.hostname, "interactive login approved");
+            html(&format!("<p>Node <b>{host}</b> is approved.</p>"))
+        }
+        _ => status(StatusCode::METHOD_NOT_ALLOWED, "use GET or POST\n"),
+    }
+}
+
+fn html(body: &str) -> Response<Body> {
+    let page = format!(
+        "<!doctype html><html><head><title>tern lab login</title></head><body>{body}</body></html>\n"
+    );
+    Response::builder()
+        .header("content-type", "text/html; charset=utf-8")
+        .body(Full::new(Bytes::from(page)))
+        .unwrap_or_else(|_| status(StatusCode::INTERNAL_SERVER_ERROR, ""))
+}
+
+fn html_escape(text: &str) -> String {
+    text.chars()
+        .map(|c| match c {
+            '<' => "&lt;".to_string(),
+            '>' => "&gt;".to_string(),
+            '&' => "&amp;".to_string(),
+            '"' => "&quot;".to_string(),
+            c => c.to_string(),
+        })
+        .collect()
 }
 
 /// `GET /key?v=N` (§2): the Noise public key, and an all-zero legacy key.

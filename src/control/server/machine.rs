@@ -2,12 +2,13 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use h2::server::SendResponse;
 use h2::RecvStream;
 use http::{Request, Response, StatusCode};
-use tern_lab::control::{ControlError, NodeUpdate, RegisterOutcome};
+use tern_lab::control::{ControlError, NodeUpdate, RegisterInput, RegisterOutcome};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, info, warn};
 
@@ -101,7 +102,7 @@ async fn handle_request(
         }
     };
     match path.as_str() {
-        "/machine/register" => register(&shared, peer, &body, respond),
+        "/machine/register" => register(&shared, peer, &body, respond).await,
         "/machine/map" => map(shared, peer, &body, respond),
         p if p.starts_with("/machine/") => {
             debug!(addr = %peer.addr, path = p, "unimplemented /machine endpoint");
@@ -177,7 +178,11 @@ fn decode_request<T: serde::de::DeserializeOwned>(
 }
 
 /// `/machine/register` with the pre-auth-key flow (§4.3).
-fn register(shared: &Shared, peer: Peer, body: &[u8], mut respond: SendResponse<Bytes>) {
+/// How long a follow-up registration is held open waiting for its login to be approved (the
+/// client asks again after that).
+const LOGIN_HOLD: Duration = Duration::from_secs(60);
+
+async fn register(shared: &Shared, peer: Peer, body: &[u8], mut respond: SendResponse<Bytes>) {
     let path = "/machine/register";
     let req: RegisterRequest =
         match decode_request(body, "RegisterRequest", |r: &RegisterRequest| r.version) {
@@ -194,7 +199,7 @@ fn register(shared: &Shared, peer: Peer, body: &[u8], mut respond: SendResponse<
             }
         };
     let input = mapper::register_input(&req, &peer.machine);
-    let outcome = shared.tailnet().register(&input, now_unix());
+    let outcome = register_or_hold(shared, &input).await;
     let outcome = match outcome {
         Ok(outcome) => outcome,
         Err(err) => {
@@ -232,6 +237,10 @@ fn register(shared: &Shared, peer: Peer, body: &[u8], mut respond: SendResponse<
             warn!(machine = %peer.machine, reason, "registration refused");
             mapper::register_error(&reason)
         }
+        RegisterOutcome::NeedsLogin { login_id } => {
+            info!(machine = %peer.machine, "interactive login pending");
+            mapper::register_needs_login(format!("{}/register/{login_id}", shared.public_url))
+        }
         RegisterOutcome::MachineMismatch => {
             return reject(
                 shared,
@@ -244,6 +253,29 @@ fn register(shared: &Shared, peer: Peer, body: &[u8], mut respond: SendResponse<
         }
     };
     send_json::<RegisterResponse>(&mut respond, &response);
+}
+
+/// Runs the registration; a follow-up whose login is still pending is held (up to
+/// [`LOGIN_HOLD`]) until an approval wakes it, as Tailscale's control does.
+async fn register_or_hold(
+    shared: &Shared,
+    input: &RegisterInput,
+) -> Result<RegisterOutcome, ControlError> {
+    let deadline = tokio::time::Instant::now() + LOGIN_HOLD;
+    loop {
+        // Registered before checking, so an approval between the check and the wait is seen.
+        let approved = shared.logins_approved.notified();
+        tokio::pin!(approved);
+        approved.as_mut().enable();
+        let outcome = shared.tailnet().register(input, now_unix());
+        let waiting = matches!(outcome, Ok(RegisterOutcome::NeedsLogin { .. }));
+        if !waiting || input.followup.is_none() {
+            return outcome;
+        }
+        if tokio::time::timeout_at(deadline, approved).await.is_err() {
+            return outcome;
+        }
+    }
 }
 
 /// `/machine/map`: streaming poll, lite update, or one-shot (§5.1).

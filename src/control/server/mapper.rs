@@ -55,6 +55,7 @@ pub(super) fn register_input(req: &RegisterRequest, machine: &MachinePublic) -> 
         ephemeral: req.ephemeral,
         logout,
         version: u32::try_from(req.version).unwrap_or(0),
+        followup: (!req.followup.is_empty()).then(|| req.followup.clone()),
     }
 }
 
@@ -109,6 +110,14 @@ pub(super) fn register_success(tailnet: &Tailnet, _node_id: u64) -> RegisterResp
 pub(super) fn register_logged_out() -> RegisterResponse {
     RegisterResponse {
         node_key_expired: true,
+        ..RegisterResponse::default()
+    }
+}
+
+/// "Visit this URL" (an interactive login that is not approved yet).
+pub(super) fn register_needs_login(auth_url: String) -> RegisterResponse {
+    RegisterResponse {
+        auth_url,
         ..RegisterResponse::default()
     }
 }

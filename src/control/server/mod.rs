@@ -94,6 +94,10 @@ pub(crate) struct Shared {
     keep_alive: Duration,
     rejections: Rejections,
     sent: Sent,
+    /// Woken when an interactive login is approved (held follow-up registrations re-check).
+    logins_approved: tokio::sync::Notify,
+    /// Where people reach this server, for login URLs.
+    public_url: String,
 }
 
 impl Shared {
@@ -140,6 +144,7 @@ impl ControlServer {
         let key = tern_lab::control::db::load_or_create_noise_key(&config.state_dir)?;
         let listen = config.listen;
         let tls_config = config.tls.clone();
+        let public_url = config.public_url();
         let offline_grace = Duration::from_secs(config.offline_grace_secs);
         let keep_alive = Duration::from_secs(config.keep_alive_secs);
         let tailnet = Tailnet::open(config)?;
@@ -160,6 +165,8 @@ impl ControlServer {
             keep_alive,
             rejections: Rejections::default(),
             sent: Sent::default(),
+            logins_approved: tokio::sync::Notify::new(),
+            public_url,
         });
         let tls = match tls_config {
             Some(tls) => Some(bind_tls(&tls).await?),

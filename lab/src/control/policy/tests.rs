@@ -1,3 +1,4 @@
+use super::login::LoginRequest;
 use super::*;
 use serde_json::json;
 
@@ -410,4 +411,56 @@ fn dns_labels_are_sanitised() {
     assert_eq!(dns_label("My_Host.local"), "my-host-local");
     assert_eq!(dns_label("--"), "node");
     assert_eq!(dns_label(&"a".repeat(80)).len(), 63);
+}
+
+fn login_id(outcome: RegisterOutcome) -> String {
+    match outcome {
+        RegisterOutcome::NeedsLogin { login_id } => login_id,
+        other => panic!("expected NeedsLogin, got {other:?}"),
+    }
+}
+
+#[test]
+fn interactive_login_waits_for_approval_of_its_own_machine() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut off = Tailnet::open(config(dir.path(), "")).unwrap();
+    assert!(matches!(
+        off.register(&req(1, 1, None, "a"), 1).unwrap(),
+        RegisterOutcome::Rejected(m) if m.contains("pre-auth key")
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), "");
+    cfg.interactive_login = true;
+    let mut t = Tailnet::open(cfg).unwrap();
+    let id = login_id(t.register(&req(1, 1, None, "a"), 1).unwrap());
+    assert_eq!(id.len(), 32, "128 random bits as hex");
+    assert_ne!(id, login_id(t.register(&req(2, 2, None, "b"), 1).unwrap()));
+    let follow = |m: u8, n: u8, id: &str| RegisterInput {
+        followup: Some(format!("http://127.0.0.1:8080/register/{id}")),
+        ..req(m, n, None, "a")
+    };
+    // Not approved yet: still waiting, on the same ID.
+    assert_eq!(login_id(t.register(&follow(1, 1, &id), 2).unwrap()), id);
+    // Another machine cannot ride on this login.
+    assert_eq!(
+        t.register(&follow(3, 3, &id), 2).unwrap(),
+        RegisterOutcome::MachineMismatch
+    );
+    assert_eq!(
+        t.login_request(&id),
+        Some(LoginRequest {
+            hostname: "a".into(),
+            approved: false
+        })
+    );
+    assert!(t.approve_login("no-such-login").is_none());
+    assert!(t.approve_login(&id).is_some());
+    let (node_id, created) = accepted(t.register(&follow(1, 1, &id), 3).unwrap());
+    assert!(created);
+    assert_eq!(t.nodes()[0].id, node_id);
+    // The login is used up.
+    assert!(matches!(
+        t.register(&follow(1, 9, &id), 4).unwrap(),
+        RegisterOutcome::Rejected(m) if m.contains("unknown or expired")
+    ));
 }
