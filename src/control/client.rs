@@ -834,7 +834,7 @@ fn peer_status(node: &Node) -> PeerStatus {
         online: node.online,
         last_seen: node.last_seen.as_ref().and_then(go_time),
         key_expiry: go_time(&node.key_expiry),
-        expired: node.expired,
+        expired: node.key_expired(SystemTime::now()),
         home_derp: region(node.effective_home_derp()),
         endpoints: node.endpoints.iter().map(|e| e.to_string()).collect(),
         // Filled by the data plane.

@@ -1059,6 +1059,21 @@ pub struct Node {
 }
 
 impl Node {
+    /// Whether this node's key is expired at `now`: control says so (`Expired`), or its
+    /// `KeyExpiry` has passed (Go's client checks the time itself too).
+    pub fn key_expired(&self, now: std::time::SystemTime) -> bool {
+        self.expired
+            || self
+                .key_expiry
+                .datetime()
+                .is_some_and(|t| time::OffsetDateTime::from(now) >= t)
+    }
+
+    /// When this node's key expires, if control set an expiry.
+    pub fn key_expiry_time(&self) -> Option<std::time::SystemTime> {
+        self.key_expiry.datetime().map(std::time::SystemTime::from)
+    }
+
     /// Home DERP region: `HomeDERP`, else the legacy `"127.3.3.40:N"` string (as Go does).
     pub fn effective_home_derp(&self) -> RegionId {
         if self.home_derp != 0 {

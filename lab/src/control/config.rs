@@ -32,6 +32,10 @@ pub struct Config {
     /// This server's URL as people reach it, for login URLs (default `http://<listen>`).
     #[serde(default)]
     pub server_url: Option<String>,
+    /// Node keys expire this many seconds after they are registered (default: never). A node
+    /// renews its key by logging in again (its pre-auth key, or an interactive login).
+    #[serde(default)]
+    pub node_key_expiry_secs: Option<u64>,
     /// Directory for the Noise key and the node database; created if missing.
     pub state_dir: PathBuf,
     /// Tailnet DNS domain: node names become `<label>.<domain>.`.

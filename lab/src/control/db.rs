@@ -58,6 +58,9 @@ pub struct NodeRecord {
     pub logged_out: bool,
     /// Creation time, seconds since the Unix epoch.
     pub created_unix: u64,
+    /// When the node key expires, seconds since the Unix epoch (`None` = never).
+    #[serde(default)]
+    pub key_expiry_unix: Option<u64>,
     /// Whether a map stream is connected (runtime only, not persisted).
     #[serde(skip)]
     pub online: bool,
@@ -67,6 +70,11 @@ pub struct NodeRecord {
 }
 
 impl NodeRecord {
+    /// Whether the node key has expired at `now_unix`.
+    pub fn key_expired(&self, now_unix: u64) -> bool {
+        self.key_expiry_unix.is_some_and(|t| t <= now_unix)
+    }
+
     /// The Hostinfo hostname, if the node sent one.
     pub fn hostname(&self) -> Option<&str> {
         self.hostinfo.get("Hostname").and_then(|h| h.as_str())
@@ -235,6 +243,7 @@ mod tests {
             ephemeral: false,
             logged_out: false,
             created_unix: 1,
+            key_expiry_unix: None,
             online: true,
             last_seen_unix: None,
         }

@@ -46,6 +46,8 @@ pub enum RegisterOutcome {
     Rejected(String),
     /// The node key belongs to another machine (answer 401).
     MachineMismatch,
+    /// The node key has expired: the node must make a new one and log in again.
+    KeyExpired { node_id: u64 },
     /// An interactive login is pending: the node must visit `/register/<login_id>` (and wait
     /// for it to be approved there).
     NeedsLogin { login_id: String },
@@ -193,6 +195,11 @@ impl Tailnet {
             if node.machine_key != req.machine_key {
                 return Ok(RegisterOutcome::MachineMismatch);
             }
+            if node.key_expired(now_unix) && !node.logged_out {
+                // Go's client answers this by making a new key and registering it with
+                // `OldNodeKey`, which then needs a login (below).
+                return Ok(RegisterOutcome::KeyExpired { node_id: node.id });
+            }
             if !node.logged_out {
                 // A restart re-sends the same key (and auth key, maybe already used): idempotent.
                 let node_id = node.id;
@@ -204,12 +211,16 @@ impl Tailnet {
             }
         }
         if let Some(old) = req.old_node_key.as_deref() {
-            if let Some(node) = self.node_by_node_key(old) {
+            // A rotation of a live key is free; an expired key is renewed only by a login.
+            if let Some(node) = self
+                .node_by_node_key(old)
+                .filter(|n| !n.key_expired(now_unix) && !n.logged_out)
+            {
                 if node.machine_key != req.machine_key {
                     return Ok(RegisterOutcome::MachineMismatch);
                 }
                 let node_id = node.id;
-                self.rekey(node_id, &req.node_key)?;
+                self.rekey(node_id, &req.node_key, now_unix)?;
                 self.refresh_hostinfo(node_id, &req.hostinfo, req.version)?;
                 return Ok(RegisterOutcome::Accepted {
                     node_id,
@@ -263,7 +274,7 @@ impl Tailnet {
             .find(|n| n.machine_key == req.machine_key)
             .map(|n| n.id);
         if let Some(node_id) = existing {
-            self.rekey(node_id, &req.node_key)?;
+            self.rekey(node_id, &req.node_key, now_unix)?;
             if let Some(node) = self.node_mut(node_id) {
                 node.logged_out = false;
                 node.ephemeral = ephemeral;
@@ -300,6 +311,7 @@ impl Tailnet {
             ephemeral,
             logged_out: false,
             created_unix: now_unix,
+            key_expiry_unix: self.key_expiry_from(now_unix),
             online: false,
             last_seen_unix: None,
         });
@@ -333,14 +345,24 @@ impl Tailnet {
         })
     }
 
-    fn rekey(&mut self, node_id: u64, node_key: &str) -> Result<(), ControlError> {
+    /// Gives node `node_id` the key `node_key`; a new key gets a new expiry.
+    fn rekey(&mut self, node_id: u64, node_key: &str, now_unix: u64) -> Result<(), ControlError> {
+        let expiry = self.key_expiry_from(now_unix);
         if let Some(node) = self.node_mut(node_id) {
-            if node.node_key != node_key {
+            if node.node_key != node_key || node.key_expired(now_unix) {
                 node.node_key = node_key.to_string();
+                node.key_expiry_unix = expiry;
                 self.save()?;
             }
         }
         Ok(())
+    }
+
+    /// The expiry a key registered at `now_unix` gets (`node_key_expiry_secs`).
+    fn key_expiry_from(&self, now_unix: u64) -> Option<u64> {
+        self.config
+            .node_key_expiry_secs
+            .map(|secs| now_unix.saturating_add(secs))
     }
 
     fn refresh_hostinfo(

@@ -237,6 +237,10 @@ async fn register(shared: &Shared, peer: Peer, body: &[u8], mut respond: SendRes
             warn!(machine = %peer.machine, reason, "registration refused");
             mapper::register_error(&reason)
         }
+        RegisterOutcome::KeyExpired { node_id } => {
+            info!(node_id, machine = %peer.machine, "node key expired; the node must log in again");
+            mapper::register_logged_out()
+        }
         RegisterOutcome::NeedsLogin { login_id } => {
             info!(machine = %peer.machine, "interactive login pending");
             mapper::register_needs_login(format!("{}/register/{login_id}", shared.public_url))

@@ -258,7 +258,9 @@ fn wire_node(tailnet: &Tailnet, n: &NodeRecord, is_self: bool) -> Node {
         name: format!("{}.{}.", n.name, tailnet.config().domain),
         user: LAB_USER_ID as i64,
         key: n.node_key.parse().unwrap_or_default(),
-        key_expiry: GoTime::ZERO,
+        key_expiry: n.key_expiry_unix.map_or(GoTime::ZERO, |t| {
+            GoTime::from_unix(i64::try_from(t).unwrap_or(i64::MAX))
+        }),
         machine: n.machine_key.parse().unwrap_or_default(),
         disco_key: n.disco_key.parse().unwrap_or_default(),
         addresses: vec![
@@ -277,6 +279,7 @@ fn wire_node(tailnet: &Tailnet, n: &NodeRecord, is_self: bool) -> Node {
             .flatten(),
         machine_authorized: true,
         cap_map,
+        expired: n.key_expired(super::now_unix()),
         ..Node::default()
     }
 }
