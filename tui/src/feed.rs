@@ -24,9 +24,9 @@ pub trait Backend: Send + Sync + 'static {
 /// Errors reading one line of the stream.
 #[derive(Debug, thiserror::Error)]
 pub enum LineError {
-    #[error("not a status snapshot: {0}")]
+    #[error("{0}")]
     Json(#[from] serde_json::Error),
-    #[error("not a status snapshot: a JSON {0}, not an object")]
+    #[error("a JSON {0}, not a status object")]
     NotObject(&'static str),
 }
 
