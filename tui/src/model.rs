@@ -327,7 +327,12 @@ fn strip_note(peer: &Peer) -> String {
     match (last.next(), last.next()) {
         (Some(new), Some(old)) => {
             let at = fmt::unix(Some(&new.at)).map(fmt::clock).unwrap_or_default();
-            format!("{}→{} {at}", old.path, new.path)
+            if old.path == new.path {
+                // Same path, new reason (e.g. idle → both-hard-nat): the reason is the news.
+                format!("{} {}→{} {at}", new.path, old.reason, new.reason)
+            } else {
+                format!("{}→{} {at}", old.path, new.path)
+            }
         }
         (Some(new), None) => format!(
             "{} since {}",
