@@ -13,7 +13,13 @@
 //! `whois` answers from the status snapshot whether a node key is this node's or one of its
 //! netmap peers' (404 when neither, 400 when the key is malformed); `tern derp
 //! --verify-clients` asks it, as Go's derper asks tailscaled.
+//! | `GET /localapi/v0/watch`    | —              | [`Status`] lines    |
 //!
+//! `watch` streams newline-delimited [`Status`] JSON (chunked, `application/x-ndjson`): the
+//! current snapshot at once, then one whenever it changes, at most one per
+//! [`WATCH_MIN_INTERVAL`]. Each client holds at most one line in flight: a slow reader skips to
+//! the newest snapshot, and one that reads nothing for [`WATCH_STALL`] is dropped, so the daemon
+//! never buffers without bound. The stream ends when the client goes away.
 //! `ping` resolves the peer from the status snapshot ([`resolve_peer`]): 404 when nothing
 //! matches, 409 when several do, 503 without a running data plane, 504 when the engine does
 //! not answer in time. A ping that reaches the engine but gets no pong is a 200 with
@@ -29,12 +35,14 @@ use std::convert::Infallible;
 use std::io;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
+use http_body_util::{BodyExt, Either, Full, Limited};
+use hyper::body::{Frame, Incoming};
 use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
 use tokio::net::{UnixListener, UnixStream};
@@ -48,6 +56,12 @@ use crate::status::{PeerStatus, Status};
 const MAX_BODY: usize = 64 * 1024;
 /// Largest response body the client reads (a big tailnet's status).
 const MAX_RESPONSE: usize = 16 * 1024 * 1024;
+/// `GET /localapi/v0/watch`.
+pub const WATCH_PATH: &str = "/localapi/v0/watch";
+/// The watch stream sends at most one snapshot per this interval (coalescing bursts).
+pub const WATCH_MIN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
+/// A watch client that takes no line for this long is dropped.
+pub const WATCH_STALL: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// `POST /localapi/v0/up`. Absent fields keep their stored value.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -378,7 +392,7 @@ pub async fn serve(
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let shared = shared.clone();
-                async move { Ok::<_, Infallible>(shared.handle(req).await) }
+                async move { Ok::<_, Infallible>(shared.route(req).await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service);
@@ -396,7 +410,84 @@ struct Shared {
 
 type Reply = Response<Full<Bytes>>;
 
+/// A reply with a whole body, or the watch stream.
+type AnyReply = Response<Either<Full<Bytes>, WatchBody>>;
+
+/// The watch stream's body: the lines its task sends, as chunks.
+pub struct WatchBody {
+    lines: mpsc::Receiver<Bytes>,
+}
+
+impl hyper::body::Body for WatchBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.lines
+            .poll_recv(cx)
+            .map(|line| line.map(|l| Ok(Frame::data(l))))
+    }
+}
+
+/// Feed one watch client: the snapshot now, then each change, coalesced to one per
+/// [`WATCH_MIN_INTERVAL`]. `lines` holds one line; while it is full the watch receiver keeps
+/// only the newest snapshot, so a slow client skips ahead instead of queueing.
+async fn stream_snapshots(mut status: watch::Receiver<Status>, lines: mpsc::Sender<Bytes>) {
+    loop {
+        let line = {
+            let snapshot = status.borrow_and_update();
+            serde_json::to_vec(&*snapshot)
+        };
+        let mut line = match line {
+            Ok(line) => line,
+            Err(e) => {
+                tracing::warn!(error = %e, "watch: cannot serialize the status");
+                return;
+            }
+        };
+        line.push(b'\n');
+        match tokio::time::timeout(WATCH_STALL, lines.send(Bytes::from(line))).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return, // the client went away
+            Err(_) => {
+                tracing::debug!("watch: dropping a client that reads nothing");
+                return;
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(WATCH_MIN_INTERVAL) => {}
+            _ = lines.closed() => return,
+        }
+        tokio::select! {
+            changed = status.changed() => if changed.is_err() { return },
+            _ = lines.closed() => return,
+        }
+    }
+}
+
 impl Shared {
+    /// The watch stream, or any other endpoint through [`Shared::handle`].
+    async fn route(&self, req: Request<Incoming>) -> AnyReply {
+        if req.method() == Method::GET && req.uri().path() == WATCH_PATH {
+            return self.watch().map(Either::Right);
+        }
+        self.handle(req).await.map(Either::Left)
+    }
+
+    fn watch(&self) -> Response<WatchBody> {
+        let (tx, rx) = mpsc::channel(1);
+        tokio::spawn(stream_snapshots(self.status.clone(), tx));
+        let mut reply = Response::new(WatchBody { lines: rx });
+        reply.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/x-ndjson"),
+        );
+        reply
+    }
+
     async fn handle(&self, req: Request<Incoming>) -> Reply {
         let method = req.method().clone();
         let path = req.uri().path().to_string();
@@ -433,7 +524,8 @@ impl Shared {
                 | "/localapi/v0/prefs"
                 | "/localapi/v0/ping"
                 | "/localapi/v0/netcheck"
-                | "/localapi/v0/whois",
+                | "/localapi/v0/whois"
+                | "/localapi/v0/watch",
             ) => error_reply(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
             _ => error_reply(
                 StatusCode::NOT_FOUND,
@@ -586,6 +678,77 @@ pub struct Client {
     socket: PathBuf,
 }
 
+/// The daemon's error message from a non-2xx body (`{"error": …}`), else the body as text.
+fn error_of(status: StatusCode, bytes: &[u8]) -> LocalApiError {
+    let message = serde_json::from_slice::<serde_json::Value>(bytes)
+        .ok()
+        .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
+        .unwrap_or_else(|| String::from_utf8_lossy(bytes).into_owned());
+    LocalApiError::Status { status, message }
+}
+
+/// An open `GET /localapi/v0/watch` stream: one [`Status`] line after another.
+pub struct WatchStream {
+    body: Incoming,
+    buf: Vec<u8>,
+    ended: bool,
+    driver: tokio::task::JoinHandle<()>,
+}
+
+impl WatchStream {
+    /// The next line, without its newline; `None` once the daemon ended the stream. A last line
+    /// without a newline (a cut stream) is returned as it is, for the reader to reject.
+    pub async fn next_line(&mut self) -> Result<Option<String>, LocalApiError> {
+        loop {
+            if let Some(end) = self.buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=end).collect();
+                return Ok(Some(String::from_utf8_lossy(&line[..end]).into_owned()));
+            }
+            if self.ended {
+                if self.buf.is_empty() {
+                    return Ok(None);
+                }
+                let rest = std::mem::take(&mut self.buf);
+                return Ok(Some(String::from_utf8_lossy(&rest).into_owned()));
+            }
+            match self.body.frame().await {
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        self.buf.extend_from_slice(&data);
+                    }
+                    if self.buf.len() > MAX_RESPONSE {
+                        return Err(LocalApiError::Body(format!(
+                            "a watch line longer than {MAX_RESPONSE} bytes"
+                        )));
+                    }
+                }
+                Some(Err(e)) if !self.buf.is_empty() => {
+                    return Err(LocalApiError::Body(format!(
+                        "the stream was cut in the middle of a snapshot ({} bytes): {e}",
+                        self.buf.len()
+                    )))
+                }
+                Some(Err(e)) => return Err(e.into()),
+                None => self.ended = true,
+            }
+        }
+    }
+
+    /// The next snapshot; `None` once the daemon ended the stream.
+    pub async fn next(&mut self) -> Result<Option<Status>, LocalApiError> {
+        match self.next_line().await? {
+            Some(line) => Ok(Some(serde_json::from_str(&line)?)),
+            None => Ok(None),
+        }
+    }
+}
+
+impl Drop for WatchStream {
+    fn drop(&mut self) {
+        self.driver.abort();
+    }
+}
+
 impl Client {
     pub fn new(socket: impl Into<PathBuf>) -> Self {
         Self {
@@ -654,6 +817,64 @@ impl Client {
                 Ok(None)
             }
             Err(e) => Err(e),
+        }
+    }
+
+    /// `GET /localapi/v0/watch`: the status now and at every change (see [`WatchStream`]).
+    pub async fn watch(&self) -> Result<WatchStream, LocalApiError> {
+        let (resp, driver) = self.send(Method::GET, WATCH_PATH, None).await?;
+        let status = resp.status();
+        if !status.is_success() {
+            let bytes = Limited::new(resp.into_body(), MAX_BODY)
+                .collect()
+                .await
+                .map_err(|e| LocalApiError::Body(e.to_string()))?
+                .to_bytes();
+            driver.abort();
+            return Err(error_of(status, &bytes));
+        }
+        Ok(WatchStream {
+            body: resp.into_body(),
+            buf: Vec::new(),
+            ended: false,
+            driver,
+        })
+    }
+
+    /// Open a connection and send one request; the caller reads the body and then stops the
+    /// connection driver.
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<(Response<Incoming>, tokio::task::JoinHandle<()>), LocalApiError> {
+        let stream =
+            UnixStream::connect(&self.socket)
+                .await
+                .map_err(|source| LocalApiError::Connect {
+                    path: self.socket.clone(),
+                    source,
+                })?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        let driver = tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "LocalAPI client connection ended with an error");
+            }
+        });
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "local-tern")
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))?;
+        match sender.send_request(req).await {
+            Ok(resp) => Ok((resp, driver)),
+            Err(e) => {
+                driver.abort();
+                Err(e.into())
+            }
         }
     }
 
@@ -1115,6 +1336,103 @@ mod tests {
         ));
         drop(first);
         bind(&sock, SocketOwner::default()).expect("stale socket file must be replaced");
+    }
+
+    fn with_failures(n: u32) -> Status {
+        let mut s = initial();
+        s.control.failed_attempts = n;
+        s
+    }
+
+    #[tokio::test]
+    async fn watch_sends_the_snapshot_at_once_then_changes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (client, status_tx, _cmds) = start(tmp.path()).await;
+        let mut watch = client.watch().await.unwrap();
+        let first = tokio::time::timeout(std::time::Duration::from_secs(2), watch.next())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(first, Some(initial()));
+        status_tx.send(with_failures(7)).unwrap();
+        let next = tokio::time::timeout(std::time::Duration::from_secs(2), watch.next())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(next.map(|s| s.control.failed_attempts), Some(7));
+    }
+
+    #[tokio::test]
+    async fn watch_coalesces_bursts_and_a_slow_client_skips_to_the_newest() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (client, status_tx, _cmds) = start(tmp.path()).await;
+        let mut watch = client.watch().await.unwrap();
+        assert!(watch.next().await.unwrap().is_some());
+        // 200 changes while the client reads nothing.
+        for n in 1..=200 {
+            status_tx.send(with_failures(n)).unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+        // It gets at most a line or two of the past, then the newest one.
+        let mut seen = Vec::new();
+        while seen.last() != Some(&200) {
+            let s = tokio::time::timeout(std::time::Duration::from_secs(3), watch.next())
+                .await
+                .expect("the newest snapshot arrives")
+                .unwrap()
+                .unwrap();
+            seen.push(s.control.failed_attempts);
+        }
+        assert!(seen.len() <= 3, "a slow client must skip ahead: {seen:?}");
+        // Coalescing: a second of changes every 10 ms is at most ~5 lines.
+        let started = std::time::Instant::now();
+        let sender = tokio::spawn(async move {
+            for n in 201..=300 {
+                status_tx.send(with_failures(n)).unwrap();
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            status_tx
+        });
+        let mut lines = 0;
+        loop {
+            let s = watch.next().await.unwrap().unwrap();
+            lines += 1;
+            if s.control.failed_attempts == 300 {
+                break;
+            }
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        let status_tx = sender.await.unwrap();
+        assert!(
+            f64::from(lines) <= elapsed / WATCH_MIN_INTERVAL.as_secs_f64() + 2.0,
+            "{lines} lines in {elapsed:.2} s"
+        );
+        // The stream's task ends with the client.
+        drop(watch);
+        for _ in 0..100 {
+            if status_tx.receiver_count() == 1 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        // A closed client is noticed at the latest after the next change.
+        status_tx.send(with_failures(1)).unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+        assert_eq!(status_tx.receiver_count(), 1, "the watch task must end");
+    }
+
+    #[tokio::test]
+    async fn watch_is_get_only() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (client, _status, _cmds) = start(tmp.path()).await;
+        let err = client
+            .call::<serde_json::Value>(Method::POST, WATCH_PATH, None)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, LocalApiError::Status { status, .. } if status == StatusCode::METHOD_NOT_ALLOWED),
+            "{err}"
+        );
     }
 
     #[tokio::test]

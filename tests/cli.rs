@@ -8,11 +8,11 @@ fn tern() -> Command {
 
 #[test]
 fn unimplemented_subcommand_says_so_and_exits_2() {
-    let out = tern().arg("top").output().expect("run tern");
+    let out = tern().arg("metrics").output().expect("run tern");
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("tern: 'top' is not implemented yet"),
+        stderr.contains("tern: 'metrics' is not implemented yet"),
         "stderr: {stderr}"
     );
 }

@@ -1,6 +1,7 @@
 //! `tern lab …`: the long-lived lab a person can enter with `ip netns exec`, driven by tern-lab.
 
 use std::fmt::Write as _;
+use std::io::IsTerminal as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -9,8 +10,8 @@ use clap::{Args, Subcommand};
 use tern_lab::state::{self, LabStatus};
 use tern_lab::NatMode;
 
-/// Without a subcommand (for now): build the standard lab like `tern lab up` with default NAT
-/// modes, then print its status like `tern lab status`.
+/// Without a subcommand: build the standard lab like `tern lab up` with default NAT modes, then
+/// open `tern top` on c1 when stdout is a terminal (print `tern lab status` otherwise).
 #[derive(Debug, Args)]
 pub struct LabArgs {
     /// Namespace name prefix of the lab (namespaces are `<prefix>-<node>`); for tests.
@@ -35,6 +36,8 @@ pub enum LabCommand {
     Status(LabStatusArgs),
     /// Tear the lab down: stop its processes, delete its namespaces and state.
     Down(LabDownArgs),
+    /// Switch a NAT box of the running lab to another mode (e.g. `tern lab nat nat1 hard`).
+    Nat(LabNatArgs),
     /// Run the lab coordination server (for labs and tests only, not production).
     Control(LabControlArgs),
 }
@@ -68,6 +71,14 @@ pub struct LabStatusArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct LabNatArgs {
+    /// The NAT box: nat1 or nat2.
+    pub nat_box: String,
+    /// easy, hard, fw, udpblock, portfwd or none.
+    pub mode: String,
+}
+
+#[derive(Debug, Args)]
 pub struct LabDownArgs {
     /// Remove every object with the lab's prefix, even without a state file.
     #[arg(long)]
@@ -81,6 +92,7 @@ pub fn run(args: &LabArgs) -> anyhow::Result<ExitCode> {
         Some(LabCommand::Up(up_args)) => up(prefix, up_args),
         Some(LabCommand::Status(status_args)) => status(prefix, status_args),
         Some(LabCommand::Down(down_args)) => down(prefix, down_args),
+        Some(LabCommand::Nat(nat_args)) => nat(prefix, nat_args),
         Some(LabCommand::Control(control_args)) => control(control_args),
         None => {
             // The bare command is the demo: `up` (topology, control, two nodes) + `status`.
@@ -90,9 +102,43 @@ pub fn run(args: &LabArgs) -> anyhow::Result<ExitCode> {
                 ipv6: false,
             };
             up(prefix, &defaults)?;
-            status(prefix, &LabStatusArgs { json: false })
+            if !std::io::stdout().is_terminal() {
+                return status(prefix, &LabStatusArgs { json: false });
+            }
+            let socket = state::state_dir(prefix).join("c1.sock");
+            let top = super::top::TopArgs {
+                once: false,
+                size: (80, 24),
+            };
+            let code = super::top::run(&socket, &top)?;
+            print!("{}", after_top(prefix));
+            Ok(code)
         }
     }
+}
+
+/// What to do next, printed when `tern top` (opened by bare `tern lab`) quits.
+fn after_top(prefix: &str) -> String {
+    let env = if prefix == "tlab" {
+        String::new()
+    } else {
+        format!("TERN_LAB_PREFIX={prefix} ")
+    };
+    format!(
+        "the lab is still running.\n\
+         watch it again:     {env}tern --socket {} top\n\
+         change a NAT:       {env}tern lab nat nat1 hard   (nat1|nat2: easy, hard, fw, udpblock, portfwd, none)\n\
+         describe it:        {env}tern lab status\n\
+         tear it down:       {env}tern lab down\n",
+        state::state_dir(prefix).join("c1.sock").display()
+    )
+}
+
+fn nat(prefix: &str, args: &LabNatArgs) -> anyhow::Result<ExitCode> {
+    let mode: NatMode = args.mode.parse().context("NAT mode")?;
+    state::set_nat_mode(prefix, &args.nat_box, mode)?;
+    println!("{} of lab `{prefix}` is now {mode}", args.nat_box);
+    Ok(ExitCode::SUCCESS)
 }
 
 fn up(prefix: &str, args: &LabUpArgs) -> anyhow::Result<ExitCode> {
@@ -121,6 +167,11 @@ fn up(prefix: &str, args: &LabUpArgs) -> anyhow::Result<ExitCode> {
     }
     println!("enter a node with:  ip netns exec {prefix}-c1 bash");
     println!("describe it with:   tern lab status [--json]");
+    println!(
+        "watch it live:      tern --socket {} top",
+        state::state_dir(prefix).join("c1.sock").display()
+    );
+    println!("change a NAT with:  tern lab nat nat1 hard");
     println!("tear it down with:  tern lab down");
     Ok(ExitCode::SUCCESS)
 }

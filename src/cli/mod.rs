@@ -1,7 +1,7 @@
 //! The `tern` command line: one clap tree, dispatched to one file per verb.
 //!
 //! Each verb's file holds its clap arguments and its handler; nothing below the CLI imports
-//! from here. Verbs that have not landed yet (`metrics`, `top`; `exit-node` later) answer with
+//! from here. Verbs that have not landed yet (`metrics`; `exit-node` later) answer with
 //! [`not_implemented`].
 
 use std::path::PathBuf;
@@ -17,6 +17,7 @@ pub mod netcheck;
 pub mod ping;
 pub mod set;
 pub mod status;
+pub mod top;
 pub mod up;
 
 use daemon::DaemonArgs;
@@ -26,6 +27,7 @@ use netcheck::NetcheckArgs;
 use ping::PingArgs;
 use set::SetArgs;
 use status::{IpArgs, StatusArgs};
+use top::TopArgs;
 use up::UpArgs;
 
 /// Exit code for a subcommand whose issue has not landed yet, and for usage errors.
@@ -74,7 +76,7 @@ pub enum Command {
     /// Print the daemon's metrics (Prometheus text format).
     Metrics,
     /// Live dashboard of peers, paths and relays.
-    Top,
+    Top(TopArgs),
     /// Run a DERP relay server.
     Derp(DerpArgs),
     /// Network-namespace lab: topologies, NAT boxes, lab coordination server. Without a
@@ -108,7 +110,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Netcheck(args) => netcheck::run(socket, args),
         Command::Set(args) => set::run(socket, args),
         Command::Metrics => Ok(not_implemented("metrics")),
-        Command::Top => Ok(not_implemented("top")),
+        Command::Top(args) => top::run(socket, args),
         Command::Derp(args) => derp::run(socket, args),
         Command::Lab(args) => lab::run(args),
     }
