@@ -327,12 +327,14 @@ impl Daemon {
         }
         let (netmap_tx, netmap_rx) = watch::channel(None);
         let (local_tx, local_rx) = watch::channel(Default::default());
+        let (node_key_tx, node_keys) = watch::channel(self.identity.node.clone());
         let config = EngineConfig {
             tun_name: self.tun.clone(),
             port: self.port,
             node_key: self.identity.node.clone(),
             disco_key: self.identity.disco.clone(),
             relay_server_port: self.relay_server_port.subscribe(),
+            node_keys,
         };
         let (task, handle) = engine::spawn(config, netmap_rx, local_tx, self.status.clone());
         self.engine = Some(task);
@@ -340,6 +342,7 @@ impl Daemon {
         Some(EngineLink {
             netmap: std::sync::Arc::new(netmap_tx),
             local: local_rx,
+            node_key: std::sync::Arc::new(node_key_tx),
         })
     }
 

@@ -47,6 +47,8 @@ pub struct ControlConfig {
 pub struct EngineLink {
     pub netmap: Arc<watch::Sender<Option<Arc<NetworkMap>>>>,
     pub local: watch::Receiver<LocalNetInfo>,
+    /// Our node key after each registration, so the engine follows a renewal.
+    pub node_key: Arc<watch::Sender<NodePrivate>>,
 }
 
 /// This node's keys: machine and node keys from the state directory, a disco key made fresh for
@@ -285,6 +287,15 @@ mod connection {
         tracing::debug!(server = %url.authority, "ts2021 connection up");
         let login = LoginWatch { status, session };
         register(&mut conn, config, identity, state, &login).await?;
+        if let Some(link) = link {
+            // A renewal during registration: the engine must use the key control accepted.
+            let key = identity.node.clone();
+            link.node_key.send_if_modified(|k| {
+                let changed = k.public() != key.public();
+                *k = key;
+                changed
+            });
+        }
         let mut local_rx = link.map(|l| l.local.clone());
         let local = local_rx
             .as_mut()
@@ -535,7 +546,18 @@ mod connection {
             let mut decoder = MapFrameDecoder::with_max_len(Compression::Zstd, MAX_MAP_MESSAGE);
             let mut netmap = MapState::default();
             loop {
+                let key_expires = netmap.self_key_expiry().map(|t| {
+                    let left = t.duration_since(SystemTime::now()).unwrap_or_default();
+                    tokio::time::Instant::now() + left
+                });
                 let frame = tokio::select! {
+                    // Our key expires even when control sends nothing (Go has a timer too).
+                    _ = tokio::time::sleep_until(key_expires.unwrap_or_else(far_future)), if key_expires.is_some() => {
+                        self.identity.renew_node_key(self.state)?;
+                        return Err(ControlError::Transient(
+                            "our node key expired; re-registering with a new one".into(),
+                        ));
+                    }
                     frame = tokio::time::timeout(watchdog, body.frame()) => frame.map_err(|_| {
                         ControlError::Transient(format!(
                             "map response long-poll timed out: nothing for {watchdog:?}"
@@ -624,6 +646,10 @@ mod connection {
         info.derp_latency = local.derp_latency.clone();
         hostinfo.net_info = Some(info);
         hostinfo
+    }
+
+    fn far_future() -> tokio::time::Instant {
+        tokio::time::Instant::now() + Duration::from_secs(86_400 * 365)
     }
 
     fn handle_map_message(
@@ -761,6 +787,11 @@ impl MapState {
     }
 
     /// Self `KeyExpiry` in the past means control will not accept this node key any more.
+    /// When our node key expires, if control set an expiry.
+    pub fn self_key_expiry(&self) -> Option<SystemTime> {
+        self.netmap.self_node.as_ref()?.key_expiry_time()
+    }
+
     pub fn self_key_expired(&self, now: SystemTime) -> bool {
         let Some(expiry) = self
             .netmap

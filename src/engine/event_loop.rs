@@ -33,7 +33,10 @@ impl Engine {
         let paths = self.paths.poll_timeout().map(|(t, _, _)| t);
         let pings = self.pending_pings.iter().map(|p| p.deadline).min();
         let retries = self.handshake_retries.values().filter_map(|r| r.due).min();
-        [wg, paths, pings, retries].into_iter().flatten().min()
+        [wg, paths, pings, retries, self.next_key_expiry]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -53,6 +56,8 @@ impl Engine {
         status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut logged_drops = DropCounters::default();
         let mut relay_port = self.relay_port.clone();
+        let mut node_keys = self.node_keys.clone();
+        let mut node_keys_open = true;
         self.apply_relay_port(*relay_port.borrow_and_update());
         // Without a sender (daemon gone) `changed()` would be ready forever: stop watching.
         let mut relay_port_open = true;
@@ -95,10 +100,19 @@ impl Engine {
                     let map = netmaps.borrow_and_update().clone();
                     if let Some(map) = map {
                         self.apply_netmap(&map, tun).await?;
+                        self.netmap = Some(map);
                     }
                 }
                 _ = tokio::time::sleep_until(sleep_until), if deadline.is_some() => {
                     self.on_timers(Instant::now());
+                }
+                changed = node_keys.changed(), if node_keys_open => {
+                    if changed.is_ok() {
+                        let key = node_keys.borrow_and_update().clone();
+                        self.set_node_key(key);
+                    } else {
+                        node_keys_open = false;
+                    }
                 }
                 changed = relay_port.changed(), if relay_port_open => {
                     if changed.is_ok() {
@@ -186,6 +200,12 @@ impl Engine {
         });
         self.paths.handle_timeout(now);
         self.run_handshake_retries(now);
+        if self.next_key_expiry.is_some_and(|t| t <= now) {
+            // A peer's key just expired: it is no longer a peer (Go drops it from WireGuard).
+            if let Some(map) = self.netmap.clone() {
+                self.sync_peers(&map);
+            }
+        }
         let (expired, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending_pings)
             .into_iter()
             .partition(|p| p.deadline <= now);

@@ -73,6 +73,9 @@ pub struct EngineConfig {
     /// The peer relay server's UDP port from prefs (`tern set --relay-server-port`); `None` =
     /// no relay server. Changes apply live: the engine starts, restarts or stops the server.
     pub relay_server_port: tokio::sync::watch::Receiver<Option<u16>>,
+    /// The node key as the control client renews it (a new key restarts every WireGuard
+    /// session and DERP connection).
+    pub node_keys: tokio::sync::watch::Receiver<NodePrivate>,
 }
 
 /// Errors that stop the engine.
@@ -193,6 +196,7 @@ async fn run(
     }
     if let Some(map) = first {
         engine.apply_netmap(&map, &tun).await?;
+        engine.netmap = Some(map);
     }
     status.send_modify(|s| {
         s.data_plane.active = true;
@@ -280,12 +284,18 @@ struct Engine {
     to_send: Vec<(PeerId, Vec<u8>)>,
     /// `prefs.relay_server_port` as the daemon publishes it.
     relay_port: watch::Receiver<Option<u16>>,
+    /// The node key as control renews it.
+    node_keys: watch::Receiver<NodePrivate>,
     /// The peer relay server, while the pref asks for one, and the pref it was started for.
     relay: Option<RelayRuntime>,
     relay_wanted: Option<u16>,
     /// Each peer's first tailnet address (Go `nodeHasCap` checks capabilities between first
     /// addresses).
     first_ip: HashMap<NodePublic, IpAddr>,
+    /// The netmap last applied, kept to drop peers whose keys expire before the next one.
+    netmap: Option<Arc<NetworkMap>>,
+    /// When the next peer key expires (the peers are synced again then).
+    next_key_expiry: Option<Instant>,
 }
 
 impl Engine {
@@ -332,9 +342,12 @@ impl Engine {
             out: vec![0u8; BUF_LEN + consts::DATA_OVERHEAD + consts::MIN_OUT_BUF],
             to_send: Vec::new(),
             relay_port: config.relay_server_port.clone(),
+            node_keys: config.node_keys.clone(),
             relay: None,
             relay_wanted: None,
             first_ip: HashMap::new(),
+            netmap: None,
+            next_key_expiry: None,
         }
     }
 }

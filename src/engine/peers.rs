@@ -2,16 +2,17 @@
 //! kept in step with the netmap's peers, the DERP map.
 
 use std::net::SocketAddr;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use ipnet::IpNet;
 
 use super::{Engine, EngineError};
+use crate::control::tailcfg::Node;
 use crate::filter::Filter;
-use crate::keys::NodePublic;
+use crate::keys::{NodePrivate, NodePublic};
 use crate::netmap::NetworkMap;
-use crate::paths;
-use crate::wg::{PeerId, WgOutput};
+use crate::paths::{self, LocalNet};
+use crate::wg::{PeerId, WgOutput, WgPeers};
 use tern_platform::tun::LinuxTun;
 
 /// Per-peer facts from the netmap the engine needs.
@@ -79,12 +80,19 @@ impl Engine {
     }
 
     pub(super) fn sync_peers(&mut self, map: &NetworkMap) {
+        let wall = SystemTime::now();
+        self.next_key_expiry = next_key_expiry(map, wall, Instant::now());
+        // Peers whose node keys expired are not used (Go leaves them out of WireGuard).
+        let live: Vec<&Node> = map
+            .peers
+            .values()
+            .filter(|n| !n.key_expired(wall))
+            .collect();
         let mut seen = std::collections::HashSet::with_capacity(map.peers.len());
         let mut path_peers = Vec::with_capacity(map.peers.len());
         let mut reachable_anew = Vec::new();
-        self.first_ip = map
-            .peers
-            .values()
+        self.first_ip = live
+            .iter()
             .filter_map(|node| {
                 let first = node
                     .addresses
@@ -93,7 +101,7 @@ impl Engine {
                 Some((node.key, first.addr()))
             })
             .collect();
-        for node in map.peers.values() {
+        for node in live {
             path_peers.push(paths::PeerInfo {
                 node_key: node.key,
                 disco_key: node.disco_key,
@@ -147,6 +155,42 @@ impl Engine {
                     self.to_send.push((id, bytes.to_vec()));
                 }
             }
+        }
+    }
+}
+
+/// When the next peer key expires, as an `Instant` (keys already expired are not counted).
+fn next_key_expiry(map: &NetworkMap, wall: SystemTime, now: Instant) -> Option<Instant> {
+    map.peers
+        .values()
+        .filter_map(Node::key_expiry_time)
+        .filter_map(|t| t.duration_since(wall).ok())
+        .min()
+        .map(|left| now + left)
+}
+
+impl Engine {
+    /// Control renewed our node key: WireGuard sessions (keyed to the old one) and DERP
+    /// connections (authenticated by it) start over with the new key; the peers are the same.
+    pub(super) fn set_node_key(&mut self, key: NodePrivate) {
+        if key.public() == self.node_key {
+            return;
+        }
+        tracing::info!(node_key = %key.public(), "node key renewed: WireGuard sessions and DERP connections start over");
+        self.peers = WgPeers::new(key.clone());
+        self.info.clear();
+        self.last_region.clear();
+        self.handshake_retries.clear();
+        self.node_key = key.public();
+        self.private_key = key;
+        self.derp.clear();
+        let local = LocalNet {
+            node_key: self.node_key,
+            ..self.paths.local().clone()
+        };
+        self.paths.set_local(Instant::now(), local);
+        if let Some(map) = self.netmap.clone() {
+            self.sync_peers(&map);
         }
     }
 }

@@ -170,6 +170,11 @@ impl PeerTable {
         self.touch_all();
     }
 
+    /// What we last told the peers about ourselves.
+    pub fn local(&self) -> &LocalNet {
+        &self.local
+    }
+
     /// New facts about our own network, for every peer.
     pub fn set_local(&mut self, now: Instant, local: LocalNet) {
         self.local = local;
