@@ -142,9 +142,8 @@ impl Daemon {
         if req.hostname.is_some() {
             prefs.hostname = req.hostname;
         }
-        if prefs.login_server.is_none() {
-            return Err("no login server: pass --login-server URL".into());
-        }
+        // Like `tailscale up`: no login server given or stored means Tailscale's own.
+        prefs.login_server = Some(effective_login_server(prefs.login_server.take()));
         prefs.want_running = true;
         self.state.store_prefs(&prefs).map_err(|e| e.to_string())?;
         self.prefs = prefs;
@@ -392,6 +391,14 @@ async fn bounded<T>(
     }
 }
 
+/// Tailscale's coordination server, the default login server as in `tailscale up`.
+pub const DEFAULT_LOGIN_SERVER: &str = "https://controlplane.tailscale.com";
+
+/// The login server to use: the one given or stored, else Tailscale's.
+fn effective_login_server(given: Option<String>) -> String {
+    given.unwrap_or_else(|| DEFAULT_LOGIN_SERVER.to_string())
+}
+
 /// The `--tun` value that asks for no kernel TUN.
 pub const USERSPACE_NETWORKING: &str = "userspace-networking";
 
@@ -424,6 +431,19 @@ fn resolve_user(name: &str) -> anyhow::Result<(u32, u32)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn login_server_defaults_to_tailscales_like_tailscale_up() {
+        assert_eq!(
+            effective_login_server(None),
+            "https://controlplane.tailscale.com"
+        );
+        assert_eq!(
+            effective_login_server(Some("http://10.0.0.1:8080".into())),
+            "http://10.0.0.1:8080"
+        );
+        assert!(validate_login_server(DEFAULT_LOGIN_SERVER).is_ok());
+    }
 
     #[test]
     fn login_server_validation() {

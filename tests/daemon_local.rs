@@ -106,9 +106,8 @@ fn unreachable_control_is_reported_with_its_reason_and_retried() {
 fn bad_input_to_up_is_refused_with_context() {
     let tmp = tempfile::tempdir().unwrap();
     let daemon = Daemon::start(&tmp.path().join("state"), &tmp.path().join("tern.sock"));
-    let out = daemon.cli(&["up", "--auth-key", "k"]);
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("no login server"));
+    // (A bare `up` would default to Tailscale's control server, which tests never dial; the
+    // default itself is a unit test in src/daemon.rs.)
     let out = daemon.cli(&["up", "--login-server", "ftp://x"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("bad --login-server"));
     let out = daemon.cli(&[

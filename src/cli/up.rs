@@ -12,7 +12,7 @@ use crate::status::{BackendState, ControlState, Status};
 
 #[derive(Debug, Args)]
 pub struct UpArgs {
-    /// Coordination server URL.
+    /// Coordination server URL (default: the stored one, else Tailscale's https://controlplane.tailscale.com).
     #[arg(long)]
     pub login_server: Option<String>,
     /// Pre-auth key, or `file:PATH` to read it from a file.
