@@ -601,6 +601,9 @@ mod connection {
                     .next_frame()
                     .map_err(|e| ControlError::transient("bad map message", e))?
                 {
+                    if let Some(plan) = &msg.control_dial_plan {
+                        crate::control::dial_plan::remember(self.conn.authority(), plan);
+                    }
                     handle_map_message(
                         msg,
                         &mut netmap,

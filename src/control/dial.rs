@@ -289,7 +289,19 @@ pub async fn connect(
 ) -> Result<ControlConn, ControlError> {
     let force_tls = note_noise_dial(Instant::now()) || force_noise_443();
     let (plain, tls_port) = dial_ports(url, force_tls);
-    tokio::time::timeout(DIAL_TIMEOUT, race(url, machine, server, plain, tls_port))
+    let plan = super::dial_plan::current(&url.authority);
+    let dial = async {
+        if let Some(plan) = plan {
+            match connect_by_plan(url, &plan, machine, server, plain, tls_port).await {
+                Ok(conn) => return Ok(conn),
+                Err(e) => {
+                    tracing::info!(error = %e, "control's dial plan failed; dialing its host name")
+                }
+            }
+        }
+        race(url, machine, server, plain, tls_port).await
+    };
+    tokio::time::timeout(DIAL_TIMEOUT, dial)
         .await
         .map_err(|_| {
             ControlError::Transient(format!(
@@ -297,6 +309,52 @@ pub async fn connect(
                 url.authority
             ))
         })?
+}
+
+/// Dials the plan's candidates, highest priority first (see [`super::dial_plan`]): within a
+/// priority every candidate starts after its delay and has its own timeout, the first handshake
+/// wins; a priority whose candidates all fail hands over to the next.
+pub async fn connect_by_plan(
+    url: &ControlUrl,
+    plan: &super::tailcfg::ControlDialPlan,
+    machine: &MachinePrivate,
+    server: &MachinePublic,
+    plain: Option<u16>,
+    tls_port: Option<u16>,
+) -> Result<ControlConn, ControlError> {
+    let mut last_error = ControlError::Transient("the dial plan has no IP candidates".into());
+    for group in super::dial_plan::groups(plan) {
+        let mut dials = tokio::task::JoinSet::new();
+        for candidate in group {
+            let url = ControlUrl {
+                dial_ip: Some(candidate.ip),
+                ..url.clone()
+            };
+            let (machine, server) = (machine.clone(), *server);
+            dials.spawn(async move {
+                tokio::time::sleep(candidate.start_delay).await;
+                tokio::time::timeout(
+                    candidate.timeout,
+                    race(&url, &machine, &server, plain, tls_port),
+                )
+                .await
+                .unwrap_or_else(|_| {
+                    Err(ControlError::Transient(format!(
+                        "dial plan candidate {}: no handshake within {:?}",
+                        candidate.ip, candidate.timeout
+                    )))
+                })
+            });
+        }
+        while let Some(joined) = dials.join_next().await {
+            match joined {
+                Ok(Ok(conn)) => return Ok(conn),
+                Ok(Err(e)) => last_error = e,
+                Err(e) => last_error = ControlError::transient("dial plan task", e),
+            }
+        }
+    }
+    Err(last_error)
 }
 
 /// Plain HTTP at once, TLS after [`TLS_HEAD_START`] or as soon as plain fails; the first
@@ -428,6 +486,11 @@ async fn connect_over<S: ControlIo>(
 }
 
 impl ControlConn {
+    /// The control server's `host[:port]` as the URL named it.
+    pub fn authority(&self) -> &str {
+        &self.requests.authority
+    }
+
     /// See [`Requester::post`].
     pub async fn post(
         &mut self,
@@ -578,6 +641,39 @@ mod tests {
         forged.extend_from_slice(&[7u8; 20]);
         let err = dial_error(Script::RawAfterHandshake(forged)).await;
         assert!(err.contains("decryption failed"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_dial_plan_reaches_control_when_its_host_does_not() {
+        use crate::control::tailcfg::{ControlDialPlan, ControlIpCandidate};
+        let stub = Stub::start(echo_path(false)).await;
+        let real = ControlUrl::parse(&stub.url).unwrap();
+        let key =
+            parse_key_response(&fetch_key_body(&real, CAPABILITY_VERSION).await.unwrap()).unwrap();
+        // Same port on another loopback address: nothing listens there.
+        let elsewhere = ControlUrl::parse(&format!("http://127.0.0.9:{}", real.port)).unwrap();
+        let machine = MachinePrivate::generate();
+        assert!(connect(&elsewhere, &machine, &key).await.is_err());
+        let candidate = |ip: &str, priority| ControlIpCandidate {
+            ip: ip.parse().ok(),
+            priority,
+            ..Default::default()
+        };
+        // The higher priority fails (nothing there), the lower one is control.
+        let plan = ControlDialPlan {
+            candidates: vec![candidate("127.0.0.1", 1), candidate("127.0.0.10", 5)],
+        };
+        crate::control::dial_plan::remember(&elsewhere.authority, &plan);
+        let mut conn = connect(&elsewhere, &machine, &key)
+            .await
+            .expect("dialed by the plan");
+        let resp = conn
+            .post("/machine/register", b"{}".to_vec(), &[NodePublic::zero()])
+            .await
+            .unwrap();
+        let body = read_body(resp, 1024).await.unwrap();
+        assert_eq!(body, "hello /machine/register");
+        crate::control::dial_plan::remember(&elsewhere.authority, &ControlDialPlan::default());
     }
 
     #[test]

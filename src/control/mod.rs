@@ -6,6 +6,7 @@
 pub mod backoff;
 pub mod client;
 pub mod dial;
+pub mod dial_plan;
 pub mod error;
 pub mod framing;
 pub mod noise;

@@ -36,6 +36,9 @@ pub struct ControlUrl {
     pub https_port: Option<u16>,
     /// `host[:port]` exactly as the URL had it, for `Host` and `:authority`.
     pub authority: String,
+    /// Dial this address instead of resolving `host` (a `ControlDialPlan` candidate); TLS and
+    /// HTTP still name `host`.
+    pub dial_ip: Option<IpAddr>,
 }
 
 impl ControlUrl {
@@ -89,15 +92,20 @@ impl ControlUrl {
             http_port,
             https_port,
             authority: authority.to_string(),
+            dial_ip: None,
         })
     }
 
-    /// `host` ready for `host:port` (IPv6 in brackets).
+    /// What to connect to for `host:port`: the plan's address if one is set, else `host` (IPv6
+    /// in brackets).
     pub fn host_for_dial(&self) -> String {
-        if self.host.contains(':') {
-            format!("[{}]", self.host)
+        let host = self
+            .dial_ip
+            .map_or_else(|| self.host.clone(), |ip| ip.to_string());
+        if host.contains(':') {
+            format!("[{host}]")
         } else {
-            self.host.clone()
+            host
         }
     }
 
