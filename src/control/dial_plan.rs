@@ -39,7 +39,7 @@ pub fn groups(plan: &ControlDialPlan) -> Vec<Vec<Candidate>> {
             ))
         })
         .collect();
-    usable.sort_by(|a, b| b.0.cmp(&a.0));
+    usable.sort_by_key(|(priority, _)| std::cmp::Reverse(*priority));
     let mut out: Vec<Vec<Candidate>> = Vec::new();
     let mut last = None;
     for (priority, candidate) in usable {
