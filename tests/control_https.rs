@@ -17,7 +17,7 @@ mod support;
 
 use std::path::{Path, PathBuf};
 
-use lab_nodes::{start_derp, tail, wait, Node, AUTH_KEY};
+use lab_nodes::{curl, start_derp, tail, wait, Node, AUTH_KEY};
 use lab_server::{test_config, LabServer};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
 use support::require_root;
@@ -158,17 +158,8 @@ fn tern_and_tsnet_join_an_https_control_server_and_talk() {
         );
     }
     wait("curl ta → Caddy's tailnet site", 60, report, || {
-        let out = lab
-            .ns("c1")
-            .exec_unchecked(&[
-                "curl",
-                "-sS",
-                "--max-time",
-                "10",
-                &format!("http://{caddy_ip}/"),
-            ])
-            .ok()?;
-        (out.stdout == CADDY_BODY.as_bytes()).then_some(())
+        let body = curl(lab.ns("c1"), "GET", &format!("http://{caddy_ip}/"))?;
+        (body == CADDY_BODY.as_bytes()).then_some(())
     });
 }
 

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use dns_stub::{DnsStub, ResolvConf};
-use lab_nodes::{tail, wait, Node, AUTH_KEY, DERP_REGION};
+use lab_nodes::{curl, tail, wait, Node, AUTH_KEY, DERP_REGION};
 use lab_server::{test_config, LabServer};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
 use support::require_root;
@@ -141,16 +141,8 @@ fn tern_and_tsnet_talk_over_a_derp_server_named_only_by_host_name() {
         60,
         report,
         || {
-            let out = ns("c1")
-                .exec_unchecked(&[
-                    "curl",
-                    "-sS",
-                    "--max-time",
-                    "10",
-                    &format!("http://{caddy_ip}/"),
-                ])
-                .ok()?;
-            (out.stdout == CADDY_BODY.as_bytes()).then_some(())
+            let body = curl(ns("c1"), "GET", &format!("http://{caddy_ip}/"))?;
+            (body == CADDY_BODY.as_bytes()).then_some(())
         },
     );
     let path = a.peer_entry("tsb").expect("tsb in status");

@@ -14,23 +14,20 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use lab_nodes::{ping_once, start_derp, wait, Node};
-use lab_server::{test_config, LabServer};
+use lab_nodes::{control_config, curl, ping_once, start_derp, wait, Node};
+use lab_server::LabServer;
 use support::require_root;
-use tern_lab::topology::{CONTROL_IP, RELAY_IPS};
+use tern_lab::topology::CONTROL_IP;
 use tern_lab::{NatMode, Netns, Topology};
 
 /// How long node keys live in this lab.
 const KEY_LIFE_SECS: u64 = 12;
 
 fn approve(ns: &Netns, url: &str) {
-    let out = ns
-        .exec_unchecked(&["curl", "-sS", "--max-time", "10", "-X", "POST", url])
-        .expect("curl");
+    let body = curl(ns, "POST", url).unwrap_or_default();
     assert!(
-        String::from_utf8_lossy(&out.stdout).contains("approved"),
-        "approve {url}: {}",
-        String::from_utf8_lossy(&out.stderr)
+        String::from_utf8_lossy(&body).contains("approved"),
+        "approve {url}"
     );
 }
 
@@ -74,12 +71,7 @@ fn expired_keys_are_renewed_by_login_and_not_used_meanwhile() {
     let topo = Topology::standard_unique(NatMode::Easy, NatMode::Easy).expect("build lab");
     let _derp = start_derp(&topo);
     let dir = tempfile::tempdir().expect("temp dir");
-    let mut config = test_config(
-        &format!("{CONTROL_IP}:8080"),
-        &dir.path().join("control"),
-        &RELAY_IPS[0].to_string(),
-        10,
-    );
+    let mut config = control_config(dir.path());
     config.interactive_login = true;
     config.node_key_expiry_secs = Some(KEY_LIFE_SECS);
     let server_ns = topo.ns("server").expect("server").name().to_string();

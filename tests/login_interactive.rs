@@ -16,10 +16,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use lab_nodes::{start_derp, wait, Node};
-use lab_server::{test_config, LabServer};
+use lab_nodes::{control_config, curl, start_derp, wait, Node};
+use lab_server::LabServer;
 use support::require_root;
-use tern_lab::topology::{CONTROL_IP, RELAY_IPS};
+use tern_lab::topology::CONTROL_IP;
 use tern_lab::{NatMode, Netns, Topology};
 
 /// A CLI command that runs in the background; its output lines arrive on a channel.
@@ -99,12 +99,9 @@ impl Drop for Background {
     }
 }
 
-/// `curl` from `ns`: GET or POST `url`, the body.
-fn curl(ns: &Netns, method: &str, url: &str) -> String {
-    let out = ns
-        .exec_unchecked(&["curl", "-sS", "--max-time", "10", "-X", method, url])
-        .expect("run curl");
-    String::from_utf8_lossy(&out.stdout).into_owned()
+/// `curl` from `ns`: GET or POST `url`, the body as text.
+fn curl_text(ns: &Netns, method: &str, url: &str) -> String {
+    String::from_utf8_lossy(&curl(ns, method, url).unwrap_or_default()).into_owned()
 }
 
 fn url_in(line: &str) -> Option<String> {
@@ -122,12 +119,7 @@ fn tern_up_prints_the_login_url_and_returns_once_it_is_approved() {
     let topo = Topology::standard_unique(NatMode::Easy, NatMode::Easy).expect("build lab");
     let _derp = start_derp(&topo);
     let dir = tempfile::tempdir().expect("temp dir");
-    let mut config = test_config(
-        &format!("{CONTROL_IP}:8080"),
-        &dir.path().join("control"),
-        &RELAY_IPS[0].to_string(),
-        10,
-    );
+    let mut config = control_config(dir.path());
     config.interactive_login = true;
     let server_ns = topo.ns("server").expect("server").name().to_string();
     let control = LabServer::start(config, Some(&server_ns));
@@ -159,9 +151,9 @@ fn tern_up_prints_the_login_url_and_returns_once_it_is_approved() {
         "not registered before approval"
     );
 
-    let page = curl(c1, "GET", &url);
+    let page = curl_text(c1, "GET", &url);
     assert!(page.contains("<b>ta</b> asks to join"), "{page}");
-    let approved = curl(c1, "POST", &url);
+    let approved = curl_text(c1, "POST", &url);
     assert!(approved.contains("approved"), "{approved}");
     assert_eq!(
         up.exit_code(60),
@@ -203,7 +195,7 @@ fn tern_up_prints_the_login_url_and_returns_once_it_is_approved() {
         v["AuthURL"].as_str().map(str::to_string)
     });
     assert_ne!(url2, url, "a new login");
-    assert!(curl(c1, "POST", &url2).contains("approved"));
+    assert!(curl_text(c1, "POST", &url2).contains("approved"));
     assert_eq!(login.exit_code(60), Some(0));
     let again = a.status();
     assert_eq!(again["backend_state"], "Running", "{again:#}");
@@ -218,12 +210,7 @@ fn a_login_url_that_is_not_approved_times_out_with_an_error() {
     require_root();
     let topo = Topology::standard_unique(NatMode::Easy, NatMode::Easy).expect("build lab");
     let dir = tempfile::tempdir().expect("temp dir");
-    let mut config = test_config(
-        &format!("{CONTROL_IP}:8080"),
-        &dir.path().join("control"),
-        &RELAY_IPS[0].to_string(),
-        10,
-    );
+    let mut config = control_config(dir.path());
     config.interactive_login = true;
     let server_ns = topo.ns("server").expect("server").name().to_string();
     let _control = LabServer::start(config, Some(&server_ns));

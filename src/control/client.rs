@@ -279,12 +279,7 @@ mod connection {
         session: &mut Session,
         link: Option<&EngineLink>,
     ) -> Result<(), ControlError> {
-        let url = ControlUrl::parse(&config.url)?;
-        let body = dial::fetch_key_body(&url, CAPABILITY_VERSION).await?;
-        let server_key = dial::parse_key_response(&body)
-            .map_err(|e| ControlError::Transient(format!("GET {}/key: {e}", url.origin())))?;
-        let mut conn = dial::connect(&url, &identity.machine, &server_key).await?;
-        tracing::debug!(server = %url.authority, "ts2021 connection up");
+        let mut conn = dial_control(config, identity).await?;
         let login = LoginWatch { status, session };
         register(&mut conn, config, identity, state, &login).await?;
         if let Some(link) = link {
@@ -392,17 +387,27 @@ mod connection {
         }
     }
 
+    /// `GET /key`, then the ts2021 connection with the key control gave.
+    async fn dial_control(
+        config: &ControlConfig,
+        identity: &NodeIdentity,
+    ) -> Result<ControlConn, ControlError> {
+        let url = ControlUrl::parse(&config.url)?;
+        let body = dial::fetch_key_body(&url, CAPABILITY_VERSION).await?;
+        let server_key = dial::parse_key_response(&body)
+            .map_err(|e| ControlError::Transient(format!("GET {}/key: {e}", url.origin())))?;
+        let conn = dial::connect(&url, &identity.machine, &server_key).await?;
+        tracing::debug!(server = %url.authority, "ts2021 connection up");
+        Ok(conn)
+    }
+
     /// Tells control this node logs out: a register request whose `Expiry` is in the past
     /// (Unix 123, as Go sends). Control expires the node key; the next login renews it.
     pub(super) async fn logout(
         config: &ControlConfig,
         identity: &NodeIdentity,
     ) -> Result<(), ControlError> {
-        let url = ControlUrl::parse(&config.url)?;
-        let body = dial::fetch_key_body(&url, CAPABILITY_VERSION).await?;
-        let server_key = dial::parse_key_response(&body)
-            .map_err(|e| ControlError::Transient(format!("GET {}/key: {e}", url.origin())))?;
-        let mut conn = dial::connect(&url, &identity.machine, &server_key).await?;
+        let mut conn = dial_control(config, identity).await?;
         let req = RegisterRequest {
             version: i32::from(CAPABILITY_VERSION),
             node_key: identity.node.public(),

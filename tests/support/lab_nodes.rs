@@ -194,13 +194,26 @@ pub fn start_stun_only(topo: &Topology) -> Process {
 
 /// The lab control server in `server` with region 900 = DERP node 900a only.
 pub fn start_control(topo: &Topology, dir: &Path) -> LabServer {
-    let config = test_config(
+    start_control_with(topo, control_config(dir))
+}
+
+/// The config of [`start_control`] (CONTROL_IP:8080, state under `dir`, region 900 at the relay
+/// host), for a test to adjust before [`start_control_with`].
+pub fn control_config(dir: &Path) -> tern_lab::control::Config {
+    test_config(
         &format!("{CONTROL_IP}:8080"),
         &dir.join("control"),
         &RELAY_IPS[0].to_string(),
         10,
-    );
-    start_control_with(topo, config)
+    )
+}
+
+/// `curl -X method url` from inside `ns`; the body when curl succeeded.
+pub fn curl(ns: &Netns, method: &str, url: &str) -> Option<Vec<u8>> {
+    let out = ns
+        .exec_unchecked(&["curl", "-sS", "--max-time", "10", "-X", method, url])
+        .ok()?;
+    out.status.success().then_some(out.stdout)
 }
 
 /// The lab control server in `server` with region 900 = DERP node 900a plus the STUN-only node
