@@ -1,5 +1,6 @@
 //! Peer relays: wire pieces shared by the relay server and its clients.
 
+pub mod client;
 pub mod endpoint;
 pub mod geneve;
 pub mod io;

@@ -1,0 +1,328 @@
+//! The relay client's bind handshake with one peer relay endpoint (Go `relayManager`'s handshake
+//! work, v1.90–v1.94 client procedure), sans-IO. Given an endpoint (from our allocation or the
+//! peer's CallMeMaybeVia) it sends one Bind to every address of the relay, answers the first
+//! Challenge with the cookie echoed, then pings the peer through the relay (at most 10 pings) until
+//! a Pong proves the path. A relayed Ping from the peer is always answered with a Pong through the
+//! relay (Go peers rely on that). Nothing is retransmitted; after `min(BindLifetime, 30 s)` without
+//! a Pong the work fails and DERP (or a direct path) stays in use.
+//!
+//! Not here yet: allocation requests, CallMeMaybeVia, path selection and the engine's Geneve data
+//! path (the rest of the relay client).
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use crate::disco::{self, BindBody, Message, Ping, Pong, TxId, UdpRelayEndpoint};
+use crate::keys::{DiscoPrivate, DiscoPublic, NodePublic};
+use crate::naclbox::SharedBox;
+use crate::relay::geneve::{self, Header, Vni, PROTOCOL_DISCO};
+
+/// Longest a handshake may run, whatever the relay's `BindLifetime` says (Go
+/// `maxHandshakeLifetime`).
+pub const MAX_HANDSHAKE_LIFETIME: Duration = Duration::from_secs(30);
+/// Pings per handshake at most (Go `limitPings`).
+pub const MAX_PINGS: usize = 10;
+
+/// A datagram to send on the node's UDP socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transmit {
+    pub to: SocketAddr,
+    pub packet: Vec<u8>,
+}
+
+/// How a handshake ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The peer answered through the relay at `via`: a usable path.
+    Bound {
+        via: SocketAddr,
+        vni: u32,
+        latency: Duration,
+    },
+    /// No Pong before the deadline.
+    TimedOut,
+}
+
+/// Why a handshake could not start.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StartError {
+    #[error("the endpoint offers no relay address")]
+    NoAddress,
+    #[error("the endpoint's VNI {0} is not a valid VNI")]
+    BadVni(u32),
+}
+
+/// Where the handshake stands (Go `BindUDPRelayHandshakeState`, client side).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    BindSent,
+    /// The Answer went to the relay at this address; pings go there too.
+    AnswerSent(SocketAddr),
+    Done,
+}
+
+/// Packets the handshake dropped, by cause.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Drops {
+    /// Not Geneve disco for this VNI, or not a disco frame.
+    pub malformed: u64,
+    /// Sealed by a key that is neither the relay's nor the peer's, or failed to open.
+    pub bad_box: u64,
+    /// A well-formed message this state does not expect (a second Challenge, a stray Pong).
+    pub unexpected: u64,
+}
+
+/// One bind handshake: this node and `peer` on one relay endpoint.
+pub struct Handshake {
+    endpoint: UdpRelayEndpoint,
+    node_key: NodePublic,
+    my_disco: DiscoPublic,
+    peer_disco: DiscoPublic,
+    generation: u32,
+    server_box: SharedBox,
+    peer_box: SharedBox,
+    state: State,
+    started: Instant,
+    deadline: Instant,
+    pings: Vec<(TxId, Instant)>,
+    out: VecDeque<Transmit>,
+    outcome: Option<Outcome>,
+    drops: Drops,
+}
+
+impl Handshake {
+    /// Starts the handshake: one Bind to every relay address.
+    pub fn start(
+        now: Instant,
+        me: &DiscoPrivate,
+        node_key: NodePublic,
+        peer_disco: DiscoPublic,
+        endpoint: UdpRelayEndpoint,
+        generation: u32,
+    ) -> Result<Handshake, StartError> {
+        if endpoint.addr_ports.is_empty() {
+            return Err(StartError::NoAddress);
+        }
+        if !(1..=geneve::VNI_MAX).contains(&endpoint.vni) {
+            return Err(StartError::BadVni(endpoint.vni));
+        }
+        let lifetime = endpoint.bind_lifetime.min(MAX_HANDSHAKE_LIFETIME);
+        let lifetime = if lifetime.is_zero() {
+            MAX_HANDSHAKE_LIFETIME
+        } else {
+            lifetime
+        };
+        let mut handshake = Handshake {
+            server_box: disco::shared_box(me, &endpoint.server_disco),
+            peer_box: disco::shared_box(me, &peer_disco),
+            my_disco: me.public(),
+            node_key,
+            peer_disco,
+            generation,
+            state: State::BindSent,
+            started: now,
+            deadline: now + lifetime,
+            pings: Vec::new(),
+            out: VecDeque::new(),
+            outcome: None,
+            drops: Drops::default(),
+            endpoint,
+        };
+        let bind = Message::BindUdpRelayEndpoint(handshake.bind_body([0; 32]));
+        for to in handshake.endpoint.addr_ports.clone() {
+            handshake.send_control(to, &bind);
+        }
+        Ok(handshake)
+    }
+
+    /// The endpoint this handshake binds to.
+    pub fn endpoint(&self) -> &UdpRelayEndpoint {
+        &self.endpoint
+    }
+
+    pub fn state(&self) -> State {
+        self.state
+    }
+
+    pub fn drops(&self) -> Drops {
+        self.drops
+    }
+
+    /// The result, once there is one.
+    pub fn outcome(&self) -> Option<&Outcome> {
+        self.outcome.as_ref()
+    }
+
+    /// The next datagram to send.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.out.pop_front()
+    }
+
+    /// When [`Handshake::handle_timeout`] is due, while the handshake runs.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        (self.outcome.is_none()).then_some(self.deadline)
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.outcome.is_none() && now >= self.deadline {
+            self.outcome = Some(Outcome::TimedOut);
+            self.state = State::Done;
+        }
+    }
+
+    /// A datagram from `from` that starts with a Geneve header for this endpoint's VNI: a
+    /// Challenge from the relay (control), or a Ping/Pong from the peer through the relay (data).
+    /// Anything else is dropped and counted.
+    pub fn handle_packet(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) {
+        let Some((header, sealed)) = self.split(datagram) else {
+            self.drops.malformed += 1;
+            return;
+        };
+        let Ok(frame) = disco::parse_packet(sealed) else {
+            self.drops.malformed += 1;
+            return;
+        };
+        let (expected_sender, shared) = if header.control {
+            (self.endpoint.server_disco, &self.server_box)
+        } else {
+            (self.peer_disco, &self.peer_box)
+        };
+        if frame.sender != expected_sender {
+            self.drops.bad_box += 1;
+            return;
+        }
+        let Ok(msg) = disco::open(shared, &frame) else {
+            self.drops.bad_box += 1;
+            return;
+        };
+        match (header.control, msg) {
+            (true, Message::BindUdpRelayEndpointChallenge(body)) => {
+                self.on_challenge(now, from, &body)
+            }
+            (false, Message::Ping(ping)) => self.on_peer_ping(now, from, &ping),
+            (false, Message::Pong(pong)) => self.on_peer_pong(now, from, &pong),
+            _ => self.drops.unexpected += 1,
+        }
+    }
+
+    /// The Geneve header (disco, this VNI) and what follows it.
+    fn split<'a>(&self, datagram: &'a [u8]) -> Option<(Header, &'a [u8])> {
+        let header = geneve::parse(datagram).ok()?;
+        let ours = header.protocol == PROTOCOL_DISCO && header.vni.get() == self.endpoint.vni;
+        ours.then(|| {
+            (
+                header,
+                datagram.get(geneve::HEADER_LEN..).unwrap_or_default(),
+            )
+        })
+    }
+
+    /// The first Challenge is answered (our own VNI, generation and peer key, the cookie
+    /// echoed) and followed by a Ping to the peer through the relay; later ones are ignored.
+    fn on_challenge(&mut self, now: Instant, from: SocketAddr, body: &BindBody) {
+        if self.state != State::BindSent
+            || body.vni != self.endpoint.vni
+            || body.remote_key != self.peer_disco
+        {
+            self.drops.unexpected += 1;
+            return;
+        }
+        let answer = Message::BindUdpRelayEndpointAnswer(self.bind_body(body.challenge));
+        self.send_control(from, &answer);
+        self.state = State::AnswerSent(from);
+        self.ping_peer(now, from);
+    }
+
+    /// The peer pinged us through the relay: always a Pong; while waiting, another Ping of ours
+    /// (our first one was likely dropped before the peer's leg was bound).
+    fn on_peer_ping(&mut self, now: Instant, from: SocketAddr, ping: &Ping) {
+        let pong = Message::Pong(Pong {
+            tx_id: ping.tx_id,
+            src: from,
+        });
+        self.send_data(from, &pong);
+        if self.state == State::AnswerSent(from) {
+            self.ping_peer(now, from);
+        }
+    }
+
+    fn on_peer_pong(&mut self, now: Instant, from: SocketAddr, pong: &Pong) {
+        let sent = self
+            .pings
+            .iter()
+            .find(|(tx, _)| *tx == pong.tx_id)
+            .map(|(_, at)| *at);
+        match (sent, self.state) {
+            (Some(at), State::AnswerSent(via)) if via == from => {
+                self.outcome = Some(Outcome::Bound {
+                    via,
+                    vni: self.endpoint.vni,
+                    latency: now.saturating_duration_since(at),
+                });
+                self.state = State::Done;
+            }
+            _ => self.drops.unexpected += 1,
+        }
+    }
+
+    fn ping_peer(&mut self, now: Instant, via: SocketAddr) {
+        if self.pings.len() >= MAX_PINGS {
+            return;
+        }
+        let tx_id = TxId::random();
+        self.pings.push((tx_id, now));
+        let ping = Message::Ping(Ping {
+            tx_id,
+            node_key: Some(self.node_key),
+            padding: 0,
+        });
+        self.send_data(via, &ping);
+    }
+
+    fn bind_body(&self, challenge: [u8; 32]) -> BindBody {
+        BindBody {
+            vni: self.endpoint.vni,
+            generation: self.generation,
+            remote_key: self.peer_disco,
+            challenge,
+        }
+    }
+
+    /// Geneve C=1 + a disco frame sealed to the relay.
+    fn send_control(&mut self, to: SocketAddr, msg: &Message) {
+        let sealed = disco::seal_with(&self.server_box, &self.my_disco, msg);
+        self.push(to, true, &sealed);
+    }
+
+    /// Geneve C=0 + a disco frame sealed to the peer (forwarded by the relay unchanged).
+    fn send_data(&mut self, to: SocketAddr, msg: &Message) {
+        let sealed = disco::seal_with(&self.peer_box, &self.my_disco, msg);
+        self.push(to, false, &sealed);
+    }
+
+    fn push(&mut self, to: SocketAddr, control: bool, sealed: &[u8]) {
+        let header = Header {
+            version: 0,
+            protocol: PROTOCOL_DISCO,
+            control,
+            vni: Vni::new(self.endpoint.vni),
+        };
+        // The VNI was checked at start, so the header always encodes.
+        let Ok(bytes) = header.to_bytes() else {
+            return;
+        };
+        let mut packet = Vec::with_capacity(bytes.len() + sealed.len());
+        packet.extend_from_slice(&bytes);
+        packet.extend_from_slice(sealed);
+        self.out.push_back(Transmit { to, packet });
+    }
+
+    /// How long the handshake has run.
+    pub fn age(&self, now: Instant) -> Duration {
+        now.saturating_duration_since(self.started)
+    }
+}
+
+#[cfg(test)]
+mod tests;
