@@ -6,8 +6,12 @@
 //! relay (Go peers rely on that). Nothing is retransmitted; after `min(BindLifetime, 30 s)` without
 //! a Pong the work fails and DERP (or a direct path) stays in use.
 //!
-//! Not here yet: allocation requests, CallMeMaybeVia, path selection and the engine's Geneve data
-//! path (the rest of the relay client).
+//! [`Allocation`] is the step before: asking a relay node (over DERP) for an endpoint for us and a
+//! peer, retransmitted once after 3 s, given up after 10 s, and the answer accepted only from that
+//! relay for that pair and generation.
+//!
+//! Not here yet: CallMeMaybeVia, path selection and the engine's Geneve data path (the rest of
+//! the relay client).
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -321,6 +325,96 @@ impl Handshake {
     /// How long the handshake has run.
     pub fn age(&self, now: Instant) -> Duration {
         now.saturating_duration_since(self.started)
+    }
+}
+
+/// When an unanswered allocation request is sent again (Go `udprelay.ServerRetryAfter`).
+pub const ALLOC_RETRY_AFTER: Duration = Duration::from_secs(3);
+/// When an unanswered allocation is given up (Go `allocateUDPRelayEndpointRequestTimeout`).
+pub const ALLOC_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One allocation request to one relay node for us and one peer.
+#[derive(Debug, Clone)]
+pub struct Allocation {
+    relay: NodePublic,
+    request: disco::AllocateRequest,
+    started: Instant,
+    next_send: Option<Instant>,
+}
+
+/// What an allocation wants done.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AllocStep {
+    /// Send this request over DERP to the relay node.
+    Send { relay: NodePublic, message: Message },
+    /// Nothing came back within [`ALLOC_TIMEOUT`].
+    GaveUp,
+}
+
+impl Allocation {
+    /// An allocation for the pair (`me`, `peer`), sorted as Go sends it; the first request is due
+    /// at once.
+    pub fn new(
+        now: Instant,
+        relay: NodePublic,
+        me: DiscoPublic,
+        peer: DiscoPublic,
+        generation: u32,
+    ) -> Allocation {
+        let mut pair = [me, peer];
+        pair.sort();
+        Allocation {
+            relay,
+            request: disco::AllocateRequest {
+                client_disco: pair,
+                generation,
+            },
+            started: now,
+            next_send: Some(now),
+        }
+    }
+
+    /// The relay node asked.
+    pub fn relay(&self) -> NodePublic {
+        self.relay
+    }
+
+    /// What is due at `now`: the request (at start and once more after 3 s), or giving up.
+    pub fn poll(&mut self, now: Instant) -> Option<AllocStep> {
+        if now.saturating_duration_since(self.started) >= ALLOC_TIMEOUT {
+            self.next_send = None;
+            return Some(AllocStep::GaveUp);
+        }
+        let due = self.next_send.filter(|t| *t <= now)?;
+        let retry = self.started + ALLOC_RETRY_AFTER;
+        self.next_send = (due < retry).then_some(retry);
+        Some(AllocStep::Send {
+            relay: self.relay,
+            message: Message::AllocateUdpRelayEndpointRequest(self.request.clone()),
+        })
+    }
+
+    /// When [`Allocation::poll`] has something to do next.
+    pub fn next_deadline(&self) -> Instant {
+        self.next_send
+            .unwrap_or(self.started + ALLOC_TIMEOUT)
+            .min(self.started + ALLOC_TIMEOUT)
+    }
+
+    /// The endpoint, if `response` (which came over DERP from node `from`) answers this request:
+    /// the same relay, generation and pair, and at least one address.
+    pub fn accept(
+        &self,
+        from: &NodePublic,
+        response: &disco::AllocateResponse,
+    ) -> Option<UdpRelayEndpoint> {
+        let mut pair = response.endpoint.client_disco;
+        pair.sort();
+        let ours = *from == self.relay
+            && response.generation == self.request.generation
+            && pair == self.request.client_disco
+            && !response.endpoint.addr_ports.is_empty();
+        ours.then(|| response.endpoint.clone())
     }
 }
 

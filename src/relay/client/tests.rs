@@ -232,3 +232,65 @@ fn a_relayed_ping_always_gets_a_pong_and_pings_are_capped() {
     assert_eq!(pongs, 12);
     assert_eq!(pings + 1, MAX_PINGS, "one ping went with the Answer");
 }
+
+#[test]
+fn an_allocation_is_sent_twice_then_given_up_and_accepts_only_its_answer() {
+    let t0 = Instant::now();
+    let (a, b) = (Side::new("192.0.2.1:1"), Side::new("192.0.2.2:2"));
+    let relay_node = NodePrivate::generate().public();
+    let mut alloc = Allocation::new(t0, relay_node, b.disco.public(), a.disco.public(), 7);
+    let Some(AllocStep::Send { relay, message }) = alloc.poll(t0) else {
+        panic!("the first request is due at once");
+    };
+    assert_eq!(relay, relay_node);
+    let Message::AllocateUdpRelayEndpointRequest(request) = message else {
+        panic!("not an allocation request");
+    };
+    let mut sorted = [a.disco.public(), b.disco.public()];
+    sorted.sort();
+    assert_eq!((request.client_disco, request.generation), (sorted, 7));
+    assert_eq!(alloc.poll(t0 + Duration::from_secs(1)), None);
+    assert_eq!(alloc.next_deadline(), t0 + ALLOC_RETRY_AFTER);
+    assert!(matches!(
+        alloc.poll(t0 + ALLOC_RETRY_AFTER),
+        Some(AllocStep::Send { .. })
+    ));
+    assert_eq!(
+        alloc.poll(t0 + Duration::from_secs(5)),
+        None,
+        "one retransmission only"
+    );
+    assert_eq!(alloc.next_deadline(), t0 + ALLOC_TIMEOUT);
+    assert_eq!(alloc.poll(t0 + ALLOC_TIMEOUT), Some(AllocStep::GaveUp));
+
+    // The answer must come from that relay, for that generation and pair, with an address.
+    let (_server, endpoint) = relay_for(t0, &a, &b);
+    let answer = disco::AllocateResponse {
+        generation: 7,
+        endpoint: endpoint.clone(),
+    };
+    assert_eq!(alloc.accept(&relay_node, &answer), Some(endpoint.clone()));
+    let stranger = NodePrivate::generate().public();
+    assert_eq!(alloc.accept(&stranger, &answer), None);
+    let old = disco::AllocateResponse {
+        generation: 6,
+        ..answer.clone()
+    };
+    assert_eq!(alloc.accept(&relay_node, &old), None);
+    let other_pair = disco::AllocateResponse {
+        endpoint: UdpRelayEndpoint {
+            client_disco: [a.disco.public(), DiscoPrivate::generate().public()],
+            ..endpoint.clone()
+        },
+        ..answer.clone()
+    };
+    assert_eq!(alloc.accept(&relay_node, &other_pair), None);
+    let no_addr = disco::AllocateResponse {
+        endpoint: UdpRelayEndpoint {
+            addr_ports: vec![],
+            ..endpoint
+        },
+        ..answer
+    };
+    assert_eq!(alloc.accept(&relay_node, &no_addr), None);
+}
