@@ -390,7 +390,7 @@ impl Allocation {
         self.next_send = (due < retry).then_some(retry);
         Some(AllocStep::Send {
             relay: self.relay,
-            message: Message::AllocateUdpRelayEndpointRequest(self.request.clone()),
+            request: self.request.clone(),
         })
     }
 

@@ -239,13 +239,10 @@ fn an_allocation_is_sent_twice_then_given_up_and_accepts_only_its_answer() {
     let (a, b) = (Side::new("192.0.2.1:1"), Side::new("192.0.2.2:2"));
     let relay_node = NodePrivate::generate().public();
     let mut alloc = Allocation::new(t0, relay_node, b.disco.public(), a.disco.public(), 7);
-    let Some(AllocStep::Send { relay, message }) = alloc.poll(t0) else {
+    let Some(AllocStep::Send { relay, request }) = alloc.poll(t0) else {
         panic!("the first request is due at once");
     };
     assert_eq!(relay, relay_node);
-    let Message::AllocateUdpRelayEndpointRequest(request) = message else {
-        panic!("not an allocation request");
-    };
     let mut sorted = [a.disco.public(), b.disco.public()];
     sorted.sort();
     assert_eq!((request.client_disco, request.generation), (sorted, 7));
