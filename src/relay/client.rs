@@ -345,8 +345,11 @@ pub struct Allocation {
 /// What an allocation wants done.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AllocStep {
-    /// Send this request over DERP to the relay node.
-    Send { relay: NodePublic, message: Message },
+    /// Send this request over DERP to the relay node (as `AllocateUdpRelayEndpointRequest`).
+    Send {
+        relay: NodePublic,
+        request: disco::AllocateRequest,
+    },
     /// Nothing came back within [`ALLOC_TIMEOUT`].
     GaveUp,
 }
