@@ -17,9 +17,11 @@
 //!
 //! `watch` streams newline-delimited [`Status`] JSON (chunked, `application/x-ndjson`): the
 //! current snapshot at once, then one whenever it changes, at most one per
-//! [`WATCH_MIN_INTERVAL`]. Each client holds at most one line in flight: a slow reader skips to
-//! the newest snapshot, and one that reads nothing for [`WATCH_STALL`] is dropped, so the daemon
-//! never buffers without bound. The stream ends when the client goes away.
+//! [`WATCH_MIN_INTERVAL`]. One producer task serializes each change once and shares the line
+//! ([`Bytes`], reference-counted) with every client, and only while someone watches. Each client
+//! holds at most one line in flight: a slow reader skips to the newest snapshot, and one that
+//! reads nothing for [`WATCH_STALL`] is dropped, so the daemon never buffers without bound. The
+//! stream ends when the client goes away.
 //! `ping` resolves the peer from the status snapshot ([`resolve_peer`]): 404 when nothing
 //! matches, 409 when several do, 503 without a running data plane, 504 when the engine does
 //! not answer in time. A ping that reaches the engine but gets no pong is a 200 with
@@ -378,7 +380,11 @@ pub async fn serve(
     status: watch::Receiver<Status>,
     commands: mpsc::Sender<Command>,
 ) {
-    let shared = Arc::new(Shared { status, commands });
+    let shared = Arc::new(Shared {
+        status,
+        commands,
+        feed: FeedSlot::default(),
+    });
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -406,6 +412,18 @@ pub async fn serve(
 struct Shared {
     status: watch::Receiver<Status>,
     commands: mpsc::Sender<Command>,
+    feed: FeedSlot,
+}
+
+/// The shared watch lines while a producer runs ([`produce_lines`]); `None` while nobody
+/// watches, so an unwatched daemon serializes nothing. Subscribing and retiring both happen
+/// under the lock, so a client never subscribes to a producer that is about to stop.
+type FeedSlot = Arc<std::sync::Mutex<Option<Arc<watch::Sender<Bytes>>>>>;
+
+/// The slot, even if a thread panicked holding it: it only ever holds a complete `Option`.
+fn lock_slot(slot: &FeedSlot) -> std::sync::MutexGuard<'_, Option<Arc<watch::Sender<Bytes>>>> {
+    slot.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 type Reply = Response<Full<Bytes>>;
@@ -432,24 +450,82 @@ impl hyper::body::Body for WatchBody {
     }
 }
 
-/// Feed one watch client: the snapshot now, then each change, coalesced to one per
-/// [`WATCH_MIN_INTERVAL`]. `lines` holds one line; while it is full the watch receiver keeps
-/// only the newest snapshot, so a slow client skips ahead instead of queueing.
-async fn stream_snapshots(mut status: watch::Receiver<Status>, lines: mpsc::Sender<Bytes>) {
+/// One snapshot as a watch line: JSON and a newline.
+fn status_line(status: &Status) -> Result<Bytes, serde_json::Error> {
+    let mut line = serde_json::to_vec(status)?;
+    line.push(b'\n');
+    Ok(Bytes::from(line))
+}
+
+/// What the producer waits for next.
+enum Next {
+    /// The status changed (and [`WATCH_MIN_INTERVAL`] has passed since the last line).
+    Changed,
+    /// Every client is gone.
+    Unwatched,
+    /// The daemon dropped the status sender: it is stopping.
+    Stopped,
+}
+
+/// Wait out the coalescing interval, then for a change, watching for the last client to leave.
+async fn next_change(status: &mut watch::Receiver<Status>, lines: &watch::Sender<Bytes>) -> Next {
+    tokio::select! {
+        _ = tokio::time::sleep(WATCH_MIN_INTERVAL) => {}
+        _ = lines.closed() => return Next::Unwatched,
+    }
+    tokio::select! {
+        changed = status.changed() => match changed {
+            Ok(()) => Next::Changed,
+            Err(_) => Next::Stopped,
+        },
+        _ = lines.closed() => Next::Unwatched,
+    }
+}
+
+/// Serialize each status change once for every watch client, at most one per
+/// [`WATCH_MIN_INTERVAL`] (bursts coalesce into the newest), until no client is left.
+async fn produce_lines(
+    mut status: watch::Receiver<Status>,
+    lines: Arc<watch::Sender<Bytes>>,
+    slot: FeedSlot,
+) {
     loop {
-        let line = {
-            let snapshot = status.borrow_and_update();
-            serde_json::to_vec(&*snapshot)
-        };
-        let mut line = match line {
-            Ok(line) => line,
+        match next_change(&mut status, &lines).await {
+            Next::Changed => {}
+            Next::Unwatched => {
+                let mut feed = lock_slot(&slot);
+                // A client may have subscribed since `closed()` fired; it keeps us going.
+                if lines.receiver_count() == 0 {
+                    *feed = None;
+                    return;
+                }
+                continue;
+            }
+            Next::Stopped => break,
+        }
+        let line = status_line(&status.borrow_and_update());
+        match line {
+            Ok(line) => {
+                lines.send_replace(line);
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "watch: cannot serialize the status");
-                return;
+                break;
             }
-        };
-        line.push(b'\n');
-        match tokio::time::timeout(WATCH_STALL, lines.send(Bytes::from(line))).await {
+        }
+    }
+    // Dropping our sender ends every client's stream; the next client starts a new producer.
+    *lock_slot(&slot) = None;
+}
+
+/// Feed one watch client the shared lines: the newest now, then each new one. `out` holds one
+/// line; while it is full the watch receiver keeps only the newest, so a slow client skips
+/// ahead instead of queueing, and one that takes nothing for [`WATCH_STALL`] is dropped.
+async fn feed_client(mut lines: watch::Receiver<Bytes>, out: mpsc::Sender<Bytes>) {
+    loop {
+        // A clone of `Bytes` shares the producer's buffer.
+        let line = lines.borrow_and_update().clone();
+        match tokio::time::timeout(WATCH_STALL, out.send(line)).await {
             Ok(Ok(())) => {}
             Ok(Err(_)) => return, // the client went away
             Err(_) => {
@@ -458,12 +534,8 @@ async fn stream_snapshots(mut status: watch::Receiver<Status>, lines: mpsc::Send
             }
         }
         tokio::select! {
-            _ = tokio::time::sleep(WATCH_MIN_INTERVAL) => {}
-            _ = lines.closed() => return,
-        }
-        tokio::select! {
-            changed = status.changed() => if changed.is_err() { return },
-            _ = lines.closed() => return,
+            changed = lines.changed() => if changed.is_err() { return },
+            _ = out.closed() => return,
         }
     }
 }
@@ -472,15 +544,39 @@ impl Shared {
     /// The watch stream, or any other endpoint through [`Shared::handle`].
     async fn route(&self, req: Request<Incoming>) -> AnyReply {
         if req.method() == Method::GET && req.uri().path() == WATCH_PATH {
-            return self.watch().map(Either::Right);
+            return self.watch();
         }
         self.handle(req).await.map(Either::Left)
     }
 
-    fn watch(&self) -> Response<WatchBody> {
+    /// The shared lines, starting their producer if nobody was watching. The first client's
+    /// line is serialized here, so it is there at once.
+    fn subscribe(&self) -> Result<watch::Receiver<Bytes>, serde_json::Error> {
+        let mut feed = lock_slot(&self.feed);
+        if let Some(lines) = feed.as_ref() {
+            return Ok(lines.subscribe());
+        }
+        let mut status = self.status.clone();
+        let first = status_line(&status.borrow_and_update())?;
+        let (tx, rx) = watch::channel(first);
+        let tx = Arc::new(tx);
+        *feed = Some(tx.clone());
+        tokio::spawn(produce_lines(status, tx, self.feed.clone()));
+        Ok(rx)
+    }
+
+    fn watch(&self) -> AnyReply {
+        let lines = match self.subscribe() {
+            Ok(lines) => lines,
+            Err(e) => {
+                tracing::warn!(error = %e, "watch: cannot serialize the status");
+                let msg = format!("cannot serialize the status: {e}");
+                return error_reply(StatusCode::INTERNAL_SERVER_ERROR, &msg).map(Either::Left);
+            }
+        };
         let (tx, rx) = mpsc::channel(1);
-        tokio::spawn(stream_snapshots(self.status.clone(), tx));
-        let mut reply = Response::new(WatchBody { lines: rx });
+        tokio::spawn(feed_client(lines, tx));
+        let mut reply = Response::new(Either::Right(WatchBody { lines: rx }));
         reply.headers_mut().insert(
             http::header::CONTENT_TYPE,
             http::HeaderValue::from_static("application/x-ndjson"),
@@ -1419,6 +1515,66 @@ mod tests {
         status_tx.send(with_failures(1)).unwrap();
         tokio::time::sleep(std::time::Duration::from_millis(400)).await;
         assert_eq!(status_tx.receiver_count(), 1, "the watch task must end");
+    }
+
+    /// The next watch line, within 3 s.
+    async fn next(w: &mut WatchStream) -> String {
+        tokio::time::timeout(std::time::Duration::from_secs(3), w.next_line())
+            .await
+            .expect("a line arrives")
+            .unwrap()
+            .expect("the stream goes on")
+    }
+
+    #[tokio::test]
+    async fn two_watch_clients_get_byte_identical_lines() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (client, status_tx, _cmds) = start(tmp.path()).await;
+        let mut a = client.watch().await.unwrap();
+        let mut b = client.watch().await.unwrap();
+        assert_eq!(next(&mut a).await, next(&mut b).await);
+        status_tx.send(with_failures(9)).unwrap();
+        let (line_a, line_b) = (next(&mut a).await, next(&mut b).await);
+        assert_eq!(line_a, line_b);
+        let parsed: Status = serde_json::from_str(&line_a).unwrap();
+        assert_eq!(parsed.control.failed_attempts, 9);
+    }
+
+    #[tokio::test]
+    async fn watch_lines_are_serialized_once_and_only_while_watched() {
+        let (status_tx, status_rx) = watch::channel(initial());
+        let (commands, _cmds) = mpsc::channel(1);
+        let shared = Shared {
+            status: status_rx,
+            commands,
+            feed: FeedSlot::default(),
+        };
+        let mut a = shared.subscribe().unwrap();
+        let mut b = shared.subscribe().unwrap();
+        // Both see the same buffer, not two equal copies; one producer (plus `shared`).
+        assert_eq!(a.borrow().as_ptr(), b.borrow().as_ptr());
+        assert_eq!(status_tx.receiver_count(), 2);
+        status_tx.send(with_failures(3)).unwrap();
+        a.changed().await.unwrap();
+        b.changed().await.unwrap();
+        assert_eq!(
+            a.borrow_and_update().as_ptr(),
+            b.borrow_and_update().as_ptr()
+        );
+        // The producer stops with the last client.
+        drop((a, b));
+        for _ in 0..50 {
+            if status_tx.receiver_count() == 1 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert_eq!(status_tx.receiver_count(), 1, "the producer must end");
+        assert!(lock_slot(&shared.feed).is_none());
+        // A later client starts a new one, with the newest snapshot at once.
+        let c = shared.subscribe().unwrap();
+        let newest: Status = serde_json::from_slice(&c.borrow()).unwrap();
+        assert_eq!(newest.control.failed_attempts, 3);
     }
 
     #[tokio::test]

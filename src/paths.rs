@@ -385,6 +385,9 @@ pub struct CandidateStatus {
     pub from_netmap: bool,
     pub from_call_me_maybe: bool,
     pub from_ping: bool,
+    /// When discovery or a heartbeat last pinged it (not `tern ping`); `None` right after the
+    /// path state was reset, until the next ping goes out.
+    pub last_ping: Option<Instant>,
     pub last_pong: Option<PongRecord>,
 }
 
@@ -696,6 +699,7 @@ impl Peer {
                 from_netmap: st.from_netmap,
                 from_call_me_maybe: st.from_call_me_maybe,
                 from_ping: st.last_got_ping.is_some(),
+                last_ping: st.last_ping,
                 last_pong: st.pongs.back().copied(),
             })
             .collect()

@@ -204,6 +204,26 @@ pub struct PeerStatus {
     /// The last path changes, oldest first (at most 16).
     #[serde(default)]
     pub path_history: Vec<PathHistoryEntry>,
+    /// The path machine's candidate UDP endpoints, by address; `[]` without a disco key.
+    #[serde(default)]
+    pub candidates: Vec<CandidateEntry>,
+}
+
+/// One candidate UDP endpoint of a peer, as disco sees it.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct CandidateEntry {
+    /// `ip:port`.
+    pub addr: String,
+    /// Where we learned it, in this order: `netmap`, `call-me-maybe`, `ping` (the peer pinged
+    /// us from there). A candidate can have several.
+    pub sources: Vec<String>,
+    /// RFC 3339: our last discovery or heartbeat ping to it.
+    pub last_ping_at: Option<String>,
+    /// RFC 3339: the last pong from it.
+    pub last_pong_at: Option<String>,
+    /// Round trip of that pong, 0.1 ms precision.
+    pub latency_ms: Option<f64>,
 }
 
 /// One change of a peer's path.

@@ -56,6 +56,7 @@ impl Engine {
                         p.derp_region = region;
                         p.endpoint = None;
                         p.path_reason = Some("no-disco-key".into());
+                        p.candidates.clear();
                     }
                 }
             }
@@ -103,15 +104,16 @@ impl Engine {
         p.endpoint = endpoint;
         p.derp_region = region;
         p.path_reason = Some(machine.path_reason().as_str().into());
-        let last_pong = machine
-            .candidates()
-            .into_iter()
+        let candidates = machine.candidates();
+        let last_pong = candidates
+            .iter()
             .filter_map(|c| c.last_pong)
             .max_by_key(|pong| pong.at);
         if let Some(pong) = last_pong {
             p.latency_ms = Some(millis(pong.latency));
             p.last_pong_at = at(pong.at);
         }
+        p.candidates = candidates.iter().map(|c| candidate_entry(c, at)).collect();
         p.path_history = machine
             .history()
             .map(|change| {
@@ -137,7 +139,74 @@ pub(super) fn path_fields(path: Path) -> (&'static str, Option<String>, Option<u
     }
 }
 
+/// One candidate as status shows it.
+fn candidate_entry(
+    c: &paths::CandidateStatus,
+    at: &impl Fn(Instant) -> Option<String>,
+) -> crate::status::CandidateEntry {
+    let sources = [
+        (c.from_netmap, "netmap"),
+        (c.from_call_me_maybe, "call-me-maybe"),
+        (c.from_ping, "ping"),
+    ];
+    crate::status::CandidateEntry {
+        addr: c.addr.to_string(),
+        sources: sources
+            .iter()
+            .filter(|(from, _)| *from)
+            .map(|(_, name)| name.to_string())
+            .collect(),
+        last_ping_at: c.last_ping.and_then(at),
+        last_pong_at: c.last_pong.and_then(|pong| at(pong.at)),
+        latency_ms: c.last_pong.map(|pong| millis(pong.latency)),
+    }
+}
+
 /// Milliseconds with 0.1 ms precision.
 pub(super) fn millis(d: Duration) -> f64 {
     (d.as_secs_f64() * 10_000.0).round() / 10.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_candidate_lists_its_sources_in_order_with_times_and_rtt() {
+        let base = Instant::now();
+        let addr: std::net::SocketAddr = "198.18.2.2:41641".parse().unwrap();
+        let c = paths::CandidateStatus {
+            addr,
+            from_netmap: true,
+            from_call_me_maybe: false,
+            from_ping: true,
+            last_ping: Some(base),
+            last_pong: Some(paths::PongRecord {
+                at: base + Duration::from_secs(2),
+                latency: Duration::from_micros(612),
+                src: addr,
+            }),
+        };
+        let now = base + Duration::from_secs(3);
+        let at = |t: Instant| Some(format!("{}s ago", (now - t).as_secs()));
+        let e = candidate_entry(&c, &at);
+        assert_eq!(e.addr, "198.18.2.2:41641");
+        assert_eq!(e.sources, ["netmap", "ping"]);
+        assert_eq!(e.last_ping_at.as_deref(), Some("3s ago"));
+        assert_eq!(e.last_pong_at.as_deref(), Some("1s ago"));
+        assert_eq!(e.latency_ms, Some(0.6));
+        let never = paths::CandidateStatus {
+            last_ping: None,
+            last_pong: None,
+            from_netmap: false,
+            from_call_me_maybe: true,
+            ..c
+        };
+        let e = candidate_entry(&never, &at);
+        assert_eq!(e.sources, ["call-me-maybe", "ping"]);
+        assert_eq!(
+            (e.last_ping_at, e.last_pong_at, e.latency_ms),
+            (None, None, None)
+        );
+    }
 }

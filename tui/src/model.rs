@@ -286,10 +286,23 @@ pub struct Detail {
     pub rtt_range: String,
     /// Facts, one `label: value` per line.
     pub facts: Vec<(String, String)>,
-    /// Candidate endpoints: address, note.
-    pub candidates: Vec<(String, String)>,
+    /// Candidate endpoints, one table row each.
+    pub candidates: Vec<CandidateRow>,
     /// Path history, newest first: time, path, where, reason.
     pub history: Vec<[String; 4]>,
+}
+
+/// One candidate endpoint as the detail view lists it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CandidateRow {
+    pub addr: String,
+    /// `netmap+call-me-maybe`, or `advertised` from a daemon that reports no candidates.
+    pub source: String,
+    /// Ages of our last ping and its last pong (`4s`), or `–`.
+    pub ping: String,
+    pub pong: String,
+    pub rtt: String,
+    pub in_use: bool,
 }
 
 /// Minutes the path strip covers.
@@ -405,18 +418,7 @@ fn detail(status: &Status, tracker: &Tracker, peer: &Peer, now: f64, strip_width
         ),
         ("relays".to_string(), relay_fact(peer)),
     ];
-    let candidates = peer
-        .endpoints
-        .iter()
-        .map(|ep| {
-            let note = if peer.endpoint.as_deref() == Some(ep.as_str()) {
-                format!("in use, {}", fmt::latency(peer.latency_ms))
-            } else {
-                "advertised".into()
-            };
-            (ep.clone(), note)
-        })
-        .collect();
+    let candidates = candidate_rows(peer, now);
     let history = peer
         .path_history
         .iter()
@@ -444,6 +446,42 @@ fn detail(status: &Status, tracker: &Tracker, peer: &Peer, now: f64, strip_width
         candidates,
         history,
     }
+}
+
+/// The path machine's candidates; from a daemon that does not report them (or a peer without
+/// a disco key), the advertised endpoints, so the list is never emptier than before.
+fn candidate_rows(peer: &Peer, now: f64) -> Vec<CandidateRow> {
+    let in_use = |addr: &str| peer.endpoint.as_deref() == Some(addr);
+    if peer.candidates.is_empty() {
+        return peer
+            .endpoints
+            .iter()
+            .map(|ep| CandidateRow {
+                addr: ep.clone(),
+                source: "advertised".into(),
+                ping: DASH.into(),
+                pong: DASH.into(),
+                // The peer's latency belongs to the endpoint in use only.
+                rtt: fmt::latency(peer.latency_ms.filter(|_| in_use(ep))),
+                in_use: in_use(ep),
+            })
+            .collect();
+    }
+    peer.candidates
+        .iter()
+        .map(|c| CandidateRow {
+            addr: c.addr.clone(),
+            source: if c.sources.is_empty() {
+                DASH.into()
+            } else {
+                c.sources.join("+")
+            },
+            ping: fmt::age_of(c.last_ping_at.as_deref(), now),
+            pong: fmt::age_of(c.last_pong_at.as_deref(), now),
+            rtt: fmt::latency(c.latency_ms),
+            in_use: in_use(&c.addr),
+        })
+        .collect()
 }
 
 fn age_text(at: Option<&str>, now: f64) -> String {

@@ -11,7 +11,7 @@ use ratatui::{Frame, Terminal};
 
 use crate::app::{App, Conn, Mode, View};
 use crate::keys::{self, Action, KEYS};
-use crate::model::{Detail, PeerRow, Piece, RelayPanel, Tone, ViewModel};
+use crate::model::{CandidateRow, Detail, PeerRow, Piece, RelayPanel, Tone, ViewModel};
 
 /// Inner width from which the peers table shows the sparkline and handshake columns.
 const WIDE_TABLE: u16 = 100;
@@ -267,6 +267,51 @@ fn render_detail_pane(frame: &mut Frame, area: Rect, app: &App, d: &Detail, them
     frame.render_widget(Paragraph::new(lines), rest);
 }
 
+/// The candidate table: a title row that names the columns, then one row per candidate, the
+/// one in use marked. Columns are as wide as their longest cell, so IPv4 rows fit 80 columns.
+fn candidate_lines(rows: &[CandidateRow], theme: Theme) -> Vec<Line<'static>> {
+    const TITLE: &str = "candidate endpoints";
+    if rows.is_empty() {
+        return vec![
+            Line::from(TITLE).style(theme.style(Tone::Strong)),
+            Line::from("  none known"),
+        ];
+    }
+    let addr_w = rows
+        .iter()
+        .map(|r| r.addr.chars().count())
+        .max()
+        .unwrap_or(0);
+    let addr_w = addr_w.max(TITLE.len() - 2);
+    let src_w = rows
+        .iter()
+        .map(|r| r.source.chars().count())
+        .max()
+        .unwrap_or(0);
+    let src_w = src_w.max("source".len());
+    let title = format!("{TITLE:<w$}", w = addr_w + 2);
+    let columns = format!(
+        "  {:<src_w$}  {:>6}  {:>6}  {:>6}",
+        "source", "pinged", "ponged", "rtt"
+    );
+    let mut lines = vec![Line::from(vec![
+        Span::styled(title, theme.style(Tone::Strong)),
+        Span::styled(columns, theme.style(Tone::Dim)),
+    ])];
+    lines.extend(rows.iter().map(|r| {
+        Line::from(format!(
+            "  {:<addr_w$}  {:<src_w$}  {:>6}  {:>6}  {:>6}{}",
+            r.addr,
+            r.source,
+            r.ping,
+            r.pong,
+            r.rtt,
+            if r.in_use { "  in use" } else { "" }
+        ))
+    }));
+    lines
+}
+
 /// The Enter view: everything the status knows about one peer.
 fn render_detail_full(frame: &mut Frame, area: Rect, app: &App, d: &Detail, theme: Theme) {
     let block = Block::bordered().title(format!(" {} ─ Esc back  p ping ", d.name));
@@ -279,6 +324,9 @@ fn render_detail_full(frame: &mut Frame, area: Rect, app: &App, d: &Detail, them
     if let Some(p) = ping_line(app, app.selected_key().as_deref()) {
         lines.push(Line::from(p).style(theme.style(Tone::Info)));
     }
+    // The candidates are the evidence for the why sentence: on a short screen the facts and
+    // the strips below them are cut rather than they.
+    lines.extend(candidate_lines(&d.candidates, theme));
     for (label, value) in &d.facts {
         lines.push(Line::from(vec![
             Span::styled(format!("{label:>10}  "), theme.style(Tone::Dim)),
@@ -286,13 +334,6 @@ fn render_detail_full(frame: &mut Frame, area: Rect, app: &App, d: &Detail, them
         ]));
     }
     lines.extend(strip_lines(d, theme));
-    lines.push(Line::from("candidate endpoints").style(theme.style(Tone::Strong)));
-    if d.candidates.is_empty() {
-        lines.push(Line::from("  none advertised"));
-    }
-    for (addr, note) in &d.candidates {
-        lines.push(Line::from(format!("  {addr:<40} {note}")));
-    }
     lines.push(Line::from("path history (newest first)").style(theme.style(Tone::Strong)));
     if d.history.is_empty() {
         lines.push(Line::from("  no changes yet"));

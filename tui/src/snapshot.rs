@@ -73,6 +73,20 @@ pub struct Peer {
     pub path_reason: Option<String>,
     pub last_pong_at: Option<String>,
     pub path_history: Vec<PathChange>,
+    /// The path machine's candidates; `[]` from a daemon that does not report them.
+    pub candidates: Vec<Candidate>,
+}
+
+/// One candidate UDP endpoint and what disco knows of it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Candidate {
+    pub addr: String,
+    /// `netmap`, `call-me-maybe`, `ping`.
+    pub sources: Vec<String>,
+    pub last_ping_at: Option<String>,
+    pub last_pong_at: Option<String>,
+    pub latency_ms: Option<f64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

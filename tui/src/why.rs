@@ -94,7 +94,13 @@ pub fn sentence(status: &Status, peer: &Peer) -> String {
         PathKind::None => "No path".into(),
         _ => format!("On {}", via_derp(status, peer)),
     };
-    let candidates = peer.endpoints.len();
+    // The path machine's own list when the daemon reports it (it also holds CallMeMaybe and
+    // ping-learned addresses), else what the peer advertised.
+    let candidates = if peer.candidates.is_empty() {
+        peer.endpoints.len()
+    } else {
+        peer.candidates.len()
+    };
     let why = match reason {
         "idle" => format!(
             "no traffic to {name} yet, so no direct path is probed; the first packet starts it."

@@ -168,6 +168,23 @@ fn detail_view_of_a_derp_peer() {
 }
 
 #[test]
+fn detail_view_lists_the_candidates() {
+    let mut app = app_with(one_peer(with_candidates(direct(peer("c2", 7), 0.6))));
+    key(&mut app, KeyCode::Enter);
+    check_sizes("detail_candidates", &app);
+    let small = frame_text(&app, NOW, 80, 24);
+    // All three rows fit 80×24, with their columns.
+    for row in [
+        "candidate endpoints  source              pinged  ponged     rtt",
+        "  10.2.0.9:41641     netmap                  3s       –       –",
+        "  198.18.2.9:41641   netmap+ping             3s      1s   0.6ms  in use",
+        "  198.18.2.9:7878    call-me-maybe+ping      3s      2m   1.3ms",
+    ] {
+        assert!(small.contains(row), "{row}\n{small}");
+    }
+}
+
+#[test]
 fn daemon_down() {
     let mut app = App::new("/run/tern/tern.sock", true, true);
     app.feed(
