@@ -8,8 +8,9 @@
 //! checks every action:
 //! * nothing is forwarded unless both legs are bound, from a bound leg, to the other leg;
 //! * an Answer binds only with a cookie the server issued for that leg, generation and address
-//!   (a mutated cookie never binds); a well-formed Bind is always challenged, and an Answer with
-//!   the issued cookie inside the MAC rotation window always binds;
+//!   (a mutated cookie never binds); a well-formed Bind is always challenged while its source has
+//!   Challenge budget (the per-source token bucket is modelled) and never beyond it, and an
+//!   Answer with the issued cookie inside the MAC rotation window always binds;
 //! * every reply goes back to the sender, is no larger than the request, and is a Challenge
 //!   sealed to that client; unauthenticated bytes never get a reply;
 //! * allocation results and errors are as predicted; `expire` removes exactly the endpoints the
@@ -19,17 +20,19 @@
 //! Input: ops until the input ends, each an op byte then its fields (see `run`); missing bytes
 //! read as zero.
 
-use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use tern::disco::{self, AllocateRequest, BindBody, Message};
+use tern::disco::{self, AllocateRequest, BindBody, Message, UdpRelayEndpoint};
 use tern::keys::{DiscoPrivate, DiscoPublic};
 use tern::naclbox::SharedBox;
 use tern::relay::geneve::{self, Header, Vni, PROTOCOL_DISCO, PROTOCOL_WIREGUARD};
 use tern::relay::server::{
-    Action, RelayServer, BIND_LIFETIME, MAC_ROTATION, STEADY_STATE_LIFETIME,
+    Action, AllocError, RelayServer, BIND_LIFETIME, CHALLENGES_PER_SECOND, CHALLENGE_BURST,
+    MAC_ROTATION, STEADY_STATE_LIFETIME,
 };
 
 use super::input::Input;
@@ -117,9 +120,37 @@ struct Model {
     forwarded_packets: u64,
     forwarded_bytes: u64,
     drops: u64,
+    /// The Challenge budget per source address: tokens and when they were last refilled.
+    buckets: HashMap<IpAddr, (f64, Instant)>,
 }
 
 impl Model {
+    /// The server's Challenge budget for `from` now: a token bucket per source (the address;
+    /// all of its ports share one), refilled at `CHALLENGES_PER_SECOND` up to
+    /// `CHALLENGE_BURST`. The server consults it for every well-formed Bind on a leg and
+    /// challenges only with a token, so the model refills it at those moments, with the same
+    /// arithmetic (our four addresses are distinct IPv4 addresses and one IPv6 /64).
+    fn refill(&mut self, from: SocketAddr) -> &mut f64 {
+        let now = self.now;
+        let (tokens, last) = self
+            .buckets
+            .entry(from.ip())
+            .or_insert((CHALLENGE_BURST, now));
+        let refill = now.saturating_duration_since(*last).as_secs_f64() * CHALLENGES_PER_SECOND;
+        *tokens = (*tokens + refill).min(CHALLENGE_BURST);
+        *last = now;
+        tokens
+    }
+
+    /// Whether `from` has a Challenge token left (without taking it).
+    fn has_token(&self, from: SocketAddr) -> bool {
+        self.buckets.get(&from.ip()).is_none_or(|(tokens, last)| {
+            let refill =
+                self.now.saturating_duration_since(*last).as_secs_f64() * CHALLENGES_PER_SECOND;
+            (tokens + refill).min(CHALLENGE_BURST) >= 1.0
+        })
+    }
+
     /// A live VNI chosen by the fuzzer, or (high selector values) one that is not live.
     fn vni(&self, sel: u8) -> u32 {
         let live: Vec<u32> = self.endpoints.keys().copied().collect();
@@ -182,12 +213,70 @@ fn sorted(pair: [DiscoPublic; 2]) -> [DiscoPublic; 2] {
     }
 }
 
+/// The fresh server every input starts from, built once per process and cloned per input
+/// (`with_disco` derives the server's public key: one X25519).
+struct Prototype {
+    server: RelayServer,
+    t0: Instant,
+    addrs: Vec<SocketAddr>,
+}
+
+fn prototype() -> &'static Prototype {
+    static PROTO: OnceLock<Prototype> = OnceLock::new();
+    PROTO.get_or_init(|| {
+        let t0 = Instant::now();
+        let mut server = RelayServer::with_disco(keys().server.clone(), t0);
+        let addrs = vec![SocketAddr::from(([198, 51, 100, 7], 40000))];
+        server.set_addr_ports(addrs.clone());
+        Prototype { server, t0, addrs }
+    })
+}
+
+/// Longest run of leading allocations served from [`ALLOCATED`].
+const MAX_CACHED_ALLOCATIONS: usize = 6;
+
+type Allocated = (RelayServer, Result<UdpRelayEndpoint, AllocError>);
+
+thread_local! {
+    /// A new endpoint costs the server two X25519 operations (a box per client). Inputs mostly
+    /// start with allocations, so the server state after a leading run of allocations (before
+    /// any other op, at `t0`, from the prototype) is kept per sequence of client pairs (at most
+    /// 3^6 states), together with the server's answer to the last one: the same calls on the same
+    /// state give the same state and answer, and the answer is checked against the model exactly
+    /// as a live call would be. Later allocations (after other ops, e.g. after expiry) call the
+    /// server.
+    static ALLOCATED: RefCell<HashMap<Vec<u8>, Allocated>> = RefCell::new(HashMap::new());
+}
+
+/// `server.allocate` at `t0`, where `server` is the prototype after the allocations in
+/// `prefix` (client pair indices) and `pair` is a valid pair with index `index`.
+fn allocate_cached(
+    server: &mut RelayServer,
+    now: Instant,
+    request: &AllocateRequest,
+    prefix: &mut Vec<u8>,
+    index: u8,
+) -> Result<UdpRelayEndpoint, AllocError> {
+    prefix.push(index);
+    ALLOCATED.with_borrow_mut(|cache| {
+        if let Some((state, result)) = cache.get(prefix.as_slice()) {
+            *server = state.clone();
+            return result.clone();
+        }
+        let result = server.allocate(now, request);
+        cache.insert(prefix.clone(), (server.clone(), result.clone()));
+        result
+    })
+}
+
 pub fn run(data: &[u8]) {
     let k = keys();
-    let t0 = Instant::now();
-    let mut server = RelayServer::with_disco(k.server.clone(), t0);
-    let addrs = vec![SocketAddr::from(([198, 51, 100, 7], 40000))];
-    server.set_addr_ports(addrs.clone());
+    let proto = prototype();
+    let t0 = proto.t0;
+    let mut server = proto.server.clone();
+    let addrs = proto.addrs.clone();
+    // Client pairs allocated so far while only allocations ran (None after any other op).
+    let mut leading: Option<Vec<u8>> = Some(Vec::new());
     let mut m = Model {
         now: t0,
         endpoints: BTreeMap::new(),
@@ -196,13 +285,18 @@ pub fn run(data: &[u8]) {
         forwarded_packets: 0,
         forwarded_bytes: 0,
         drops: 0,
+        buckets: HashMap::new(),
     };
     let mut input = Input::new(data);
     for _ in 0..MAX_OPS {
         if input.is_empty() {
             break;
         }
-        match input.u8() % 8 {
+        let op = input.u8() % 8;
+        if op != 0 {
+            leading = None;
+        }
+        match op {
             // Allocate for two of {client 0, 1, 2, the server's own key}.
             0 => {
                 let sel = input.u8();
@@ -215,7 +309,7 @@ pub fn run(data: &[u8]) {
                     client_disco: [pick(sel), pick(sel >> 2)],
                     generation,
                 };
-                allocate(&mut server, &mut m, &request, &addrs);
+                allocate(&mut server, &mut m, &request, &addrs, &mut leading);
             }
             // A well-formed Bind from client `c`.
             1 => {
@@ -240,6 +334,7 @@ pub fn run(data: &[u8]) {
                 // Trailing bytes are ignored by the parser but make the request larger.
                 plain.extend(std::iter::repeat_n(0, (flags >> 4) as usize));
                 let packet = control_frame(vni, &seal_plain(c, &plain));
+                let budget = m.has_token(from);
                 let action = send(
                     &mut server,
                     &mut m,
@@ -248,7 +343,7 @@ pub fn run(data: &[u8]) {
                     Sender::Client(c, Some(msg)),
                 );
                 let valid = matches!(leg, Some((_, other)) if other == remote) && generation != 0;
-                if valid {
+                if valid && budget {
                     assert!(
                         matches!(action, Action::Reply { .. }),
                         "valid bind: {action:?}"
@@ -345,10 +440,26 @@ fn allocate(
     m: &mut Model,
     request: &AllocateRequest,
     addrs: &[SocketAddr],
+    leading: &mut Option<Vec<u8>>,
 ) {
     let k = keys();
     let pair = sorted(request.client_disco);
-    let result = server.allocate(m.now, request);
+    // Index of a valid pair of clients (refusals change nothing and need no cache).
+    let index = (0..3).find(|&i| {
+        let [a, b] = [i, (i + 1) % 3].map(|c| k.clients[c]);
+        sorted([a, b]) == pair
+    });
+    let result = match (leading.as_mut(), index) {
+        (Some(prefix), Some(i)) if prefix.len() < MAX_CACHED_ALLOCATIONS => {
+            allocate_cached(server, m.now, request, prefix, i as u8)
+        }
+        _ => {
+            if index.is_some() {
+                *leading = None;
+            }
+            server.allocate(m.now, request)
+        }
+    };
     if pair.contains(&k.server_public) || pair[0] == pair[1] {
         assert!(result.is_err(), "allocation must be refused: {result:?}");
         return;
@@ -414,6 +525,9 @@ fn send(
                 panic!("reply to something that is not a sealed Bind");
             };
             let (leg, other) = m.leg_of(vni, *c).expect("bind from a client of the VNI");
+            let tokens = m.refill(from);
+            assert!(*tokens >= 1.0, "challenged beyond the source's budget");
+            *tokens -= 1.0;
             let challenge = open_challenge(*c, vni, reply);
             assert_eq!(
                 (challenge.vni, challenge.generation, challenge.remote_key),
@@ -454,7 +568,16 @@ fn send(
             };
         }
         Action::Stun => assert!(tern::stun::is(packet)),
-        Action::Drop(_) => m.drops += 1,
+        Action::Drop(reason) => {
+            if *reason == "bind_rate_limited" {
+                let Sender::Client(c, Some(Message::BindUdpRelayEndpoint(_))) = &sender else {
+                    panic!("rate-limited something that is not a sealed Bind");
+                };
+                assert!(m.leg_of(vni, *c).is_some(), "rate-limited a Bind off a leg");
+                assert!(*m.refill(from) < 1.0, "rate-limited within the budget");
+            }
+            m.drops += 1;
+        }
     }
     action
 }
