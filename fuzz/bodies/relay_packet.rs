@@ -73,13 +73,14 @@ fn addr(slot: u8) -> SocketAddr {
     }
 }
 
-#[derive(Default)]
+#[derive(Clone, Default)]
 struct Leg {
     bound: Option<SocketAddr>,
     last_seen: Option<Instant>,
     in_progress: u32,
 }
 
+#[derive(Clone)]
 struct Endpoint {
     pair: [DiscoPublic; 2],
     allocated_at: Instant,
@@ -104,6 +105,7 @@ impl Endpoint {
 }
 
 /// A Challenge the server sent.
+#[derive(Clone)]
 struct Issued {
     vni: u32,
     leg: usize,
@@ -112,6 +114,7 @@ struct Issued {
     at: Instant,
 }
 
+#[derive(Clone)]
 struct Model {
     now: Instant,
     endpoints: BTreeMap<u32, Endpoint>,
@@ -213,58 +216,98 @@ fn sorted(pair: [DiscoPublic; 2]) -> [DiscoPublic; 2] {
     }
 }
 
-/// The fresh server every input starts from, built once per process and cloned per input
-/// (`with_disco` derives the server's public key: one X25519).
+/// What every input starts from, built once per process and cloned per input: the server
+/// (`with_disco` derives its public key: one X25519) with an endpoint allocated at `t0` for each
+/// of the three pairs of clients (a new endpoint costs two X25519, one box per client, which
+/// dominated the run time), and the model of it. The pairs are allocated in the order (0, 1),
+/// (0, 2), (1, 2): VNIs 1, 2 and 3, so VNI selector 0 names the pair (0, 1) the seeds allocate
+/// first. Allocations in the input get the live endpoint back (checked as before) until
+/// `expire` removes it; new endpoints after that are served by [`ALLOCATED`] or the server.
 struct Prototype {
     server: RelayServer,
-    t0: Instant,
+    model: Model,
     addrs: Vec<SocketAddr>,
 }
 
 fn prototype() -> &'static Prototype {
     static PROTO: OnceLock<Prototype> = OnceLock::new();
     PROTO.get_or_init(|| {
+        let k = keys();
         let t0 = Instant::now();
-        let mut server = RelayServer::with_disco(keys().server.clone(), t0);
+        let mut server = RelayServer::with_disco(k.server.clone(), t0);
         let addrs = vec![SocketAddr::from(([198, 51, 100, 7], 40000))];
         server.set_addr_ports(addrs.clone());
-        Prototype { server, t0, addrs }
+        let mut model = Model {
+            now: t0,
+            endpoints: BTreeMap::new(),
+            issued: Vec::new(),
+            allocations: 0,
+            forwarded_packets: 0,
+            forwarded_bytes: 0,
+            drops: 0,
+            buckets: HashMap::new(),
+        };
+        for (a, b) in [(0, 1), (0, 2), (1, 2)] {
+            let request = AllocateRequest {
+                client_disco: [k.clients[a], k.clients[b]],
+                generation: 1,
+            };
+            allocate(&mut server, &mut model, &request, &addrs, None);
+        }
+        let vnis: Vec<u32> = model.endpoints.keys().copied().collect();
+        assert_eq!(vnis, [1, 2, 3]);
+        expire(&mut server, &mut model);
+        Prototype {
+            server,
+            model,
+            addrs,
+        }
     })
 }
 
-/// Longest run of leading allocations served from [`ALLOCATED`].
-const MAX_CACHED_ALLOCATIONS: usize = 6;
+/// Cached server states at most (then the cache starts over).
+const MAX_CACHED: usize = 32768;
 
-type Allocated = (RelayServer, Result<UdpRelayEndpoint, AllocError>);
+/// The server after an allocation, its answer, and the cookies the model had seen before it.
+type Allocated = (
+    RelayServer,
+    Result<UdpRelayEndpoint, AllocError>,
+    Vec<Issued>,
+);
 
 thread_local! {
-    /// A new endpoint costs the server two X25519 operations (a box per client). Inputs mostly
-    /// start with allocations, so the server state after a leading run of allocations (before
-    /// any other op, at `t0`, from the prototype) is kept per sequence of client pairs (at most
-    /// 3^6 states), together with the server's answer to the last one: the same calls on the same
-    /// state give the same state and answer, and the answer is checked against the model exactly
-    /// as a live call would be. Later allocations (after other ops, e.g. after expiry) call the
-    /// server.
+    /// New endpoints (a pair allocated again after `expire` removed its endpoint) still cost the
+    /// server two X25519 each. The run up to an op is a function of the input bytes read so
+    /// far, but for randomness: the MAC keys the server draws when it rotates them, and the
+    /// cookies derived from them, which the model keeps in `issued` (sealing nonces leave no
+    /// trace in either; whether a cookie binds does not depend on the key's value). So the
+    /// server's state after such an allocation, its answer and the model's cookies are kept,
+    /// keyed by the input bytes read so far (this allocation's included); an input that gets
+    /// there again continues from clones of them, as if it had drawn the same keys, and checks
+    /// the kept answer against the model exactly as a live answer. Past `MAX_CACHED` states
+    /// the cache starts over.
     static ALLOCATED: RefCell<HashMap<Vec<u8>, Allocated>> = RefCell::new(HashMap::new());
 }
 
-/// `server.allocate` at `t0`, where `server` is the prototype after the allocations in
-/// `prefix` (client pair indices) and `pair` is a valid pair with index `index`.
+/// `server.allocate(m.now, request)`, or its kept result for the run named by `key`.
 fn allocate_cached(
     server: &mut RelayServer,
-    now: Instant,
+    m: &mut Model,
     request: &AllocateRequest,
-    prefix: &mut Vec<u8>,
-    index: u8,
+    key: &[u8],
 ) -> Result<UdpRelayEndpoint, AllocError> {
-    prefix.push(index);
     ALLOCATED.with_borrow_mut(|cache| {
-        if let Some((state, result)) = cache.get(prefix.as_slice()) {
+        if let Some((state, result, issued)) = cache.get(key) {
             *server = state.clone();
+            m.issued.clone_from(issued);
             return result.clone();
         }
-        let result = server.allocate(now, request);
-        cache.insert(prefix.clone(), (server.clone(), result.clone()));
+        let result = server.allocate(m.now, request);
+        if cache.len() >= MAX_CACHED {
+            cache.clear();
+        }
+        let kept = (server.clone(), result.clone(), m.issued.clone());
+        cache.insert(key.to_vec(), kept);
         result
     })
 }
@@ -272,31 +315,15 @@ fn allocate_cached(
 pub fn run(data: &[u8]) {
     let k = keys();
     let proto = prototype();
-    let t0 = proto.t0;
     let mut server = proto.server.clone();
-    let addrs = proto.addrs.clone();
-    // Client pairs allocated so far while only allocations ran (None after any other op).
-    let mut leading: Option<Vec<u8>> = Some(Vec::new());
-    let mut m = Model {
-        now: t0,
-        endpoints: BTreeMap::new(),
-        issued: Vec::new(),
-        allocations: 0,
-        forwarded_packets: 0,
-        forwarded_bytes: 0,
-        drops: 0,
-        buckets: HashMap::new(),
-    };
+    let mut m = proto.model.clone();
+    let addrs = &proto.addrs;
     let mut input = Input::new(data);
     for _ in 0..MAX_OPS {
         if input.is_empty() {
             break;
         }
-        let op = input.u8() % 8;
-        if op != 0 {
-            leading = None;
-        }
-        match op {
+        match input.u8() % 8 {
             // Allocate for two of {client 0, 1, 2, the server's own key}.
             0 => {
                 let sel = input.u8();
@@ -309,7 +336,8 @@ pub fn run(data: &[u8]) {
                     client_disco: [pick(sel), pick(sel >> 2)],
                     generation,
                 };
-                allocate(&mut server, &mut m, &request, &addrs, &mut leading);
+                let read = &data[..data.len() - input.remaining()];
+                allocate(&mut server, &mut m, &request, addrs, Some(read));
             }
             // A well-formed Bind from client `c`.
             1 => {
@@ -440,25 +468,18 @@ fn allocate(
     m: &mut Model,
     request: &AllocateRequest,
     addrs: &[SocketAddr],
-    leading: &mut Option<Vec<u8>>,
+    read: Option<&[u8]>,
 ) {
     let k = keys();
     let pair = sorted(request.client_disco);
-    // Index of a valid pair of clients (refusals change nothing and need no cache).
-    let index = (0..3).find(|&i| {
-        let [a, b] = [i, (i + 1) % 3].map(|c| k.clients[c]);
-        sorted([a, b]) == pair
-    });
-    let result = match (leading.as_mut(), index) {
-        (Some(prefix), Some(i)) if prefix.len() < MAX_CACHED_ALLOCATIONS => {
-            allocate_cached(server, m.now, request, prefix, i as u8)
-        }
-        _ => {
-            if index.is_some() {
-                *leading = None;
-            }
-            server.allocate(m.now, request)
-        }
+    // A new endpoint for two clients (refusals and live pairs cost nothing: no cache).
+    let fresh = k.clients.contains(&pair[0])
+        && k.clients.contains(&pair[1])
+        && pair[0] != pair[1]
+        && !m.endpoints.values().any(|e| e.pair == pair);
+    let result = match read.filter(|_| fresh) {
+        Some(key) => allocate_cached(server, m, request, key),
+        None => server.allocate(m.now, request),
     };
     if pair.contains(&k.server_public) || pair[0] == pair[1] {
         assert!(result.is_err(), "allocation must be refused: {result:?}");
