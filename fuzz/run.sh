@@ -1,7 +1,8 @@
 #!/bin/sh
 # Runs fuzz targets one at a time (one job, one core) with their committed seeds and dictionary,
 # then prints a table: executions, exec/s, coverage (libFuzzer `cov:`) after loading the corpus
-# and at the end, corpus size. The table is also written to fuzz/last_run.md.
+# and at the end, corpus size, seconds taken (less than SECONDS if a flag such as -runs=N stops
+# it first). The table is also written to fuzz/last_run.md.
 #
 # Usage: fuzz/run.sh all SECONDS          every target, SECONDS each
 #        fuzz/run.sh TARGET SECONDS [libFuzzer flags…]
@@ -9,8 +10,8 @@
 # with the stable one). corpus/ (the growing corpus) and artifacts/ (crashes) are not committed;
 # copy a crash input to regressions/TARGET/ so `cargo test --test fuzz_regression` keeps it fixed.
 set -eu
+[ $# -ge 2 ] || { sed -n 7,8p "$0"; exit 2; }
 cd "$(dirname "$0")"
-[ $# -ge 2 ] || { sed -n 5,6p "$0"; exit 2; }
 which=$1; secs=$2; shift 2
 all="derp_frame disco_parse map_decode noise_records relay_packet stun_parse"
 [ "$which" = all ] && targets=$all || targets=$which
@@ -35,17 +36,19 @@ for t in $targets; do
   echo "== $t: ${secs}s" >&2
   # Seeds are read alongside the corpus; new units go to corpus/ only.
   status=ok
+  t_start=$(date +%s)
   "$bin/$t" "corpus/$t" "seeds/$t" \
     -max_total_time="$secs" -dict="dict/$t.dict" -max_len="$(max_len "$t")" \
     -rss_limit_mb=2048 -print_final_stats=1 -artifact_prefix="artifacts/$t/" "$@" \
     >"$log" 2>&1 || status=CRASH
+  elapsed=$(( $(date +%s) - t_start ))
   start=$(grep -m1 'INITED' "$log" | sed -n 's/.*cov: \([0-9]*\).*/\1/p')
   last=$(grep -E '^#[0-9]+' "$log" | tail -1)
   end=$(echo "$last" | sed -n 's/.*cov: \([0-9]*\).*/\1/p')
   corp=$(echo "$last" | sed -n 's/.*corp: \([0-9]*\/[0-9a-zA-Z]*\).*/\1/p')
   runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log")
   rate=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log")
-  rows="$rows| \`$t\` | ${runs:-?} | ${rate:-?} | ${start:-?} | ${end:-?} | ${corp:-?} | $secs | $status |
+  rows="$rows| \`$t\` | ${runs:-?} | ${rate:-?} | ${start:-?} | ${end:-?} | ${corp:-?} | $elapsed | $status |
 "
 done
 table="| target | executions | exec/s | cov start | cov end | corpus (units/size) | seconds | result |

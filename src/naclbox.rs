@@ -29,8 +29,10 @@ pub enum BoxError {
 
 /// A precomputed box between one private and one public key (Go `box.Precompute`).
 ///
-/// Sealing and opening use the same shared key in both directions.
-pub struct SharedBox(SalsaBox);
+/// Sealing and opening use the same shared key in both directions. Cloning shares the
+/// precomputed key (`SalsaBox` itself is not `Clone`) instead of redoing the X25519.
+#[derive(Clone)]
+pub struct SharedBox(std::sync::Arc<SalsaBox>);
 
 impl std::fmt::Debug for SharedBox {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -43,7 +45,7 @@ impl SharedBox {
     pub fn new(my_private: &[u8; 32], their_public: &[u8; 32]) -> Self {
         let secret = SecretKey::from(*my_private);
         let public = PublicKey::from(*their_public);
-        SharedBox(SalsaBox::new(&public, &secret))
+        SharedBox(std::sync::Arc::new(SalsaBox::new(&public, &secret)))
     }
 
     /// Seals `plaintext` with a fresh random nonce: `nonce || tag || ciphertext`.

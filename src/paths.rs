@@ -392,7 +392,7 @@ pub struct CandidateStatus {
 }
 
 /// Path selection towards one peer.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Peer {
     local: LocalNet,
     local_endpoints_at: Option<Instant>,

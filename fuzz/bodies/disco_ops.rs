@@ -139,6 +139,7 @@ fn message(input: &mut Input, i: usize, last_ping: Option<TxId>) -> Message {
     }
 }
 
+#[derive(Clone)]
 struct State {
     table: PeerTable,
     now: Instant,
@@ -157,29 +158,41 @@ struct Sent {
     src: Option<SocketAddr>,
 }
 
+/// The starting state: the table with both peers set and its first output drained and checked.
+/// Built once per process and cloned per input: `PeerTable::new` and `set_peers` cost three
+/// X25519 operations (our public key, one box per peer), which dominated the run time.
+fn prototype() -> &'static State {
+    static PROTO: OnceLock<State> = OnceLock::new();
+    PROTO.get_or_init(|| {
+        let k = keys();
+        let t0 = Instant::now();
+        let mut table = PeerTable::new(k.local.clone(), local_net(Some(true), Some(false)));
+        let peers = (0..2)
+            .map(|i| PeerInfo {
+                node_key: node(i),
+                disco_key: k.peers[i],
+                home_derp: Some(i as u16 + 1),
+                endpoints: vec![peer_addr(i)],
+                mapping_varies: Some(false),
+                udp_working: Some(true),
+            })
+            .collect();
+        table.set_peers(t0, peers);
+        let mut st = State {
+            table,
+            now: t0,
+            handled: 0,
+            last_ping: [None, None],
+            ping_seen: HashMap::new(),
+        };
+        drain(&mut st, None);
+        st
+    })
+}
+
 pub fn run(data: &[u8]) {
     let k = keys();
-    let t0 = Instant::now();
-    let mut table = PeerTable::new(k.local.clone(), local_net(Some(true), Some(false)));
-    let peers = (0..2)
-        .map(|i| PeerInfo {
-            node_key: node(i),
-            disco_key: k.peers[i],
-            home_derp: Some(i as u16 + 1),
-            endpoints: vec![peer_addr(i)],
-            mapping_varies: Some(false),
-            udp_working: Some(true),
-        })
-        .collect();
-    table.set_peers(t0, peers);
-    let mut st = State {
-        table,
-        now: t0,
-        handled: 0,
-        last_ping: [None, None],
-        ping_seen: HashMap::new(),
-    };
-    drain(&mut st, None);
+    let mut st = prototype().clone();
     let mut input = Input::new(data);
     for _ in 0..MAX_OPS {
         if input.is_empty() {

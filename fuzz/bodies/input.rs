@@ -15,6 +15,11 @@ impl<'a> Input<'a> {
         self.data.is_empty()
     }
 
+    /// Bytes not read yet.
+    pub fn remaining(&self) -> usize {
+        self.data.len()
+    }
+
     pub fn u8(&mut self) -> u8 {
         match self.data.split_first() {
             Some((&b, rest)) => {

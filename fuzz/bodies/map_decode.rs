@@ -7,6 +7,13 @@ use tern::netmap::NetworkMap;
 
 const MAX_LEN: usize = 1 << 20;
 
+/// At most this many `push`/`next_frame` rounds per input. Each round costs about the same
+/// whatever its size, so 1-byte chunks over a 40 KB input (the full map seeds) made a run take
+/// tens of thousands of rounds: most of the target's time went to `push`/`next_frame` calls
+/// that found nothing new (`perf`). Small inputs still get the fuzzer's chunk size (1-64
+/// bytes), so frame boundaries and length prefixes are still split at every position.
+const MAX_ROUNDS: usize = 256;
+
 fn check_and_apply(nm: &mut NetworkMap, resp: MapResponse) {
     let json = serde_json::to_vec(&resp).expect("re-encode");
     let again: MapResponse = serde_json::from_slice(&json).expect("decode own output");
@@ -16,6 +23,7 @@ fn check_and_apply(nm: &mut NetworkMap, resp: MapResponse) {
 }
 
 fn run_stream(bytes: &[u8], compression: Compression, chunk: usize) {
+    let chunk = chunk.max(bytes.len().div_ceil(MAX_ROUNDS));
     let mut dec = MapFrameDecoder::with_max_len(compression, MAX_LEN);
     let mut nm = NetworkMap::new();
     for c in bytes.chunks(chunk) {

@@ -8,8 +8,9 @@
 //! checks every action:
 //! * nothing is forwarded unless both legs are bound, from a bound leg, to the other leg;
 //! * an Answer binds only with a cookie the server issued for that leg, generation and address
-//!   (a mutated cookie never binds); a well-formed Bind is always challenged, and an Answer with
-//!   the issued cookie inside the MAC rotation window always binds;
+//!   (a mutated cookie never binds); a well-formed Bind is always challenged while its source has
+//!   Challenge budget (the per-source token bucket is modelled) and never beyond it, and an
+//!   Answer with the issued cookie inside the MAC rotation window always binds;
 //! * every reply goes back to the sender, is no larger than the request, and is a Challenge
 //!   sealed to that client; unauthenticated bytes never get a reply;
 //! * allocation results and errors are as predicted; `expire` removes exactly the endpoints the
@@ -19,17 +20,19 @@
 //! Input: ops until the input ends, each an op byte then its fields (see `run`); missing bytes
 //! read as zero.
 
-use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use tern::disco::{self, AllocateRequest, BindBody, Message};
+use tern::disco::{self, AllocateRequest, BindBody, Message, UdpRelayEndpoint};
 use tern::keys::{DiscoPrivate, DiscoPublic};
 use tern::naclbox::SharedBox;
 use tern::relay::geneve::{self, Header, Vni, PROTOCOL_DISCO, PROTOCOL_WIREGUARD};
 use tern::relay::server::{
-    Action, RelayServer, BIND_LIFETIME, MAC_ROTATION, STEADY_STATE_LIFETIME,
+    Action, AllocError, RelayServer, BIND_LIFETIME, CHALLENGES_PER_SECOND, CHALLENGE_BURST,
+    MAC_ROTATION, STEADY_STATE_LIFETIME,
 };
 
 use super::input::Input;
@@ -70,13 +73,14 @@ fn addr(slot: u8) -> SocketAddr {
     }
 }
 
-#[derive(Default)]
+#[derive(Clone, Default)]
 struct Leg {
     bound: Option<SocketAddr>,
     last_seen: Option<Instant>,
     in_progress: u32,
 }
 
+#[derive(Clone)]
 struct Endpoint {
     pair: [DiscoPublic; 2],
     allocated_at: Instant,
@@ -101,6 +105,7 @@ impl Endpoint {
 }
 
 /// A Challenge the server sent.
+#[derive(Clone)]
 struct Issued {
     vni: u32,
     leg: usize,
@@ -109,6 +114,7 @@ struct Issued {
     at: Instant,
 }
 
+#[derive(Clone)]
 struct Model {
     now: Instant,
     endpoints: BTreeMap<u32, Endpoint>,
@@ -117,9 +123,37 @@ struct Model {
     forwarded_packets: u64,
     forwarded_bytes: u64,
     drops: u64,
+    /// The Challenge budget per source address: tokens and when they were last refilled.
+    buckets: HashMap<IpAddr, (f64, Instant)>,
 }
 
 impl Model {
+    /// The server's Challenge budget for `from` now: a token bucket per source (the address;
+    /// all of its ports share one), refilled at `CHALLENGES_PER_SECOND` up to
+    /// `CHALLENGE_BURST`. The server consults it for every well-formed Bind on a leg and
+    /// challenges only with a token, so the model refills it at those moments, with the same
+    /// arithmetic (our four addresses are distinct IPv4 addresses and one IPv6 /64).
+    fn refill(&mut self, from: SocketAddr) -> &mut f64 {
+        let now = self.now;
+        let (tokens, last) = self
+            .buckets
+            .entry(from.ip())
+            .or_insert((CHALLENGE_BURST, now));
+        let refill = now.saturating_duration_since(*last).as_secs_f64() * CHALLENGES_PER_SECOND;
+        *tokens = (*tokens + refill).min(CHALLENGE_BURST);
+        *last = now;
+        tokens
+    }
+
+    /// Whether `from` has a Challenge token left (without taking it).
+    fn has_token(&self, from: SocketAddr) -> bool {
+        self.buckets.get(&from.ip()).is_none_or(|(tokens, last)| {
+            let refill =
+                self.now.saturating_duration_since(*last).as_secs_f64() * CHALLENGES_PER_SECOND;
+            (tokens + refill).min(CHALLENGE_BURST) >= 1.0
+        })
+    }
+
     /// A live VNI chosen by the fuzzer, or (high selector values) one that is not live.
     fn vni(&self, sel: u8) -> u32 {
         let live: Vec<u32> = self.endpoints.keys().copied().collect();
@@ -182,21 +216,108 @@ fn sorted(pair: [DiscoPublic; 2]) -> [DiscoPublic; 2] {
     }
 }
 
+/// What every input starts from, built once per process and cloned per input: the server
+/// (`with_disco` derives its public key: one X25519) with an endpoint allocated at `t0` for each
+/// of the three pairs of clients (a new endpoint costs two X25519, one box per client, which
+/// dominated the run time), and the model of it. The pairs are allocated in the order (0, 1),
+/// (0, 2), (1, 2): VNIs 1, 2 and 3, so VNI selector 0 names the pair (0, 1) the seeds allocate
+/// first. Allocations in the input get the live endpoint back (checked as before) until
+/// `expire` removes it; new endpoints after that are served by [`ALLOCATED`] or the server.
+struct Prototype {
+    server: RelayServer,
+    model: Model,
+    addrs: Vec<SocketAddr>,
+}
+
+fn prototype() -> &'static Prototype {
+    static PROTO: OnceLock<Prototype> = OnceLock::new();
+    PROTO.get_or_init(|| {
+        let k = keys();
+        let t0 = Instant::now();
+        let mut server = RelayServer::with_disco(k.server.clone(), t0);
+        let addrs = vec![SocketAddr::from(([198, 51, 100, 7], 40000))];
+        server.set_addr_ports(addrs.clone());
+        let mut model = Model {
+            now: t0,
+            endpoints: BTreeMap::new(),
+            issued: Vec::new(),
+            allocations: 0,
+            forwarded_packets: 0,
+            forwarded_bytes: 0,
+            drops: 0,
+            buckets: HashMap::new(),
+        };
+        for (a, b) in [(0, 1), (0, 2), (1, 2)] {
+            let request = AllocateRequest {
+                client_disco: [k.clients[a], k.clients[b]],
+                generation: 1,
+            };
+            allocate(&mut server, &mut model, &request, &addrs, None);
+        }
+        let vnis: Vec<u32> = model.endpoints.keys().copied().collect();
+        assert_eq!(vnis, [1, 2, 3]);
+        expire(&mut server, &mut model);
+        Prototype {
+            server,
+            model,
+            addrs,
+        }
+    })
+}
+
+/// Cached server states at most (then the cache starts over).
+const MAX_CACHED: usize = 32768;
+
+/// The server after an allocation, its answer, and the cookies the model had seen before it.
+type Allocated = (
+    RelayServer,
+    Result<UdpRelayEndpoint, AllocError>,
+    Vec<Issued>,
+);
+
+thread_local! {
+    /// New endpoints (a pair allocated again after `expire` removed its endpoint) still cost the
+    /// server two X25519 each. The run up to an op is a function of the input bytes read so
+    /// far, but for randomness: the MAC keys the server draws when it rotates them, and the
+    /// cookies derived from them, which the model keeps in `issued` (sealing nonces leave no
+    /// trace in either; whether a cookie binds does not depend on the key's value). So the
+    /// server's state after such an allocation, its answer and the model's cookies are kept,
+    /// keyed by the input bytes read so far (this allocation's included); an input that gets
+    /// there again continues from clones of them, as if it had drawn the same keys, and checks
+    /// the kept answer against the model exactly as a live answer. Past `MAX_CACHED` states
+    /// the cache starts over.
+    static ALLOCATED: RefCell<HashMap<Vec<u8>, Allocated>> = RefCell::new(HashMap::new());
+}
+
+/// `server.allocate(m.now, request)`, or its kept result for the run named by `key`.
+fn allocate_cached(
+    server: &mut RelayServer,
+    m: &mut Model,
+    request: &AllocateRequest,
+    key: &[u8],
+) -> Result<UdpRelayEndpoint, AllocError> {
+    ALLOCATED.with_borrow_mut(|cache| {
+        if let Some((state, result, issued)) = cache.get(key) {
+            *server = state.clone();
+            m.issued.clone_from(issued);
+            return result.clone();
+        }
+        let result = server.allocate(m.now, request);
+        if cache.len() >= MAX_CACHED {
+            cache.clear();
+        }
+        let kept = (server.clone(), result.clone(), m.issued.clone());
+        cache.insert(key.to_vec(), kept);
+        result
+    })
+}
+
 pub fn run(data: &[u8]) {
     let k = keys();
-    let t0 = Instant::now();
-    let mut server = RelayServer::with_disco(k.server.clone(), t0);
-    let addrs = vec![SocketAddr::from(([198, 51, 100, 7], 40000))];
-    server.set_addr_ports(addrs.clone());
-    let mut m = Model {
-        now: t0,
-        endpoints: BTreeMap::new(),
-        issued: Vec::new(),
-        allocations: 0,
-        forwarded_packets: 0,
-        forwarded_bytes: 0,
-        drops: 0,
-    };
+    let proto = prototype();
+    let mut server = proto.server.clone();
+    let mut m = proto.model.clone();
+    let addrs = &proto.addrs;
     let mut input = Input::new(data);
     for _ in 0..MAX_OPS {
         if input.is_empty() {
@@ -215,7 +336,8 @@ pub fn run(data: &[u8]) {
                     client_disco: [pick(sel), pick(sel >> 2)],
                     generation,
                 };
-                allocate(&mut server, &mut m, &request, &addrs);
+                let read = &data[..data.len() - input.remaining()];
+                allocate(&mut server, &mut m, &request, addrs, Some(read));
             }
             // A well-formed Bind from client `c`.
             1 => {
@@ -240,6 +362,7 @@ pub fn run(data: &[u8]) {
                 // Trailing bytes are ignored by the parser but make the request larger.
                 plain.extend(std::iter::repeat_n(0, (flags >> 4) as usize));
                 let packet = control_frame(vni, &seal_plain(c, &plain));
+                let budget = m.has_token(from);
                 let action = send(
                     &mut server,
                     &mut m,
@@ -248,7 +371,7 @@ pub fn run(data: &[u8]) {
                     Sender::Client(c, Some(msg)),
                 );
                 let valid = matches!(leg, Some((_, other)) if other == remote) && generation != 0;
-                if valid {
+                if valid && budget {
                     assert!(
                         matches!(action, Action::Reply { .. }),
                         "valid bind: {action:?}"
@@ -345,10 +468,19 @@ fn allocate(
     m: &mut Model,
     request: &AllocateRequest,
     addrs: &[SocketAddr],
+    read: Option<&[u8]>,
 ) {
     let k = keys();
     let pair = sorted(request.client_disco);
-    let result = server.allocate(m.now, request);
+    // A new endpoint for two clients (refusals and live pairs cost nothing: no cache).
+    let fresh = k.clients.contains(&pair[0])
+        && k.clients.contains(&pair[1])
+        && pair[0] != pair[1]
+        && !m.endpoints.values().any(|e| e.pair == pair);
+    let result = match read.filter(|_| fresh) {
+        Some(key) => allocate_cached(server, m, request, key),
+        None => server.allocate(m.now, request),
+    };
     if pair.contains(&k.server_public) || pair[0] == pair[1] {
         assert!(result.is_err(), "allocation must be refused: {result:?}");
         return;
@@ -414,6 +546,9 @@ fn send(
                 panic!("reply to something that is not a sealed Bind");
             };
             let (leg, other) = m.leg_of(vni, *c).expect("bind from a client of the VNI");
+            let tokens = m.refill(from);
+            assert!(*tokens >= 1.0, "challenged beyond the source's budget");
+            *tokens -= 1.0;
             let challenge = open_challenge(*c, vni, reply);
             assert_eq!(
                 (challenge.vni, challenge.generation, challenge.remote_key),
@@ -454,7 +589,16 @@ fn send(
             };
         }
         Action::Stun => assert!(tern::stun::is(packet)),
-        Action::Drop(_) => m.drops += 1,
+        Action::Drop(reason) => {
+            if *reason == "bind_rate_limited" {
+                let Sender::Client(c, Some(Message::BindUdpRelayEndpoint(_))) = &sender else {
+                    panic!("rate-limited something that is not a sealed Bind");
+                };
+                assert!(m.leg_of(vni, *c).is_some(), "rate-limited a Bind off a leg");
+                assert!(*m.refill(from) < 1.0, "rate-limited within the budget");
+            }
+            m.drops += 1;
+        }
     }
     action
 }

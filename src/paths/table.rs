@@ -55,12 +55,14 @@ pub struct DiscoCounters {
     pub malformed: u64,
 }
 
+#[derive(Clone)]
 struct Entry {
     peer: Peer,
     shared: SharedBox,
 }
 
 /// The path machines of every peer, keyed by node key.
+#[derive(Clone)]
 pub struct PeerTable {
     disco_private: DiscoPrivate,
     disco_public: DiscoPublic,

@@ -75,6 +75,7 @@ struct Leg {
 }
 
 /// One relay endpoint (session) for an unordered pair of clients.
+#[derive(Clone)]
 struct Endpoint {
     disco: [DiscoPublic; 2],
     shared: [SharedBox; 2],
@@ -101,6 +102,7 @@ impl Endpoint {
 }
 
 /// The challenge MAC keys: the newest first.
+#[derive(Clone)]
 struct MacKeys {
     current: [u8; 32],
     previous: Option<[u8; 32]>,
@@ -108,6 +110,7 @@ struct MacKeys {
 }
 
 /// The relay server's state: endpoints by VNI and by client pair, address list, counters.
+#[derive(Clone)]
 pub struct RelayServer {
     disco: DiscoPrivate,
     disco_public: DiscoPublic,

@@ -23,7 +23,7 @@ struct Bucket {
 }
 
 /// Token buckets by source.
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct BindLimiter {
     buckets: HashMap<IpAddr, Bucket>,
     /// Last time the table was swept for idle entries (at most once a second when full).
