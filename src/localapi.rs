@@ -980,36 +980,16 @@ impl Client {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<T, LocalApiError> {
-        let stream =
-            UnixStream::connect(&self.socket)
-                .await
-                .map_err(|source| LocalApiError::Connect {
-                    path: self.socket.clone(),
-                    source,
-                })?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-        let driver = tokio::spawn(conn);
-        let req = Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", "local-tern")
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))?;
-        let resp = sender.send_request(req).await?;
+        let (resp, driver) = self.send(method, path, body).await?;
         let status = resp.status();
         let bytes = Limited::new(resp.into_body(), MAX_RESPONSE)
             .collect()
             .await
-            .map_err(|e| LocalApiError::Body(e.to_string()))?
-            .to_bytes();
+            .map_err(|e| LocalApiError::Body(e.to_string()));
         driver.abort();
+        let bytes = bytes?.to_bytes();
         if !status.is_success() {
-            let message = serde_json::from_slice::<serde_json::Value>(&bytes)
-                .ok()
-                .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
-                .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
-            return Err(LocalApiError::Status { status, message });
+            return Err(error_of(status, &bytes));
         }
         Ok(serde_json::from_slice(&bytes)?)
     }

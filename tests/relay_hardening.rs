@@ -16,8 +16,6 @@ use tern::disco::{self, AllocateRequest, BindBody, Message};
 use tern::relay::geneve::PROTOCOL_DISCO;
 use tern::relay::io::RelayRuntime;
 use tern::relay::server::{CHALLENGES_PER_SECOND, CHALLENGE_BURST};
-use tern_lab::topology::unique_prefix;
-use tern_lab::Netns;
 use tokio::sync::watch;
 
 const RELAY_IP: &str = "192.0.2.1";
@@ -99,20 +97,5 @@ async fn count_challenges(client: &Client, relay: SocketAddr, quiet: Duration) -
 
 #[test]
 fn a_replayed_bind_flood_gets_at_most_the_rate_limit_of_challenges() {
-    support::require_root();
-    let ns = Netns::create(&format!("{}-rflood", unique_prefix())).expect("namespace");
-    ns.ip_batch(&format!(
-        "link add r0 type veth peer name r1\naddr add {RELAY_IP}/24 dev r0\n\
-         link set r0 up\nlink set r1 up\n"
-    ))
-    .expect("a veth pair with the relay's address");
-    ns.run_in(|| {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| tern_lab::LabError::io("tokio runtime", e))?;
-        runtime.block_on(replayed_binds());
-        Ok(())
-    })
-    .expect("test body in the namespace");
+    support::in_namespace_with_address("rflood", RELAY_IP, replayed_binds);
 }

@@ -13,8 +13,6 @@ use std::time::Duration;
 use relay_client::{bound_pair, geneve};
 use tern::relay::geneve::PROTOCOL_WIREGUARD;
 use tern::relay::io::RelayRuntime;
-use tern_lab::topology::unique_prefix;
-use tern_lab::Netns;
 use tokio::net::UdpSocket;
 use tokio::sync::watch;
 
@@ -67,20 +65,5 @@ async fn relay_two_clients() {
 
 #[test]
 fn relay_runtime_binds_two_clients_and_forwards_between_them() {
-    support::require_root();
-    let ns = Netns::create(&format!("{}-relay", unique_prefix())).expect("namespace");
-    ns.ip_batch(&format!(
-        "link add r0 type veth peer name r1\naddr add {RELAY_IP}/24 dev r0\n\
-         link set r0 up\nlink set r1 up\n"
-    ))
-    .expect("a veth pair with the relay's address");
-    ns.run_in(|| {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| tern_lab::LabError::io("tokio runtime", e))?;
-        runtime.block_on(relay_two_clients());
-        Ok(())
-    })
-    .expect("test body in the namespace");
+    support::in_namespace_with_address("relay", RELAY_IP, relay_two_clients);
 }

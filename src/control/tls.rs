@@ -5,11 +5,9 @@
 
 use std::sync::Arc;
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::client::WebPkiServerVerifier;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::{ClientConfig, RootCertStore};
 
+use crate::trust::WebPkiWrapper;
 pub use crate::trust::{certificate_hint, root_store};
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -29,64 +27,11 @@ pub fn verifying_config(roots: Arc<RootCertStore>) -> Result<Arc<ClientConfig>, 
 /// logged and accepted (Go does the same: the Noise handshake is what authenticates control).
 /// No ALPN, so the server speaks HTTP/1.1 for the upgrade.
 pub fn noise_config(roots: Arc<RootCertStore>) -> Result<Arc<ClientConfig>, rustls::Error> {
-    let inner = WebPkiServerVerifier::builder_with_provider(roots, provider())
-        .build()
-        .map_err(|e| rustls::Error::General(e.to_string()))?;
+    let verifier = WebPkiWrapper::new(roots, None, true)?;
     let config = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(LogOnlyVerifier { inner }))
+        .with_custom_certificate_verifier(Arc::new(verifier))
         .with_no_client_auth();
     Ok(Arc::new(config))
-}
-
-/// Verifies like WebPKI, but only logs a failed chain check.
-#[derive(Debug)]
-struct LogOnlyVerifier {
-    inner: Arc<WebPkiServerVerifier>,
-}
-
-impl ServerCertVerifier for LogOnlyVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        if let Err(e) =
-            self.inner
-                .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
-        {
-            tracing::info!(
-                server = ?server_name,
-                error = %e,
-                "control's TLS certificate does not verify; going on (Noise authenticates control)"
-            );
-        }
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
-    }
 }

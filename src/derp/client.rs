@@ -603,15 +603,11 @@ async fn tls_connect(
         TlsVerify::RootsFor { roots, cert_name } => {
             let expected = rustls::pki_types::ServerName::try_from(cert_name.clone())
                 .map_err(|e| ClientError::Tls(format!("CertName {cert_name:?}: {e}")))?;
-            let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
-                roots.clone(),
-                provider,
-            )
-            .build()
-            .map_err(|e| ClientError::Tls(e.to_string()))?;
+            let verifier = crate::trust::WebPkiWrapper::new(roots.clone(), Some(expected), false)
+                .map_err(|e| ClientError::Tls(e.to_string()))?;
             builder
                 .dangerous()
-                .with_custom_certificate_verifier(Arc::new(NamedVerifier { inner, expected }))
+                .with_custom_certificate_verifier(Arc::new(verifier))
                 .with_no_client_auth()
         }
         TlsVerify::PinSha256(pin) => builder
@@ -635,54 +631,6 @@ async fn tls_connect(
         .connect(name, tcp)
         .await
         .map_err(|e| ClientError::Tls(e.to_string()))
-}
-
-/// Verifies the chain like WebPKI, but for the name `expected` rather than the SNI name.
-#[derive(Debug)]
-struct NamedVerifier {
-    inner: Arc<rustls::client::WebPkiServerVerifier>,
-    expected: rustls::pki_types::ServerName<'static>,
-}
-
-impl rustls::client::danger::ServerCertVerifier for NamedVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &rustls::pki_types::CertificateDer<'_>,
-        intermediates: &[rustls::pki_types::CertificateDer<'_>],
-        _server_name: &rustls::pki_types::ServerName<'_>,
-        ocsp_response: &[u8],
-        now: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        self.inner.verify_server_cert(
-            end_entity,
-            intermediates,
-            &self.expected,
-            ocsp_response,
-            now,
-        )
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.inner.supported_verify_schemes()
-    }
 }
 
 /// Accepts a server certificate by SHA-256 pin of the leaf (or any, with `pin: None`).

@@ -235,3 +235,30 @@ pub fn tail(text: &str, lines: usize) -> String {
     out += &all[skip..].join("\n");
     out
 }
+
+/// Runs `body` on a current-thread runtime inside a fresh namespace (named `<unique>-<suffix>`)
+/// whose only address is `ip`/24 on a veth pair, then removes the namespace.
+pub fn in_namespace_with_address<F>(
+    suffix: &str,
+    ip: &str,
+    body: impl FnOnce() -> F + Send + 'static,
+) where
+    F: std::future::Future<Output = ()>,
+{
+    require_root();
+    let ns = Netns::create(&format!("{}-{suffix}", tern_lab::topology::unique_prefix()))
+        .expect("namespace");
+    ns.ip_batch(&format!(
+        "link add r0 type veth peer name r1\naddr add {ip}/24 dev r0\nlink set r0 up\nlink set r1 up\n"
+    ))
+    .expect("a veth pair with the address");
+    ns.run_in(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| tern_lab::LabError::io("tokio runtime", e))?;
+        runtime.block_on(body());
+        Ok(())
+    })
+    .expect("test body in the namespace");
+}

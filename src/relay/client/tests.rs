@@ -130,9 +130,16 @@ fn endpoints_without_addresses_or_with_bad_vnis_do_not_start() {
     assert_eq!(start(bad_vni), Some(StartError::BadVni(0)));
 }
 
-#[test]
-fn forged_garbage_and_wrong_vni_packets_are_counted_and_ignored() {
-    let t0 = Instant::now();
+/// a's handshake after its Bind, with the relay's real Challenge not yet delivered.
+struct Challenged {
+    a: Side,
+    b: Side,
+    endpoint: UdpRelayEndpoint,
+    hs: Handshake,
+    packet: Vec<u8>,
+}
+
+fn challenged(t0: Instant) -> Challenged {
     let (a, b) = (Side::new("192.0.2.1:1"), Side::new("192.0.2.2:2"));
     let (mut relay, endpoint) = relay_for(t0, &a, &b);
     let mut hs = Handshake::start(t0, &a.disco, a.node, b.disco.public(), endpoint.clone(), 1)
@@ -141,6 +148,25 @@ fn forged_garbage_and_wrong_vni_packets_are_counted_and_ignored() {
     let Action::Reply { packet, .. } = relay.handle_packet(t0, a.from, &bind.packet) else {
         panic!("no challenge");
     };
+    Challenged {
+        a,
+        b,
+        endpoint,
+        hs,
+        packet,
+    }
+}
+
+#[test]
+fn forged_garbage_and_wrong_vni_packets_are_counted_and_ignored() {
+    let t0 = Instant::now();
+    let Challenged {
+        a,
+        b,
+        endpoint,
+        mut hs,
+        packet,
+    } = challenged(t0);
     // Truncated, another VNI, sealed by a stranger: none of them moves the handshake.
     hs.handle_packet(t0, addr(RELAY), &packet[..5]);
     let mut other_vni = packet.clone();
@@ -183,14 +209,13 @@ fn forged_garbage_and_wrong_vni_packets_are_counted_and_ignored() {
 #[test]
 fn a_relayed_ping_always_gets_a_pong_and_pings_are_capped() {
     let t0 = Instant::now();
-    let (a, b) = (Side::new("192.0.2.1:1"), Side::new("192.0.2.2:2"));
-    let (mut relay, endpoint) = relay_for(t0, &a, &b);
-    let mut hs = Handshake::start(t0, &a.disco, a.node, b.disco.public(), endpoint.clone(), 1)
-        .expect("start");
-    let bind = hs.poll_transmit().expect("bind");
-    let Action::Reply { packet, .. } = relay.handle_packet(t0, a.from, &bind.packet) else {
-        panic!("no challenge");
-    };
+    let Challenged {
+        a,
+        b,
+        endpoint,
+        mut hs,
+        packet,
+    } = challenged(t0);
     hs.handle_packet(t0, addr(RELAY), &packet);
     let _answer_and_ping: Vec<Transmit> = std::iter::from_fn(|| hs.poll_transmit()).collect();
     // The peer pings through the relay 12 times: 12 Pongs, but at most 10 pings of ours.
