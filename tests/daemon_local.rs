@@ -135,10 +135,13 @@ fn cli_without_daemon_says_so() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("is `tern daemon` running?"));
 }
 
-/// `tern status` run as `user` (via runuser), returning whether it succeeded and its stderr.
-fn status_as(user: &str, socket: &Path) -> (bool, String) {
+/// `tern status` run as `user` (via runuser) with the CLI binary at `cli`, returning whether it
+/// succeeded and its stderr.
+fn status_as(user: &str, cli: &Path, socket: &Path) -> (bool, String) {
     let out = Command::new("runuser")
-        .args(["-u", user, "--", env!("CARGO_BIN_EXE_tern"), "--socket"])
+        .args(["-u", user, "--"])
+        .arg(cli)
+        .arg("--socket")
         .arg(socket)
         .args(["status", "--json"])
         .output()
@@ -171,9 +174,14 @@ fn operator_may_use_the_socket_and_other_users_may_not() {
         65534,
         "owned by the operator"
     );
-    let (ok, err) = status_as("nobody", &socket);
+    // Other users cannot always reach the build tree (a checkout under a 0700 directory), so
+    // they run a copy of the CLI from the shared directory.
+    let cli = tmp.path().join("tern-cli");
+    std::fs::copy(env!("CARGO_BIN_EXE_tern"), &cli).unwrap();
+    std::fs::set_permissions(&cli, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (ok, err) = status_as("nobody", &cli, &socket);
     assert!(ok, "the operator can use the LocalAPI: {err}");
-    let (ok, err) = status_as("daemon", &socket);
+    let (ok, err) = status_as("daemon", &cli, &socket);
     assert!(!ok, "another user must be refused");
     assert!(err.contains("ermission denied"), "{err}");
     assert_eq!(
