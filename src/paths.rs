@@ -81,6 +81,8 @@ pub enum PathSource {
     Udp(SocketAddr),
     /// A DERP RecvPacket on our connection to this region.
     Derp { region: u16 },
+    /// Geneve from a peer relay: the relay's address and the endpoint's VNI.
+    Relay(RelayAddr),
 }
 
 /// Where to send something.
@@ -90,6 +92,8 @@ pub enum Dest {
     Direct(SocketAddr),
     /// Via DERP, addressed to the peer's node key, on the connection to this region.
     Derp(u16),
+    /// Through a peer relay: Geneve (not control) with this VNI, to the relay's address.
+    Relay(RelayAddr),
 }
 
 /// A disco message the caller must seal to the peer and send.
@@ -106,6 +110,8 @@ pub struct SendPlan {
     pub udp: Option<SocketAddr>,
     /// Also (or only) send via this DERP region.
     pub derp: Option<u16>,
+    /// Send through this peer relay endpoint (Geneve around the WireGuard datagram).
+    pub relay: Option<RelayAddr>,
 }
 
 /// The path packets take, as reported to status views.
@@ -113,7 +119,9 @@ pub struct SendPlan {
 pub enum Path {
     /// UDP only, to an address a pong proved in the last 6.5 s.
     Direct { addr: SocketAddr, latency: Duration },
-    /// Via DERP (possibly also trying an unconfirmed direct address).
+    /// Through a peer relay endpoint a pong proved in the last few seconds.
+    PeerRelay { relay: RelayAddr, latency: Duration },
+    /// Via DERP (possibly also trying an unconfirmed direct address or relay).
     Derp { region: u16 },
     /// Nowhere to send.
     None,
@@ -124,6 +132,7 @@ impl Path {
     pub fn same_route(&self, other: &Path) -> bool {
         match (self, other) {
             (Path::Direct { addr: a, .. }, Path::Direct { addr: b, .. }) => a == b,
+            (Path::PeerRelay { relay: a, .. }, Path::PeerRelay { relay: b, .. }) => a == b,
             (a, b) => a == b,
         }
     }
@@ -157,6 +166,10 @@ pub enum PathReason {
     DirectLost,
     /// Neither a direct address nor a DERP region is known.
     NoDerpRegion,
+    /// On a peer relay: no direct path answers, a relayed pong did within the trust window.
+    PeerRelay,
+    /// The peer relay path stopped answering; DERP carries traffic again.
+    RelayLost,
 }
 
 impl PathReason {
@@ -175,6 +188,8 @@ impl PathReason {
             PathReason::NoPongFromCandidates => "no-pong-from-candidates",
             PathReason::DirectLost => "direct-lost",
             PathReason::NoDerpRegion => "no-derp-region",
+            PathReason::PeerRelay => "peer-relay",
+            PathReason::RelayLost => "relay-unreachable",
         }
     }
 }
@@ -217,6 +232,13 @@ pub enum Event {
     /// disco key; the caller checks the relay capability and answers with
     /// [`Peer::send_via_derp`]).
     RelayAllocRequest(crate::disco::AllocateRequest),
+    /// Time to look for relay paths to this peer (Go `wantUDPRelayPathDiscoveryLocked`): allocate
+    /// on every candidate relay server.
+    WantRelayPaths,
+    /// The peer allocated a relay endpoint for us both and tells us (came over DERP).
+    CallMeMaybeVia(crate::disco::UdpRelayEndpoint),
+    /// This peer, as a relay server, answered an allocation (came over DERP).
+    RelayAllocResponse(crate::disco::AllocateResponse),
 }
 
 /// Which timer [`Peer::poll_timeout`] is for.
@@ -240,6 +262,8 @@ pub struct PeerInfo {
     pub mapping_varies: Option<bool>,
     /// The peer's `NetInfo.WorkingUDP`, if known (used only to explain a failure).
     pub udp_working: Option<bool>,
+    /// The peer understands peer relay messages (`Cap` ≥ 121, Go `capVerIsRelayCapable`).
+    pub relay_capable: bool,
 }
 
 /// What this node knows about its own network (from netcheck / endpoint discovery).
@@ -413,6 +437,16 @@ pub struct Peer {
     invited_at: Option<Instant>,
     /// A discovery ping timed out while no best address existed.
     unanswered_discovery: bool,
+    /// The peer relay path, once a bind handshake proved one (see `paths::relay`).
+    relay: Option<RelayPath>,
+    relay_trust_until: Option<Instant>,
+    /// The relay path stopped answering and nothing replaced it yet.
+    relay_lost: bool,
+    /// How the last relay attempt for this peer ended, if it failed.
+    relay_failure: Option<RelayReason>,
+    /// Whether some peer other than this one may serve us as a relay (a `relay-target` grant).
+    relay_candidates: bool,
+    last_relay_discovery: Option<Instant>,
     attributed: BTreeSet<SocketAddr>,
     reported: (Path, PathReason),
     history: VecDeque<PathChange>,
@@ -439,6 +473,12 @@ impl Peer {
             call_me_maybe_at: None,
             invited_at: None,
             unanswered_discovery: false,
+            relay: None,
+            relay_trust_until: None,
+            relay_lost: false,
+            relay_failure: None,
+            relay_candidates: false,
+            last_relay_discovery: None,
             attributed: BTreeSet::new(),
             reported: (Path::None, PathReason::Idle),
             history: VecDeque::new(),
@@ -464,7 +504,17 @@ impl Peer {
             Message::CallMeMaybe(eps) => match from {
                 PathSource::Derp { .. } => self.handle_call_me_maybe(now, &eps),
                 // Upstream ignores CallMeMaybe over UDP.
-                PathSource::Udp(_) => tracing::debug!("disco: call-me-maybe over UDP ignored"),
+                _ => tracing::debug!("disco: call-me-maybe over UDP ignored"),
+            },
+            Message::CallMeMaybeVia(endpoint) => match from {
+                PathSource::Derp { .. } => self.events.push_back(Event::CallMeMaybeVia(endpoint)),
+                _ => tracing::debug!("disco: call-me-maybe-via over UDP ignored (DERP only)"),
+            },
+            Message::AllocateUdpRelayEndpointResponse(response) => match from {
+                PathSource::Derp { .. } => {
+                    self.events.push_back(Event::RelayAllocResponse(response))
+                }
+                _ => tracing::debug!("relay: allocation response over UDP ignored (DERP only)"),
             },
             Message::AllocateUdpRelayEndpointRequest(request) => {
                 self.handle_relay_alloc_request(from, request)
@@ -482,7 +532,7 @@ impl Peer {
         request: crate::disco::AllocateRequest,
     ) {
         match from {
-            PathSource::Udp(_) => {
+            PathSource::Udp(_) | PathSource::Relay(_) => {
                 tracing::debug!("relay: allocation request over UDP ignored (DERP only)")
             }
             PathSource::Derp { .. } if !request.client_disco.contains(&self.info.disco_key) => {
@@ -511,6 +561,7 @@ impl Peer {
         let plan = self.send_plan(now);
         if !self.trusted(now) {
             self.send_disco_pings(now, true);
+            self.maybe_want_relay(now);
         }
         self.last_send_ext = Some(now);
         if self.heartbeat_at.is_none() {
@@ -529,6 +580,12 @@ impl Peer {
         let mut sent = Vec::new();
         if let Some(region) = plan.derp {
             sent.push(self.send_ping_to(now, Dest::Derp(region), PingPurpose::Cli));
+        }
+        if let Some(relay) = plan.relay {
+            sent.push(self.send_ping_to(now, Dest::Relay(relay), PingPurpose::Cli));
+        }
+        if !self.trusted(now) {
+            self.maybe_want_relay(now);
         }
         match (self.trusted(now), plan.udp) {
             (true, Some(addr)) => sent.push(self.send_ping(now, addr, PingPurpose::Cli)),
@@ -558,14 +615,29 @@ impl Peer {
     }
 
     /// Where WireGuard to this peer would go now, without side effects (Go `addrForSendLocked`).
+    /// A trusted direct path alone, else a trusted relay alone, else DERP together with the
+    /// relay path or the best direct address (untrusted: they may work again).
     pub fn send_plan(&self, now: Instant) -> SendPlan {
         let udp = self.best.map(|b| b.addr);
         if self.trusted(now) {
-            return SendPlan { udp, derp: None };
+            return SendPlan {
+                udp,
+                derp: None,
+                relay: None,
+            };
+        }
+        let relay = self.relay.map(|r| r.addr);
+        if self.relay_trusted(now) {
+            return SendPlan {
+                udp: None,
+                derp: None,
+                relay,
+            };
         }
         SendPlan {
-            udp,
+            udp: if relay.is_some() { None } else { udp },
             derp: self.info.home_derp.or(self.derp_route),
+            relay,
         }
     }
 
@@ -594,6 +666,7 @@ impl Peer {
     pub fn network_changed(&mut self, now: Instant) {
         self.best = None;
         self.trust_until = None;
+        self.drop_relay();
         self.unanswered_discovery = false;
         for st in self.endpoints.values_mut() {
             st.pongs.clear();
@@ -620,6 +693,9 @@ impl Peer {
         if self.trust_until.is_some_and(|t| t <= now) {
             // Trust lapsed: drop the deadline so it is not reported again.
             self.trust_until = None;
+        }
+        if self.relay_trust_until.is_some_and(|t| t <= now) {
+            self.relay_trust_until = None;
         }
         if self.heartbeat_at.is_some_and(|t| t <= now) {
             self.heartbeat(now);
@@ -653,7 +729,10 @@ impl Peer {
             .map(|p| (p.at + PING_TIMEOUT, TimeoutReason::PingTimeout))
             .min_by_key(|(t, _)| *t);
         let trust = self.trust_until.map(|t| (t, TimeoutReason::TrustExpires));
-        [heartbeat, ping, trust]
+        let relay_trust = self
+            .relay_trust_deadline()
+            .map(|t| (t, TimeoutReason::TrustExpires));
+        [heartbeat, ping, trust, relay_trust]
             .into_iter()
             .flatten()
             .min_by_key(|(t, _)| *t)
@@ -720,6 +799,18 @@ impl Peer {
                 });
                 return;
             }
+            PathSource::Relay(relay) => {
+                // Through a relay: always answered the same way (Go relies on it to finish
+                // its handshake, and it answers heartbeats); no endpoint learning.
+                self.transmits.push_back(Transmit {
+                    dest: Dest::Relay(relay),
+                    msg: Message::Pong(Pong {
+                        tx_id: ping.tx_id,
+                        src: relay.via,
+                    }),
+                });
+                return;
+            }
             PathSource::Udp(src) => src,
         };
         let st = self.endpoints.entry(src).or_default();
@@ -760,6 +851,9 @@ impl Peer {
             src: pong.src,
             cli: sent.purpose == PingPurpose::Cli,
         });
+        if let (PathSource::Relay(got), Dest::Relay(to)) = (from, sent.to) {
+            return self.relay_pong(now, got, to, latency);
+        }
         // Pongs via DERP (or to a ping sent via DERP) never change paths.
         let (PathSource::Udp(pong_src), Dest::Direct(to)) = (from, sent.to) else {
             return;
@@ -791,6 +885,9 @@ impl Peer {
             best.latency = latency;
             self.trust_until = Some(now + TRUST_UDP_ADDR_DURATION);
             self.unanswered_discovery = false;
+            // A direct path always beats a relay (Go has one bestAddr; it is replaced).
+            self.drop_relay();
+            self.relay_lost = false;
         }
     }
 
@@ -812,6 +909,7 @@ impl Peer {
             st.last_ping = None;
         }
         self.send_disco_pings(now, false);
+        self.maybe_want_relay(now);
     }
 
     // ----- discovery ----------------------------------------------------------------------
@@ -920,8 +1018,12 @@ impl Peer {
         if let Some(best) = self.best {
             let _ = self.send_ping(now, best.addr, PingPurpose::Heartbeat);
         }
+        self.relay_heartbeat(now);
         if self.want_full_ping(now) {
             self.send_disco_pings(now, true);
+        }
+        if !self.trusted(now) {
+            self.maybe_want_relay(now);
         }
         self.heartbeat_at = Some(now + HEARTBEAT_INTERVAL);
     }
@@ -952,6 +1054,9 @@ impl Peer {
             tracing::trace!(to = ?ping.to, purpose = ?ping.purpose, "disco: ping timed out");
             if ping.purpose == PingPurpose::Discovery && self.best.is_none() {
                 self.unanswered_discovery = true;
+            }
+            if let Dest::Relay(relay) = ping.to {
+                self.relay_ping_timed_out(now, relay);
             }
         }
     }
@@ -995,6 +1100,10 @@ impl Peer {
     fn reset(&mut self) {
         self.best = None;
         self.trust_until = None;
+        self.drop_relay();
+        self.relay_lost = false;
+        self.relay_failure = None;
+        self.last_relay_discovery = None;
         self.sent_pings.clear();
         self.last_send_ext = None;
         self.last_full_ping = None;
@@ -1020,6 +1129,13 @@ impl Peer {
             };
             return (path, PathReason::Direct);
         }
+        if let (true, Some(relay)) = (self.relay_trusted(now), self.relay) {
+            let path = Path::PeerRelay {
+                relay: relay.addr,
+                latency: relay.latency,
+            };
+            return (path, PathReason::PeerRelay);
+        }
         let derp = self.info.home_derp.or(self.derp_route);
         let path = match (derp, self.best) {
             (Some(region), _) => Path::Derp { region },
@@ -1041,6 +1157,9 @@ impl Peer {
         }
         if !self.is_active(now) {
             return PathReason::Idle;
+        }
+        if self.relay_lost {
+            return PathReason::RelayLost;
         }
         if self.best.is_some() {
             return PathReason::DirectLost;
@@ -1084,7 +1203,12 @@ impl Peer {
     }
 }
 
+mod relay;
 mod table;
+pub use relay::{
+    RelayAddr, RelayPath, RelayReason, DISCOVER_RELAY_INTERVAL, RELAY_TRUST_DURATION,
+    UPGRADE_RELAY_INTERVAL,
+};
 pub use table::{DiscoCounters, DiscoDrop, Outgoing, PeerEvent, PeerTable};
 
 #[cfg(test)]

@@ -207,6 +207,18 @@ pub struct PeerStatus {
     /// The path machine's candidate UDP endpoints, by address; `[]` without a disco key.
     #[serde(default)]
     pub candidates: Vec<CandidateEntry>,
+    /// On `peer-relay`: the endpoint's VNI.
+    #[serde(default)]
+    pub relay_vni: Option<u32>,
+    /// On `peer-relay`: the name of the node that runs the relay, when we allocated the
+    /// endpoint ourselves (an endpoint the peer allocated does not say).
+    #[serde(default)]
+    pub relay_node: Option<String>,
+    /// Why the peer is not on a peer relay while it is on DERP (`no-relay-granted`,
+    /// `peer-not-relay-capable`, `relay-discovering`, `relay-allocation-failed`,
+    /// `relay-bind-timeout`, `relay-unreachable`); `null` on a direct or relay path.
+    #[serde(default)]
+    pub relay_reason: Option<String>,
 }
 
 /// One candidate UDP endpoint of a peer, as disco sees it.

@@ -33,7 +33,8 @@ impl Engine {
         let paths = self.paths.poll_timeout().map(|(t, _, _)| t);
         let pings = self.pending_pings.iter().map(|p| p.deadline).min();
         let retries = self.handshake_retries.values().filter_map(|r| r.due).min();
-        [wg, paths, pings, retries, self.next_key_expiry]
+        let relays = self.relay_client.poll_timeout();
+        [wg, paths, pings, retries, relays, self.next_key_expiry]
             .into_iter()
             .flatten()
             .min()
@@ -199,6 +200,7 @@ impl Engine {
             to_send.push((id, b.to_vec()));
         });
         self.paths.handle_timeout(now);
+        self.relay_client.handle_timeout(now);
         self.run_handshake_retries(now);
         if self.next_key_expiry.is_some_and(|t| t <= now) {
             // A peer's key just expired: it is no longer a peer (Go drops it from WireGuard).
@@ -240,6 +242,13 @@ impl Engine {
             paths::Event::Pong { .. } | paths::Event::AddrForPeer(_) => {}
             paths::Event::RelayAllocRequest(request) => {
                 self.answer_relay_allocation(event.peer, &request)
+            }
+            paths::Event::WantRelayPaths => self.discover_relays(event.peer),
+            paths::Event::CallMeMaybeVia(endpoint) => {
+                self.on_call_me_maybe_via(event.peer, endpoint)
+            }
+            paths::Event::RelayAllocResponse(response) => {
+                self.on_relay_alloc_response(event.peer, &response)
             }
         }
     }

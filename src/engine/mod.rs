@@ -24,6 +24,7 @@ mod event_loop;
 mod netcheck;
 mod peers;
 mod publish;
+mod relay_client;
 mod relay_host;
 mod requests;
 mod sockets;
@@ -97,6 +98,8 @@ pub struct DropCounters {
     pub udp: u64,
     /// WireGuard over UDP that belongs to no peer.
     pub udp_unknown_peer: u64,
+    /// WireGuard through a relay endpoint no peer of ours uses, that WireGuard did not know either.
+    pub relay_unknown_peer: u64,
     /// UDP sends that failed (no route, socket buffer full).
     pub udp_send_failed: u64,
     /// STUN responses that answered nothing we asked (wrong transaction ID or source).
@@ -289,6 +292,8 @@ struct Engine {
     /// The peer relay server, while the pref asks for one, and the pref it was started for.
     relay: Option<RelayRuntime>,
     relay_wanted: Option<u16>,
+    /// Our allocations and bind handshakes as a relay client.
+    relay_client: crate::relay::manager::RelayManager,
     /// Each peer's first tailnet address (Go `nodeHasCap` checks capabilities between first
     /// addresses).
     first_ip: HashMap<NodePublic, IpAddr>,
@@ -345,6 +350,10 @@ impl Engine {
             node_keys: config.node_keys.clone(),
             relay: None,
             relay_wanted: None,
+            relay_client: crate::relay::manager::RelayManager::new(
+                config.disco_key.clone(),
+                node_key,
+            ),
             first_ip: HashMap::new(),
             netmap: None,
             next_key_expiry: None,

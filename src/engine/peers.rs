@@ -72,6 +72,7 @@ impl Engine {
             }
         }
         self.sync_peers(map);
+        self.update_relay_candidates(map);
         if let Some(derp_map) = &map.derp_map {
             self.set_derp_map(derp_map);
         }
@@ -115,6 +116,7 @@ impl Engine {
                     .as_ref()
                     .and_then(|n| n.mapping_varies_by_dest_ip),
                 udp_working: node.hostinfo.net_info.as_ref().and_then(|n| n.working_udp),
+                relay_capable: node.cap >= crate::relay::MIN_RELAY_CAP_VERSION,
             });
             match self.peers.upsert(node.key, node.effective_allowed_ips()) {
                 Ok(id) => {
@@ -182,6 +184,7 @@ impl Engine {
         self.last_region.clear();
         self.handshake_retries.clear();
         self.node_key = key.public();
+        self.relay_client.set_node_key(self.node_key);
         self.private_key = key;
         self.derp.clear();
         let local = LocalNet {

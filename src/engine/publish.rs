@@ -71,9 +71,14 @@ impl Engine {
     pub(super) fn drop_counts(&self) -> BTreeMap<String, u64> {
         let d = self.drops;
         let c = self.paths.counters();
+        let r = self.relay_client.drops();
         [
             ("udp_unhandled", d.udp),
             ("udp_unknown_peer", d.udp_unknown_peer),
+            ("relay_unknown_peer", d.relay_unknown_peer),
+            ("relay_unsolicited_response", r.unsolicited_response),
+            ("relay_unknown_control", r.unknown_control),
+            ("relay_malformed", r.malformed),
             ("udp_send_failed", d.udp_send_failed),
             ("stun_unmatched", d.stun_unmatched),
             ("no_derp", d.no_derp),
@@ -104,6 +109,16 @@ impl Engine {
         p.endpoint = endpoint;
         p.derp_region = region;
         p.path_reason = Some(machine.path_reason().as_str().into());
+        let now = Instant::now();
+        p.relay_reason = machine.relay_reason(now).map(|r| r.as_str().into());
+        let relay = match machine.current_path() {
+            Path::PeerRelay { .. } => machine.relay_path(),
+            _ => None,
+        };
+        p.relay_vni = relay.map(|r| r.addr.vni);
+        p.relay_node = relay
+            .and_then(|r| r.relay_node)
+            .and_then(|node| self.node_name(&node));
         let candidates = machine.candidates();
         let last_pong = candidates
             .iter()
@@ -130,10 +145,20 @@ impl Engine {
     }
 }
 
+impl Engine {
+    /// A peer's host name from the netmap.
+    fn node_name(&self, node: &NodePublic) -> Option<String> {
+        let map = self.netmap.as_ref()?;
+        let peer = map.peers.values().find(|n| n.key == *node)?;
+        Some(peer.hostinfo.hostname.clone())
+    }
+}
+
 /// A path as status shows it: kind, endpoint, DERP region.
 pub(super) fn path_fields(path: Path) -> (&'static str, Option<String>, Option<u16>) {
     match path {
         Path::Direct { addr, .. } => ("direct", Some(addr.to_string()), None),
+        Path::PeerRelay { relay, .. } => ("peer-relay", Some(relay.via.to_string()), None),
         Path::Derp { region } => ("derp", None, Some(region)),
         Path::None => ("none", None, None),
     }

@@ -85,6 +85,10 @@ impl Engine {
                 result.path = Some("direct".into());
                 result.endpoint = Some(addr.to_string());
             }
+            paths::PathSource::Relay(relay) => {
+                result.path = Some("peer-relay".into());
+                result.endpoint = Some(relay.to_string());
+            }
             paths::PathSource::Derp { region } => {
                 result.path = Some("derp".into());
                 result.derp_region = Some(region);

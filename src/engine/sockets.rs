@@ -103,6 +103,23 @@ impl Engine {
         }
     }
 
+    /// Like [`Self::send_udp`] for the datagram `prefix ‖ payload`.
+    pub(super) fn send_udp_parts(
+        &mut self,
+        udp: &UdpSockets,
+        to: SocketAddr,
+        prefix: &[u8],
+        payload: &[u8],
+    ) {
+        if !self.gso_enabled {
+            let datagram = [prefix, payload].concat();
+            return self.send_udp_now(udp, to, &datagram);
+        }
+        if let Some(ready) = self.gso.push_parts(to, prefix, payload) {
+            self.send_batch(udp, ready);
+        }
+    }
+
     /// Sends what [`Self::send_udp`] batched.
     pub(super) fn flush_udp(&mut self, udp: &UdpSockets) {
         if let Some(ready) = self.gso.take() {

@@ -108,12 +108,17 @@ impl Engine {
                 };
                 self.decapsulate(id, packet)
             }
-            other => {
-                // Peer relays (Geneve) come with a later issue.
-                tracing::trace!(%from, geneve = other.is_geneve(), "UDP datagram dropped");
-                self.drops.udp += 1;
+            Inbound::Disco {
+                geneve: Some(header),
+                packet,
+            } => {
+                self.relayed_disco(from, header, datagram, packet);
                 None
             }
+            Inbound::WireGuard {
+                geneve: Some(header),
+                packet,
+            } => self.relayed_wireguard(from, header, packet),
         }
     }
 
@@ -249,23 +254,35 @@ impl Engine {
         for (id, packet) in std::mem::take(&mut self.to_send) {
             self.send_wireguard(udp, now, id, &packet);
         }
-        while let Some(out) = self.paths.poll_transmit() {
-            match out.dest {
-                Dest::Direct(addr) => self.send_udp(udp, addr, &out.packet),
-                Dest::Derp(region) => self.send_derp(Some(region), out.peer, out.packet),
+        // Events and relay steps can queue more disco (allocation answers, CallMeMaybeVia,
+        // handshakes), and relay steps more events: a few rounds settle it.
+        for _ in 0..4 {
+            self.send_disco(udp);
+            let mut more = false;
+            while let Some(event) = self.paths.poll_event() {
+                more = true;
+                self.on_path_event(event);
+            }
+            more |= self.run_relay_steps(udp);
+            if !more {
+                break;
             }
         }
-        while let Some(event) = self.paths.poll_event() {
-            self.on_path_event(event);
-        }
-        // Answers that events asked for (relay allocations).
-        while let Some(out) = self.paths.poll_transmit() {
-            match out.dest {
-                Dest::Direct(addr) => self.send_udp(udp, addr, &out.packet),
-                Dest::Derp(region) => self.send_derp(Some(region), out.peer, out.packet),
-            }
-        }
+        self.send_disco(udp);
         self.flush_udp(udp);
+    }
+
+    /// The sealed disco messages the path machines want out.
+    fn send_disco(&mut self, udp: &UdpSockets) {
+        while let Some(out) = self.paths.poll_transmit() {
+            match out.dest {
+                Dest::Direct(addr) => self.send_udp(udp, addr, &out.packet),
+                Dest::Derp(region) => self.send_derp(Some(region), out.peer, out.packet),
+                Dest::Relay(relay) => {
+                    self.send_relayed(udp, relay, super::relay_client::DISCO, &out.packet)
+                }
+            }
+        }
     }
 
     /// One WireGuard datagram to peer `id`, where its send plan says (UDP and/or DERP).
@@ -283,9 +300,13 @@ impl Engine {
         let plan = self.paths.on_outgoing(now, &key).unwrap_or(SendPlan {
             udp: None,
             derp: Some(home_derp),
+            relay: None,
         });
         if let Some(addr) = plan.udp {
             self.send_udp(udp, addr, datagram);
+        }
+        if let Some(relay) = plan.relay {
+            self.send_relayed(udp, relay, super::relay_client::WIREGUARD, datagram);
         }
         if let Some(region) = plan.derp {
             let heard_on = self.last_region.get(&id).copied();

@@ -7,7 +7,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use super::{Dest, Event, LocalNet, Path, PathSource, Peer, PeerInfo, SendPlan, TimeoutReason};
+use super::{
+    Dest, Event, LocalNet, Path, PathSource, Peer, PeerInfo, RelayAddr, RelayPath, RelayReason,
+    SendPlan, TimeoutReason,
+};
 use crate::disco::{self, DiscoError, Message};
 use crate::keys::{DiscoPrivate, DiscoPublic, NodePublic};
 use crate::naclbox::SharedBox;
@@ -70,6 +73,10 @@ pub struct PeerTable {
     peers: BTreeMap<NodePublic, Entry>,
     by_disco: HashMap<DiscoPublic, NodePublic>,
     by_addr: HashMap<SocketAddr, NodePublic>,
+    /// Relay endpoints in use, for WireGuard that arrives through them.
+    by_relay: HashMap<RelayAddr, NodePublic>,
+    /// Nodes that may serve us as relays (`relay-target` grants).
+    relay_candidates: BTreeSet<NodePublic>,
     counters: DiscoCounters,
     /// Peers handed input since their output was last drained: only they can have something
     /// for `poll_transmit` / `poll_event`, so those never scan every peer.
@@ -100,6 +107,8 @@ impl PeerTable {
             peers: BTreeMap::new(),
             by_disco: HashMap::new(),
             by_addr: HashMap::new(),
+            by_relay: HashMap::new(),
+            relay_candidates: BTreeSet::new(),
             counters: DiscoCounters::default(),
             touched: BTreeSet::new(),
             deadlines: BTreeSet::new(),
@@ -158,7 +167,9 @@ impl PeerTable {
                 }
                 None => {
                     let shared = disco::shared_box(&self.disco_private, &info.disco_key);
-                    let peer = Peer::new(now, self.local.clone(), info);
+                    let mut peer = Peer::new(now, self.local.clone(), info);
+                    let others = self.relay_candidates.iter().any(|c| *c != key);
+                    peer.set_relay_candidates(now, others);
                     self.peers.insert(key, Entry { peer, shared });
                 }
             }
@@ -169,7 +180,57 @@ impl PeerTable {
             .map(|(key, e)| (e.peer.info().disco_key, *key))
             .collect();
         self.by_addr.retain(|_, key| self.peers.contains_key(key));
+        self.by_relay.retain(|_, key| self.peers.contains_key(key));
         self.touch_all();
+    }
+
+    /// The nodes that may serve us as peer relays; each peer learns whether one other than
+    /// itself exists.
+    pub fn set_relay_candidates(&mut self, now: Instant, candidates: BTreeSet<NodePublic>) {
+        self.relay_candidates = candidates;
+        for (key, entry) in self.peers.iter_mut() {
+            let others = self.relay_candidates.iter().any(|c| c != key);
+            entry.peer.set_relay_candidates(now, others);
+        }
+        self.touch_all();
+    }
+
+    /// A disco packet (starting at the magic) that came through the relay endpoint `relay`.
+    pub fn handle_relay(
+        &mut self,
+        now: Instant,
+        relay: RelayAddr,
+        packet: &[u8],
+    ) -> Result<NodePublic, DiscoDrop> {
+        let result = self.open(packet, None);
+        self.deliver(now, PathSource::Relay(relay), result)
+    }
+
+    /// A bind handshake with `peer` ended with a pong through `path`: installed as its relay
+    /// path unless a better one is in use (see [`Peer::relay_ready`]).
+    pub fn relay_ready(&mut self, now: Instant, peer: &NodePublic, path: RelayPath) -> bool {
+        let installed = self
+            .peers
+            .get_mut(peer)
+            .is_some_and(|e| e.peer.relay_ready(now, path));
+        if installed {
+            self.by_relay.insert(path.addr, *peer);
+        }
+        self.touch(*peer);
+        installed
+    }
+
+    /// A relay attempt for `peer` failed.
+    pub fn relay_failed(&mut self, now: Instant, peer: &NodePublic, reason: RelayReason) {
+        if let Some(entry) = self.peers.get_mut(peer) {
+            entry.peer.relay_failed(now, reason);
+        }
+        self.touch(*peer);
+    }
+
+    /// The peer that owns WireGuard arriving through the relay endpoint `relay`.
+    pub fn peer_for_relay(&self, relay: &RelayAddr) -> Option<NodePublic> {
+        self.by_relay.get(relay).copied()
     }
 
     /// What we last told the peers about ourselves.
@@ -407,6 +468,7 @@ mod tests {
             endpoints: vec![s.public],
             mapping_varies: Some(false),
             udp_working: Some(true),
+            relay_capable: true,
         }
     }
 
@@ -423,6 +485,7 @@ mod tests {
                 Dest::Derp(region) => to
                     .table
                     .handle_derp(now, region, from.node_key, &out.packet),
+                Dest::Relay(relay) => to.table.handle_relay(now, relay, &out.packet),
             };
             assert_eq!(got, Ok(from.node_key));
             n += 1;
@@ -443,7 +506,8 @@ mod tests {
             plan,
             SendPlan {
                 udp: None,
-                derp: Some(2)
+                derp: Some(2),
+                relay: None
             }
         );
         let mut now = t0;

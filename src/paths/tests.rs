@@ -84,6 +84,7 @@ fn info(node: u8, home: Option<u16>, eps: &[&str]) -> PeerInfo {
         endpoints: eps.iter().map(|e| addr(e)).collect(),
         mapping_varies: Some(false),
         udp_working: Some(true),
+        relay_capable: true,
     }
 }
 
@@ -312,7 +313,8 @@ fn pong_makes_the_pinged_address_best_and_trusted_for_6_5_s() {
         p.on_outgoing(t0),
         SendPlan {
             udp: None,
-            derp: Some(2)
+            derp: Some(2),
+            relay: None
         }
     );
     let tx = match &drain(&mut p)[0].msg {
@@ -338,7 +340,8 @@ fn pong_makes_the_pinged_address_best_and_trusted_for_6_5_s() {
         p.send_plan(t1),
         SendPlan {
             udp: Some(cand),
-            derp: None
+            derp: None,
+            relay: None
         }
     );
     // A replayed pong (TxID consumed) changes nothing.
@@ -352,7 +355,8 @@ fn pong_makes_the_pinged_address_best_and_trusted_for_6_5_s() {
         p.send_plan(t2),
         SendPlan {
             udp: Some(cand),
-            derp: Some(2)
+            derp: Some(2),
+            relay: None
         }
     );
     assert_eq!(p.current_path(), Path::Derp { region: 2 });
@@ -558,6 +562,7 @@ impl Sim {
                     },
                     mapping_varies: Some(hard[other]),
                     udp_working: Some(true),
+                    relay_capable: true,
                 };
                 Node {
                     peer: Peer::new(t0, local.clone(), peer_info),
@@ -669,6 +674,7 @@ impl Sim {
             let want_dest = match d.from {
                 PathSource::Udp(src) => Dest::Direct(src),
                 PathSource::Derp { region } => Dest::Derp(region),
+                PathSource::Relay(relay) => Dest::Relay(relay),
             };
             let answered = sent.iter().any(|t| {
                 t.dest == want_dest && matches!(&t.msg, Message::Pong(p) if p.tx_id == tx)
@@ -710,6 +716,7 @@ impl Sim {
                         msg: t.msg.clone(),
                     });
                 }
+                Dest::Relay(_) => panic!("no relays in this simulation"),
             }
             sent.push(t);
         }
@@ -722,7 +729,12 @@ impl Sim {
                     // Anything it released is routed on the next flush.
                 }
                 Event::PathChanged(c) => self.nodes[i].changes.push(c),
-                Event::AddrForPeer(_) | Event::Pong { .. } | Event::RelayAllocRequest(_) => {}
+                Event::AddrForPeer(_)
+                | Event::Pong { .. }
+                | Event::RelayAllocRequest(_)
+                | Event::WantRelayPaths
+                | Event::CallMeMaybeVia(_)
+                | Event::RelayAllocResponse(_) => {}
             }
         }
         if self.nodes[i].peer.transmits.is_empty() {
@@ -819,7 +831,8 @@ fn sim_hard_nat_stays_on_derp_with_the_reason() {
             sim.nodes[A].peer.send_plan(sim.now),
             SendPlan {
                 udp: None,
-                derp: Some(HOME[B])
+                derp: Some(HOME[B]),
+                relay: None
             }
         );
         // Discovery keeps running: own rounds every 5 s to both candidates, each with a

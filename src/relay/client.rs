@@ -10,8 +10,8 @@
 //! peer, retransmitted once after 3 s, given up after 10 s, and the answer accepted only from that
 //! relay for that pair and generation.
 //!
-//! Not here yet: CallMeMaybeVia, path selection and the engine's Geneve data path (the rest of
-//! the relay client).
+//! [`crate::relay::manager`] runs these per peer and relay server; `paths` decides which path is
+//! used.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -143,6 +143,11 @@ impl Handshake {
     /// The endpoint this handshake binds to.
     pub fn endpoint(&self) -> &UdpRelayEndpoint {
         &self.endpoint
+    }
+
+    /// The peer's disco key (relayed pings and pongs are sealed by it).
+    pub fn peer_disco(&self) -> DiscoPublic {
+        self.peer_disco
     }
 
     pub fn state(&self) -> State {

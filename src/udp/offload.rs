@@ -59,24 +59,33 @@ impl GsoBatch {
     /// Adds `datagram` for `dest`. When it cannot join the waiting batch, that batch is
     /// returned (send it first) and a new one starts with `datagram`.
     pub fn push(&mut self, dest: SocketAddr, datagram: &[u8]) -> Option<Ready> {
+        self.push_parts(dest, &[], datagram)
+    }
+
+    /// Like [`GsoBatch::push`] for the datagram `prefix ‖ payload` (a Geneve header in front of
+    /// WireGuard), without building it first.
+    pub fn push_parts(&mut self, dest: SocketAddr, prefix: &[u8], payload: &[u8]) -> Option<Ready> {
+        let len = prefix.len() + payload.len();
         let joins = self.dest == Some(dest)
             && !self.closed
-            && !datagram.is_empty()
-            && datagram.len() <= self.segment
+            && len != 0
+            && len <= self.segment
             && self.count < MAX_SEGMENTS
-            && self.buf.len() + datagram.len() <= MAX_BYTES;
+            && self.buf.len() + len <= MAX_BYTES;
         if joins {
-            self.buf.extend_from_slice(datagram);
+            self.buf.extend_from_slice(prefix);
+            self.buf.extend_from_slice(payload);
             self.count += 1;
-            self.closed = datagram.len() < self.segment;
+            self.closed = len < self.segment;
             return None;
         }
         let ready = self.take();
         self.dest = Some(dest);
-        self.segment = datagram.len();
+        self.segment = len;
         self.count = 1;
         self.closed = false;
-        self.buf.extend_from_slice(datagram);
+        self.buf.extend_from_slice(prefix);
+        self.buf.extend_from_slice(payload);
         ready
     }
 
