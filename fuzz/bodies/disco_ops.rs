@@ -175,6 +175,7 @@ fn prototype() -> &'static State {
                 endpoints: vec![peer_addr(i)],
                 mapping_varies: Some(false),
                 udp_working: Some(true),
+                relay_capable: true,
             })
             .collect();
         table.set_peers(t0, peers);
@@ -239,6 +240,12 @@ pub fn run(data: &[u8]) {
                     }
                     Dest::Derp(_) => {
                         deliver(&mut st, &mut input, Some(i), Some(msg), &packet, true);
+                    }
+                    Dest::Relay(relay) => {
+                        let got = st.table.handle_relay(st.now, relay, &packet);
+                        st.handled += 1;
+                        assert_eq!(got, Ok(node(i)), "our peer's pong through the relay");
+                        drain(&mut st, None);
                     }
                 }
             }
