@@ -23,6 +23,12 @@ use crate::status::{BackendState, Status};
 pub const CONTROL_PORT: u16 = 8080;
 /// The clients that get a tern node, by lab node name (also their tailnet hostnames).
 pub const TERN_CLIENTS: [&str; 2] = ["c1", "c2"];
+/// The lab node that runs the optional relay node (`tern lab up --relay`): public, no NAT.
+pub const RELAY_NODE: &str = "server";
+/// The relay node's tailnet host name.
+pub const RELAY_HOSTNAME: &str = "relay";
+/// The UDP port of the relay node's peer relay server.
+pub const RELAY_SERVER_PORT: u16 = 40000;
 /// How long each start-up step may take before `tern lab up` gives up (and tears the lab down).
 const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -33,7 +39,11 @@ pub fn control_url() -> String {
 
 /// Start the control server and the tern nodes in lab `lab` (just built), recording each in its
 /// state file as it starts. On error the caller tears the lab down.
-pub fn start(lab: &mut LabState) -> anyhow::Result<()> {
+///
+/// With `relay`, a third tern node (host name `relay`) runs on the public `server` host with
+/// its peer relay server on [`RELAY_SERVER_PORT`]; the lab's control config grants every node
+/// `tailscale.com/cap/relay` on every other, so the clients may use it.
+pub fn start(lab: &mut LabState, relay: bool) -> anyhow::Result<()> {
     let dir = state::state_dir(&lab.prefix);
     let auth_key = format!("tskey-auth-lab-{}", hex::encode(rand::random::<[u8; 16]>()));
     let config = dir.join("control.toml");
@@ -75,7 +85,10 @@ pub fn start(lab: &mut LabState) -> anyhow::Result<()> {
 
     let mut daemons = Vec::new();
     for client in TERN_CLIENTS {
-        daemons.push(start_daemon(lab, &exe, client)?);
+        daemons.push(start_daemon(lab, &exe, client, client)?);
+    }
+    if relay {
+        daemons.push(start_daemon(lab, &exe, RELAY_NODE, RELAY_HOSTNAME)?);
     }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -107,7 +120,34 @@ pub fn start(lab: &mut LabState) -> anyhow::Result<()> {
                 .then_some(())
         })?;
     }
+    if relay {
+        start_relay_server(lab, &runtime, daemons.last_mut())?;
+    }
     Ok(())
+}
+
+/// Turns on the relay node's peer relay server and waits until it has an address to offer.
+fn start_relay_server(
+    lab: &LabState,
+    runtime: &tokio::runtime::Runtime,
+    daemon: Option<&mut Detached>,
+) -> anyhow::Result<()> {
+    let (Some(daemon), Some(node)) = (daemon, lab.tern_nodes.last()) else {
+        bail!("the relay node did not start");
+    };
+    let client = Client::new(&node.socket);
+    let set = crate::localapi::SetRequest {
+        relay_server_port: Some(RELAY_SERVER_PORT),
+        relay_server_port_set: true,
+    };
+    runtime
+        .block_on(client.set(&set))
+        .context("`tern set --relay-server-port` on the relay node")?;
+    wait_until(daemon, "the relay server to find its address", || {
+        let status = runtime.block_on(client.status()).ok()?;
+        let offers = status.relay_server?.addr_ports;
+        (!offers.is_empty()).then_some(())
+    })
 }
 
 /// Port of the lab's DERP server (TLS).
@@ -173,11 +213,16 @@ fn accepts_tcp(ns: &Netns, addr: SocketAddr) -> Option<()> {
 }
 
 /// Start `tern daemon` in lab node `client` and wait for its LocalAPI socket.
-fn start_daemon(lab: &mut LabState, exe: &Path, client: &str) -> anyhow::Result<Detached> {
+fn start_daemon(
+    lab: &mut LabState,
+    exe: &Path,
+    node: &str,
+    hostname: &str,
+) -> anyhow::Result<Detached> {
     let dir = state::state_dir(&lab.prefix);
-    let ns = Netns::open(&format!("{}-{client}", lab.prefix))?;
-    let socket = dir.join(format!("{client}.sock"));
-    let state_dir = dir.join(client);
+    let ns = Netns::open(&format!("{}-{node}", lab.prefix))?;
+    let socket = dir.join(format!("{hostname}.sock"));
+    let state_dir = dir.join(hostname);
     let (socket_arg, state_arg) = (
         socket.display().to_string(),
         state_dir.display().to_string(),
@@ -185,8 +230,8 @@ fn start_daemon(lab: &mut LabState, exe: &Path, client: &str) -> anyhow::Result<
     let mut daemon = start_process(
         lab,
         &ns,
-        client,
-        &format!("tern:{client}"),
+        node,
+        &format!("tern:{hostname}"),
         exe,
         &[
             "--socket",
@@ -199,8 +244,8 @@ fn start_daemon(lab: &mut LabState, exe: &Path, client: &str) -> anyhow::Result<
         ],
     )?;
     lab.tern_nodes.push(TernNodeState {
-        hostname: client.to_string(),
-        node: client.to_string(),
+        hostname: hostname.to_string(),
+        node: node.to_string(),
         netns: ns.name().to_string(),
         status_command: format!("tern --socket {socket_arg} status"),
         socket: socket.clone(),

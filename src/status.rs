@@ -505,6 +505,12 @@ fn describe_path(peer: &PeerStatus) -> Option<String> {
         (path, Some(endpoint), _) => format!("{path} {endpoint}"),
         (path, None, _) => path.to_string(),
     };
+    if let Some(vni) = peer.relay_vni {
+        let _ = write!(text, " vni {vni}");
+    }
+    if let Some(node) = &peer.relay_node {
+        let _ = write!(text, " (relay {node})");
+    }
     if let Some(ms) = peer.latency_ms {
         let nanos = ms_to_nanos(ms);
         let _ = write!(text, ", {}", go_duration(nanos, 100_000));

@@ -61,6 +61,11 @@ pub struct LabUpArgs {
     /// boxes' firewall applies), and the DERP region IPv6 STUN.
     #[arg(long)]
     pub ipv6: bool,
+    /// Also run a tern node named `relay` on the public `server` host with its peer relay
+    /// server on (udp/40000): clients that cannot go direct (e.g. --nat1 hard --nat2 hard)
+    /// then use it instead of DERP.
+    #[arg(long)]
+    pub relay: bool,
 }
 
 #[derive(Debug, Args)]
@@ -100,6 +105,7 @@ pub fn run(args: &LabArgs) -> anyhow::Result<ExitCode> {
                 nat1: "easy".into(),
                 nat2: "easy".into(),
                 ipv6: false,
+                relay: false,
             };
             up(prefix, &defaults)?;
             if !std::io::stdout().is_terminal() {
@@ -145,7 +151,7 @@ fn up(prefix: &str, args: &LabUpArgs) -> anyhow::Result<ExitCode> {
     let nat1: NatMode = args.nat1.parse().context("--nat1")?;
     let nat2: NatMode = args.nat2.parse().context("--nat2")?;
     let mut lab = state::up(prefix, nat1, nat2, args.ipv6)?;
-    if let Err(err) = crate::lab_nodes::start(&mut lab) {
+    if let Err(err) = crate::lab_nodes::start(&mut lab, args.relay) {
         // Never leave a half-started lab (or its processes) behind.
         if let Err(down_err) = state::down(prefix, true) {
             eprintln!("tern: tearing the half-started lab down also failed: {down_err:#}");
@@ -157,8 +163,20 @@ fn up(prefix: &str, args: &LabUpArgs) -> anyhow::Result<ExitCode> {
         lab.nodes.len(),
         if lab.ipv6 { ", dual-stack" } else { "" },
         crate::lab_nodes::control_url(),
-        crate::lab_nodes::TERN_CLIENTS.join(", ")
+        lab.tern_nodes
+            .iter()
+            .map(|n| n.hostname.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
     );
+    if args.relay {
+        println!(
+            "peer relay:         {} on {} (udp/{})",
+            crate::lab_nodes::RELAY_HOSTNAME,
+            crate::lab_nodes::RELAY_NODE,
+            crate::lab_nodes::RELAY_SERVER_PORT
+        );
+    }
     for node in &lab.tern_nodes {
         println!(
             "ask {:<4} with:      {}",

@@ -117,7 +117,10 @@ impl Engine {
         };
         p.relay_vni = relay.map(|r| r.addr.vni);
         p.relay_node = relay
-            .and_then(|r| r.relay_node)
+            .and_then(|r| {
+                r.relay_node
+                    .or_else(|| self.relay_client.relay_node_of(&r.server_disco))
+            })
             .and_then(|node| self.node_name(&node));
         let candidates = machine.candidates();
         let last_pong = candidates
@@ -129,6 +132,10 @@ impl Engine {
             p.last_pong_at = at(pong.at);
         }
         p.candidates = candidates.iter().map(|c| candidate_entry(c, at)).collect();
+        // On a relay, the latency is the relay path's.
+        if let Some(relay) = relay {
+            p.latency_ms = Some(millis(relay.latency));
+        }
         p.path_history = machine
             .history()
             .map(|change| {

@@ -9,7 +9,7 @@
 //! (peer, relay server) is kept unless the new endpoint has a higher LamportID; an endpoint on
 //! the relay server the peer already uses (trusted) is not bound again.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
 use std::time::Instant;
 
@@ -80,6 +80,9 @@ pub struct RelayManager {
     bind_gen: u32,
     steps: VecDeque<Step>,
     drops: ManagerDrops,
+    /// Which node runs each relay server we got an allocation from (server disco → node), so
+    /// an endpoint the peer sent names its relay node too. Only candidates' entries are kept.
+    servers: BTreeMap<DiscoPublic, NodePublic>,
 }
 
 impl RelayManager {
@@ -95,6 +98,7 @@ impl RelayManager {
             bind_gen: 0,
             steps: VecDeque::new(),
             drops: ManagerDrops::default(),
+            servers: BTreeMap::new(),
         }
     }
 
@@ -105,7 +109,13 @@ impl RelayManager {
 
     /// The nodes that may serve us as relays (`relay-target` grants, capability ≥ 121).
     pub fn set_candidates(&mut self, candidates: BTreeSet<NodePublic>) {
+        self.servers.retain(|_, node| candidates.contains(node));
         self.candidates = candidates;
+    }
+
+    /// The node that runs relay server `server`, if one of our allocations told us.
+    pub fn relay_node_of(&self, server: &DiscoPublic) -> Option<NodePublic> {
+        self.servers.get(server).copied()
     }
 
     pub fn candidates(&self) -> &BTreeSet<NodePublic> {
@@ -167,6 +177,7 @@ impl RelayManager {
         };
         let work = self.allocs.remove(index);
         let endpoint = response.endpoint.clone();
+        self.servers.insert(endpoint.server_disco, from);
         tracing::debug!(relay = %from, peer = %work.peer, vni = endpoint.vni, "relay: endpoint allocated");
         self.steps.push_back(Step::Derp {
             to: work.peer,

@@ -1,0 +1,403 @@
+//! tern as a peer relay *client* (issue 11), in labs made by `tern lab up --relay`: a tern node
+//! named `relay` on the public `server` host runs the relay server (udp/40000), and the lab's
+//! control grants every node `cap/relay` (so each client gets `relay-target` on the others).
+//!
+//! * tern ↔ tern behind hard NATs: both sides on `peer-relay`, 1 MiB over HTTP through the
+//!   TUNs byte for byte with DERP's TCP port blocked, the relay counting it, `tern ping` saying
+//!   `via peer-relay(ip:port:vni:N)` with exit code 3.
+//! * Interop: tern ↔ Caddy/tsnet (tailscale.com v1.90.9) through the tern relay, HTTP both ways
+//!   with DERP blocked.
+//! * Failover: the relay daemon killed during a transfer → DERP, transfer intact; restarted →
+//!   `peer-relay` again by itself.
+//! * easy × easy with a relay available: direct.
+//!
+//! Every lab is torn down (with every process in it) even when a test panics.
+
+#[path = "support/lab_nodes.rs"]
+mod lab_nodes;
+#[path = "support/lab_server.rs"]
+mod lab_server;
+mod support;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::sync::atomic::Ordering;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use lab_nodes::serve_http;
+use serde_json::Value;
+use support::lab_cli::LabCli as Lab;
+use support::{output_text, tail, wait, wait_for};
+use tern_lab::state::state_dir;
+use tern_lab::{CaddyConfig, CaddyNode, Netns, Process};
+
+/// Where the lab's relay server is reached (the `server` host's public address).
+const RELAY_ENDPOINT: &str = "198.18.0.20:40000";
+const CONTROL_URL: &str = "http://10.99.0.20:8080";
+
+fn blob() -> &'static [u8] {
+    static BLOB: OnceLock<Vec<u8>> = OnceLock::new();
+    BLOB.get_or_init(|| (0..1u32 << 20).map(|i| (i % 251) as u8).collect())
+}
+
+/// `tern --socket <lab node's socket> ARGS`.
+fn tern(lab: &Lab, node: &str, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tern"))
+        .arg("--socket")
+        .arg(lab.socket(node))
+        .args(args)
+        .output()
+        .expect("run tern")
+}
+
+fn status(lab: &Lab, node: &str) -> Value {
+    serde_json::from_slice(&tern(lab, node, &["status", "--json"]).stdout).unwrap_or_default()
+}
+
+fn peer(lab: &Lab, node: &str, hostname: &str) -> Option<Value> {
+    status(lab, node)["peers"]
+        .as_array()?
+        .iter()
+        .find(|p| p["hostname"] == hostname)
+        .cloned()
+}
+
+fn tailnet_ip(lab: &Lab, node: &str) -> String {
+    status(lab, node)["self"]["tailnet_ips"][0]
+        .as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| panic!("{node}'s tailnet IP"))
+}
+
+fn on_relay(p: &Value) -> bool {
+    p["path"] == "peer-relay" && p["endpoint"] == RELAY_ENDPOINT
+}
+
+/// The relay server's forwarded byte count.
+fn forwarded(lab: &Lab) -> u64 {
+    status(lab, "relay")["relay_server"]["forwarded_bytes"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+fn log_of(lab: &Lab, name: &str) -> String {
+    let path = state_dir(&lab.0).join(format!("{name}.log"));
+    tail(&std::fs::read_to_string(path).unwrap_or_default(), 40)
+}
+
+fn report(lab: &Lab) -> String {
+    let mut out = String::new();
+    for node in ["c1", "c2", "relay"] {
+        out += &format!(
+            "== {node} status\n{}\n== {node} log\n{}\n",
+            output_text(&tern(lab, node, &["status"])),
+            log_of(lab, &format!("tern-{node}"))
+        );
+    }
+    out
+}
+
+/// Drops TCP to the DERP server's port on the DERP host while alive.
+struct DerpBlocked<'a>(&'a Lab);
+
+impl<'a> DerpBlocked<'a> {
+    fn new(lab: &'a Lab) -> Self {
+        lab.ns("relay")
+            .nft_apply(
+                "table inet blockderp {\n  chain input {\n    type filter hook input priority 0; policy accept;\n    tcp dport 443 drop\n  }\n}\n",
+            )
+            .expect("nft in the DERP host");
+        DerpBlocked(lab)
+    }
+}
+
+impl Drop for DerpBlocked<'_> {
+    fn drop(&mut self) {
+        let _ = self
+            .0
+            .ns("relay")
+            .nft_apply("delete table inet blockderp\n");
+    }
+}
+
+/// `curl` `url` from `ns`; Ok when the body is exactly `want`.
+fn fetch(ns: &Netns, url: &str, want: &[u8], extra: &[&str]) -> Result<(), String> {
+    let mut args = vec!["curl", "-sS", "--max-time", "60"];
+    args.extend_from_slice(extra);
+    args.push(url);
+    let out = ns.exec_unchecked(&args).map_err(|e| e.to_string())?;
+    if out.status.success() && out.stdout == want {
+        Ok(())
+    } else {
+        Err(format!(
+            "curl {url}: got {} of {} bytes: {}",
+            out.stdout.len(),
+            want.len(),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+/// Continuous pings (5 a second): the outgoing traffic that makes a node look for paths.
+fn background_ping(ns: &Netns, ip: &str) -> Process {
+    Process::spawn(ns, "ping", "ping", &["-i", "0.2", "-W", "1", ip]).expect("start ping")
+}
+
+fn hard_lab_on_relay() -> (Lab, String, String, Process) {
+    let lab = Lab::up(&["--nat1", "hard", "--nat2", "hard", "--relay"]);
+    let (c1_ip, c2_ip) = (tailnet_ip(&lab, "c1"), tailnet_ip(&lab, "c2"));
+    let ping = background_ping(&lab.ns("c1"), &c2_ip);
+    for (node, other) in [("c1", "c2"), ("c2", "c1")] {
+        wait(
+            &format!("{node}'s path to {other} to be the peer relay"),
+            30,
+            || report(&lab),
+            || peer(&lab, node, other).filter(on_relay),
+        );
+    }
+    (lab, c1_ip, c2_ip, ping)
+}
+
+#[test]
+fn tern_nodes_behind_hard_nats_talk_through_a_tern_relay() {
+    let (lab, _c1_ip, c2_ip, _ping) = hard_lab_on_relay();
+    let p = peer(&lab, "c1", "c2").expect("c1 sees c2");
+    assert!(p["relay_vni"].as_u64().is_some_and(|v| v >= 1), "{p:#}");
+    assert_eq!(p["relay_node"], "relay", "{p:#}");
+    assert_eq!(p["path_reason"], "peer-relay", "{p:#}");
+    assert!(p["relay_reason"].is_null(), "{p:#}");
+    let history: Vec<&str> = p["path_history"]
+        .as_array()
+        .map(|h| h.iter().filter_map(|e| e["path"].as_str()).collect())
+        .unwrap_or_default();
+    assert!(history.contains(&"peer-relay"), "{history:?}");
+    assert!(
+        !history.contains(&"direct"),
+        "hard × hard never goes direct"
+    );
+
+    // 1 MiB c2 → c1 through the TUNs with DERP's port blocked at the DERP host: the relay is
+    // the only way, and it counts the bytes.
+    let before = forwarded(&lab);
+    let addr = SocketAddr::new(c2_ip.parse().expect("tailnet IP"), 8000);
+    let (stop, server) = serve_http(&lab.ns("c2"), addr, blob());
+    let got = {
+        let _blocked = DerpBlocked::new(&lab);
+        fetch(&lab.ns("c1"), &format!("http://{addr}/"), blob(), &[])
+    };
+    stop.store(true, Ordering::Relaxed);
+    let _ = server.join();
+    if let Err(e) = got {
+        panic!(
+            "1 MiB through the relay with DERP blocked: {e}\n{}",
+            report(&lab)
+        );
+    }
+    wait(
+        "the relay to count the download",
+        10,
+        || report(&lab),
+        || (forwarded(&lab) >= before + blob().len() as u64).then_some(()),
+    );
+
+    // `tern ping` says where the pong came from, like Go, and exits 3 (not direct).
+    let out = tern(&lab, "c1", &["ping", "-c", "2", "c2"]);
+    let text = output_text(&out);
+    assert_eq!(out.status.code(), Some(3), "{text}");
+    assert!(
+        text.contains(&format!("via peer-relay({RELAY_ENDPOINT}:vni:")),
+        "{text}"
+    );
+    let human = output_text(&tern(&lab, "c1", &["status"]));
+    assert!(
+        human.contains(&format!("peer-relay {RELAY_ENDPOINT} vni "))
+            && human.contains("(relay relay)"),
+        "{human}"
+    );
+    // The relay's own view: one open session between the two NATs' addresses.
+    let relay = status(&lab, "relay")["relay_server"].clone();
+    assert!(
+        relay["sessions"]
+            .as_array()
+            .is_some_and(|s| s.iter().any(|s| s["state"] == "open")),
+        "{relay:#}"
+    );
+}
+
+/// The relay daemon's command line, as `tern lab up --relay` started it.
+fn relay_daemon_args(lab: &Lab) -> (PathBuf, PathBuf) {
+    let dir = state_dir(&lab.0);
+    (dir.join("relay.sock"), dir.join("relay"))
+}
+
+fn kill_relay_daemon(lab: &Lab) {
+    let (socket, _) = relay_daemon_args(lab);
+    let pattern = format!("{} daemon", socket.display());
+    let out = Command::new("pkill")
+        .args(["-KILL", "-f", &pattern])
+        .output()
+        .expect("pkill");
+    assert!(
+        out.status.success(),
+        "no relay daemon to kill: {}",
+        output_text(&out)
+    );
+}
+
+#[test]
+fn a_dead_relay_falls_back_to_derp_and_a_restarted_one_is_used_again() {
+    let (lab, _c1_ip, c2_ip, _ping) = hard_lab_on_relay();
+    // A 2 MiB download at 256 KiB/s (8 s) runs while the relay dies.
+    let big: &'static [u8] = Box::leak([blob(), blob()].concat().into_boxed_slice());
+    let addr = SocketAddr::new(c2_ip.parse().expect("tailnet IP"), 8001);
+    let (stop, server) = serve_http(&lab.ns("c2"), addr, big);
+    let c1 = lab.ns("c1");
+    let url = format!("http://{addr}/");
+    let download = std::thread::spawn(move || fetch(&c1, &url, big, &["--limit-rate", "256k"]));
+    std::thread::sleep(Duration::from_secs(2));
+    let killed = Instant::now();
+    kill_relay_daemon(&lab);
+    let on_derp = wait_for(
+        "c1's path to c2 to leave the dead relay",
+        Duration::from_secs(6),
+        || report(&lab),
+        || {
+            let p = peer(&lab, "c1", "c2")?;
+            (p["path"] == "derp").then(|| killed.elapsed())
+        },
+    );
+    let p = peer(&lab, "c1", "c2").unwrap_or_default();
+    let got = download.join().expect("download thread");
+    stop.store(true, Ordering::Relaxed);
+    let _ = server.join();
+    if let Err(e) = got {
+        panic!(
+            "the download across the relay's death: {e}\n{}",
+            report(&lab)
+        );
+    }
+    let history: Vec<&str> = p["path_history"]
+        .as_array()
+        .map(|h| h.iter().filter_map(|e| e["reason"].as_str()).collect())
+        .unwrap_or_default();
+    assert!(history.contains(&"peer-relay"), "{p:#}");
+
+    // The relay comes back (same state: same node, the relay pref kept): c1 moves back.
+    let (socket, state) = relay_daemon_args(&lab);
+    let (socket, state) = (socket.display().to_string(), state.display().to_string());
+    let restarted = Instant::now();
+    let _relay = Process::spawn(
+        &lab.ns("server"),
+        "tern:relay-again",
+        env!("CARGO_BIN_EXE_tern"),
+        &[
+            "--socket",
+            &socket,
+            "daemon",
+            "--state-dir",
+            &state,
+            "--tun",
+            "tern0",
+        ],
+    )
+    .expect("restart the relay daemon");
+    let back = wait(
+        "c1's path to c2 to be the restarted relay",
+        75,
+        || report(&lab),
+        || {
+            peer(&lab, "c1", "c2")
+                .filter(on_relay)
+                .map(|_| restarted.elapsed())
+        },
+    );
+    eprintln!(
+        "relay failover: on DERP {on_derp:?} after the kill; back on the relay {back:?} after the restart"
+    );
+}
+
+#[test]
+fn easy_nats_stay_direct_with_a_relay_available() {
+    let lab = Lab::up(&["--relay"]);
+    let c2_ip = tailnet_ip(&lab, "c2");
+    let _ping = background_ping(&lab.ns("c1"), &c2_ip);
+    wait(
+        "c1's path to c2 to be direct",
+        15,
+        || report(&lab),
+        || peer(&lab, "c1", "c2").filter(|p| p["path"] == "direct"),
+    );
+    // Relay discovery may run alongside (as in Go) but never beats a trusted direct path.
+    std::thread::sleep(Duration::from_secs(5));
+    let p = peer(&lab, "c1", "c2").unwrap_or_default();
+    assert_eq!(p["path"], "direct", "{p:#}\n{}", report(&lab));
+}
+
+#[test]
+fn tern_and_tsnet_behind_hard_nats_talk_through_a_tern_relay() {
+    let lab = Lab::up(&["--nat1", "hard", "--nat2", "hard", "--relay"]);
+    let c1_ip = tailnet_ip(&lab, "c1");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let site = dir.path().join("site");
+    std::fs::create_dir_all(&site).expect("site dir");
+    std::fs::write(site.join("blob"), blob()).expect("blob");
+    // tsb in c2 serves the blob on the tailnet, and proxies its loopback :8081 to c1's tailnet
+    // address (tsnet → tern).
+    let mut config = CaddyConfig::new("tsb", CONTROL_URL, &lab.auth_key());
+    config.site_body = format!("root * {}\nfile_server", site.display());
+    config.debug = true;
+    config.extra_sites = format!(
+        "http://127.0.0.1:8081 {{\n\treverse_proxy {{\n\t\tto http://{c1_ip}:8000\n\t\ttransport tailscale tsb\n\t}}\n}}\n"
+    );
+    let tsb = CaddyNode::start(&lab.ns("c2"), config).expect("start tsb");
+    let logs = || format!("{}\n== tsb\n{}", report(&lab), tail(&tsb.logs(), 80));
+    let tsb_ip = wait("c1 to see tsb", 90, logs, || {
+        peer(&lab, "c1", "tsb")?["tailnet_ips"][0]
+            .as_str()
+            .map(str::to_string)
+    });
+    let url = format!("http://{tsb_ip}/blob");
+    wait("c1 to fetch tsb's blob (DERP)", 60, logs, || {
+        fetch(&lab.ns("c1"), &url, blob(), &[]).ok()
+    });
+    let _ping = background_ping(&lab.ns("c1"), &tsb_ip);
+    let p = wait("c1's path to tsb to be the peer relay", 60, logs, || {
+        peer(&lab, "c1", "tsb").filter(on_relay)
+    });
+    eprintln!("tern → tsnet through the tern relay: {p:#}");
+
+    // Both directions with DERP blocked.
+    let addr = SocketAddr::new(c1_ip.parse().expect("tailnet IP"), 8000);
+    let (stop, server) = serve_http(&lab.ns("c1"), addr, blob());
+    let (to_tsnet, from_tsnet) = {
+        let _blocked = DerpBlocked::new(&lab);
+        (
+            fetch(&lab.ns("c1"), &url, blob(), &[]),
+            fetch(&lab.ns("c2"), "http://127.0.0.1:8081/", blob(), &[]),
+        )
+    };
+    stop.store(true, Ordering::Relaxed);
+    let _ = server.join();
+    if let Err(e) = to_tsnet.and(from_tsnet) {
+        panic!("HTTP through the relay with DERP blocked: {e}\n{}", logs());
+    }
+    // The relay's view (its status refreshes every second; under load a little later).
+    let open_legs = || -> Vec<String> {
+        status(&lab, "relay")["relay_server"]["sessions"]
+            .as_array()
+            .map(|s| {
+                s.iter()
+                    .filter(|s| s["state"] == "open")
+                    .flat_map(|s| s["legs"].as_array().cloned().unwrap_or_default())
+                    .filter_map(|l| l["peer"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    wait("an open relay session between c1 and tsb", 15, logs, || {
+        let legs = open_legs();
+        (legs.iter().any(|p| p == "c1") && legs.iter().any(|p| p == "tsb")).then_some(())
+    });
+}
