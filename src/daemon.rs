@@ -70,6 +70,7 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
     let api = tokio::spawn(localapi::serve(listener, status_rx, cmd_tx));
 
     let relay_server_port = prefs.relay_server_port;
+    let relay_static = prefs.relay_server_static_endpoints.clone();
     let mut daemon = Daemon {
         state,
         identity,
@@ -82,6 +83,7 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
         port: config.port,
         backend_log_id: hex::encode(rand::random::<[u8; 32]>()),
         relay_server_port: watch::channel(relay_server_port).0,
+        relay_static_endpoints: watch::channel(relay_static).0,
     };
     daemon.start_or_stop();
     let result = daemon.serve(cmd_rx).await;
@@ -108,6 +110,8 @@ struct Daemon {
     backend_log_id: String,
     /// `prefs.relay_server_port`, watched by the engine (which runs the relay server).
     relay_server_port: watch::Sender<Option<u16>>,
+    /// `prefs.relay_server_static_endpoints`, watched by the engine too.
+    relay_static_endpoints: watch::Sender<Vec<std::net::SocketAddr>>,
 }
 
 impl Daemon {
@@ -200,24 +204,55 @@ impl Daemon {
 
     /// `tern set`: store the changed prefs, then apply them (the engine watches the relay port).
     fn set(&mut self, req: SetRequest) -> Result<(), String> {
-        if !req.relay_server_port_set {
+        if !req.relay_server_port_set && !req.relay_server_static_endpoints_set {
             return Err(
-                "nothing to change: mark a preference as set (relay_server_port_set)".into(),
+                "nothing to change: mark a preference as set (relay_server_port_set, \
+                 relay_server_static_endpoints_set)"
+                    .into(),
             );
         }
-        if let Some(port) = req.relay_server_port.filter(|p| *p != 0 && *p == self.port) {
+        if let Some(bad) = req
+            .relay_server_static_endpoints
+            .iter()
+            .find(|a| a.port() == 0 || a.ip().is_unspecified())
+        {
+            return Err(format!(
+                "static relay endpoint {bad} is not an address clients can reach: give ip:port \
+                 with a real IP and a port"
+            ));
+        }
+        let port_set = req.relay_server_port_set;
+        if let Some(port) = req
+            .relay_server_port
+            .filter(|p| port_set && *p != 0 && *p == self.port)
+        {
             return Err(format!(
                 "UDP port {port} is this node's own WireGuard port (--port); pick another relay \
                  server port"
             ));
         }
         let mut prefs = self.prefs.clone();
-        prefs.relay_server_port = req.relay_server_port;
+        if req.relay_server_port_set {
+            prefs.relay_server_port = req.relay_server_port;
+        }
+        if req.relay_server_static_endpoints_set {
+            let mut endpoints = req.relay_server_static_endpoints;
+            endpoints.sort();
+            endpoints.dedup();
+            prefs.relay_server_static_endpoints = endpoints;
+        }
         self.state.store_prefs(&prefs).map_err(|e| e.to_string())?;
         self.prefs = prefs;
         self.relay_server_port
-            .send_replace(self.prefs.relay_server_port);
-        tracing::info!(port = ?self.prefs.relay_server_port, "relay server preference set");
+            .send_if_modified(|p| std::mem::replace(p, self.prefs.relay_server_port) != *p);
+        let statics = self.prefs.relay_server_static_endpoints.clone();
+        self.relay_static_endpoints
+            .send_if_modified(|s| std::mem::replace(s, statics.clone()) != *s);
+        tracing::info!(
+            port = ?self.prefs.relay_server_port,
+            static_endpoints = ?self.prefs.relay_server_static_endpoints,
+            "relay server preferences set"
+        );
         Ok(())
     }
 
@@ -333,6 +368,7 @@ impl Daemon {
             node_key: self.identity.node.clone(),
             disco_key: self.identity.disco.clone(),
             relay_server_port: self.relay_server_port.subscribe(),
+            relay_static_endpoints: self.relay_static_endpoints.subscribe(),
             node_keys,
         };
         let (task, handle) = engine::spawn(config, netmap_rx, local_tx, self.status.clone());

@@ -139,6 +139,7 @@ fn start_relay_server(
     let set = crate::localapi::SetRequest {
         relay_server_port: Some(RELAY_SERVER_PORT),
         relay_server_port_set: true,
+        ..Default::default()
     };
     runtime
         .block_on(client.set(&set))

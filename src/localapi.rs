@@ -196,6 +196,9 @@ pub struct SetRequest {
     /// The relay server's UDP port (`null` = off, 0 = a port the kernel picks).
     pub relay_server_port: Option<u16>,
     pub relay_server_port_set: bool,
+    /// Addresses the relay server offers besides the discovered ones (empty = none).
+    pub relay_server_static_endpoints: Vec<std::net::SocketAddr>,
+    pub relay_server_static_endpoints_set: bool,
 }
 
 /// Which node a `tern ping` argument names.
@@ -1095,16 +1098,19 @@ mod tests {
         let on = SetRequest {
             relay_server_port: Some(40000),
             relay_server_port_set: true,
+            ..Default::default()
         };
         client.set(&on).await.unwrap();
         let off = SetRequest {
             relay_server_port: None,
             relay_server_port_set: true,
+            ..Default::default()
         };
         client.set(&off).await.unwrap();
         let taken = SetRequest {
             relay_server_port: Some(41641),
             relay_server_port_set: true,
+            ..Default::default()
         };
         match client.set(&taken).await.unwrap_err() {
             LocalApiError::Status { status, message } => {

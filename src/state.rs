@@ -55,6 +55,9 @@ pub struct Prefs {
     /// `tern set --relay-server-port=N`: run a peer relay server on UDP port N (0 = a port the
     /// kernel picks); `None` = no relay server (Go `RelayServerPort`).
     pub relay_server_port: Option<u16>,
+    /// `tern set --relay-server-static-endpoints=ip:port,...`: addresses the relay server offers
+    /// besides what it discovers (Go `RelayServerStaticEndpoints`), sorted, no duplicates.
+    pub relay_server_static_endpoints: Vec<std::net::SocketAddr>,
 }
 
 /// A 32-byte private key as read from the state directory (clamping is the key type's job).
@@ -243,6 +246,7 @@ mod tests {
             hostname: Some("n1".into()),
             want_running: true,
             relay_server_port: Some(40000),
+            relay_server_static_endpoints: vec!["203.0.113.7:40000".parse().unwrap()],
         };
         state.store_prefs(&prefs).unwrap();
         assert_eq!(

@@ -47,6 +47,9 @@ pub struct RelayServerStatus {
     pub port: u16,
     /// The addresses it offers clients in allocations (`ip:port`), empty until discovered.
     pub addr_ports: Vec<String>,
+    /// `tern set --relay-server-static-endpoints`: offered after the discovered ones.
+    #[serde(default)]
+    pub static_endpoints: Vec<String>,
     /// Its ephemeral relay disco key (`discokey:…`, fresh every start; not the node's).
     pub server_disco_key: String,
     /// Allocation requests answered since start.
@@ -399,7 +402,12 @@ pub fn render_relay_server(relay: &RelayServerStatus) -> String {
     } else {
         format!("offers {}", relay.addr_ports.join(", "))
     };
-    let _ = writeln!(out, "\nrelay server: udp/{}, {offers}", relay.port);
+    let statics = if relay.static_endpoints.is_empty() {
+        String::new()
+    } else {
+        format!(" (static: {})", relay.static_endpoints.join(", "))
+    };
+    let _ = writeln!(out, "\nrelay server: udp/{}, {offers}{statics}", relay.port);
     let open = relay.sessions.iter().filter(|s| s.state == "open").count();
     let _ = writeln!(
         out,
@@ -813,6 +821,7 @@ mod tests {
         let relay = RelayServerStatus {
             port: 40000,
             addr_ports: vec!["198.18.0.20:40000".into(), "[2001:db8::20]:40000".into()],
+            static_endpoints: Vec::new(),
             server_disco_key: "discokey:00".into(),
             allocations: 3,
             forwarded_packets: 150,

@@ -216,6 +216,28 @@ fn tern_nodes_behind_hard_nats_talk_through_a_tern_relay() {
             && human.contains("(relay relay)"),
         "{human}"
     );
+    // A relay behind a port forward also offers what the operator says (pushed live).
+    let out = tern(
+        &lab,
+        "relay",
+        &["set", "--relay-server-static-endpoints=198.18.0.20:40001"],
+    );
+    assert!(out.status.success(), "{}", output_text(&out));
+    wait(
+        "the relay to offer its static endpoint",
+        10,
+        || report(&lab),
+        || {
+            let relay = status(&lab, "relay")["relay_server"].clone();
+            let offers = relay["addr_ports"].as_array()?.clone();
+            (relay["static_endpoints"] == serde_json::json!(["198.18.0.20:40001"])
+                && offers.contains(&Value::from("198.18.0.20:40001"))
+                && offers.contains(&Value::from(RELAY_ENDPOINT)))
+            .then_some(())
+        },
+    );
+    let human = output_text(&tern(&lab, "relay", &["status"]));
+    assert!(human.contains("(static: 198.18.0.20:40001)"), "{human}");
     // The relay's own view: one open session between the two NATs' addresses.
     let relay = status(&lab, "relay")["relay_server"].clone();
     assert!(

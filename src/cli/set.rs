@@ -1,5 +1,6 @@
 //! `tern set`: change preferences without a full `up`.
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -13,6 +14,33 @@ pub struct SetArgs {
     /// value (`--relay-server-port=`) turns it off.
     #[arg(long, value_name = "PORT", value_parser = parse_relay_port)]
     pub relay_server_port: Option<RelayPort>,
+    /// Addresses the relay server offers besides the ones it discovers, e.g. a port forward on
+    /// the router: `ip:port,[v6]:port` (deduplicated and sorted); an empty value clears them.
+    #[arg(long, value_name = "IP:PORT,...", value_parser = parse_static_endpoints)]
+    pub relay_server_static_endpoints: Option<StaticEndpoints>,
+}
+
+/// `--relay-server-static-endpoints`: a sorted list without duplicates (empty = none).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StaticEndpoints(pub Vec<SocketAddr>);
+
+/// Go's format: comma-separated `ip:port` (IPv6 in brackets); an empty string clears the list.
+pub fn parse_static_endpoints(text: &str) -> Result<StaticEndpoints, String> {
+    let mut endpoints = Vec::new();
+    for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let addr: SocketAddr = item.parse().map_err(|_| {
+            format!("`{item}` is not ip:port: write e.g. 203.0.113.7:40000 or [2001:db8::7]:40000")
+        })?;
+        if addr.port() == 0 || addr.ip().is_unspecified() {
+            return Err(format!(
+                "`{item}` cannot be reached by clients: give a real IP and a port (1-65535)"
+            ));
+        }
+        endpoints.push(addr);
+    }
+    endpoints.sort();
+    endpoints.dedup();
+    Ok(StaticEndpoints(endpoints))
 }
 
 /// `--relay-server-port`: off, or a UDP port (0 = any).
@@ -50,16 +78,19 @@ pub fn parse_relay_port(text: &str) -> Result<RelayPort, String> {
 
 /// `tern set`: at least one flag; each given flag changes that preference only.
 pub fn run(socket: &Path, args: &SetArgs) -> anyhow::Result<ExitCode> {
-    let Some(relay) = args.relay_server_port else {
+    if args.relay_server_port.is_none() && args.relay_server_static_endpoints.is_none() {
         eprintln!(
             "tern set: nothing to change; pass a flag, e.g. --relay-server-port=40000 (or \
              --relay-server-port= to turn the relay server off); see `tern set --help`"
         );
         return Ok(ExitCode::from(2));
-    };
+    }
+    let statics = args.relay_server_static_endpoints.clone();
     let req = SetRequest {
-        relay_server_port: relay.pref(),
-        relay_server_port_set: true,
+        relay_server_port: args.relay_server_port.and_then(RelayPort::pref),
+        relay_server_port_set: args.relay_server_port.is_some(),
+        relay_server_static_endpoints_set: statics.is_some(),
+        relay_server_static_endpoints: statics.map(|s| s.0).unwrap_or_default(),
     };
     super::runtime()?.block_on(Client::new(socket).set(&req))?;
     Ok(ExitCode::SUCCESS)

@@ -119,6 +119,7 @@ impl Backend for LocalBackend {
         let req = SetRequest {
             relay_server_port: port,
             relay_server_port_set: true,
+            ..Default::default()
         };
         self.runtime
             .block_on(self.client.set(&req))

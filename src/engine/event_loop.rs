@@ -62,6 +62,8 @@ impl Engine {
         self.apply_relay_port(*relay_port.borrow_and_update());
         // Without a sender (daemon gone) `changed()` would be ready forever: stop watching.
         let mut relay_port_open = true;
+        let mut relay_static = self.relay_static.clone();
+        let mut relay_static_open = true;
         loop {
             let deadline = self.next_deadline();
             let sleep_until = deadline
@@ -121,6 +123,15 @@ impl Engine {
                         self.publish(status);
                     } else {
                         relay_port_open = false;
+                    }
+                }
+                changed = relay_static.changed(), if relay_static_open => {
+                    if changed.is_ok() {
+                        relay_static.borrow_and_update();
+                        self.apply_relay_static();
+                        self.publish(status);
+                    } else {
+                        relay_static_open = false;
                     }
                 }
                 _ = status_tick.tick() => {

@@ -74,6 +74,8 @@ pub struct EngineConfig {
     /// The peer relay server's UDP port from prefs (`tern set --relay-server-port`); `None` =
     /// no relay server. Changes apply live: the engine starts, restarts or stops the server.
     pub relay_server_port: tokio::sync::watch::Receiver<Option<u16>>,
+    /// `prefs.relay_server_static_endpoints`: offered by the relay server besides what it finds.
+    pub relay_static_endpoints: tokio::sync::watch::Receiver<Vec<std::net::SocketAddr>>,
     /// The node key as the control client renews it (a new key restarts every WireGuard
     /// session and DERP connection).
     pub node_keys: tokio::sync::watch::Receiver<NodePrivate>,
@@ -285,6 +287,8 @@ struct Engine {
     out: Vec<u8>,
     /// WireGuard datagrams to send, each to where its peer's send plan says.
     to_send: Vec<(PeerId, Vec<u8>)>,
+    /// `prefs.relay_server_static_endpoints` as the daemon publishes it.
+    relay_static: watch::Receiver<Vec<std::net::SocketAddr>>,
     /// `prefs.relay_server_port` as the daemon publishes it.
     relay_port: watch::Receiver<Option<u16>>,
     /// The node key as control renews it.
@@ -347,6 +351,7 @@ impl Engine {
             out: vec![0u8; BUF_LEN + consts::DATA_OVERHEAD + consts::MIN_OUT_BUF],
             to_send: Vec::new(),
             relay_port: config.relay_server_port.clone(),
+            relay_static: config.relay_static_endpoints.clone(),
             node_keys: config.node_keys.clone(),
             relay: None,
             relay_wanted: None,

@@ -22,10 +22,21 @@ impl Engine {
             return;
         };
         match RelayRuntime::start(port, self.regions_tx.subscribe()) {
-            Ok(relay) => self.relay = Some(relay),
+            Ok(relay) => {
+                relay.set_static_addr_ports(self.relay_static.borrow().clone());
+                self.relay = Some(relay);
+            }
             Err(e) => {
                 tracing::warn!(port, error = %e, "relay server not started: cannot bind its UDP port")
             }
+        }
+    }
+
+    /// New static endpoints: pushed to a running relay server without a restart (as Go does).
+    pub(super) fn apply_relay_static(&mut self) {
+        let endpoints = self.relay_static.borrow().clone();
+        if let Some(relay) = &self.relay {
+            relay.set_static_addr_ports(endpoints);
         }
     }
 

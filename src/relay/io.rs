@@ -140,6 +140,11 @@ impl RelayRuntime {
         self.lock().allocate(Instant::now(), request)
     }
 
+    /// Static addresses to offer besides the discovered ones.
+    pub fn set_static_addr_ports(&self, addr_ports: Vec<SocketAddr>) {
+        self.lock().set_static_addr_ports(addr_ports);
+    }
+
     /// The live state for status.
     pub fn status(&self) -> RelayServerStatus {
         self.lock().status(Instant::now(), self.port)

@@ -115,6 +115,9 @@ pub struct RelayServer {
     disco: DiscoPrivate,
     disco_public: DiscoPublic,
     addr_ports: Vec<SocketAddr>,
+    /// What discovery found, and the operator's static endpoints (offered after those).
+    discovered: Vec<SocketAddr>,
+    static_addr_ports: Vec<SocketAddr>,
     endpoints: HashMap<u32, Endpoint>,
     by_pair: HashMap<[DiscoPublic; 2], u32>,
     next_vni: u32,
@@ -149,6 +152,8 @@ impl RelayServer {
             disco_public: disco.public(),
             disco,
             addr_ports: Vec::new(),
+            discovered: Vec::new(),
+            static_addr_ports: Vec::new(),
             endpoints: HashMap::new(),
             by_pair: HashMap::new(),
             next_vni: 1,
@@ -174,7 +179,29 @@ impl RelayServer {
     /// The addresses offered to clients (replaces the list; live endpoints get it on their next
     /// allocation).
     pub fn set_addr_ports(&mut self, addr_ports: Vec<SocketAddr>) {
-        self.addr_ports = addr_ports;
+        self.discovered = addr_ports;
+        self.merge_addr_ports();
+    }
+
+    /// Addresses offered in addition to what discovery finds (Go
+    /// `RelayServerStaticEndpoints`: a relay behind a port forward), pushed live.
+    pub fn set_static_addr_ports(&mut self, addr_ports: Vec<SocketAddr>) {
+        self.static_addr_ports = addr_ports;
+        self.merge_addr_ports();
+    }
+
+    pub fn static_addr_ports(&self) -> &[SocketAddr] {
+        &self.static_addr_ports
+    }
+
+    fn merge_addr_ports(&mut self) {
+        let mut all = self.discovered.clone();
+        for addr in &self.static_addr_ports {
+            if !all.contains(addr) {
+                all.push(*addr);
+            }
+        }
+        self.addr_ports = all;
     }
 
     pub fn addr_ports(&self) -> &[SocketAddr] {
@@ -435,6 +462,11 @@ impl RelayServer {
         RelayServerStatus {
             port,
             addr_ports: self.addr_ports.iter().map(ToString::to_string).collect(),
+            static_endpoints: self
+                .static_addr_ports
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
             server_disco_key: self.disco_public.to_string(),
             allocations: self.allocations,
             forwarded_packets: self.forwarded_packets,
