@@ -72,7 +72,10 @@ fn set_relay_server_static_endpoints_is_sorted_kept_and_cleared() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains(says), "{bad}: {stderr}");
     }
-    assert!(!state.join("prefs.json").exists(), "nothing stored from bad input");
+    assert!(
+        !state.join("prefs.json").exists(),
+        "nothing stored from bad input"
+    );
 
     daemon.ok(&[
         "set",

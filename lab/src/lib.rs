@@ -9,6 +9,7 @@ pub mod netns;
 pub mod process;
 pub mod state;
 pub mod topology;
+pub mod wan;
 
 pub use caddy::{CaddyConfig, CaddyNode};
 pub use error::{LabError, Result};

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use tern_lab::state::{self, LabStatus};
+use tern_lab::wan::{Shaping, WanProfile};
 use tern_lab::NatMode;
 
 /// Without a subcommand: build the standard lab like `tern lab up` with default NAT modes, then
@@ -38,6 +39,9 @@ pub enum LabCommand {
     Down(LabDownArgs),
     /// Switch a NAT box of the running lab to another mode (e.g. `tern lab nat nat1 hard`).
     Nat(LabNatArgs),
+    /// Shape the DERP host's link of the running lab (`none` or `long-haul`: 120 ms ± 30 ms and
+    /// 1 % loss each way), so DERP is far while the peer relay stays near.
+    Wan(LabWanArgs),
     /// Run the lab coordination server (for labs and tests only, not production).
     Control(LabControlArgs),
 }
@@ -66,6 +70,10 @@ pub struct LabUpArgs {
     /// then use it instead of DERP.
     #[arg(long)]
     pub relay: bool,
+    /// Link conditions on the DERP host's link: none (default) or long-haul (120 ms ± 30 ms,
+    /// 1 % loss each way); change it later with `tern lab wan`.
+    #[arg(long, default_value = "none")]
+    pub wan: String,
 }
 
 #[derive(Debug, Args)]
@@ -84,6 +92,12 @@ pub struct LabNatArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct LabWanArgs {
+    /// none or long-haul.
+    pub profile: String,
+}
+
+#[derive(Debug, Args)]
 pub struct LabDownArgs {
     /// Remove every object with the lab's prefix, even without a state file.
     #[arg(long)]
@@ -98,6 +112,7 @@ pub fn run(args: &LabArgs) -> anyhow::Result<ExitCode> {
         Some(LabCommand::Status(status_args)) => status(prefix, status_args),
         Some(LabCommand::Down(down_args)) => down(prefix, down_args),
         Some(LabCommand::Nat(nat_args)) => nat(prefix, nat_args),
+        Some(LabCommand::Wan(wan_args)) => wan(prefix, &wan_args.profile),
         Some(LabCommand::Control(control_args)) => control(control_args),
         None => {
             // The bare command is the demo: `up` (topology, control, two nodes) + `status`.
@@ -106,6 +121,7 @@ pub fn run(args: &LabArgs) -> anyhow::Result<ExitCode> {
                 nat2: "easy".into(),
                 ipv6: false,
                 relay: false,
+                wan: "none".into(),
             };
             up(prefix, &defaults)?;
             if !std::io::stdout().is_terminal() {
@@ -147,11 +163,36 @@ fn nat(prefix: &str, args: &LabNatArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// What the shaping could do on this kernel.
+fn shaping_note(shaping: Shaping) -> &'static str {
+    match shaping {
+        Shaping::None => "",
+        Shaping::Netem => " (4 Mbit/s, 1 % loss, 120 ms ± 30 ms each way)",
+        Shaping::RateAndLoss => {
+            " (4 Mbit/s, 1 % loss each way; no delay: this kernel has no sch_netem)"
+        }
+    }
+}
+
+fn wan(prefix: &str, profile: &str) -> anyhow::Result<ExitCode> {
+    let profile: WanProfile = profile.parse().context("WAN profile")?;
+    let shaping = tern_lab::wan::apply(prefix, profile)?;
+    println!(
+        "the DERP host's link of lab `{prefix}` is now {profile}{}",
+        shaping_note(shaping)
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 fn up(prefix: &str, args: &LabUpArgs) -> anyhow::Result<ExitCode> {
     let nat1: NatMode = args.nat1.parse().context("--nat1")?;
     let nat2: NatMode = args.nat2.parse().context("--nat2")?;
+    let wan_profile: WanProfile = args.wan.parse().context("--wan")?;
     let mut lab = state::up(prefix, nat1, nat2, args.ipv6)?;
-    if let Err(err) = crate::lab_nodes::start(&mut lab, args.relay) {
+    let started = crate::lab_nodes::start(&mut lab, args.relay)
+        .and_then(|()| Ok(tern_lab::wan::apply(prefix, wan_profile)?));
+    let shaping = started.as_ref().map(|s| *s).unwrap_or(Shaping::None);
+    if let Err(err) = started {
         // Never leave a half-started lab (or its processes) behind.
         if let Err(down_err) = state::down(prefix, true) {
             eprintln!("tern: tearing the half-started lab down also failed: {down_err:#}");
@@ -169,6 +210,12 @@ fn up(prefix: &str, args: &LabUpArgs) -> anyhow::Result<ExitCode> {
             .collect::<Vec<_>>()
             .join(", ")
     );
+    if wan_profile != WanProfile::None {
+        println!(
+            "DERP host's link:   {wan_profile}{} (change with: tern lab wan none|long-haul)",
+            shaping_note(shaping)
+        );
+    }
     if args.relay {
         println!(
             "peer relay:         {} on {} (udp/{})",
