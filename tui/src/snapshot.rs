@@ -75,6 +75,11 @@ pub struct Peer {
     pub path_history: Vec<PathChange>,
     /// The path machine's candidates; `[]` from a daemon that does not report them.
     pub candidates: Vec<Candidate>,
+    /// On `peer-relay`: the endpoint's VNI and the relay's node (when known).
+    pub relay_vni: Option<u32>,
+    pub relay_node: Option<String>,
+    /// Why the peer is not on a peer relay (`no-relay-granted`, `relay-bind-timeout`, …).
+    pub relay_reason: Option<String>,
 }
 
 /// One candidate UDP endpoint and what disco knows of it.

@@ -33,10 +33,35 @@ fn spaced(latency: String) -> String {
     }
 }
 
-/// What relays do for this peer: in use, or the hint to set one up.
+/// What relays do for this peer: in use, why none is, or the hint to set one up.
 fn relay_hint(peer: &Peer) -> String {
-    match (peer.path_kind(), peer.endpoint.as_deref()) {
-        (PathKind::Relay, Some(ep)) => format!("Using the peer relay at {ep}."),
+    let name = peer.short_name();
+    if let (PathKind::Relay, Some(ep)) = (peer.path_kind(), peer.endpoint.as_deref()) {
+        let vni = peer
+            .relay_vni
+            .map(|v| format!(", VNI {v}"))
+            .unwrap_or_default();
+        let node = peer
+            .relay_node
+            .as_deref()
+            .map(|n| format!(" run by {n}"))
+            .unwrap_or_default();
+        return format!("Using the peer relay at {ep}{vni}{node}.");
+    }
+    match peer.relay_reason.as_deref() {
+        Some("peer-not-relay-capable") => {
+            format!("{name} runs a client too old for peer relays (capability below 121).")
+        }
+        Some("relay-discovering") => "Asking the peer relays for a path; DERP meanwhile.".into(),
+        Some("relay-allocation-failed") => "No peer relay answered our allocation request within \
+             10 s: is its relay server on (`tern set --relay-server-port=N`) and online?"
+            .into(),
+        Some("relay-bind-timeout") => "A peer relay gave us an endpoint, but nothing came back \
+             through it (bind timed out): UDP to the relay may be blocked."
+            .into(),
+        Some("relay-unreachable") => "The peer relay stopped answering; DERP carries it until \
+             a relay answers again."
+            .into(),
         _ => "No peer relay carries it; one would help: run `tern set \
               --relay-server-port=N` on a node with a public address and grant it."
             .into(),
@@ -150,6 +175,16 @@ pub fn sentence(status: &Status, peer: &Peer) -> String {
         "no-derp-region" => {
             format!("{name} has neither a direct address nor a DERP region we know.")
         }
+        "peer-relay" => format!(
+            "no direct path answers, pongs through the relay do. {}",
+            relay_hint(peer)
+        ),
+        "relay-unreachable" => format!(
+            "the peer relay stopped answering{}; DERP carries traffic until one answers again.",
+            since(peer, reason)
+                .map(|t| format!(" at {t}"))
+                .unwrap_or_default()
+        ),
         "no-disco-key" => format!(
             "{name} has no disco key (too old, or not connected to control), so no direct \
              path can be found."
@@ -227,6 +262,7 @@ mod tests {
             "direct-lost",
             "no-derp-region",
             "no-disco-key",
+            "relay-unreachable",
         ];
         let texts: Vec<String> = reasons
             .iter()
@@ -286,6 +322,44 @@ mod tests {
             text.contains("Using the peer relay at 203.0.113.9:40000."),
             "{text}"
         );
+    }
+
+    #[test]
+    fn relay_reasons_explain_why_a_relay_does_not_carry_it() {
+        let mut texts = Vec::new();
+        for why in [
+            None,
+            Some("no-relay-granted"),
+            Some("peer-not-relay-capable"),
+            Some("relay-discovering"),
+            Some("relay-allocation-failed"),
+            Some("relay-bind-timeout"),
+            Some("relay-unreachable"),
+        ] {
+            let mut p = derp_peer("both-hard-nat");
+            p.relay_reason = why.map(str::to_string);
+            texts.push(sentence(&status(), &p));
+        }
+        assert_eq!(
+            texts[0], texts[1],
+            "no grant: the set-up hint, as without the field"
+        );
+        assert!(texts[4].contains("allocation"), "{}", texts[4]);
+        assert!(texts[5].contains("bind timed out"), "{}", texts[5]);
+        let distinct: std::collections::BTreeSet<_> = texts.iter().skip(1).collect();
+        assert_eq!(distinct.len(), 6);
+        // On the relay: its VNI and node.
+        let mut p = derp_peer("peer-relay");
+        p.path = Some("peer-relay".into());
+        p.endpoint = Some("198.18.0.20:40000".into());
+        p.relay_vni = Some(1);
+        p.relay_node = Some("relay".into());
+        let text = sentence(&status(), &p);
+        assert!(
+            text.contains("Using the peer relay at 198.18.0.20:40000, VNI 1 run by relay."),
+            "{text}"
+        );
+        assert!(!text.contains("reason `"), "{text}");
     }
 
     #[test]
