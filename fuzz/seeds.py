@@ -1,7 +1,7 @@
 """Builds fuzz/seeds/<target>/ from tests/vectors (called by fuzz/seed.sh).
 
 Every seed is named after the vector it came from. The structured targets' op sequences are
-encoded here by hand; the byte layouts are documented in fuzz/bodies/{disco_parse,relay_packet}.rs.
+encoded here by hand; the byte layouts are documented in fuzz/bodies/{disco_ops,relay_packet,relay_client}.rs.
 """
 import json, os, shutil, struct, subprocess, sys
 
@@ -207,3 +207,78 @@ for kind in range(9):
     d.put("ops_built_%d_udp" % kind, b"\x01" + b"\x02\x00" + body + b"\x00\x00")
     d.put("ops_built_%d_derp" % kind, b"\x01" + b"\x02\x01" + body + b"\x01\x02\x00")
 d.put("ops_send_via_derp", b"\x01" + b"\x06\x00\x02\x06" + bytes(30))
+
+# relay_client ops (layout in bodies/relay_client.rs): 0 discover(who) 1 alloc response(from,
+# gen mode, endpoint, current) 2 CallMeMaybeVia(endpoint, current) 3 sealed Geneve(addr, flags,
+# vni, sealer, kind, fields) 4 raw(addr, lv) 5 time(u16 x 10 ms). Keys: 0 S, 1 S2, 2 P, 3 O.
+d = Dir("relay_client")
+
+
+def ep(server=0, pair=0, lamport=1, vni=0, life=0, addrs=(b"\x00",)):
+    return (bytes([server, pair]) + u16(lamport) + bytes([vni, life]) + u16(300)
+            + bytes([len(addrs)]) + b"".join(addrs))
+
+
+ANY_V4 = b"\x03" + bytes([192, 0, 2, 77]) + u16(5555)
+DISCOVER = b"\x00\x00"
+
+
+def response(frm=0, gen_mode=0, endpoint=ep(), current=0):
+    return bytes([1, frm, gen_mode]) + endpoint + bytes([current])
+
+
+def cmmv(endpoint=ep(), current=0):
+    return b"\x02" + endpoint + bytes([current])
+
+
+def sealed(kind_fields, addr=b"\x00", control=False, vni=0, sealer=2):
+    return b"\x03" + addr + bytes([1 if control else 0, vni, sealer]) + kind_fields
+
+
+def challenge(addr=b"\x00", vni=0, sealer=0, remote=0, delta=0):
+    return sealed(bytes([2, delta]) + u32(1) + bytes([remote]) + bytes(range(32)), addr, True,
+                  vni, sealer)
+
+
+def peer_ping(addr=b"\x00", vni=0, sealer=2):
+    return sealed(b"\x03" + b"\x5a" * 12 + b"\x01\x00", addr, False, vni, sealer)
+
+
+def pong(addr=b"\x00", which=0, flip=0, sealer=2):
+    return sealed(bytes([1, which, flip, 0]), addr, False, 0, sealer)
+
+
+def time(ms):
+    return b"\x05" + u16(ms // 10)
+
+
+d.put("ops_allocate_bind_ready", DISCOVER + response() + challenge() + peer_ping() + pong())
+d.put("ops_call_me_maybe_via_ready", cmmv() + challenge() + pong())
+d.put("ops_two_addresses", cmmv(ep(addrs=(b"\x00", b"\x01"))) + challenge(b"\x01") + pong(b"\x01"))
+d.put("ops_challenge_from_elsewhere", cmmv() + challenge(ANY_V4) + pong(ANY_V4) + pong())
+d.put("ops_wrong_node_generation_pair", DISCOVER + response(frm=1) + response(frm=2)
+      + response(gen_mode=1) + b"\x01\x00\x02" + u32(77) + ep() + b"\x00"
+      + response(endpoint=ep(pair=2)) + response(endpoint=ep(addrs=())) + response()
+      + response())
+d.put("ops_alloc_retry_and_give_up", DISCOVER + time(1000) + DISCOVER + time(2000) + time(7000)
+      + response())
+d.put("ops_discover_the_relay_itself", b"\x00\x01" + time(10000))
+d.put("ops_bind_timeout", cmmv(ep(life=5)) + time(4990) + time(20) + challenge())
+d.put("ops_alloc_gives_up_while_binding", DISCOVER + cmmv(ep(server=1, life=20)) + time(10000)
+      + time(10000))
+d.put("ops_dedup_lamport", cmmv() + cmmv() + cmmv(ep(lamport=2)) + cmmv(ep(lamport=3, vni=1))
+      + challenge(vni=1) + cmmv(ep(lamport=4, addrs=())) + cmmv(ep(lamport=5)) + cmmv(ep(server=1), current=3) + cmmv(ep(server=1), current=2))
+d.put("ops_relay_in_use", DISCOVER + response(current=1) + cmmv(ep(lamport=9), current=1))
+d.put("ops_two_servers_same_vni", cmmv() + cmmv(ep(server=1)) + challenge(sealer=1)
+      + challenge(sealer=0) + peer_ping() + pong(which=1) + pong())
+d.put("ops_wrong_sealers", cmmv() + challenge(sealer=2) + challenge(sealer=3) + challenge(sealer=1)
+      + challenge(remote=2) + challenge(delta=1) + challenge(vni=1) + peer_ping(sealer=0)
+      + pong(sealer=0) + challenge() + challenge() + pong(flip=1) + pong(addr=b"\x02") + pong())
+d.put("ops_ping_limit", cmmv() + challenge() + peer_ping() * 12 + pong(which=9))
+d.put("ops_bad_vni", cmmv(ep(vni=0xff)[:4] + b"\xff" + u32(0) + b"\x00" + u16(1) + b"\x01\x00")
+      + cmmv(ep(vni=0xff)[:4] + b"\xff" + u32(1 << 24) + b"\x00" + u16(1) + b"\x01\x00"))
+for name, b in plaintexts:
+    d.put("ops_plain_" + name, cmmv() + sealed(b"\x00" + lv(b), control=True, sealer=0)
+          + sealed(b"\x00" + lv(b)))
+for name, b in packets:
+    d.put("ops_raw_" + name, cmmv() + b"\x04\x00" + lv(b) + b"\x04\x02" + lv(b))

@@ -13,6 +13,7 @@ pub mod disco_ops;
 pub mod disco_parse;
 pub mod map_decode;
 pub mod noise_records;
+pub mod relay_client;
 pub mod relay_packet;
 pub mod stun_parse;
 
@@ -25,6 +26,7 @@ pub const TARGETS: &[(&str, Body)] = &[
     ("disco_parse", disco_parse::run),
     ("map_decode", map_decode::run),
     ("noise_records", noise_records::run),
+    ("relay_client", relay_client::run),
     ("relay_packet", relay_packet::run),
     ("stun_parse", stun_parse::run),
 ];
