@@ -246,6 +246,24 @@ fn tern_nodes_behind_hard_nats_talk_through_a_tern_relay() {
             .is_some_and(|s| s.iter().any(|s| s["state"] == "open")),
         "{relay:#}"
     );
+
+    // The NATs become easy: the direct probing that goes on under a relay path finds a direct
+    // path, and direct wins.
+    for nat in ["nat1", "nat2"] {
+        let out = lab.tern(&["lab", "nat", nat, "easy"]);
+        assert!(out.status.success(), "{}", output_text(&out));
+    }
+    let started = Instant::now();
+    wait(
+        "c1's path to c2 to turn direct",
+        60,
+        || report(&lab),
+        || peer(&lab, "c1", "c2").filter(|p| p["path"] == "direct"),
+    );
+    eprintln!(
+        "relay → direct {:?} after both NATs turned easy",
+        started.elapsed()
+    );
 }
 
 /// The relay daemon's command line, as `tern lab up --relay` started it.

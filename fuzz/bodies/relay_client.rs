@@ -227,10 +227,9 @@ impl Model {
         }
         let before = self.binds.len();
         self.binds.retain(|b| now < b.deadline);
-        for _ in self.binds.len()..before {
-            if self.alloc.is_none() && self.binds.is_empty() {
-                e.failed.push(RelayReason::BindTimeout);
-            }
+        // One Failed per peer, however many of its handshakes timed out at once.
+        if self.binds.len() < before && self.alloc.is_none() && self.binds.is_empty() {
+            e.failed.push(RelayReason::BindTimeout);
         }
     }
 
@@ -247,6 +246,9 @@ impl Model {
             .expect("a fixed key");
         self.servers_given.insert(server);
         self.addrs_given.extend(ep.addr_ports.iter().copied());
+        if ep.addr_ports.is_empty() || !(1..=VNI_MAX).contains(&ep.vni) {
+            return;
+        }
         if let Some(i) = self.binds.iter().position(|b| b.server == server) {
             if self.binds[i].lamport >= ep.lamport_id {
                 return;
@@ -254,9 +256,6 @@ impl Model {
             self.binds.remove(i);
         }
         if current == Some((ep.server_disco, true)) {
-            return;
-        }
-        if ep.addr_ports.is_empty() || !(1..=VNI_MAX).contains(&ep.vni) {
             return;
         }
         let lifetime = ep.bind_lifetime.min(MAX_HANDSHAKE_LIFETIME);

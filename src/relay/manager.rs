@@ -216,6 +216,11 @@ impl RelayManager {
         relay_node: Option<NodePublic>,
         current: Option<(DiscoPublic, bool)>,
     ) {
+        // An endpoint nobody can bind (no address, bad VNI) must not cancel one that may work.
+        if endpoint.addr_ports.is_empty() || !(1..=geneve::VNI_MAX).contains(&endpoint.vni) {
+            tracing::debug!(%peer, vni = endpoint.vni, "relay: endpoint not usable (no address or bad VNI)");
+            return;
+        }
         let same = self.binds.iter().position(|w| {
             w.peer == peer && w.handshake.endpoint().server_disco == endpoint.server_disco
         });
@@ -334,7 +339,7 @@ impl RelayManager {
 
     /// Moves handshake output to the steps; finished handshakes leave.
     fn collect(&mut self, _now: Instant) {
-        let mut failed = Vec::new();
+        let mut failed = BTreeSet::new();
         let steps = &mut self.steps;
         self.binds.retain_mut(|w| {
             while let Some(t) = w.handshake.poll_transmit() {
@@ -357,7 +362,7 @@ impl RelayManager {
                 }
                 Some(Outcome::TimedOut) => {
                     tracing::debug!(peer = %w.peer, vni = w.handshake.endpoint().vni, "relay: bind handshake timed out");
-                    failed.push(w.peer);
+                    failed.insert(w.peer);
                     false
                 }
             }

@@ -349,3 +349,44 @@ fn stray_and_malformed_geneve_is_counted_and_relayed_disco_is_left_to_the_paths(
     assert_eq!((drops.malformed, drops.unknown_control), (1, 1));
     assert!(a.poll().is_none(), "nothing is answered");
 }
+
+#[test]
+fn an_unusable_endpoint_does_not_cancel_a_running_handshake() {
+    let mut w = World::new();
+    let (a_node, a_disco) = (w.sides[0].node, w.sides[0].disco);
+    let request = disco::AllocateRequest {
+        client_disco: [w.sides[0].disco, w.sides[1].disco],
+        generation: 1,
+    };
+    let endpoint = w.relay.allocate(w.now, &request).expect("allocated");
+    let b = &mut w.sides[1].manager;
+    b.on_call_me_maybe_via(w.now, a_node, a_disco, endpoint.clone(), None);
+    assert_eq!(b.pending(), (0, 1));
+    while b.poll().is_some() {}
+    for bad in [
+        UdpRelayEndpoint {
+            lamport_id: endpoint.lamport_id + 1,
+            addr_ports: Vec::new(),
+            ..endpoint.clone()
+        },
+        UdpRelayEndpoint {
+            lamport_id: endpoint.lamport_id + 1,
+            vni: 0,
+            ..endpoint.clone()
+        },
+    ] {
+        b.on_call_me_maybe_via(w.now, a_node, a_disco, bad, None);
+        assert_eq!(b.pending(), (0, 1), "the running handshake stays");
+        assert!(b.poll().is_none());
+    }
+    // When it times out, one Failed.
+    b.handle_timeout(w.now + Duration::from_secs(31));
+    let steps: Vec<Step> = std::iter::from_fn(|| b.poll()).collect();
+    assert_eq!(
+        steps,
+        vec![Step::Failed {
+            peer: a_node,
+            reason: RelayReason::BindTimeout
+        }]
+    );
+}
