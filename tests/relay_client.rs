@@ -273,17 +273,16 @@ fn relay_daemon_args(lab: &Lab) -> (PathBuf, PathBuf) {
 }
 
 fn kill_relay_daemon(lab: &Lab) {
-    let (socket, _) = relay_daemon_args(lab);
-    let pattern = format!("{} daemon", socket.display());
-    let out = Command::new("pkill")
-        .args(["-KILL", "-f", &pattern])
-        .output()
-        .expect("pkill");
-    assert!(
-        out.status.success(),
-        "no relay daemon to kill: {}",
-        output_text(&out)
-    );
+    // Its PID from the lab's state (no procps needed on a fresh Debian).
+    let state: Value =
+        serde_json::from_slice(&lab.tern(&["lab", "status", "--json"]).stdout).unwrap_or_default();
+    let pid = state["processes"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["name"] == "tern:relay"))
+        .and_then(|p| p["pid"].as_i64())
+        .unwrap_or_else(|| panic!("no relay daemon in the lab state: {state:#}"));
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).expect("a PID"));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).expect("kill the relay daemon");
 }
 
 #[test]
