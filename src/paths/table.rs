@@ -214,6 +214,8 @@ impl PeerTable {
             .get_mut(peer)
             .is_some_and(|e| e.peer.relay_ready(now, path));
         if installed {
+            // One relay endpoint per peer, as Go keeps it: the map stays as small as the peers.
+            self.by_relay.retain(|_, key| key != peer);
             self.by_relay.insert(path.addr, *peer);
         }
         self.touch(*peer);
