@@ -1,7 +1,8 @@
 """Builds fuzz/seeds/<target>/ from tests/vectors (called by fuzz/seed.sh).
 
 Every seed is named after the vector it came from. The structured targets' op sequences are
-encoded here by hand; the byte layouts are documented in fuzz/bodies/{disco_ops,relay_packet,relay_client}.rs.
+encoded here by hand; the byte layouts are documented in fuzz/bodies/{disco_ops,relay_packet,relay_client,
+localapi_request}.rs.
 """
 import json, os, shutil, struct, subprocess, sys
 
@@ -282,3 +283,57 @@ for name, b in plaintexts:
           + sealed(b"\x00" + lv(b)))
 for name, b in packets:
     d.put("ops_raw_" + name, cmmv() + b"\x04\x00" + lv(b) + b"\x04\x02" + lv(b))
+
+# --- localapi_request: method byte, target byte (mode << 4 | path), [text], padding byte, body --
+d = Dir("localapi_request")
+GET, POST, PATCH, PUT, RAW = 0, 1, 2, 3, 0x0f
+STATUS, IP, UP, DOWN, LOGOUT, PREFS, PING, NETCHECK, WHOIS, WATCH, NEAR = range(11)
+
+
+def req(method, path, mode=0, text=b"", pad=0, body=b"", raw_method=b""):
+    head = bytes([method]) + (lv(raw_method) if method == RAW else b"")
+    head += bytes([mode << 4 | path]) + (lv(text) if mode else b"")
+    return head + bytes([pad]) + body
+
+
+KEY = ("nodekey:" + "11" * 32).encode()
+d.put("status", req(GET, STATUS))
+d.put("ip", req(GET, IP))
+d.put("up", req(POST, UP, body=b'{"login_server":"https://controlplane.tailscale.com",'
+                                 b'"auth_key":"tskey-auth-k1","hostname":"n1"}'))
+d.put("up_empty", req(POST, UP, body=b"{}"))
+d.put("up_nulls", req(POST, UP, body=b'{"login_server":null,"auth_key":null,"hostname":"a\\u00e9\\n"}'))
+d.put("down", req(POST, DOWN))
+d.put("logout", req(POST, LOGOUT, body=b"ignored"))
+d.put("prefs", req(PATCH, PREFS, body=b'{"relay_server_port":40000,"relay_server_port_set":true,'
+                                      b'"relay_server_static_endpoints":["1.2.3.4:5","[::1]:7"],'
+                                      b'"relay_server_static_endpoints_set":true}'))
+d.put("prefs_off", req(PATCH, PREFS, body=b'{"relay_server_port":null,"relay_server_port_set":true}'))
+d.put("ping", req(POST, PING, body=b'{"peer":"n2.tailnet.example.","timeout_ms":5000}'))
+d.put("ping_default_timeout", req(POST, PING, body=b'{"peer":"100.64.0.2"}'))
+d.put("netcheck", req(POST, NETCHECK))
+d.put("whois", req(GET, WHOIS, mode=1, text=b"nodekey=" + KEY))
+d.put("whois_percent", req(GET, WHOIS, mode=1, text=b"a=b&nodekey=" + KEY.replace(b":", b"%3A")))
+d.put("watch", req(GET, WATCH))
+d.put("absolute_form_status", req(GET, STATUS, mode=2))
+d.put("status_fragment", req(GET, STATUS, mode=3, text=b"frag"))
+d.put("raw_target_ping", req(POST, 0, mode=5, text=b"/localapi/v0/ping?x=1",
+                             body=b'{"peer":"n2","timeout_ms":60000}'))
+d.put("up_padded_to_limit", req(POST, UP, pad=1, body=b'{"hostname":"n1"}'))
+# Refused: 405, 404, bad JSON, ping timeout out of range, bad/missing nodekey, over the limit,
+# a method that is not a token, a target hyper would refuse.
+d.put("bad_put_status", req(PUT, STATUS))
+d.put("bad_lowercase_get", req(7, STATUS))
+d.put("bad_post_watch", req(POST, WATCH))
+d.put("bad_unknown_path", req(GET, NEAR + 4))
+d.put("bad_path_suffix", req(GET, STATUS, mode=4, text=b"/x"))
+d.put("bad_json", req(POST, UP, body=b"{oops"))
+d.put("bad_duplicate_key", req(POST, PING, body=b'{"peer":"a","peer":"b"}'))
+d.put("bad_ping_timeout_0", req(POST, PING, body=b'{"peer":"n2","timeout_ms":0}'))
+d.put("bad_ping_timeout_max", req(POST, PING, body=b'{"peer":"n2","timeout_ms":60001}'))
+d.put("bad_prefs_port", req(PATCH, PREFS, body=b'{"relay_server_port":65536}'))
+d.put("bad_whois_key", req(GET, WHOIS, mode=1, text=b"nodekey=nodekey:zz"))
+d.put("bad_whois_missing", req(GET, WHOIS))
+d.put("bad_over_limit", req(PATCH, PREFS, pad=2, body=b"{}"))
+d.put("bad_method_token", req(RAW, STATUS, raw_method=b"GE T"))
+d.put("bad_target", req(GET, 0, mode=5, text=b"/localapi/v0/status\x7f"))

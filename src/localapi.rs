@@ -28,6 +28,9 @@
 //! [`PingResult::error`] set (`timeout`, …); pinging this node itself is a 200 with `error`
 //! = [`PING_ERROR_LOCAL`].
 //!
+//! [`request`] turns a method, path, query and body into an [`ApiRequest`] (or the error the
+//! server answers); the server does the I/O around it.
+//!
 //! Errors are a non-2xx status with `{"error": "..."}`. Access control is the socket file
 //! itself: mode 0600, owned by root, or by the one `--operator` user the admin opted in.
 //! The server reads status from the watch channel and sends commands to the daemon; it never
@@ -54,8 +57,10 @@ use crate::keys::NodePublic;
 use crate::report::{NetcheckReport, PingResult};
 use crate::status::{PeerStatus, Status};
 
-/// Largest request body the server reads.
-const MAX_BODY: usize = 64 * 1024;
+pub mod request;
+
+pub use request::{ApiRequest, Endpoint, MAX_BODY};
+
 /// Largest response body the client reads (a big tailnet's status).
 const MAX_RESPONSE: usize = 16 * 1024 * 1024;
 /// `GET /localapi/v0/watch`.
@@ -115,21 +120,6 @@ pub fn whois(status: &Status, key: &NodePublic) -> Option<WhoIsResponse> {
             name: p.name.clone(),
             is_self: false,
         })
-}
-
-/// The `nodekey` parameter of a query string.
-fn nodekey_param(query: Option<&str>) -> Result<NodePublic, ApiError> {
-    let bad = |m: &str| ApiError::new(StatusCode::BAD_REQUEST, m);
-    let value = query
-        .unwrap_or_default()
-        .split('&')
-        .find_map(|pair| pair.strip_prefix("nodekey="))
-        .ok_or_else(|| bad("missing nodekey parameter"))?;
-    // `:` may arrive percent-encoded.
-    let value = value.replace("%3A", ":").replace("%3a", ":");
-    value
-        .parse()
-        .map_err(|_| bad("nodekey must be nodekey:<64 hex digits>"))
 }
 
 /// `POST /localapi/v0/ping`.
@@ -544,12 +534,25 @@ async fn feed_client(mut lines: watch::Receiver<Bytes>, out: mpsc::Sender<Bytes>
 }
 
 impl Shared {
-    /// The watch stream, or any other endpoint through [`Shared::handle`].
+    /// Answer one request: the watch stream, or a whole reply.
     async fn route(&self, req: Request<Incoming>) -> AnyReply {
-        if req.method() == Method::GET && req.uri().path() == WATCH_PATH {
-            return self.watch();
-        }
-        self.handle(req).await.map(Either::Left)
+        let request = match read_request(req).await {
+            Ok(request) => request,
+            Err(e) => return error_reply(e.status, &e.message).map(Either::Left),
+        };
+        let reply = match request {
+            ApiRequest::Watch => return self.watch(),
+            ApiRequest::Status => json_reply(&*self.status.borrow()),
+            ApiRequest::Ip => json_reply(&ip_response(&self.status.borrow())),
+            ApiRequest::Up(up) => self.command(|tx| Command::Up(up, tx)).await,
+            ApiRequest::Down => self.command(Command::Down).await,
+            ApiRequest::Logout => self.command(Command::Logout).await,
+            ApiRequest::Set(set) => self.command(|tx| Command::Set(set, tx)).await,
+            ApiRequest::Ping(ping) => self.ping(ping).await,
+            ApiRequest::Netcheck => result_reply(self.ask(Command::Netcheck).await),
+            ApiRequest::WhoIs(key) => result_reply(self.whois(&key)),
+        };
+        reply.map(Either::Left)
     }
 
     /// The shared lines, starting their producer if nobody was watching. The first client's
@@ -587,67 +590,14 @@ impl Shared {
         reply
     }
 
-    async fn handle(&self, req: Request<Incoming>) -> Reply {
-        let method = req.method().clone();
-        let path = req.uri().path().to_string();
-        tracing::trace!(%method, %path, "LocalAPI request");
-        match (method, path.as_str()) {
-            (Method::GET, "/localapi/v0/status") => json_reply(&*self.status.borrow()),
-            (Method::GET, "/localapi/v0/ip") => json_reply(&ip_response(&self.status.borrow())),
-            (Method::POST, "/localapi/v0/up") => match read_json::<UpRequest>(req).await {
-                Ok(up) => self.command(|tx| Command::Up(up, tx)).await,
-                Err(reply) => reply,
-            },
-            (Method::POST, "/localapi/v0/down") => self.command(Command::Down).await,
-            (Method::POST, "/localapi/v0/logout") => self.command(Command::Logout).await,
-            (Method::PATCH, "/localapi/v0/prefs") => match read_json::<SetRequest>(req).await {
-                Ok(set) => self.command(|tx| Command::Set(set, tx)).await,
-                Err(reply) => reply,
-            },
-            (Method::POST, "/localapi/v0/ping") => match read_json::<PingRequest>(req).await {
-                Ok(ping) => self.ping(ping).await,
-                Err(reply) => reply,
-            },
-            (Method::POST, "/localapi/v0/netcheck") => {
-                let reply = self.ask(Command::Netcheck).await;
-                result_reply(reply)
-            }
-            (Method::GET, "/localapi/v0/whois") => result_reply(self.whois(req.uri().query())),
-            (
-                _,
-                "/localapi/v0/status"
-                | "/localapi/v0/ip"
-                | "/localapi/v0/up"
-                | "/localapi/v0/down"
-                | "/localapi/v0/logout"
-                | "/localapi/v0/prefs"
-                | "/localapi/v0/ping"
-                | "/localapi/v0/netcheck"
-                | "/localapi/v0/whois"
-                | "/localapi/v0/watch",
-            ) => error_reply(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
-            _ => error_reply(
-                StatusCode::NOT_FOUND,
-                &format!("no LocalAPI endpoint {path}"),
-            ),
-        }
-    }
-
-    fn whois(&self, query: Option<&str>) -> Result<WhoIsResponse, ApiError> {
-        let key = nodekey_param(query)?;
-        whois(&self.status.borrow(), &key)
+    fn whois(&self, key: &NodePublic) -> Result<WhoIsResponse, ApiError> {
+        whois(&self.status.borrow(), key)
             .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "no node with that key"))
     }
 
     /// Resolve the peer here (from the snapshot), let the daemon ask the engine, and name the
-    /// peer in the answer.
+    /// peer in the answer. [`request::parse`] has checked `timeout_ms`.
     async fn ping(&self, req: PingRequest) -> Reply {
-        if req.timeout_ms == 0 || req.timeout_ms > MAX_PING_TIMEOUT_MS {
-            return error_reply(
-                StatusCode::BAD_REQUEST,
-                &format!("timeout_ms must be 1..={MAX_PING_TIMEOUT_MS}"),
-            );
-        }
         let (key, node_name, node_ip) = {
             let status = self.status.borrow();
             match resolve_peer(&status, &req.peer) {
@@ -738,13 +688,24 @@ fn ip_response(status: &Status) -> IpResponse {
     IpResponse { ipv4: v4, ipv6: v6 }
 }
 
-async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, Reply> {
-    let body = Limited::new(req.into_body(), MAX_BODY)
-        .collect()
-        .await
-        .map_err(|e| error_reply(StatusCode::PAYLOAD_TOO_LARGE, &format!("request body: {e}")))?;
-    serde_json::from_slice(&body.to_bytes())
-        .map_err(|e| error_reply(StatusCode::BAD_REQUEST, &format!("bad JSON: {e}")))
+/// The endpoint, then the body (only for endpoints that take one, at most [`MAX_BODY`] bytes),
+/// then what the request asks ([`request::parse`]).
+async fn read_request(req: Request<Incoming>) -> Result<ApiRequest, ApiError> {
+    if !(req.method() == Method::GET && req.uri().path() == WATCH_PATH) {
+        tracing::trace!(method = %req.method(), path = %req.uri().path(), "LocalAPI request");
+    }
+    let endpoint = request::endpoint(req.method(), req.uri().path())?;
+    let query = req.uri().query().map(str::to_owned);
+    let body = if endpoint.reads_body() {
+        Limited::new(req.into_body(), MAX_BODY)
+            .collect()
+            .await
+            .map_err(request::body_error)?
+            .to_bytes()
+    } else {
+        Bytes::new()
+    };
+    request::parse(endpoint, query.as_deref(), &body)
 }
 
 fn result_reply<T: Serialize>(result: Result<T, ApiError>) -> Reply {
