@@ -97,6 +97,15 @@ impl World {
         }
     }
 
+    /// The relay's endpoint for the two sides (as their allocation would get it).
+    fn pair_endpoint(&mut self) -> UdpRelayEndpoint {
+        let request = disco::AllocateRequest {
+            client_disco: [self.sides[0].disco, self.sides[1].disco],
+            generation: 1,
+        };
+        self.relay.allocate(self.now, &request).expect("allocated")
+    }
+
     /// Delivers every step until none is left.
     fn run(&mut self) {
         for _ in 0..50 {
@@ -279,11 +288,7 @@ fn responses_from_the_wrong_node_or_generation_are_dropped_and_counted() {
 fn endpoints_are_deduplicated_by_lamport_id_and_the_relay_in_use_is_not_rebound() {
     let mut w = World::new();
     let (a_node, a_disco) = (w.sides[0].node, w.sides[0].disco);
-    let request = disco::AllocateRequest {
-        client_disco: [w.sides[0].disco, w.sides[1].disco],
-        generation: 1,
-    };
-    let endpoint = w.relay.allocate(w.now, &request).expect("allocated");
+    let endpoint = w.pair_endpoint();
     let b = &mut w.sides[1].manager;
     let binds = |m: &mut RelayManager| {
         std::iter::from_fn(|| m.poll())
@@ -354,11 +359,7 @@ fn stray_and_malformed_geneve_is_counted_and_relayed_disco_is_left_to_the_paths(
 fn an_unusable_endpoint_does_not_cancel_a_running_handshake() {
     let mut w = World::new();
     let (a_node, a_disco) = (w.sides[0].node, w.sides[0].disco);
-    let request = disco::AllocateRequest {
-        client_disco: [w.sides[0].disco, w.sides[1].disco],
-        generation: 1,
-    };
-    let endpoint = w.relay.allocate(w.now, &request).expect("allocated");
+    let endpoint = w.pair_endpoint();
     let b = &mut w.sides[1].manager;
     b.on_call_me_maybe_via(w.now, a_node, a_disco, endpoint.clone(), None);
     assert_eq!(b.pending(), (0, 1));
