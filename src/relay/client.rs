@@ -22,6 +22,14 @@ use crate::keys::{DiscoPrivate, DiscoPublic, NodePublic};
 use crate::naclbox::SharedBox;
 use crate::relay::geneve::{self, Header, Vni, PROTOCOL_DISCO};
 
+/// Our disco key and the shared keys with the relay server and the peer, for
+/// [`Handshake::start_with`].
+pub struct Boxes {
+    pub mine: DiscoPublic,
+    pub server: SharedBox,
+    pub peer: SharedBox,
+}
+
 /// Longest a handshake may run, whatever the relay's `BindLifetime` says (Go
 /// `maxHandshakeLifetime`).
 pub const MAX_HANDSHAKE_LIFETIME: Duration = Duration::from_secs(30);
@@ -78,6 +86,7 @@ pub struct Drops {
 }
 
 /// One bind handshake: this node and `peer` on one relay endpoint.
+#[derive(Clone)]
 pub struct Handshake {
     endpoint: UdpRelayEndpoint,
     node_key: NodePublic,
@@ -105,6 +114,24 @@ impl Handshake {
         endpoint: UdpRelayEndpoint,
         generation: u32,
     ) -> Result<Handshake, StartError> {
+        let boxes = Boxes {
+            mine: me.public(),
+            server: disco::shared_box(me, &endpoint.server_disco),
+            peer: disco::shared_box(me, &peer_disco),
+        };
+        Handshake::start_with(now, boxes, node_key, peer_disco, endpoint, generation)
+    }
+
+    /// [`Handshake::start`] with the shared keys already computed (X25519 is the costly part;
+    /// the relay manager keeps them per disco key).
+    pub fn start_with(
+        now: Instant,
+        boxes: Boxes,
+        node_key: NodePublic,
+        peer_disco: DiscoPublic,
+        endpoint: UdpRelayEndpoint,
+        generation: u32,
+    ) -> Result<Handshake, StartError> {
         if endpoint.addr_ports.is_empty() {
             return Err(StartError::NoAddress);
         }
@@ -118,9 +145,9 @@ impl Handshake {
             lifetime
         };
         let mut handshake = Handshake {
-            server_box: disco::shared_box(me, &endpoint.server_disco),
-            peer_box: disco::shared_box(me, &peer_disco),
-            my_disco: me.public(),
+            server_box: boxes.server,
+            peer_box: boxes.peer,
+            my_disco: boxes.mine,
             node_key,
             peer_disco,
             generation,

@@ -9,14 +9,15 @@
 //! (peer, relay server) is kept unless the new endpoint has a higher LamportID; an endpoint on
 //! the relay server the peer already uses (trusted) is not bound again.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use super::client::{AllocStep, Allocation, Handshake, Outcome, Transmit};
+use super::client::{AllocStep, Allocation, Boxes, Handshake, Outcome, Transmit};
 use super::geneve;
 use crate::disco::{self, AllocateResponse, Message, UdpRelayEndpoint};
 use crate::keys::{DiscoPrivate, DiscoPublic, NodePublic};
+use crate::naclbox::SharedBox;
 use crate::paths::{RelayAddr, RelayPath, RelayReason};
 
 /// What the driver must do next.
@@ -46,12 +47,14 @@ pub struct ManagerDrops {
     pub malformed: u64,
 }
 
+#[derive(Clone)]
 struct AllocWork {
     peer: NodePublic,
     peer_disco: DiscoPublic,
     alloc: Allocation,
 }
 
+#[derive(Clone)]
 struct BindWork {
     peer: NodePublic,
     relay_node: Option<NodePublic>,
@@ -68,7 +71,12 @@ pub enum Handled {
     NotMine,
 }
 
+/// Shared keys kept at most (relay servers and peers we handshake with); a full cache starts
+/// over, which only costs recomputing.
+const MAX_BOXES: usize = 1024;
+
 /// The relay client's allocations and handshakes.
+#[derive(Clone)]
 pub struct RelayManager {
     disco: DiscoPrivate,
     disco_public: DiscoPublic,
@@ -83,6 +91,8 @@ pub struct RelayManager {
     /// Which node runs each relay server we got an allocation from (server disco → node), so
     /// an endpoint the peer sent names its relay node too. Only candidates' entries are kept.
     servers: BTreeMap<DiscoPublic, NodePublic>,
+    /// Our shared key with each relay server and peer disco key (Go precomputes them too).
+    boxes: HashMap<DiscoPublic, SharedBox>,
 }
 
 impl RelayManager {
@@ -99,6 +109,7 @@ impl RelayManager {
             steps: VecDeque::new(),
             drops: ManagerDrops::default(),
             servers: BTreeMap::new(),
+            boxes: HashMap::new(),
         }
     }
 
@@ -111,6 +122,25 @@ impl RelayManager {
     pub fn set_candidates(&mut self, candidates: BTreeSet<NodePublic>) {
         self.servers.retain(|_, node| candidates.contains(node));
         self.candidates = candidates;
+    }
+
+    /// Computes the shared keys with `keys` ahead of their first handshake.
+    pub fn prime(&mut self, keys: &[DiscoPublic]) {
+        for key in keys {
+            let _ = self.shared_box(key);
+        }
+    }
+
+    fn shared_box(&mut self, key: &DiscoPublic) -> SharedBox {
+        if let Some(shared) = self.boxes.get(key) {
+            return shared.clone();
+        }
+        if self.boxes.len() >= MAX_BOXES {
+            self.boxes.clear();
+        }
+        let shared = disco::shared_box(&self.disco, key);
+        self.boxes.insert(*key, shared.clone());
+        shared
     }
 
     /// The node that runs relay server `server`, if one of our allocations told us.
@@ -235,9 +265,14 @@ impl RelayManager {
             return;
         }
         self.bind_gen = self.bind_gen.wrapping_add(1).max(1);
-        match Handshake::start(
+        let boxes = Boxes {
+            mine: self.disco_public,
+            server: self.shared_box(&endpoint.server_disco),
+            peer: self.shared_box(&peer_disco),
+        };
+        match Handshake::start_with(
             now,
-            &self.disco,
+            boxes,
             self.node_key,
             peer_disco,
             endpoint,

@@ -391,3 +391,20 @@ fn an_unusable_endpoint_does_not_cancel_a_running_handshake() {
         }]
     );
 }
+
+#[test]
+fn shared_keys_are_kept_per_disco_key_and_bounded() {
+    let mut m = RelayManager::new(DiscoPrivate::generate(), NodePrivate::generate().public());
+    let keys: Vec<DiscoPublic> = (0..MAX_BOXES + 10)
+        .map(|_| DiscoPrivate::generate().public())
+        .collect();
+    m.prime(&keys[..3]);
+    m.prime(&keys[..3]);
+    assert_eq!(m.boxes.len(), 3, "one per key");
+    m.prime(&keys);
+    assert!(m.boxes.len() <= MAX_BOXES, "{}", m.boxes.len());
+    // A clone shares nothing mutable: its work is its own.
+    let mut c = m.clone();
+    c.set_candidates([NodePrivate::generate().public()].into());
+    assert!(m.candidates().is_empty());
+}
