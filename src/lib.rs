@@ -3,6 +3,7 @@
 //! Module map (see ARCHITECTURE.md): pure codecs (`stun`, `disco`, `derp::frame`,
 //! `control::noise`), sans-IO state machines, and the small I/O tasks that drive them.
 
+pub mod bypass;
 pub mod cli;
 pub mod control;
 pub mod daemon;
@@ -22,6 +23,7 @@ pub mod packet;
 pub mod paths;
 pub mod relay;
 pub mod report;
+pub mod routing;
 pub mod rlimit;
 pub mod state;
 pub mod status;

@@ -419,7 +419,7 @@ async fn tcp_latency(region: &DerpRegion) -> Option<Duration> {
 /// Time to open a TCP connection to `target`, bounded by [`TCP_TIMEOUT`].
 pub async fn tcp_connect_time(target: SocketAddr) -> Option<Duration> {
     let start = Instant::now();
-    match tokio::time::timeout(TCP_TIMEOUT, TcpStream::connect(target)).await {
+    match tokio::time::timeout(TCP_TIMEOUT, crate::bypass::tcp_connect(target)).await {
         Ok(Ok(_)) => Some(start.elapsed()),
         _ => None,
     }

@@ -2,6 +2,7 @@
 
 pub mod error;
 pub mod netlink;
+pub mod policy;
 pub mod router;
 pub mod tun;
 

@@ -37,6 +37,11 @@ impl Netlink {
         Ok(Self { handle })
     }
 
+    /// The rtnetlink handle, for the modules of this crate.
+    pub(crate) fn handle(&self) -> &Handle {
+        &self.handle
+    }
+
     /// The index of interface `name`.
     pub async fn link_index(&self, name: &str) -> Result<u32> {
         let mut links = self

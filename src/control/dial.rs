@@ -40,7 +40,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> ControlIo for T {}
 /// Connect TCP to `host:port`.
 pub async fn connect_tcp(url: &ControlUrl, port: u16) -> Result<TcpStream, ControlError> {
     let target = format!("{}:{port}", url.host_for_dial());
-    let stream = TcpStream::connect(&target)
+    let stream = crate::bypass::tcp_connect_host(&target)
         .await
         .map_err(|e| ControlError::transient(&format!("dial {target}"), e))?;
     let _ = stream.set_nodelay(true);

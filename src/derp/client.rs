@@ -362,7 +362,7 @@ impl DerpClient {
     }
 
     async fn connect_inner(config: &ClientConfig) -> Result<Self, ClientError> {
-        let tcp = TcpStream::connect(config.addr).await?;
+        let tcp = crate::bypass::tcp_connect(config.addr).await?;
         let _ = tcp.set_nodelay(true);
         // Under TLS 1.3 a `derpkey` meta certificate gives the server key up front: fast start.
         let (mut stream, meta_key): (Box<dyn Io>, Option<NodePublic>) = match &config.transport {

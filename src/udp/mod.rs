@@ -41,7 +41,8 @@ fn set_buffer_sizes(socket: &socket2::Socket) {
     }
 }
 
-/// A non-blocking UDP socket bound to `addr` (IPv6 sockets are v6-only) with large buffers.
+/// A non-blocking UDP socket bound to `addr` (IPv6 sockets are v6-only) with large buffers and
+/// the bypass mark (its packets never enter table 52).
 pub fn bind(addr: SocketAddr) -> std::io::Result<UdpSocket> {
     let domain = socket2::Domain::for_address(addr);
     let socket = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
@@ -50,6 +51,7 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<UdpSocket> {
     }
     socket.set_nonblocking(true)?;
     set_buffer_sizes(&socket);
+    crate::bypass::mark(socket2::SockRef::from(&socket));
     socket.bind(&addr.into())?;
     UdpSocket::from_std(socket.into())
 }
