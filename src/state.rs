@@ -58,6 +58,62 @@ pub struct Prefs {
     /// `tern set --relay-server-static-endpoints=ip:port,...`: addresses the relay server offers
     /// besides what it discovers (Go `RelayServerStaticEndpoints`), sorted, no duplicates.
     pub relay_server_static_endpoints: Vec<std::net::SocketAddr>,
+    /// Exit node, subnet routes and firewall preferences.
+    pub net: NetPrefs,
+}
+
+/// Routing preferences: using and offering an exit node, subnet routes, netfilter (Go's
+/// `ExitNodeIP`, `ExitNodeAllowLANAccess`, `AdvertiseRoutes`, `RouteAll`, `NoSNAT`,
+/// `NetfilterMode`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct NetPrefs {
+    /// The exit node in use, as the tailnet IP it had when chosen (`None` = none).
+    pub exit_node: Option<std::net::IpAddr>,
+    /// With an exit node, the LAN stays reachable directly.
+    pub exit_node_allow_lan_access: bool,
+    /// Offer this node as an exit node (advertises 0.0.0.0/0 and ::/0).
+    pub advertise_exit_node: bool,
+    /// Subnets offered to the tailnet (validated: no tailnet ranges, overlaps or hosts).
+    pub advertise_routes: Vec<ipnet::IpNet>,
+    /// Install the subnet routes peers offer (`--accept-routes`; off by default on Linux).
+    pub accept_routes: bool,
+    /// Masquerade traffic forwarded from the tailnet (default on).
+    pub snat_subnet_routes: bool,
+    /// `on`, `nodivert` or `off`.
+    pub netfilter_mode: String,
+}
+
+impl Default for NetPrefs {
+    fn default() -> Self {
+        Self {
+            exit_node: None,
+            exit_node_allow_lan_access: false,
+            advertise_exit_node: false,
+            advertise_routes: Vec::new(),
+            accept_routes: false,
+            snat_subnet_routes: true,
+            netfilter_mode: "on".into(),
+        }
+    }
+}
+
+impl NetPrefs {
+    /// What goes to control as `Hostinfo.RoutableIPs`: the subnets, plus both default routes
+    /// when offering an exit node.
+    pub fn routable_ips(&self) -> Vec<ipnet::IpNet> {
+        let mut ips = self.advertise_routes.clone();
+        if self.advertise_exit_node {
+            ips.push(crate::routing::default_v4());
+            ips.push(crate::routing::default_v6());
+        }
+        ips
+    }
+
+    /// Whether this node forwards traffic for others (and so needs ip_forward).
+    pub fn forwards(&self) -> bool {
+        self.advertise_exit_node || !self.advertise_routes.is_empty()
+    }
 }
 
 /// A 32-byte private key as read from the state directory (clamping is the key type's job).

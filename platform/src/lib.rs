@@ -4,6 +4,7 @@ pub mod error;
 pub mod netlink;
 pub mod policy;
 pub mod router;
+pub mod sysctl;
 pub mod tun;
 
 pub use error::{PlatformError, Result};

@@ -6,6 +6,7 @@ use futures_util::TryStreamExt;
 use ipnet::IpNet;
 use rtnetlink::packet_route::address::AddressAttribute;
 use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol};
+use rtnetlink::packet_route::link::LinkFlags;
 use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
 
@@ -13,6 +14,14 @@ use crate::error::{PlatformError, Result};
 
 /// The main routing table.
 pub const TABLE_MAIN: u32 = 254;
+
+/// One address of the host, with the interface it is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InterfacePrefix {
+    pub index: u32,
+    pub loopback: bool,
+    pub prefix: IpNet,
+}
 
 /// A netlink connection bound to the network namespace of the thread that opened it.
 #[derive(Clone)]
@@ -123,6 +132,46 @@ impl Netlink {
             }
         }
         Ok(())
+    }
+
+    /// Every address on every interface as (interface index, is-loopback, prefix): what
+    /// routing needs to know of the host's own networks.
+    pub async fn interface_prefixes(&self) -> Result<Vec<InterfacePrefix>> {
+        let links: Vec<_> = self
+            .handle
+            .link()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl("link get"))?;
+        let loopback: std::collections::HashSet<u32> = links
+            .iter()
+            .filter(|l| l.header.flags.contains(LinkFlags::Loopback))
+            .map(|l| l.header.index)
+            .collect();
+        let msgs: Vec<_> = self
+            .handle
+            .address()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl("address get"))?;
+        Ok(msgs
+            .iter()
+            .filter_map(|m| {
+                let ip = m.attributes.iter().find_map(|a| match a {
+                    AddressAttribute::Address(ip) => Some(*ip),
+                    _ => None,
+                })?;
+                Some(InterfacePrefix {
+                    index: m.header.index,
+                    loopback: loopback.contains(&m.header.index),
+                    prefix: IpNet::new(ip, m.header.prefix_len).ok()?,
+                })
+            })
+            .collect())
     }
 
     fn route_message(index: u32, dst: IpNet, table: u32) -> Result<RouteMessage> {
