@@ -1,6 +1,7 @@
 //! Linux integration: TUN, policy routing, nftables/iptables, DNS. Filled in by its issues.
 
 pub mod error;
+pub mod netfilter;
 pub mod netlink;
 pub mod policy;
 pub mod router;
