@@ -22,6 +22,8 @@ use crate::report::{NetcheckReport, PingResult};
 use crate::state::{Prefs, StateDir};
 use crate::status::{BackendState, ControlState, DataPlaneStatus, Status};
 
+mod net_prefs;
+
 /// How `tern daemon` was invoked.
 #[derive(Debug, Clone)]
 pub struct DaemonConfig {
@@ -69,8 +71,16 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
     let (cmd_tx, cmd_rx) = mpsc::channel(16);
     let api = tokio::spawn(localapi::serve(listener, status_rx, cmd_tx));
 
+    if config.tun != USERSPACE_NETWORKING {
+        // A killed tern (or tailscaled) may have left rules, routes or chains: away with them
+        // before anything else, as tailscaled does at every start.
+        if let Err(e) = engine::cleanup_host().await {
+            tracing::warn!(error = %e, "cleaning up what a previous run left");
+        }
+    }
     let relay_server_port = prefs.relay_server_port;
     let relay_static = prefs.relay_server_static_endpoints.clone();
+    let net_prefs = prefs.net.clone();
     let mut daemon = Daemon {
         state,
         identity,
@@ -84,6 +94,7 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
         backend_log_id: hex::encode(rand::random::<[u8; 32]>()),
         relay_server_port: watch::channel(relay_server_port).0,
         relay_static_endpoints: watch::channel(relay_static).0,
+        net_prefs: watch::channel(net_prefs).0,
     };
     daemon.start_or_stop();
     let result = daemon.serve(cmd_rx).await;
@@ -112,6 +123,8 @@ struct Daemon {
     relay_server_port: watch::Sender<Option<u16>>,
     /// `prefs.relay_server_static_endpoints`, watched by the engine too.
     relay_static_endpoints: watch::Sender<Vec<std::net::SocketAddr>>,
+    /// `prefs.net` (exit node, routes, netfilter), watched by the engine.
+    net_prefs: watch::Sender<crate::state::NetPrefs>,
 }
 
 impl Daemon {
@@ -204,10 +217,11 @@ impl Daemon {
 
     /// `tern set`: store the changed prefs, then apply them (the engine watches the relay port).
     fn set(&mut self, req: SetRequest) -> Result<(), String> {
-        if !req.relay_server_port_set && !req.relay_server_static_endpoints_set {
+        if !req.relay_server_port_set && !req.relay_server_static_endpoints_set && req.net.is_empty()
+        {
             return Err(
                 "nothing to change: mark a preference as set (relay_server_port_set, \
-                 relay_server_static_endpoints_set)"
+                 relay_server_static_endpoints_set) or give a routing pref in `net`"
                     .into(),
             );
         }
@@ -241,8 +255,12 @@ impl Daemon {
             endpoints.dedup();
             prefs.relay_server_static_endpoints = endpoints;
         }
+        let net = net_prefs::patched(&prefs.net, &req.net, &self.status.borrow())?;
+        prefs.net = net;
         self.state.store_prefs(&prefs).map_err(|e| e.to_string())?;
         self.prefs = prefs;
+        let net = self.prefs.net.clone();
+        self.net_prefs.send_if_modified(|n| std::mem::replace(n, net.clone()) != *n);
         self.relay_server_port
             .send_if_modified(|p| std::mem::replace(p, self.prefs.relay_server_port) != *p);
         let statics = self.prefs.relay_server_static_endpoints.clone();
@@ -312,6 +330,7 @@ impl Daemon {
             hostname: self.prefs.hostname.clone().unwrap_or_else(default_hostname),
             backend_log_id: self.backend_log_id.clone(),
             watchdog: control_client::MAP_WATCHDOG,
+            routable_ips: self.prefs.net.routable_ips(),
         })
     }
 
@@ -370,6 +389,7 @@ impl Daemon {
             relay_server_port: self.relay_server_port.subscribe(),
             relay_static_endpoints: self.relay_static_endpoints.subscribe(),
             node_keys,
+            net_prefs: self.net_prefs.subscribe(),
         };
         let (task, handle) = engine::spawn(config, netmap_rx, local_tx, self.status.clone());
         self.engine = Some(task);

@@ -189,6 +189,30 @@ pub struct SetRequest {
     /// Addresses the relay server offers besides the discovered ones (empty = none).
     pub relay_server_static_endpoints: Vec<std::net::SocketAddr>,
     pub relay_server_static_endpoints_set: bool,
+    /// Exit node, subnet routes, netfilter: each `Some` field changes that pref.
+    pub net: NetPrefsPatch,
+}
+
+/// Changes to the routing prefs (`tern set` / `tern up` flags); `None` = unchanged.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct NetPrefsPatch {
+    /// A peer's name or tailnet IP; `""` stops using an exit node.
+    pub exit_node: Option<String>,
+    pub exit_node_allow_lan_access: Option<bool>,
+    pub advertise_exit_node: Option<bool>,
+    pub advertise_routes: Option<Vec<ipnet::IpNet>>,
+    pub accept_routes: Option<bool>,
+    pub snat_subnet_routes: Option<bool>,
+    /// `on`, `nodivert` or `off`.
+    pub netfilter_mode: Option<String>,
+}
+
+impl NetPrefsPatch {
+    /// Whether it changes nothing.
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 /// Which node a `tern ping` argument names.

@@ -85,4 +85,6 @@ pub struct LocalNetInfo {
     pub os_has_ipv6: Option<bool>,
     /// `"<region>-v4"` → seconds.
     pub derp_latency: std::collections::BTreeMap<String, f64>,
+    /// Routes we offer (`Hostinfo.RoutableIPs`): advertised subnets and exit routes.
+    pub routable_ips: Vec<ipnet::IpNet>,
 }

@@ -38,6 +38,39 @@ pub struct Status {
     /// The URL to visit while control waits for an interactive login (`NeedsLogin`); else `null`.
     #[serde(default)]
     pub auth_url: Option<String>,
+    /// Routes, rules, firewall and the exit node, as the data plane applied them.
+    #[serde(default)]
+    pub routing: RoutingStatus,
+}
+
+/// What the data plane did to the host's routing and firewall.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RoutingStatus {
+    /// The routing table tern's routes are in (52 with policy rules, 254 = main without).
+    pub table: u32,
+    /// Whether the ip rules 5210–5270 are installed.
+    pub policy_rules: bool,
+    /// Routes into the TUN and throw routes installed now.
+    pub routes: Vec<String>,
+    pub throw_routes: Vec<String>,
+    /// `nftables` or `iptables` (`null` with netfilter off or unavailable).
+    pub netfilter_kind: Option<String>,
+    /// `on`, `nodivert` or `off`.
+    pub netfilter_mode: String,
+    /// Why netfilter could not be set up, in words.
+    pub netfilter_error: Option<String>,
+    /// The exit node in use: its name, and whether it is in the netmap now (when it is not,
+    /// traffic stays in the tunnel and is dropped: fail closed).
+    pub exit_node: Option<String>,
+    pub exit_node_ip: Option<String>,
+    pub exit_node_available: bool,
+    /// The routes this node offers (`Hostinfo.RoutableIPs`).
+    pub advertised_routes: Vec<String>,
+    /// What keeps forwarding from working here (ip_forward off, strict rp_filter), as advice.
+    pub forwarding_problems: Vec<String>,
+    /// Netlink route messages sent since the data plane started.
+    pub route_messages: u64,
 }
 
 /// A running peer relay server, as `status --json` shows it (docs/status-json.md).
@@ -222,6 +255,13 @@ pub struct PeerStatus {
     /// `relay-bind-timeout`, `relay-unreachable`); `null` on a direct or relay path.
     #[serde(default)]
     pub relay_reason: Option<String>,
+    /// Control lets this peer serve as an exit node (0.0.0.0/0 and ::/0 approved).
+    #[serde(default)]
+    pub exit_node_option: bool,
+    /// The subnet routes control approved for this peer (installed here only with
+    /// `--accept-routes`).
+    #[serde(default)]
+    pub subnet_routes: Vec<String>,
 }
 
 /// One candidate UDP endpoint of a peer, as disco sees it.
@@ -306,6 +346,7 @@ impl Status {
             netcheck: None,
             relay_server: None,
             auth_url: None,
+            routing: RoutingStatus::default(),
         }
     }
 

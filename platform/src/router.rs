@@ -68,6 +68,11 @@ impl NetlinkRouter {
         self
     }
 
+    /// The interface the routes go through.
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
     /// The table this router writes.
     pub fn table(&self) -> u32 {
         self.table

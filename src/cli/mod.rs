@@ -13,6 +13,7 @@ use clap::{Parser, Subcommand};
 pub mod daemon;
 pub mod derp;
 pub mod lab;
+pub mod net_flags;
 pub mod netcheck;
 pub mod ping;
 pub mod set;

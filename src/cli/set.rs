@@ -18,6 +18,8 @@ pub struct SetArgs {
     /// the router: `ip:port,[v6]:port` (deduplicated and sorted); an empty value clears them.
     #[arg(long, value_name = "IP:PORT,...", value_parser = parse_static_endpoints)]
     pub relay_server_static_endpoints: Option<StaticEndpoints>,
+    #[command(flatten)]
+    pub net: super::net_flags::NetFlags,
 }
 
 /// `--relay-server-static-endpoints`: a sorted list without duplicates (empty = none).
@@ -78,10 +80,14 @@ pub fn parse_relay_port(text: &str) -> Result<RelayPort, String> {
 
 /// `tern set`: at least one flag; each given flag changes that preference only.
 pub fn run(socket: &Path, args: &SetArgs) -> anyhow::Result<ExitCode> {
-    if args.relay_server_port.is_none() && args.relay_server_static_endpoints.is_none() {
+    let net = args.net.patch();
+    if args.relay_server_port.is_none()
+        && args.relay_server_static_endpoints.is_none()
+        && net.is_empty()
+    {
         eprintln!(
-            "tern set: nothing to change; pass a flag, e.g. --relay-server-port=40000 (or \
-             --relay-server-port= to turn the relay server off); see `tern set --help`"
+            "tern set: nothing to change; pass a flag, e.g. --relay-server-port=40000, \
+             --exit-node=NAME or --advertise-routes=10.0.0.0/24; see `tern set --help`"
         );
         return Ok(ExitCode::from(2));
     }
@@ -91,8 +97,10 @@ pub fn run(socket: &Path, args: &SetArgs) -> anyhow::Result<ExitCode> {
         relay_server_port_set: args.relay_server_port.is_some(),
         relay_server_static_endpoints_set: statics.is_some(),
         relay_server_static_endpoints: statics.map(|s| s.0).unwrap_or_default(),
+        net,
     };
     super::runtime()?.block_on(Client::new(socket).set(&req))?;
+    super::net_flags::print_forwarding_advice(&req.net);
     Ok(ExitCode::SUCCESS)
 }
 

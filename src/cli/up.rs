@@ -27,6 +27,8 @@ pub struct UpArgs {
     /// Print the login URL and the final state as JSON lines (`{"AuthURL":…}`).
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub net: super::net_flags::NetFlags,
 }
 
 /// How long `tern up` waits for control's first answer before it leaves the daemon retrying.
@@ -81,8 +83,26 @@ pub fn up(socket: &Path, args: &UpArgs) -> anyhow::Result<ExitCode> {
     super::runtime()?.block_on(async {
         let client = Client::new(socket);
         client.up(&req).await?;
-        wait_for_login(&client, args).await
+        let code = wait_for_login(&client, args).await?;
+        apply_net_flags(&client, args).await?;
+        Ok(code)
     })
+}
+
+/// Routing flags given to `up` apply once the node runs: the exit node is looked up in the
+/// netmap, which exists only then.
+async fn apply_net_flags(client: &Client, args: &UpArgs) -> anyhow::Result<()> {
+    let net = args.net.patch();
+    if net.is_empty() {
+        return Ok(());
+    }
+    let req = crate::localapi::SetRequest {
+        net,
+        ..Default::default()
+    };
+    client.set(&req).await?;
+    super::net_flags::print_forwarding_advice(&req.net);
+    Ok(())
 }
 
 /// Waits for control's first answer; when it is a login URL, shows it and waits (up to

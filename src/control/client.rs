@@ -37,6 +37,8 @@ pub struct ControlConfig {
     /// Give up on register or the map poll after this long without an answer or a message
     /// ([`MAP_WATCHDOG`] outside tests).
     pub watchdog: Duration,
+    /// `Hostinfo.RoutableIPs` at the start (later changes come with [`LocalNetInfo`]).
+    pub routable_ips: Vec<ipnet::IpNet>,
 }
 
 /// The data plane's side of the control session: every netmap goes out on `netmap`, and what
@@ -642,6 +644,11 @@ mod connection {
     /// Hostinfo with `NetInfo` from the data plane (none while nothing is known: home 0 and
     /// no measurement).
     pub(super) fn with_net_info(mut hostinfo: Hostinfo, local: &LocalNetInfo) -> Hostinfo {
+        if !local.routable_ips.is_empty() || local.home_derp != 0 || local.working_udp.is_some()
+        {
+            // The engine knows the prefs' routes once it runs; before that the config's stand.
+            hostinfo.routable_ips = local.routable_ips.clone();
+        }
         if local.home_derp == 0 && local.working_udp.is_none() {
             return hostinfo;
         }
@@ -768,6 +775,7 @@ mod connection {
                 .unwrap_or_default(),
             package: "tern".into(),
             hostname: config.hostname.clone(),
+            routable_ips: config.routable_ips.clone(),
             go_arch: std::env::consts::ARCH.into(),
             ..Default::default()
         }
@@ -876,6 +884,10 @@ fn peer_status(node: &Node) -> PeerStatus {
         expired: node.key_expired(SystemTime::now()),
         home_derp: region(node.effective_home_derp()),
         endpoints: node.endpoints.iter().map(|e| e.to_string()).collect(),
+        exit_node_option: crate::routing::offers_exit_node(node),
+        subnet_routes: crate::routing::subnet_routes(node)
+            .map(ToString::to_string)
+            .collect(),
         // Filled by the data plane.
         ..Default::default()
     }
@@ -1126,6 +1138,7 @@ mod tests {
             hostname: "n1".into(),
             backend_log_id: "ab".repeat(32),
             watchdog: MAP_WATCHDOG,
+            routable_ips: Vec::new(),
         };
         let unknown = LocalNetInfo::default();
         let hi = connection::with_net_info(connection::hostinfo(&config), &unknown);
@@ -1155,6 +1168,7 @@ mod tests {
             hostname: "n1".into(),
             backend_log_id: "ab".repeat(32),
             watchdog: MAP_WATCHDOG,
+            routable_ips: Vec::new(),
         };
         let hi = connection::hostinfo(&config);
         let local = LocalNetInfo {
@@ -1255,6 +1269,7 @@ mod tests {
                 hostname: "n1".into(),
                 backend_log_id: "ab".repeat(32),
                 watchdog: Duration::from_millis(500),
+            routable_ips: Vec::new(),
             };
             let (tx, _rx) = watch::channel(status());
             let mut session = Session::new(config.url.clone());

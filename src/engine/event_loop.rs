@@ -64,6 +64,10 @@ impl Engine {
         let mut relay_port_open = true;
         let mut relay_static = self.relay_static.clone();
         let mut relay_static_open = true;
+        let mut net_prefs = self.net_prefs.clone();
+        let mut net_prefs_open = true;
+        let mut maintain_tick = tokio::time::interval(super::linux_net::MAINTAIN_EVERY);
+        maintain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let deadline = self.next_deadline();
             let sleep_until = deadline
@@ -134,6 +138,16 @@ impl Engine {
                         relay_static_open = false;
                     }
                 }
+                changed = net_prefs.changed(), if net_prefs_open => {
+                    if changed.is_ok() {
+                        net_prefs.borrow_and_update();
+                        self.on_net_prefs().await;
+                        self.publish(status);
+                    } else {
+                        net_prefs_open = false;
+                    }
+                }
+                _ = maintain_tick.tick() => self.maintain_host().await,
                 _ = status_tick.tick() => {
                     self.publish(status);
                     self.close_idle_derp(Instant::now());

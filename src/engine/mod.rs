@@ -19,14 +19,17 @@
 //! `publish` (status).
 
 pub mod api;
+pub use linux_net::cleanup_host;
 mod derp;
 mod event_loop;
+mod linux_net;
 mod netcheck;
 mod peers;
 mod publish;
 mod relay_client;
 mod relay_host;
 mod requests;
+mod routing;
 mod sockets;
 mod wireguard;
 
@@ -57,7 +60,6 @@ use netcheck::{netcheck_task, STUN_QUEUE};
 use peers::PeerInfo;
 use requests::PendingPing;
 use sockets::UdpSockets;
-use tern_platform::router::{default_routes, NetlinkRouter, Router};
 use tern_platform::tun::{LinuxTun, Tun, TunConfig, DEFAULT_MTU};
 
 /// Largest packet handled: the TUN MTU leaves room, DERP caps packets at 64 KiB.
@@ -79,6 +81,8 @@ pub struct EngineConfig {
     /// The node key as the control client renews it (a new key restarts every WireGuard
     /// session and DERP connection).
     pub node_keys: tokio::sync::watch::Receiver<NodePrivate>,
+    /// Exit node, subnet routes and netfilter prefs; changes apply live.
+    pub net_prefs: tokio::sync::watch::Receiver<crate::state::NetPrefs>,
 }
 
 /// Errors that stop the engine.
@@ -162,12 +166,8 @@ async fn run(
     })
     .await?;
     let ipv6 = ipv6_enabled();
-    let routes: Vec<IpNet> = default_routes()
-        .into_iter()
-        .filter(|r| ipv6 || r.addr().is_ipv4())
-        .collect();
-    let mut router = NetlinkRouter::new(tun.netlink().clone(), tun.index());
-    router.set_routes(&routes).await?;
+    let mut linux = linux_net::LinuxNet::start(&tun, ipv6).await;
+    linux.refresh_local_prefixes().await;
     let sockets = UdpSockets::bind(config.port)?;
     tracing::info!(tun = tun.name(), port = config.port, "data plane up");
 
@@ -188,6 +188,7 @@ async fn run(
         report_tx,
     )));
     let mut engine = Engine::new(&config, inbound_tx, local, regions_tx);
+    engine.linux = Some(linux);
     engine.stun_tx = Some(stun_tx);
     engine.netcheck_trigger = trigger;
     engine.udp_port = sockets
@@ -213,6 +214,9 @@ async fn run(
         )
         .await;
     drop(netcheck);
+    if let Some(mut linux) = engine.linux.take() {
+        linux.close().await;
+    }
     served
 }
 
@@ -301,6 +305,12 @@ struct Engine {
     /// Each peer's first tailnet address (Go `nodeHasCap` checks capabilities between first
     /// addresses).
     first_ip: HashMap<NodePublic, IpAddr>,
+    /// Rules, table 52 and netfilter on the host (`None` until the TUN exists).
+    linux: Option<linux_net::LinuxNet>,
+    /// Exit node, subnet route and netfilter prefs as the daemon publishes them.
+    net_prefs: watch::Receiver<crate::state::NetPrefs>,
+    /// Destinations this node serves (packet filter "local" networks).
+    served: Vec<IpNet>,
     /// The netmap last applied, kept to drop peers whose keys expire before the next one.
     netmap: Option<Arc<NetworkMap>>,
     /// When the next peer key expires (the peers are synced again then).
@@ -360,6 +370,9 @@ impl Engine {
                 node_key,
             ),
             first_ip: HashMap::new(),
+            linux: None,
+            net_prefs: config.net_prefs.clone(),
+            served: Vec::new(),
             netmap: None,
             next_key_expiry: None,
         }

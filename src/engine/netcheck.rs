@@ -97,6 +97,7 @@ impl Engine {
             working_ipv6: Some(report.stun.global_v6.is_some()),
             os_has_ipv6: Some(self.ipv6),
             derp_latency: derp_latency_seconds(&report.latency),
+            routable_ips: self.net_prefs.borrow().routable_ips(),
         };
         self.local_tx.send_if_modified(|old| {
             let changed = *old != info;

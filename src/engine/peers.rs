@@ -65,13 +65,9 @@ impl Engine {
             tun.set_addresses(&local).await?;
             self.local = local;
         }
-        match Filter::from_rules(&map.packet_filter(), &self.local) {
-            Ok(f) => self.filter = Some(f),
-            Err(e) => {
-                tracing::warn!(error = %e, "bad packet filter from control; keeping the old one")
-            }
-        }
         self.sync_peers(map);
+        self.apply_host_routing(map).await;
+        self.recompile_filter(map);
         self.update_relay_candidates(map);
         if let Some(derp_map) = &map.derp_map {
             self.set_derp_map(derp_map);
@@ -80,8 +76,25 @@ impl Engine {
         Ok(())
     }
 
+    /// The inbound filter for `map`; destinations are the networks this node serves (its
+    /// addresses, advertised subnets, the internet as an exit node).
+    pub(super) fn recompile_filter(&mut self, map: &NetworkMap) {
+        let served = if self.served.is_empty() {
+            &self.local
+        } else {
+            &self.served
+        };
+        match Filter::from_rules(&map.packet_filter(), served) {
+            Ok(f) => self.filter = Some(f),
+            Err(e) => {
+                tracing::warn!(error = %e, "bad packet filter from control; keeping the old one")
+            }
+        }
+    }
+
     pub(super) fn sync_peers(&mut self, map: &NetworkMap) {
         let wall = SystemTime::now();
+        let routing = self.routing_prefs(map, &self.net_prefs.borrow().clone());
         self.next_key_expiry = next_key_expiry(map, wall, Instant::now());
         // Peers whose node keys expired are not used (Go leaves them out of WireGuard).
         let live: Vec<&Node> = map
@@ -118,7 +131,12 @@ impl Engine {
                 udp_working: node.hostinfo.net_info.as_ref().and_then(|n| n.working_udp),
                 relay_capable: node.cap >= crate::relay::MIN_RELAY_CAP_VERSION,
             });
-            match self.peers.upsert(node.key, node.effective_allowed_ips()) {
+            let allowed = crate::routing::wg_allowed_ips(
+                node,
+                routing.exit_node == Some(node.key),
+                routing.accept_routes,
+            );
+            match self.peers.upsert(node.key, &allowed) {
                 Ok(id) => {
                     seen.insert(id);
                     let info = PeerInfo {

@@ -63,7 +63,10 @@ impl Engine {
             let relay = self.relay.as_ref().map(|r| relay_status(r, &s.peers));
             let relay_changed = s.relay_server != relay;
             s.relay_server = relay;
-            s.peers != before || drops_changed || relay_changed
+            let routing = self.routing_status();
+            let routing_changed = s.routing != routing;
+            s.routing = routing;
+            s.peers != before || drops_changed || relay_changed || routing_changed
         });
     }
 
