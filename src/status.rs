@@ -414,7 +414,13 @@ pub fn render_human(status: &Status, now: SystemTime) -> String {
         (_, Some(me)) => {
             let mut rows = vec![self_row(me)];
             let active = status.data_plane.active;
-            rows.extend(status.peers.iter().map(|p| peer_row(p, active, now)));
+            let exit_ip = status.routing.exit_node_ip.as_deref();
+            rows.extend(
+                status
+                    .peers
+                    .iter()
+                    .map(|p| peer_row(p, active, now, exit_ip)),
+            );
             out.push_str(&format_rows(&rows));
         }
     }
@@ -429,8 +435,40 @@ pub fn render_human(status: &Status, now: SystemTime) -> String {
             .unwrap_or("data plane is not running");
         let _ = writeln!(out, "# Health: no packets flow yet: {note}");
     }
+    out.push_str(&render_routing(&status.routing));
     if let Some(relay) = &status.relay_server {
         out.push_str(&render_relay_server(relay));
+    }
+    out
+}
+
+/// The exit node in use, the routes offered and what keeps forwarding from working.
+fn render_routing(routing: &RoutingStatus) -> String {
+    let mut out = String::new();
+    if let Some(name) = &routing.exit_node {
+        let ip = routing.exit_node_ip.as_deref().unwrap_or("-");
+        if routing.exit_node_available {
+            let _ = writeln!(out, "# Exit node: {name} ({ip}): all traffic goes through it");
+        } else {
+            let _ = writeln!(
+                out,
+                "# Exit node {name} ({ip}) is not available: traffic to the internet is dropped \
+                 until it is back (fail closed) or `tern set --exit-node=`"
+            );
+        }
+    }
+    if !routing.advertised_routes.is_empty() {
+        let _ = writeln!(
+            out,
+            "# Offering: {} (control must approve)",
+            routing.advertised_routes.join(", ")
+        );
+    }
+    for problem in &routing.forwarding_problems {
+        let _ = writeln!(out, "# Health: {problem}");
+    }
+    if let Some(e) = &routing.netfilter_error {
+        let _ = writeln!(out, "# Health: firewall rules not installed: {e}");
     }
     out
 }
@@ -519,7 +557,12 @@ fn self_row(me: &SelfStatus) -> [String; 4] {
     ]
 }
 
-fn peer_row(peer: &PeerStatus, data_plane_active: bool, now: SystemTime) -> [String; 4] {
+fn peer_row(
+    peer: &PeerStatus,
+    data_plane_active: bool,
+    now: SystemTime,
+    exit_ip: Option<&str>,
+) -> [String; 4] {
     let state = match peer.online {
         _ if peer.expired => "expired".to_string(),
         Some(true) => "online".to_string(),
@@ -534,6 +577,13 @@ fn peer_row(peer: &PeerStatus, data_plane_active: bool, now: SystemTime) -> [Str
         // With a running data plane, say plainly that this peer has no path.
         None if data_plane_active => format!("{state}; -"),
         None => state,
+    };
+    let state = if exit_ip.is_some_and(|ip| peer.tailnet_ips.iter().any(|p| p == ip)) {
+        format!("{state}; exit node")
+    } else if peer.exit_node_option {
+        format!("{state}; offers exit node")
+    } else {
+        state
     };
     [
         first_ip(&peer.tailnet_ips),

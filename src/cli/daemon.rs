@@ -21,11 +21,24 @@ pub struct DaemonArgs {
     /// Also let this user (name or uid) use the LocalAPI socket (otherwise root only).
     #[arg(long)]
     pub operator: Option<String>,
+    /// Remove what a previous run left (ip rules, table 52 throw routes, netfilter chains and
+    /// jumps, also a Go tailscaled's) and exit; for the systemd unit's ExecStopPost.
+    #[arg(long)]
+    pub cleanup: bool,
 }
 
 /// `tern daemon`.
 pub fn run(socket: &Path, args: &DaemonArgs) -> anyhow::Result<ExitCode> {
     init_logging();
+    if args.cleanup {
+        return match super::runtime()?.block_on(crate::engine::cleanup_host()) {
+            Ok(()) => Ok(ExitCode::SUCCESS),
+            Err(e) => {
+                eprintln!("tern daemon --cleanup: {e}");
+                Ok(ExitCode::FAILURE)
+            }
+        };
+    }
     crate::rlimit::raise_nofile_logged();
     let config = DaemonConfig {
         state_dir: args.state_dir.clone(),

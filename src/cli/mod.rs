@@ -1,7 +1,7 @@
 //! The `tern` command line: one clap tree, dispatched to one file per verb.
 //!
 //! Each verb's file holds its clap arguments and its handler; nothing below the CLI imports
-//! from here. Verbs that have not landed yet (`metrics`; `exit-node` later) answer with
+//! from here. Verbs that have not landed yet (`metrics`) answer with
 //! [`not_implemented`].
 
 use std::path::PathBuf;
@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 
 pub mod daemon;
 pub mod derp;
+pub mod exit_node;
 pub mod lab;
 pub mod net_flags;
 pub mod netcheck;
@@ -23,6 +24,7 @@ pub mod up;
 
 use daemon::DaemonArgs;
 use derp::DerpArgs;
+use exit_node::ExitNodeArgs;
 use lab::LabArgs;
 use netcheck::NetcheckArgs;
 use ping::PingArgs;
@@ -72,6 +74,9 @@ pub enum Command {
     Netcheck(NetcheckArgs),
     /// Change preferences without a full `up`.
     Set(SetArgs),
+    /// Exit nodes: `tern exit-node list`.
+    #[command(name = "exit-node")]
+    ExitNode(ExitNodeArgs),
     /// Show this node's tailnet addresses.
     Ip(IpArgs),
     /// Print the daemon's metrics (Prometheus text format).
@@ -110,6 +115,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Ping(args) => ping::run(socket, args),
         Command::Netcheck(args) => netcheck::run(socket, args),
         Command::Set(args) => set::run(socket, args),
+        Command::ExitNode(args) => exit_node::run(socket, args),
         Command::Metrics => Ok(not_implemented("metrics")),
         Command::Top(args) => top::run(socket, args),
         Command::Derp(args) => derp::run(socket, args),
