@@ -95,10 +95,15 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
         relay_server_port: watch::channel(relay_server_port).0,
         relay_static_endpoints: watch::channel(relay_static).0,
         net_prefs: watch::channel(net_prefs).0,
+        stopping_engine: None,
     };
     daemon.start_or_stop();
     let result = daemon.serve(cmd_rx).await;
     daemon.stop_control();
+    // The engine undoes its rules, routes and chains as it goes; wait for that before exit.
+    if let Some(engine) = daemon.stopping_engine.take() {
+        let _ = tokio::time::timeout(Duration::from_secs(10), engine).await;
+    }
     api.abort();
     let _ = std::fs::remove_file(&config.socket);
     tracing::info!("tern daemon stopped");
@@ -123,6 +128,8 @@ struct Daemon {
     relay_server_port: watch::Sender<Option<u16>>,
     /// `prefs.relay_server_static_endpoints`, watched by the engine too.
     relay_static_endpoints: watch::Sender<Vec<std::net::SocketAddr>>,
+    /// An aborted engine until it is gone (the next one waits for it).
+    stopping_engine: Option<JoinHandle<()>>,
     /// `prefs.net` (exit node, routes, netfilter), watched by the engine.
     net_prefs: watch::Sender<crate::state::NetPrefs>,
 }
@@ -391,7 +398,14 @@ impl Daemon {
             node_keys,
             net_prefs: self.net_prefs.subscribe(),
         };
-        let (task, handle) = engine::spawn(config, netmap_rx, local_tx, self.status.clone());
+        let previous = self.stopping_engine.take();
+        let (task, handle) = engine::spawn(
+            config,
+            netmap_rx,
+            local_tx,
+            self.status.clone(),
+            previous,
+        );
         self.engine = Some(task);
         self.engine_handle = Some(handle);
         Some(EngineLink {
@@ -409,6 +423,7 @@ impl Daemon {
         self.engine_handle = None;
         if let Some(task) = self.engine.take() {
             task.abort();
+            self.stopping_engine = Some(task);
             self.status.send_modify(|s| {
                 s.data_plane.active = false;
                 s.data_plane.note = Some("stopped".into());

@@ -303,6 +303,12 @@ mod tests {
             want_running: true,
             relay_server_port: Some(40000),
             relay_server_static_endpoints: vec!["203.0.113.7:40000".parse().unwrap()],
+            net: NetPrefs {
+                exit_node: Some("100.64.0.2".parse().unwrap()),
+                advertise_routes: vec!["10.2.9.0/24".parse().unwrap()],
+                netfilter_mode: "nodivert".into(),
+                ..NetPrefs::default()
+            },
         };
         state.store_prefs(&prefs).unwrap();
         assert_eq!(

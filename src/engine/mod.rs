@@ -123,14 +123,20 @@ pub struct DropCounters {
 /// Starts the engine: it waits for the first netmap, then brings the TUN up and runs until
 /// aborted. `local` receives what control must know of us (home region, endpoints, NetInfo).
 /// The [`api::EngineHandle`] asks the running engine for pings and netchecks.
+/// `previous` is an engine being stopped: this one starts once it is gone (its host routing
+/// undone), so the two never touch the rules at the same time.
 pub fn spawn(
     config: EngineConfig,
     netmaps: watch::Receiver<Option<Arc<NetworkMap>>>,
     local: watch::Sender<LocalNetInfo>,
     status: watch::Sender<Status>,
+    previous: Option<JoinHandle<()>>,
 ) -> (JoinHandle<()>, api::EngineHandle) {
     let (tx, requests) = mpsc::channel(api::REQUEST_QUEUE);
     let task = tokio::spawn(async move {
+        if let Some(previous) = previous {
+            let _ = previous.await;
+        }
         let note = match run(config, netmaps, local, requests, &status).await {
             Ok(()) => "stopped: the control session ended".to_string(),
             Err(e) => {
