@@ -76,8 +76,6 @@ fn full_map_has_what_a_go_client_needs_to_run() {
     assert!(v.get("TKAInfo").is_none());
 }
 
-use serde_json::Value;
-
 #[test]
 fn deltas_follow_the_change() {
     let dir = tempfile::tempdir().unwrap();
