@@ -10,6 +10,7 @@ pub mod process;
 pub mod state;
 pub mod topology;
 pub mod wan;
+pub mod whoami;
 
 pub use caddy::{CaddyConfig, CaddyNode};
 pub use error::{LabError, Result};
@@ -17,3 +18,4 @@ pub use nat::NatMode;
 pub use netns::Netns;
 pub use process::Process;
 pub use topology::Topology;
+pub use whoami::{spawn_whoami, WhoamiServer};

@@ -20,6 +20,7 @@
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{LabError, Result};
@@ -33,6 +34,13 @@ pub const RELAY_IPS: [Ipv4Addr; 2] = [Ipv4Addr::new(198, 18, 0, 10), Ipv4Addr::n
 /// The server host's two public addresses.
 pub const SERVER_IPS: [Ipv4Addr; 2] =
     [Ipv4Addr::new(198, 18, 0, 20), Ipv4Addr::new(198, 18, 0, 21)];
+/// The internet host `inet`: a public host standing for "somewhere on the internet", e.g. the
+/// destination an exit node's traffic should reach (run a whoami server there).
+pub const INTERNET_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 30);
+/// Name of the internet host.
+pub const INTERNET_HOST: &str = "inet";
+/// Interface of a client `cN` towards its site LAN.
+pub const SITE_LAN_IF: &str = "lan0";
 /// A private (RFC 1918) address on the server host for coordination servers: tsnet never races
 /// TLS to :443 for a private control IP.
 pub const CONTROL_IP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 20);
@@ -52,6 +60,26 @@ pub fn v6_of(v4: Ipv4Addr) -> Option<Ipv6Addr> {
     };
     text.parse().ok()
 }
+/// The LAN behind client `cN` ([`Topology::add_site_lan`]): `10.N.9.0/24`.
+pub fn site_lan_net(index: u8) -> Ipv4Net {
+    Ipv4Net::new_assert(Ipv4Addr::new(10, index, 9, 0), 24)
+}
+
+/// `cN`'s address on its site LAN, `10.N.9.1`: the LAN host's gateway.
+pub fn site_lan_gateway(index: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, index, 9, 1)
+}
+
+/// The host on the LAN behind `cN` (namespace `lanN`), `10.N.9.2`.
+pub fn site_lan_host(index: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, index, 9, 2)
+}
+
+/// Name of the host on the LAN behind `cN`: `lanN`.
+pub fn site_lan_name(index: u8) -> String {
+    format!("lan{index}")
+}
+
 /// Name of the router node.
 pub const ROUTER: &str = "rtr";
 /// Name of the bridge in the router.
@@ -71,6 +99,9 @@ pub enum NodeKind {
     Client,
     /// A host on the public segment.
     Public,
+    /// A host on the LAN behind a client (reached only through that client, e.g. as a subnet
+    /// router).
+    Lan,
 }
 
 /// One namespace of a topology.
@@ -345,6 +376,56 @@ impl Topology {
         batch += &self.v6_route(PUBLIC_NET6, RTR_PUBLIC_IP);
         self.ns(name)?.ip_batch(&batch)?;
         self.set_gateway(name, RTR_PUBLIC_IP)
+    }
+
+    /// Add the internet host `inet` at [`INTERNET_IP`]: a public host like the others, meant for
+    /// servers that stand for the internet (see [`crate::whoami`]).
+    pub fn add_internet_host(&mut self) -> Result<()> {
+        self.add_public_host(INTERNET_HOST, &[INTERNET_IP])
+    }
+
+    /// Add a LAN behind client `cN`: host `lanN` ([`site_lan_host`], `10.N.9.2/24` on `eth0`,
+    /// default route via `cN`) linked to `cN` (`10.N.9.1/24` on `lan0`). No other node routes
+    /// [`site_lan_net`], so only the tailnet (with `cN` as subnet router) can reach it.
+    /// IP forwarding in `cN` is left off: making `cN` a router is the test's (or tern's) job.
+    pub fn add_site_lan(&mut self, index: u8) -> Result<()> {
+        let client = self
+            .sites
+            .iter()
+            .find(|s| s.index == index)
+            .map(|s| s.client.clone())
+            .ok_or_else(|| {
+                LabError::Invalid(format!(
+                    "no client site {index}: add it (add_nat_site) before its LAN"
+                ))
+            })?;
+        let (lan, host, gateway) = (
+            site_lan_name(index),
+            site_lan_host(index),
+            site_lan_gateway(index),
+        );
+        self.create_nodes(&[(&lan, NodeKind::Lan, vec![host])])?;
+        run_with_stdin(
+            std::process::Command::new("ip").args(["-batch", "-"]),
+            &format!(
+                "link add {SITE_LAN_IF} netns {} type veth peer name {HOST_IF} netns {}
+",
+                self.netns_name(&client),
+                self.netns_name(&lan)
+            ),
+        )?;
+        self.ns(&client)?.ip_batch(&format!(
+            "addr add {gateway}/24 dev {SITE_LAN_IF}
+link set {SITE_LAN_IF} up
+"
+        ))?;
+        // No lab gateway for the LAN host (set_gateway): lab-wide routes would bypass cN.
+        self.ns(&lan)?.ip_batch(&format!(
+            "addr add {host}/24 dev {HOST_IF}
+link set {HOST_IF} up
+route add default via {gateway}
+"
+        ))
     }
 
     /// Give a public host an extra private address reachable from the whole lab (the router

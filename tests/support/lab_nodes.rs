@@ -279,3 +279,9 @@ pub fn ping_once(ns: &Netns, ip: &str) -> bool {
     ns.exec_unchecked(&["ping", "-c", "1", "-W", "2", ip])
         .is_ok_and(|o| o.status.success())
 }
+
+/// Asks the whoami server at `http://ip:port/` from inside `ns`; the address it saw us at.
+pub fn whoami(ns: &Netns, ip: &str, port: u16) -> Option<String> {
+    let body = curl(ns, "GET", &format!("http://{ip}:{port}/"))?;
+    Some(String::from_utf8_lossy(&body).trim().to_string())
+}

@@ -62,6 +62,23 @@ pub struct Config {
     /// Capability grants (delivered as `CapGrant` rules).
     #[serde(default, rename = "grant")]
     pub grants: Vec<GrantConfig>,
+    /// Approve every route a node advertises (subnet routes and exit node).
+    #[serde(default)]
+    pub auto_approve_routes: bool,
+    /// Routes approved for particular nodes (by hostname), when not auto-approving.
+    #[serde(default)]
+    pub approved_routes: Vec<ApprovedRoutesConfig>,
+}
+
+/// Routes a node may offer once it advertises them (`Hostinfo.RoutableIPs`).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ApprovedRoutesConfig {
+    /// The node's hostname (as in its Hostinfo).
+    pub node: String,
+    /// Masked CIDRs, e.g. `10.2.9.0/24`; `0.0.0.0/0` and `::/0` together make an exit node.
+    /// Text, so that [`Config::validate`] can say what is wrong with a bad one.
+    pub routes: Vec<String>,
 }
 
 /// HTTPS for the lab control server: where to listen and the certificate to present.
@@ -262,6 +279,11 @@ impl Config {
             validate_filter(rule)
                 .map_err(|msg| ControlError::Config(format!("filter #{}: {msg}", i + 1)))?;
         }
+        for (i, approved) in self.approved_routes.iter().enumerate() {
+            validate_approved_routes(approved).map_err(|msg| {
+                ControlError::Config(format!("approved_routes #{}: {msg}", i + 1))
+            })?;
+        }
         for (i, grant) in self.grants.iter().enumerate() {
             if grant.src.is_empty() || grant.dst.is_empty() || grant.caps.is_empty() {
                 return bad(format!(
@@ -334,6 +356,16 @@ impl Config {
         Ok(())
     }
 
+    /// Whether `route` is approved for the node with this hostname (by `auto_approve_routes` or
+    /// an `[[approved_routes]]` entry). Whether the node advertises it is not checked here.
+    pub fn route_approved(&self, hostname: &str, route: &IpNet) -> bool {
+        self.auto_approve_routes
+            || self
+                .approved_routes
+                .iter()
+                .any(|a| a.node == hostname && a.routes.iter().any(|r| r.parse() == Ok(*route)))
+    }
+
     /// The configured key with this text, if any.
     pub fn auth_key(&self, text: &str) -> Option<&AuthKeyConfig> {
         self.auth_keys.iter().find(|k| k.key == text)
@@ -370,6 +402,70 @@ fn validate_derp_node(node: &DerpNodeConfig) -> Result<(), String> {
     }
     Ok(())
 }
+
+fn validate_approved_routes(approved: &ApprovedRoutesConfig) -> Result<(), String> {
+    if approved.node.trim().is_empty() {
+        return Err("node is empty: set it to the node's hostname".into());
+    }
+    if approved.routes.is_empty() {
+        return Err(format!(
+            "node {:?}: routes is empty: list CIDRs such as \"10.2.9.0/24\"",
+            approved.node
+        ));
+    }
+    for text in &approved.routes {
+        let route = text.parse::<IpNet>().map_err(|_| {
+            format!(
+                "node {:?}: route {text:?} is not a CIDR: write e.g. \"10.2.9.0/24\" or \"fd00:9::/64\"",
+                approved.node
+            )
+        })?;
+        validate_route(&route)
+            .map_err(|e| format!("node {:?}: route {text}: {e}", approved.node))?;
+    }
+    let has = |exit: &str| {
+        approved
+            .routes
+            .iter()
+            .any(|r| r.parse::<IpNet>().ok() == exit.parse().ok())
+    };
+    if has("0.0.0.0/0") != has("::/0") {
+        return Err(format!(
+            "node {:?}: an exit node needs both \"0.0.0.0/0\" and \"::/0\": list both or neither",
+            approved.node
+        ));
+    }
+    Ok(())
+}
+
+/// Checks one route: masked, and not inside the tailnet's own address ranges.
+pub fn validate_route(route: &IpNet) -> Result<(), String> {
+    if route.trunc() != *route {
+        return Err(format!(
+            "CIDR has host bits set; write {} instead",
+            route.trunc()
+        ));
+    }
+    if is_tailnet_range(route) {
+        return Err(
+            "routes inside the tailnet ranges 100.64.0.0/10 and fd7a:115c:a1e0::/48 are refused"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
+/// Whether a prefix lies inside 100.64.0.0/10 or fd7a:115c:a1e0::/48 (tailnet addresses).
+pub fn is_tailnet_range(route: &IpNet) -> bool {
+    TAILNET_RANGES.iter().any(|range| {
+        range
+            .parse::<IpNet>()
+            .is_ok_and(|range| range.contains(route))
+    })
+}
+
+/// The prefixes tailnet addresses come from; a route inside them would shadow nodes.
+const TAILNET_RANGES: [&str; 2] = ["100.64.0.0/10", "fd7a:115c:a1e0::/48"];
 
 fn validate_filter(rule: &FilterConfig) -> Result<(), String> {
     if rule.src.is_empty() || rule.dst.is_empty() {
@@ -540,6 +636,84 @@ ipv4 = "10.0.0.1"
     fn duplicate_keys_and_regions_are_refused() {
         let text = format!("{}\n[[auth_key]]\nkey = \"k1\"\n", minimal());
         assert!(config_error(&text).contains("twice"));
+    }
+
+    #[test]
+    fn route_approval_defaults_to_off() {
+        let config = Config::parse(&minimal()).unwrap();
+        assert!(!config.auto_approve_routes);
+        assert!(config.approved_routes.is_empty());
+        let net: IpNet = "10.2.9.0/24".parse().unwrap();
+        assert!(!config.route_approved("c2", &net));
+    }
+
+    #[test]
+    fn approved_routes_parse_and_approve_per_hostname() {
+        let text = format!(
+            "{}
+[[approved_routes]]
+node = \"c2\"
+routes = [\"10.2.9.0/24\", \"0.0.0.0/0\", \"::/0\"]
+",
+            minimal()
+        );
+        let config = Config::parse(&text).unwrap();
+        let net: IpNet = "10.2.9.0/24".parse().unwrap();
+        assert!(config.route_approved("c2", &net));
+        assert!(!config.route_approved("c3", &net));
+        assert!(config.route_approved("c2", &"::/0".parse().unwrap()));
+        let auto = Config::parse(&format!("auto_approve_routes = true\n{}", minimal())).unwrap();
+        assert!(auto.route_approved("anyone", &net));
+    }
+
+    fn approved_error(routes: &str) -> String {
+        config_error(&format!(
+            "{}\n[[approved_routes]]\nnode = \"c2\"\nroutes = [{routes}]\n",
+            minimal()
+        ))
+    }
+
+    #[test]
+    fn unmasked_route_names_the_fix() {
+        let msg = approved_error("\"10.2.9.1/24\"");
+        assert!(msg.contains("write 10.2.9.0/24 instead"), "{msg}");
+        assert!(msg.contains("approved_routes #1"), "{msg}");
+    }
+
+    #[test]
+    fn tailnet_ranges_are_refused_as_routes() {
+        for route in ["100.64.0.0/10", "100.100.0.0/16", "fd7a:115c:a1e0::/64"] {
+            let msg = approved_error(&format!("\"{route}\""));
+            assert!(msg.contains("tailnet ranges"), "{route}: {msg}");
+        }
+        // Wider than the tailnet ranges is not inside them.
+        assert!(validate_route(&"100.0.0.0/8".parse().unwrap()).is_ok());
+    }
+
+    #[test]
+    fn half_an_exit_node_is_refused() {
+        let msg = approved_error("\"0.0.0.0/0\"");
+        assert!(msg.contains("both \"0.0.0.0/0\" and \"::/0\""), "{msg}");
+        assert!(approved_error("").contains("routes is empty"));
+        let msg = approved_error("\"10.2.9.0/33\"");
+        assert!(
+            msg.contains("approved_routes #1") && msg.contains("not a CIDR"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn filter_may_name_a_subnet_outside_the_tailnet() {
+        let text = format!(
+            "{}\n[[filter]]\nsrc = [\"*\"]\ndst = [\"10.2.9.0/24:80\"]\n",
+            minimal()
+        );
+        let config = Config::parse(&text).unwrap();
+        assert_eq!(config.filters[0].dst, vec!["10.2.9.0/24:80"]);
+        assert_eq!(
+            parse_dst("10.2.9.0/24:80").unwrap(),
+            ("10.2.9.0/24".into(), 80, 80)
+        );
     }
 
     #[test]

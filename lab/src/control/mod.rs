@@ -13,9 +13,10 @@ mod policy;
 
 use std::path::PathBuf;
 
-pub use config::{Config, CAP_RELAY, CAP_RELAY_TARGET};
+pub use config::{ApprovedRoutesConfig, Config, CAP_RELAY, CAP_RELAY_TARGET};
 pub use db::{NodeDb, NodeRecord};
 pub use policy::login::LoginRequest;
+pub use policy::routes::{advertised_routes, primary_routes};
 pub use policy::{
     CapGrantRule, DstPortRange, FilterRule, NodeChanges, NodeUpdate, RegisterInput,
     RegisterOutcome, Tailnet, LAB_USER_ID,

@@ -2,7 +2,9 @@
 
 use std::net::{IpAddr, SocketAddr};
 
+use ipnet::IpNet;
 use serde_json::Value;
+use tracing::info;
 
 use super::addr;
 use super::config::{parse_dst, Config, GrantConfig, CAP_RELAY, CAP_RELAY_TARGET};
@@ -75,6 +77,8 @@ pub struct NodeChanges {
     pub node_key: bool,
     pub cap_version: bool,
     pub hostinfo: bool,
+    /// The node's approved routes changed (peers need the whole node: `AllowedIPs`).
+    pub routes: bool,
 }
 
 impl NodeChanges {
@@ -86,6 +90,7 @@ impl NodeChanges {
             || self.node_key
             || self.cap_version
             || self.hostinfo
+            || self.routes
     }
 }
 
@@ -161,6 +166,11 @@ impl Tailnet {
 
     fn node_by_node_key(&self, node_key: &str) -> Option<&NodeRecord> {
         self.db.nodes.iter().find(|n| n.node_key == node_key)
+    }
+
+    /// The routes `node` advertises and this tailnet approves (subnet routes and exit routes).
+    pub fn approved_routes(&self, node: &NodeRecord) -> Vec<IpNet> {
+        routes::approved_routes(&self.config, node)
     }
 
     /// The node a map request speaks for: its node key must exist, belong to this machine, and
@@ -386,6 +396,35 @@ impl Tailnet {
         node_id: u64,
         update: &NodeUpdate,
     ) -> Result<NodeChanges, ControlError> {
+        let routes_before = self
+            .node(node_id)
+            .map(|n| self.approved_routes(n))
+            .ok_or(ControlError::UnknownNode)?;
+        let changes = self.apply_update(node_id, update)?;
+        let routes_after = self
+            .node(node_id)
+            .map(|n| self.approved_routes(n))
+            .unwrap_or_default();
+        let changes = NodeChanges {
+            routes: routes_before != routes_after,
+            ..changes
+        };
+        if routes_before != routes_after {
+            info!(node_id, routes = ?routes_after, "approved routes changed");
+        }
+        // NetInfo-only changes (latencies) are kept in memory but not worth a disk write.
+        if changes.any() {
+            self.save()?;
+        }
+        Ok(changes)
+    }
+
+    /// [`Tailnet::update_node`] without the route bookkeeping and the save.
+    fn apply_update(
+        &mut self,
+        node_id: u64,
+        update: &NodeUpdate,
+    ) -> Result<NodeChanges, ControlError> {
         let node = self.node_mut(node_id).ok_or(ControlError::UnknownNode)?;
         let mut changes = NodeChanges::default();
         if let Some(disco) = &update.disco_key {
@@ -408,10 +447,6 @@ impl Tailnet {
         }
         if update.version != 0 {
             changes.cap_version = set_if_changed(&mut node.cap_version, update.version);
-        }
-        // NetInfo-only changes (latencies) are kept in memory but not worth a disk write.
-        if changes.any() {
-            self.save()?;
         }
         Ok(changes)
     }
@@ -639,5 +674,6 @@ fn dns_label(hostname: &str) -> String {
 }
 
 pub mod login;
+pub mod routes;
 #[cfg(test)]
 mod tests;

@@ -25,6 +25,7 @@ pub(super) const ALL_CHANGED: NodeChanges = NodeChanges {
     node_key: true,
     cap_version: true,
     hostinfo: true,
+    routes: true,
 };
 
 /// What one map stream has told its node so far.
@@ -190,11 +191,16 @@ pub(super) fn delta(
             let node = tailnet.node(id)?;
             if node.logged_out {
                 msg.peers_removed = vec![id as i64];
-            } else if changes.hostinfo || changes.node_key {
+            } else if changes.hostinfo || changes.node_key || changes.routes {
+                // PeerChange has no AllowedIPs: a route change needs the whole node.
                 msg.peers_changed = vec![wire_node(tailnet, node, false)];
             } else if changes.any() {
                 msg.peers_changed_patch = vec![patch(node, &changes)];
             }
+        }
+        Event::Changed(id, changes) if changes.routes => {
+            // The node's own AllowedIPs / PrimaryRoutes changed: tell it which routes it serves.
+            msg.node = tailnet.node(id).map(|n| wire_node(tailnet, n, true));
         }
         Event::Removed(id) if id != node_id => msg.peers_removed = vec![id as i64],
         Event::Online(id, online) if id != node_id => {
@@ -242,6 +248,14 @@ fn patch(node: &NodeRecord, changes: &NodeChanges) -> PeerChange {
 /// A policy node record as a tailcfg Node. The self node gets the configured node attributes.
 fn wire_node(tailnet: &Tailnet, n: &NodeRecord, is_self: bool) -> Node {
     let hostinfo: Hostinfo = serde_json::from_value(n.hostinfo.clone()).unwrap_or_default();
+    let addresses = vec![
+        IpNet::from(IpAddr::V4(n.ipv4)),
+        IpNet::from(IpAddr::V6(n.ipv6)),
+    ];
+    let routes = tailnet.approved_routes(n);
+    // As Tailscale's control: AllowedIPs = addresses + approved routes (exit routes included),
+    // PrimaryRoutes = the approved subnet routes only.
+    let allowed_ips = addresses.iter().chain(&routes).copied().collect();
     let cap_map: CapMap = if is_self {
         tailnet
             .config()
@@ -263,11 +277,9 @@ fn wire_node(tailnet: &Tailnet, n: &NodeRecord, is_self: bool) -> Node {
         }),
         machine: n.machine_key.parse().unwrap_or_default(),
         disco_key: n.disco_key.parse().unwrap_or_default(),
-        addresses: vec![
-            IpNet::from(IpAddr::V4(n.ipv4)),
-            IpNet::from(IpAddr::V6(n.ipv6)),
-        ],
-        allowed_ips: None,
+        addresses,
+        allowed_ips: Some(allowed_ips),
+        primary_routes: policy::primary_routes(&routes),
         endpoints: n.endpoints.iter().filter_map(|e| e.parse().ok()).collect(),
         home_derp: n.home_derp as i32,
         hostinfo,

@@ -464,3 +464,92 @@ fn interactive_login_waits_for_approval_of_its_own_machine() {
         RegisterOutcome::Rejected(m) if m.contains("unknown or expired")
     ));
 }
+
+fn with_routes(tailnet: &mut Tailnet, id: u64, hostname: &str, routes: &[&str]) -> NodeChanges {
+    let update = NodeUpdate {
+        hostinfo: Some(json!({"Hostname": hostname, "OS": "linux", "RoutableIPs": routes})),
+        ..NodeUpdate::default()
+    };
+    tailnet.update_node(id, &update).unwrap()
+}
+
+fn strs(routes: &[ipnet::IpNet]) -> Vec<String> {
+    routes.iter().map(ToString::to_string).collect()
+}
+
+#[test]
+fn advertised_routes_need_approval() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut tailnet = Tailnet::open(config(dir.path(), "")).unwrap();
+    let (a, _) = accepted(
+        tailnet
+            .register(&req(1, 1, Some("reusable"), "c2"), 10)
+            .unwrap(),
+    );
+    let changes = with_routes(&mut tailnet, a, "c2", &["10.2.9.0/24"]);
+    assert!(changes.hostinfo && !changes.routes, "{changes:?}");
+    assert!(tailnet.approved_routes(tailnet.node(a).unwrap()).is_empty());
+}
+
+#[test]
+fn listed_routes_are_approved_for_their_node_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let extra =
+        "[[approved_routes]]\nnode = \"c2\"\nroutes = [\"10.2.9.0/24\", \"0.0.0.0/0\", \"::/0\"]\n";
+    let mut tailnet = Tailnet::open(config(dir.path(), extra)).unwrap();
+    let (a, _) = accepted(
+        tailnet
+            .register(&req(1, 1, Some("reusable"), "c2"), 10)
+            .unwrap(),
+    );
+    let (b, _) = accepted(
+        tailnet
+            .register(&req(2, 2, Some("reusable"), "c3"), 10)
+            .unwrap(),
+    );
+    // Advertised but not listed (10.3.9.0/24), listed but not advertised (exit routes).
+    let changes = with_routes(&mut tailnet, a, "c2", &["10.2.9.0/24", "10.3.9.0/24"]);
+    assert!(changes.routes);
+    assert_eq!(
+        strs(&tailnet.approved_routes(tailnet.node(a).unwrap())),
+        ["10.2.9.0/24"]
+    );
+    with_routes(&mut tailnet, b, "c3", &["10.2.9.0/24"]);
+    assert!(tailnet.approved_routes(tailnet.node(b).unwrap()).is_empty());
+    // The same routes again change nothing.
+    assert!(!with_routes(&mut tailnet, a, "c2", &["10.2.9.0/24", "10.3.9.0/24"]).any());
+}
+
+#[test]
+fn exit_routes_are_approved_as_a_pair() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path(), "");
+    config.auto_approve_routes = true;
+    let mut tailnet = Tailnet::open(config).unwrap();
+    let (a, _) = accepted(
+        tailnet
+            .register(&req(1, 1, Some("reusable"), "c2"), 10)
+            .unwrap(),
+    );
+    with_routes(&mut tailnet, a, "c2", &["0.0.0.0/0"]);
+    assert!(tailnet.approved_routes(tailnet.node(a).unwrap()).is_empty());
+    with_routes(&mut tailnet, a, "c2", &["::/0", "10.2.9.0/24", "0.0.0.0/0"]);
+    let approved = tailnet.approved_routes(tailnet.node(a).unwrap());
+    assert_eq!(strs(&approved), ["0.0.0.0/0", "10.2.9.0/24", "::/0"]);
+    assert_eq!(
+        strs(&super::routes::primary_routes(&approved)),
+        ["10.2.9.0/24"]
+    );
+}
+
+#[test]
+fn unusable_advertised_routes_are_ignored() {
+    let hostinfo = json!({"RoutableIPs": [
+        "10.2.9.1/24", "100.64.0.0/24", "fd7a:115c:a1e0::/64", "junk", 7, "10.2.9.0/24", "10.2.9.0/24"
+    ]});
+    assert_eq!(
+        strs(&super::routes::advertised_routes(&hostinfo)),
+        ["10.2.9.0/24"]
+    );
+    assert!(super::routes::advertised_routes(&json!({})).is_empty());
+}

@@ -43,7 +43,12 @@ fn full_map_has_what_a_go_client_needs_to_run() {
     );
     assert_eq!(node["MachineAuthorized"], true);
     assert_eq!(node["KeyExpiry"], "0001-01-01T00:00:00Z");
-    assert_eq!(node["AllowedIPs"], Value::Null);
+    assert_eq!(
+        node["AllowedIPs"],
+        json!(["100.64.0.1/32", "fd7a:115c:a1e0::1/128"]),
+        "no routes: AllowedIPs are the addresses"
+    );
+    assert!(node.get("PrimaryRoutes").is_none(), "{node}");
     assert!(node["CapMap"]
         .as_object()
         .unwrap()
@@ -70,8 +75,6 @@ fn full_map_has_what_a_go_client_needs_to_run() {
     assert_eq!(v["Debug"]["DisableLogTail"], true);
     assert!(v.get("TKAInfo").is_none());
 }
-
-use serde_json::Value;
 
 #[test]
 fn deltas_follow_the_change() {
@@ -110,4 +113,121 @@ fn deltas_follow_the_change() {
     );
     let removed = delta(&t, a, &Event::Removed(b), &mut state).unwrap();
     assert_eq!(removed.peers_removed, vec![b as i64]);
+}
+
+/// A tailnet with `top` among the top-level keys and `tables` after the DERP region.
+fn tailnet_with(dir: &std::path::Path, top: &str, tables: &str) -> Tailnet {
+    let text = format!(
+        "{top}\nlisten = \"127.0.0.1:0\"\nstate_dir = \"{}\"\n[[auth_key]]\nkey = \"k\"\nreusable = true\n\
+         [[derp_region]]\nid = 900\ncode = \"lab\"\n[[derp_region.node]]\nname = \"900a\"\nhost_name = \"10.0.0.1\"\n{tables}",
+        dir.display()
+    );
+    Tailnet::open(Config::parse(&text).unwrap()).unwrap()
+}
+
+/// Node `id` advertises `routes` in a map request, as a Go client does.
+fn advertise(t: &mut Tailnet, id: u64, host: &str, routes: &[&str]) -> NodeChanges {
+    let update = NodeUpdate {
+        hostinfo: Some(json!({"Hostname": host, "RoutableIPs": routes})),
+        ..NodeUpdate::default()
+    };
+    t.update_node(id, &update).unwrap()
+}
+
+const ROUTER_ROUTES: [&str; 3] = ["10.2.9.0/24", "0.0.0.0/0", "::/0"];
+
+#[test]
+fn approved_routes_reach_peers_in_allowed_ips_and_primary_routes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut t = tailnet_with(dir.path(), "auto_approve_routes = true", "");
+    let a = add(&mut t, 1, "alpha");
+    let b = add(&mut t, 2, "router");
+    let mut state = StreamState::default();
+    full_map(&t, a, &mut state).unwrap();
+    let changes = advertise(&mut t, b, "router", &ROUTER_ROUTES);
+    assert!(changes.routes);
+    let msg = delta(&t, a, &Event::Changed(b, changes), &mut state).unwrap();
+    let v = serde_json::to_value(&msg).unwrap();
+    let peer = &v["PeersChanged"][0];
+    assert_eq!(
+        peer["AllowedIPs"],
+        json!([
+            "100.64.0.2/32",
+            "fd7a:115c:a1e0::2/128",
+            "0.0.0.0/0",
+            "10.2.9.0/24",
+            "::/0"
+        ])
+    );
+    assert_eq!(
+        peer["PrimaryRoutes"],
+        json!(["10.2.9.0/24"]),
+        "exit routes are not primary"
+    );
+    assert!(
+        msg.packet_filter.is_none(),
+        "allow-all (*) already covers subnets"
+    );
+    let full = serde_json::to_value(full_map(&t, a, &mut StreamState::default()).unwrap()).unwrap();
+    assert_eq!(full["Peers"][0]["AllowedIPs"], peer["AllowedIPs"]);
+    assert_eq!(full["PacketFilter"][0]["DstPorts"][0]["IP"], "*");
+    // The router itself learns the routes it serves.
+    let own = delta(
+        &t,
+        b,
+        &Event::Changed(b, changes),
+        &mut StreamState::default(),
+    )
+    .unwrap();
+    let own = own.node.expect("self node after a route change");
+    assert_eq!(
+        own.primary_routes,
+        vec!["10.2.9.0/24".parse::<IpNet>().unwrap()]
+    );
+}
+
+#[test]
+fn unapproved_routes_stay_out_of_allowed_ips() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut t = tailnet_with(dir.path(), "", "");
+    let a = add(&mut t, 1, "alpha");
+    let b = add(&mut t, 2, "router");
+    let mut state = StreamState::default();
+    full_map(&t, a, &mut state).unwrap();
+    let changes = advertise(&mut t, b, "router", &ROUTER_ROUTES);
+    assert!(!changes.routes);
+    let msg = delta(&t, a, &Event::Changed(b, changes), &mut state).unwrap();
+    let v = serde_json::to_value(&msg).unwrap();
+    let peer = &v["PeersChanged"][0];
+    assert_eq!(
+        peer["AllowedIPs"],
+        json!(["100.64.0.2/32", "fd7a:115c:a1e0::2/128"])
+    );
+    assert!(peer.get("PrimaryRoutes").is_none(), "{peer}");
+    assert_eq!(
+        peer["Hostinfo"]["RoutableIPs"],
+        json!(["10.2.9.0/24", "0.0.0.0/0", "::/0"]),
+        "the advertisement itself is visible"
+    );
+}
+
+#[test]
+fn listed_routes_are_approved_and_explicit_subnet_filters_pass_through() {
+    let dir = tempfile::tempdir().unwrap();
+    let tables = "[[approved_routes]]\nnode = \"router\"\nroutes = [\"10.2.9.0/24\"]\n\
+               [[filter]]\nsrc = [\"*\"]\ndst = [\"10.2.9.0/24:80\"]\n";
+    let mut t = tailnet_with(dir.path(), "", tables);
+    let a = add(&mut t, 1, "alpha");
+    let b = add(&mut t, 2, "router");
+    advertise(&mut t, b, "router", &ROUTER_ROUTES);
+    let v = serde_json::to_value(full_map(&t, a, &mut StreamState::default()).unwrap()).unwrap();
+    assert_eq!(
+        v["Peers"][0]["AllowedIPs"],
+        json!(["100.64.0.2/32", "fd7a:115c:a1e0::2/128", "10.2.9.0/24"]),
+        "exit routes are not listed for router"
+    );
+    assert_eq!(
+        v["PacketFilter"][0]["DstPorts"],
+        json!([{"IP": "10.2.9.0/24", "Ports": {"First": 80, "Last": 80}}])
+    );
 }
