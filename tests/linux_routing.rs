@@ -185,7 +185,17 @@ fn start_pair(lab: &Lab) -> (Node, Node, String) {
     (a, b, b_ip)
 }
 
-/// The full set is in place: rules, table 52 with the peer and quad-100, chains hooked first.
+/// tern's iptables rules a full set has (order checked separately).
+const EXPECTED_CHAIN_RULES: [&str; 5] = [
+    "-A ts-input -s 100.64.0.0/10 ! -i tern0 -j DROP",
+    "-A ts-input -i tern0 -j ACCEPT",
+    "-A ts-input -p udp -m udp --dport 41641 -j ACCEPT",
+    "-A ts-forward -i tern0 -j MARK --set-xmark 0x40000/0xff0000",
+    "-A ts-postrouting -m mark --mark 0x40000/0xff0000 -j MASQUERADE",
+];
+
+/// The full set is in place: rules, table 52 with the peer and quad-100, chains hooked first
+/// and filled (iptables applies rule by rule, so a half-filled chain is waited out).
 fn assert_installed(ns: &Netns, peer_ip: &str, logs: &dyn Fn() -> String) {
     let explain = || {
         format!(
@@ -196,31 +206,28 @@ fn assert_installed(ns: &Netns, peer_ip: &str, logs: &dyn Fn() -> String) {
             logs()
         )
     };
-    wait(
-        "rules, table 52 and chains in place",
-        20,
-        explain,
-        || {
-            (our_rules(ns) == expected_rules()
-                && table_52(ns).contains(&peer_ip.to_string())
-                && table_52(ns).contains(&"100.100.100.100".to_string())
-                && hooks_first(&text(ns, &["iptables-save"])))
-            .then_some(())
-        },
-    );
+    wait("rules, table 52 and chains in place", 20, explain, || {
+        let chains = ts_iptables(ns);
+        (our_rules(ns) == expected_rules()
+            && table_52(ns).contains(&peer_ip.to_string())
+            && table_52(ns).contains(&"100.100.100.100".to_string())
+            && hooks_first(&text(ns, &["iptables-save"]))
+            && EXPECTED_CHAIN_RULES
+                .iter()
+                .all(|rule| chains.iter().any(|l| l == rule)))
+        .then_some(())
+    });
     let chains = ts_iptables(ns);
-    for rule in [
-        "-A ts-input -s 100.64.0.0/10 ! -i tern0 -j DROP",
-        "-A ts-input -i tern0 -j ACCEPT",
-        "-A ts-input -p udp -m udp --dport 41641 -j ACCEPT",
-        "-A ts-forward -i tern0 -j MARK --set-xmark 0x40000/0xff0000",
-        "-A ts-postrouting -m mark --mark 0x40000/0xff0000 -j MASQUERADE",
-    ] {
-        assert!(chains.iter().any(|l| l == rule), "{rule} missing in {chains:#?}");
-    }
-    let drop = chains.iter().position(|l| l.contains("-j DROP") && l.starts_with("-A ts-input"));
-    let accept = chains.iter().position(|l| l == "-A ts-input -i tern0 -j ACCEPT");
-    assert!(drop < accept, "the CGNAT drop comes before the tun accept: {chains:#?}");
+    let drop = chains
+        .iter()
+        .position(|l| l.contains("-j DROP") && l.starts_with("-A ts-input"));
+    let accept = chains
+        .iter()
+        .position(|l| l == "-A ts-input -i tern0 -j ACCEPT");
+    assert!(
+        drop < accept,
+        "the CGNAT drop comes before the tun accept: {chains:#?}"
+    );
 }
 
 /// Nothing of tern's is left, and what the host had is as it was, byte for byte.
@@ -257,7 +264,7 @@ fn rules_routes_and_firewall_come_and_go_with_the_daemon() {
     c1.exec(&["ip", "rule", "add", "pref", "1000", "from", "10.77.0.0/16", "lookup", "100"])
         .expect("a foreign rule");
     let before = host_snapshot(c1);
-    let (mut a, _b, b_ip) = start_pair(&lab);
+    let (a, _b, b_ip) = start_pair(&lab);
     let logs = || a.logs();
     assert_installed(c1, &b_ip, &logs);
     assert!(ping_once(c1, &b_ip), "traffic flows with the rules in\n{}", a.logs());

@@ -226,12 +226,13 @@ impl LinuxNet {
         into.route_messages = self.router.messages_sent();
     }
 
-    /// Clean stop, in tailscaled's order: rules, routes, netfilter.
+    /// Clean stop, in tailscaled's order: rules, routes, netfilter. Marked closed only at the
+    /// end: when the task is aborted halfway (the daemon aborts it right after ending the
+    /// control session), `Drop` does it all again (every step is idempotent).
     pub(super) async fn close(&mut self) {
         if self.closed {
             return;
         }
-        self.closed = true;
         if self.policy {
             if let Err(e) = self.netlink.delete_policy_rules(self.ipv6).await {
                 tracing::warn!(error = %e, "removing ip rules");
@@ -240,9 +241,10 @@ impl LinuxNet {
         if let Err(e) = self.router.set(&RouteSet::default()).await {
             tracing::warn!(error = %e, "removing routes");
         }
-        if let Some(nf) = self.netfilter.take() {
+        if let Some(nf) = self.netfilter.clone() {
             let _ = tokio::task::spawn_blocking(move || remove_netfilter(&nf)).await;
         }
+        self.closed = true;
     }
 }
 
