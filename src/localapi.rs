@@ -70,6 +70,13 @@ pub const WATCH_MIN_INTERVAL: std::time::Duration = std::time::Duration::from_mi
 /// A watch client that takes no line for this long is dropped.
 pub const WATCH_STALL: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// `GET /localapi/v0/check-ip-forwarding`: Go's shape, one text (empty when all is well).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForwardingCheck {
+    #[serde(rename = "Warning")]
+    pub warning: String,
+}
+
 /// `POST /localapi/v0/up`. Absent fields keep their stored value.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
@@ -575,6 +582,9 @@ impl Shared {
             ApiRequest::Ping(ping) => self.ping(ping).await,
             ApiRequest::Netcheck => result_reply(self.ask(Command::Netcheck).await),
             ApiRequest::WhoIs(key) => result_reply(self.whois(&key)),
+            ApiRequest::CheckIpForwarding => json_reply(&ForwardingCheck {
+                warning: tern_platform::sysctl::forwarding_problems(true).join("\n"),
+            }),
         };
         reply.map(Either::Left)
     }
@@ -877,6 +887,12 @@ impl Client {
             .call(Method::PATCH, "/localapi/v0/prefs", Some(body))
             .await?;
         Ok(())
+    }
+
+    /// What keeps the daemon's host from forwarding (empty when nothing).
+    pub async fn check_ip_forwarding(&self) -> Result<ForwardingCheck, LocalApiError> {
+        self.call(Method::GET, "/localapi/v0/check-ip-forwarding", None)
+            .await
     }
 
     /// One disco ping through the daemon (see [`PingRequest`]).

@@ -5,6 +5,9 @@
 //!   deleted rule, and go on `tern down` and on stop; after SIGKILL they stay until the next
 //!   start or `tern daemon --cleanup` removes them. A ufw-like ruleset and a foreign ip rule
 //!   loaded before are byte-identical afterwards.
+//! * Exit node, tern on both ends: c1's requests to the lab's internet host come from c2's
+//!   side while c2 is its exit node; with c2's daemon killed they do not leave c1's uplink (a
+//!   counter on nat1) while c1's tern runs, and do once it stops.
 
 #[path = "support/lab_nodes.rs"]
 mod lab_nodes;
@@ -14,7 +17,9 @@ mod support;
 
 use std::time::Duration;
 
-use lab_nodes::{ping_once, start_control, start_derp, tail, wait, Node};
+use lab_nodes::{
+    control_config, ping_once, start_control_with, start_derp, tail, wait, whoami, Node,
+};
 use lab_server::LabServer;
 use serde_json::Value;
 use support::require_root;
@@ -66,11 +71,23 @@ struct Lab {
 
 impl Lab {
     fn start() -> Lab {
+        Lab::start_with(|_| {}, |_| {})
+    }
+
+    /// A lab with extra hosts (`build`) and a control config `adjust`ed before it starts.
+    fn start_with(
+        build: impl FnOnce(&mut Topology),
+        adjust: impl FnOnce(&mut tern_lab::control::Config),
+    ) -> Lab {
         require_root();
-        let topo = Topology::standard_unique(NatMode::Easy, NatMode::Easy).expect("build lab");
+        let mut topo =
+            Topology::standard_unique(NatMode::Easy, NatMode::Easy).expect("build lab");
+        build(&mut topo);
         let derp = start_derp(&topo);
         let dir = tempfile::tempdir().expect("temp dir");
-        let control = start_control(&topo, dir.path());
+        let mut config = control_config(dir.path());
+        adjust(&mut config);
+        let control = start_control_with(&topo, config);
         Lab {
             _control: control,
             _derp: derp,
@@ -339,4 +356,153 @@ fn rules_routes_and_firewall_come_and_go_with_the_daemon() {
     );
     assert_eq!(text(c1, &["ip", "rule", "show"]), before.1);
     drop(a);
+}
+
+/// Packets from c1 to the internet host's HTTP port that nat1 forwarded.
+const PROBE: &str = "table inet probe {
+  chain tally {
+    type filter hook forward priority -10; policy accept;
+    ip saddr 10.1.0.2 ip daddr 198.18.0.30 tcp dport 80 counter
+  }
+}
+";
+
+fn probe_count(nat: &Netns) -> u64 {
+    json(nat, &["nft", "-j", "list", "table", "inet", "probe"])["nftables"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|o| o["rule"]["expr"].as_array())
+        .flatten()
+        .filter_map(|e| e["counter"]["packets"].as_u64())
+        .sum()
+}
+
+fn tern_ok(node: &Node, args: &[&str]) -> String {
+    let out = node.cli(args);
+    assert!(
+        out.status.success(),
+        "tern {args:?}: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        node.logs()
+    );
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[test]
+fn exit_node_carries_all_traffic_and_fails_closed() {
+    let inet_ip = tern_lab::topology::INTERNET_IP.to_string();
+    let lab = Lab::start_with(
+        |topo| topo.add_internet_host().expect("internet host"),
+        |config| config.auto_approve_routes = true,
+    );
+    let _web = tern_lab::spawn_whoami(lab.ns("inet"), format!("{inet_ip}:80").parse().unwrap())
+        .expect("whoami on the internet host");
+    let (c1, c2, nat1) = (lab.ns("c1"), lab.ns("c2"), lab.ns("nat1"));
+    nat1.nft_apply(PROBE).expect("probe counter");
+    let nat1_wan = lab.topo.site("c1").expect("site 1").wan_ip.to_string();
+    let nat2_wan = lab.topo.site("c2").expect("site 2").wan_ip.to_string();
+    assert_eq!(whoami(c1, &inet_ip, 80).as_deref(), Some(nat1_wan.as_str()));
+
+    let (a, mut b, _) = start_pair(&lab);
+    c2.sysctl("net.ipv4.ip_forward", "1").expect("forwarding on c2");
+    let offered = tern_ok(&b, &["set", "--advertise-exit-node"]);
+    assert!(!offered.contains("forwarding is off"), "{offered}");
+    wait("ta sees tb offer an exit node", 30, || a.logs(), || {
+        a.peer_entry("tb")
+            .filter(|p| p["exit_node_option"] == true)
+    });
+    let list = tern_ok(&a, &["exit-node", "list"]);
+    assert!(
+        list.contains("tb.") && (list.contains("direct") || list.contains("derp")),
+        "{list}"
+    );
+
+    // A name that matches nothing is refused and changes nothing.
+    let bad = a.cli(&["set", "--exit-node=nobody"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("nobody"));
+    assert_eq!(a.status()["routing"]["exit_node"], Value::Null);
+
+    tern_ok(&a, &["set", "--exit-node=tb"]);
+    let route = text(c1, &["ip", "route", "get", &inet_ip]);
+    assert!(route.contains("dev tern0") && route.contains("table 52"), "{route}");
+    let seen = wait("the internet host sees c2's side", 30, || a.logs(), || {
+        whoami(c1, &inet_ip, 80).filter(|ip| *ip == nat2_wan)
+    });
+    assert_eq!(seen, nat2_wan);
+    let status = tern_ok(&a, &["status"]);
+    assert!(status.contains("exit node") && status.contains("# Exit node: tb"), "{status}");
+    assert!(probe_count(nat1) > 0, "the first request went out directly");
+    let before_kill = probe_count(nat1);
+
+    // The exit node dies: nothing leaks out of c1's own uplink while tern runs.
+    b.process
+        .signal(nix::sys::signal::Signal::SIGKILL)
+        .expect("kill tb");
+    for _ in 0..2 {
+        let got = whoami(c1, &inet_ip, 80);
+        assert_eq!(got, None, "a request got through without the exit node");
+    }
+    assert_eq!(probe_count(nat1), before_kill, "c1 leaked around the dead exit node");
+    assert!(table_52(c1).iter().any(|r| r == "default"), "{:?}", table_52(c1));
+    let _ = b.process.stop();
+
+    // tern stops: normal routing again.
+    let mut a = a;
+    a.process.stop().expect("stop ta");
+    assert_eq!(whoami(c1, &inet_ip, 80).as_deref(), Some(nat1_wan.as_str()));
+    assert!(probe_count(nat1) > before_kill);
+}
+
+#[test]
+fn lan_access_and_bad_routes() {
+    let lab = Lab::start_with(|_| {}, |config| config.auto_approve_routes = true);
+    let (a, b, _) = start_pair(&lab);
+    lab.ns("c2")
+        .sysctl("net.ipv4.ip_forward", "0")
+        .expect("forwarding off on c2");
+    // Forwarding off: tern says what to set.
+    let said = tern_ok(&b, &["set", "--advertise-exit-node"]);
+    assert!(said.contains("sysctl -w net.ipv4.ip_forward=1"), "{said}");
+    let status = tern_ok(&b, &["status"]);
+    assert!(status.contains("IPv4 forwarding is off"), "{status}");
+    for (flag, fix) in [
+        ("--advertise-routes=100.64.0.0/24", "tailnet"),
+        ("--advertise-routes=10.9.0.0/16,10.9.1.0/24", "overlaps"),
+        ("--advertise-routes=10.9.0.1/24", "write 10.9.0.0/24"),
+        ("--netfilter-mode=maybe", "nodivert"),
+    ] {
+        let out = b.cli(&["set", flag]);
+        assert!(!out.status.success(), "{flag} was accepted");
+        assert!(String::from_utf8_lossy(&out.stderr).contains(fix), "{flag}: {out:?}");
+    }
+    let out = b.cli(&["set", "--exit-node=ta"]);
+    assert!(!out.status.success(), "using and offering at once");
+    wait("ta sees tb offer an exit node", 30, || a.logs(), || {
+        a.peer_entry("tb").filter(|p| p["exit_node_option"] == true)
+    });
+    // LAN access: c1's own LAN (10.1.0.0/24) leaves table 52 through a throw route.
+    let c1 = lab.ns("c1");
+    tern_ok(&a, &["set", "--exit-node=tb"]);
+    wait("the LAN routed into the tunnel", 20, || a.logs(), || {
+        table_52(c1).iter().any(|r| r == "10.1.0.0/24").then_some(())
+    });
+    let via = text(c1, &["ip", "route", "get", "10.1.0.1"]);
+    assert!(via.contains("dev tern0"), "without LAN access the LAN goes to the exit node: {via}");
+    tern_ok(&a, &["set", "--exit-node-allow-lan-access"]);
+    wait("a throw route for the LAN", 20, || a.logs(), || {
+        table_52(c1).iter().any(|r| r == "throw 10.1.0.0/24").then_some(())
+    });
+    let via = text(c1, &["ip", "route", "get", "10.1.0.1"]);
+    assert!(via.contains("dev eth0"), "with LAN access the LAN is direct: {via}");
+    assert!(ping_once(c1, "10.1.0.1"));
+    tern_ok(&a, &["set", "--exit-node="]);
+    wait("no default route after --exit-node=", 20, || a.logs(), || {
+        (!table_52(c1).iter().any(|r| r == "default" || r.starts_with("throw"))).then_some(())
+    });
 }

@@ -24,9 +24,9 @@ pub fn forwarding_problems(ipv6: bool) -> Vec<String> {
                 .to_string(),
         );
     }
-    if ipv6
-        && proc_sys("net.ipv6").exists()
-        && read_number(&proc_sys("net.ipv6.conf.all.forwarding")) != Some(1)
+    let ipv6_on = proc_sys("net.ipv6").exists()
+        && read_number(&proc_sys("net.ipv6.conf.all.disable_ipv6")) != Some(1);
+    if ipv6 && ipv6_on && read_number(&proc_sys("net.ipv6.conf.all.forwarding")) != Some(1)
     {
         problems.push(
             "IPv6 forwarding is off: run `sysctl -w net.ipv6.conf.all.forwarding=1` (and put it \

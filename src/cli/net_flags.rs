@@ -59,15 +59,21 @@ impl NetFlags {
     }
 }
 
-/// Advice when this node forwards for others but the kernel will not (printed by set/up).
-pub fn print_forwarding_advice(patch: &NetPrefsPatch) {
+/// Advice when this node forwards for others but its kernel will not: the daemon checks its
+/// own network namespace (printed by set/up, as `tailscale set` does).
+pub async fn print_forwarding_advice(client: &crate::localapi::Client, patch: &NetPrefsPatch) {
     let forwards = patch.advertise_exit_node == Some(true)
         || patch.advertise_routes.as_ref().is_some_and(|r| !r.is_empty());
     if !forwards {
         return;
     }
-    for problem in tern_platform::sysctl::forwarding_problems(true) {
-        eprintln!("Warning: {problem}");
+    match client.check_ip_forwarding().await {
+        Ok(check) => {
+            for problem in check.warning.lines().filter(|l| !l.is_empty()) {
+                eprintln!("Warning: {problem}");
+            }
+        }
+        Err(e) => eprintln!("Warning: could not check IP forwarding: {e}"),
     }
 }
 

@@ -99,8 +99,12 @@ pub fn run(socket: &Path, args: &SetArgs) -> anyhow::Result<ExitCode> {
         relay_server_static_endpoints: statics.map(|s| s.0).unwrap_or_default(),
         net,
     };
-    super::runtime()?.block_on(Client::new(socket).set(&req))?;
-    super::net_flags::print_forwarding_advice(&req.net);
+    super::runtime()?.block_on(async {
+        let client = Client::new(socket);
+        client.set(&req).await?;
+        super::net_flags::print_forwarding_advice(&client, &req.net).await;
+        anyhow::Ok(())
+    })?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -101,7 +101,7 @@ async fn apply_net_flags(client: &Client, args: &UpArgs) -> anyhow::Result<()> {
         ..Default::default()
     };
     client.set(&req).await?;
-    super::net_flags::print_forwarding_advice(&req.net);
+    super::net_flags::print_forwarding_advice(client, &req.net).await;
     Ok(())
 }
 

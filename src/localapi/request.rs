@@ -26,10 +26,11 @@ pub enum Endpoint {
     Netcheck,
     WhoIs,
     Watch,
+    CheckIpForwarding,
 }
 
 impl Endpoint {
-    pub const ALL: [Endpoint; 10] = [
+    pub const ALL: [Endpoint; 11] = [
         Endpoint::Status,
         Endpoint::Ip,
         Endpoint::Up,
@@ -40,6 +41,7 @@ impl Endpoint {
         Endpoint::Netcheck,
         Endpoint::WhoIs,
         Endpoint::Watch,
+        Endpoint::CheckIpForwarding,
     ];
 
     pub fn path(self) -> &'static str {
@@ -54,12 +56,17 @@ impl Endpoint {
             Endpoint::Netcheck => "/localapi/v0/netcheck",
             Endpoint::WhoIs => "/localapi/v0/whois",
             Endpoint::Watch => WATCH_PATH,
+            Endpoint::CheckIpForwarding => "/localapi/v0/check-ip-forwarding",
         }
     }
 
     pub fn method(self) -> Method {
         match self {
-            Endpoint::Status | Endpoint::Ip | Endpoint::WhoIs | Endpoint::Watch => Method::GET,
+            Endpoint::Status
+            | Endpoint::Ip
+            | Endpoint::WhoIs
+            | Endpoint::Watch
+            | Endpoint::CheckIpForwarding => Method::GET,
             Endpoint::Prefs => Method::PATCH,
             Endpoint::Up | Endpoint::Down | Endpoint::Logout | Endpoint::Ping => Method::POST,
             Endpoint::Netcheck => Method::POST,
@@ -86,6 +93,8 @@ pub enum ApiRequest {
     Netcheck,
     WhoIs(NodePublic),
     Watch,
+    /// What keeps the host (the daemon's network namespace) from forwarding.
+    CheckIpForwarding,
 }
 
 impl ApiRequest {
@@ -101,6 +110,7 @@ impl ApiRequest {
             ApiRequest::Netcheck => Endpoint::Netcheck,
             ApiRequest::WhoIs(_) => Endpoint::WhoIs,
             ApiRequest::Watch => Endpoint::Watch,
+            ApiRequest::CheckIpForwarding => Endpoint::CheckIpForwarding,
         }
     }
 }
@@ -157,6 +167,7 @@ pub fn parse(endpoint: Endpoint, query: Option<&str>, body: &[u8]) -> Result<Api
         Endpoint::Netcheck => ApiRequest::Netcheck,
         Endpoint::WhoIs => ApiRequest::WhoIs(nodekey_param(query)?),
         Endpoint::Watch => ApiRequest::Watch,
+        Endpoint::CheckIpForwarding => ApiRequest::CheckIpForwarding,
     })
 }
 
