@@ -224,7 +224,9 @@ impl Daemon {
 
     /// `tern set`: store the changed prefs, then apply them (the engine watches the relay port).
     fn set(&mut self, req: SetRequest) -> Result<(), String> {
-        if !req.relay_server_port_set && !req.relay_server_static_endpoints_set && req.net.is_empty()
+        if !req.relay_server_port_set
+            && !req.relay_server_static_endpoints_set
+            && req.net.is_empty()
         {
             return Err(
                 "nothing to change: mark a preference as set (relay_server_port_set, \
@@ -267,7 +269,8 @@ impl Daemon {
         self.state.store_prefs(&prefs).map_err(|e| e.to_string())?;
         self.prefs = prefs;
         let net = self.prefs.net.clone();
-        self.net_prefs.send_if_modified(|n| std::mem::replace(n, net.clone()) != *n);
+        self.net_prefs
+            .send_if_modified(|n| std::mem::replace(n, net.clone()) != *n);
         self.relay_server_port
             .send_if_modified(|p| std::mem::replace(p, self.prefs.relay_server_port) != *p);
         let statics = self.prefs.relay_server_static_endpoints.clone();
@@ -399,13 +402,8 @@ impl Daemon {
             net_prefs: self.net_prefs.subscribe(),
         };
         let previous = self.stopping_engine.take();
-        let (task, handle) = engine::spawn(
-            config,
-            netmap_rx,
-            local_tx,
-            self.status.clone(),
-            previous,
-        );
+        let (task, handle) =
+            engine::spawn(config, netmap_rx, local_tx, self.status.clone(), previous);
         self.engine = Some(task);
         self.engine_handle = Some(handle);
         Some(EngineLink {

@@ -268,7 +268,9 @@ pub fn subtract(base: IpNet, holes: &[IpNet]) -> Vec<IpNet> {
 /// Why an exit node name or IP cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ExitNodeError {
-    #[error("no peer is called or has the address {0:?}; `tern exit-node list` shows the exit nodes")]
+    #[error(
+        "no peer is called or has the address {0:?}; `tern exit-node list` shows the exit nodes"
+    )]
     NotFound(String),
     #[error("{0:?} matches several peers ({1}); give the full name or the IP")]
     Ambiguous(String, String),
@@ -290,11 +292,7 @@ fn names_node(node: &Node, spec: &str) -> bool {
 
 /// The peer the user's `--exit-node` names; it must offer an exit node.
 pub fn resolve_exit_node<'a>(map: &'a NetworkMap, spec: &str) -> Result<&'a Node, ExitNodeError> {
-    let found: Vec<&Node> = map
-        .peers
-        .values()
-        .filter(|n| names_node(n, spec))
-        .collect();
+    let found: Vec<&Node> = map.peers.values().filter(|n| names_node(n, spec)).collect();
     match found.as_slice() {
         [] => Err(ExitNodeError::NotFound(spec.to_string())),
         [node] if offers_exit_node(node) => Ok(node),

@@ -448,7 +448,10 @@ fn render_routing(routing: &RoutingStatus) -> String {
     if let Some(name) = &routing.exit_node {
         let ip = routing.exit_node_ip.as_deref().unwrap_or("-");
         if routing.exit_node_available {
-            let _ = writeln!(out, "# Exit node: {name} ({ip}): all traffic goes through it");
+            let _ = writeln!(
+                out,
+                "# Exit node: {name} ({ip}): all traffic goes through it"
+            );
         } else {
             let _ = writeln!(
                 out,

@@ -8,6 +8,12 @@
 //! * Exit node, tern on both ends: c1's requests to the lab's internet host come from c2's
 //!   side while c2 is its exit node; with c2's daemon killed they do not leave c1's uplink (a
 //!   counter on nat1) while c1's tern runs, and do once it stops.
+//! * Subnet router: c2 advertises its LAN, control approves it, c1 with `--accept-routes`
+//!   reaches the LAN host (masqueraded by c2) and the packet filter from control decides what
+//!   c2 forwards (the allowed port answers, the other is dropped and counted). A Caddy/tsnet
+//!   node (tailscale.com v1.90.9) in the same tailnet reaches c2 through the same filter; it
+//!   does not use the route, as Go's Linux default is RouteAll=false (`ipn.Prefs.
+//!   DefaultRouteAll`) and tsnet cannot change it.
 
 #[path = "support/lab_nodes.rs"]
 mod lab_nodes;
@@ -80,8 +86,7 @@ impl Lab {
         adjust: impl FnOnce(&mut tern_lab::control::Config),
     ) -> Lab {
         require_root();
-        let mut topo =
-            Topology::standard_unique(NatMode::Easy, NatMode::Easy).expect("build lab");
+        let mut topo = Topology::standard_unique(NatMode::Easy, NatMode::Easy).expect("build lab");
         build(&mut topo);
         let derp = start_derp(&topo);
         let dir = tempfile::tempdir().expect("temp dir");
@@ -278,13 +283,27 @@ fn rules_routes_and_firewall_come_and_go_with_the_daemon() {
         .expect("iptables-restore");
     assert!(restore.success(), "load the ufw-like ruleset");
     c1.nft_apply(ADMIN_TABLE).expect("load the admin's table");
-    c1.exec(&["ip", "rule", "add", "pref", "1000", "from", "10.77.0.0/16", "lookup", "100"])
-        .expect("a foreign rule");
+    c1.exec(&[
+        "ip",
+        "rule",
+        "add",
+        "pref",
+        "1000",
+        "from",
+        "10.77.0.0/16",
+        "lookup",
+        "100",
+    ])
+    .expect("a foreign rule");
     let before = host_snapshot(c1);
     let (a, _b, b_ip) = start_pair(&lab);
     let logs = || a.logs();
     assert_installed(c1, &b_ip, &logs);
-    assert!(ping_once(c1, &b_ip), "traffic flows with the rules in\n{}", a.logs());
+    assert!(
+        ping_once(c1, &b_ip),
+        "traffic flows with the rules in\n{}",
+        a.logs()
+    );
     let status = a.status();
     assert_eq!(status["routing"]["table"], 52, "{}", status["routing"]);
     assert_eq!(status["routing"]["policy_rules"], true);
@@ -293,7 +312,11 @@ fn rules_routes_and_firewall_come_and_go_with_the_daemon() {
 
     // `tern down` takes everything away; `tern up` brings it back.
     let down = a.cli(&["down"]);
-    assert!(down.status.success(), "{}", String::from_utf8_lossy(&down.stderr));
+    assert!(
+        down.status.success(),
+        "{}",
+        String::from_utf8_lossy(&down.stderr)
+    );
     assert_gone(c1, &before, &logs);
     a.up("ta");
     assert_installed(c1, &b_ip, &logs);
@@ -303,12 +326,20 @@ fn rules_routes_and_firewall_come_and_go_with_the_daemon() {
         .signal(nix::sys::signal::Signal::SIGKILL)
         .expect("kill ta");
     std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(our_rules(c1), expected_rules(), "a killed daemon cleans nothing");
+    assert_eq!(
+        our_rules(c1),
+        expected_rules(),
+        "a killed daemon cleans nothing"
+    );
     assert!(!ts_iptables(c1).is_empty());
     let cleanup = c1
         .exec_unchecked(&[env!("CARGO_BIN_EXE_tern"), "daemon", "--cleanup"])
         .expect("run cleanup");
-    assert!(cleanup.status.success(), "{}", String::from_utf8_lossy(&cleanup.stderr));
+    assert!(
+        cleanup.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cleanup.stderr)
+    );
     assert_gone(c1, &before, &logs);
 
     // Killed again, the next start cleans up first: one set of rules, one jump per hook.
@@ -325,7 +356,9 @@ fn rules_routes_and_firewall_come_and_go_with_the_daemon() {
     let logs3 = || a3.logs();
     assert_installed(c1, &b_ip, &logs3);
     assert!(
-        a3.process.output().contains("removed rules and routes a previous run left"),
+        a3.process
+            .output()
+            .contains("removed rules and routes a previous run left"),
         "{}",
         a3.logs()
     );
@@ -335,7 +368,8 @@ fn rules_routes_and_firewall_come_and_go_with_the_daemon() {
 
     // A firewall reload and a rule deleted by another program: back within seconds.
     c1.exec(&["nft", "flush", "ruleset"]).expect("flush");
-    c1.exec(&["ip", "rule", "del", "pref", "5270"]).expect("del rule");
+    c1.exec(&["ip", "rule", "del", "pref", "5270"])
+        .expect("del rule");
     assert_installed(c1, &b_ip, &logs3);
     assert!(ping_once(c1, &b_ip), "traffic flows again\n{}", a3.logs());
     assert!(
@@ -409,13 +443,16 @@ fn exit_node_carries_all_traffic_and_fails_closed() {
     assert_eq!(whoami(c1, &inet_ip, 80).as_deref(), Some(nat1_wan.as_str()));
 
     let (a, mut b, _) = start_pair(&lab);
-    c2.sysctl("net.ipv4.ip_forward", "1").expect("forwarding on c2");
+    c2.sysctl("net.ipv4.ip_forward", "1")
+        .expect("forwarding on c2");
     let offered = tern_ok(&b, &["set", "--advertise-exit-node"]);
     assert!(!offered.contains("forwarding is off"), "{offered}");
-    wait("ta sees tb offer an exit node", 30, || a.logs(), || {
-        a.peer_entry("tb")
-            .filter(|p| p["exit_node_option"] == true)
-    });
+    wait(
+        "ta sees tb offer an exit node",
+        30,
+        || a.logs(),
+        || a.peer_entry("tb").filter(|p| p["exit_node_option"] == true),
+    );
     let list = tern_ok(&a, &["exit-node", "list"]);
     assert!(
         list.contains("tb.") && (list.contains("direct") || list.contains("derp")),
@@ -430,13 +467,22 @@ fn exit_node_carries_all_traffic_and_fails_closed() {
 
     tern_ok(&a, &["set", "--exit-node=tb"]);
     let route = text(c1, &["ip", "route", "get", &inet_ip]);
-    assert!(route.contains("dev tern0") && route.contains("table 52"), "{route}");
-    let seen = wait("the internet host sees c2's side", 30, || a.logs(), || {
-        whoami(c1, &inet_ip, 80).filter(|ip| *ip == nat2_wan)
-    });
+    assert!(
+        route.contains("dev tern0") && route.contains("table 52"),
+        "{route}"
+    );
+    let seen = wait(
+        "the internet host sees c2's side",
+        30,
+        || a.logs(),
+        || whoami(c1, &inet_ip, 80).filter(|ip| *ip == nat2_wan),
+    );
     assert_eq!(seen, nat2_wan);
     let status = tern_ok(&a, &["status"]);
-    assert!(status.contains("exit node") && status.contains("# Exit node: tb"), "{status}");
+    assert!(
+        status.contains("exit node") && status.contains("# Exit node: tb"),
+        "{status}"
+    );
     assert!(probe_count(nat1) > 0, "the first request went out directly");
     let before_kill = probe_count(nat1);
 
@@ -448,8 +494,16 @@ fn exit_node_carries_all_traffic_and_fails_closed() {
         let got = whoami(c1, &inet_ip, 80);
         assert_eq!(got, None, "a request got through without the exit node");
     }
-    assert_eq!(probe_count(nat1), before_kill, "c1 leaked around the dead exit node");
-    assert!(table_52(c1).iter().any(|r| r == "default"), "{:?}", table_52(c1));
+    assert_eq!(
+        probe_count(nat1),
+        before_kill,
+        "c1 leaked around the dead exit node"
+    );
+    assert!(
+        table_52(c1).iter().any(|r| r == "default"),
+        "{:?}",
+        table_52(c1)
+    );
     let _ = b.process.stop();
 
     // tern stops: normal routing again.
@@ -479,30 +533,197 @@ fn lan_access_and_bad_routes() {
     ] {
         let out = b.cli(&["set", flag]);
         assert!(!out.status.success(), "{flag} was accepted");
-        assert!(String::from_utf8_lossy(&out.stderr).contains(fix), "{flag}: {out:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(fix),
+            "{flag}: {out:?}"
+        );
     }
     let out = b.cli(&["set", "--exit-node=ta"]);
     assert!(!out.status.success(), "using and offering at once");
-    wait("ta sees tb offer an exit node", 30, || a.logs(), || {
-        a.peer_entry("tb").filter(|p| p["exit_node_option"] == true)
-    });
+    wait(
+        "ta sees tb offer an exit node",
+        30,
+        || a.logs(),
+        || a.peer_entry("tb").filter(|p| p["exit_node_option"] == true),
+    );
     // LAN access: c1's own LAN (10.1.0.0/24) leaves table 52 through a throw route.
     let c1 = lab.ns("c1");
     tern_ok(&a, &["set", "--exit-node=tb"]);
-    wait("the LAN routed into the tunnel", 20, || a.logs(), || {
-        table_52(c1).iter().any(|r| r == "10.1.0.0/24").then_some(())
-    });
+    wait(
+        "the LAN routed into the tunnel",
+        20,
+        || a.logs(),
+        || {
+            table_52(c1)
+                .iter()
+                .any(|r| r == "10.1.0.0/24")
+                .then_some(())
+        },
+    );
     let via = text(c1, &["ip", "route", "get", "10.1.0.1"]);
-    assert!(via.contains("dev tern0"), "without LAN access the LAN goes to the exit node: {via}");
+    assert!(
+        via.contains("dev tern0"),
+        "without LAN access the LAN goes to the exit node: {via}"
+    );
     tern_ok(&a, &["set", "--exit-node-allow-lan-access"]);
-    wait("a throw route for the LAN", 20, || a.logs(), || {
-        table_52(c1).iter().any(|r| r == "throw 10.1.0.0/24").then_some(())
-    });
+    wait(
+        "a throw route for the LAN",
+        20,
+        || a.logs(),
+        || {
+            table_52(c1)
+                .iter()
+                .any(|r| r == "throw 10.1.0.0/24")
+                .then_some(())
+        },
+    );
     let via = text(c1, &["ip", "route", "get", "10.1.0.1"]);
-    assert!(via.contains("dev eth0"), "with LAN access the LAN is direct: {via}");
+    assert!(
+        via.contains("dev eth0"),
+        "with LAN access the LAN is direct: {via}"
+    );
     assert!(ping_once(c1, "10.1.0.1"));
     tern_ok(&a, &["set", "--exit-node="]);
-    wait("no default route after --exit-node=", 20, || a.logs(), || {
-        (!table_52(c1).iter().any(|r| r == "default" || r.starts_with("throw"))).then_some(())
+    wait(
+        "no default route after --exit-node=",
+        20,
+        || a.logs(),
+        || {
+            (!table_52(c1)
+                .iter()
+                .any(|r| r == "default" || r.starts_with("throw")))
+            .then_some(())
+        },
+    );
+}
+
+/// `curl`'s HTTP status for `url` from `ns` (`000` when nothing answered).
+fn http_code(ns: &Netns, url: &str) -> String {
+    ns.exec_unchecked(&[
+        "curl",
+        "-s",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "--max-time",
+        "10",
+        url,
+    ])
+    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+    .unwrap_or_default()
+}
+
+#[test]
+fn subnet_router_forwards_under_the_filter_with_a_tsnet_node_in_the_tailnet() {
+    let lan = tern_lab::topology::site_lan_host(2).to_string();
+    let lan_net = tern_lab::topology::site_lan_net(2).to_string();
+    let lab = Lab::start_with(
+        |topo| topo.add_site_lan(2).expect("c2's LAN"),
+        |config| {
+            config.auto_approve_routes = true;
+            // The tailnet may talk freely; of c2's LAN only port 8000 is open.
+            config.filters = vec![tern_lab::control::config::FilterConfig {
+                src: vec!["*".into()],
+                dst: vec!["100.64.0.0/10:*".into(), format!("{lan_net}:8000")],
+                proto: vec![],
+            }];
+        },
+    );
+    let lan_ns = lab.ns("lan2");
+    let _open = tern_lab::spawn_whoami(lan_ns, format!("{lan}:8000").parse().unwrap())
+        .expect("whoami :8000");
+    let _closed = tern_lab::spawn_whoami(lan_ns, format!("{lan}:8001").parse().unwrap())
+        .expect("whoami :8001");
+    let (c1, c2) = (lab.ns("c1"), lab.ns("c2"));
+    c2.sysctl("net.ipv4.ip_forward", "1")
+        .expect("forwarding on c2");
+    let (a, b, b_ip) = start_pair(&lab);
+    let said = tern_ok(&b, &["set", &format!("--advertise-routes={lan_net}")]);
+    assert!(!said.contains("Warning"), "{said}");
+    wait(
+        "ta sees tb's approved route",
+        30,
+        || a.logs(),
+        || {
+            a.peer_entry("tb")
+                .filter(|p| p["subnet_routes"][0] == lan_net.as_str())
+        },
+    );
+
+    // A Go node (Caddy/tsnet) in the same tailnet, proxying its loopback :8081 to the LAN host
+    // and :8082 to tb's tailnet address.
+    let proxy = |port: u16, to: &str| {
+        format!(
+            "http://127.0.0.1:{port} {{\n\treverse_proxy {{\n\t\tto http://{to}\n\t\ttransport tailscale tsc\n\t}}\n}}\n"
+        )
+    };
+    let mut config = tern_lab::CaddyConfig::new(
+        "tsc",
+        &format!("http://{}:8080", tern_lab::topology::CONTROL_IP),
+        lab_nodes::AUTH_KEY,
+    );
+    config.extra_sites = format!(
+        "{}{}",
+        proxy(8081, &format!("{lan}:8000")),
+        proxy(8082, &format!("{b_ip}:8000"))
+    );
+    let tsc = tern_lab::CaddyNode::start(lab.ns("relay"), config).expect("start tsc");
+    let b_addr: std::net::SocketAddr = format!("{b_ip}:8000").parse().unwrap();
+    let (stop, server) = lab_nodes::serve_http(c2, b_addr, b"tb over the tailnet");
+    let logs = || {
+        format!(
+            "{}\n{}\n== tsc\n{}",
+            a.logs(),
+            b.logs(),
+            tail(&tsc.logs(), 60)
+        )
+    };
+    wait("tsc reaches tb through the filter", 90, logs, || {
+        curl_body(lab.ns("relay"), "http://127.0.0.1:8082/").filter(|b| b == "tb over the tailnet")
     });
+
+    // Linux's default (Go's too, `DefaultRouteAll`): no subnet routes without --accept-routes.
+    assert!(!table_52(c1).contains(&lan_net), "{:?}", table_52(c1));
+    assert_eq!(http_code(c1, &format!("http://{lan}:8000/")), "000");
+    tern_ok(&a, &["set", "--accept-routes"]);
+    wait("the subnet route in table 52", 20, logs, || {
+        table_52(c1).contains(&lan_net).then_some(())
+    });
+    let seen = wait("ta reaches the LAN host through tb", 30, logs, || {
+        whoami(c1, &lan, 8000)
+    });
+    // Forwarded by c2 and masqueraded to its LAN address.
+    assert_eq!(seen, tern_lab::topology::site_lan_gateway(2).to_string());
+    // The filter from control decides what tb forwards: :8001 is not in it.
+    let filtered = |n: &Node| {
+        n.status()["data_plane"]["drops"]["filtered"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let before = filtered(&b);
+    assert_eq!(
+        http_code(c1, &format!("http://{lan}:8001/")),
+        "000",
+        "{}",
+        logs()
+    );
+    assert!(
+        filtered(&b) > before,
+        "tb's filter dropped the SYNs to :8001\n{}",
+        logs()
+    );
+    // The Go node does not install the route by default on Linux (RouteAll is false), so its
+    // request to the LAN host does not go through the tailnet; tsnet's traffic to tb still does.
+    assert_ne!(http_code(lab.ns("relay"), "http://127.0.0.1:8081/"), "200");
+    assert_eq!(
+        curl_body(lab.ns("relay"), "http://127.0.0.1:8082/").as_deref(),
+        Some("tb over the tailnet")
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = server.join();
+}
+
+fn curl_body(ns: &Netns, url: &str) -> Option<String> {
+    lab_nodes::curl(ns, "GET", url).map(|b| String::from_utf8_lossy(&b).trim().to_string())
 }

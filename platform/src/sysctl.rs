@@ -26,8 +26,7 @@ pub fn forwarding_problems(ipv6: bool) -> Vec<String> {
     }
     let ipv6_on = proc_sys("net.ipv6").exists()
         && read_number(&proc_sys("net.ipv6.conf.all.disable_ipv6")) != Some(1);
-    if ipv6 && ipv6_on && read_number(&proc_sys("net.ipv6.conf.all.forwarding")) != Some(1)
-    {
+    if ipv6 && ipv6_on && read_number(&proc_sys("net.ipv6.conf.all.forwarding")) != Some(1) {
         problems.push(
             "IPv6 forwarding is off: run `sysctl -w net.ipv6.conf.all.forwarding=1` (and put it \
              in /etc/sysctl.d/99-tern.conf)"
@@ -68,7 +67,9 @@ mod tests {
         let problems = forwarding_problems(false);
         assert_eq!(
             forward == Some(1),
-            !problems.iter().any(|p| p.contains("IPv4 forwarding is off")),
+            !problems
+                .iter()
+                .any(|p| p.contains("IPv4 forwarding is off")),
             "{problems:?}"
         );
     }

@@ -63,7 +63,10 @@ impl NetFlags {
 /// own network namespace (printed by set/up, as `tailscale set` does).
 pub async fn print_forwarding_advice(client: &crate::localapi::Client, patch: &NetPrefsPatch) {
     let forwards = patch.advertise_exit_node == Some(true)
-        || patch.advertise_routes.as_ref().is_some_and(|r| !r.is_empty());
+        || patch
+            .advertise_routes
+            .as_ref()
+            .is_some_and(|r| !r.is_empty());
     if !forwards {
         return;
     }
@@ -93,7 +96,10 @@ mod tests {
 
     #[test]
     fn booleans_take_a_bare_flag_or_a_value() {
-        assert_eq!(flags(&["--accept-routes"]).unwrap().accept_routes, Some(true));
+        assert_eq!(
+            flags(&["--accept-routes"]).unwrap().accept_routes,
+            Some(true)
+        );
         assert_eq!(
             flags(&["--accept-routes=false"]).unwrap().accept_routes,
             Some(false)
@@ -114,6 +120,12 @@ mod tests {
         let patch = ok.patch();
         assert_eq!(patch.exit_node.as_deref(), Some("c2"));
         assert_eq!(patch.advertise_routes.unwrap().len(), 1);
-        assert_eq!(flags(&["--advertise-routes="]).unwrap().patch().advertise_routes, Some(vec![]));
+        assert_eq!(
+            flags(&["--advertise-routes="])
+                .unwrap()
+                .patch()
+                .advertise_routes,
+            Some(vec![])
+        );
     }
 }

@@ -644,8 +644,7 @@ mod connection {
     /// Hostinfo with `NetInfo` from the data plane (none while nothing is known: home 0 and
     /// no measurement).
     pub(super) fn with_net_info(mut hostinfo: Hostinfo, local: &LocalNetInfo) -> Hostinfo {
-        if !local.routable_ips.is_empty() || local.home_derp != 0 || local.working_udp.is_some()
-        {
+        if !local.routable_ips.is_empty() || local.home_derp != 0 || local.working_udp.is_some() {
             // The engine knows the prefs' routes once it runs; before that the config's stand.
             hostinfo.routable_ips = local.routable_ips.clone();
         }
@@ -1269,7 +1268,7 @@ mod tests {
                 hostname: "n1".into(),
                 backend_log_id: "ab".repeat(32),
                 watchdog: Duration::from_millis(500),
-            routable_ips: Vec::new(),
+                routable_ips: Vec::new(),
             };
             let (tx, _rx) = watch::channel(status());
             let mut session = Session::new(config.url.clone());

@@ -61,7 +61,9 @@ fn exit_node_ip(spec: &str, status: &Status) -> Result<Option<IpAddr>, String> {
     let peer = match resolve_peer(status, spec) {
         Ok(PingTarget::Peer(peer)) => peer,
         Ok(PingTarget::SelfNode(_)) => {
-            return Err(format!("{spec:?} is this node; pick a peer as the exit node"))
+            return Err(format!(
+                "{spec:?} is this node; pick a peer as the exit node"
+            ))
         }
         Err(e) if status.peers.is_empty() => {
             return Err(format!(
@@ -158,7 +160,10 @@ mod tests {
     fn routes_are_validated_again_and_modes_checked() {
         let status = status_with(vec![]);
         let overlap = NetPrefsPatch {
-            advertise_routes: Some(vec!["10.0.0.0/8".parse().unwrap(), "10.1.0.0/16".parse().unwrap()]),
+            advertise_routes: Some(vec![
+                "10.0.0.0/8".parse().unwrap(),
+                "10.1.0.0/16".parse().unwrap(),
+            ]),
             ..Default::default()
         };
         assert!(patched(&NetPrefs::default(), &overlap, &status)
@@ -169,7 +174,9 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            patched(&NetPrefs::default(), &off, &status).unwrap().netfilter_mode,
+            patched(&NetPrefs::default(), &off, &status)
+                .unwrap()
+                .netfilter_mode,
             "off"
         );
         let bad = NetPrefsPatch {

@@ -10,9 +10,7 @@
 use std::sync::{Arc, Mutex};
 
 use ipnet::IpNet;
-use tern_platform::netfilter::{
-    self, Netfilter, NetfilterConfig, NetfilterMode,
-};
+use tern_platform::netfilter::{self, Netfilter, NetfilterConfig, NetfilterMode};
 use tern_platform::netlink::{Netlink, TABLE_MAIN};
 use tern_platform::policy::{self, TS_TABLE};
 use tern_platform::router::{NetlinkRouter, RouteSet};
@@ -179,8 +177,7 @@ impl LinuxNet {
     /// rules, a firewall reload flushes chains). Returns whether anything was restored.
     pub(super) async fn maintain(&mut self) -> bool {
         let mut restored = false;
-        if self.policy && !matches!(self.netlink.policy_rules_present(self.ipv6).await, Ok(true))
-        {
+        if self.policy && !matches!(self.netlink.policy_rules_present(self.ipv6).await, Ok(true)) {
             tracing::warn!("ip rules 5210-5270 went missing; adding them again");
             if let Err(e) = self.netlink.add_policy_rules(self.ipv6).await {
                 tracing::warn!(error = %e, "ip rules");

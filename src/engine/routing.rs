@@ -60,11 +60,8 @@ impl Engine {
                 snat: prefs.snat_subnet_routes,
             })
             .await;
-        self.served = routing::served_networks(
-            &self.local,
-            &prefs.routable_ips(),
-            linux.local_prefixes(),
-        );
+        self.served =
+            routing::served_networks(&self.local, &prefs.routable_ips(), linux.local_prefixes());
     }
 
     /// Everything that depends on the routing prefs, again (a `tern set` changed them).

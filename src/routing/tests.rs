@@ -5,7 +5,10 @@ fn net(s: &str) -> IpNet {
 }
 
 fn peer(id: i64, name: &str, v4: &str, extra: &[&str]) -> Node {
-    let addresses = vec![net(&format!("{v4}/32")), net(&format!("fd7a:115c:a1e0::{id:x}/128"))];
+    let addresses = vec![
+        net(&format!("{v4}/32")),
+        net(&format!("fd7a:115c:a1e0::{id:x}/128")),
+    ];
     let mut allowed = addresses.clone();
     allowed.extend(extra.iter().map(|s| net(s)));
     Node {
@@ -58,7 +61,10 @@ fn plain_plan_has_peer_hosts_ula_and_quad_100() {
             "fd7a:115c:a1e0::53/128"
         ]
     );
-    assert!(plan.throw.is_empty(), "no throw routes without an exit node");
+    assert!(
+        plan.throw.is_empty(),
+        "no throw routes without an exit node"
+    );
     let v4_only = route_plan(&map, &me(), &RoutingPrefs::default(), &lan(), false);
     assert!(v4_only.via_tun.iter().all(|n| n.addr().is_ipv4()));
 }
@@ -87,7 +93,11 @@ fn exit_node_routes_everything_and_the_lan_into_the_tunnel() {
     };
     let plan = route_plan(&map, &me(), &prefs, &lan(), true);
     for want in ["0.0.0.0/0", "::/0", "10.1.0.0/24"] {
-        assert!(plan.via_tun.contains(&net(want)), "{want} in {:?}", plan.via_tun);
+        assert!(
+            plan.via_tun.contains(&net(want)),
+            "{want} in {:?}",
+            plan.via_tun
+        );
     }
     assert_eq!(strs(&plan.throw), ["127.0.0.0/8"]);
     let lan_ok = RoutingPrefs {
@@ -127,7 +137,12 @@ fn wireguard_gets_default_routes_only_from_the_exit_node() {
     assert_eq!(wg_allowed_ips(&exit, true, false).len(), 4);
     assert_eq!(wg_allowed_ips(&exit, true, true).len(), 5);
     assert!(offers_exit_node(&exit));
-    assert!(!offers_exit_node(&peer(2, "c2", "100.64.0.2", &["0.0.0.0/0"])));
+    assert!(!offers_exit_node(&peer(
+        2,
+        "c2",
+        "100.64.0.2",
+        &["0.0.0.0/0"]
+    )));
 }
 
 #[test]
@@ -139,7 +154,13 @@ fn exit_node_is_found_by_name_ip_or_hostname() {
         peer(2, "c2", "100.64.0.2", &[]),
         peer(4, "c2x", "100.64.0.4", &[]),
     ]);
-    for spec in ["c3", "C3.lab.ts.net.", "c3.lab.ts.net", "100.64.0.3", "exit-box"] {
+    for spec in [
+        "c3",
+        "C3.lab.ts.net.",
+        "c3.lab.ts.net",
+        "100.64.0.3",
+        "exit-box",
+    ] {
         assert_eq!(resolve_exit_node(&map, spec).unwrap().id, 3, "{spec}");
     }
     assert!(matches!(
@@ -170,8 +191,14 @@ fn served_networks_of_an_exit_node_leave_out_its_lan() {
     assert!(covers("2001:db8::1"));
     assert!(covers("10.2.9.7"), "an advertised subnet");
     assert!(covers("100.64.0.1"), "our own address");
-    assert!(!covers("10.1.0.77"), "the exit node's own LAN is not served");
-    assert!(!covers("100.64.0.9"), "other tailnet addresses are not ours");
+    assert!(
+        !covers("10.1.0.77"),
+        "the exit node's own LAN is not served"
+    );
+    assert!(
+        !covers("100.64.0.9"),
+        "other tailnet addresses are not ours"
+    );
     let plain = served_networks(&me(), &[], &lan());
     assert_eq!(plain, me());
 }
@@ -183,7 +210,10 @@ fn subtract_splits_around_holes() {
     assert!(!rest.iter().any(|n| n.contains(&net("10.1.2.0/24"))));
     assert!(rest.iter().any(|n| n.contains(&net("10.2.0.0/16"))));
     assert!(subtract(net("10.1.0.0/24"), &[net("10.0.0.0/8")]).is_empty());
-    assert_eq!(subtract(net("10.0.0.0/8"), &[net("11.0.0.0/8")]), [net("10.0.0.0/8")]);
+    assert_eq!(
+        subtract(net("10.0.0.0/8"), &[net("11.0.0.0/8")]),
+        [net("10.0.0.0/8")]
+    );
 }
 
 #[test]
