@@ -43,11 +43,14 @@ pub fn control_url() -> String {
 /// With `relay`, a third tern node (host name `relay`) runs on the public `server` host with
 /// its peer relay server on [`RELAY_SERVER_PORT`]; the lab's control config grants every node
 /// `tailscale.com/cap/relay` on every other, so the clients may use it.
-pub fn start(lab: &mut LabState, relay: bool) -> anyhow::Result<()> {
+pub fn start(lab: &mut LabState, relay: bool, exit_node: bool) -> anyhow::Result<()> {
     let dir = state::state_dir(&lab.prefix);
     let auth_key = format!("tskey-auth-lab-{}", hex::encode(rand::random::<[u8; 16]>()));
     let config = dir.join("control.toml");
-    write_private(&config, &control_config(&dir, &auth_key, lab.ipv6))?;
+    write_private(
+        &config,
+        &control_config(&dir, &auth_key, lab.ipv6, exit_node),
+    )?;
     write_private(&dir.join("auth.key"), &auth_key)?;
     // Refuse a bad config here, with its own error, rather than as a dead server later.
     tern_lab::control::Config::load(&config).context("the generated control config")?;
@@ -123,6 +126,64 @@ pub fn start(lab: &mut LabState, relay: bool) -> anyhow::Result<()> {
     if relay {
         start_relay_server(lab, &runtime, daemons.last_mut())?;
     }
+    if exit_node {
+        start_exit_node(lab, &exe, &runtime)?;
+    }
+    Ok(())
+}
+
+/// The internet host's HTTP server, and c2 as c1's exit node (forwarding on in c2's namespace,
+/// as an admin would do; control auto-approves the routes in this lab).
+fn start_exit_node(
+    lab: &mut LabState,
+    exe: &Path,
+    runtime: &tokio::runtime::Runtime,
+) -> anyhow::Result<()> {
+    let inet = Netns::open(&format!("{}-inet", lab.prefix))?;
+    let addr = SocketAddr::from((tern_lab::topology::INTERNET_IP, 80));
+    let listen = addr.to_string();
+    let mut web = start_process(
+        lab,
+        &inet,
+        "inet",
+        "whoami",
+        exe,
+        &["lab", "whoami", &listen],
+    )?;
+    wait_until(&mut web, "the internet host's HTTP server", || {
+        inet.run_in(move || Ok(std::net::TcpStream::connect(addr).is_ok()))
+            .ok()
+            .filter(|up| *up)
+    })?;
+    Netns::open(&format!("{}-c2", lab.prefix))?.sysctl("net.ipv4.ip_forward", "1")?;
+    let socket = |name: &str| {
+        lab.tern_nodes
+            .iter()
+            .find(|n| n.hostname == name)
+            .map(|n| n.socket.clone())
+            .with_context(|| format!("no tern node {name}"))
+    };
+    let (c1, c2) = (Client::new(&socket("c1")?), Client::new(&socket("c2")?));
+    let set = |net: crate::localapi::NetPrefsPatch| crate::localapi::SetRequest {
+        net,
+        ..Default::default()
+    };
+    runtime.block_on(c2.set(&set(crate::localapi::NetPrefsPatch {
+        advertise_exit_node: Some(true),
+        ..Default::default()
+    })))?;
+    wait_until(&mut web, "c1 to see c2 offer an exit node", || {
+        let status = runtime.block_on(c1.status()).ok()?;
+        status
+            .peers
+            .iter()
+            .any(|p| p.hostname == "c2" && p.exit_node_option)
+            .then_some(())
+    })?;
+    runtime.block_on(c1.set(&set(crate::localapi::NetPrefsPatch {
+        exit_node: Some("c2".into()),
+        ..Default::default()
+    })))?;
     Ok(())
 }
 
@@ -338,7 +399,7 @@ fn answers_key(ns: &Netns, addr: SocketAddr) -> Option<()> {
 
 /// The lab control server's config: one reusable key, a DERP region at the relay host (served by
 /// `tern derp`, self-signed, hence `insecure_for_tests`), state in `<dir>/control`.
-fn control_config(dir: &Path, auth_key: &str, ipv6: bool) -> String {
+fn control_config(dir: &Path, auth_key: &str, ipv6: bool, approve_routes: bool) -> String {
     let (relay, stun2) = (RELAY_IPS[0], RELAY_IPS[1]);
     // In a dual-stack lab both nodes get their IPv6 twins: clients STUN there for IPv6 (DERP
     // itself is served on IPv4 only; Go clients fall back to it at once).
@@ -351,6 +412,7 @@ fn control_config(dir: &Path, auth_key: &str, ipv6: bool) -> String {
         r#"# Written by `tern lab up`; see lab/control.example.toml for every field.
 listen = "{CONTROL_IP}:{CONTROL_PORT}"
 state_dir = "{state}"
+auto_approve_routes = {approve_routes}
 
 [[auth_key]]
 key = "{auth_key}"

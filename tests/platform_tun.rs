@@ -187,3 +187,92 @@ fn tun_and_routes_in_a_fresh_namespace() {
         "TUN leaked into the host namespace"
     );
 }
+
+/// Table 52 for a 10,000-peer netmap: one route message per peer once, then only what changes
+/// (one add and one delete when a peer is replaced, nothing when the netmap repeats); one
+/// aggregate route beyond 10,000 peers. Messages are counted by the router, routes read back.
+async fn ten_thousand_peer_routes() -> anyhow::Result<()> {
+    use tern_platform::router::RouteSet;
+    let tun = LinuxTun::create(&TunConfig::default()).await?;
+    tun.set_addresses(&["100.64.0.1/32".parse()?]).await?;
+    let mut router = NetlinkRouter::new(tun.netlink().clone(), tun.index())
+        .with_table(tern_platform::policy::TS_TABLE);
+    let host = |i: u32| -> IpNet {
+        IpNet::from(IpAddr::V4(Ipv4Addr::from(
+            u32::from(Ipv4Addr::new(100, 65, 0, 0)) + i,
+        )))
+    };
+    let mut peers: Vec<IpNet> = (0..10_000).map(host).collect();
+    let started = std::time::Instant::now();
+    router
+        .set(&RouteSet {
+            via_tun: peers.clone(),
+            throw: vec![],
+        })
+        .await?;
+    eprintln!("10,000 peer routes applied in {:?}", started.elapsed());
+    ensure!(
+        router.messages_sent() == 10_000,
+        "{} messages",
+        router.messages_sent()
+    );
+    ensure!(
+        router.kernel_routes().await?.len() == 10_000,
+        "routes read back"
+    );
+    router
+        .set(&RouteSet {
+            via_tun: peers.clone(),
+            throw: vec![],
+        })
+        .await?;
+    ensure!(
+        router.messages_sent() == 10_000,
+        "the same netmap again sent messages"
+    );
+    peers[0] = host(20_000);
+    router
+        .set(&RouteSet {
+            via_tun: peers.clone(),
+            throw: vec![],
+        })
+        .await?;
+    ensure!(
+        router.messages_sent() == 10_002,
+        "{} messages",
+        router.messages_sent()
+    );
+    let aggregate: IpNet = "100.64.0.0/10".parse()?;
+    let started = std::time::Instant::now();
+    router
+        .set(&RouteSet {
+            via_tun: vec![aggregate],
+            throw: vec![],
+        })
+        .await?;
+    eprintln!("10,000 routes replaced by one in {:?}", started.elapsed());
+    ensure!(
+        router.kernel_routes().await? == vec![aggregate],
+        "one aggregate left"
+    );
+    Ok(())
+}
+
+#[test]
+fn ten_thousand_peers_cost_one_message_each_then_only_changes() {
+    support::require_root();
+    let name = format!("tpt-10k-{}", std::process::id());
+    let ns = Netns::create(&name).expect("create namespace");
+    let result = ns.run_in(|| {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| LabError::Invalid(e.to_string()))?;
+        rt.block_on(ten_thousand_peer_routes())
+            .map_err(|e| LabError::Invalid(format!("{e:#}")))
+    });
+    ns.delete().expect("delete namespace");
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+}

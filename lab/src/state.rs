@@ -272,8 +272,12 @@ pub fn up(
     nat1: crate::NatMode,
     nat2: crate::NatMode,
     ipv6: bool,
+    internet: bool,
 ) -> Result<LabState> {
     let mut topo = Topology::standard_with(prefix, nat1, nat2, ipv6)?;
+    if internet {
+        topo.add_internet_host()?;
+    }
     let state = LabState::from_topology(&topo);
     state.save()?;
     topo.persist();

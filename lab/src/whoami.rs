@@ -111,6 +111,14 @@ pub fn spawn_whoami(ns: &Netns, addr: SocketAddr) -> Result<WhoamiServer> {
     })
 }
 
+/// Serves on `addr` in this thread's own namespace until the process ends (the lab's internet
+/// host runs it as `tern lab whoami ADDR`).
+pub fn serve_forever(addr: SocketAddr) -> Result<()> {
+    let listener = bind(addr)?;
+    serve(&listener);
+    Ok(())
+}
+
 fn bind(addr: SocketAddr) -> Result<TcpListener> {
     TcpListener::bind(addr).map_err(|err| LabError::io(format!("binding whoami on {addr}"), err))
 }

@@ -44,6 +44,12 @@ pub enum LabCommand {
     Wan(LabWanArgs),
     /// Run the lab coordination server (for labs and tests only, not production).
     Control(LabControlArgs),
+    /// Serve "your address" over HTTP on ADDR (the lab's internet host runs it).
+    #[command(hide = true)]
+    Whoami {
+        /// ip:port to listen on.
+        addr: std::net::SocketAddr,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -74,6 +80,10 @@ pub struct LabUpArgs {
     /// 1 % loss each way); change it later with `tern lab wan`.
     #[arg(long, default_value = "none")]
     pub wan: String,
+    /// Add an "internet" host (198.18.0.30, answering HTTP with the client's address) and make
+    /// c2 an exit node for c1: c1's traffic to it leaves through c2.
+    #[arg(long)]
+    pub exit_node: bool,
 }
 
 #[derive(Debug, Args)]
@@ -114,6 +124,7 @@ pub fn run(args: &LabArgs) -> anyhow::Result<ExitCode> {
         Some(LabCommand::Nat(nat_args)) => nat(prefix, nat_args),
         Some(LabCommand::Wan(wan_args)) => wan(prefix, &wan_args.profile),
         Some(LabCommand::Control(control_args)) => control(control_args),
+        Some(LabCommand::Whoami { addr }) => whoami(*addr),
         None => {
             // The bare command is the demo: `up` (topology, control, two nodes) + `status`.
             let defaults = LabUpArgs {
@@ -122,6 +133,7 @@ pub fn run(args: &LabArgs) -> anyhow::Result<ExitCode> {
                 ipv6: false,
                 relay: false,
                 wan: "none".into(),
+                exit_node: false,
             };
             up(prefix, &defaults)?;
             if !std::io::stdout().is_terminal() {
@@ -188,8 +200,8 @@ fn up(prefix: &str, args: &LabUpArgs) -> anyhow::Result<ExitCode> {
     let nat1: NatMode = args.nat1.parse().context("--nat1")?;
     let nat2: NatMode = args.nat2.parse().context("--nat2")?;
     let wan_profile: WanProfile = args.wan.parse().context("--wan")?;
-    let mut lab = state::up(prefix, nat1, nat2, args.ipv6)?;
-    let started = crate::lab_nodes::start(&mut lab, args.relay)
+    let mut lab = state::up(prefix, nat1, nat2, args.ipv6, args.exit_node)?;
+    let started = crate::lab_nodes::start(&mut lab, args.relay, args.exit_node)
         .and_then(|()| Ok(tern_lab::wan::apply(prefix, wan_profile)?));
     let shaping = started.as_ref().map(|s| *s).unwrap_or(Shaping::None);
     if let Err(err) = started {
@@ -224,6 +236,13 @@ fn up(prefix: &str, args: &LabUpArgs) -> anyhow::Result<ExitCode> {
             crate::lab_nodes::RELAY_SERVER_PORT
         );
     }
+    if args.exit_node {
+        println!(
+            "exit node:          c1 uses c2; try: ip netns exec {prefix}-c1 curl http://{}/ (answers \
+             c2's side's address)",
+            tern_lab::topology::INTERNET_IP
+        );
+    }
     for node in &lab.tern_nodes {
         println!(
             "ask {:<4} with:      {}",
@@ -238,6 +257,13 @@ fn up(prefix: &str, args: &LabUpArgs) -> anyhow::Result<ExitCode> {
     );
     println!("change a NAT with:  tern lab nat nat1 hard");
     println!("tear it down with:  tern lab down");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The internet host's server: runs until killed (`tern lab down`).
+fn whoami(addr: std::net::SocketAddr) -> anyhow::Result<ExitCode> {
+    println!("whoami: serving on {addr}");
+    tern_lab::whoami::serve_forever(addr)?;
     Ok(ExitCode::SUCCESS)
 }
 
