@@ -178,7 +178,7 @@ pub struct ErrorReport {
     pub at: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct SelfStatus {
     /// MagicDNS name without the trailing dot (e.g. `n1.tailnet.example`).
     pub name: String,

@@ -103,10 +103,16 @@ fn checked_netfilter_mode(mode: &str) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::status::{DataPlaneStatus, PeerStatus};
+    use crate::status::{DataPlaneStatus, PeerStatus, SelfStatus};
 
     fn status_with(peers: Vec<PeerStatus>) -> Status {
         let mut s = Status::initial(DataPlaneStatus::default(), std::time::SystemTime::now());
+        s.self_node = Some(SelfStatus {
+            name: "c1.lab.ts.net".into(),
+            hostname: "c1".into(),
+            tailnet_ips: vec!["100.64.0.1".into()],
+            ..Default::default()
+        });
         s.peers = peers;
         s
     }
@@ -139,7 +145,8 @@ mod tests {
         assert!(err.contains("does not offer an exit node"), "{err}");
         let err = patched(&NetPrefs::default(), &patch("nobody"), &status).unwrap_err();
         assert!(!err.is_empty());
-        let none = status_with(vec![]);
+        let mut none = status_with(vec![]);
+        none.self_node = None;
         let err = patched(&NetPrefs::default(), &patch("c2"), &none).unwrap_err();
         assert!(err.contains("tern up"), "{err}");
     }
