@@ -202,14 +202,13 @@ async fn ten_thousand_peer_routes() -> anyhow::Result<()> {
             u32::from(Ipv4Addr::new(100, 65, 0, 0)) + i,
         )))
     };
+    let only = |via_tun: &[IpNet]| RouteSet {
+        via_tun: via_tun.to_vec(),
+        throw: vec![],
+    };
     let mut peers: Vec<IpNet> = (0..10_000).map(host).collect();
     let started = std::time::Instant::now();
-    router
-        .set(&RouteSet {
-            via_tun: peers.clone(),
-            throw: vec![],
-        })
-        .await?;
+    router.set(&only(&peers)).await?;
     eprintln!("10,000 peer routes applied in {:?}", started.elapsed());
     ensure!(
         router.messages_sent() == 10_000,
@@ -220,23 +219,13 @@ async fn ten_thousand_peer_routes() -> anyhow::Result<()> {
         router.kernel_routes().await?.len() == 10_000,
         "routes read back"
     );
-    router
-        .set(&RouteSet {
-            via_tun: peers.clone(),
-            throw: vec![],
-        })
-        .await?;
+    router.set(&only(&peers)).await?;
     ensure!(
         router.messages_sent() == 10_000,
         "the same netmap again sent messages"
     );
     peers[0] = host(20_000);
-    router
-        .set(&RouteSet {
-            via_tun: peers.clone(),
-            throw: vec![],
-        })
-        .await?;
+    router.set(&only(&peers)).await?;
     ensure!(
         router.messages_sent() == 10_002,
         "{} messages",
@@ -244,12 +233,7 @@ async fn ten_thousand_peer_routes() -> anyhow::Result<()> {
     );
     let aggregate: IpNet = "100.64.0.0/10".parse()?;
     let started = std::time::Instant::now();
-    router
-        .set(&RouteSet {
-            via_tun: vec![aggregate],
-            throw: vec![],
-        })
-        .await?;
+    router.set(&only(&[aggregate])).await?;
     eprintln!("10,000 routes replaced by one in {:?}", started.elapsed());
     ensure!(
         router.kernel_routes().await? == vec![aggregate],

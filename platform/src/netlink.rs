@@ -4,7 +4,7 @@ use std::net::IpAddr;
 
 use futures_util::TryStreamExt;
 use ipnet::IpNet;
-use rtnetlink::packet_route::address::AddressAttribute;
+use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
 use rtnetlink::packet_route::link::LinkFlags;
 use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol};
 use rtnetlink::packet_route::AddressFamily;
@@ -29,12 +29,21 @@ pub struct Netlink {
     handle: Handle,
 }
 
-fn nl(op: &'static str) -> impl FnOnce(rtnetlink::Error) -> PlatformError {
+/// The address of an address message with its prefix length.
+fn address_prefix(m: &AddressMessage) -> Option<IpNet> {
+    let ip = m.attributes.iter().find_map(|a| match a {
+        AddressAttribute::Address(ip) => Some(*ip),
+        _ => None,
+    })?;
+    IpNet::new(ip, m.header.prefix_len).ok()
+}
+
+pub(crate) fn nl(op: &'static str) -> impl FnOnce(rtnetlink::Error) -> PlatformError {
     move |source| PlatformError::Netlink { op, source }
 }
 
 /// Whether a netlink error is the given errno (e.g. ESRCH for a route already gone).
-fn is_errno(e: &rtnetlink::Error, errno: i32) -> bool {
+pub(crate) fn is_errno(e: &rtnetlink::Error, errno: i32) -> bool {
     matches!(e, rtnetlink::Error::NetlinkError(m) if m.raw_code() == -errno)
 }
 
@@ -100,16 +109,7 @@ impl Netlink {
             .try_collect()
             .await
             .map_err(nl("address get"))?;
-        Ok(msgs
-            .iter()
-            .filter_map(|m| {
-                let ip = m.attributes.iter().find_map(|a| match a {
-                    AddressAttribute::Address(ip) => Some(*ip),
-                    _ => None,
-                })?;
-                IpNet::new(ip, m.header.prefix_len).ok()
-            })
-            .collect())
+        Ok(msgs.iter().filter_map(address_prefix).collect())
     }
 
     /// Removes an address from a link; an address already gone is fine.
@@ -161,14 +161,10 @@ impl Netlink {
         Ok(msgs
             .iter()
             .filter_map(|m| {
-                let ip = m.attributes.iter().find_map(|a| match a {
-                    AddressAttribute::Address(ip) => Some(*ip),
-                    _ => None,
-                })?;
                 Some(InterfacePrefix {
                     index: m.header.index,
                     loopback: loopback.contains(&m.header.index),
-                    prefix: IpNet::new(ip, m.header.prefix_len).ok()?,
+                    prefix: address_prefix(m)?,
                 })
             })
             .collect())
@@ -227,14 +223,7 @@ fn route_dst_via(m: &RouteMessage, index: u32, table: u32) -> Option<IpNet> {
         RouteAttribute::Oif(i) => Some(*i),
         _ => None,
     })?;
-    let msg_table = m
-        .attributes
-        .iter()
-        .find_map(|a| match a {
-            RouteAttribute::Table(t) => Some(*t),
-            _ => None,
-        })
-        .unwrap_or(u32::from(m.header.table));
+    let msg_table = crate::policy::route_table(m);
     // The kernel adds its own (fe80::/64, IPv6 address prefixes); those are not ours.
     if oif != index || msg_table != table || m.header.protocol == RouteProtocol::Kernel {
         return None;

@@ -22,7 +22,7 @@ use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::{IpVersion, RouteMessageBuilder};
 
 use crate::error::{PlatformError, Result};
-use crate::netlink::Netlink;
+use crate::netlink::{is_errno, nl, Netlink};
 
 /// tern's routing table (tailscaled's "tailscale" table).
 pub const TS_TABLE: u32 = 52;
@@ -70,14 +70,6 @@ pub const RULES: [RuleSpec; 4] = [
         bypass_mark: false,
     },
 ];
-
-fn nl(op: &'static str) -> impl FnOnce(rtnetlink::Error) -> PlatformError {
-    move |source| PlatformError::Netlink { op, source }
-}
-
-fn errno_is(e: &rtnetlink::Error, errno: i32) -> bool {
-    matches!(e, rtnetlink::Error::NetlinkError(m) if m.raw_code() == -errno)
-}
 
 fn families(v6: bool) -> &'static [IpVersion] {
     if v6 {
@@ -181,7 +173,7 @@ impl Netlink {
             msg.header.table = 0;
         }
         match req.execute().await {
-            Err(e) if errno_is(&e, libc::EEXIST) => Ok(()),
+            Err(e) if is_errno(&e, libc::EEXIST) => Ok(()),
             other => other.map_err(nl("rule add")),
         }
     }
@@ -195,7 +187,7 @@ impl Netlink {
             };
             for msg in rules.into_iter().filter(|m| is_ours(&seen_rule(m))) {
                 match self.handle().rule().del(msg).execute().await {
-                    Err(e) if !errno_is(&e, libc::ENOENT) => return Err(nl("rule del")(e)),
+                    Err(e) if !is_errno(&e, libc::ENOENT) => return Err(nl("rule del")(e)),
                     _ => deleted += 1,
                 }
             }
@@ -242,7 +234,7 @@ impl Netlink {
     pub async fn delete_throw_route(&self, dst: IpNet, table: u32) -> Result<()> {
         let msg = Self::throw_message(dst, table)?;
         match self.handle().route().del(msg).execute().await {
-            Err(e) if !errno_is(&e, libc::ESRCH) => Err(nl("throw route del")(e)),
+            Err(e) if !is_errno(&e, libc::ESRCH) => Err(nl("throw route del")(e)),
             _ => Ok(()),
         }
     }
@@ -274,7 +266,7 @@ impl Netlink {
                     )
             }) {
                 match self.handle().route().del(m).execute().await {
-                    Err(e) if !errno_is(&e, libc::ESRCH) => return Err(nl("route del")(e)),
+                    Err(e) if !is_errno(&e, libc::ESRCH) => return Err(nl("route del")(e)),
                     _ => removed += 1,
                 }
             }

@@ -2,8 +2,6 @@
 //! netmap, WireGuard AllowedIPs, table 52, netfilter and the packet filter's served networks
 //! recomputed whenever the netmap, the prefs or the host's own prefixes change.
 
-use std::net::IpAddr;
-
 use tern_platform::netfilter::NetfilterMode;
 
 use super::linux_net::FirewallInputs;
@@ -121,15 +119,9 @@ impl Engine {
                 .as_ref()
                 .and_then(|m| routing::resolve_exit_node(m, &ip.to_string()).ok());
             out.exit_node_available = node.is_some_and(|n| n.online != Some(false));
-            out.exit_node = Some(
-                node.map(routing::display_name)
-                    .unwrap_or_else(|| exit_name_fallback(ip)),
-            );
+            // Gone from the netmap: its address is all we can name it by.
+            out.exit_node = Some(node.map_or_else(|| ip.to_string(), routing::display_name));
         }
         out
     }
-}
-
-fn exit_name_fallback(ip: IpAddr) -> String {
-    ip.to_string()
 }
