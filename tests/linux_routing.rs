@@ -4,7 +4,8 @@
 //!   back with `ip -j` and `iptables-save`), are put back after `nft flush ruleset` and a
 //!   deleted rule, and go on `tern down` and on stop; after SIGKILL they stay until the next
 //!   start or `tern daemon --cleanup` removes them. A ufw-like ruleset and a foreign ip rule
-//!   loaded before are byte-identical afterwards.
+//!   loaded before are byte-identical afterwards. The same with nftables when asked for
+//!   (`TS_DEBUG_FIREWALL_MODE=nftables`).
 //! * Exit node, tern on both ends: c1's requests to the lab's internet host come from c2's
 //!   side while c2 is its exit node; with c2's daemon killed they do not leave c1's uplink (a
 //!   counter on nat1) while c1's tern runs, and do once it stops.
@@ -726,4 +727,47 @@ fn subnet_router_forwards_under_the_filter_with_a_tsnet_node_in_the_tailnet() {
 
 fn curl_body(ns: &Netns, url: &str) -> Option<String> {
     lab_nodes::curl(ns, "GET", url).map(|b| String::from_utf8_lossy(&b).trim().to_string())
+}
+
+#[test]
+fn nftables_kind_when_asked_for() {
+    let lab = Lab::start();
+    let c1 = lab.ns("c1");
+    let env = [("TS_DEBUG_FIREWALL_MODE", std::path::Path::new("nftables"))];
+    let mut a = Node::start_with_env(c1, lab.dir.path(), "ta", &env);
+    a.wait_for_api(20);
+    a.up("ta");
+    let ts_rules = || {
+        let ruleset = json(c1, &["nft", "-j", "list", "ruleset"]);
+        ruleset["nftables"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|o| {
+                o["rule"]["chain"]
+                    .as_str()
+                    .is_some_and(|c| c.starts_with("ts-"))
+            })
+            .count()
+    };
+    wait(
+        "tern's nft rules",
+        20,
+        || a.logs(),
+        || (ts_rules() >= 8).then_some(()),
+    );
+    let status = a.status();
+    assert_eq!(
+        status["routing"]["netfilter_kind"], "nftables",
+        "{}",
+        status["routing"]
+    );
+    let listing = text(c1, &["nft", "list", "chain", "ip", "filter", "ts-input"]);
+    assert!(
+        listing.contains("iifname != \"tern0\" ip saddr 100.64.0.0/10 counter"),
+        "{listing}"
+    );
+    a.process.stop().expect("stop ta");
+    assert_eq!(ts_rules(), 0, "{}", text(c1, &["nft", "list", "ruleset"]));
+    assert!(our_rules(c1).is_empty());
 }

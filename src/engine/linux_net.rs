@@ -48,7 +48,7 @@ pub(super) struct LinuxNet {
 }
 
 impl LinuxNet {
-    /// Installs the rules and (mode ≠ off) netfilter for `tun`.
+    /// Installs the ip rules for `tun` (netfilter follows with the first [`Self::apply_firewall`]).
     pub(super) async fn start(tun: &LinuxTun, ipv6: bool) -> Self {
         let netlink = tun.netlink().clone();
         let policy = netlink.rules_supported().await;
