@@ -19,6 +19,7 @@ pub mod localapi;
 pub mod naclbox;
 pub mod netcheck;
 pub mod netmap;
+pub mod netstack;
 pub mod packet;
 pub mod paths;
 pub mod relay;

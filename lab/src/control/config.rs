@@ -68,6 +68,53 @@ pub struct Config {
     /// Routes approved for particular nodes (by hostname), when not auto-approving.
     #[serde(default)]
     pub approved_routes: Vec<ApprovedRoutesConfig>,
+    /// The tailnet's DNS settings (`MapResponse.DNSConfig`).
+    #[serde(default)]
+    pub dns: DnsSection,
+}
+
+/// `[dns]`: what Tailscale's admin console calls DNS settings.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DnsSection {
+    /// MagicDNS: nodes answer tailnet names at 100.100.100.100 (`Proxied`; default on, as on
+    /// Tailscale).
+    #[serde(default = "default_true")]
+    pub magic_dns: bool,
+    /// Global nameservers ("override local DNS"): plain IPs.
+    #[serde(default)]
+    pub nameservers: Vec<std::net::IpAddr>,
+    /// Search domains besides the tailnet's own.
+    #[serde(default)]
+    pub search_domains: Vec<String>,
+    /// Split DNS: names under `suffix` go to `resolvers`.
+    #[serde(default, rename = "route")]
+    pub routes: Vec<DnsRouteConfig>,
+}
+
+impl Default for DnsSection {
+    fn default() -> Self {
+        Self {
+            magic_dns: true,
+            nameservers: Vec::new(),
+            search_domains: Vec::new(),
+            routes: Vec::new(),
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// One split-DNS route.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DnsRouteConfig {
+    /// A domain, e.g. `example.lab`.
+    pub suffix: String,
+    /// Its nameservers (plain IPs, port 53).
+    pub resolvers: Vec<std::net::IpAddr>,
 }
 
 /// Routes a node may offer once it advertises them (`Hostinfo.RoutableIPs`).
@@ -238,6 +285,24 @@ impl Config {
     /// Checks values TOML types cannot: each error names the field and what to fix.
     pub fn validate(&self) -> Result<(), ControlError> {
         let bad = |msg: String| Err(ControlError::Config(msg));
+        for name in self
+            .dns
+            .search_domains
+            .iter()
+            .chain(self.dns.routes.iter().map(|r| &r.suffix))
+        {
+            if !is_dns_name(name.trim_end_matches('.')) {
+                return bad(format!(
+                    "[dns]: {name:?} is not a domain: use dot-separated labels of a-z, 0-9 and '-'"
+                ));
+            }
+        }
+        if let Some(route) = self.dns.routes.iter().find(|r| r.resolvers.is_empty()) {
+            return bad(format!(
+                "[[dns.route]] {:?} has no resolvers: list at least one IP",
+                route.suffix
+            ));
+        }
         if self.state_dir.as_os_str().is_empty() {
             return bad(
                 "state_dir is empty: set it to a directory for the Noise key and nodes".into(),

@@ -11,9 +11,9 @@ use tern_lab::control::{
 
 use super::Event;
 use crate::control::tailcfg::{
-    CapGrant, CapMap, Debug, DerpMap, DerpNode, DerpRegion, FilterRule, GoTime, Hostinfo, Login,
-    MapRequest, MapResponse, NetPortRange, Node, PeerChange, PortRange, RegisterRequest,
-    RegisterResponse, User, UserProfile,
+    CapGrant, CapMap, Debug, DerpMap, DerpNode, DerpRegion, DnsConfig, FilterRule, GoTime,
+    Hostinfo, Login, MapRequest, MapResponse, NetPortRange, Node, PeerChange, PortRange,
+    RegisterRequest, RegisterResponse, Resolver, User, UserProfile,
 };
 use crate::keys::MachinePublic;
 
@@ -152,6 +152,7 @@ pub(super) fn full_map(
             .collect(),
         packet_filter: Some(filter),
         domain: tailnet.config().domain.clone(),
+        dns_config: Some(dns_config(tailnet.config())),
         user_profiles: vec![profile],
         collect_services: Some(false),
         debug: Some(Debug {
@@ -161,6 +162,39 @@ pub(super) fn full_map(
         control_time: Some(GoTime::now()),
         ..MapResponse::default()
     })
+}
+
+/// `[dns]` as Tailscale's control sends it: with MagicDNS the tailnet domain leads the search
+/// domains and `Proxied` is set; nameservers become `Resolvers`, split routes `Routes`.
+fn dns_config(config: &policy::Config) -> DnsConfig {
+    let resolvers = |ips: &[IpAddr]| -> Vec<Resolver> {
+        ips.iter()
+            .map(|ip| Resolver {
+                addr: ip.to_string(),
+                ..Resolver::default()
+            })
+            .collect()
+    };
+    let dns = &config.dns;
+    let mut domains = Vec::new();
+    if dns.magic_dns {
+        domains.push(config.domain.clone());
+    }
+    domains.extend(dns.search_domains.iter().cloned());
+    DnsConfig {
+        resolvers: resolvers(&dns.nameservers),
+        routes: dns
+            .routes
+            .iter()
+            .map(|r| {
+                let suffix = format!("{}.", r.suffix.trim_end_matches('.'));
+                (suffix, Some(resolvers(&r.resolvers)))
+            })
+            .collect(),
+        domains,
+        proxied: dns.magic_dns,
+        ..DnsConfig::default()
+    }
 }
 
 fn peers_of(tailnet: &Tailnet, node_id: u64) -> impl Iterator<Item = &NodeRecord> {

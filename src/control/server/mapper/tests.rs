@@ -231,3 +231,50 @@ fn listed_routes_are_approved_and_explicit_subnet_filters_pass_through() {
         json!([{"IP": "10.2.9.0/24", "Ports": {"First": 80, "Last": 80}}])
     );
 }
+
+#[test]
+fn dns_section_becomes_go_dns_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut t = tailnet_with(
+        dir.path(),
+        "",
+        "[dns]\nnameservers = [\"198.18.0.20\"]\nsearch_domains = [\"corp.lab\"]\n\
+         [[dns.route]]\nsuffix = \"example.lab\"\nresolvers = [\"198.18.0.21\"]\n",
+    );
+    let a = add(&mut t, 1, "alpha");
+    let v = serde_json::to_value(full_map(&t, a, &mut StreamState::default()).unwrap()).unwrap();
+    let dns = &v["DNSConfig"];
+    assert_eq!(dns["Proxied"], true, "MagicDNS is on by default: {dns}");
+    assert_eq!(dns["Domains"], json!(["lab.tern.test", "corp.lab"]));
+    assert_eq!(dns["Resolvers"], json!([{"Addr": "198.18.0.20"}]));
+    assert_eq!(
+        dns["Routes"],
+        json!({"example.lab.": [{"Addr": "198.18.0.21"}]})
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut off = tailnet_with(dir.path(), "", "[dns]\nmagic_dns = false\n");
+    let b = add(&mut off, 2, "beta");
+    let v = serde_json::to_value(full_map(&off, b, &mut StreamState::default()).unwrap()).unwrap();
+    assert!(
+        v["DNSConfig"].get("Proxied").is_none(),
+        "{}",
+        v["DNSConfig"]
+    );
+    assert!(v["DNSConfig"].get("Domains").is_none());
+}
+
+#[test]
+fn bad_dns_sections_are_refused_with_the_fix() {
+    let base = "listen = \"127.0.0.1:0\"\nstate_dir = \"/tmp/x\"\n";
+    let err = Config::parse(&format!("{base}[dns]\nsearch_domains = [\"no spaces\"]\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("is not a domain"), "{err}");
+    let err = Config::parse(&format!(
+        "{base}[[dns.route]]\nsuffix = \"example.lab\"\nresolvers = []\n"
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("no resolvers"), "{err}");
+}
