@@ -10,6 +10,7 @@ pub mod daemon;
 pub mod demux;
 pub mod derp;
 pub mod disco;
+pub mod dns;
 pub mod duration_text;
 pub mod engine;
 pub mod filter;
