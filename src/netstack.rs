@@ -52,6 +52,16 @@ pub fn is_quad_100(ip: IpAddr) -> bool {
     ip == IpAddr::V4(QUAD_100_V4) || ip == IpAddr::V6(QUAD_100_V6)
 }
 
+/// Whether an IP packet is addressed to quad-100, from its raw header (cheap enough for every
+/// packet the TUN gives the engine).
+pub fn to_quad_100(packet: &[u8]) -> bool {
+    match packet.first().map(|b| b >> 4) {
+        Some(4) => packet.get(16..20) == Some(&QUAD_100_V4.octets()[..]),
+        Some(6) => packet.get(24..40) == Some(&QUAD_100_V6.octets()[..]),
+        _ => false,
+    }
+}
+
 /// Where an answer goes back to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RequestId {
@@ -299,14 +309,11 @@ impl Netstack {
                 }
             }
             // Pipelined queries: every complete length-prefixed message.
-            loop {
-                let Some(len) = conn
-                    .pending
-                    .get(..2)
-                    .map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])))
-                else {
-                    break;
-                };
+            while let Some(len) = conn
+                .pending
+                .get(..2)
+                .map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])))
+            {
                 if len == 0 || len > MAX_QUERY {
                     socket.abort();
                     conn.pending.clear();

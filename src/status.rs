@@ -310,6 +310,10 @@ pub struct DataPlaneStatus {
     /// Packets the data plane dropped, by cause (`disco_bad_box`, `stun_unmatched`, …).
     #[serde(default)]
     pub drops: std::collections::BTreeMap<String, u64>,
+    /// Quad-100 (MagicDNS on the netstack): `udp_queries`, `tcp_queries`, `tcp_connections`,
+    /// `tcp_aborted`, `oversized`, `queue_full`, `packets_in`, `packets_out`.
+    #[serde(default)]
+    pub quad100: std::collections::BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -295,6 +295,23 @@ fn header_reply(head: &[u8], rcode: ResponseCode, max_len: usize) -> Outcome {
     Outcome::Answer(out)
 }
 
+/// SERVFAIL for a query the forwarder could not get answered (Go answers so too); `None`
+/// when the query has no header to answer.
+pub fn servfail(query: &[u8]) -> Option<Vec<u8>> {
+    let head = query.get(..HEADER_LEN)?;
+    let outcome = match Message::from_vec(query) {
+        Ok(msg) => encode_within(
+            reply_to(&msg, ResponseCode::ServFail, None, MAX_TCP_RESPONSE),
+            MAX_TCP_RESPONSE,
+        ),
+        Err(_) => header_reply(head, ResponseCode::ServFail, MAX_TCP_RESPONSE),
+    };
+    match outcome {
+        Outcome::Answer(bytes) => Some(bytes),
+        _ => None,
+    }
+}
+
 /// Fits an upstream's reply into what the client takes: unchanged if it fits, else its header
 /// and question with TC set (the client retries over TCP), else the bare header with TC; `None`
 /// if the reply has no readable header or `max_len` is under 12.

@@ -50,6 +50,7 @@ impl Engine {
         mut reports: mpsc::Receiver<LatencyReport>,
         mut requests: mpsc::Receiver<api::EngineRequest>,
         status: &watch::Sender<Status>,
+        mut quad100_out: mpsc::Receiver<Vec<u8>>,
     ) -> Result<(), EngineError> {
         let mut tun_buf = vec![0u8; BUF_LEN];
         let mut udp_buf = vec![0u8; BUF_LEN];
@@ -148,6 +149,7 @@ impl Engine {
                     }
                 }
                 _ = maintain_tick.tick() => self.maintain_host().await,
+                Some(packet) = quad100_out.recv() => write_tun(tun, Some(&packet)).await,
                 _ = status_tick.tick() => {
                     self.publish(status);
                     self.close_idle_derp(Instant::now());

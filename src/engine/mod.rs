@@ -26,6 +26,7 @@ mod linux_net;
 mod netcheck;
 mod peers;
 mod publish;
+mod quad100;
 mod relay_client;
 mod relay_host;
 mod requests;
@@ -195,6 +196,8 @@ async fn run(
     )));
     let mut engine = Engine::new(&config, inbound_tx, local, regions_tx);
     engine.linux = Some(linux);
+    let (quad100, quad100_out) = quad100::Quad100::start(ipv6);
+    engine.quad100 = Some(quad100);
     engine.stun_tx = Some(stun_tx);
     engine.netcheck_trigger = trigger;
     engine.udp_port = sockets
@@ -216,7 +219,14 @@ async fn run(
     });
     let served = engine
         .serve(
-            &tun, &sockets, netmaps, inbound_rx, reports, requests, status,
+            &tun,
+            &sockets,
+            netmaps,
+            inbound_rx,
+            reports,
+            requests,
+            status,
+            quad100_out,
         )
         .await;
     drop(netcheck);
@@ -311,6 +321,8 @@ struct Engine {
     /// Each peer's first tailnet address (Go `nodeHasCap` checks capabilities between first
     /// addresses).
     first_ip: HashMap<NodePublic, IpAddr>,
+    /// Quad-100 (MagicDNS) on the netstack task (`None` until the TUN exists).
+    quad100: Option<quad100::Quad100>,
     /// Rules, table 52 and netfilter on the host (`None` until the TUN exists).
     linux: Option<linux_net::LinuxNet>,
     /// Exit node, subnet route and netfilter prefs as the daemon publishes them.
@@ -377,6 +389,7 @@ impl Engine {
             ),
             first_ip: HashMap::new(),
             linux: None,
+            quad100: None,
             net_prefs: config.net_prefs.clone(),
             served: Vec::new(),
             netmap: None,

@@ -66,6 +66,9 @@ impl Engine {
             self.local = local;
         }
         self.sync_peers(map);
+        if let Some(quad100) = &self.quad100 {
+            quad100.set_netmap(map);
+        }
         self.apply_host_routing(map).await;
         self.recompile_filter(map);
         self.update_relay_candidates(map);

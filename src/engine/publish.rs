@@ -63,11 +63,39 @@ impl Engine {
             let relay = self.relay.as_ref().map(|r| relay_status(r, &s.peers));
             let relay_changed = s.relay_server != relay;
             s.relay_server = relay;
+            let quad100 = self.quad100_counts();
+            let quad100_changed = s.data_plane.quad100 != quad100;
+            s.data_plane.quad100 = quad100;
             let routing = self.routing_status();
             let routing_changed = s.routing != routing;
             s.routing = routing;
-            s.peers != before || drops_changed || relay_changed || routing_changed
+            s.peers != before
+                || drops_changed
+                || relay_changed
+                || routing_changed
+                || quad100_changed
         });
+    }
+
+    /// Quad-100's counters by name (empty without the netstack).
+    pub(super) fn quad100_counts(&self) -> BTreeMap<String, u64> {
+        let Some(quad) = &self.quad100 else {
+            return BTreeMap::new();
+        };
+        let c = quad.counters();
+        [
+            ("udp_queries", c.udp_queries),
+            ("tcp_queries", c.tcp_queries),
+            ("tcp_connections", c.tcp_connections),
+            ("tcp_aborted", c.tcp_aborted),
+            ("oversized", c.oversized),
+            ("queue_full", c.queue_full + quad.dropped),
+            ("packets_in", c.packets_in),
+            ("packets_out", c.packets_out),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
     }
 
     /// Every drop counter by name, for status (zeros left out).

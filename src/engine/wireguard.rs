@@ -31,6 +31,12 @@ pub(super) const HEARD_UNKNOWN_MAX: usize = 256;
 impl Engine {
     /// A packet from the TUN: route, encrypt, queue for its peer's path.
     pub(super) fn outbound(&mut self, udp: &UdpSockets, packet: &[u8]) {
+        if crate::netstack::to_quad_100(packet) {
+            if let Some(quad100) = &mut self.quad100 {
+                quad100.divert(packet);
+                return;
+            }
+        }
         if let (Ok(summary), Some(filter)) = (PacketSummary::parse(packet), &mut self.filter) {
             filter.note_outbound(&summary);
         }

@@ -234,3 +234,17 @@ fn quad_100_addresses_are_recognised() {
     assert!(is_quad_100(IpAddr::V6(QUAD_100_V6)));
     assert!(!is_quad_100("100.100.100.101".parse().unwrap()));
 }
+
+#[test]
+fn packets_to_quad_100_are_told_from_the_header() {
+    let mut v4 = vec![0x45u8; 20];
+    v4[16..20].copy_from_slice(&QUAD_100_V4.octets());
+    assert!(to_quad_100(&v4));
+    v4[19] = 101;
+    assert!(!to_quad_100(&v4));
+    let mut v6 = vec![0x60u8; 40];
+    v6[24..40].copy_from_slice(&QUAD_100_V6.octets());
+    assert!(to_quad_100(&v6));
+    assert!(!to_quad_100(&v6[..30]), "truncated");
+    assert!(!to_quad_100(&[]));
+}

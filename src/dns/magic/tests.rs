@@ -416,3 +416,14 @@ fn never_panics_on_mutations_of_real_queries() {
         }
     }
 }
+
+#[test]
+fn servfail_echoes_the_query() {
+    let q = crate::dns::testing::query("www.example.lab.", RecordType::A);
+    let reply = Message::from_vec(&servfail(&q).expect("a reply")).expect("parses");
+    let asked = Message::from_vec(&q).expect("query parses");
+    assert_eq!(reply.metadata.id, asked.metadata.id);
+    assert_eq!(reply.metadata.response_code, ResponseCode::ServFail);
+    assert_eq!(reply.queries, asked.queries);
+    assert_eq!(servfail(&[1, 2, 3]), None, "no header");
+}

@@ -1,0 +1,100 @@
+//! Quad-100 in TUN mode: the kernel routes 100.100.100.100 (and fd7a:115c:a1e0::53) into the
+//! TUN (table 52); the engine hands those packets to the netstack task instead of WireGuard
+//! and writes what it answers back to the TUN. MagicDNS answers from the netmap; other names
+//! are forwarded to control's resolvers or the OS's own (read once from /etc/resolv.conf at
+//! start, before tern could change it).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, watch};
+
+use super::AbortOnDrop;
+use crate::dns::config::MagicDnsConfig;
+use crate::dns::magic::{self, Outcome};
+use crate::netmap::NetworkMap;
+use crate::netstack::{self, DnsService, NetstackCounters, Reply};
+
+/// Packets queued towards the netstack task at most (more are dropped and counted).
+const QUEUE: usize = 256;
+
+pub(super) struct Quad100 {
+    inbound: mpsc::Sender<Vec<u8>>,
+    config: watch::Sender<Arc<MagicDnsConfig>>,
+    counters: watch::Receiver<NetstackCounters>,
+    base_resolvers: Vec<SocketAddr>,
+    /// Packets for quad-100 dropped because the netstack's queue was full.
+    pub(super) dropped: u64,
+    _task: AbortOnDrop,
+}
+
+impl Quad100 {
+    /// Starts the netstack task; its packets for the TUN arrive on the returned receiver.
+    pub(super) fn start(ipv6: bool) -> (Self, mpsc::Receiver<Vec<u8>>) {
+        let (in_tx, in_rx) = mpsc::channel(QUEUE);
+        let (out_tx, out_rx) = mpsc::channel(QUEUE);
+        let (config_tx, config_rx) = watch::channel(Arc::new(MagicDnsConfig::default()));
+        let (counters_tx, counters_rx) = watch::channel(NetstackCounters::default());
+        let service = Arc::new(MagicDns { config: config_rx });
+        let task = tokio::spawn(netstack::run(ipv6, in_rx, out_tx, service, counters_tx));
+        let base_resolvers = std::fs::read_to_string("/etc/resolv.conf")
+            .map(|text| crate::dns::forward::os_base_resolvers(&text))
+            .unwrap_or_default();
+        let quad = Quad100 {
+            inbound: in_tx,
+            config: config_tx,
+            counters: counters_rx,
+            base_resolvers,
+            dropped: 0,
+            _task: AbortOnDrop(task),
+        };
+        (quad, out_rx)
+    }
+
+    /// A packet from the TUN for quad-100.
+    pub(super) fn divert(&mut self, packet: &[u8]) {
+        if self.inbound.try_send(packet.to_vec()).is_err() {
+            self.dropped += 1;
+        }
+    }
+
+    /// MagicDNS follows the netmap.
+    pub(super) fn set_netmap(&self, map: &NetworkMap) {
+        let mut config = MagicDnsConfig::from_netmap(map);
+        config.base_resolvers = self.base_resolvers.clone();
+        self.config.send_replace(Arc::new(config));
+    }
+
+    pub(super) fn counters(&self) -> NetstackCounters {
+        *self.counters.borrow()
+    }
+}
+
+/// The DNS service of quad-100: MagicDNS, else the forwarder.
+struct MagicDns {
+    config: watch::Receiver<Arc<MagicDnsConfig>>,
+}
+
+impl DnsService for MagicDns {
+    fn query(&self, query: &[u8], tcp: bool) -> Reply {
+        let config = self.config.borrow().clone();
+        let max_len = if tcp {
+            magic::MAX_TCP_RESPONSE
+        } else {
+            magic::MAX_UDP_RESPONSE
+        };
+        match magic::respond(&config, query, max_len) {
+            Outcome::Answer(answer) => Reply::Now(answer),
+            Outcome::Drop => Reply::None,
+            Outcome::Forward { upstreams, query } => Reply::Later(Box::pin(async move {
+                match crate::dns::forward::forward(&upstreams, &query, tcp).await {
+                    Ok(answer) => magic::fit_reply(&answer, max_len),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "forwarding a DNS query");
+                        magic::servfail(&query)
+                    }
+                }
+            })),
+        }
+    }
+}
