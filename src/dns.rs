@@ -13,6 +13,7 @@ pub mod config;
 pub mod forward;
 pub mod magic;
 pub mod name;
+pub mod os;
 
 pub use config::MagicDnsConfig;
 pub use forward::{forward, os_base_resolvers, ForwardError};

@@ -213,6 +213,7 @@ pub struct NetPrefsPatch {
     pub snat_subnet_routes: Option<bool>,
     /// `on`, `nodivert` or `off`.
     pub netfilter_mode: Option<String>,
+    pub accept_dns: Option<bool>,
 }
 
 impl NetPrefsPatch {

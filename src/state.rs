@@ -82,6 +82,8 @@ pub struct NetPrefs {
     pub snat_subnet_routes: bool,
     /// `on`, `nodivert` or `off`.
     pub netfilter_mode: String,
+    /// Point the host's resolver at MagicDNS (`--accept-dns`, default on as in Go).
+    pub accept_dns: bool,
 }
 
 impl Default for NetPrefs {
@@ -94,6 +96,7 @@ impl Default for NetPrefs {
             accept_routes: false,
             snat_subnet_routes: true,
             netfilter_mode: "on".into(),
+            accept_dns: true,
         }
     }
 }

@@ -41,6 +41,24 @@ pub struct Status {
     /// Routes, rules, firewall and the exit node, as the data plane applied them.
     #[serde(default)]
     pub routing: RoutingStatus,
+    /// The host's resolver configuration (`--accept-dns`).
+    #[serde(default)]
+    pub dns: DnsStatus,
+}
+
+/// What tern did to the host's DNS.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DnsStatus {
+    pub accept_dns: bool,
+    /// Who manages /etc/resolv.conf: `direct`, `systemd-resolved`, `network-manager`,
+    /// `resolvconf` (empty without a data plane).
+    pub manager: String,
+    /// What tern wrote (empty: the host's own file is in place).
+    pub nameservers: Vec<String>,
+    pub search_domains: Vec<String>,
+    /// Why the host's DNS was not set, in words.
+    pub error: Option<String>,
 }
 
 /// What the data plane did to the host's routing and firewall.
@@ -351,6 +369,7 @@ impl Status {
             relay_server: None,
             auth_url: None,
             routing: RoutingStatus::default(),
+            dns: DnsStatus::default(),
         }
     }
 

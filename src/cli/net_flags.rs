@@ -29,6 +29,9 @@ pub struct NetFlags {
     /// Masquerade traffic forwarded to advertised subnets and the internet (default true).
     #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub snat_subnet_routes: Option<bool>,
+    /// Point the host's resolver (/etc/resolv.conf) at MagicDNS, 100.100.100.100 (default true).
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub accept_dns: Option<bool>,
     /// Firewall rules: `on` (chains and jumps), `nodivert` (chains only), `off` (none).
     #[arg(long, value_name = "MODE", value_parser = ["on", "nodivert", "off"])]
     pub netfilter_mode: Option<String>,
@@ -55,6 +58,7 @@ impl NetFlags {
             accept_routes: self.accept_routes,
             snat_subnet_routes: self.snat_subnet_routes,
             netfilter_mode: self.netfilter_mode.clone(),
+            accept_dns: self.accept_dns,
         }
     }
 }

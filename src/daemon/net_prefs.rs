@@ -40,6 +40,9 @@ pub(super) fn patched(
     if let Some(v) = patch.snat_subnet_routes {
         next.snat_subnet_routes = v;
     }
+    if let Some(v) = patch.accept_dns {
+        next.accept_dns = v;
+    }
     if let Some(mode) = &patch.netfilter_mode {
         next.netfilter_mode = checked_netfilter_mode(mode)?;
     }

@@ -295,10 +295,18 @@ fn remove_routing(ipv6: bool) -> Result<(), String> {
 }
 
 /// The cleanup pass of a daemon start and `tern daemon --cleanup`: whatever a killed tern (or
-/// Go tailscaled) left: netfilter chains and jumps, ip rules 5210–5270, table 52's throw and
-/// unreachable routes. Each step runs even when one fails; the errors are returned together.
+/// Go tailscaled) left: /etc/resolv.conf pointing at quad-100, netfilter chains and jumps, ip
+/// rules 5210–5270, table 52's throw and unreachable routes. Each step runs even when one fails; the errors are returned together.
 pub async fn cleanup_host() -> Result<(), String> {
     let mut errors = Vec::new();
+    // DNS first: a resolv.conf still pointing at a dead quad-100 breaks every lookup.
+    match crate::dns::os::DirectFiles::system().restore() {
+        Ok(true) => {
+            tracing::info!("restored /etc/resolv.conf a previous run left pointing at quad-100")
+        }
+        Ok(false) => {}
+        Err(e) => errors.push(format!("DNS: {e}")),
+    }
     match tokio::task::spawn_blocking(netfilter::cleanup_all).await {
         Ok(Err(e)) => errors.push(format!("netfilter: {e}")),
         Err(e) => errors.push(format!("netfilter: {e}")),

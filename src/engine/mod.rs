@@ -24,6 +24,7 @@ mod derp;
 mod event_loop;
 mod linux_net;
 mod netcheck;
+mod os_dns;
 mod peers;
 mod publish;
 mod quad100;
@@ -196,8 +197,16 @@ async fn run(
     )));
     let mut engine = Engine::new(&config, inbound_tx, local, regions_tx);
     engine.linux = Some(linux);
-    let (quad100, quad100_out) = quad100::Quad100::start(ipv6);
+    let os_dns = os_dns::OsDns::start();
+    let base_resolvers = os_dns
+        .base()
+        .nameservers
+        .iter()
+        .map(|ip| std::net::SocketAddr::new(*ip, 53))
+        .collect();
+    let (quad100, quad100_out) = quad100::Quad100::start(ipv6, base_resolvers);
     engine.quad100 = Some(quad100);
+    engine.os_dns = Some(os_dns);
     engine.stun_tx = Some(stun_tx);
     engine.netcheck_trigger = trigger;
     engine.udp_port = sockets
@@ -230,6 +239,10 @@ async fn run(
         )
         .await;
     drop(netcheck);
+    // DNS first, while the network still works (tailscaled's shutdown order).
+    if let Some(mut os_dns) = engine.os_dns.take() {
+        os_dns.restore();
+    }
     if let Some(mut linux) = engine.linux.take() {
         linux.close().await;
     }
@@ -321,6 +334,8 @@ struct Engine {
     /// Each peer's first tailnet address (Go `nodeHasCap` checks capabilities between first
     /// addresses).
     first_ip: HashMap<NodePublic, IpAddr>,
+    /// The host's resolver pointed at quad-100 (`None` until the TUN exists).
+    os_dns: Option<os_dns::OsDns>,
     /// Quad-100 (MagicDNS) on the netstack task (`None` until the TUN exists).
     quad100: Option<quad100::Quad100>,
     /// Rules, table 52 and netfilter on the host (`None` until the TUN exists).
@@ -390,6 +405,7 @@ impl Engine {
             first_ip: HashMap::new(),
             linux: None,
             quad100: None,
+            os_dns: None,
             net_prefs: config.net_prefs.clone(),
             served: Vec::new(),
             netmap: None,

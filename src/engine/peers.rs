@@ -66,10 +66,8 @@ impl Engine {
             self.local = local;
         }
         self.sync_peers(map);
-        if let Some(quad100) = &self.quad100 {
-            quad100.set_netmap(map);
-        }
         self.apply_host_routing(map).await;
+        self.apply_dns(map);
         self.recompile_filter(map);
         self.update_relay_candidates(map);
         if let Some(derp_map) = &map.derp_map {

@@ -66,6 +66,13 @@ impl Engine {
             let quad100 = self.quad100_counts();
             let quad100_changed = s.data_plane.quad100 != quad100;
             s.data_plane.quad100 = quad100;
+            let dns = self
+                .os_dns
+                .as_ref()
+                .map(|d| d.status(self.net_prefs.borrow().accept_dns))
+                .unwrap_or_default();
+            let dns_changed = s.dns != dns;
+            s.dns = dns;
             let routing = self.routing_status();
             let routing_changed = s.routing != routing;
             s.routing = routing;
@@ -74,6 +81,7 @@ impl Engine {
                 || relay_changed
                 || routing_changed
                 || quad100_changed
+                || dns_changed
         });
     }
 

@@ -1,8 +1,8 @@
 //! Quad-100 in TUN mode: the kernel routes 100.100.100.100 (and fd7a:115c:a1e0::53) into the
 //! TUN (table 52); the engine hands those packets to the netstack task instead of WireGuard
 //! and writes what it answers back to the TUN. MagicDNS answers from the netmap; other names
-//! are forwarded to control's resolvers or the OS's own (read once from /etc/resolv.conf at
-//! start, before tern could change it).
+//! are forwarded to control's resolvers or the host's own (what /etc/resolv.conf said before
+//! tern pointed it here).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -30,16 +30,17 @@ pub(super) struct Quad100 {
 
 impl Quad100 {
     /// Starts the netstack task; its packets for the TUN arrive on the returned receiver.
-    pub(super) fn start(ipv6: bool) -> (Self, mpsc::Receiver<Vec<u8>>) {
+    /// `base_resolvers`: the host's own nameservers, for names nothing else routes.
+    pub(super) fn start(
+        ipv6: bool,
+        base_resolvers: Vec<SocketAddr>,
+    ) -> (Self, mpsc::Receiver<Vec<u8>>) {
         let (in_tx, in_rx) = mpsc::channel(QUEUE);
         let (out_tx, out_rx) = mpsc::channel(QUEUE);
         let (config_tx, config_rx) = watch::channel(Arc::new(MagicDnsConfig::default()));
         let (counters_tx, counters_rx) = watch::channel(NetstackCounters::default());
         let service = Arc::new(MagicDns { config: config_rx });
         let task = tokio::spawn(netstack::run(ipv6, in_rx, out_tx, service, counters_tx));
-        let base_resolvers = std::fs::read_to_string("/etc/resolv.conf")
-            .map(|text| crate::dns::forward::os_base_resolvers(&text))
-            .unwrap_or_default();
         let quad = Quad100 {
             inbound: in_tx,
             config: config_tx,
@@ -58,11 +59,13 @@ impl Quad100 {
         }
     }
 
-    /// MagicDNS follows the netmap.
-    pub(super) fn set_netmap(&self, map: &NetworkMap) {
+    /// MagicDNS follows the netmap; returns the config it now answers with.
+    pub(super) fn set_netmap(&self, map: &NetworkMap) -> Arc<MagicDnsConfig> {
         let mut config = MagicDnsConfig::from_netmap(map);
         config.base_resolvers = self.base_resolvers.clone();
-        self.config.send_replace(Arc::new(config));
+        let config = Arc::new(config);
+        self.config.send_replace(config.clone());
+        config
     }
 
     pub(super) fn counters(&self) -> NetstackCounters {

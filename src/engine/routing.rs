@@ -62,6 +62,18 @@ impl Engine {
             routing::served_networks(&self.local, &prefs.routable_ips(), linux.local_prefixes());
     }
 
+    /// MagicDNS for `map`, then the host's resolver (last: quad-100's route exists by now).
+    pub(super) fn apply_dns(&mut self, map: &NetworkMap) {
+        let Some(quad100) = &self.quad100 else {
+            return;
+        };
+        let magic = quad100.set_netmap(map);
+        let accept = self.net_prefs.borrow().accept_dns;
+        if let Some(os_dns) = &mut self.os_dns {
+            os_dns.apply(&magic, accept);
+        }
+    }
+
     /// Everything that depends on the routing prefs, again (a `tern set` changed them).
     pub(super) async fn on_net_prefs(&mut self) {
         let routable = self.net_prefs.borrow().routable_ips();
@@ -77,6 +89,7 @@ impl Engine {
             self.sync_peers(&map);
             self.apply_host_routing(&map).await;
             self.recompile_filter(&map);
+            self.apply_dns(&map);
         }
     }
 
