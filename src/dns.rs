@@ -21,3 +21,7 @@ pub use magic::{respond, DnsCounters, Outcome};
 
 #[cfg(test)]
 mod testing;
+
+/// The DNS message library tern uses, for callers (and the fuzz target) that build or read
+/// messages.
+pub use hickory_proto;

@@ -11,6 +11,7 @@ pub mod input;
 pub mod derp_frame;
 pub mod disco_ops;
 pub mod disco_parse;
+pub mod dns_request;
 pub mod localapi_request;
 pub mod map_decode;
 pub mod noise_records;
@@ -25,6 +26,7 @@ pub type Body = fn(&[u8]);
 pub const TARGETS: &[(&str, Body)] = &[
     ("derp_frame", derp_frame::run),
     ("disco_parse", disco_parse::run),
+    ("dns_request", dns_request::run),
     ("localapi_request", localapi_request::run),
     ("map_decode", map_decode::run),
     ("noise_records", noise_records::run),

@@ -7,7 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 use tracing::{debug, warn};
 
 use super::name::{is_under, key_of_text, label_count};
-use crate::control::tailcfg::{Node, Resolver};
+use crate::control::tailcfg::{DnsRecord, Node, Resolver};
 use crate::netmap::NetworkMap;
 
 /// The IPv6 reverse zone of the tailnet ULA range fd7a:115c:a1e0::/48.
@@ -22,7 +22,8 @@ pub const ROOT: &str = ".";
 /// MagicDNS's view of the tailnet. Names are keys: lower case, trailing dot.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MagicDnsConfig {
-    /// FQDN → the node's single-IP addresses (IPv4 and IPv6, in control's order).
+    /// FQDN → the node's single-IP addresses (IPv4 and IPv6, in control's order), and the
+    /// A/AAAA `ExtraRecords`.
     pub hosts: BTreeMap<String, Vec<IpAddr>>,
     /// Address → FQDN (as control spelt it, trailing dot) for PTR answers; the first node to
     /// claim an address keeps it.
@@ -69,6 +70,9 @@ impl MagicDnsConfig {
             }
             cfg.fallback_resolvers = cfg.parse_resolvers(&dns.fallback_resolvers);
             cfg.search_domains = dns.domains.iter().filter_map(|d| key_of_text(d)).collect();
+            for record in &dns.extra_records {
+                cfg.add_extra_record(record);
+            }
         }
         debug!(
             hosts = cfg.hosts.len(),
@@ -97,6 +101,24 @@ impl MagicDnsConfig {
             self.ptr.entry(*ip).or_insert_with(|| spelt.clone());
         }
         self.hosts.entry(key).or_default().extend_from_slice(addrs);
+    }
+
+    /// An `ExtraRecords` entry: an A or AAAA record (type empty = by the address), answered
+    /// like a host; other types are not served.
+    fn add_extra_record(&mut self, record: &DnsRecord) {
+        let ip = record.value.trim().parse::<IpAddr>();
+        let fits = |ip: &IpAddr| match record.record_type.as_str() {
+            "" => true,
+            "A" => ip.is_ipv4(),
+            "AAAA" => ip.is_ipv6(),
+            _ => false,
+        };
+        match ip {
+            Ok(ip) if fits(&ip) => self.add_host(&record.name, &[ip]),
+            _ => {
+                debug!(name = %record.name, kind = %record.record_type, "magicdns: extra record skipped")
+            }
+        }
     }
 
     fn add_node(&mut self, node: &Node) {

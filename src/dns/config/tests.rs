@@ -127,3 +127,30 @@ fn empty_map_is_empty() {
     let cfg = MagicDnsConfig::from_netmap(&NetworkMap::new());
     assert_eq!(cfg, MagicDnsConfig::default());
 }
+
+#[test]
+fn extra_records_are_hosts() {
+    use crate::control::tailcfg::DnsRecord;
+    let rec = |name: &str, kind: &str, value: &str| DnsRecord {
+        name: name.into(),
+        record_type: kind.into(),
+        value: value.into(),
+    };
+    let mut map = lab_map();
+    map.dns_config.as_mut().unwrap().extra_records = vec![
+        rec("db.lab.tern.test", "A", "100.64.9.9"),
+        rec("db.lab.tern.test", "AAAA", "fd7a:115c:a1e0::99"),
+        rec("odd.lab.tern.test", "A", "fd7a:115c:a1e0::98"),
+        rec("txt.lab.tern.test", "TXT", "hello"),
+        rec("any.example", "", "192.0.2.7"),
+    ];
+    let cfg = MagicDnsConfig::from_netmap(&map);
+    assert_eq!(
+        cfg.hosts["db.lab.tern.test."],
+        vec![ip("100.64.9.9"), ip("fd7a:115c:a1e0::99")]
+    );
+    assert_eq!(cfg.ptr[&ip("100.64.9.9")], "db.lab.tern.test.");
+    assert_eq!(cfg.hosts["any.example."], vec![ip("192.0.2.7")]);
+    assert!(!cfg.hosts.contains_key("odd.lab.tern.test."));
+    assert!(!cfg.hosts.contains_key("txt.lab.tern.test."));
+}

@@ -426,4 +426,54 @@ fn servfail_echoes_the_query() {
     assert_eq!(reply.metadata.response_code, ResponseCode::ServFail);
     assert_eq!(reply.queries, asked.queries);
     assert_eq!(servfail(&[1, 2, 3]), None, "no header");
+
+/// Writes `fuzz/seeds/dns_request/` (real queries built with hickory, for the fuzz target's
+/// config): `cargo test -p tern --lib dns::magic::tests::write_fuzz_seeds -- --ignored`.
+#[test]
+#[ignore = "writes fuzz seeds"]
+fn write_fuzz_seeds() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/dns_request");
+    std::fs::create_dir_all(&dir).unwrap();
+    let rev = |ip: &str| reverse_key(ip.parse().unwrap());
+    let mut seeds: Vec<(&str, Vec<u8>)> = vec![
+        ("a_single_label", query("c2", RecordType::A)),
+        ("aaaa_fqdn", query("c2.lab.tern.test.", RecordType::AAAA)),
+        ("a_upper_case", query("C3.LAB.TERN.TEST.", RecordType::A)),
+        ("any_host", query("c1.lab.tern.test.", RecordType::ANY)),
+        ("ns_host", query("c2.lab.tern.test.", RecordType::NS)),
+        ("txt_host", query("c2.lab.tern.test.", RecordType::TXT)),
+        ("ptr_v4", query(&rev("100.64.0.2"), RecordType::PTR)),
+        ("ptr_v6", query(&rev("fd7a:115c:a1e0::1"), RecordType::PTR)),
+        ("ptr_unknown", query(&rev("100.100.1.2"), RecordType::PTR)),
+        ("ptr_outside", query(&rev("192.0.2.1"), RecordType::PTR)),
+        ("a_nxdomain", query("nope.lab.tern.test.", RecordType::A)),
+        ("a_onion", query("x.onion.", RecordType::A)),
+        ("txt_forward", query("example.com.", RecordType::TXT)),
+        ("aaaa_split", query("www.example.lab.", RecordType::AAAA)),
+        ("mx_servfail", query("mail.corp.example.", RecordType::MX)),
+        (
+            "a_edns",
+            query_edns("c2.lab.tern.test.", RecordType::A, 1232),
+        ),
+        (
+            "any_edns",
+            query_edns("example.lab.", RecordType::ANY, 4096),
+        ),
+        (
+            "ptr_edns_small",
+            query_edns(&rev("100.64.0.3"), RecordType::PTR, 512),
+        ),
+    ];
+    let mut two = query_msg("c2.lab.tern.test.", RecordType::A);
+    two.add_query(two.queries[0].clone());
+    seeds.push(("two_questions", two.to_vec().unwrap()));
+    let mut notify = query("c2.lab.tern.test.", RecordType::SOA);
+    notify[2] = (notify[2] & 0x87) | (4 << 3);
+    seeds.push(("opcode_notify", notify));
+    let mut response = query("c2.lab.tern.test.", RecordType::A);
+    response[2] |= 0x80;
+    seeds.push(("a_response", response));
+    for (name, bytes) in seeds {
+        std::fs::write(dir.join(name), bytes).unwrap();
+    }
 }
