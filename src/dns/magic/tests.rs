@@ -426,6 +426,7 @@ fn servfail_echoes_the_query() {
     assert_eq!(reply.metadata.response_code, ResponseCode::ServFail);
     assert_eq!(reply.queries, asked.queries);
     assert_eq!(servfail(&[1, 2, 3]), None, "no header");
+}
 
 /// Writes `fuzz/seeds/dns_request/` (real queries built with hickory, for the fuzz target's
 /// config): `cargo test -p tern --lib dns::magic::tests::write_fuzz_seeds -- --ignored`.
