@@ -277,3 +277,69 @@ fn text(ns: &Netns, args: &[&str]) -> String {
     let out = ns.exec_unchecked(args).expect("run in namespace");
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// Quad-100 faces every local program: a flood of idle TCP connections and garbage datagrams
+/// leaves it answering, with the connections capped and the garbage counted, never a crash.
+#[test]
+fn quad_100_survives_idle_connections_and_garbage() {
+    require_root();
+    let topo = Topology::standard_unique(NatMode::Easy, NatMode::Easy).expect("lab");
+    let _derp = start_derp(&topo);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = control_config(dir.path());
+    let domain = config.domain.clone();
+    let _control = start_control_with(&topo, config);
+    let c1 = topo.ns("c1").expect("c1");
+    let ta = Node::start(c1, dir.path(), "ta");
+    ta.wait_for_api(20);
+    ta.up("ta");
+    let logs = || ta.logs();
+    let own = format!("ta.{domain}.");
+    wait("quad-100 answers", 20, logs, || {
+        ask_udp(c1, &own, RecordType::A)
+    });
+    // 60 connections that never send a byte, held open.
+    let held = c1
+        .run_in(|| {
+            let quad = SocketAddr::from((QUAD_100, 53));
+            Ok((0..60)
+                .filter_map(|_| {
+                    std::net::TcpStream::connect_timeout(&quad, Duration::from_millis(500)).ok()
+                })
+                .collect::<Vec<_>>())
+        })
+        .expect("connect");
+    // Garbage: random bytes, a header alone, a compression loop, a response.
+    let socket = c1.bind_udp("0.0.0.0:0".parse().unwrap()).expect("udp");
+    let quad = SocketAddr::from((QUAD_100, 53));
+    for i in 0..200u16 {
+        let junk: Vec<u8> = (0..(i % 64)).map(|_| rand::random()).collect();
+        let _ = socket.send_to(&junk, quad);
+    }
+    let _ = socket.send_to(
+        &[
+            0x12, 0x34, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0xc0, 12, 0, 1, 0, 1,
+        ],
+        quad,
+    );
+    let still = ask_udp(c1, &own, RecordType::A).expect("answered after the flood");
+    assert_eq!(still.metadata.response_code, ResponseCode::NoError);
+    assert_eq!(a_records(&still).len(), 1, "{still:?}");
+    let tcp = ask_tcp(c1, &own, RecordType::A);
+    // The status snapshot refreshes every second.
+    let quad100 = wait("the flood in quad-100's counters", 5, logs, || {
+        let q = ta.status()["data_plane"]["quad100"].clone();
+        (q["udp_queries"].as_u64() >= Some(202)).then_some(q)
+    });
+    let connections = quad100["tcp_connections"].as_u64().unwrap_or(0);
+    let cap = tern::netstack::MAX_TCP;
+    assert!(
+        (1..=cap).contains(&held.len()) && connections <= cap as u64,
+        "connections stay capped at {cap}: {} accepted for the client, {connections} counted, \
+         TCP answer {:?}\n{quad100}",
+        held.len(),
+        tcp.is_some()
+    );
+    assert!(ta.status()["data_plane"]["active"] == true, "{}", logs());
+    drop(held);
+}
