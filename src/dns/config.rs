@@ -50,12 +50,16 @@ impl MagicDnsConfig {
     pub fn from_netmap(map: &NetworkMap) -> MagicDnsConfig {
         let mut cfg = MagicDnsConfig::default();
         // Hosts are answered whether or not MagicDNS is on, as in Go (tailscale#1886).
+        let family = map
+            .self_node
+            .as_ref()
+            .map_or(Family::Both, Family::for_self);
         if let Some(me) = &map.self_node {
-            cfg.add_node(me);
+            cfg.add_node(me, family);
             cfg.tailnet_domain = tailnet_domain(&me.name);
         }
         for peer in map.peers.values() {
-            cfg.add_node(peer);
+            cfg.add_node(peer, family);
         }
         if let Some(dns) = &map.dns_config {
             if dns.proxied {
@@ -121,7 +125,7 @@ impl MagicDnsConfig {
         }
     }
 
-    fn add_node(&mut self, node: &Node) {
+    fn add_node(&mut self, node: &Node, family: Family) {
         if node.name.is_empty() {
             return;
         }
@@ -131,6 +135,17 @@ impl MagicDnsConfig {
             .iter()
             .filter(|p| p.prefix_len() == p.max_prefix_len())
             .map(|p| p.addr())
+            .collect();
+        let has_v4 = addrs.iter().any(IpAddr::is_ipv4);
+        let addrs: Vec<IpAddr> = addrs
+            .into_iter()
+            .filter(|ip| match family {
+                Family::V6Only => ip.is_ipv6(),
+                // Go leaves out the IPv6 of a node that has IPv4 (tailscale#1152): nothing
+                // says the peer speaks IPv6 well, and a v4-only host would try it first.
+                Family::PreferV4 => ip.is_ipv4() || !has_v4,
+                Family::Both => true,
+            })
             .collect();
         self.add_host(&node.name, &addrs);
     }
@@ -233,6 +248,37 @@ fn tailnet_domain(self_name: &str) -> Option<String> {
     let key = key_of_text(self_name)?;
     let (_, rest) = key.split_once('.')?;
     (!rest.is_empty()).then(|| rest.to_string())
+}
+
+/// Which addresses names get (Go's `dnsConfigForNetmap`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Family {
+    /// This node has IPv4: IPv6 only for nodes without IPv4.
+    PreferV4,
+    /// This node has only IPv6: only IPv6.
+    V6Only,
+    /// Everything (the `magicdns-aaaa` node attribute).
+    Both,
+}
+
+/// The node attribute that asks for peers' AAAA records too.
+const ATTR_MAGICDNS_AAAA: &str = "magicdns-aaaa";
+
+impl Family {
+    fn for_self(me: &Node) -> Family {
+        let has = |v4: bool| {
+            me.addresses
+                .iter()
+                .any(|p| p.prefix_len() == p.max_prefix_len() && p.addr().is_ipv4() == v4)
+        };
+        if me.cap_map.contains_key(ATTR_MAGICDNS_AAAA) {
+            Family::Both
+        } else if !has(true) && has(false) {
+            Family::V6Only
+        } else {
+            Family::PreferV4
+        }
+    }
 }
 
 /// `1.2.3.4`, `1.2.3.4:5353`, `[fd00::1]:53`, `fd00::1` → a socket address (port 53 unless

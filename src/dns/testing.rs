@@ -29,13 +29,17 @@ fn resolver(addr: &str) -> Resolver {
 /// c1 (self), c2 (v4 + v6), c3 (v4 only, plus a subnet prefix); MagicDNS on; routes:
 /// `example.lab` → 10.0.0.53, `corp.example` → a DoH URL only, `only.local` → none (local);
 /// global resolvers 1.1.1.1 and 9.9.9.9:5353, a DoH one; search domain `lab.tern.test`.
+///
+/// The self node has the `magicdns-aaaa` attribute, so IPv6 addresses are answered too.
 pub fn lab_map() -> NetworkMap {
     let mut map = NetworkMap::new();
-    map.self_node = Some(node(
+    let mut me = node(
         1,
         "c1.lab.tern.test.",
         &["100.64.0.1/32", "fd7a:115c:a1e0::1/128"],
-    ));
+    );
+    me.cap_map.insert("magicdns-aaaa".into(), None);
+    map.self_node = Some(me);
     for n in [
         node(
             2,

@@ -154,3 +154,27 @@ fn extra_records_are_hosts() {
     assert!(!cfg.hosts.contains_key("odd.lab.tern.test."));
     assert!(!cfg.hosts.contains_key("txt.lab.tern.test."));
 }
+
+#[test]
+fn ipv6_of_dual_stack_nodes_only_with_magicdns_aaaa_as_go() {
+    let mut map = crate::dns::testing::lab_map();
+    let v6 = |ip: &str| ip.parse::<IpAddr>().unwrap();
+    if let Some(me) = map.self_node.as_mut() {
+        me.cap_map.clear();
+    }
+    let cfg = MagicDnsConfig::from_netmap(&map);
+    assert_eq!(
+        cfg.lookup("c2.lab.tern.test."),
+        Some(&[v6("100.64.0.2")][..]),
+        "a node with IPv4 is named by it alone"
+    );
+    // This node IPv6-only: only IPv6 everywhere.
+    if let Some(me) = map.self_node.as_mut() {
+        me.addresses.retain(|p| p.addr().is_ipv6());
+    }
+    let cfg = MagicDnsConfig::from_netmap(&map);
+    assert_eq!(
+        cfg.lookup("c2.lab.tern.test."),
+        Some(&[v6("fd7a:115c:a1e0::2")][..])
+    );
+}
