@@ -771,3 +771,23 @@ fn nftables_kind_when_asked_for() {
     assert_eq!(ts_rules(), 0, "{}", text(c1, &["nft", "list", "ruleset"]));
     assert!(our_rules(c1).is_empty());
 }
+
+/// The demo of the README: `tern lab up --exit-node` has c1 browse through c2.
+#[test]
+fn lab_up_exit_node_sends_c1_through_c2() {
+    let lab = support::lab_cli::LabCli::up(&["--exit-node"]);
+    let c1 = lab.ns("c1");
+    let seen = whoami(&c1, &tern_lab::topology::INTERNET_IP.to_string(), 80);
+    assert_eq!(
+        seen.as_deref(),
+        Some("198.18.2.2"),
+        "the internet host sees c2's side"
+    );
+    let status = lab.tern(&[
+        "--socket",
+        &lab.socket("c1").display().to_string(),
+        "status",
+    ]);
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(text.contains("# Exit node: c2."), "{text}");
+}
