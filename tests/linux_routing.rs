@@ -549,7 +549,8 @@ fn lan_access_and_bad_routes() {
     );
     // LAN access: c1's own LAN (10.1.0.0/24) leaves table 52 through a throw route.
     let c1 = lab.ns("c1");
-    tern_ok(&a, &["set", "--exit-node=tb"]);
+    // `tern up` takes the routing flags too (applied once the node runs).
+    tern_ok(&a, &["up", "--exit-node=tb"]);
     wait(
         "the LAN routed into the tunnel",
         20,
