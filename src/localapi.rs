@@ -214,6 +214,7 @@ pub struct NetPrefsPatch {
     /// `on`, `nodivert` or `off`.
     pub netfilter_mode: Option<String>,
     pub accept_dns: Option<bool>,
+    pub stateful_filtering: Option<bool>,
 }
 
 impl NetPrefsPatch {

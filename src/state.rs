@@ -84,6 +84,9 @@ pub struct NetPrefs {
     pub netfilter_mode: String,
     /// Point the host's resolver at MagicDNS (`--accept-dns`, default on as in Go).
     pub accept_dns: bool,
+    /// Drop new connections from elsewhere into the TUN (`--stateful-filtering`, off by default
+    /// as in Go).
+    pub stateful_filtering: bool,
 }
 
 impl Default for NetPrefs {
@@ -97,6 +100,7 @@ impl Default for NetPrefs {
             snat_subnet_routes: true,
             netfilter_mode: "on".into(),
             accept_dns: true,
+            stateful_filtering: false,
         }
     }
 }

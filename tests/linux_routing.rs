@@ -567,6 +567,19 @@ fn lan_access_and_bad_routes() {
         via.contains("dev tern0"),
         "without LAN access the LAN goes to the exit node: {via}"
     );
+    // Stateful filtering: one conntrack drop before the TUN's final accept.
+    tern_ok(&a, &["set", "--stateful-filtering"]);
+    wait(
+        "the stateful drop rule",
+        10,
+        || a.logs(),
+        || {
+            ts_iptables(c1)
+                .iter()
+                .any(|l| l.contains("-o tern0") && l.contains("ctstate") && l.ends_with("-j DROP"))
+                .then_some(())
+        },
+    );
     tern_ok(&a, &["set", "--exit-node-allow-lan-access"]);
     wait(
         "a throw route for the LAN",

@@ -32,6 +32,9 @@ pub struct NetFlags {
     /// Point the host's resolver (/etc/resolv.conf) at MagicDNS, 100.100.100.100 (default true).
     #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub accept_dns: Option<bool>,
+    /// Drop connections from other interfaces into the TUN that are not replies (off by default).
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub stateful_filtering: Option<bool>,
     /// Firewall rules: `on` (chains and jumps), `nodivert` (chains only), `off` (none).
     #[arg(long, value_name = "MODE", value_parser = ["on", "nodivert", "off"])]
     pub netfilter_mode: Option<String>,
@@ -59,6 +62,7 @@ impl NetFlags {
             snat_subnet_routes: self.snat_subnet_routes,
             netfilter_mode: self.netfilter_mode.clone(),
             accept_dns: self.accept_dns,
+            stateful_filtering: self.stateful_filtering,
         }
     }
 }

@@ -43,6 +43,9 @@ pub(super) fn patched(
     if let Some(v) = patch.accept_dns {
         next.accept_dns = v;
     }
+    if let Some(v) = patch.stateful_filtering {
+        next.stateful_filtering = v;
+    }
     if let Some(mode) = &patch.netfilter_mode {
         next.netfilter_mode = checked_netfilter_mode(mode)?;
     }

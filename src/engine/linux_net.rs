@@ -29,6 +29,7 @@ pub(super) struct FirewallInputs {
     pub addrs: Vec<IpNet>,
     pub port: u16,
     pub snat: bool,
+    pub stateful: bool,
 }
 
 pub(super) struct LinuxNet {
@@ -151,7 +152,7 @@ impl LinuxNet {
             addrs: inputs.addrs.clone(),
             magicsock_port: (inputs.port != 0).then_some(inputs.port),
             snat_subnet_routes: inputs.snat,
-            stateful_filtering: false,
+            stateful_filtering: inputs.stateful,
             ipv6: self.ipv6,
         };
         let applied = tokio::task::spawn_blocking(move || {

@@ -56,6 +56,7 @@ impl Engine {
                 addrs: self.local.clone(),
                 port: self.udp_port,
                 snat: prefs.snat_subnet_routes,
+                stateful: prefs.stateful_filtering,
             })
             .await;
         self.served =
