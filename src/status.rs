@@ -459,6 +459,9 @@ pub fn render_human(status: &Status, now: SystemTime) -> String {
         let _ = writeln!(out, "# Health: no packets flow yet: {note}");
     }
     out.push_str(&render_routing(&status.routing));
+    if let Some(e) = &status.dns.error {
+        let _ = writeln!(out, "# Health: DNS: {e}");
+    }
     if let Some(relay) = &status.relay_server {
         out.push_str(&render_relay_server(relay));
     }
