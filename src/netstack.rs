@@ -265,11 +265,11 @@ impl Netstack {
 
     fn udp_queries(&mut self) -> Vec<DnsRequest> {
         let mut out = Vec::new();
-        let mut buf = vec![0u8; 64 * 1024];
         for &handle in &self.udp {
             let socket = self.sockets.get_mut::<udp::Socket>(handle);
-            while let Ok((n, meta)) = socket.recv_slice(&mut buf) {
-                if n > MAX_QUERY {
+            // Read in place from the socket's buffer: no per-poll scratch buffer.
+            while let Ok((datagram, meta)) = socket.recv() {
+                if datagram.len() > MAX_QUERY {
                     self.counters.oversized += 1;
                     continue;
                 }
@@ -283,7 +283,7 @@ impl Netstack {
                         client: meta.endpoint,
                         local,
                     },
-                    query: buf[..n].to_vec(),
+                    query: datagram.to_vec(),
                 });
             }
         }
