@@ -197,7 +197,7 @@ async fn run(
     )));
     let mut engine = Engine::new(&config, inbound_tx, local, regions_tx);
     engine.linux = Some(linux);
-    let os_dns = os_dns::OsDns::start();
+    let os_dns = os_dns::OsDns::start(tun.index()).await;
     let base_resolvers = os_dns
         .base()
         .nameservers
@@ -241,7 +241,7 @@ async fn run(
     drop(netcheck);
     // DNS first, while the network still works (tailscaled's shutdown order).
     if let Some(mut os_dns) = engine.os_dns.take() {
-        os_dns.restore();
+        os_dns.restore().await;
     }
     if let Some(mut linux) = engine.linux.take() {
         linux.close().await;

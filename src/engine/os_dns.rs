@@ -1,30 +1,85 @@
 //! The host's resolver pointed at quad-100 (`--accept-dns`, on by default as in Go), applied
 //! after the routes (quad-100 must be reachable first) and taken back before anything else on
 //! the way out (Drop covers an aborted or panicking engine; the next start covers SIGKILL).
+//!
+//! Two managers are driven: **direct** (/etc/resolv.conf rewritten, [`crate::dns::os`]) and
+//! **systemd-resolved** over D-Bus (the TUN link's DNS, [`crate::dns::resolved`]); with
+//! NetworkManager or resolvconf owning the file the host is left alone, with a note in status.
 
 use crate::dns::os::{BaseConfig, DirectFiles, Manager, OsDnsConfig};
+use crate::dns::resolved::{LinkConfig, Resolved};
 use crate::dns::MagicDnsConfig;
 use crate::status::DnsStatus;
 
+enum Backend {
+    Direct(DirectFiles),
+    Resolved {
+        bus: Resolved,
+        ifindex: i32,
+    },
+    /// A manager tern does not drive (the reason, for status).
+    Unsupported(String),
+}
+
+/// What was last written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Applied {
+    File(OsDnsConfig),
+    Link(LinkConfig),
+}
+
 pub(super) struct OsDns {
-    files: DirectFiles,
+    backend: Backend,
     manager: Manager,
-    /// What the host had, read before tern wrote anything.
+    /// What the host had, read before tern wrote anything (direct mode only: resolved keeps
+    /// routing what is not ours to the other links).
     base: BaseConfig,
-    applied: Option<OsDnsConfig>,
+    applied: Option<Applied>,
     error: Option<String>,
 }
 
 impl OsDns {
-    /// Reads who owns /etc/resolv.conf and what it says now (a crashed run was undone at the
-    /// daemon's start).
-    pub(super) fn start() -> Self {
+    /// Finds who owns /etc/resolv.conf (a crashed run was undone at the daemon's start);
+    /// `ifindex` is the TUN's, for resolved.
+    pub(super) async fn start(ifindex: u32) -> Self {
         let files = DirectFiles::system();
         let text = std::fs::read_to_string(&files.path).unwrap_or_default();
+        let manager = Manager::detect(&text);
+        let (backend, base) = match manager {
+            Manager::Direct => {
+                let base = files.base();
+                (Backend::Direct(files), base)
+            }
+            Manager::SystemdResolved => match Resolved::connect().await {
+                Ok(bus) => (
+                    Backend::Resolved {
+                        bus,
+                        ifindex: i32::try_from(ifindex).unwrap_or(0),
+                    },
+                    BaseConfig::default(),
+                ),
+                Err(e) => (
+                    Backend::Unsupported(format!(
+                        "/etc/resolv.conf says systemd-resolved manages it, but resolved does \
+                         not answer on the system bus ({e}); the host's DNS is left alone"
+                    )),
+                    BaseConfig::default(),
+                ),
+            },
+            other => (
+                Backend::Unsupported(format!(
+                    "{} manages /etc/resolv.conf; tern drives only direct files and \
+                     systemd-resolved yet, so the host's DNS is left alone (ask quad-100 \
+                     directly: 100.100.100.100)",
+                    other.name()
+                )),
+                BaseConfig::default(),
+            ),
+        };
         OsDns {
-            manager: Manager::detect(&text),
-            base: files.base(),
-            files,
+            backend,
+            manager,
+            base,
             applied: None,
             error: None,
         }
@@ -37,66 +92,112 @@ impl OsDns {
 
     /// Points the host at quad-100 for `magic` (or restores it when `accept` is off or there is
     /// nothing to point at).
-    pub(super) fn apply(&mut self, magic: &MagicDnsConfig, accept: bool) {
-        let wanted = if accept {
-            OsDnsConfig::compile(magic, &self.base)
-        } else {
-            OsDnsConfig::default()
+    pub(super) async fn apply(&mut self, magic: &MagicDnsConfig, accept: bool) {
+        let wanted = match &self.backend {
+            Backend::Direct(_) if accept => {
+                Some(Applied::File(OsDnsConfig::compile(magic, &self.base)))
+            }
+            Backend::Resolved { .. } if accept => Some(Applied::Link(LinkConfig::compile(magic))),
+            Backend::Unsupported(why) => {
+                self.error = accept.then(|| why.clone());
+                return;
+            }
+            _ => None,
+        }
+        .filter(|w| !is_empty(w));
+        if wanted == self.applied {
+            return;
+        }
+        let result = match (&self.backend, &wanted) {
+            (Backend::Direct(files), Some(Applied::File(cfg))) => {
+                files.apply(cfg).map_err(|e| e.to_string())
+            }
+            (Backend::Resolved { bus, ifindex }, Some(Applied::Link(cfg))) => {
+                bus.set_link(*ifindex, cfg).await.map_err(|e| e.to_string())
+            }
+            _ => {
+                self.restore().await;
+                return;
+            }
         };
-        if self.applied.as_ref() == Some(&wanted) || (self.applied.is_none() && wanted.is_empty()) {
-            return;
-        }
-        if self.manager != Manager::Direct {
-            self.error = Some(format!(
-                "{} manages /etc/resolv.conf; tern supports only the direct mode yet, so the \
-                 host's DNS is left alone (ask quad-100 directly: 100.100.100.100)",
-                self.manager.name()
-            ));
-            return;
-        }
-        match self.files.apply(&wanted) {
+        match result {
             Ok(()) => {
-                tracing::info!(config = ?wanted, "OS DNS set (direct /etc/resolv.conf)");
-                self.applied = (!wanted.is_empty()).then_some(wanted);
+                tracing::info!(manager = self.manager.name(), config = ?wanted, "OS DNS set");
+                self.applied = wanted;
                 self.error = None;
             }
             Err(e) => {
-                tracing::warn!(error = %e, "writing /etc/resolv.conf");
-                self.error = Some(format!("writing {}: {e}", self.files.path.display()));
+                tracing::warn!(error = %e, manager = self.manager.name(), "OS DNS");
+                self.error = Some(format!("{}: {e}", self.manager.name()));
             }
         }
     }
 
-    /// Puts the host's own file back.
-    pub(super) fn restore(&mut self) {
-        if self.applied.take().is_some() {
-            if let Err(e) = self.files.restore() {
-                tracing::warn!(error = %e, "restoring /etc/resolv.conf");
+    /// Puts the host's own configuration back.
+    pub(super) async fn restore(&mut self) {
+        if self.applied.take().is_none() {
+            return;
+        }
+        let result = match &self.backend {
+            Backend::Direct(files) => files.restore().map(drop).map_err(|e| e.to_string()),
+            Backend::Resolved { bus, ifindex } => {
+                bus.revert(*ifindex).await.map_err(|e| e.to_string())
             }
+            Backend::Unsupported(_) => Ok(()),
+        };
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "restoring the host's DNS");
         }
     }
 
     pub(super) fn status(&self, accept: bool) -> DnsStatus {
+        let (nameservers, search_domains) = match &self.applied {
+            Some(Applied::File(c)) => (
+                c.nameservers.iter().map(ToString::to_string).collect(),
+                c.search.clone(),
+            ),
+            Some(Applied::Link(c)) => (
+                c.nameservers.iter().map(ToString::to_string).collect(),
+                c.domains
+                    .iter()
+                    .map(
+                        |(d, routing)| {
+                            if *routing {
+                                format!("~{d}")
+                            } else {
+                                d.clone()
+                            }
+                        },
+                    )
+                    .collect(),
+            ),
+            None => (Vec::new(), Vec::new()),
+        };
         DnsStatus {
             accept_dns: accept,
             manager: self.manager.name().to_string(),
-            nameservers: self
-                .applied
-                .iter()
-                .flat_map(|c| c.nameservers.iter().map(ToString::to_string))
-                .collect(),
-            search_domains: self
-                .applied
-                .iter()
-                .flat_map(|c| c.search.iter().cloned())
-                .collect(),
+            nameservers,
+            search_domains,
             error: self.error.clone(),
         }
     }
 }
 
+fn is_empty(applied: &Applied) -> bool {
+    match applied {
+        Applied::File(c) => c.is_empty(),
+        Applied::Link(c) => c.is_empty(),
+    }
+}
+
 impl Drop for OsDns {
+    /// The direct file is put back at once; resolved forgets a link's settings when the TUN
+    /// goes away with the engine.
     fn drop(&mut self) {
-        self.restore();
+        if let (Backend::Direct(files), Some(_)) = (&self.backend, self.applied.take()) {
+            if let Err(e) = files.restore() {
+                tracing::warn!(error = %e, "restoring /etc/resolv.conf");
+            }
+        }
     }
 }

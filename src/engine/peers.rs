@@ -67,7 +67,7 @@ impl Engine {
         }
         self.sync_peers(map);
         self.apply_host_routing(map).await;
-        self.apply_dns(map);
+        self.apply_dns(map).await;
         self.recompile_filter(map);
         self.update_relay_candidates(map);
         if let Some(derp_map) = &map.derp_map {

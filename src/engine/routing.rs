@@ -64,14 +64,14 @@ impl Engine {
     }
 
     /// MagicDNS for `map`, then the host's resolver (last: quad-100's route exists by now).
-    pub(super) fn apply_dns(&mut self, map: &NetworkMap) {
+    pub(super) async fn apply_dns(&mut self, map: &NetworkMap) {
         let Some(quad100) = &self.quad100 else {
             return;
         };
         let magic = quad100.set_netmap(map);
         let accept = self.net_prefs.borrow().accept_dns;
         if let Some(os_dns) = &mut self.os_dns {
-            os_dns.apply(&magic, accept);
+            os_dns.apply(&magic, accept).await;
         }
     }
 
@@ -90,7 +90,7 @@ impl Engine {
             self.sync_peers(&map);
             self.apply_host_routing(&map).await;
             self.recompile_filter(&map);
-            self.apply_dns(&map);
+            self.apply_dns(&map).await;
         }
     }
 
