@@ -428,13 +428,13 @@ fn servfail_echoes_the_query() {
     assert_eq!(servfail(&[1, 2, 3]), None, "no header");
 }
 
-/// Writes `fuzz/seeds/dns_request/` (real queries built with hickory, for the fuzz target's
-/// config): `cargo test -p tern --lib dns::magic::tests::write_fuzz_seeds -- --ignored`.
+/// `fuzz/seeds/dns_request/` are real queries built with hickory for the fuzz target's config:
+/// this checks the committed seeds are exactly what the generator makes (so they cannot drift
+/// from the responder's inputs), and with `TERN_WRITE_FUZZ_SEEDS=1` writes them.
 #[test]
-#[ignore = "writes fuzz seeds"]
-fn write_fuzz_seeds() {
+fn fuzz_seeds_are_the_generated_queries() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/dns_request");
-    std::fs::create_dir_all(&dir).unwrap();
+    let write = std::env::var_os("TERN_WRITE_FUZZ_SEEDS").is_some();
     let rev = |ip: &str| reverse_key(ip.parse().unwrap());
     let mut seeds: Vec<(&str, Vec<u8>)> = vec![
         ("a_single_label", query("c2", RecordType::A)),
@@ -475,6 +475,22 @@ fn write_fuzz_seeds() {
     response[2] |= 0x80;
     seeds.push(("a_response", response));
     for (name, bytes) in seeds {
-        std::fs::write(dir.join(name), bytes).unwrap();
+        let path = dir.join(name);
+        if write {
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(&path, &bytes).unwrap();
+        }
+        let committed = std::fs::read(&path).unwrap_or_default();
+        assert_eq!(
+            committed,
+            bytes,
+            "{} differs from the generator",
+            path.display()
+        );
+        assert!(
+            !matches!(respond(&cfg(), &committed, MAX_UDP_RESPONSE), Outcome::Drop)
+                || name == "a_response",
+            "{name}: a seed the responder drops reaches nothing"
+        );
     }
 }
