@@ -19,10 +19,7 @@ use crate::netmap::NetworkMap;
 
 /// Above this many peer CGNAT addresses, one `100.64.0.0/10` route replaces the /32s.
 pub const MAX_PEER_HOST_ROUTES: usize = 10_000;
-/// Quad-100, the MagicDNS address.
-pub const QUAD_100_V4: Ipv4Addr = Ipv4Addr::new(100, 100, 100, 100);
-/// Quad-100's IPv6 twin.
-pub const QUAD_100_V6: Ipv6Addr = Ipv6Addr::new(0xfd7a, 0x115c, 0xa1e0, 0, 0, 0, 0, 0x53);
+pub use crate::netstack::{QUAD_100_V4, QUAD_100_V6};
 
 /// The tailnet's IPv4 range.
 pub fn cgnat() -> Ipv4Net {

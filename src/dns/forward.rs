@@ -26,9 +26,7 @@ pub const MAX_UDP_ANSWER: usize = 4096;
 /// Largest answer over TCP (what the 2-byte length prefix allows).
 pub const MAX_TCP_ANSWER: usize = 65535;
 
-/// The addresses tern answers DNS on; never an upstream.
-pub const QUAD_100_V4: Ipv4Addr = Ipv4Addr::new(100, 100, 100, 100);
-pub const QUAD_100_V6: Ipv6Addr = Ipv6Addr::new(0xfd7a, 0x115c, 0xa1e0, 0, 0, 0, 0, 0x53);
+use crate::netstack::{QUAD_100_V4, QUAD_100_V6};
 
 /// How long to wait.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -93,7 +93,7 @@ impl LinuxNet {
     pub(super) async fn refresh_local_prefixes(&mut self) {
         match self.netlink.interface_prefixes().await {
             Ok(all) => {
-                let tun = self.router_index();
+                let tun = self.router.index();
                 self.local = LocalPrefixes::from_interfaces(
                     all.iter()
                         .filter(|p| p.index != tun)
@@ -102,10 +102,6 @@ impl LinuxNet {
             }
             Err(e) => tracing::warn!(error = %e, "reading interface addresses"),
         }
-    }
-
-    fn router_index(&self) -> u32 {
-        self.router.index()
     }
 
     /// Makes table 52 exactly `plan` (throw routes first, then new routes, then stale ones go).

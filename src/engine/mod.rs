@@ -198,13 +198,7 @@ async fn run(
     let mut engine = Engine::new(&config, inbound_tx, local, regions_tx);
     engine.linux = Some(linux);
     let os_dns = os_dns::OsDns::start(tun.index()).await;
-    let base_resolvers = os_dns
-        .base()
-        .nameservers
-        .iter()
-        .map(|ip| std::net::SocketAddr::new(*ip, 53))
-        .collect();
-    let (quad100, quad100_out) = quad100::Quad100::start(ipv6, base_resolvers);
+    let (quad100, quad100_out) = quad100::Quad100::start(ipv6, os_dns.base().nameservers.clone());
     engine.quad100 = Some(quad100);
     engine.os_dns = Some(os_dns);
     engine.stun_tx = Some(stun_tx);
