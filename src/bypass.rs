@@ -14,9 +14,19 @@ use tokio::net::{TcpSocket, TcpStream};
 pub use tern_platform::policy::BYPASS_MARK;
 
 static WARNED: AtomicBool = AtomicBool::new(false);
+/// Off in userspace networking: no table 52 to bypass (and no CAP_NET_ADMIN to set marks).
+static ENABLED: AtomicBool = AtomicBool::new(true);
+
+/// No marks from now on (`--tun userspace-networking`).
+pub fn disable() {
+    ENABLED.store(false, Ordering::Relaxed);
+}
 
 /// Marks `socket` so its traffic bypasses table 52.
 pub fn mark(socket: socket2::SockRef<'_>) {
+    if !ENABLED.load(Ordering::Relaxed) {
+        return;
+    }
     if let Err(e) = socket.set_mark(BYPASS_MARK) {
         if !WARNED.swap(true, Ordering::Relaxed) {
             tracing::warn!(

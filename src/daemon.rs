@@ -29,11 +29,14 @@ mod net_prefs;
 pub struct DaemonConfig {
     pub state_dir: PathBuf,
     pub socket: PathBuf,
-    /// TUN name, or `userspace-networking` (not implemented yet: control only).
+    /// TUN name, or `userspace-networking` (no TUN: the userspace stack is the data plane).
     pub tun: String,
     pub port: u16,
     /// User (name or numeric uid) allowed to use the LocalAPI socket besides root.
     pub operator: Option<String>,
+    /// `--socks5-server`, `--outbound-http-proxy-listen`.
+    pub socks5_server: Option<std::net::SocketAddr>,
+    pub http_proxy: Option<std::net::SocketAddr>,
 }
 
 /// Run the daemon until SIGINT/SIGTERM.
@@ -46,6 +49,8 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
         operator: config.operator.as_deref().map(resolve_user).transpose()?,
     };
     let listener = localapi::bind(&config.socket, owner)?;
+    let dialer = std::sync::Arc::new(watch::channel(None).0);
+    let _proxies = start_proxies(&config, &dialer).await?;
     tracing::info!(
         socket = %config.socket.display(),
         state_dir = %config.state_dir.display(),
@@ -59,11 +64,7 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
             tun: config.tun.clone(),
             port: config.port,
             active: false,
-            note: Some(if config.tun == USERSPACE_NETWORKING {
-                "userspace networking is not implemented yet: control only".into()
-            } else {
-                "waiting for the first network map".into()
-            }),
+            note: Some("waiting for the first network map".into()),
             ..Default::default()
         },
         SystemTime::now(),
@@ -71,7 +72,9 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
     let (cmd_tx, cmd_rx) = mpsc::channel(16);
     let api = tokio::spawn(localapi::serve(listener, status_rx, cmd_tx));
 
-    if config.tun != USERSPACE_NETWORKING {
+    if config.tun == USERSPACE_NETWORKING {
+        crate::bypass::disable();
+    } else {
         // A killed tern (or tailscaled) may have left rules, routes or chains: away with them
         // before anything else, as tailscaled does at every start.
         if let Err(e) = engine::cleanup_host().await {
@@ -96,6 +99,7 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
         relay_static_endpoints: watch::channel(relay_static).0,
         net_prefs: watch::channel(net_prefs).0,
         stopping_engine: None,
+        dialer,
     };
     daemon.start_or_stop();
     let result = daemon.serve(cmd_rx).await;
@@ -132,6 +136,8 @@ struct Daemon {
     stopping_engine: Option<JoinHandle<()>>,
     /// `prefs.net` (exit node, routes, netfilter), watched by the engine.
     net_prefs: watch::Sender<crate::state::NetPrefs>,
+    /// How the proxies reach the tailnet; the running engine publishes it.
+    dialer: std::sync::Arc<watch::Sender<Option<crate::proxy::TailnetDialer>>>,
 }
 
 impl Daemon {
@@ -178,13 +184,6 @@ impl Daemon {
 
     /// The engine to ask for pings and netchecks, or why there is none (503).
     fn engine_for_request(&self) -> Result<EngineHandle, ApiError> {
-        if self.tun == USERSPACE_NETWORKING {
-            return Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the data plane is not running: ping and netcheck are not supported with \
-                 --tun userspace-networking yet",
-            ));
-        }
         self.engine_handle.clone().ok_or_else(engine_not_running)
     }
 
@@ -383,11 +382,8 @@ impl Daemon {
         }
     }
 
-    /// Starts the data plane (TUN mode only); it waits for the control task's first netmap.
+    /// Starts the data plane; it waits for the control task's first netmap.
     fn start_engine(&mut self) -> Option<EngineLink> {
-        if self.tun == USERSPACE_NETWORKING {
-            return None;
-        }
         let (netmap_tx, netmap_rx) = watch::channel(None);
         let (local_tx, local_rx) = watch::channel(Default::default());
         let (node_key_tx, node_keys) = watch::channel(self.identity.node.clone());
@@ -400,6 +396,7 @@ impl Daemon {
             relay_static_endpoints: self.relay_static_endpoints.subscribe(),
             node_keys,
             net_prefs: self.net_prefs.subscribe(),
+            dialer: self.dialer.clone(),
         };
         let previous = self.stopping_engine.take();
         let (task, handle) =
@@ -427,6 +424,47 @@ impl Daemon {
                 s.data_plane.note = Some("stopped".into());
             });
         }
+    }
+}
+
+/// The SOCKS5 and HTTP proxies the flags ask for, listening before the daemon reports it
+/// started (a taken port is an error at once); they stop with the returned tasks.
+async fn start_proxies(
+    config: &DaemonConfig,
+    dialer: &watch::Sender<Option<crate::proxy::TailnetDialer>>,
+) -> anyhow::Result<Vec<AbortOnDrop>> {
+    use crate::proxy::{self, Kind};
+    let counters = std::sync::Arc::new(proxy::ProxyCounters::default());
+    let mut tasks = Vec::new();
+    for (kind, addr, flag) in [
+        (Kind::Socks5, config.socks5_server, "--socks5-server"),
+        (
+            Kind::Http,
+            config.http_proxy,
+            "--outbound-http-proxy-listen",
+        ),
+    ] {
+        let Some(addr) = addr else { continue };
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("{flag} {addr}"))?;
+        tracing::info!(%addr, ?kind, "proxy listening");
+        tasks.push(AbortOnDrop(tokio::spawn(proxy::serve(
+            kind,
+            listener,
+            dialer.subscribe(),
+            counters.clone(),
+        ))));
+    }
+    Ok(tasks)
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -23,6 +23,7 @@ pub mod netmap;
 pub mod netstack;
 pub mod packet;
 pub mod paths;
+pub mod proxy;
 pub mod relay;
 pub mod report;
 pub mod rlimit;

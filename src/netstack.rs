@@ -12,6 +12,7 @@
 //! bounded: [`MAX_TCP`] connections, 4 KiB queries, [`TCP_IDLE`] of silence.
 
 mod device;
+pub mod user;
 
 use std::collections::VecDeque;
 use std::future::Future;

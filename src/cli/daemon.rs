@@ -21,6 +21,13 @@ pub struct DaemonArgs {
     /// Also let this user (name or uid) use the LocalAPI socket (otherwise root only).
     #[arg(long)]
     pub operator: Option<String>,
+    /// Run a SOCKS5 proxy on ADDR (e.g. `localhost:1080`) into the tailnet: tailnet addresses
+    /// and MagicDNS names go through tern, other destinations are dialed from this host.
+    #[arg(long, value_name = "ADDR", value_parser = parse_listen_addr)]
+    pub socks5_server: Option<std::net::SocketAddr>,
+    /// Run an HTTP proxy (CONNECT and plain http:// requests) on ADDR, as the SOCKS5 one.
+    #[arg(long, value_name = "ADDR", value_parser = parse_listen_addr)]
+    pub outbound_http_proxy_listen: Option<std::net::SocketAddr>,
     /// Remove what a previous run left (ip rules, table 52 throw routes, netfilter chains and
     /// jumps, also a Go tailscaled's) and exit; for the systemd unit's ExecStopPost.
     #[arg(long)]
@@ -46,6 +53,8 @@ pub fn run(socket: &Path, args: &DaemonArgs) -> anyhow::Result<ExitCode> {
         tun: args.tun.clone(),
         port: args.port,
         operator: args.operator.clone(),
+        socks5_server: args.socks5_server,
+        http_proxy: args.outbound_http_proxy_listen,
     };
     super::runtime()?.block_on(daemon::run(config))?;
     Ok(ExitCode::SUCCESS)
@@ -60,4 +69,47 @@ fn init_logging() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .try_init();
+}
+
+/// A proxy's listen address: `IP:PORT` or `localhost:PORT`. A bare `:PORT` (every interface) is
+/// refused: it would open the tailnet to anyone who reaches this host.
+fn parse_listen_addr(text: &str) -> Result<std::net::SocketAddr, String> {
+    if let Some(port) = text.strip_prefix("localhost:") {
+        return port
+            .parse::<u16>()
+            .map(|p| std::net::SocketAddr::from(([127, 0, 0, 1], p)))
+            .map_err(|_| format!("{text:?}: the port must be a number 0-65535"));
+    }
+    if text.starts_with(':') {
+        return Err(format!(
+            "{text:?}: give the address to listen on, e.g. localhost{text} (a proxy on every \
+             interface lets anyone who reaches this host into the tailnet)"
+        ));
+    }
+    text.parse()
+        .map_err(|_| format!("{text:?}: expected IP:PORT or localhost:PORT, e.g. localhost:1080"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_listen_addr;
+
+    #[test]
+    fn proxy_addresses() {
+        assert_eq!(
+            parse_listen_addr("localhost:1080"),
+            Ok("127.0.0.1:1080".parse().unwrap())
+        );
+        assert_eq!(
+            parse_listen_addr("[::1]:8080"),
+            Ok("[::1]:8080".parse().unwrap())
+        );
+        assert!(parse_listen_addr(":1080")
+            .unwrap_err()
+            .contains("localhost:1080"));
+        assert!(parse_listen_addr("localhost:x").is_err());
+        assert!(parse_listen_addr("nowhere")
+            .unwrap_err()
+            .contains("IP:PORT"));
+    }
 }

@@ -10,6 +10,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::api;
 use super::derp::DerpEvent;
+use super::device::Device;
 use super::netcheck::LatencyReport;
 use super::sockets::UdpSockets;
 use super::{DropCounters, Engine, EngineError, BUF_LEN};
@@ -18,7 +19,6 @@ use crate::paths;
 use crate::report;
 use crate::status::Status;
 use crate::udp::offload;
-use tern_platform::tun::{LinuxTun, Tun};
 
 /// Packets read from the TUN or the UDP sockets per wakeup at most (the rest waits for the next).
 pub(super) const BATCH: usize = 64;
@@ -43,7 +43,7 @@ impl Engine {
     #[allow(clippy::too_many_arguments)]
     pub(super) async fn serve(
         &mut self,
-        tun: &LinuxTun,
+        tun: &Device,
         udp: &UdpSockets,
         mut netmaps: watch::Receiver<Option<Arc<NetworkMap>>>,
         mut inbound: mpsc::Receiver<DerpEvent>,
@@ -172,7 +172,7 @@ impl Engine {
     /// back to the event loop (its per-wakeup cost, timers included, is paid once per burst).
     pub(super) fn drain_tun(
         &mut self,
-        tun: &LinuxTun,
+        tun: &Device,
         udp: &UdpSockets,
         buf: &mut [u8],
     ) -> Result<(), EngineError> {
@@ -192,7 +192,7 @@ impl Engine {
 
     /// Datagrams that queued up on the UDP sockets, up to [`BATCH`], each decrypted packet
     /// written to the TUN before the next is read (they share the output buffer).
-    pub(super) async fn drain_udp(&mut self, tun: &LinuxTun, udp: &UdpSockets, buf: &mut [u8]) {
+    pub(super) async fn drain_udp(&mut self, tun: &Device, udp: &UdpSockets, buf: &mut [u8]) {
         for _ in 0..BATCH {
             let Ok(received) = udp.try_recv(buf) else {
                 break;
@@ -202,12 +202,7 @@ impl Engine {
     }
 
     /// Handles what one UDP read brought: one datagram, or several that GRO coalesced.
-    pub(super) async fn received(
-        &mut self,
-        tun: &LinuxTun,
-        buf: &[u8],
-        received: offload::Received,
-    ) {
+    pub(super) async fn received(&mut self, tun: &Device, buf: &[u8], received: offload::Received) {
         let data = buf.get(..received.len).unwrap_or_default();
         for datagram in offload::segments(data, received.segment) {
             let to_tun = self.udp_datagram(datagram, received.from);
@@ -216,7 +211,7 @@ impl Engine {
     }
 
     /// Writes the decrypted packet of length `len` at the start of `self.out` to the TUN.
-    pub(super) async fn write_tun(&mut self, tun: &LinuxTun, len: Option<usize>) {
+    pub(super) async fn write_tun(&mut self, tun: &Device, len: Option<usize>) {
         write_tun(tun, len.and_then(|n| self.out.get(..n))).await;
     }
 
@@ -281,7 +276,7 @@ impl Engine {
     }
 }
 
-pub(super) async fn write_tun(tun: &LinuxTun, packet: Option<&[u8]>) {
+pub(super) async fn write_tun(tun: &Device, packet: Option<&[u8]>) {
     if let Some(packet) = packet {
         if let Err(e) = tun.send(packet).await {
             tracing::debug!(error = %e, "TUN write failed");

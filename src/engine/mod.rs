@@ -19,6 +19,7 @@
 //! `publish` (status).
 
 pub mod api;
+mod device;
 pub use linux_net::cleanup_host;
 mod derp;
 mod event_loop;
@@ -58,11 +59,12 @@ use crate::status::Status;
 use crate::udp::offload;
 use crate::wg::{consts, PeerId, WgPeers};
 use derp::{DerpEvent, DerpLink};
+use device::Device;
 use netcheck::{netcheck_task, STUN_QUEUE};
 use peers::PeerInfo;
 use requests::PendingPing;
 use sockets::UdpSockets;
-use tern_platform::tun::{LinuxTun, Tun, TunConfig, DEFAULT_MTU};
+use tern_platform::tun::{LinuxTun, TunConfig, DEFAULT_MTU};
 
 /// Largest packet handled: the TUN MTU leaves room, DERP caps packets at 64 KiB.
 const BUF_LEN: usize = 65535;
@@ -85,6 +87,8 @@ pub struct EngineConfig {
     pub node_keys: tokio::sync::watch::Receiver<NodePrivate>,
     /// Exit node, subnet routes and netfilter prefs; changes apply live.
     pub net_prefs: tokio::sync::watch::Receiver<crate::state::NetPrefs>,
+    /// Where the engine publishes how the proxies reach the tailnet while it runs.
+    pub dialer: Arc<watch::Sender<Option<crate::proxy::TailnetDialer>>>,
 }
 
 /// Errors that stop the engine.
@@ -168,14 +172,27 @@ async fn run(
     else {
         return Ok(()); // control went away before a netmap
     };
-    let tun = LinuxTun::create(&TunConfig {
-        name: config.tun_name.clone(),
-        mtu: DEFAULT_MTU,
-    })
-    .await?;
     let ipv6 = ipv6_enabled();
-    let mut linux = linux_net::LinuxNet::start(&tun, ipv6).await;
-    linux.refresh_local_prefixes().await;
+    let userspace = config.tun_name == crate::daemon::USERSPACE_NETWORKING;
+    let tun = if userspace {
+        Device::Userspace(device::UserDevice::start())
+    } else {
+        Device::Kernel(
+            LinuxTun::create(&TunConfig {
+                name: config.tun_name.clone(),
+                mtu: DEFAULT_MTU,
+            })
+            .await?,
+        )
+    };
+    let linux = match tun.kernel() {
+        Some(kernel) => {
+            let mut linux = linux_net::LinuxNet::start(kernel, ipv6).await;
+            linux.refresh_local_prefixes().await;
+            Some(linux)
+        }
+        None => None,
+    };
     let sockets = UdpSockets::bind(config.port)?;
     tracing::info!(tun = tun.name(), port = config.port, "data plane up");
 
@@ -196,11 +213,28 @@ async fn run(
         report_tx,
     )));
     let mut engine = Engine::new(&config, inbound_tx, local, regions_tx);
-    engine.linux = Some(linux);
-    let os_dns = os_dns::OsDns::start(tun.index()).await;
-    let (quad100, quad100_out) = quad100::Quad100::start(ipv6, os_dns.base().nameservers.clone());
+    engine.linux = linux;
+    // The host's resolver is tern's to point at quad-100 only with a TUN to route it.
+    let os_dns = match tun.kernel() {
+        Some(kernel) => Some(os_dns::OsDns::start(kernel.index()).await),
+        None => None,
+    };
+    let base_resolvers = match &os_dns {
+        Some(os_dns) => os_dns.base().nameservers.clone(),
+        None => crate::dns::forward::os_base_resolvers(
+            &std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
+        ),
+    };
+    let (quad100, quad100_out) = quad100::Quad100::start(ipv6, base_resolvers);
+    config
+        .dialer
+        .send_replace(Some(crate::proxy::TailnetDialer {
+            stack: tun.userspace().map(|u| u.stack.clone()),
+            dns: quad100.subscribe(),
+            routes: engine.dial_routes.subscribe(),
+        }));
     engine.quad100 = Some(quad100);
-    engine.os_dns = Some(os_dns);
+    engine.os_dns = os_dns;
     engine.stun_tx = Some(stun_tx);
     engine.netcheck_trigger = trigger;
     engine.udp_port = sockets
@@ -233,6 +267,7 @@ async fn run(
         )
         .await;
     drop(netcheck);
+    config.dialer.send_replace(None);
     // DNS first, while the network still works (tailscaled's shutdown order).
     if let Some(mut os_dns) = engine.os_dns.take() {
         os_dns.restore().await;
@@ -342,6 +377,8 @@ struct Engine {
     netmap: Option<Arc<NetworkMap>>,
     /// When the next peer key expires (the peers are synced again then).
     next_key_expiry: Option<Instant>,
+    /// What the proxies send into the tailnet: its ranges and the accepted subnet routes.
+    dial_routes: watch::Sender<Arc<Vec<IpNet>>>,
 }
 
 impl Engine {
@@ -404,6 +441,7 @@ impl Engine {
             served: Vec::new(),
             netmap: None,
             next_key_expiry: None,
+            dial_routes: watch::channel(Arc::new(Vec::new())).0,
         }
     }
 }

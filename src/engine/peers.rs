@@ -6,6 +6,7 @@ use std::time::{Instant, SystemTime};
 
 use ipnet::IpNet;
 
+use super::device::Device;
 use super::{Engine, EngineError};
 use crate::control::tailcfg::Node;
 use crate::filter::Filter;
@@ -13,7 +14,6 @@ use crate::keys::{NodePrivate, NodePublic};
 use crate::netmap::NetworkMap;
 use crate::paths::{self, LocalNet};
 use crate::wg::{PeerId, WgOutput, WgPeers};
-use tern_platform::tun::LinuxTun;
 
 /// Per-peer facts from the netmap the engine needs.
 #[derive(Debug, Clone)]
@@ -49,7 +49,7 @@ impl Engine {
     pub(super) async fn apply_netmap(
         &mut self,
         map: &NetworkMap,
-        tun: &LinuxTun,
+        tun: &Device,
     ) -> Result<(), EngineError> {
         let Some(me) = &map.self_node else {
             return Ok(());

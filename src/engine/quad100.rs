@@ -68,6 +68,11 @@ impl Quad100 {
         config
     }
 
+    /// MagicDNS as it answers now, for the proxies' name lookups.
+    pub(super) fn subscribe(&self) -> watch::Receiver<Arc<MagicDnsConfig>> {
+        self.config.subscribe()
+    }
+
     pub(super) fn counters(&self) -> NetstackCounters {
         *self.counters.borrow()
     }

@@ -35,7 +35,12 @@ impl Engine {
     pub(super) async fn apply_host_routing(&mut self, map: &NetworkMap) {
         let prefs = self.net_prefs.borrow().clone();
         let routing_prefs = self.routing_prefs(map, &prefs);
+        self.dial_routes
+            .send_replace(std::sync::Arc::new(dial_routes(map, prefs.accept_routes)));
         let Some(linux) = self.linux.as_mut() else {
+            // No host routing (userspace networking): the node serves its own addresses.
+            self.served =
+                routing::served_networks(&self.local, &prefs.routable_ips(), &Default::default());
             return;
         };
         let plan = routing::route_plan(
@@ -138,4 +143,19 @@ impl Engine {
         }
         out
     }
+}
+
+/// The prefixes the proxies dial through the tailnet: its address ranges, and with
+/// `--accept-routes` the subnets peers offer.
+fn dial_routes(map: &NetworkMap, accept_routes: bool) -> Vec<ipnet::IpNet> {
+    let mut routes = vec![
+        ipnet::IpNet::from(routing::cgnat()),
+        ipnet::IpNet::from(routing::tailnet_ula()),
+    ];
+    if accept_routes {
+        for peer in map.peers.values() {
+            routes.extend(routing::subnet_routes(peer).copied());
+        }
+    }
+    routes
 }
