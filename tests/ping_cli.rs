@@ -1,6 +1,6 @@
-//! `tern ping` and `tern netcheck` against a real daemon without a data plane
-//! (`--tun userspace-networking`, no control server): clear errors and exit code 1.
-//! Pings over real paths are tested in the lab tests once the engine answers.
+//! `tern ping` and `tern netcheck` against a real daemon without a data plane (no control
+//! server, so no network map and no engine): clear errors and exit code 1. Pings over real
+//! paths are tested in the lab tests and in daemon_control.
 
 use std::process::Output;
 
@@ -31,7 +31,7 @@ fn ping_and_netcheck_without_a_data_plane_exit_1_and_say_why() {
     assert_eq!(out.status.code(), Some(1), "stderr: {}", stderr(&out));
     let text = stderr(&out);
     assert!(
-        text.contains("the data plane is not running") && text.contains("userspace-networking"),
+        text.contains("the data plane is not running; run tern up"),
         "{text}"
     );
     let out = daemon.cli(&["netcheck", "--json"]);

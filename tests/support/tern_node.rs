@@ -19,7 +19,23 @@ impl Daemon {
 
     /// Start with extra `tern daemon` flags.
     pub fn start_with(state_dir: &Path, socket: &Path, extra: &[&str]) -> Self {
-        let child = Command::new(env!("CARGO_BIN_EXE_tern"))
+        Self::spawn(
+            Command::new(env!("CARGO_BIN_EXE_tern")),
+            state_dir,
+            socket,
+            extra,
+        )
+    }
+
+    /// Start inside the network namespace `netns` (its data plane then dials only there).
+    pub fn start_in(netns: &str, state_dir: &Path, socket: &Path) -> Self {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", netns, env!("CARGO_BIN_EXE_tern")]);
+        Self::spawn(cmd, state_dir, socket, &[])
+    }
+
+    fn spawn(mut cmd: Command, state_dir: &Path, socket: &Path, extra: &[&str]) -> Self {
+        let child = cmd
             .args([
                 "daemon",
                 "--tun",
