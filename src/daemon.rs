@@ -50,7 +50,8 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
     };
     let listener = localapi::bind(&config.socket, owner)?;
     let dialer = std::sync::Arc::new(watch::channel(None).0);
-    let _proxies = start_proxies(&config, &dialer).await?;
+    let proxy_counters = std::sync::Arc::new(crate::proxy::ProxyCounters::default());
+    let _proxies = start_proxies(&config, &dialer, &proxy_counters).await?;
     tracing::info!(
         socket = %config.socket.display(),
         state_dir = %config.state_dir.display(),
@@ -100,6 +101,8 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
         net_prefs: watch::channel(net_prefs).0,
         stopping_engine: None,
         dialer,
+        proxy_counters: (config.socks5_server.is_some() || config.http_proxy.is_some())
+            .then_some(proxy_counters),
     };
     daemon.start_or_stop();
     let result = daemon.serve(cmd_rx).await;
@@ -138,6 +141,7 @@ struct Daemon {
     net_prefs: watch::Sender<crate::state::NetPrefs>,
     /// How the proxies reach the tailnet; the running engine publishes it.
     dialer: std::sync::Arc<watch::Sender<Option<crate::proxy::TailnetDialer>>>,
+    proxy_counters: Option<std::sync::Arc<crate::proxy::ProxyCounters>>,
 }
 
 impl Daemon {
@@ -397,6 +401,7 @@ impl Daemon {
             node_keys,
             net_prefs: self.net_prefs.subscribe(),
             dialer: self.dialer.clone(),
+            proxy_counters: self.proxy_counters.clone(),
         };
         let previous = self.stopping_engine.take();
         let (task, handle) =
@@ -432,9 +437,9 @@ impl Daemon {
 async fn start_proxies(
     config: &DaemonConfig,
     dialer: &watch::Sender<Option<crate::proxy::TailnetDialer>>,
+    counters: &std::sync::Arc<crate::proxy::ProxyCounters>,
 ) -> anyhow::Result<Vec<AbortOnDrop>> {
     use crate::proxy::{self, Kind};
-    let counters = std::sync::Arc::new(proxy::ProxyCounters::default());
     let mut tasks = Vec::new();
     for (kind, addr, flag) in [
         (Kind::Socks5, config.socks5_server, "--socks5-server"),

@@ -193,6 +193,18 @@ impl ProxyCounters {
     pub fn bump(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
     }
+
+    /// By name, for the status snapshot.
+    pub fn named(&self) -> Vec<(&'static str, u64)> {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        vec![
+            ("accepted", get(&self.accepted)),
+            ("over_limit", get(&self.over_limit)),
+            ("bad_requests", get(&self.bad_requests)),
+            ("dial_failures", get(&self.dial_failures)),
+            ("connected", get(&self.connected)),
+        ]
+    }
 }
 
 /// Which protocol a listener speaks.

@@ -332,6 +332,15 @@ pub struct DataPlaneStatus {
     /// `tcp_aborted`, `oversized`, `queue_full`, `packets_in`, `packets_out`.
     #[serde(default)]
     pub quad100: std::collections::BTreeMap<String, u64>,
+    /// The userspace stack with `--tun userspace-networking` (empty otherwise): `packets_in`,
+    /// `packets_out`, `queue_full`, `tcp_inbound`, `tcp_outbound`, `tcp_refused_full`,
+    /// `handshake_timeouts`, `open_connections`.
+    #[serde(default)]
+    pub netstack: std::collections::BTreeMap<String, u64>,
+    /// The SOCKS5 and HTTP proxies together (empty without either): `accepted`, `over_limit`,
+    /// `bad_requests`, `dial_failures`, `connected`.
+    #[serde(default)]
+    pub proxies: std::collections::BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -271,6 +271,15 @@ fn userspace_networking_proxies_and_inbound_forwarding_with_tsnet() {
         "serving while 300 junk/idle clients are held\n{}",
         logs()
     );
+    let counted = wait("the proxies' counters in the status", 20, logs, || {
+        let proxies = tu.status()["data_plane"]["proxies"].clone();
+        (proxies["bad_requests"].as_u64() >= Some(100)).then_some(proxies)
+    });
+    assert!(counted["dial_failures"].as_u64() >= Some(3), "{counted}");
+    assert!(counted["connected"].as_u64() >= Some(6), "{counted}");
+    let netstack = tu.status()["data_plane"]["netstack"].clone();
+    assert!(netstack["tcp_inbound"].as_u64() >= Some(1), "{netstack}");
+    assert!(netstack["tcp_outbound"].as_u64() >= Some(6), "{netstack}");
     drop(idle);
     let _ = (stop_http, http_thread);
     // The daemon is still the same process.

@@ -25,8 +25,6 @@ pub(super) struct UserDevice {
     /// Only the engine reads; the lock is never contended nor held across an await.
     from_stack: Mutex<mpsc::Receiver<Vec<u8>>>,
     pub(super) stack: StackHandle,
-    /// Packets for the stack dropped because its queue was full.
-    pub(super) dropped: std::sync::atomic::AtomicU64,
     _task: AbortOnDrop,
 }
 
@@ -40,7 +38,6 @@ impl UserDevice {
             to_stack,
             from_stack: Mutex::new(from_stack),
             stack,
-            dropped: Default::default(),
             _task: AbortOnDrop(task),
         }
     }
@@ -117,8 +114,7 @@ impl Device {
             Device::Kernel(tun) => tun.send(packet).await,
             Device::Userspace(user) => {
                 if user.to_stack.try_send(packet.to_vec()).is_err() {
-                    user.dropped
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    user.stack.note_dropped();
                 }
                 Ok(packet.len())
             }

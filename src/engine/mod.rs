@@ -89,6 +89,8 @@ pub struct EngineConfig {
     pub net_prefs: tokio::sync::watch::Receiver<crate::state::NetPrefs>,
     /// Where the engine publishes how the proxies reach the tailnet while it runs.
     pub dialer: Arc<watch::Sender<Option<crate::proxy::TailnetDialer>>>,
+    /// The proxies' counters (`None` without `--socks5-server` or an HTTP proxy), for status.
+    pub proxy_counters: Option<Arc<crate::proxy::ProxyCounters>>,
 }
 
 /// Errors that stop the engine.
@@ -235,6 +237,7 @@ async fn run(
         }));
     engine.quad100 = Some(quad100);
     engine.os_dns = os_dns;
+    engine.user_stack = tun.userspace().map(|u| u.stack.clone());
     engine.stun_tx = Some(stun_tx);
     engine.netcheck_trigger = trigger;
     engine.udp_port = sockets
@@ -379,6 +382,9 @@ struct Engine {
     next_key_expiry: Option<Instant>,
     /// What the proxies send into the tailnet: its ranges and the accepted subnet routes.
     dial_routes: watch::Sender<Arc<Vec<IpNet>>>,
+    /// The userspace stack (`--tun userspace-networking`), for its counters.
+    user_stack: Option<crate::netstack::user::StackHandle>,
+    proxy_counters: Option<Arc<crate::proxy::ProxyCounters>>,
 }
 
 impl Engine {
@@ -442,6 +448,8 @@ impl Engine {
             netmap: None,
             next_key_expiry: None,
             dial_routes: watch::channel(Arc::new(Vec::new())).0,
+            user_stack: None,
+            proxy_counters: config.proxy_counters.clone(),
         }
     }
 }

@@ -66,6 +66,26 @@ impl Engine {
             let quad100 = self.quad100_counts();
             let quad100_changed = s.data_plane.quad100 != quad100;
             s.data_plane.quad100 = quad100;
+            let named = |pairs: Vec<(&str, u64)>| {
+                pairs
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v))
+                    .collect::<BTreeMap<_, _>>()
+            };
+            let netstack = self
+                .user_stack
+                .as_ref()
+                .map(|u| named(u.counters().named()))
+                .unwrap_or_default();
+            let proxies = self
+                .proxy_counters
+                .as_ref()
+                .map(|p| named(p.named()))
+                .unwrap_or_default();
+            let local_changed =
+                s.data_plane.netstack != netstack || s.data_plane.proxies != proxies;
+            s.data_plane.netstack = netstack;
+            s.data_plane.proxies = proxies;
             let dns = self
                 .os_dns
                 .as_ref()
@@ -81,6 +101,7 @@ impl Engine {
                 || relay_changed
                 || routing_changed
                 || quad100_changed
+                || local_changed
                 || dns_changed
         });
     }

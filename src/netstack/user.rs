@@ -556,6 +556,8 @@ impl Wake for TaskWaker {
 pub struct StackHandle {
     commands: mpsc::Sender<Command>,
     counters: watch::Receiver<UserCounters>,
+    /// Packets for the stack dropped before it saw them (its queue was full).
+    dropped: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl StackHandle {
@@ -574,8 +576,33 @@ impl StackHandle {
         let _ = self.commands.try_send(Command::SetAddresses(addrs));
     }
 
+    /// What the stack counted, with the drops in front of it.
     pub fn counters(&self) -> UserCounters {
-        *self.counters.borrow()
+        let mut counters = *self.counters.borrow();
+        counters.queue_full += self.dropped.load(std::sync::atomic::Ordering::Relaxed);
+        counters
+    }
+
+    /// A packet for the stack was dropped before it.
+    pub fn note_dropped(&self) {
+        self.dropped
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl UserCounters {
+    /// By name, for the status snapshot.
+    pub fn named(&self) -> Vec<(&'static str, u64)> {
+        vec![
+            ("packets_in", self.packets_in),
+            ("packets_out", self.packets_out),
+            ("queue_full", self.queue_full),
+            ("tcp_inbound", self.tcp_inbound),
+            ("tcp_outbound", self.tcp_outbound),
+            ("tcp_refused_full", self.tcp_refused_full),
+            ("handshake_timeouts", self.handshake_timeouts),
+            ("open_connections", self.open_connections),
+        ]
     }
 }
 
@@ -595,6 +622,7 @@ pub fn spawn(io: StackIo) -> (StackHandle, tokio::task::JoinHandle<()>) {
     let handle = StackHandle {
         commands: commands_tx.clone(),
         counters,
+        dropped: Default::default(),
     };
     let task = tokio::spawn(run(io, commands, commands_tx, counters_tx));
     (handle, task)
