@@ -13,6 +13,7 @@
 
 mod device;
 pub mod user;
+mod user_udp;
 
 use std::collections::VecDeque;
 use std::future::Future;

@@ -21,7 +21,7 @@ use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
-use smoltcp::socket::tcp;
+use smoltcp::socket::{tcp, udp};
 use smoltcp::time::Instant as SmolInstant;
 use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, IpEndpoint, IpListenEndpoint};
 use tokio::io::{AsyncRead, AsyncWrite, DuplexStream, ReadBuf};
@@ -45,6 +45,12 @@ const DEAD_PEER: Duration = Duration::from_secs(120);
 pub const MTU: usize = 1280;
 /// Packets waiting in either direction at most (more are dropped and counted).
 const QUEUE: usize = 1024;
+/// UDP ports of our addresses with a socket at most (each forwards to the same loopback port).
+pub const MAX_UDP_PORTS: usize = 64;
+/// A UDP port's socket goes away after this long without a datagram either way.
+pub const UDP_IDLE: Duration = Duration::from_secs(60);
+/// Datagrams waiting for the forwarder at most.
+const UDP_QUEUE: usize = 256;
 /// Ephemeral ports for outbound connections.
 const EPHEMERAL: std::ops::RangeInclusive<u16> = 49152..=65535;
 
@@ -75,6 +81,16 @@ pub enum Command {
     SetAddresses(Vec<IpAddr>),
     /// Reset an accepted connection (nothing listens on the local port).
     Abort(ConnId),
+    /// A reply from a loopback UDP service to a peer.
+    UdpReply(Datagram),
+}
+
+/// A UDP datagram between a peer (`remote`) and one of our tailnet addresses (`local`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Datagram {
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub data: Vec<u8>,
 }
 
 /// One connection's identity inside the stack.
@@ -105,6 +121,11 @@ pub struct UserCounters {
     /// Connections that never finished their handshake.
     pub handshake_timeouts: u64,
     pub open_connections: u64,
+    /// UDP datagrams from peers to our addresses, and replies sent back.
+    pub udp_in: u64,
+    pub udp_out: u64,
+    /// UDP datagrams dropped: over [`MAX_UDP_PORTS`] ports, a full queue, or too large.
+    pub udp_dropped: u64,
 }
 
 enum Kind {
@@ -113,6 +134,13 @@ enum Kind {
     Outbound {
         reply: Option<oneshot::Sender<Result<DuplexStream, DialError>>>,
     },
+}
+
+/// A UDP socket on one of our addresses and ports, for inbound forwarding.
+struct UdpPort {
+    handle: SocketHandle,
+    local: IpEndpoint,
+    last_active: SmolInstant,
 }
 
 struct Conn {
@@ -139,6 +167,8 @@ pub struct UserStack {
     sockets: SocketSet<'static>,
     addrs: Vec<IpAddr>,
     conns: Vec<Conn>,
+    udp: Vec<UdpPort>,
+    udp_in: Vec<Datagram>,
     accepted: VecDeque<Accepted>,
     next_port: u16,
     counters: UserCounters,
@@ -157,6 +187,8 @@ impl UserStack {
             sockets: SocketSet::new(Vec::new()),
             addrs: Vec::new(),
             conns: Vec::new(),
+            udp: Vec::new(),
+            udp_in: Vec::new(),
             accepted: VecDeque::new(),
             next_port: *EPHEMERAL.start() + rand::random::<u16>() % 1000,
             counters: UserCounters::default(),
@@ -197,6 +229,7 @@ impl UserStack {
     pub fn inject(&mut self, packet: &[u8]) -> bool {
         self.counters.packets_in += 1;
         self.prepare_listener(packet);
+        self.prepare_udp_port(packet);
         if self.device.push_rx(packet) {
             true
         } else {
@@ -249,6 +282,91 @@ impl UserStack {
             app_gone: false,
             syn_from: Some(remote),
         });
+    }
+
+    /// A UDP datagram to one of our addresses gets a socket on its port before smoltcp sees it.
+    fn prepare_udp_port(&mut self, packet: &[u8]) {
+        let Ok(summary) = PacketSummary::parse(packet) else {
+            return;
+        };
+        if summary.proto != proto::UDP || !self.addrs.contains(&summary.dst) {
+            return;
+        }
+        let local = IpEndpoint::new(summary.dst.into(), summary.dst_port);
+        if self.udp.iter().any(|u| u.local == local) {
+            return;
+        }
+        if self.udp.len() >= MAX_UDP_PORTS {
+            self.counters.udp_dropped += 1;
+            return;
+        }
+        let buffer =
+            || udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 64], vec![0u8; 64 * 1024]);
+        let mut socket = udp::Socket::new(buffer(), buffer());
+        if socket.bind(IpListenEndpoint::from(local)).is_ok() {
+            let handle = self.sockets.add(socket);
+            let now = self.now();
+            self.udp.push(UdpPort {
+                handle,
+                local,
+                last_active: now,
+            });
+        }
+    }
+
+    /// A reply from a loopback service, sent from our address and port to the peer.
+    pub fn send_udp(&mut self, datagram: &Datagram) {
+        let local = IpEndpoint::from(datagram.local);
+        let now = self.now();
+        let Some(port) = self.udp.iter_mut().find(|u| u.local == local) else {
+            self.counters.udp_dropped += 1;
+            return;
+        };
+        port.last_active = now;
+        let meta = udp::UdpMetadata {
+            endpoint: IpEndpoint::from(datagram.remote),
+            local_address: Some(local.addr),
+            meta: Default::default(),
+        };
+        let socket = self.sockets.get_mut::<udp::Socket>(port.handle);
+        match socket.send_slice(&datagram.data, meta) {
+            Ok(()) => self.counters.udp_out += 1,
+            Err(_) => self.counters.udp_dropped += 1,
+        }
+    }
+
+    /// Datagrams the UDP sockets received, and idle ports closed.
+    fn collect_udp(&mut self, now: SmolInstant) {
+        let idle = smoltcp::time::Duration::from_micros(UDP_IDLE.as_micros() as u64);
+        for port in &mut self.udp {
+            let socket = self.sockets.get_mut::<udp::Socket>(port.handle);
+            while let Ok((data, meta)) = socket.recv() {
+                port.last_active = now;
+                if self.udp_in.len() >= UDP_QUEUE {
+                    self.counters.udp_dropped += 1;
+                    continue;
+                }
+                self.counters.udp_in += 1;
+                self.udp_in.push(Datagram {
+                    local: endpoint_addr(port.local),
+                    remote: endpoint_addr(meta.endpoint),
+                    data: data.to_vec(),
+                });
+            }
+        }
+        let sockets = &mut self.sockets;
+        self.udp.retain(|port| {
+            let keep = now - port.last_active <= idle;
+            if !keep {
+                sockets.remove(port.handle);
+            }
+            keep
+        });
+    }
+
+    /// UDP datagrams for loopback services.
+    pub fn take_udp(&mut self) -> Vec<Datagram> {
+        std::mem::take(&mut self.udp_in)
     }
 
     /// Starts a connection to `remote`; the reply comes when the handshake is done or failed.
@@ -336,6 +454,7 @@ impl UserStack {
             settle_handshake(conn, socket, &mut self.accepted, &mut self.counters);
             pump(conn, socket, cx);
         }
+        self.collect_udp(now);
         self.iface.poll(now, &mut self.device, &mut self.sockets);
         self.reap(now);
     }
@@ -403,8 +522,8 @@ impl UserStack {
             .iface
             .poll_delay(now, &self.sockets)
             .map(Duration::from);
-        // Handshake timeouts are checked on a slow clock of their own.
-        let connecting = self.conns.iter().any(|c| c.app.is_some());
+        // Handshake timeouts and idle UDP ports are checked on a slow clock of their own.
+        let connecting = self.conns.iter().any(|c| c.app.is_some()) || !self.udp.is_empty();
         match (timer, connecting) {
             (Some(t), true) => Some(t.min(Duration::from_secs(1))),
             (None, true) => Some(Duration::from_secs(1)),
@@ -602,6 +721,9 @@ impl UserCounters {
             ("tcp_refused_full", self.tcp_refused_full),
             ("handshake_timeouts", self.handshake_timeouts),
             ("open_connections", self.open_connections),
+            ("udp_in", self.udp_in),
+            ("udp_out", self.udp_out),
+            ("udp_dropped", self.udp_dropped),
         ]
     }
 }
@@ -635,6 +757,7 @@ async fn run(
     counters: watch::Sender<UserCounters>,
 ) {
     let mut stack = UserStack::new();
+    let mut udp = super::user_udp::UdpForwarder::new(aborts.clone());
     let notify = Arc::new(Notify::new());
     let waker = Waker::from(Arc::new(TaskWaker(notify.clone())));
     loop {
@@ -654,6 +777,7 @@ async fn run(
                 Command::Connect { remote, reply } => stack.connect(remote, reply),
                 Command::SetAddresses(addrs) => stack.set_addresses(&addrs),
                 Command::Abort(id) => stack.abort(id),
+                Command::UdpReply(datagram) => stack.send_udp(&datagram),
             },
             _ = notify.notified() => {}
             _ = tokio::time::sleep(delay) => {}
@@ -662,6 +786,11 @@ async fn run(
         for accepted in stack.take_accepted() {
             tokio::spawn(forward_to_loopback(accepted, aborts.clone()));
         }
+        for datagram in stack.take_udp() {
+            udp.forward(datagram);
+        }
+        udp.expire();
+        stack.counters.udp_dropped += udp.take_dropped();
         for packet in stack.take_output() {
             if io.outbound.try_send(packet).is_err() {
                 stack.counters.queue_full += 1;

@@ -202,3 +202,100 @@ fn malformed_packets_are_dropped_without_a_listener() {
     assert_eq!(stack.counters().packets_in, 5);
     assert!(stack.take_output().is_empty(), "no answer to junk");
 }
+
+/// An IPv4/UDP packet from `src` to `dst` with correct checksums.
+fn udp_packet(src: SocketAddr, dst: SocketAddr, payload: &[u8]) -> Vec<u8> {
+    use smoltcp::phy::ChecksumCapabilities;
+    use smoltcp::wire::{IpProtocol, Ipv4Packet, Ipv4Repr, UdpPacket, UdpRepr};
+    let (IpAddr::V4(s), IpAddr::V4(d)) = (src.ip(), dst.ip()) else {
+        panic!("IPv4 only");
+    };
+    let udp = UdpRepr {
+        src_port: src.port(),
+        dst_port: dst.port(),
+    };
+    let ip = Ipv4Repr {
+        src_addr: s,
+        dst_addr: d,
+        next_header: IpProtocol::Udp,
+        payload_len: udp.header_len() + payload.len(),
+        hop_limit: 64,
+    };
+    let mut buf = vec![0u8; ip.buffer_len() + ip.payload_len];
+    let caps = ChecksumCapabilities::default();
+    let mut packet = Ipv4Packet::new_unchecked(&mut buf);
+    ip.emit(&mut packet, &caps);
+    let mut datagram = UdpPacket::new_unchecked(packet.payload_mut());
+    udp.emit(
+        &mut datagram,
+        &s.into(),
+        &d.into(),
+        payload.len(),
+        |b| b.copy_from_slice(payload),
+        &caps,
+    );
+    buf
+}
+
+/// The source and payload of a UDP packet the stack sent.
+fn parse_udp(packet: &[u8]) -> Option<(SocketAddr, SocketAddr, Vec<u8>)> {
+    use smoltcp::wire::{Ipv4Packet, UdpPacket};
+    let ip = Ipv4Packet::new_checked(packet).ok()?;
+    let udp = UdpPacket::new_checked(ip.payload()).ok()?;
+    Some((
+        SocketAddr::from((ip.src_addr(), udp.src_port())),
+        SocketAddr::from((ip.dst_addr(), udp.dst_port())),
+        udp.payload().to_vec(),
+    ))
+}
+
+#[tokio::test]
+async fn inbound_udp_reaches_the_loopback_port_and_the_reply_comes_back() {
+    let (to_stack, inbound) = mpsc::channel(64);
+    let (outbound, mut from_stack) = mpsc::channel(64);
+    let (b, _task) = spawn(StackIo { inbound, outbound });
+    b.set_addresses(vec![IpAddr::V4(B)]);
+    // A loopback UDP echo service that upper-cases what it gets.
+    let service = tokio::net::UdpSocket::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = service.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 1500];
+        while let Ok((n, from)) = service.recv_from(&mut buf).await {
+            let _ = service.send_to(&buf[..n].to_ascii_uppercase(), from).await;
+        }
+    });
+    let peer = SocketAddr::from((A, 40000));
+    let ours = SocketAddr::from((B, port));
+    for (i, word) in ["hello", "again"].into_iter().enumerate() {
+        // The first datagram may arrive before the address is set: send until answered.
+        let reply = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                to_stack
+                    .send(udp_packet(peer, ours, word.as_bytes()))
+                    .await
+                    .expect("send");
+                let wait = tokio::time::sleep(Duration::from_millis(200));
+                tokio::select! {
+                    Some(p) = from_stack.recv() => return p,
+                    _ = wait => continue,
+                }
+            }
+        })
+        .await
+        .expect("a reply within 5 s");
+        let (src, dst, payload) = parse_udp(&reply).expect("a UDP packet");
+        assert_eq!(
+            (src, dst),
+            (ours, peer),
+            "reply {i} from our port to the peer"
+        );
+        assert_eq!(payload, word.to_ascii_uppercase().as_bytes());
+    }
+    let counters = b.counters();
+    assert!(
+        counters.udp_in >= 2 && counters.udp_out >= 2,
+        "{counters:?}"
+    );
+}
