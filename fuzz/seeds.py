@@ -2,7 +2,7 @@
 
 Every seed is named after the vector it came from. The structured targets' op sequences are
 encoded here by hand; the byte layouts are documented in fuzz/bodies/{disco_ops,relay_packet,relay_client,
-localapi_request}.rs.
+localapi_request,proxy_request}.rs.
 """
 import json, os, shutil, struct, subprocess, sys
 
@@ -337,3 +337,24 @@ d.put("bad_whois_missing", req(GET, WHOIS))
 d.put("bad_over_limit", req(PATCH, PREFS, pad=2, body=b"{}"))
 d.put("bad_method_token", req(RAW, STATUS, raw_method=b"GE T"))
 d.put("bad_target", req(GET, 0, mode=5, text=b"/localapi/v0/status\x7f"))
+
+# --- proxy_request: mode byte (even SOCKS5, odd HTTP), then the client's bytes ---------------
+d = Dir("proxy_request")
+GREETING = b"\x05\x01\x00"
+d.put("socks_v4", b"\x00" + GREETING + b"\x05\x01\x00\x01\x64\x40\x00\x02\x00\x50")
+d.put("socks_v6", b"\x00" + GREETING + b"\x05\x01\x00\x04" + bytes.fromhex("fd7a115ca1e000000000000000000002") + b"\x00\x50")
+d.put("socks_name", b"\x00" + GREETING + b"\x05\x01\x00\x03\x03tsd\x00\x50")
+d.put("socks_two_methods", b"\x00\x05\x02\x02\x00\x05\x01\x00\x03\x0bexample.lab\x01\xbb")
+d.put("bad_socks_bind", b"\x00" + GREETING + b"\x05\x02\x00\x01\x01\x02\x03\x04\x00\x50")
+d.put("bad_socks_atyp", b"\x00" + GREETING + b"\x05\x01\x00\x09")
+d.put("bad_socks_auth_only", b"\x00\x05\x01\x02")
+d.put("bad_socks4", b"\x00\x04\x01\x00\x50\x01\x02\x03\x04\x00")
+d.put("http_get", b"\x01GET http://tsd/x?y=1 HTTP/1.1\r\nHost: tsd\r\nProxy-Connection: keep-alive\r\nAccept: */*\r\n\r\n")
+d.put("http_get_no_host", b"\x01GET http://100.64.0.2:8080 HTTP/1.0\r\n\r\n")
+d.put("http_post_body", b"\x01POST http://tsd/form HTTP/1.1\r\nHost: tsd\r\nContent-Length: 3\r\n\r\nabc")
+d.put("http_connect", b"\x01CONNECT tsd.lab.tern.test:443 HTTP/1.1\r\nHost: tsd.lab.tern.test:443\r\n\r\n")
+d.put("http_connect_v6", b"\x01CONNECT [fd7a:115c:a1e0::2]:22 HTTP/1.1\r\n\r\n")
+d.put("bad_http_relative", b"\x01GET /x HTTP/1.1\r\n\r\n")
+d.put("bad_http_https", b"\x01GET https://tsd/ HTTP/1.1\r\n\r\n")
+d.put("bad_http_userinfo", b"\x01CONNECT user@tsd:80 HTTP/1.1\r\n\r\n")
+d.put("bad_http_junk", b"\x01\x00\x01 junk\r\n\r\n")
