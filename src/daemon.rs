@@ -37,6 +37,8 @@ pub struct DaemonConfig {
     /// `--socks5-server`, `--outbound-http-proxy-listen`.
     pub socks5_server: Option<std::net::SocketAddr>,
     pub http_proxy: Option<std::net::SocketAddr>,
+    /// `--metrics-listen`.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// Run the daemon until SIGINT/SIGTERM.
@@ -71,6 +73,19 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
         SystemTime::now(),
     ));
     let (cmd_tx, cmd_rx) = mpsc::channel(16);
+    let _metrics = match config.metrics_listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("--metrics-listen {addr}"))?;
+            tracing::info!(%addr, "metrics at /metrics");
+            Some(AbortOnDrop(tokio::spawn(crate::metrics::http::serve(
+                listener,
+                status_rx.clone(),
+            ))))
+        }
+        None => None,
+    };
     let api = tokio::spawn(localapi::serve(listener, status_rx, cmd_tx));
 
     if config.tun == USERSPACE_NETWORKING {

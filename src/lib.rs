@@ -17,6 +17,7 @@ pub mod filter;
 pub mod keys;
 pub mod lab_nodes;
 pub mod localapi;
+pub mod metrics;
 pub mod naclbox;
 pub mod netcheck;
 pub mod netmap;

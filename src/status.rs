@@ -112,6 +112,18 @@ pub struct RelayServerStatus {
     pub drops: std::collections::BTreeMap<String, u64>,
     /// Live sessions (endpoints), by VNI.
     pub sessions: Vec<RelaySessionStatus>,
+    /// Forwarded packets and bytes by the address families of the two legs.
+    #[serde(default)]
+    pub forwarded_by_transport: Vec<RelayForwarded>,
+}
+
+/// Forwarding from a leg of one family (`udp4`, `udp6`) to a leg of another.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayForwarded {
+    pub transport_in: String,
+    pub transport_out: String,
+    pub packets: u64,
+    pub bytes: u64,
 }
 
 /// One relay endpoint: a pair of clients and the VNI they share.
@@ -341,6 +353,42 @@ pub struct DataPlaneStatus {
     /// `bad_requests`, `dial_failures`, `connected`.
     #[serde(default)]
     pub proxies: std::collections::BTreeMap<String, u64>,
+    /// WireGuard packets and bytes by path (`direct_ipv4`, `direct_ipv6`, `derp`,
+    /// `peer_relay_ipv4`, `peer_relay_ipv6`), since the data plane started.
+    #[serde(default)]
+    pub path_io: std::collections::BTreeMap<String, PathIoStatus>,
+    /// Peer path changes since the data plane started, by new path and reason.
+    #[serde(default)]
+    pub path_changes: Vec<PathChangeCount>,
+    /// The DERP regions with a connection task, by region id.
+    #[serde(default)]
+    pub derp_regions: std::collections::BTreeMap<u16, DerpRegionState>,
+}
+
+/// Packets and bytes on one path.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PathIoStatus {
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+}
+
+/// How often peers moved to `path` for `reason`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PathChangeCount {
+    pub path: String,
+    pub reason: String,
+    pub count: u64,
+}
+
+/// One DERP region's connection.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DerpRegionState {
+    /// The connection is up now.
+    pub connected: bool,
+    /// It is our home region.
+    pub home: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -956,6 +1004,7 @@ mod tests {
             forwarded_packets: 150,
             forwarded_bytes: 12_595,
             drops: Default::default(),
+            forwarded_by_transport: Vec::new(),
             sessions: vec![
                 RelaySessionStatus {
                     vni: 1,

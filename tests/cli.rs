@@ -1,4 +1,4 @@
-//! The CLI's contract for subcommands that have not landed: a clear message and exit code 2.
+//! The CLI's contract for usage errors and a missing daemon: a clear message and the exit code.
 
 use std::process::Command;
 
@@ -7,12 +7,16 @@ fn tern() -> Command {
 }
 
 #[test]
-fn unimplemented_subcommand_says_so_and_exits_2() {
-    let out = tern().arg("metrics").output().expect("run tern");
-    assert_eq!(out.status.code(), Some(2));
+fn metrics_without_a_daemon_says_so_and_exits_1() {
+    let out = tern()
+        .args(["--socket", "/nonexistent/tern.sock", "metrics"])
+        .output()
+        .expect("run tern");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("tern: 'metrics' is not implemented yet"),
+        stderr.contains("/nonexistent/tern.sock"),
         "stderr: {stderr}"
     );
 }

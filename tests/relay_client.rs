@@ -71,6 +71,36 @@ fn tailnet_ip(lab: &Lab, node: &str) -> String {
         .unwrap_or_else(|| panic!("{node}'s tailnet IP"))
 }
 
+/// `tern metrics` of a lab node, checked by promtool.
+fn metrics(lab: &Lab, node: &str) -> String {
+    let out = tern(lab, node, &["metrics"]);
+    assert!(out.status.success(), "{}", output_text(&out));
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    support::promtool_check(&text).unwrap_or_else(|e| panic!("{node}'s metrics: {e}\n{text}"));
+    text
+}
+
+/// The value of `tern_peer_path` for the peer named `host.…` and `path`.
+fn path_gauge(text: &str, host: &str, path: &str) -> Option<f64> {
+    let prefix = format!("tern_peer_path{{peer=\"{host}.");
+    let suffix = format!("path=\"{path}\"}}");
+    text.lines()
+        .filter(|l| l.starts_with(&prefix))
+        .find_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            series.ends_with(&suffix).then(|| value.parse().ok())?
+        })
+}
+
+/// Path changes to `path` counted in `tern_path_changes_total`, all reasons.
+fn changes_to(text: &str, path: &str) -> f64 {
+    let prefix = format!("tern_path_changes_total{{path=\"{path}\",");
+    text.lines()
+        .filter(|l| l.starts_with(&prefix))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
 fn on_relay(p: &Value) -> bool {
     p["path"] == "peer-relay" && p["endpoint"] == RELAY_ENDPOINT
 }
@@ -246,6 +276,39 @@ fn tern_nodes_behind_hard_nats_talk_through_a_tern_relay() {
             .is_some_and(|s| s.iter().any(|s| s["state"] == "open")),
         "{relay:#}"
     );
+    // Metrics (promtool-clean) say the same: c1's gauge for c2 on the relay, the relay
+    // server's forwarded counters with tailscaled's names and labels, an open endpoint.
+    let c1_metrics = metrics(&lab, "c1");
+    assert_eq!(
+        path_gauge(&c1_metrics, "c2", "peer-relay"),
+        Some(1.0),
+        "{c1_metrics}"
+    );
+    assert_eq!(path_gauge(&c1_metrics, "c2", "direct"), Some(0.0));
+    assert!(
+        c1_metrics.lines().any(|l| l
+            .starts_with("tailscaled_outbound_packets_total{path=\"peer_relay_ipv4\"}")
+            && !l.ends_with(" 0")),
+        "{c1_metrics}"
+    );
+    let relay_metrics = metrics(&lab, "relay");
+    let forwarded_line = relay_metrics
+        .lines()
+        .find(|l| {
+            l.starts_with(
+                "tailscaled_peer_relay_forwarded_bytes_total{transport_in=\"udp4\",transport_out=\"udp4\"}",
+            )
+        })
+        .unwrap_or_default();
+    let forwarded_metric: u64 = forwarded_line
+        .rsplit_once(' ')
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        forwarded_metric >= blob().len() as u64,
+        "{forwarded_line}\n{relay_metrics}"
+    );
+    assert!(relay_metrics.contains("\ntailscaled_peer_relay_endpoints{state=\"open\"} 1\n"));
 
     // The NATs become easy: the direct probing that goes on under a relay path finds a direct
     // path, and direct wins.
@@ -263,6 +326,16 @@ fn tern_nodes_behind_hard_nats_talk_through_a_tern_relay() {
     eprintln!(
         "relay → direct {:?} after both NATs turned easy",
         started.elapsed()
+    );
+    // The NAT change shows in the per-peer path gauge and the path-change counter.
+    let after = metrics(&lab, "c1");
+    assert_eq!(path_gauge(&after, "c2", "direct"), Some(1.0), "{after}");
+    assert_eq!(path_gauge(&after, "c2", "peer-relay"), Some(0.0), "{after}");
+    assert!(
+        after
+            .lines()
+            .any(|l| l.starts_with("tern_path_changes_total{path=\"direct\",reason=\"direct\"}")),
+        "{after}"
     );
 }
 
@@ -296,6 +369,7 @@ fn a_dead_relay_falls_back_to_derp_and_a_restarted_one_is_used_again() {
     let url = format!("http://{addr}/");
     let download = std::thread::spawn(move || fetch(&c1, &url, big, &["--limit-rate", "256k"]));
     std::thread::sleep(Duration::from_secs(2));
+    let before_kill = metrics(&lab, "c1");
     let killed = Instant::now();
     kill_relay_daemon(&lab);
     let on_derp = wait_for(
@@ -308,6 +382,17 @@ fn a_dead_relay_falls_back_to_derp_and_a_restarted_one_is_used_again() {
         },
     );
     let p = peer(&lab, "c1", "c2").unwrap_or_default();
+    // A DERP peer in the metrics (promtool-clean): the gauge moved off the relay.
+    let on_derp_metrics = metrics(&lab, "c1");
+    assert_eq!(
+        path_gauge(&on_derp_metrics, "c2", "derp"),
+        Some(1.0),
+        "{on_derp_metrics}"
+    );
+    assert!(
+        changes_to(&on_derp_metrics, "derp") > changes_to(&before_kill, "derp"),
+        "a change to DERP counted:\n{on_derp_metrics}"
+    );
     let got = download.join().expect("download thread");
     stop.store(true, Ordering::Relaxed);
     let _ = server.join();

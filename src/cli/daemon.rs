@@ -28,6 +28,9 @@ pub struct DaemonArgs {
     /// Run an HTTP proxy (CONNECT and plain http:// requests) on ADDR, as the SOCKS5 one.
     #[arg(long, value_name = "ADDR", value_parser = parse_listen_addr)]
     pub outbound_http_proxy_listen: Option<std::net::SocketAddr>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (off by default). ADDR as for the proxies.
+    #[arg(long, value_name = "ADDR", value_parser = parse_listen_addr)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// Remove what a previous run left (ip rules, table 52 throw routes, netfilter chains and
     /// jumps, also a Go tailscaled's) and exit; for the systemd unit's ExecStopPost.
     #[arg(long)]
@@ -55,6 +58,7 @@ pub fn run(socket: &Path, args: &DaemonArgs) -> anyhow::Result<ExitCode> {
         operator: args.operator.clone(),
         socks5_server: args.socks5_server,
         http_proxy: args.outbound_http_proxy_listen,
+        metrics_listen: args.metrics_listen,
     };
     super::runtime()?.block_on(daemon::run(config))?;
     Ok(ExitCode::SUCCESS)
@@ -71,8 +75,9 @@ fn init_logging() {
         .try_init();
 }
 
-/// A proxy's listen address: `IP:PORT` or `localhost:PORT`. A bare `:PORT` (every interface) is
-/// refused: it would open the tailnet to anyone who reaches this host.
+/// A listen address for the proxies and metrics: `IP:PORT` or `localhost:PORT`. A bare `:PORT`
+/// (every interface) is refused: a proxy there opens the tailnet to anyone who reaches this
+/// host; give `0.0.0.0:PORT` when that is really meant.
 fn parse_listen_addr(text: &str) -> Result<std::net::SocketAddr, String> {
     if let Some(port) = text.strip_prefix("localhost:") {
         return port
@@ -82,8 +87,8 @@ fn parse_listen_addr(text: &str) -> Result<std::net::SocketAddr, String> {
     }
     if text.starts_with(':') {
         return Err(format!(
-            "{text:?}: give the address to listen on, e.g. localhost{text} (a proxy on every \
-             interface lets anyone who reaches this host into the tailnet)"
+            "{text:?}: give the address to listen on, e.g. localhost{text} (on every interface \
+             anyone who reaches this host could use it; write 0.0.0.0{text} if you mean that)"
         ));
     }
     text.parse()

@@ -1,8 +1,7 @@
 //! The `tern` command line: one clap tree, dispatched to one file per verb.
 //!
 //! Each verb's file holds its clap arguments and its handler; nothing below the CLI imports
-//! from here. Verbs that have not landed yet (`metrics`) answer with
-//! [`not_implemented`].
+//! from here.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -14,6 +13,7 @@ pub mod daemon;
 pub mod derp;
 pub mod exit_node;
 pub mod lab;
+pub mod metrics;
 pub mod net_flags;
 pub mod netcheck;
 pub mod ping;
@@ -32,9 +32,6 @@ use set::SetArgs;
 use status::{IpArgs, StatusArgs};
 use top::TopArgs;
 use up::UpArgs;
-
-/// Exit code for a subcommand whose issue has not landed yet, and for usage errors.
-pub const EXIT_NOT_IMPLEMENTED: u8 = 2;
 
 /// Default LocalAPI socket of the daemon.
 pub const DEFAULT_SOCKET: &str = "/run/tern/tern.sock";
@@ -116,7 +113,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Netcheck(args) => netcheck::run(socket, args),
         Command::Set(args) => set::run(socket, args),
         Command::ExitNode(args) => exit_node::run(socket, args),
-        Command::Metrics => Ok(not_implemented("metrics")),
+        Command::Metrics => metrics::run(socket),
         Command::Top(args) => top::run(socket, args),
         Command::Derp(args) => derp::run(socket, args),
         Command::Lab(args) => lab::run(args),
@@ -139,10 +136,4 @@ pub fn init_logging() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .try_init();
-}
-
-/// What a subcommand whose issue has not landed yet does.
-pub fn not_implemented(name: &str) -> ExitCode {
-    eprintln!("tern: '{name}' is not implemented yet");
-    ExitCode::from(EXIT_NOT_IMPLEMENTED)
 }

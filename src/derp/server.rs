@@ -90,25 +90,36 @@ impl ServerConfig {
 }
 
 macro_rules! metrics {
-    ($( $(#[$doc:meta])* $name:ident : $kind:literal ),* $(,)?) => {
+    ($( $(#[doc = $doc:literal])* $name:ident : $kind:literal ),* $(,)?) => {
         /// What the relay has forwarded, dropped and refused. Rendered at `/debug/metrics`.
         #[derive(Debug, Default)]
         pub struct Metrics {
-            $( $(#[$doc])* pub $name: AtomicU64, )*
+            $( $(#[doc = $doc])* pub $name: AtomicU64, )*
         }
 
         impl Metrics {
-            /// Prometheus text exposition format.
+            /// Prometheus text exposition format: HELP (the field's doc), TYPE, value.
             pub fn render_prometheus(&self) -> String {
                 let mut out = String::new();
                 $(
                     let name = concat!("tern_derp_", stringify!($name));
-                    out.push_str(&format!("# TYPE {name} {}\n{name} {}\n", $kind, self.$name.load(Ordering::Relaxed)));
+                    let help = help_text(&[$($doc),*]);
+                    out.push_str(&format!(
+                        "# HELP {name} {help}\n# TYPE {name} {}\n{name} {}\n",
+                        $kind,
+                        self.$name.load(Ordering::Relaxed)
+                    ));
                 )*
                 out
             }
         }
     };
+}
+
+/// A metric's doc comment lines as one HELP line (backslashes escaped, as the format asks).
+fn help_text(lines: &[&str]) -> String {
+    let joined: Vec<&str> = lines.iter().map(|l| l.trim()).collect();
+    joined.join(" ").replace('\\', "\\\\")
 }
 
 metrics! {

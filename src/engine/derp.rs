@@ -3,6 +3,8 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -39,6 +41,8 @@ pub(super) struct DerpLink {
     pub(super) task: JoinHandle<()>,
     pub(super) nodes: Vec<DerpNode>,
     pub(super) last_write: Instant,
+    /// Set by the region's task while its connection is up (status and metrics read it).
+    pub(super) connected: Arc<AtomicBool>,
 }
 
 /// Non-home DERP connections unused for this long are closed.
@@ -104,15 +108,19 @@ impl Engine {
             }
             let (tx, rx) = mpsc::channel(DERP_QUEUE);
             let (preferred, preferred_rx) = watch::channel(region == self.home);
+            let connected = Arc::new(AtomicBool::new(false));
             let task = tokio::spawn(region_task(
                 region,
                 RegionNodes {
                     nodes: dialable,
                     key: self.private_key.clone(),
                 },
-                rx,
-                preferred_rx,
-                self.inbound_tx.clone(),
+                RegionIo {
+                    outbound: rx,
+                    preferred: preferred_rx,
+                    inbound: self.inbound_tx.clone(),
+                    connected: connected.clone(),
+                },
             ));
             self.derp.insert(
                 region,
@@ -122,6 +130,7 @@ impl Engine {
                     task,
                     nodes,
                     last_write: Instant::now(),
+                    connected,
                 },
             );
         }
@@ -248,15 +257,37 @@ impl RegionNodes {
     }
 }
 
+/// What a region's task exchanges with the engine.
+pub(super) struct RegionIo {
+    /// Packets to send.
+    pub(super) outbound: mpsc::Receiver<(NodePublic, Bytes)>,
+    /// Whether this is our home region.
+    pub(super) preferred: watch::Receiver<bool>,
+    /// Packets and events received.
+    pub(super) inbound: mpsc::Sender<DerpEvent>,
+    /// Set while the connection is up.
+    pub(super) connected: Arc<AtomicBool>,
+}
+
+/// Clears the connected flag however the task ends (aborted included).
+struct ConnectedFlag(Arc<AtomicBool>);
+
+impl Drop for ConnectedFlag {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Relaxed);
+    }
+}
+
 /// Keeps one connection to `region` up (nodes tried in order), sending what arrives on
 /// `outbound` and passing received packets to `inbound`.
-pub(super) async fn region_task(
-    region: u16,
-    dial: RegionNodes,
-    mut outbound: mpsc::Receiver<(NodePublic, Bytes)>,
-    mut preferred: watch::Receiver<bool>,
-    inbound: mpsc::Sender<DerpEvent>,
-) {
+pub(super) async fn region_task(region: u16, dial: RegionNodes, io: RegionIo) {
+    let RegionIo {
+        mut outbound,
+        mut preferred,
+        inbound,
+        connected,
+    } = io;
+    let connected = ConnectedFlag(connected);
     let mut reconnector = Reconnector::default();
     let mut node = 0usize;
     loop {
@@ -292,6 +323,7 @@ pub(super) async fn region_task(
             }
         };
         tracing::info!(region, addr = %config.addr, "DERP connected");
+        connected.0.store(true, Ordering::Relaxed);
         let why = loop {
             tokio::select! {
                 msg = outbound.recv() => {
@@ -328,6 +360,7 @@ pub(super) async fn region_task(
                 }
             }
         };
+        connected.0.store(false, Ordering::Relaxed);
         tracing::info!(region, error = %why, "DERP connection lost; reconnecting");
         reconnector.on_failure(Instant::now(), Reconnector::random_jitter());
     }

@@ -251,6 +251,11 @@ impl Engine {
         match event.event {
             paths::Event::PathChanged(change) => {
                 tracing::info!(peer = %event.peer, from = ?change.from, to = ?change.to, reason = %change.reason, "path");
+                let to = super::publish::path_fields(change.to).0;
+                *self
+                    .path_changes
+                    .entry((to, change.reason.as_str()))
+                    .or_default() += 1;
                 self.paths_changed = true;
             }
             paths::Event::NeedEndpointRefresh => self.netcheck_trigger.notify_one(),

@@ -384,6 +384,10 @@ struct Engine {
     dial_routes: watch::Sender<Arc<Vec<IpNet>>>,
     /// The userspace stack (`--tun userspace-networking`), for its counters.
     user_stack: Option<crate::netstack::user::StackHandle>,
+    /// WireGuard packets and bytes by path, for status and metrics.
+    path_io: crate::metrics::PathIo,
+    /// Path changes by (new path, reason).
+    path_changes: BTreeMap<(&'static str, &'static str), u64>,
     proxy_counters: Option<Arc<crate::proxy::ProxyCounters>>,
 }
 
@@ -449,6 +453,8 @@ impl Engine {
             next_key_expiry: None,
             dial_routes: watch::channel(Arc::new(Vec::new())).0,
             user_stack: None,
+            path_io: Default::default(),
+            path_changes: BTreeMap::new(),
             proxy_counters: config.proxy_counters.clone(),
         }
     }

@@ -86,6 +86,33 @@ impl Engine {
                 s.data_plane.netstack != netstack || s.data_plane.proxies != proxies;
             s.data_plane.netstack = netstack;
             s.data_plane.proxies = proxies;
+            let path_io = self.path_io.to_status();
+            let path_changes: Vec<_> = self
+                .path_changes
+                .iter()
+                .map(|((path, reason), count)| crate::status::PathChangeCount {
+                    path: path.to_string(),
+                    reason: reason.to_string(),
+                    count: *count,
+                })
+                .collect();
+            let derp_regions: BTreeMap<u16, _> = self
+                .derp
+                .iter()
+                .map(|(region, link)| {
+                    let state = crate::status::DerpRegionState {
+                        connected: link.connected.load(std::sync::atomic::Ordering::Relaxed),
+                        home: *region == self.home,
+                    };
+                    (*region, state)
+                })
+                .collect();
+            let io_changed = s.data_plane.path_io != path_io
+                || s.data_plane.path_changes != path_changes
+                || s.data_plane.derp_regions != derp_regions;
+            s.data_plane.path_io = path_io;
+            s.data_plane.path_changes = path_changes;
+            s.data_plane.derp_regions = derp_regions;
             let dns = self
                 .os_dns
                 .as_ref()
@@ -102,6 +129,7 @@ impl Engine {
                 || routing_changed
                 || quad100_changed
                 || local_changed
+                || io_changed
                 || dns_changed
         });
     }

@@ -143,6 +143,8 @@ impl Engine {
             self.drops.relay_unknown_peer += 1;
             return None;
         };
+        self.path_io
+            .count_in(crate::metrics::PathKind::relay(&from), packet.len());
         self.decapsulate(id, packet)
     }
 

@@ -2,6 +2,7 @@
 //! demux → decapsulate → filter → TUN; handshake retries and greeting peers that reached us
 //! before our netmap had them.
 
+use crate::metrics::PathKind;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -78,6 +79,7 @@ impl Engine {
             return None;
         };
         self.last_region.insert(id, region);
+        self.path_io.count_in(PathKind::Derp, packet.len());
         self.decapsulate(id, packet)
     }
 
@@ -112,6 +114,7 @@ impl Engine {
                     }
                     return None;
                 };
+                self.path_io.count_in(PathKind::direct(&from), packet.len());
                 self.decapsulate(id, packet)
             }
             Inbound::Disco {
@@ -309,12 +312,17 @@ impl Engine {
             relay: None,
         });
         if let Some(addr) = plan.udp {
+            self.path_io
+                .count_out(PathKind::direct(&addr), datagram.len());
             self.send_udp(udp, addr, datagram);
         }
         if let Some(relay) = plan.relay {
+            self.path_io
+                .count_out(PathKind::relay(&relay.via), datagram.len());
             self.send_relayed(udp, relay, super::relay_client::WIREGUARD, datagram);
         }
         if let Some(region) = plan.derp {
+            self.path_io.count_out(PathKind::Derp, datagram.len());
             let heard_on = self.last_region.get(&id).copied();
             let derp = &self.derp;
             let region = choose_region(region, heard_on, self.home, |r| derp.contains_key(&r));

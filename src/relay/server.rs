@@ -126,6 +126,8 @@ pub struct RelayServer {
     allocations: u64,
     forwarded_packets: u64,
     forwarded_bytes: u64,
+    /// Packets and bytes by (leg in is IPv6, leg out is IPv6).
+    forwarded_by_family: [[(u64, u64); 2]; 2],
     drops: BTreeMap<&'static str, u64>,
     bind_limiter: BindLimiter,
 }
@@ -166,6 +168,7 @@ impl RelayServer {
             allocations: 0,
             forwarded_packets: 0,
             forwarded_bytes: 0,
+            forwarded_by_family: [[(0, 0); 2]; 2],
             drops: BTreeMap::new(),
             bind_limiter: BindLimiter::default(),
         }
@@ -330,6 +333,10 @@ impl RelayServer {
         leg.bytes_rx += len as u64;
         self.forwarded_packets += 1;
         self.forwarded_bytes += len as u64;
+        let v6 = |a: SocketAddr| usize::from(crate::udp::unmap_v4(a).is_ipv6());
+        let by_family = &mut self.forwarded_by_family[v6(from)][v6(to)];
+        by_family.0 += 1;
+        by_family.1 += len as u64;
         Action::Forward(to)
     }
 
@@ -477,7 +484,25 @@ impl RelayServer {
                 .map(|(k, v)| (k.to_string(), *v))
                 .collect(),
             sessions,
+            forwarded_by_transport: self.forwarded_by_transport(),
         }
+    }
+
+    /// The per-family counters with tailscaled's labels (`udp4`, `udp6`).
+    fn forwarded_by_transport(&self) -> Vec<crate::status::RelayForwarded> {
+        let name = |v6: usize| if v6 == 1 { "udp6" } else { "udp4" };
+        let mut out = Vec::new();
+        for (i, row) in self.forwarded_by_family.iter().enumerate() {
+            for (o, (packets, bytes)) in row.iter().enumerate() {
+                out.push(crate::status::RelayForwarded {
+                    transport_in: name(i).into(),
+                    transport_out: name(o).into(),
+                    packets: *packets,
+                    bytes: *bytes,
+                });
+            }
+        }
+        out
     }
 }
 

@@ -262,3 +262,44 @@ pub fn in_namespace_with_address<F>(
     })
     .expect("test body in the namespace");
 }
+
+/// promtool, extracted by .ci/install-test-deps.
+pub fn promtool() -> std::path::PathBuf {
+    let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("target/prometheus/root/usr/bin/promtool");
+    assert!(
+        path.exists(),
+        "{} missing: run .ci/install-test-deps",
+        path.display()
+    );
+    path
+}
+
+/// `promtool check metrics` on `text` (Prometheus's own linter): Err with its complaints.
+pub fn promtool_check(text: &str) -> Result<(), String> {
+    let mut child = std::process::Command::new(promtool())
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    {
+        use std::io::Write as _;
+        let mut stdin = child.stdin.take().ok_or("promtool's stdin")?;
+        stdin
+            .write_all(text.as_bytes())
+            .map_err(|e| e.to_string())?;
+    }
+    let out = child.wait_with_output().map_err(|e| e.to_string())?;
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.status.success() && said.trim().is_empty() {
+        Ok(())
+    } else {
+        Err(format!("promtool ({}): {said}", out.status))
+    }
+}
