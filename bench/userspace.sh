@@ -59,6 +59,8 @@ for run in $(seq 1 "$RUNS"); do
     log "run $run: TUN $t MiB/s, SOCKS5 (userspace) $s MiB/s"
 done
 rss_after=$(awk '/^VmRSS/ { print $2 }' "/proc/$UPID/status")
+# Proof that the SOCKS5 downloads went through u1's userspace stack (not the host's routes).
+through_stack=$("$TERN" --socket "$U/tern.sock" status --json | jq '.data_plane.netstack.tcp_outbound')
 tun=$(median <"$WORK/tun")
 socks=$(median <"$WORK/socks")
 
@@ -71,4 +73,5 @@ awk -v v="$tun" 'BEGIN { printf "| c1 TUN (kernel, tern c1) | %.1f | %.0f |\n", 
 awk -v v="$socks" 'BEGIN { printf "| c1 SOCKS5 -> userspace stack (tern u1) | %.1f | %.0f |\n", v, v * 8.388608 }'
 echo
 awk -v t="$tun" -v s="$socks" 'BEGIN { printf "SOCKS5 userspace / TUN = %.0f %%\n", 100 * s / t }'
+echo "connections u1's userspace stack opened to c2: $through_stack (one per SOCKS5 download and probe)"
 echo "userspace daemon RSS: ${rss_idle} KiB idle (netstack up, no connection), ${rss_after} KiB after the runs"
