@@ -46,6 +46,7 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
         operator: config.operator.as_deref().map(resolve_user).transpose()?,
     };
     let listener = localapi::bind(&config.socket, owner)?;
+    crate::sd_notify::ready(); // systemd Type=notify: clients can connect from here on
     tracing::info!(
         socket = %config.socket.display(),
         state_dir = %config.state_dir.display(),
