@@ -104,7 +104,7 @@ fn collect_pages(
         let mut roff = ascii_roff(&String::from_utf8_lossy(&rendered)).into_bytes();
         // clap_mangen writes no SEE ALSO: point back to the overview and to the parent verb.
         let parent_name = parent.get_display_name().unwrap_or(parent.get_name());
-        let mut see_also = vec![format!(".BR tern (1)")];
+        let mut see_also = vec![".BR tern (1)".to_string()];
         if parent_name != "tern" {
             see_also.push(format!(".BR {} (1)", roff_escape(parent_name)));
         }
