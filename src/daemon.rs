@@ -87,6 +87,8 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
         None => None,
     };
     let api = tokio::spawn(localapi::serve(listener, status_rx, cmd_tx));
+    // systemd Type=notify: every listener is bound, clients can connect from here on.
+    crate::sd_notify::ready();
 
     if config.tun == USERSPACE_NETWORKING {
         crate::bypass::disable();

@@ -29,6 +29,7 @@ pub mod relay;
 pub mod report;
 pub mod rlimit;
 pub mod routing;
+pub mod sd_notify;
 pub mod state;
 pub mod status;
 pub mod stun;

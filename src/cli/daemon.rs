@@ -64,15 +64,10 @@ pub fn run(socket: &Path, args: &DaemonArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The daemon's logs go to stderr, filtered by `TERN_LOG` (default `info`); the other commands
-/// use `RUST_LOG` ([`super::init_logging`]).
+/// The daemon's logs go to stderr, filtered by `TERN_LOG` alone (default `info`): a `RUST_LOG`
+/// meant for some other program in the service's environment does not change them.
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("TERN_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+    super::init_logging_from(&["TERN_LOG"]);
 }
 
 /// A listen address for the proxies and metrics: `IP:PORT` or `localhost:PORT`. A bare `:PORT`

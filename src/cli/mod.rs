@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 pub mod daemon;
 pub mod derp;
 pub mod exit_node;
+pub mod gen;
 pub mod lab;
 pub mod metrics;
 pub mod net_flags;
@@ -25,6 +26,7 @@ pub mod up;
 use daemon::DaemonArgs;
 use derp::DerpArgs;
 use exit_node::ExitNodeArgs;
+use gen::{CompletionArgs, GenManArgs};
 use lab::LabArgs;
 use netcheck::NetcheckArgs;
 use ping::PingArgs;
@@ -85,6 +87,12 @@ pub enum Command {
     /// Network-namespace lab: topologies, NAT boxes, lab coordination server. Without a
     /// subcommand (for now): `lab up`, then `lab status`.
     Lab(LabArgs),
+    /// Print the shell completion script for bash, zsh or fish, e.g.
+    /// `source <(tern completion bash)`.
+    Completion(CompletionArgs),
+    /// Write one manual page per subcommand into a directory (for packaging).
+    #[command(name = "gen-man", hide = true)]
+    GenMan(GenManArgs),
 }
 
 /// Parse the command line and run it; returns the process exit code.
@@ -117,6 +125,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Top(args) => top::run(socket, args),
         Command::Derp(args) => derp::run(socket, args),
         Command::Lab(args) => lab::run(args),
+        Command::Completion(args) => gen::completion(args),
+        Command::GenMan(args) => gen::gen_man(args),
     }
 }
 
@@ -128,12 +138,29 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the tokio runtime")
 }
 
-/// Logs to stderr, filtered by `RUST_LOG` (default `info`). A second call is a no-op.
+/// Logs to stderr, filtered by `TERN_LOG`, else `RUST_LOG` (default `info`). A second call is a
+/// no-op.
 pub fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    init_logging_from(&["TERN_LOG", "RUST_LOG"]);
+}
+
+/// Logs to stderr, filtered by the first of `vars` that is set (default `info`); colours only
+/// when stderr is a terminal (journald and log files get plain text). A second call is a no-op.
+pub fn init_logging_from(vars: &[&str]) {
+    use std::io::IsTerminal as _;
+    let filter = match vars.iter().find_map(|var| {
+        let spec = std::env::var(var).ok().filter(|v| !v.trim().is_empty())?;
+        Some((*var, spec))
+    }) {
+        Some((var, spec)) => tracing_subscriber::EnvFilter::try_new(&spec).unwrap_or_else(|e| {
+            eprintln!("tern: ignoring {var}={spec:?} ({e}); logging at info");
+            tracing_subscriber::EnvFilter::new("info")
+        }),
+        None => tracing_subscriber::EnvFilter::new("info"),
+    };
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .try_init();
 }
