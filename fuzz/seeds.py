@@ -287,7 +287,7 @@ for name, b in packets:
 # --- localapi_request: method byte, target byte (mode << 4 | path), [text], padding byte, body --
 d = Dir("localapi_request")
 GET, POST, PATCH, PUT, RAW = 0, 1, 2, 3, 0x0f
-STATUS, IP, UP, DOWN, LOGOUT, PREFS, PING, NETCHECK, WHOIS, WATCH, NEAR = range(11)
+STATUS, IP, UP, DOWN, LOGOUT, PREFS, PING, NETCHECK, WHOIS, WATCH, CHECK, LOGS, NEAR = range(13)
 
 
 def req(method, path, mode=0, text=b"", pad=0, body=b"", raw_method=b""):
@@ -315,6 +315,7 @@ d.put("netcheck", req(POST, NETCHECK))
 d.put("whois", req(GET, WHOIS, mode=1, text=b"nodekey=" + KEY))
 d.put("whois_percent", req(GET, WHOIS, mode=1, text=b"a=b&nodekey=" + KEY.replace(b":", b"%3A")))
 d.put("watch", req(GET, WATCH))
+d.put("logs", req(GET, LOGS))
 d.put("absolute_form_status", req(GET, STATUS, mode=2))
 d.put("status_fragment", req(GET, STATUS, mode=3, text=b"frag"))
 d.put("raw_target_ping", req(POST, 0, mode=5, text=b"/localapi/v0/ping?x=1",
@@ -325,7 +326,7 @@ d.put("up_padded_to_limit", req(POST, UP, pad=1, body=b'{"hostname":"n1"}'))
 d.put("bad_put_status", req(PUT, STATUS))
 d.put("bad_lowercase_get", req(7, STATUS))
 d.put("bad_post_watch", req(POST, WATCH))
-d.put("bad_unknown_path", req(GET, NEAR + 4))
+d.put("bad_unknown_path", req(GET, NEAR + 2))  # /localapi/v1/status
 d.put("bad_path_suffix", req(GET, STATUS, mode=4, text=b"/x"))
 d.put("bad_json", req(POST, UP, body=b"{oops"))
 d.put("bad_duplicate_key", req(POST, PING, body=b'{"peer":"a","peer":"b"}'))

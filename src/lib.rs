@@ -3,6 +3,7 @@
 //! Module map (see ARCHITECTURE.md): pure codecs (`stun`, `disco`, `derp::frame`,
 //! `control::noise`), sans-IO state machines, and the small I/O tasks that drive them.
 
+pub mod bugreport;
 pub mod bypass;
 pub mod cli;
 pub mod control;
@@ -17,6 +18,7 @@ pub mod filter;
 pub mod keys;
 pub mod lab_nodes;
 pub mod localapi;
+pub mod logring;
 pub mod metrics;
 pub mod naclbox;
 pub mod netcheck;

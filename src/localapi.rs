@@ -70,6 +70,13 @@ pub const WATCH_MIN_INTERVAL: std::time::Duration = std::time::Duration::from_mi
 /// A watch client that takes no line for this long is dropped.
 pub const WATCH_STALL: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// `GET /localapi/v0/logs`: the daemon's recent log lines, oldest first (no redaction: the
+/// socket is root's or the operator's; `tern bugreport` redacts).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogsResponse {
+    pub lines: Vec<String>,
+}
+
 /// `GET /localapi/v0/check-ip-forwarding`: Go's shape, one text (empty when all is well).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ForwardingCheck {
@@ -587,6 +594,9 @@ impl Shared {
             ApiRequest::CheckIpForwarding => json_reply(&ForwardingCheck {
                 warning: tern_platform::sysctl::forwarding_problems(true).join("\n"),
             }),
+            ApiRequest::Logs => json_reply(&LogsResponse {
+                lines: crate::logring::recent(crate::logring::MAX_LINES),
+            }),
         };
         reply.map(Either::Left)
     }
@@ -889,6 +899,11 @@ impl Client {
             .call(Method::PATCH, "/localapi/v0/prefs", Some(body))
             .await?;
         Ok(())
+    }
+
+    /// The daemon's recent log lines.
+    pub async fn logs(&self) -> Result<LogsResponse, LocalApiError> {
+        self.call(Method::GET, "/localapi/v0/logs", None).await
     }
 
     /// What keeps the daemon's host from forwarding (empty when nothing).

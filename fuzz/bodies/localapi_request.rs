@@ -19,7 +19,7 @@
 //!   read a body and changes nothing for the others.
 //!
 //! Input: a method byte (low nibble 0-7: a known method, else a length-prefixed raw method), a
-//! target byte (low nibble 0-10: an endpoint's path, 11-15: near misses; high nibble: path only,
+//! target byte (low nibble 0-11: an endpoint's path, 12-15: near misses; high nibble: path only,
 //! `?` + query, absolute form `http://local-tern` + path + `?` + query, `#` + fragment, path +
 //! raw suffix, or a raw target; the text after it is length-prefixed), a padding byte (1: to
 //! `MAX_BODY`, 2: to `MAX_BODY + 1`), then the body (the rest). Missing bytes read as zero.
@@ -30,7 +30,7 @@ use tern::localapi::{ApiError, MAX_PING_TIMEOUT_MS};
 use super::input::Input;
 
 /// The API as the model knows it: method, path, whether the server reads the body.
-const API: [(&str, &str, bool); 11] = [
+const API: [(&str, &str, bool); 12] = [
     ("GET", "/localapi/v0/status", false),
     ("GET", "/localapi/v0/ip", false),
     ("POST", "/localapi/v0/up", true),
@@ -42,6 +42,7 @@ const API: [(&str, &str, bool); 11] = [
     ("GET", "/localapi/v0/whois", false),
     ("GET", "/localapi/v0/watch", false),
     ("GET", "/localapi/v0/check-ip-forwarding", false),
+    ("GET", "/localapi/v0/logs", false),
 ];
 const WHOIS: usize = 8;
 
@@ -49,9 +50,8 @@ const METHODS: [&str; 8] = [
     "GET", "POST", "PATCH", "PUT", "DELETE", "HEAD", "OPTIONS", "get",
 ];
 
-const NEAR_PATHS: [&str; 5] = [
+const NEAR_PATHS: [&str; 4] = [
     "",
-    "/",
     "/localapi/v0/",
     "/localapi/v1/status",
     "/LOCALAPI/v0/status",
@@ -70,6 +70,7 @@ fn api_index(req: &ApiRequest) -> usize {
         ApiRequest::WhoIs(_) => 8,
         ApiRequest::Watch => 9,
         ApiRequest::CheckIpForwarding => 10,
+        ApiRequest::Logs => 11,
     }
 }
 

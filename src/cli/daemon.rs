@@ -67,7 +67,7 @@ pub fn run(socket: &Path, args: &DaemonArgs) -> anyhow::Result<ExitCode> {
 /// The daemon's logs go to stderr, filtered by `TERN_LOG` alone (default `info`): a `RUST_LOG`
 /// meant for some other program in the service's environment does not change them.
 fn init_logging() {
-    super::init_logging_from(&["TERN_LOG"]);
+    super::init_logging_from(&["TERN_LOG"], true);
 }
 
 /// A listen address for the proxies and metrics: `IP:PORT` or `localhost:PORT`. A bare `:PORT`

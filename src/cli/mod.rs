@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
+pub mod bugreport;
 pub mod daemon;
 pub mod derp;
 pub mod exit_node;
@@ -23,6 +24,7 @@ pub mod status;
 pub mod top;
 pub mod up;
 
+use bugreport::BugreportArgs;
 use daemon::DaemonArgs;
 use derp::DerpArgs;
 use exit_node::ExitNodeArgs;
@@ -80,6 +82,8 @@ pub enum Command {
     Ip(IpArgs),
     /// Print the daemon's metrics (Prometheus text format).
     Metrics,
+    /// Print a redacted status, netcheck and recent log for an issue report.
+    Bugreport(BugreportArgs),
     /// Live dashboard of peers, paths and relays.
     Top(TopArgs),
     /// Run a DERP relay server.
@@ -122,6 +126,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Set(args) => set::run(socket, args),
         Command::ExitNode(args) => exit_node::run(socket, args),
         Command::Metrics => metrics::run(socket),
+        Command::Bugreport(args) => bugreport::run(socket, args),
         Command::Top(args) => top::run(socket, args),
         Command::Derp(args) => derp::run(socket, args),
         Command::Lab(args) => lab::run(args),
@@ -141,12 +146,14 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 /// Logs to stderr, filtered by `TERN_LOG`, else `RUST_LOG` (default `info`). A second call is a
 /// no-op.
 pub fn init_logging() {
-    init_logging_from(&["TERN_LOG", "RUST_LOG"]);
+    init_logging_from(&["TERN_LOG", "RUST_LOG"], false);
 }
 
 /// Logs to stderr, filtered by the first of `vars` that is set (default `info`); colours only
-/// when stderr is a terminal (journald and log files get plain text). A second call is a no-op.
-pub fn init_logging_from(vars: &[&str]) {
+/// when stderr is a terminal (journald and log files get plain text). With `keep_recent` (the
+/// daemon) every line is also kept in [`crate::logring`] for `tern bugreport`. A second call is
+/// a no-op.
+pub fn init_logging_from(vars: &[&str], keep_recent: bool) {
     use std::io::IsTerminal as _;
     let filter = match vars.iter().find_map(|var| {
         let spec = std::env::var(var).ok().filter(|v| !v.trim().is_empty())?;
@@ -158,9 +165,12 @@ pub fn init_logging_from(vars: &[&str]) {
         }),
         None => tracing_subscriber::EnvFilter::new("info"),
     };
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_ansi(std::io::stderr().is_terminal());
+    let _ = if keep_recent {
+        builder.with_writer(crate::logring::TeeWriter).try_init()
+    } else {
+        builder.with_writer(std::io::stderr).try_init()
+    };
 }

@@ -27,10 +27,11 @@ pub enum Endpoint {
     WhoIs,
     Watch,
     CheckIpForwarding,
+    Logs,
 }
 
 impl Endpoint {
-    pub const ALL: [Endpoint; 11] = [
+    pub const ALL: [Endpoint; 12] = [
         Endpoint::Status,
         Endpoint::Ip,
         Endpoint::Up,
@@ -42,6 +43,7 @@ impl Endpoint {
         Endpoint::WhoIs,
         Endpoint::Watch,
         Endpoint::CheckIpForwarding,
+        Endpoint::Logs,
     ];
 
     pub fn path(self) -> &'static str {
@@ -57,6 +59,7 @@ impl Endpoint {
             Endpoint::WhoIs => "/localapi/v0/whois",
             Endpoint::Watch => WATCH_PATH,
             Endpoint::CheckIpForwarding => "/localapi/v0/check-ip-forwarding",
+            Endpoint::Logs => "/localapi/v0/logs",
         }
     }
 
@@ -66,7 +69,8 @@ impl Endpoint {
             | Endpoint::Ip
             | Endpoint::WhoIs
             | Endpoint::Watch
-            | Endpoint::CheckIpForwarding => Method::GET,
+            | Endpoint::CheckIpForwarding
+            | Endpoint::Logs => Method::GET,
             Endpoint::Prefs => Method::PATCH,
             Endpoint::Up | Endpoint::Down | Endpoint::Logout | Endpoint::Ping => Method::POST,
             Endpoint::Netcheck => Method::POST,
@@ -95,6 +99,8 @@ pub enum ApiRequest {
     Watch,
     /// What keeps the host (the daemon's network namespace) from forwarding.
     CheckIpForwarding,
+    /// The daemon's recent log lines.
+    Logs,
 }
 
 impl ApiRequest {
@@ -111,6 +117,7 @@ impl ApiRequest {
             ApiRequest::WhoIs(_) => Endpoint::WhoIs,
             ApiRequest::Watch => Endpoint::Watch,
             ApiRequest::CheckIpForwarding => Endpoint::CheckIpForwarding,
+            ApiRequest::Logs => Endpoint::Logs,
         }
     }
 }
@@ -168,6 +175,7 @@ pub fn parse(endpoint: Endpoint, query: Option<&str>, body: &[u8]) -> Result<Api
         Endpoint::WhoIs => ApiRequest::WhoIs(nodekey_param(query)?),
         Endpoint::Watch => ApiRequest::Watch,
         Endpoint::CheckIpForwarding => ApiRequest::CheckIpForwarding,
+        Endpoint::Logs => ApiRequest::Logs,
     })
 }
 

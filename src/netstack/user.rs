@@ -228,8 +228,15 @@ impl UserStack {
     /// A packet from WireGuard. Returns false when dropped (queue full).
     pub fn inject(&mut self, packet: &[u8]) -> bool {
         self.counters.packets_in += 1;
-        self.prepare_listener(packet);
-        self.prepare_udp_port(packet);
+        if let Ok(summary) = PacketSummary::parse(packet) {
+            if self.addrs.contains(&summary.dst) {
+                match summary.proto {
+                    proto::TCP => self.prepare_listener(&summary),
+                    proto::UDP => self.prepare_udp_port(&summary),
+                    _ => {}
+                }
+            }
+        }
         if self.device.push_rx(packet) {
             true
         } else {
@@ -240,12 +247,10 @@ impl UserStack {
 
     /// A SYN to one of our addresses gets a listener of its own before smoltcp sees it (unless
     /// one is there already, or the packet is a retransmission of a SYN being answered).
-    fn prepare_listener(&mut self, packet: &[u8]) {
-        let Ok(summary) = PacketSummary::parse(packet) else {
-            return;
-        };
+    /// Called only for TCP to our addresses.
+    fn prepare_listener(&mut self, summary: &PacketSummary) {
         let syn = summary.tcp_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN;
-        if summary.proto != proto::TCP || !syn || !self.addrs.contains(&summary.dst) {
+        if !syn || summary.later_fragment {
             return;
         }
         let local = IpEndpoint::new(summary.dst.into(), summary.dst_port);
@@ -284,12 +289,10 @@ impl UserStack {
         });
     }
 
-    /// A UDP datagram to one of our addresses gets a socket on its port before smoltcp sees it.
-    fn prepare_udp_port(&mut self, packet: &[u8]) {
-        let Ok(summary) = PacketSummary::parse(packet) else {
-            return;
-        };
-        if summary.proto != proto::UDP || !self.addrs.contains(&summary.dst) {
+    /// A UDP datagram to one of our addresses gets a socket on its port before smoltcp sees it
+    /// (called only for UDP to our addresses).
+    fn prepare_udp_port(&mut self, summary: &PacketSummary) {
+        if summary.later_fragment {
             return;
         }
         let local = IpEndpoint::new(summary.dst.into(), summary.dst_port);
