@@ -88,6 +88,18 @@ for shell in bash zsh fish; do
 done
 
 install -D -m 0755 "$binary" "$root/usr/bin/tern"
+# Shipped stripped, as Debian's dh_strip does (debug info is for developers' builds): the
+# host's strip for the host's architecture, the cross binutils' for arm64 when installed.
+case "$arch" in
+  "$(dpkg --print-architecture)") strip_tool=strip ;;
+  arm64) strip_tool=aarch64-linux-gnu-strip ;;
+  *) strip_tool= ;;
+esac
+if [ -n "$strip_tool" ] && command -v "$strip_tool" >/dev/null; then
+  "$strip_tool" --strip-unneeded "$root/usr/bin/tern"
+else
+  echo "build-deb: no strip for $arch ($strip_tool): shipping the binary unstripped" >&2
+fi
 install -D -m 0644 packaging/tern.service "$root/lib/systemd/system/tern.service"
 install -D -m 0644 packaging/tern-relay.service "$root/lib/systemd/system/tern-relay.service"
 install -D -m 0644 packaging/tern.tmpfiles "$root/usr/lib/tmpfiles.d/tern.conf"

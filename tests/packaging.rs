@@ -181,6 +181,15 @@ fn deb_has_its_files_and_fields_and_purges_without_a_trace() {
     let installed_tern = root.join("usr/bin/tern");
     let version = run_ok(Command::new(&installed_tern).arg("--version"));
     assert_eq!(text(&version.stdout).trim(), format!("tern {VERSION}"));
+    // Shipped stripped: no symbol table, no debug sections (the test builds from a debug binary).
+    let sections = run_ok(Command::new("readelf").args(["-S", "-W"]).arg(&installed_tern));
+    let sections = text(&sections.stdout);
+    assert!(
+        !sections.contains(".symtab")
+            && !sections.contains(".debug_info")
+            && !sections.contains(".debug_line"),
+        "{sections}"
+    );
 
     // What a running node and its admin leave behind, which purge must remove too.
     fs::create_dir_all(root.join("var/lib/tern")).expect("state dir");
