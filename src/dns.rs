@@ -14,6 +14,7 @@ pub mod forward;
 pub mod magic;
 pub mod name;
 pub mod os;
+pub mod resolvconf;
 pub mod resolved;
 
 pub use config::MagicDnsConfig;

@@ -182,7 +182,11 @@ fn deb_has_its_files_and_fields_and_purges_without_a_trace() {
     let version = run_ok(Command::new(&installed_tern).arg("--version"));
     assert_eq!(text(&version.stdout).trim(), format!("tern {VERSION}"));
     // Shipped stripped: no symbol table, no debug sections (the test builds from a debug binary).
-    let sections = run_ok(Command::new("readelf").args(["-S", "-W"]).arg(&installed_tern));
+    let sections = run_ok(
+        Command::new("readelf")
+            .args(["-S", "-W"])
+            .arg(&installed_tern),
+    );
     let sections = text(&sections.stdout);
     assert!(
         !sections.contains(".symtab")

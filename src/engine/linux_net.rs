@@ -304,6 +304,16 @@ pub async fn cleanup_host() -> Result<(), String> {
         Ok(false) => {}
         Err(e) => errors.push(format!("DNS: {e}")),
     }
+    // openresolv: a record a killed run left (removing none is no error).
+    let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    if crate::dns::os::Manager::detect(&text) == crate::dns::os::Manager::Resolvconf
+        && crate::dns::resolvconf::flavor().await
+            == Some(crate::dns::resolvconf::Flavor::Openresolv)
+    {
+        if let Err(e) = crate::dns::resolvconf::clear().await {
+            errors.push(format!("DNS: {e}"));
+        }
+    }
     match tokio::task::spawn_blocking(netfilter::cleanup_all).await {
         Ok(Err(e)) => errors.push(format!("netfilter: {e}")),
         Err(e) => errors.push(format!("netfilter: {e}")),

@@ -2,11 +2,15 @@
 //! after the routes (quad-100 must be reachable first) and taken back before anything else on
 //! the way out (Drop covers an aborted or panicking engine; the next start covers SIGKILL).
 //!
-//! Two managers are driven: **direct** (/etc/resolv.conf rewritten, [`crate::dns::os`]) and
-//! **systemd-resolved** over D-Bus (the TUN link's DNS, [`crate::dns::resolved`]); with
-//! NetworkManager or resolvconf owning the file the host is left alone, with a note in status.
+//! Three managers are driven: **direct** (/etc/resolv.conf rewritten, [`crate::dns::os`]),
+//! **systemd-resolved** over D-Bus (the TUN link's DNS, [`crate::dns::resolved`]) and
+//! **openresolv** (`resolvconf -x -a tailscale`, [`crate::dns::resolvconf`]); with
+//! NetworkManager or Debian's resolvconf owning the file the host is left alone, with a note in
+//! status. A file that names resolvconf while no `resolvconf` is installed is handled directly,
+//! as Go does.
 
 use crate::dns::os::{BaseConfig, DirectFiles, Manager, OsDnsConfig};
+use crate::dns::resolvconf::{self, Flavor};
 use crate::dns::resolved::{LinkConfig, Resolved};
 use crate::dns::MagicDnsConfig;
 use crate::status::DnsStatus;
@@ -17,6 +21,8 @@ enum Backend {
         bus: Resolved,
         ifindex: i32,
     },
+    /// openresolv's `resolvconf`: tern's record is the `tailscale` interface.
+    Openresolv,
     /// A manager tern does not drive (the reason, for status).
     Unsupported(String),
 }
@@ -66,10 +72,27 @@ impl OsDns {
                     BaseConfig::default(),
                 ),
             },
+            Manager::Resolvconf => match resolvconf::flavor().await {
+                Some(Flavor::Openresolv) => (Backend::Openresolv, resolvconf::base().await),
+                Some(Flavor::Debian) => (
+                    Backend::Unsupported(
+                        "Debian's resolvconf manages /etc/resolv.conf; tern drives direct \
+                         files, systemd-resolved and openresolv, so the host's DNS is left \
+                         alone (ask quad-100 directly: 100.100.100.100)"
+                            .into(),
+                    ),
+                    BaseConfig::default(),
+                ),
+                // The comment names resolvconf but none is installed: the file is ours to write.
+                None => {
+                    let base = files.base();
+                    (Backend::Direct(files), base)
+                }
+            },
             other => (
                 Backend::Unsupported(format!(
-                    "{} manages /etc/resolv.conf; tern drives only direct files and \
-                     systemd-resolved yet, so the host's DNS is left alone (ask quad-100 \
+                    "{} manages /etc/resolv.conf; tern drives direct files, systemd-resolved \
+                     and openresolv, so the host's DNS is left alone (ask quad-100 \
                      directly: 100.100.100.100)",
                     other.name()
                 )),
@@ -98,6 +121,9 @@ impl OsDns {
                 Some(Applied::File(OsDnsConfig::compile(magic, &self.base)))
             }
             Backend::Resolved { .. } if accept => Some(Applied::Link(LinkConfig::compile(magic))),
+            Backend::Openresolv if accept => {
+                Some(Applied::File(OsDnsConfig::compile(magic, &self.base)))
+            }
             Backend::Unsupported(why) => {
                 self.error = accept.then(|| why.clone());
                 return;
@@ -114,6 +140,9 @@ impl OsDns {
             }
             (Backend::Resolved { bus, ifindex }, Some(Applied::Link(cfg))) => {
                 bus.set_link(*ifindex, cfg).await.map_err(|e| e.to_string())
+            }
+            (Backend::Openresolv, Some(Applied::File(cfg))) => {
+                resolvconf::set(cfg).await.map_err(|e| e.to_string())
             }
             _ => {
                 self.restore().await;
@@ -143,6 +172,7 @@ impl OsDns {
             Backend::Resolved { bus, ifindex } => {
                 bus.revert(*ifindex).await.map_err(|e| e.to_string())
             }
+            Backend::Openresolv => resolvconf::clear().await.map_err(|e| e.to_string()),
             Backend::Unsupported(_) => Ok(()),
         };
         if let Err(e) = result {
@@ -173,9 +203,13 @@ impl OsDns {
             ),
             None => (Vec::new(), Vec::new()),
         };
+        let manager = match self.backend {
+            Backend::Openresolv => "openresolv",
+            _ => self.manager.name(),
+        };
         DnsStatus {
             accept_dns: accept,
-            manager: self.manager.name().to_string(),
+            manager: manager.to_string(),
             nameservers,
             search_domains,
             error: self.error.clone(),
@@ -191,13 +225,17 @@ fn is_empty(applied: &Applied) -> bool {
 }
 
 impl Drop for OsDns {
-    /// The direct file is put back at once; resolved forgets a link's settings when the TUN
-    /// goes away with the engine.
+    /// The direct file and openresolv's record are put back at once; resolved forgets a
+    /// link's settings when the TUN goes away with the engine.
     fn drop(&mut self) {
-        if let (Backend::Direct(files), Some(_)) = (&self.backend, self.applied.take()) {
-            if let Err(e) = files.restore() {
-                tracing::warn!(error = %e, "restoring /etc/resolv.conf");
+        match (&self.backend, self.applied.take()) {
+            (Backend::Direct(files), Some(_)) => {
+                if let Err(e) = files.restore() {
+                    tracing::warn!(error = %e, "restoring /etc/resolv.conf");
+                }
             }
+            (Backend::Openresolv, Some(_)) => resolvconf::clear_blocking(),
+            _ => {}
         }
     }
 }
