@@ -176,8 +176,14 @@ fn openresolv_gets_an_exclusive_record_and_loses_it_on_stop_and_after_a_crash() 
     tb.up("tb");
     wait_file(c1, "quad-100 for tb", || tb.logs(), only_quad_100);
     let mut tb = tb;
-    let _ = tb.process.stop();
-    assert!(only_host(&resolv_conf(c1)), "{}", resolv_conf(c1));
+    tb.process.set_grace(Duration::from_secs(15));
+    let stopped = tb.process.stop().expect("stop tb");
+    let after_stop = resolv_conf(c1);
+    assert!(
+        only_host(&after_stop),
+        "{after_stop}\nexit: {stopped:?}\n{}",
+        tb.logs()
+    );
     assert!(
         !Path::new("/etc/resolv.conf.bak").exists(),
         "nothing written beside the host's /etc/resolv.conf"

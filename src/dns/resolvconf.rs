@@ -89,12 +89,21 @@ pub async fn clear() -> Result<(), ResolvconfError> {
 
 /// [`clear`] without a runtime (for `Drop`).
 pub fn clear_blocking() {
-    let _ = std::process::Command::new("resolvconf")
+    let result = std::process::Command::new("resolvconf")
         .args(["-f", "-d", INTERFACE])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
+        .stderr(Stdio::piped())
+        .output();
+    match result {
+        Ok(out) if out.status.success() => tracing::info!("openresolv: tern's record removed"),
+        Ok(out) => tracing::warn!(
+            status = %out.status,
+            stderr = %String::from_utf8_lossy(&out.stderr).trim(),
+            "openresolv: removing tern's record"
+        ),
+        Err(e) => tracing::warn!(error = %e, "openresolv: removing tern's record"),
+    }
 }
 
 /// The host's own configuration: every interface's record but tern's.

@@ -164,9 +164,11 @@ impl OsDns {
 
     /// Puts the host's own configuration back.
     pub(super) async fn restore(&mut self) {
-        if self.applied.take().is_none() {
+        if self.applied.is_none() {
             return;
         }
+        // `applied` is cleared only once the host has its configuration back: an engine
+        // aborted during the await below leaves it set, and `Drop` does the work instead.
         let result = match &self.backend {
             Backend::Direct(files) => files.restore().map(drop).map_err(|e| e.to_string()),
             Backend::Resolved { bus, ifindex } => {
@@ -175,8 +177,10 @@ impl OsDns {
             Backend::Openresolv => resolvconf::clear().await.map_err(|e| e.to_string()),
             Backend::Unsupported(_) => Ok(()),
         };
-        if let Err(e) = result {
-            tracing::warn!(error = %e, "restoring the host's DNS");
+        self.applied = None;
+        match result {
+            Ok(()) => tracing::info!(manager = self.manager.name(), "OS DNS restored"),
+            Err(e) => tracing::warn!(error = %e, "restoring the host's DNS"),
         }
     }
 
