@@ -15,12 +15,11 @@ use super::Engine;
 use crate::control::tailcfg::{DerpMap, DerpNode, DerpRegion};
 use crate::derp::client::{ClientConfig, DerpClient, Event, Reconnector, TlsVerify, Transport};
 use crate::derp::resolve::{self, MapAddr};
-use crate::derp::send_queue;
 use crate::keys::{NodePrivate, NodePublic};
 use crate::netcheck;
 
-/// Packets queued towards one DERP region; when full the oldest is dropped (Go: 32).
-pub(super) const DERP_QUEUE: usize = crate::derp::send_queue::DEPTH;
+/// Packets queued towards one DERP region before new ones are dropped.
+pub(super) const DERP_QUEUE: usize = 512;
 
 /// What a DERP region task passes to the engine.
 pub(super) enum DerpEvent {
@@ -36,7 +35,7 @@ pub(super) enum DerpEvent {
 
 /// Our side of one DERP region's task.
 pub(super) struct DerpLink {
-    pub(super) outbound: send_queue::Sender<(NodePublic, Bytes)>,
+    pub(super) outbound: mpsc::Sender<(NodePublic, Bytes)>,
     /// Whether this is our home region (NotePreferred on change and after each dial).
     pub(super) preferred: watch::Sender<bool>,
     pub(super) task: JoinHandle<()>,
@@ -86,8 +85,8 @@ impl Engine {
             return;
         };
         link.last_write = Instant::now();
-        if link.outbound.push((to, Bytes::from(packet))) {
-            self.drops.derp_queue_full += 1; // the oldest queued packet made room
+        if link.outbound.try_send((to, Bytes::from(packet))).is_err() {
+            self.drops.derp_queue_full += 1;
         }
     }
 
@@ -107,7 +106,7 @@ impl Engine {
             if dialable.is_empty() {
                 return None;
             }
-            let (tx, rx) = send_queue::channel(DERP_QUEUE);
+            let (tx, rx) = mpsc::channel(DERP_QUEUE);
             let (preferred, preferred_rx) = watch::channel(region == self.home);
             let connected = Arc::new(AtomicBool::new(false));
             let task = tokio::spawn(region_task(
@@ -261,7 +260,7 @@ impl RegionNodes {
 /// What a region's task exchanges with the engine.
 pub(super) struct RegionIo {
     /// Packets to send.
-    pub(super) outbound: send_queue::Receiver<(NodePublic, Bytes)>,
+    pub(super) outbound: mpsc::Receiver<(NodePublic, Bytes)>,
     /// Whether this is our home region.
     pub(super) preferred: watch::Receiver<bool>,
     /// Packets and events received.

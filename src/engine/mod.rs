@@ -120,7 +120,7 @@ pub struct DropCounters {
     pub stun_unmatched: u64,
     /// Packets to a peer without a DERP region we can reach.
     pub no_derp: u64,
-    /// DERP write queue full: the oldest queued packet was dropped for a new one.
+    /// DERP queue full.
     pub derp_queue_full: u64,
     /// Refused by the inbound packet filter.
     pub filtered: u64,
