@@ -274,18 +274,25 @@ impl UserStack {
         if socket.listen(IpListenEndpoint::from(local)).is_err() {
             return;
         }
+        self.add_conn(socket, Kind::Inbound, Some(remote));
+    }
+
+    /// A connection in the making: its socket, and the duplex whose far half the application
+    /// gets once it is established.
+    fn add_conn(&mut self, socket: tcp::Socket<'static>, kind: Kind, syn_from: Option<IpEndpoint>) {
         let (stream, app) = tokio::io::duplex(DUPLEX_BUFFER);
         let handle = self.sockets.add(socket);
+        let created = self.now();
         self.conns.push(Conn {
             handle,
             stream,
             app: Some(app),
-            kind: Kind::Inbound,
-            created: self.now(),
+            kind,
+            created,
             app_eof: false,
             peer_eof: false,
             app_gone: false,
-            syn_from: Some(remote),
+            syn_from,
         });
     }
 
@@ -404,19 +411,7 @@ impl UserStack {
             let _ = reply.send(Err(DialError::NoSource));
             return;
         }
-        let (stream, app) = tokio::io::duplex(DUPLEX_BUFFER);
-        let handle = self.sockets.add(socket);
-        self.conns.push(Conn {
-            handle,
-            stream,
-            app: Some(app),
-            kind: Kind::Outbound { reply: Some(reply) },
-            created: self.now(),
-            app_eof: false,
-            peer_eof: false,
-            app_gone: false,
-            syn_from: None,
-        });
+        self.add_conn(socket, Kind::Outbound { reply: Some(reply) }, None);
     }
 
     /// The next ephemeral port no connection uses.
