@@ -157,7 +157,7 @@ struct Daemon {
     /// `prefs.net` (exit node, routes, netfilter), watched by the engine.
     net_prefs: watch::Sender<crate::state::NetPrefs>,
     /// How the proxies reach the tailnet; the running engine publishes it.
-    dialer: std::sync::Arc<watch::Sender<Option<crate::proxy::TailnetDialer>>>,
+    dialer: std::sync::Arc<watch::Sender<Option<crate::netstack::user::TailnetDialer>>>,
     proxy_counters: Option<std::sync::Arc<crate::proxy::ProxyCounters>>,
 }
 
@@ -453,7 +453,7 @@ impl Daemon {
 /// started (a taken port is an error at once); they stop with the returned tasks.
 async fn start_proxies(
     config: &DaemonConfig,
-    dialer: &watch::Sender<Option<crate::proxy::TailnetDialer>>,
+    dialer: &watch::Sender<Option<crate::netstack::user::TailnetDialer>>,
     counters: &std::sync::Arc<crate::proxy::ProxyCounters>,
 ) -> anyhow::Result<Vec<AbortOnDrop>> {
     use crate::proxy::{self, Kind};

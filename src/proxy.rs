@@ -21,8 +21,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
-use crate::dns::config::MagicDnsConfig;
-use crate::netstack::user::{DialError, StackHandle};
+use crate::netstack::user::DialError;
+pub use crate::netstack::user::TailnetDialer;
 
 /// Proxy clients served at once; more are closed at accept.
 pub const MAX_CLIENTS: usize = 512;
@@ -30,25 +30,6 @@ pub const MAX_CLIENTS: usize = 512;
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Dialing the destination (from the host; the userspace stack has its own).
 const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// What the proxies need from the running data plane.
-#[derive(Clone)]
-pub struct TailnetDialer {
-    /// The userspace stack (`None` in TUN mode: the kernel routes tailnet addresses).
-    pub stack: Option<StackHandle>,
-    /// MagicDNS as quad-100 answers it.
-    pub dns: watch::Receiver<Arc<MagicDnsConfig>>,
-    /// The prefixes the tailnet routes (tailnet ranges, accepted subnet routes).
-    pub routes: watch::Receiver<Arc<Vec<IpNet>>>,
-}
-
-impl std::fmt::Debug for TailnetDialer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TailnetDialer")
-            .field("userspace", &self.stack.is_some())
-            .finish_non_exhaustive()
-    }
-}
 
 /// Where a client wants to go.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -88,7 +88,7 @@ pub struct EngineConfig {
     /// Exit node, subnet routes and netfilter prefs; changes apply live.
     pub net_prefs: tokio::sync::watch::Receiver<crate::state::NetPrefs>,
     /// Where the engine publishes how the proxies reach the tailnet while it runs.
-    pub dialer: Arc<watch::Sender<Option<crate::proxy::TailnetDialer>>>,
+    pub dialer: Arc<watch::Sender<Option<crate::netstack::user::TailnetDialer>>>,
     /// The proxies' counters (`None` without `--socks5-server` or an HTTP proxy), for status.
     pub proxy_counters: Option<Arc<crate::proxy::ProxyCounters>>,
 }
@@ -230,7 +230,7 @@ async fn run(
     let (quad100, quad100_out) = quad100::Quad100::start(ipv6, base_resolvers);
     config
         .dialer
-        .send_replace(Some(crate::proxy::TailnetDialer {
+        .send_replace(Some(crate::netstack::user::TailnetDialer {
             stack: tun.userspace().map(|u| u.stack.clone()),
             dns: quad100.subscribe(),
             routes: engine.dial_routes.subscribe(),

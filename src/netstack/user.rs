@@ -20,12 +20,15 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
+use ipnet::IpNet;
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::socket::{tcp, udp};
 use smoltcp::time::Instant as SmolInstant;
 use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, IpEndpoint, IpListenEndpoint};
 use tokio::io::{AsyncRead, AsyncWrite, DuplexStream, ReadBuf};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
+
+use crate::dns::config::MagicDnsConfig;
 
 use super::device::QueueDevice;
 use crate::packet::{proto, tcp_flags, PacketSummary};
@@ -665,6 +668,25 @@ impl Wake for TaskWaker {
     }
     fn wake_by_ref(self: &Arc<Self>) {
         self.0.notify_one();
+    }
+}
+
+/// What the proxies need from the running data plane (the engine publishes it).
+#[derive(Clone)]
+pub struct TailnetDialer {
+    /// The userspace stack (`None` in TUN mode: the kernel routes tailnet addresses).
+    pub stack: Option<StackHandle>,
+    /// MagicDNS as quad-100 answers it.
+    pub dns: watch::Receiver<Arc<MagicDnsConfig>>,
+    /// The prefixes the tailnet routes (tailnet ranges, accepted subnet routes).
+    pub routes: watch::Receiver<Arc<Vec<IpNet>>>,
+}
+
+impl std::fmt::Debug for TailnetDialer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TailnetDialer")
+            .field("userspace", &self.stack.is_some())
+            .finish_non_exhaustive()
     }
 }
 
