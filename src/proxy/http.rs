@@ -120,7 +120,7 @@ fn parse_authority(authority: &str, default_port: Option<u16>) -> Option<Target>
         return None;
     }
     if let Ok(addr) = authority.parse::<std::net::SocketAddr>() {
-        return Some(Target::Addr(addr));
+        return (addr.port() != 0).then_some(Target::Addr(addr));
     }
     let (host, port) = match authority.rsplit_once(':') {
         Some((host, port)) if !host.ends_with(']') || host.starts_with('[') => {
@@ -285,6 +285,8 @@ mod tests {
             "GET https://tsd/ HTTP/1.1\r\n\r\n",
             "CONNECT tsd HTTP/1.1\r\n\r\n",
             "CONNECT tsd:0 HTTP/1.1\r\n\r\n",
+            "CONNECT [a::f21d]:00 HTTP/1.1\r\n\r\n",
+            "CONNECT 100.64.0.2:0 HTTP/1.1\r\n\r\n",
             "CONNECT user@tsd:80 HTTP/1.1\r\n\r\n",
             "GET http://:80/ HTTP/1.1\r\n\r\n",
             "\x00\x01 junk\r\n\r\n",
