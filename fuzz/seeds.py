@@ -2,7 +2,8 @@
 
 Every seed is named after the vector it came from. The structured targets' op sequences are
 encoded here by hand; the byte layouts are documented in fuzz/bodies/{disco_ops,relay_packet,relay_client,
-localapi_request,proxy_request}.rs.
+localapi_request,proxy_request}.rs;
+tun_offload's frames are built here from hand-made headers.
 """
 import json, os, shutil, struct, subprocess, sys
 
@@ -359,3 +360,42 @@ d.put("bad_http_relative", b"\x01GET /x HTTP/1.1\r\n\r\n")
 d.put("bad_http_https", b"\x01GET https://tsd/ HTTP/1.1\r\n\r\n")
 d.put("bad_http_userinfo", b"\x01CONNECT user@tsd:80 HTTP/1.1\r\n\r\n")
 d.put("bad_http_junk", b"\x01\x00\x01 junk\r\n\r\n")
+
+# --- tun_offload: a virtio-net header (host order, little-endian here) and a packet ----------
+
+
+def csum(data):
+    if len(data) % 2:
+        data += b"\0"
+    s = sum(struct.unpack("!%dH" % (len(data) // 2), data))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return s
+
+
+def tcp_frame(v6, payload_len, segment, flags=0x10, options=b"", gso=True):
+    tcp_len = 20 + len(options)
+    l4 = tcp_len + payload_len
+    if v6:
+        src, dst = bytes.fromhex("fd7a115ca1e000000000000000000001"), bytes.fromhex("fd7a115ca1e000000000000000000002")
+        ip = b"\x60\0\0\0" + struct.pack("!HBB", l4, 6, 64) + src + dst
+    else:
+        src, dst = bytes([100, 64, 0, 1]), bytes([100, 64, 0, 2])
+        ip = struct.pack("!BBHHHBBH", 0x45, 0, 20 + l4, 7, 0x4000, 64, 6, 0) + src + dst
+        ip = ip[:10] + struct.pack("!H", 0xFFFF - csum(ip)) + ip[12:]
+    partial = csum(src + dst + struct.pack("!HH", 6, l4))
+    tcp = struct.pack("!HHIIBBHHH", 40000, 443, 1000, 99, (tcp_len // 4) << 4, flags, 0xFFFF, partial, 0) + options
+    gso_type = (4 if v6 else 1) if gso else 0
+    header = struct.pack("<BBHHHH", 1, gso_type, len(ip) + tcp_len, segment if gso else 0, len(ip), 16)
+    return header + ip + tcp + bytes((i * 31) & 0xFF for i in range(payload_len))
+
+
+d = Dir("tun_offload")
+TS = b"\x01\x01\x08\x0a" + struct.pack("!II", 5, 7)
+d.put("tso_v4", tcp_frame(False, 3000, 1000))
+d.put("tso_v4_psh_fin", tcp_frame(False, 2500, 1000, flags=0x19))
+d.put("tso_v6_timestamps", tcp_frame(True, 2500, 1208, options=TS))
+d.put("csum_only_v4", tcp_frame(False, 100, 0, gso=False))
+d.put("plain_udp", struct.pack("<BBHHHH", 0, 0, 0, 0, 0, 0) + bytes.fromhex("4500001c000000004011000001010101020202020001000200080000"))
+d.put("bad_gso_udp_l4", b"\x01\x05" + tcp_frame(False, 3000, 1000)[2:])
+

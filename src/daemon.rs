@@ -31,6 +31,8 @@ pub struct DaemonConfig {
     pub socket: PathBuf,
     /// TUN name, or `userspace-networking` (no TUN: the userspace stack is the data plane).
     pub tun: String,
+    /// TUN offloads (TSO, checksum offload, GRO on writes); off only to compare or work around.
+    pub tun_offload: bool,
     pub port: u16,
     /// User (name or numeric uid) allowed to use the LocalAPI socket besides root.
     pub operator: Option<String>,
@@ -111,6 +113,7 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
         engine: None,
         engine_handle: None,
         tun: config.tun.clone(),
+        tun_offload: config.tun_offload,
         port: config.port,
         backend_log_id: hex::encode(rand::random::<[u8; 32]>()),
         relay_server_port: watch::channel(relay_server_port).0,
@@ -145,6 +148,7 @@ struct Daemon {
     /// Asks the running engine for pings and netchecks (`None` without one).
     engine_handle: Option<EngineHandle>,
     tun: String,
+    tun_offload: bool,
     port: u16,
     /// Random per process, like the Go client's log id when logging is off.
     backend_log_id: String,
@@ -410,6 +414,7 @@ impl Daemon {
         let (node_key_tx, node_keys) = watch::channel(self.identity.node.clone());
         let config = EngineConfig {
             tun_name: self.tun.clone(),
+            tun_offload: self.tun_offload,
             port: self.port,
             node_key: self.identity.node.clone(),
             disco_key: self.identity.disco.clone(),

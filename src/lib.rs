@@ -37,4 +37,5 @@ pub mod status;
 pub mod stun;
 pub mod trust;
 pub mod udp;
+pub mod vnet;
 pub mod wg;

@@ -349,6 +349,11 @@ pub struct DataPlaneStatus {
     /// `handshake_timeouts`, `open_connections`.
     #[serde(default)]
     pub netstack: std::collections::BTreeMap<String, u64>,
+    /// TUN offloads (empty when off or without a kernel TUN): `super_packets_read`,
+    /// `segments_split`, `frames_refused`, `packets_to_tun`, `tun_writes`,
+    /// `super_packets_written`.
+    #[serde(default)]
+    pub tun_offload: std::collections::BTreeMap<String, u64>,
     /// The SOCKS5 and HTTP proxies together (empty without either): `accepted`, `over_limit`,
     /// `bad_requests`, `dial_failures`, `connected`.
     #[serde(default)]

@@ -286,7 +286,9 @@ fn fetch(ns: &Netns, url: &str, want: &[u8]) -> Result<(), String> {
     }
 }
 
-/// 1 MiB over HTTP from tb's tailnet address to ta, and the other way, byte for byte.
+/// 1 MiB over HTTP from tb's tailnet address to ta, and the other way, byte for byte; both
+/// daemons run with TUN offloads (the default), so the senders read TCP super-packets from their
+/// TUN and the receivers write coalesced ones.
 fn tcp_both_ways(lab: &Lab, pair: &Pair) {
     for (server_ns, server_ip, client_ns) in [("c2", &pair.b_ip, "c1"), ("c1", &pair.a_ip, "c2")] {
         let addr = SocketAddr::new(server_ip.parse().expect("tailnet IP"), 8000);
@@ -298,6 +300,42 @@ fn tcp_both_ways(lab: &Lab, pair: &Pair) {
             panic!("TCP {client_ns} → {server_ns}: {e}\n{}", pair.report(lab));
         }
     }
+    for node in [&pair.a, &pair.b] {
+        assert_offloads_used(node, Offloads::Both, &pair.report(lab));
+    }
+}
+
+/// Which side of TUN offloads a node must have used.
+#[derive(Clone, Copy, PartialEq)]
+enum Offloads {
+    /// Wrote coalesced super-packets (it received bulk TCP).
+    Written,
+    /// That, and split super-packets it read (it sent bulk TCP too).
+    Both,
+}
+
+/// The node's TUN split super-packets it read and/or wrote coalesced ones, and refused no frame
+/// (waits for the next status publish).
+fn assert_offloads_used(node: &Node, side: Offloads, report: &str) {
+    let used = || {
+        let counters = node.status()["data_plane"]["tun_offload"].clone();
+        let count = |name: &str| counters[name].as_u64().unwrap_or(0);
+        let read = count("super_packets_read") > 0
+            && count("segments_split") > count("super_packets_read");
+        let written =
+            count("super_packets_written") > 0 && count("tun_writes") < count("packets_to_tun");
+        let ok = match side {
+            Offloads::Written => written,
+            Offloads::Both => read && written,
+        };
+        (ok && count("frames_refused") == 0).then_some(())
+    };
+    wait(
+        &format!("{}'s TUN offloads to have been used", node.name),
+        10,
+        || report.to_string(),
+        used,
+    );
 }
 
 /// Three pings each way through the TUNs must all pass.
@@ -505,6 +543,104 @@ fn assert_stays_on_derp(nat1: NatMode, nat2: NatMode) {
     );
     assert_netcheck(&lab, &pair.a, "c1", nat1);
     assert_netcheck(&lab, &pair.b, "c2", nat2);
+}
+
+/// 8 MiB of a fixed pattern (the TUN-offload test's download).
+fn big_blob() -> &'static [u8] {
+    static BLOB: OnceLock<Vec<u8>> = OnceLock::new();
+    BLOB.get_or_init(|| (0..8u32 << 20).map(|i| (i % 253) as u8).collect())
+}
+
+/// iperf3 TCP for 2 s from `client_ns` to `server_ip` (`reverse`: the server sends); the bytes
+/// the receiving side counted.
+fn iperf3(lab: &Lab, client_ns: &str, server_ns: &str, server_ip: &str, reverse: bool) -> u64 {
+    let mut server = Process::spawn(
+        lab.ns(server_ns),
+        "iperf3 -s",
+        "iperf3",
+        &["-s", "-1", "-B", server_ip],
+    )
+    .expect("iperf3 server");
+    std::thread::sleep(Duration::from_millis(500));
+    let mut args = vec!["timeout", "30", "iperf3", "-c", server_ip, "-t", "2", "-J"];
+    if reverse {
+        args.push("-R");
+    }
+    let out = lab.ns(client_ns).exec_unchecked(&args).expect("run iperf3");
+    let _ = server.stop();
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    assert!(
+        out.status.success(),
+        "iperf3 {client_ns} → {server_ip} (reverse {reverse}): {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    report["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0)
+}
+
+/// TUN offloads (issue 15) with the other end without them: ta runs with offloads (the
+/// default), tb with `--tun-offload=false` (through `TERN_TUN_OFFLOAD`). 8 MiB byte for byte and
+/// iperf3 in both directions over the direct path; ta's status shows both halves at work (split
+/// on send, coalesce on receive), tb's shows none.
+#[test]
+fn offloaded_and_plain_tun_carry_tcp_byte_exact_both_ways() {
+    let lab = Lab::start(NatMode::Easy, NatMode::Easy);
+    let a = Node::start(lab.ns("c1"), lab.dir.path(), "ta");
+    let b = Node::start_with_env(
+        lab.ns("c2"),
+        lab.dir.path(),
+        "tb",
+        &[("TERN_TUN_OFFLOAD", std::path::Path::new("false"))],
+    );
+    a.wait_for_api(20);
+    b.wait_for_api(20);
+    a.up("ta");
+    b.up("tb");
+    let logs = || format!("{}\n{}\n{}", a.logs(), b.logs(), lab.server_logs());
+    let ip = |p: Value| {
+        p["tailnet_ips"][0]
+            .as_str()
+            .expect("tailnet IP")
+            .to_string()
+    };
+    let b_ip = ip(wait("ta to see tb", 60, logs, || a.peer("tb")));
+    let a_ip = ip(wait("tb to see ta", 60, logs, || b.peer("ta")));
+    let pair = Pair { a, b, a_ip, b_ip };
+    pair.wait_for_ping(&lab, 30);
+    let _traffic = background_ping(lab.ns("c1"), &pair.b_ip);
+    wait(
+        "ta's path to tb to be direct",
+        15,
+        || pair.report(&lab),
+        || pair.a.peer_entry("tb").filter(is_direct),
+    );
+
+    for (server_ns, server_ip, client_ns) in [("c2", &pair.b_ip, "c1"), ("c1", &pair.a_ip, "c2")] {
+        let addr = SocketAddr::new(server_ip.parse().expect("tailnet IP"), 8000);
+        let (stop, thread) = serve_http(lab.ns(server_ns), addr, big_blob());
+        let got = fetch(lab.ns(client_ns), &format!("http://{addr}/"), big_blob());
+        stop.store(true, Ordering::Relaxed);
+        let _ = thread.join();
+        if let Err(e) = got {
+            panic!(
+                "8 MiB {server_ns} → {client_ns}: {e}\n{}",
+                pair.report(&lab)
+            );
+        }
+    }
+    for reverse in [false, true] {
+        let received = iperf3(&lab, "c1", "c2", &pair.b_ip, reverse);
+        assert!(
+            received > 1 << 20,
+            "iperf3 (reverse {reverse}) moved only {received} bytes\n{}",
+            pair.report(&lab)
+        );
+    }
+    assert_offloads_used(&pair.a, Offloads::Both, &pair.report(&lab));
+    let plain = pair.b.status()["data_plane"]["tun_offload"].clone();
+    assert!(
+        plain.as_object().is_some_and(|m| m.is_empty()),
+        "tb runs without offloads, yet reports {plain}"
+    );
 }
 
 #[test]
@@ -1002,6 +1138,8 @@ fn tsnet_rebinding_keeps_an_http_stream_going_via_derp_and_back_to_direct() {
         panic!("byte {i} of the download is corrupted");
     }
     eprintln!("tern↔tsnet rebinding: {sent} bytes arrived intact");
+    // tern received the stream through its TUN as coalesced super-packets across the changes.
+    assert_offloads_used(&a, Offloads::Written, &report());
     let h = history_paths(&tsb_path());
     assert!(
         has_subsequence(&h, &["direct", "derp", "direct"]),

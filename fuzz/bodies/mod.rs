@@ -19,6 +19,7 @@ pub mod proxy_request;
 pub mod relay_client;
 pub mod relay_packet;
 pub mod stun_parse;
+pub mod tun_offload;
 
 /// A target body.
 pub type Body = fn(&[u8]);
@@ -35,4 +36,5 @@ pub const TARGETS: &[(&str, Body)] = &[
     ("relay_client", relay_client::run),
     ("relay_packet", relay_packet::run),
     ("stun_parse", stun_parse::run),
+    ("tun_offload", tun_offload::run),
 ];

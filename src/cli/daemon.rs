@@ -15,6 +15,11 @@ pub struct DaemonArgs {
     /// TUN device name, or `userspace-networking`.
     #[arg(long, default_value = "tern0")]
     pub tun: String,
+    /// TUN offloads: read 64 KiB TCP super-packets from the kernel and hand it coalesced ones
+    /// (`false` = one packet per read and write; for comparison or an odd kernel). Without offload
+    /// support in the kernel the TUN opens without them either way.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL", env = "TERN_TUN_OFFLOAD")]
+    pub tun_offload: bool,
     /// UDP port for WireGuard, disco and STUN (0 = pick one).
     #[arg(long, default_value_t = 41641)]
     pub port: u16,
@@ -54,6 +59,7 @@ pub fn run(socket: &Path, args: &DaemonArgs) -> anyhow::Result<ExitCode> {
         state_dir: args.state_dir.clone(),
         socket: socket.to_path_buf(),
         tun: args.tun.clone(),
+        tun_offload: args.tun_offload,
         port: args.port,
         operator: args.operator.clone(),
         socks5_server: args.socks5_server,

@@ -52,7 +52,7 @@ impl Engine {
         status: &watch::Sender<Status>,
         mut quad100_out: mpsc::Receiver<Vec<u8>>,
     ) -> Result<(), EngineError> {
-        let mut tun_buf = vec![0u8; BUF_LEN];
+        let mut tun_buf = vec![0u8; BUF_LEN + tern_platform::tun::VNET_HDR_LEN];
         let mut udp_buf = vec![0u8; BUF_LEN];
         let mut status_tick = tokio::time::interval(STATUS_EVERY);
         status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -79,9 +79,7 @@ impl Engine {
             tokio::select! {
                 r = tun.recv(&mut tun_buf) => {
                     let n = r.map_err(EngineError::TunIo)?;
-                    if let Some(packet) = tun_buf.get(..n) {
-                        self.outbound(udp, packet);
-                    }
+                    self.read_from_tun(udp, &mut tun_buf, n);
                     self.drain_tun(tun, udp, &mut tun_buf)?;
                 }
                 Some(event) = inbound.recv() => match event {
@@ -161,6 +159,7 @@ impl Engine {
                 }
             }
             self.write_tun(tun, to_tun).await;
+            self.flush_tun(tun).await;
             self.flush(udp);
             if std::mem::take(&mut self.paths_changed) {
                 self.publish(status);
@@ -178,11 +177,7 @@ impl Engine {
     ) -> Result<(), EngineError> {
         for _ in 0..BATCH {
             match tun.try_recv(buf) {
-                Ok(n) => {
-                    if let Some(packet) = buf.get(..n) {
-                        self.outbound(udp, packet);
-                    }
-                }
+                Ok(n) => self.read_from_tun(udp, buf, n),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) => return Err(EngineError::TunIo(e)),
             }
@@ -210,9 +205,46 @@ impl Engine {
         }
     }
 
-    /// Writes the decrypted packet of length `len` at the start of `self.out` to the TUN.
+    /// What one TUN read brought (`n` bytes of `buf`): a packet, or with offloads a frame that
+    /// may hold a TCP super-packet to cut into packets first.
+    pub(super) fn read_from_tun(&mut self, udp: &UdpSockets, buf: &mut [u8], n: usize) {
+        let Some(frame) = buf.get_mut(..n) else {
+            return;
+        };
+        if !self.tun_offload.enabled {
+            self.outbound(udp, frame);
+            return;
+        }
+        let mut offload = std::mem::take(&mut self.tun_offload);
+        offload.split(frame, |packet| self.outbound(udp, packet));
+        self.tun_offload = offload;
+    }
+
+    /// The decrypted packet of length `len` at the start of `self.out`, for the TUN: written
+    /// now, or with offloads queued for [`Self::flush_tun`] at the end of the wakeup.
     pub(super) async fn write_tun(&mut self, tun: &Device, len: Option<usize>) {
-        write_tun(tun, len.and_then(|n| self.out.get(..n))).await;
+        let packet = len.and_then(|n| self.out.get(..n));
+        if !self.tun_offload.enabled {
+            write_tun(tun, packet).await;
+            return;
+        }
+        if let Some(packet) = packet {
+            if self.tun_offload.push(packet) {
+                self.flush_tun(tun).await;
+            }
+        }
+    }
+
+    /// Writes what the coalescer holds (offloads on; nothing otherwise).
+    pub(super) async fn flush_tun(&mut self, tun: &Device) {
+        let Some(kernel) = tun.kernel() else {
+            return;
+        };
+        while let Some(frame) = self.tun_offload.next_frame() {
+            if let Err(e) = kernel.send_frame(frame).await {
+                tracing::debug!(error = %e, "TUN write failed");
+            }
+        }
     }
 
     /// Due WireGuard timers, path timers and `tern ping` timeouts.

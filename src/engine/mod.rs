@@ -34,6 +34,7 @@ mod relay_host;
 mod requests;
 mod routing;
 mod sockets;
+mod tun_offload;
 mod wireguard;
 
 pub use derp::{choose_region, client_config};
@@ -73,6 +74,8 @@ const BUF_LEN: usize = 65535;
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
     pub tun_name: String,
+    /// Open the kernel TUN with offloads (see [`crate::vnet`]).
+    pub tun_offload: bool,
     pub port: u16,
     pub node_key: NodePrivate,
     /// This process's disco key (control publishes its public half to peers).
@@ -183,6 +186,7 @@ async fn run(
             LinuxTun::create(&TunConfig {
                 name: config.tun_name.clone(),
                 mtu: DEFAULT_MTU,
+                offload: config.tun_offload,
             })
             .await?,
         )
@@ -215,6 +219,7 @@ async fn run(
         report_tx,
     )));
     let mut engine = Engine::new(&config, inbound_tx, local, regions_tx);
+    engine.tun_offload.enabled = tun.kernel().is_some_and(|k| k.offload());
     engine.linux = linux;
     // The host's resolver is tern's to point at quad-100 only with a TUN to route it.
     let os_dns = match tun.kernel() {
@@ -389,6 +394,8 @@ struct Engine {
     /// Path changes by (new path, reason).
     path_changes: BTreeMap<(&'static str, &'static str), u64>,
     proxy_counters: Option<Arc<crate::proxy::ProxyCounters>>,
+    /// TUN offloads: splitting what the TUN gives, coalescing what we write to it.
+    tun_offload: tun_offload::TunOffload,
 }
 
 impl Engine {
@@ -456,6 +463,7 @@ impl Engine {
             path_io: Default::default(),
             path_changes: BTreeMap::new(),
             proxy_counters: config.proxy_counters.clone(),
+            tun_offload: Default::default(),
         }
     }
 }

@@ -82,9 +82,12 @@ impl Engine {
                 .as_ref()
                 .map(|p| named(p.named()))
                 .unwrap_or_default();
-            let local_changed =
-                s.data_plane.netstack != netstack || s.data_plane.proxies != proxies;
+            let tun_offload = named(self.tun_offload.named());
+            let local_changed = s.data_plane.netstack != netstack
+                || s.data_plane.proxies != proxies
+                || s.data_plane.tun_offload != tun_offload;
             s.data_plane.netstack = netstack;
+            s.data_plane.tun_offload = tun_offload;
             s.data_plane.proxies = proxies;
             let path_io = self.path_io.to_status();
             let path_changes: Vec<_> = self

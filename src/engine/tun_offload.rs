@@ -1,0 +1,79 @@
+//! The engine's side of TUN offloads ([`crate::vnet`]): frames read from the TUN are split into
+//! packets for WireGuard, decrypted packets wait in the coalescer until the end of the wakeup
+//! (or until it is full) and go to the TUN as super-packets.
+
+use crate::vnet::{self, Coalescer, VnetHeader};
+
+/// Offload state and counters; `enabled` only with a kernel TUN that accepted offloads.
+#[derive(Default)]
+pub(super) struct TunOffload {
+    pub(super) enabled: bool,
+    coalescer: Coalescer,
+    /// Reused for each segment [`vnet::split`] cuts.
+    scratch: Vec<u8>,
+    counters: OffloadCounters,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct OffloadCounters {
+    /// TCP super-packets read from the TUN, and the packets they were cut into.
+    super_packets_read: u64,
+    segments_split: u64,
+    /// Frames whose virtio-net header or headers we could not take apart (dropped).
+    frames_refused: u64,
+    /// Decrypted packets given to the coalescer, and the writes they took.
+    packets_to_tun: u64,
+    tun_writes: u64,
+    /// Writes that were super-packets.
+    super_packets_written: u64,
+}
+
+impl TunOffload {
+    /// Splits one frame read from the TUN, handing each packet to `outbound`.
+    pub(super) fn split(&mut self, frame: &mut [u8], outbound: impl FnMut(&[u8])) {
+        match vnet::split(frame, &mut self.scratch, outbound) {
+            Ok(n) if n > 1 => {
+                self.counters.super_packets_read += 1;
+                self.counters.segments_split += n as u64;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                self.counters.frames_refused += 1;
+                tracing::debug!(error = %e, "TUN frame dropped");
+            }
+        }
+    }
+
+    /// Queues a decrypted packet; true when the queue should be written out now.
+    pub(super) fn push(&mut self, packet: &[u8]) -> bool {
+        self.counters.packets_to_tun += 1;
+        self.coalescer.push(packet);
+        self.coalescer.is_full()
+    }
+
+    /// The next frame (virtio-net header first) to write; `None` when all are out.
+    pub(super) fn next_frame(&mut self) -> Option<&[u8]> {
+        let frame = self.coalescer.next_output()?;
+        self.counters.tun_writes += 1;
+        if VnetHeader::decode(frame).is_ok_and(|h| h.gso_size != 0) {
+            self.counters.super_packets_written += 1;
+        }
+        Some(frame)
+    }
+
+    /// Counters by name for status (empty when offloads are off).
+    pub(super) fn named(&self) -> Vec<(&'static str, u64)> {
+        if !self.enabled {
+            return Vec::new();
+        }
+        let c = &self.counters;
+        vec![
+            ("super_packets_read", c.super_packets_read),
+            ("segments_split", c.segments_split),
+            ("frames_refused", c.frames_refused),
+            ("packets_to_tun", c.packets_to_tun),
+            ("tun_writes", c.tun_writes),
+            ("super_packets_written", c.super_packets_written),
+        ]
+    }
+}

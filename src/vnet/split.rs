@@ -1,0 +1,125 @@
+//! Reads from a TUN with offloads: a checksum the kernel left for us to finish, or a TCP
+//! super-packet (TSO) to cut into segments of the size the kernel asked for.
+
+use super::checksum::{fold, ipv4_header, pseudo_header_sum, sum_words};
+use super::header::{GsoType, VnetHeader, F_NEEDS_CSUM, HDR_LEN};
+use super::{tcp_layout, TcpLayout, VnetError, TCP};
+
+const FIN: u8 = 0x01;
+const PSH: u8 = 0x08;
+const CWR: u8 = 0x80;
+/// Offset of the checksum in a UDP header: a computed 0 is sent as 0xffff (0 means "none").
+const UDP_CSUM_OFFSET: u16 = 6;
+
+/// Takes apart what one read of a vnet TUN returned (`frame`: header, then the packet): finishes
+/// a partial checksum, or cuts a TCP super-packet into segments of `gso_size` payload bytes.
+/// `emit` gets each resulting packet in order; `scratch` is reused from call to call.
+/// Returns how many packets were emitted.
+pub fn split(
+    frame: &mut [u8],
+    scratch: &mut Vec<u8>,
+    mut emit: impl FnMut(&[u8]),
+) -> Result<usize, VnetError> {
+    let header = VnetHeader::decode(frame)?;
+    let packet = frame.get_mut(HDR_LEN..).ok_or(VnetError::ShortHeader)?;
+    match header.gso()? {
+        GsoType::None => {
+            if header.flags & F_NEEDS_CSUM != 0 {
+                complete_checksum(packet, &header)?;
+            }
+            emit(packet);
+            Ok(1)
+        }
+        GsoType::TcpV4 => segment_tcp(packet, false, &header, scratch, emit),
+        GsoType::TcpV6 => segment_tcp(packet, true, &header, scratch, emit),
+    }
+}
+
+/// The checksum field already holds the pseudo-header sum, so summing the range from
+/// `csum_start` with the field in place gives the final checksum.
+fn complete_checksum(packet: &mut [u8], header: &VnetHeader) -> Result<(), VnetError> {
+    let start = usize::from(header.csum_start);
+    let field = start + usize::from(header.csum_offset);
+    if field + 2 > packet.len() {
+        return Err(VnetError::BadChecksumOffsets);
+    }
+    let mut checksum = !fold(sum_words(0, &packet[start..]));
+    if checksum == 0 && header.csum_offset == UDP_CSUM_OFFSET {
+        checksum = 0xffff;
+    }
+    packet[field..field + 2].copy_from_slice(&checksum.to_be_bytes());
+    Ok(())
+}
+
+fn segment_tcp(
+    packet: &[u8],
+    v6: bool,
+    header: &VnetHeader,
+    scratch: &mut Vec<u8>,
+    mut emit: impl FnMut(&[u8]),
+) -> Result<usize, VnetError> {
+    let layout = tcp_layout(packet, v6)?;
+    let segment = usize::from(header.gso_size);
+    if segment == 0 {
+        return Err(VnetError::ZeroSegment);
+    }
+    let headers = layout.ip_len + layout.tcp_len;
+    let payload = &packet[headers..];
+    let first_id = u16::from_be_bytes([packet[4], packet[5]]);
+    let t = layout.ip_len;
+    let first_seq =
+        u32::from_be_bytes([packet[t + 4], packet[t + 5], packet[t + 6], packet[t + 7]]);
+    let (mut offset, mut index) = (0, 0);
+    loop {
+        let end = (offset + segment).min(payload.len());
+        let last = end == payload.len();
+        scratch.clear();
+        scratch.extend_from_slice(&packet[..headers]);
+        scratch.extend_from_slice(&payload[offset..end]);
+        let seq = first_seq.wrapping_add(offset as u32);
+        fix_segment(scratch, &layout, index, first_id, seq, last)?;
+        emit(scratch);
+        index += 1;
+        offset = end;
+        if last {
+            return Ok(index);
+        }
+    }
+}
+
+/// Makes one segment a packet of its own: lengths, IPv4 ID and header checksum, sequence
+/// number, flags that belong only to the first (CWR) or last (FIN, PSH) segment, TCP checksum.
+fn fix_segment(
+    seg: &mut [u8],
+    layout: &TcpLayout,
+    index: usize,
+    first_id: u16,
+    seq: u32,
+    last: bool,
+) -> Result<(), VnetError> {
+    let len = seg.len();
+    let t = layout.ip_len;
+    if layout.v6 {
+        let payload_len = u16::try_from(len - 40).map_err(|_| VnetError::BadHeaders)?;
+        seg[4..6].copy_from_slice(&payload_len.to_be_bytes());
+    } else {
+        let total = u16::try_from(len).map_err(|_| VnetError::BadHeaders)?;
+        seg[2..4].copy_from_slice(&total.to_be_bytes());
+        seg[4..6].copy_from_slice(&first_id.wrapping_add(index as u16).to_be_bytes());
+        seg[10..12].fill(0);
+        let checksum = ipv4_header(&seg[..t]);
+        seg[10..12].copy_from_slice(&checksum.to_be_bytes());
+    }
+    seg[t + 4..t + 8].copy_from_slice(&seq.to_be_bytes());
+    if !last {
+        seg[t + 13] &= !(FIN | PSH);
+    }
+    if index > 0 {
+        seg[t + 13] &= !CWR;
+    }
+    seg[t + 16..t + 18].fill(0);
+    let pseudo = pseudo_header_sum(seg, layout.v6, TCP, len - t);
+    let checksum = !fold(sum_words(pseudo, &seg[t..]));
+    seg[t + 16..t + 18].copy_from_slice(&checksum.to_be_bytes());
+    Ok(())
+}

@@ -1,0 +1,536 @@
+//! Hand-made packets through split and coalesce, checked with a plain 16-bit checksum written
+//! separately from the module's 32-bit one.
+
+use super::*;
+
+const ACK: u8 = 0x10;
+const PSH: u8 = 0x08;
+const FIN: u8 = 0x01;
+const SYN: u8 = 0x02;
+const CWR: u8 = 0x80;
+
+/// RFC 1071 the slow way: 16-bit words, folded at the end.
+fn naive_sum(data: &[u8]) -> u32 {
+    let mut sum = 0u32;
+    for pair in data.chunks(2) {
+        let word = u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]);
+        sum += u32::from(word);
+    }
+    sum
+}
+
+fn naive_fold(mut sum: u32) -> u16 {
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
+}
+
+fn ip_len(packet: &[u8]) -> usize {
+    if packet[0] >> 4 == 6 {
+        40
+    } else {
+        usize::from(packet[0] & 0xf) * 4
+    }
+}
+
+/// Whether the L4 checksum of a TCP or UDP packet verifies.
+fn l4_checksum_ok(packet: &[u8]) -> bool {
+    let t = ip_len(packet);
+    let v6 = packet[0] >> 4 == 6;
+    let (addrs, proto) = if v6 {
+        (&packet[8..40], packet[6])
+    } else {
+        (&packet[12..20], packet[9])
+    };
+    let l4 = &packet[t..];
+    let sum = naive_sum(addrs) + u32::from(proto) + l4.len() as u32 + naive_sum(l4);
+    naive_fold(sum) == 0xffff
+}
+
+fn ipv4_checksum_ok(packet: &[u8]) -> bool {
+    naive_fold(naive_sum(&packet[..ip_len(packet)])) == 0xffff
+}
+
+/// TCP options: NOP, NOP, timestamps.
+fn timestamps(tsval: u32) -> Vec<u8> {
+    let mut o = vec![1, 1, 8, 10];
+    o.extend_from_slice(&tsval.to_be_bytes());
+    o.extend_from_slice(&7u32.to_be_bytes());
+    o
+}
+
+struct Tcp {
+    v6: bool,
+    sport: u16,
+    seq: u32,
+    ack: u32,
+    flags: u8,
+    options: Vec<u8>,
+    payload: Vec<u8>,
+    id: u16,
+}
+
+impl Tcp {
+    fn v4(seq: u32, payload: Vec<u8>) -> Self {
+        Tcp {
+            v6: false,
+            sport: 40000,
+            seq,
+            ack: 99,
+            flags: ACK,
+            options: Vec::new(),
+            payload,
+            id: 0x1234,
+        }
+    }
+
+    fn v6(seq: u32, payload: Vec<u8>) -> Self {
+        Tcp {
+            v6: true,
+            ..Tcp::v4(seq, payload)
+        }
+    }
+
+    /// A complete packet with correct checksums.
+    fn build(&self) -> Vec<u8> {
+        let mut p = self.build_headers_only();
+        let t = ip_len(&p);
+        let sum = pseudo(&p, t) + naive_sum(&p[t..]);
+        let checksum = !naive_fold(sum);
+        p[t + 16..t + 18].copy_from_slice(&checksum.to_be_bytes());
+        p
+    }
+
+    /// Checksums zero (IPv4 header checksum filled in).
+    fn build_headers_only(&self) -> Vec<u8> {
+        let tcp_len = 20 + self.options.len();
+        let l4_len = tcp_len + self.payload.len();
+        let mut p = Vec::new();
+        if self.v6 {
+            p.extend_from_slice(&[0x60, 0x00, 0x12, 0x34]);
+            p.extend_from_slice(&(l4_len as u16).to_be_bytes());
+            p.extend_from_slice(&[6, 64]);
+            p.extend_from_slice(&[
+                0xfd, 0x7a, 0x11, 0x5c, 0xa1, 0xe0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1,
+            ]);
+            p.extend_from_slice(&[
+                0xfd, 0x7a, 0x11, 0x5c, 0xa1, 0xe0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2,
+            ]);
+        } else {
+            p.extend_from_slice(&[0x45, 0x00]);
+            p.extend_from_slice(&((20 + l4_len) as u16).to_be_bytes());
+            p.extend_from_slice(&self.id.to_be_bytes());
+            p.extend_from_slice(&[0x40, 0x00, 64, 6, 0, 0]);
+            p.extend_from_slice(&[100, 64, 0, 1, 100, 64, 0, 2]);
+            let c = !naive_fold(naive_sum(&p));
+            p[10..12].copy_from_slice(&c.to_be_bytes());
+        }
+        p.extend_from_slice(&self.sport.to_be_bytes());
+        p.extend_from_slice(&443u16.to_be_bytes());
+        p.extend_from_slice(&self.seq.to_be_bytes());
+        p.extend_from_slice(&self.ack.to_be_bytes());
+        p.push(((tcp_len / 4) as u8) << 4);
+        p.push(self.flags);
+        p.extend_from_slice(&[0xff, 0xff, 0, 0, 0, 0]);
+        p.extend_from_slice(&self.options);
+        p.extend_from_slice(&self.payload);
+        p
+    }
+}
+
+fn pseudo(p: &[u8], t: usize) -> u32 {
+    let v6 = p[0] >> 4 == 6;
+    let addrs = if v6 { &p[8..40] } else { &p[12..20] };
+    naive_sum(addrs) + 6 + (p.len() - t) as u32
+}
+
+fn payload(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+/// What the kernel hands us for TSO: the vnet header, then one packet whose TCP checksum field
+/// holds the pseudo-header sum.
+fn tso_frame(tcp: &Tcp, segment: u16) -> Vec<u8> {
+    let mut p = tcp.build_headers_only();
+    let t = ip_len(&p);
+    let partial = naive_fold(pseudo(&p, t));
+    p[t + 16..t + 18].copy_from_slice(&partial.to_be_bytes());
+    let header =
+        VnetHeader::tcp_super_packet(tcp.v6, t, 20 + tcp.options.len(), usize::from(segment));
+    let mut frame = header.encode().to_vec();
+    frame.extend_from_slice(&p);
+    frame
+}
+
+fn split_all(frame: &[u8]) -> Result<Vec<Vec<u8>>, VnetError> {
+    let mut frame = frame.to_vec();
+    let mut out = Vec::new();
+    let mut scratch = Vec::new();
+    let n = split(&mut frame, &mut scratch, |p| out.push(p.to_vec()))?;
+    assert_eq!(n, out.len());
+    Ok(out)
+}
+
+fn coalesce_all(packets: &[Vec<u8>]) -> Vec<Vec<u8>> {
+    let mut c = Coalescer::new();
+    for p in packets {
+        c.push(p);
+    }
+    let mut out = Vec::new();
+    while let Some(p) = c.next_output() {
+        out.push(p.to_vec());
+    }
+    assert!(c.is_empty());
+    out
+}
+
+fn seq_of(p: &[u8]) -> u32 {
+    let t = ip_len(p);
+    u32::from_be_bytes([p[t + 4], p[t + 5], p[t + 6], p[t + 7]])
+}
+
+fn flags_of(p: &[u8]) -> u8 {
+    p[ip_len(p) + 13]
+}
+
+#[test]
+fn checksum_matches_rfc1071_example_and_the_slow_sum() {
+    // RFC 1071 §3: 00 01 f2 03 f4 f5 f6 f7 sums to ddf2.
+    let example = [0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7];
+    assert_eq!(fold(sum_words(0, &example)), 0xddf2);
+    for len in [0, 1, 2, 3, 5, 7, 8, 9, 1279, 1280, 65535] {
+        let data = payload(len, len as u8);
+        assert_eq!(
+            fold(sum_words(0, &data)),
+            naive_fold(naive_sum(&data)),
+            "length {len}"
+        );
+    }
+}
+
+#[test]
+fn header_round_trips_in_host_order() {
+    let h = VnetHeader::tcp_super_packet(true, 40, 32, 1208);
+    let bytes = h.encode();
+    assert_eq!(VnetHeader::decode(&bytes), Ok(h));
+    assert_eq!(h.gso(), Ok(GsoType::TcpV6));
+    assert_eq!(u16::from_ne_bytes([bytes[4], bytes[5]]), 1208);
+    assert_eq!(VnetHeader::decode(&bytes[..9]), Err(VnetError::ShortHeader));
+}
+
+#[test]
+fn tso_v4_is_cut_into_segments_with_their_own_headers() {
+    let data = payload(3000, 1);
+    let mut tcp = Tcp::v4(1_000_000, data.clone());
+    tcp.flags = ACK | PSH | FIN | CWR;
+    let segments = split_all(&tso_frame(&tcp, 1000)).unwrap();
+    assert_eq!(segments.len(), 3);
+    let mut joined = Vec::new();
+    for (i, s) in segments.iter().enumerate() {
+        assert_eq!(s.len(), 40 + 1000);
+        assert_eq!(u16::from_be_bytes([s[2], s[3]]) as usize, s.len());
+        assert_eq!(u16::from_be_bytes([s[4], s[5]]), 0x1234 + i as u16, "IP ID");
+        assert!(ipv4_checksum_ok(s), "IPv4 checksum of segment {i}");
+        assert!(l4_checksum_ok(s), "TCP checksum of segment {i}");
+        assert_eq!(seq_of(s), 1_000_000 + 1000 * i as u32);
+        let last = i == 2;
+        assert_eq!(
+            flags_of(s) & (FIN | PSH) != 0,
+            last,
+            "FIN/PSH only on the last"
+        );
+        assert_eq!(flags_of(s) & CWR != 0, i == 0, "CWR only on the first");
+        joined.extend_from_slice(&s[40..]);
+    }
+    assert_eq!(joined, data);
+}
+
+#[test]
+fn tso_v6_with_options_keeps_them_and_ends_with_a_short_segment() {
+    let data = payload(2500, 9);
+    let mut tcp = Tcp::v6(u32::MAX - 100, data.clone());
+    tcp.options = timestamps(5);
+    let segments = split_all(&tso_frame(&tcp, 1208)).unwrap();
+    let lens: Vec<usize> = segments.iter().map(|s| s.len() - 72).collect();
+    assert_eq!(lens, [1208, 1208, 84]);
+    let mut joined = Vec::new();
+    for (i, s) in segments.iter().enumerate() {
+        assert_eq!(usize::from(u16::from_be_bytes([s[4], s[5]])), s.len() - 40);
+        assert_eq!(&s[60..72], &timestamps(5)[..]);
+        assert!(l4_checksum_ok(s), "TCP checksum of segment {i}");
+        // The sequence number wraps past 2^32.
+        assert_eq!(seq_of(s), (u32::MAX - 100).wrapping_add(1208 * i as u32));
+        joined.extend_from_slice(&s[72..]);
+    }
+    assert_eq!(joined, data);
+}
+
+#[test]
+fn a_partial_checksum_is_completed_for_udp_and_tcp() {
+    // UDP over IPv4, 20 + 8 + 13 bytes, checksum field holding the pseudo-header sum.
+    let mut p = vec![
+        0x45, 0, 0, 41, 0, 1, 0x40, 0, 64, 17, 0, 0, 100, 64, 0, 1, 100, 64, 0, 2,
+    ];
+    p.extend_from_slice(&[0x30, 0x39, 0x00, 0x35, 0, 21, 0, 0]);
+    p.extend_from_slice(b"hello, tern!!");
+    let partial = naive_fold(naive_sum(&p[12..20]) + 17 + 21);
+    p[26..28].copy_from_slice(&partial.to_be_bytes());
+    let header = VnetHeader {
+        flags: 1,
+        csum_start: 20,
+        csum_offset: 6,
+        ..Default::default()
+    };
+    let mut frame = header.encode().to_vec();
+    frame.extend_from_slice(&p);
+    let out = split_all(&frame).unwrap();
+    assert_eq!(out.len(), 1);
+    assert!(l4_checksum_ok(&out[0]));
+
+    // A small TCP packet the kernel did not segment but left the checksum to us.
+    let tcp = Tcp::v4(7, payload(100, 3));
+    let mut frame = tso_frame(&tcp, 0);
+    frame[1] = 0; // GSO none
+    let out = split_all(&frame).unwrap();
+    assert_eq!(out, vec![tcp.build()]);
+}
+
+#[test]
+fn a_plain_packet_passes_untouched() {
+    let packet = Tcp::v6(1, payload(10, 0)).build();
+    let mut frame = VnetHeader::default().encode().to_vec();
+    frame.extend_from_slice(&packet);
+    assert_eq!(split_all(&frame).unwrap(), vec![packet]);
+}
+
+#[test]
+fn bad_frames_are_refused_not_panicked_on() {
+    let good = tso_frame(&Tcp::v4(1, payload(3000, 0)), 1000);
+    assert_eq!(split_all(&good[..5]), Err(VnetError::ShortHeader));
+    let mut udp_l4 = good.clone();
+    udp_l4[1] = 5;
+    assert_eq!(split_all(&udp_l4), Err(VnetError::UnsupportedGso(5)));
+    let mut zero = good.clone();
+    zero[4..6].fill(0);
+    assert_eq!(split_all(&zero), Err(VnetError::ZeroSegment));
+    let mut wrong_family = good.clone();
+    wrong_family[1] = 4; // TCPV6 on an IPv4 packet
+    assert_eq!(split_all(&wrong_family), Err(VnetError::NotTcp));
+    assert_eq!(split_all(&good[..10 + 30]), Err(VnetError::BadHeaders));
+    let mut far_checksum = VnetHeader {
+        flags: 1,
+        csum_start: 60,
+        csum_offset: 16,
+        ..Default::default()
+    }
+    .encode()
+    .to_vec();
+    far_checksum.extend_from_slice(&[0x45; 40]);
+    assert_eq!(split_all(&far_checksum), Err(VnetError::BadChecksumOffsets));
+    // Every prefix and every single-byte corruption of a good frame: an answer, never a panic.
+    for len in 0..good.len().min(200) {
+        let _ = split_all(&good[..len]);
+    }
+    for i in 0..80 {
+        let mut bad = good.clone();
+        bad[i] ^= 0xff;
+        let _ = split_all(&bad);
+    }
+}
+
+#[test]
+fn consecutive_segments_become_one_super_packet_that_splits_back_to_them() {
+    for v6 in [false, true] {
+        let mut packets = Vec::new();
+        for i in 0..5u32 {
+            let len = if i == 4 { 300 } else { 1200 };
+            let mut tcp = if v6 {
+                Tcp::v6(5000 + 1200 * i, payload(len, i as u8))
+            } else {
+                Tcp::v4(5000 + 1200 * i, payload(len, i as u8))
+            };
+            tcp.options = timestamps(77);
+            tcp.id = 0x1234 + i as u16;
+            tcp.flags = if i == 4 { ACK | PSH } else { ACK };
+            packets.push(tcp.build());
+        }
+        let out = coalesce_all(&packets);
+        assert_eq!(out.len(), 1, "v6={v6}");
+        let header = VnetHeader::decode(&out[0]).unwrap();
+        let t = if v6 { 40 } else { 20 };
+        assert_eq!(
+            header.gso().unwrap(),
+            if v6 { GsoType::TcpV6 } else { GsoType::TcpV4 }
+        );
+        assert_eq!(header.gso_size, 1200);
+        assert_eq!(usize::from(header.hdr_len), t + 32);
+        assert_eq!((header.csum_start, header.csum_offset), (t as u16, 16));
+        let packet = &out[0][HDR_LEN..];
+        assert_eq!(packet.len(), t + 32 + 4 * 1200 + 300);
+        if !v6 {
+            assert!(ipv4_checksum_ok(packet));
+        }
+        assert_eq!(flags_of(packet), ACK | PSH, "PSH of the last segment kept");
+        // Splitting it again (what the kernel does if it forwards it) gives the originals back.
+        assert_eq!(split_all(&out[0]).unwrap(), packets, "v6={v6}");
+    }
+}
+
+fn run(count: u32, seg: usize, make: impl Fn(u32) -> Tcp) -> Vec<Vec<u8>> {
+    (0..count)
+        .map(|i| {
+            let mut tcp = make(i);
+            if tcp.payload.is_empty() && tcp.flags == ACK {
+                tcp.payload = payload(seg, i as u8);
+            }
+            tcp.build()
+        })
+        .collect()
+}
+
+fn segment_counts(out: &[Vec<u8>]) -> Vec<usize> {
+    out.iter()
+        .map(|o| {
+            let h = VnetHeader::decode(o).unwrap();
+            if h.gso_size == 0 {
+                1
+            } else {
+                let t = ip_len(&o[HDR_LEN..]);
+                (o.len() - HDR_LEN - usize::from(h.hdr_len))
+                    .div_ceil(usize::from(h.gso_size))
+                    .max(if t > 0 { 1 } else { 0 })
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn segments_that_do_not_continue_each_other_stay_apart() {
+    let at = |i: u32| 1000 * i;
+    // A gap in sequence numbers.
+    let gap = run(3, 1000, |i| {
+        Tcp::v4(if i == 2 { at(3) } else { at(i) }, Vec::new())
+    });
+    assert_eq!(segment_counts(&coalesce_all(&gap)), [2, 1]);
+    // A new ACK number.
+    let acks = run(3, 1000, |i| Tcp {
+        ack: if i == 2 { 100 } else { 99 },
+        ..Tcp::v4(at(i), Vec::new())
+    });
+    assert_eq!(segment_counts(&coalesce_all(&acks)), [2, 1]);
+    // Different timestamps (options).
+    let ts = run(3, 1000, |i| Tcp {
+        options: timestamps(if i == 0 { 1 } else { 2 }),
+        ..Tcp::v4(at(i), Vec::new())
+    });
+    assert_eq!(segment_counts(&coalesce_all(&ts)), [1, 2]);
+    // PSH in the middle ends the super-packet.
+    let push = run(4, 1000, |i| Tcp {
+        flags: if i == 1 { ACK | PSH } else { ACK },
+        payload: payload(1000, 0),
+        ..Tcp::v4(at(i), Vec::new())
+    });
+    assert_eq!(segment_counts(&coalesce_all(&push)), [2, 2]);
+    // A short segment ends it too; so does a larger one that cannot follow.
+    let short = run(3, 1000, |i| Tcp {
+        payload: payload(if i == 1 { 500 } else { 1000 }, 0),
+        ..Tcp::v4(if i == 2 { 1500 } else { at(i) }, Vec::new())
+    });
+    assert_eq!(segment_counts(&coalesce_all(&short)), [2, 1]);
+}
+
+#[test]
+fn packets_that_may_not_join_pass_alone_and_in_order() {
+    let a = Tcp::v4(0, payload(1000, 0)).build();
+    let b = Tcp::v4(1000, payload(1000, 1)).build();
+    let mut fin = Tcp::v4(2000, payload(1000, 2));
+    fin.flags = ACK | FIN;
+    let fin = fin.build();
+    let after_fin = Tcp::v4(3000, payload(1000, 3)).build();
+    let mut syn = Tcp::v4(0, Vec::new());
+    syn.flags = SYN;
+    let syn = syn.build();
+    let pure_ack = Tcp::v4(4000, Vec::new()).build();
+    let mut corrupt = Tcp::v4(4000, payload(1000, 4)).build();
+    corrupt[100] ^= 1;
+    let udp = vec![
+        0x45, 0, 0, 28, 0, 0, 0, 0, 64, 17, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 0, 1, 0, 2, 0, 8, 0, 0,
+    ];
+    let input = vec![
+        a.clone(),
+        b.clone(),
+        fin.clone(),
+        after_fin.clone(),
+        syn.clone(),
+        pure_ack.clone(),
+        corrupt.clone(),
+        udp.clone(),
+    ];
+    let out = coalesce_all(&input);
+    assert_eq!(segment_counts(&out), [2, 1, 1, 1, 1, 1, 1]);
+    let singles: Vec<&[u8]> = out[1..].iter().map(|o| &o[HDR_LEN..]).collect();
+    assert_eq!(
+        singles,
+        [&fin[..], &after_fin, &syn, &pure_ack, &corrupt, &udp]
+    );
+    for o in &out[1..] {
+        assert_eq!(
+            &o[..HDR_LEN],
+            &[0u8; HDR_LEN],
+            "a lone packet has an empty header"
+        );
+    }
+}
+
+#[test]
+fn interleaved_flows_are_joined_each_on_its_own() {
+    let flow = |sport: u16, i: u32| {
+        Tcp {
+            sport,
+            ..Tcp::v4(1000 * i, payload(1000, i as u8))
+        }
+        .build()
+    };
+    let input: Vec<Vec<u8>> = (0..4).flat_map(|i| [flow(1, i), flow(2, i)]).collect();
+    let out = coalesce_all(&input);
+    assert_eq!(segment_counts(&out), [4, 4]);
+    let ports: Vec<u16> = out
+        .iter()
+        .map(|o| u16::from_be_bytes([o[30], o[31]]))
+        .collect();
+    assert_eq!(ports, [1, 2]);
+}
+
+#[test]
+fn a_super_packet_stays_within_64_kib() {
+    let input = run(60, 1400, |i| Tcp::v4(1400 * i, Vec::new()));
+    let out = coalesce_all(&input);
+    for o in &out {
+        assert!(o.len() - HDR_LEN <= 65535);
+    }
+    let counts = segment_counts(&out);
+    assert_eq!(counts.iter().sum::<usize>(), 60);
+    assert_eq!(counts[0], (65535 - 40) / 1400);
+}
+
+#[test]
+fn the_coalescer_says_when_to_write_and_starts_over_empty() {
+    let mut c = Coalescer::new();
+    let p = Tcp::v4(0, payload(100, 0)).build();
+    for i in 0..coalesce::MAX_PACKETS {
+        assert!(!c.is_full(), "{i}");
+        c.push(&p);
+    }
+    assert!(c.is_full());
+    assert_eq!(c.pending(), coalesce::MAX_PACKETS);
+    let mut n = 0;
+    while c.next_output().is_some() {
+        n += 1;
+    }
+    // Same sequence number every time: none continues another.
+    assert_eq!(n, coalesce::MAX_PACKETS);
+    assert!(c.is_empty() && !c.is_full() && c.pending() == 0);
+}
