@@ -201,6 +201,11 @@ tput_wg_setup() {
     W_WAN1=$(jq -r '.nat_boxes[] | select(.nat == "nat1") | .wan_ip' "$WORK/lab.json")
     W_WAN2=$(jq -r '.nat_boxes[] | select(.nat == "nat2") | .wan_ip' "$WORK/lab.json")
     [ -n "$W_WAN1" ] && [ -n "$W_WAN2" ] || die "lab status lacks the NAT boxes' public addresses"
+    # tern's firewall (like tailscaled's ts-input) drops 100.64.0.0/10 sources that do not come
+    # in on its TUN, wireguard-go's tunnel addresses included: the tern nodes run without it
+    # (`--netfilter-mode=off`) for the whole comparison, tern's own runs too.
+    tern_cli c1 set --netfilter-mode=off
+    tern_cli c2 set --netfilter-mode=off
     wg_keys w1 w2
     start_wg "$LAB-c1"; W_PID1=$WG_PID
     start_wg "$LAB-c2"; W_PID2=$WG_PID
