@@ -67,7 +67,9 @@ fn tso_frame() -> Vec<u8> {
     }
     let partial = vnet::fold(vnet::pseudo_header_sum(&p, false, 6, total - 20));
     p[36..38].copy_from_slice(&partial.to_be_bytes());
-    let mut frame = VnetHeader::tcp_super_packet(false, 20, 20, SEGMENT).encode().to_vec();
+    let mut frame = VnetHeader::tcp_super_packet(false, 20, 20, SEGMENT)
+        .encode()
+        .to_vec();
     frame.extend_from_slice(&p);
     frame
 }
@@ -165,7 +167,11 @@ impl Pipeline {
 fn offloaded_path(c: &mut Criterion) {
     let mut pipeline = Pipeline::new();
     // Warm up, then count: the buffers have their sizes after the first round.
-    assert_eq!(pipeline.run(), pipeline.frame.len(), "one coalesced frame back");
+    assert_eq!(
+        pipeline.run(),
+        pipeline.frame.len(),
+        "one coalesced frame back"
+    );
     const ROUNDS: u64 = 200;
     let before = ALLOCATIONS.load(Ordering::Relaxed);
     for _ in 0..ROUNDS {
@@ -180,9 +186,10 @@ fn offloaded_path(c: &mut Criterion) {
 
     let mut g = c.benchmark_group("offload");
     g.throughput(Throughput::Bytes((SEGMENT * SEGMENTS) as u64));
-    g.bench_function("64 KiB super-packet: split, encrypt, decrypt, coalesce", |bench| {
-        bench.iter(|| pipeline.run())
-    });
+    g.bench_function(
+        "64 KiB super-packet: split, encrypt, decrypt, coalesce",
+        |bench| bench.iter(|| pipeline.run()),
+    );
     let mut frame = tso_frame();
     let mut scratch = Vec::new();
     g.bench_function("split only", |bench| {

@@ -6,7 +6,7 @@
 //! `tern lab down` stops it; its output goes to a log file in the lab's state directory.
 
 use std::io::{Read as _, Write as _};
-use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -43,7 +43,8 @@ pub fn control_url() -> String {
 /// With `relay`, a third tern node (host name `relay`) runs on the public `server` host with
 /// its peer relay server on [`RELAY_SERVER_PORT`]; the lab's control config grants every node
 /// `tailscale.com/cap/relay` on every other, so the clients may use it.
-pub fn start(lab: &mut LabState, relay: bool, exit_node: bool) -> anyhow::Result<()> {
+pub fn start(lab: &mut LabState, options: &StartOptions) -> anyhow::Result<()> {
+    let (relay, exit_node) = (options.relay, options.exit_node);
     let dir = state::state_dir(&lab.prefix);
     let auth_key = format!("tskey-auth-lab-{}", hex::encode(rand::random::<[u8; 16]>()));
     let config = dir.join("control.toml");
@@ -54,6 +55,9 @@ pub fn start(lab: &mut LabState, relay: bool, exit_node: bool) -> anyhow::Result
     write_private(&dir.join("auth.key"), &auth_key)?;
     // Refuse a bad config here, with its own error, rather than as a dead server later.
     tern_lab::control::Config::load(&config).context("the generated control config")?;
+    if options.synthetic_peers > 0 {
+        register_synthetic_nodes(&dir.join("control"), options.synthetic_peers)?;
+    }
 
     let exe = std::env::current_exe().context("finding the tern executable")?;
     let server_ns = Netns::open(&format!("{}-server", lab.prefix))?;
@@ -452,6 +456,66 @@ caps = ["tailscale.com/cap/relay"]
 }
 
 /// Write a file readable by root only (it holds the auth key).
+/// What `tern lab up` starts besides the control server and the c1/c2 nodes.
+#[derive(Debug, Clone, Default)]
+pub struct StartOptions {
+    /// A third node `relay` with its peer relay server on the public host.
+    pub relay: bool,
+    /// c2 as an exit node for c1, and the "internet" host.
+    pub exit_node: bool,
+    /// Made-up nodes in the control server's database (see [`register_synthetic_nodes`]).
+    pub synthetic_peers: u32,
+}
+
+/// First address of the synthetic nodes: far above the real nodes' 100.64.0.x.
+const SYNTHETIC_BASE: Ipv4Addr = Ipv4Addr::new(100, 70, 0, 1);
+
+/// Writes `count` made-up nodes into the control server's node database (a fresh lab has none
+/// yet): random keys, offline, no endpoints, home DERP 900. Nothing answers for them; they are
+/// peers in every real node's netmap, for measuring what peers cost.
+pub fn register_synthetic_nodes(control_state: &Path, count: u32) -> anyhow::Result<()> {
+    use tern_lab::control::{addr, db, NodeDb, NodeRecord};
+    db::ensure_state_dir(control_state)?;
+    let key = |prefix: &str| format!("{prefix}:{}", hex::encode(rand::random::<[u8; 32]>()));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let nodes = (0..count)
+        .map(|i| {
+            let ipv4 = Ipv4Addr::from(u32::from(SYNTHETIC_BASE) + i);
+            let name = format!("synthetic-{i}");
+            NodeRecord {
+                id: u64::from(i) + 1,
+                stable_id: format!("nSynthetic{i}"),
+                machine_key: key("mkey"),
+                node_key: key("nodekey"),
+                disco_key: key("discokey"),
+                hostinfo: serde_json::json!({ "Hostname": name }),
+                name,
+                ipv4,
+                ipv6: addr::v6_for(ipv4),
+                endpoints: Vec::new(),
+                home_derp: 900,
+                cap_version: 130,
+                ephemeral: false,
+                logged_out: false,
+                created_unix: now,
+                key_expiry_unix: None,
+                online: false,
+                last_seen_unix: None,
+            }
+        })
+        .collect();
+    let db = NodeDb {
+        next_id: u64::from(count) + 1,
+        nodes,
+        used_auth_keys: Default::default(),
+    };
+    db.save(control_state)?;
+    Ok(())
+}
+
 fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
     use std::os::unix::fs::OpenOptionsExt as _;
     let mut file = std::fs::OpenOptions::new()

@@ -84,6 +84,11 @@ pub struct LabUpArgs {
     /// c2 an exit node for c1: c1's traffic to it leaves through c2.
     #[arg(long)]
     pub exit_node: bool,
+    /// Register this many made-up nodes (offline, no endpoints, home DERP 900) with the control
+    /// server before it starts, so every node's netmap has that many more peers: for measuring
+    /// memory and netmap handling at scale (at most 5000).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=5000))]
+    pub synthetic_peers: u32,
 }
 
 #[derive(Debug, Args)]
@@ -134,6 +139,7 @@ pub fn run(args: &LabArgs) -> anyhow::Result<ExitCode> {
                 relay: false,
                 wan: "none".into(),
                 exit_node: false,
+                synthetic_peers: 0,
             };
             up(prefix, &defaults)?;
             if !std::io::stdout().is_terminal() {
@@ -201,7 +207,12 @@ fn up(prefix: &str, args: &LabUpArgs) -> anyhow::Result<ExitCode> {
     let nat2: NatMode = args.nat2.parse().context("--nat2")?;
     let wan_profile: WanProfile = args.wan.parse().context("--wan")?;
     let mut lab = state::up(prefix, nat1, nat2, args.ipv6, args.exit_node)?;
-    let started = crate::lab_nodes::start(&mut lab, args.relay, args.exit_node)
+    let options = crate::lab_nodes::StartOptions {
+        relay: args.relay,
+        exit_node: args.exit_node,
+        synthetic_peers: args.synthetic_peers,
+    };
+    let started = crate::lab_nodes::start(&mut lab, &options)
         .and_then(|()| Ok(tern_lab::wan::apply(prefix, wan_profile)?));
     let shaping = started.as_ref().map(|s| *s).unwrap_or(Shaping::None);
     if let Err(err) = started {

@@ -101,6 +101,9 @@ pub trait WgSession: Send {
     fn last_handshake(&self) -> Option<Instant>;
     /// Counters.
     fn stats(&self) -> WgStats;
+    /// Holds no key material or queued packets (never used, or reset since): nothing but the
+    /// peer's identity in memory.
+    fn is_dormant(&self) -> bool;
     /// Starts a handshake now unless a session exists or one is under way (a peer that tried to
     /// reach us before we knew it would otherwise wait for its 5 s retransmission).
     fn initiate_handshake(&mut self, now: Instant, out: &mut [u8]) -> WgOutput;

@@ -37,7 +37,9 @@ struct Timers {
 
 /// A WireGuard session with one peer.
 pub struct BoringSession {
-    tunn: Tunn,
+    /// boringtun's state, made on first use and dropped on reset: a `Tunn` is about 11 KB (eight
+    /// inline key slots), and most peers of a large tailnet never exchange a packet with us.
+    tunn: Option<Box<Tunn>>,
     local: StaticSecret,
     peer: PublicKey,
     index: u32,
@@ -60,9 +62,8 @@ impl BoringSession {
     ) -> Self {
         let local = StaticSecret::from(*local.as_bytes());
         let peer = PublicKey::from(*peer.as_bytes());
-        let tunn = new_tunn(&local, &peer, index, rate_limiter.clone());
         Self {
-            tunn,
+            tunn: None,
             local,
             peer,
             index,
@@ -79,14 +80,22 @@ impl BoringSession {
         self.persistent_keepalive = interval;
     }
 
+    /// boringtun's state, made now if this is its first use.
+    fn tunn(&mut self) -> &mut Tunn {
+        let Self {
+            tunn,
+            local,
+            peer,
+            index,
+            rate_limiter,
+            ..
+        } = self;
+        tunn.get_or_insert_with(|| Box::new(new_tunn(local, peer, *index, rate_limiter.clone())))
+    }
+
     /// Drops every session key and pending packet; the next packet starts a fresh handshake.
     fn reset(&mut self) {
-        self.tunn = new_tunn(
-            &self.local,
-            &self.peer,
-            self.index,
-            self.rate_limiter.clone(),
-        );
+        self.tunn = None;
         self.timers = Timers::default();
         self.max_queued = 0;
     }
@@ -166,7 +175,7 @@ impl BoringSession {
 
     /// Starts (or with `force`, retransmits) a handshake initiation.
     fn initiate(&mut self, now: Instant, out: &mut [u8], force: bool) -> WgOutput {
-        match self.tunn.format_handshake_initiation(out, force) {
+        match self.tunn().format_handshake_initiation(out, force) {
             TunnResult::WriteToNetwork(p) => {
                 let n = p.len();
                 self.on_handshake_sent(now);
@@ -181,7 +190,7 @@ impl BoringSession {
     }
 
     fn send_keepalive(&mut self, now: Instant, out: &mut [u8]) -> WgOutput {
-        match self.tunn.encapsulate(&[], out) {
+        match self.tunn().encapsulate(&[], out) {
             TunnResult::WriteToNetwork(p) if p.first() == Some(&MSG_DATA) => {
                 let n = p.len();
                 self.on_sent(now, 0);
@@ -217,7 +226,7 @@ impl WgSession for BoringSession {
             return self.drop(DropReason::BufferTooSmall);
         }
         self.expire_if_stale(now);
-        match self.tunn.encapsulate(ip_packet, out) {
+        match self.tunn().encapsulate(ip_packet, out) {
             TunnResult::WriteToNetwork(p) => {
                 let n = p.len();
                 if p.first() == Some(&MSG_INIT) {
@@ -247,7 +256,7 @@ impl WgSession for BoringSession {
         }
         self.expire_if_stale(now);
         let src: Option<IpAddr> = None;
-        match self.tunn.decapsulate(src, datagram, out) {
+        match self.tunn().decapsulate(src, datagram, out) {
             TunnResult::WriteToNetwork(p) => {
                 let (n, sent_type) = (p.len(), p.first().copied());
                 match (msg_type, sent_type) {
@@ -287,7 +296,11 @@ impl WgSession for BoringSession {
         if out.len() < (self.max_queued + DATA_OVERHEAD).max(MIN_OUT_BUF) {
             return self.drop(DropReason::BufferTooSmall);
         }
-        match self.tunn.decapsulate(None, &[], out) {
+        // Without boringtun's state nothing can be queued: do not make it just to look.
+        let Some(tunn) = self.tunn.as_mut() else {
+            return WgOutput::Done;
+        };
+        match tunn.decapsulate(None, &[], out) {
             TunnResult::WriteToNetwork(p) => {
                 let n = p.len();
                 self.on_sent(now, n.saturating_sub(DATA_OVERHEAD));
@@ -377,6 +390,10 @@ impl WgSession for BoringSession {
 
     fn stats(&self) -> WgStats {
         self.stats
+    }
+
+    fn is_dormant(&self) -> bool {
+        self.tunn.is_none()
     }
 
     fn initiate_handshake(&mut self, now: Instant, out: &mut [u8]) -> WgOutput {

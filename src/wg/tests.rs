@@ -583,3 +583,20 @@ fn draining_a_big_queued_packet_into_a_small_buffer_is_refused() {
     assert_eq!(k, big.len() + DATA_OVERHEAD);
     assert_eq!(a.drain(now, &mut big_out), WgOutput::Done);
 }
+
+#[test]
+fn peers_hold_crypto_state_only_once_used_and_until_reset() {
+    let mut net = Net::new();
+    let dormant = |node: &Node| node.peers.session(0).expect("session").is_dormant();
+    assert!(dormant(&net.a) && dormant(&net.b), "no traffic yet");
+    exchange(&mut net, "first");
+    assert!(!dormant(&net.a) && !dormant(&net.b));
+    // Keys expire after REJECT_AFTER_TIME without traffic: the state is dropped, not kept.
+    net.advance(REJECT_AFTER_TIME * 2);
+    assert!(
+        dormant(&net.a) && dormant(&net.b),
+        "expired sessions free their state"
+    );
+    exchange(&mut net, "again");
+    assert!(!dormant(&net.a));
+}
