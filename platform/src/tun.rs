@@ -51,7 +51,8 @@ impl Default for TunConfig {
 pub trait Tun: Send + Sync {
     /// Interface name.
     fn name(&self) -> &str;
-    /// Reads one IP packet into `buf`.
+    /// Reads one IP packet into `buf` (a [`LinuxTun`] with offloads puts its virtio-net header
+    /// first, and the packet may be a TCP super-packet).
     fn recv(&self, buf: &mut [u8]) -> impl Future<Output = io::Result<usize>> + Send;
     /// Writes one IP packet.
     fn send(&self, packet: &[u8]) -> impl Future<Output = io::Result<usize>> + Send;
