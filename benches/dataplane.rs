@@ -9,9 +9,12 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use ipnet::IpNet;
 use tern::control::tailcfg::FilterRule;
 use tern::filter::Filter;
-use tern::keys::NodePrivate;
 use tern::packet::PacketSummary;
-use tern::wg::{AllowedIps, WgOutput, WgPeers};
+use tern::wg::{AllowedIps, WgOutput};
+
+#[path = "support/wg_pair.rs"]
+mod wg_pair;
+use wg_pair::established_pair;
 
 const A_IP: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 1);
 const B_IP: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 2);
@@ -25,29 +28,6 @@ fn udp4(len: usize) -> Vec<u8> {
     p[16..20].copy_from_slice(&B_IP.octets());
     p[22..24].copy_from_slice(&443u16.to_be_bytes());
     p
-}
-
-/// Two peer tables with an established session (A initiated).
-fn established_pair() -> (WgPeers, WgPeers) {
-    let (ka, kb) = (NodePrivate::generate(), NodePrivate::generate());
-    let mut a = WgPeers::new(ka.clone());
-    let mut b = WgPeers::new(kb.clone());
-    a.upsert(kb.public(), &["100.64.0.2/32".parse().unwrap()])
-        .unwrap();
-    b.upsert(ka.public(), &["100.64.0.1/32".parse().unwrap()])
-        .unwrap();
-    let now = Instant::now();
-    let (mut out, mut out2) = (vec![0u8; 2048], vec![0u8; 2048]);
-    let (_, WgOutput::ToNetwork(n)) = a.encapsulate(now, &udp4(100), &mut out) else {
-        panic!("no initiation")
-    };
-    let (_, WgOutput::ToNetwork(n)) = b.decapsulate(now, &out[..n], &mut out2) else {
-        panic!("no response")
-    };
-    let (_, WgOutput::ToNetwork(_)) = a.decapsulate(now, &out2[..n], &mut out) else {
-        panic!("no keepalive")
-    };
-    (a, b)
 }
 
 fn wireguard(c: &mut Criterion) {

@@ -290,18 +290,27 @@ fn fetch(ns: &Netns, url: &str, want: &[u8]) -> Result<(), String> {
 /// daemons run with TUN offloads (the default), so the senders read TCP super-packets from their
 /// TUN and the receivers write coalesced ones.
 fn tcp_both_ways(lab: &Lab, pair: &Pair) {
+    download_both_ways(lab, pair, blob());
+    for node in [&pair.a, &pair.b] {
+        assert_offloads_used(node, Offloads::Both, &pair.report(lab));
+    }
+}
+
+/// `body` over HTTP from tb's tailnet address to ta, then from ta's to tb, byte for byte.
+fn download_both_ways(lab: &Lab, pair: &Pair, body: &'static [u8]) {
     for (server_ns, server_ip, client_ns) in [("c2", &pair.b_ip, "c1"), ("c1", &pair.a_ip, "c2")] {
         let addr = SocketAddr::new(server_ip.parse().expect("tailnet IP"), 8000);
-        let (stop, thread) = serve_http(lab.ns(server_ns), addr, blob());
-        let got = fetch(lab.ns(client_ns), &format!("http://{addr}/"), blob());
+        let (stop, thread) = serve_http(lab.ns(server_ns), addr, body);
+        let got = fetch(lab.ns(client_ns), &format!("http://{addr}/"), body);
         stop.store(true, Ordering::Relaxed);
         let _ = thread.join();
         if let Err(e) = got {
-            panic!("TCP {client_ns} → {server_ns}: {e}\n{}", pair.report(lab));
+            panic!(
+                "{} bytes {server_ns} → {client_ns}: {e}\n{}",
+                body.len(),
+                pair.report(lab)
+            );
         }
-    }
-    for node in [&pair.a, &pair.b] {
-        assert_offloads_used(node, Offloads::Both, &pair.report(lab));
     }
 }
 
@@ -614,19 +623,7 @@ fn offloaded_and_plain_tun_carry_tcp_byte_exact_both_ways() {
         || pair.a.peer_entry("tb").filter(is_direct),
     );
 
-    for (server_ns, server_ip, client_ns) in [("c2", &pair.b_ip, "c1"), ("c1", &pair.a_ip, "c2")] {
-        let addr = SocketAddr::new(server_ip.parse().expect("tailnet IP"), 8000);
-        let (stop, thread) = serve_http(lab.ns(server_ns), addr, big_blob());
-        let got = fetch(lab.ns(client_ns), &format!("http://{addr}/"), big_blob());
-        stop.store(true, Ordering::Relaxed);
-        let _ = thread.join();
-        if let Err(e) = got {
-            panic!(
-                "8 MiB {server_ns} → {client_ns}: {e}\n{}",
-                pair.report(&lab)
-            );
-        }
-    }
+    download_both_ways(&lab, &pair, big_blob());
     for reverse in [false, true] {
         let received = iperf3(&lab, "c1", "c2", &pair.b_ip, reverse);
         assert!(
@@ -1015,6 +1012,8 @@ fn rebinding_keeps_a_tcp_stream_going_via_derp_and_back_to_direct() {
     };
     assert_eq!(sent, received, "the stream lost bytes\n{}", report());
     eprintln!("rebinding: {received} bytes arrived intact");
+    // ta received the stream as coalesced super-packets, across the path changes.
+    assert_offloads_used(&pair.a, Offloads::Written, &report());
     let (pa, pb) = pair.entries();
     for (who, p) in [("ta → tb", &pa), ("tb → ta", &pb)] {
         let h = history_paths(p);

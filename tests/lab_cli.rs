@@ -227,3 +227,59 @@ fn bad_input_gets_a_clear_error() {
     );
     assert!(namespaces_with_prefix(&prefix).unwrap().is_empty());
 }
+
+/// Takes the lab down when the test ends, passed or not.
+struct LabDown<'a>(&'a str);
+
+impl Drop for LabDown<'_> {
+    fn drop(&mut self) {
+        let _ = tern(self.0, &["down", "--force"]);
+    }
+}
+
+/// `tern lab up --synthetic-peers 40`: c1's netmap has the 40 made-up nodes besides c2, each
+/// with its name and a tailnet address of its own; too many is refused with the bound.
+#[test]
+fn synthetic_peers_join_every_nodes_netmap() {
+    require_root();
+    let too_many = tern(&unique_prefix(), &["up", "--synthetic-peers", "5001"]);
+    assert!(!too_many.status.success());
+    assert!(text(&too_many).contains("0..=5000"), "{}", text(&too_many));
+
+    let prefix = unique_prefix();
+    let _down = LabDown(&prefix);
+    let up = tern(&prefix, &["up", "--synthetic-peers", "40"]);
+    assert!(up.status.success(), "{}", text(&up));
+    let socket = format!("/run/tern-lab/{prefix}/c1.sock");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let peers = loop {
+        let out = Command::new(env!("CARGO_BIN_EXE_tern"))
+            .args(["--socket", &socket, "status", "--json"])
+            .output()
+            .expect("tern status");
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let peers = status["peers"].as_array().cloned().unwrap_or_default();
+        if peers.len() == 41 || std::time::Instant::now() > deadline {
+            break peers;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    };
+    assert_eq!(peers.len(), 41, "c1's peers: {peers:?}");
+    let names: BTreeSet<&str> = peers
+        .iter()
+        .filter_map(|p| p["hostname"].as_str())
+        .collect();
+    assert!(
+        names.contains("c2") && names.contains("synthetic-0") && names.contains("synthetic-39"),
+        "{names:?}"
+    );
+    let ips: BTreeSet<&str> = peers
+        .iter()
+        .filter_map(|p| p["tailnet_ips"][0].as_str())
+        .collect();
+    assert_eq!(
+        ips.len(),
+        41,
+        "every peer has an address of its own: {ips:?}"
+    );
+}

@@ -7,9 +7,8 @@ use tern::vnet::{self, Coalescer};
 
 pub fn run(data: &[u8]) {
     let mut frame = data.to_vec();
-    let mut scratch = Vec::new();
     let mut packets: Vec<Vec<u8>> = Vec::new();
-    if vnet::split(&mut frame, &mut scratch, |p| packets.push(p.to_vec())).is_err() {
+    if vnet::split(&mut frame, |p| packets.push(p.to_vec())).is_err() {
         return;
     }
     let mut coalescer = Coalescer::new();
@@ -23,7 +22,7 @@ pub fn run(data: &[u8]) {
     let (mut count, mut bytes) = (0, 0);
     for mut f in frames {
         let coalesced = vnet::VnetHeader::decode(&f).is_ok_and(|h| h.gso_size != 0);
-        let n = vnet::split(&mut f, &mut scratch, |p| {
+        let n = vnet::split(&mut f, |p| {
             bytes += p.len();
             if coalesced {
                 assert!(

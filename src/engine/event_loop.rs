@@ -334,6 +334,7 @@ impl Engine {
 /// RSS) until reused; netmaps are rare, the trim takes about a millisecond.
 fn release_freed_heap() {
     // SAFETY: malloc_trim only walks the allocator's own free lists.
+    #[cfg(target_env = "gnu")]
     unsafe {
         libc::malloc_trim(0);
     }

@@ -9,8 +9,6 @@ use crate::vnet::{self, Coalescer, VnetHeader};
 pub(super) struct TunOffload {
     pub(super) enabled: bool,
     coalescer: Coalescer,
-    /// Reused for each segment [`vnet::split`] cuts.
-    scratch: Vec<u8>,
     counters: OffloadCounters,
 }
 
@@ -31,7 +29,7 @@ struct OffloadCounters {
 impl TunOffload {
     /// Splits one frame read from the TUN, handing each packet to `outbound`.
     pub(super) fn split(&mut self, frame: &mut [u8], outbound: impl FnMut(&[u8])) {
-        match vnet::split(frame, &mut self.scratch, outbound) {
+        match vnet::split(frame, outbound) {
             Ok(n) if n > 1 => {
                 self.counters.super_packets_read += 1;
                 self.counters.segments_split += n as u64;

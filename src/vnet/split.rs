@@ -8,18 +8,17 @@ use super::{tcp_layout, TcpLayout, VnetError, TCP};
 const FIN: u8 = 0x01;
 const PSH: u8 = 0x08;
 const CWR: u8 = 0x80;
+/// Longest IP + TCP headers: IPv4 with options (60) and TCP with options (60).
+const MAX_HEADERS: usize = 120;
 /// Offset of the checksum in a UDP header: a computed 0 is sent as 0xffff (0 means "none").
 const UDP_CSUM_OFFSET: u16 = 6;
 
 /// Takes apart what one read of a vnet TUN returned (`frame`: header, then the packet): finishes
 /// a partial checksum, or cuts a TCP super-packet into segments of `gso_size` payload bytes.
-/// `emit` gets each resulting packet in order; `scratch` is reused from call to call.
+/// `emit` gets each resulting packet in order. Works in place: the frame is overwritten (each
+/// segment's headers are written just in front of its payload, over what was already emitted).
 /// Returns how many packets were emitted.
-pub fn split(
-    frame: &mut [u8],
-    scratch: &mut Vec<u8>,
-    mut emit: impl FnMut(&[u8]),
-) -> Result<usize, VnetError> {
+pub fn split(frame: &mut [u8], mut emit: impl FnMut(&[u8])) -> Result<usize, VnetError> {
     let header = VnetHeader::decode(frame)?;
     let packet = frame.get_mut(HDR_LEN..).ok_or(VnetError::ShortHeader)?;
     match header.gso()? {
@@ -30,8 +29,8 @@ pub fn split(
             emit(packet);
             Ok(1)
         }
-        GsoType::TcpV4 => segment_tcp(packet, false, &header, scratch, emit),
-        GsoType::TcpV6 => segment_tcp(packet, true, &header, scratch, emit),
+        GsoType::TcpV4 => segment_tcp(packet, false, &header, emit),
+        GsoType::TcpV6 => segment_tcp(packet, true, &header, emit),
     }
 }
 
@@ -52,10 +51,9 @@ fn complete_checksum(packet: &mut [u8], header: &VnetHeader) -> Result<(), VnetE
 }
 
 fn segment_tcp(
-    packet: &[u8],
+    packet: &mut [u8],
     v6: bool,
     header: &VnetHeader,
-    scratch: &mut Vec<u8>,
     mut emit: impl FnMut(&[u8]),
 ) -> Result<usize, VnetError> {
     let layout = tcp_layout(packet, v6)?;
@@ -64,21 +62,25 @@ fn segment_tcp(
         return Err(VnetError::ZeroSegment);
     }
     let headers = layout.ip_len + layout.tcp_len;
-    let payload = &packet[headers..];
+    // At most 60 + 60 bytes (IPv4 and TCP with all options); kept, as the frame is overwritten.
+    let mut original = [0u8; MAX_HEADERS];
+    let original = original.get_mut(..headers).ok_or(VnetError::BadHeaders)?;
+    original.copy_from_slice(&packet[..headers]);
+    let payload_len = packet.len() - headers;
     let first_id = u16::from_be_bytes([packet[4], packet[5]]);
     let t = layout.ip_len;
     let first_seq =
         u32::from_be_bytes([packet[t + 4], packet[t + 5], packet[t + 6], packet[t + 7]]);
     let (mut offset, mut index) = (0, 0);
     loop {
-        let end = (offset + segment).min(payload.len());
-        let last = end == payload.len();
-        scratch.clear();
-        scratch.extend_from_slice(&packet[..headers]);
-        scratch.extend_from_slice(&payload[offset..end]);
+        let end = (offset + segment).min(payload_len);
+        let last = end == payload_len;
+        // The segment's payload lies at `headers + offset`; its headers go right before it.
+        let seg = &mut packet[offset..headers + end];
+        seg[..headers].copy_from_slice(original);
         let seq = first_seq.wrapping_add(offset as u32);
-        fix_segment(scratch, &layout, index, first_id, seq, last)?;
-        emit(scratch);
+        fix_segment(seg, &layout, index, first_id, seq, last)?;
+        emit(seg);
         index += 1;
         offset = end;
         if last {

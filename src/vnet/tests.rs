@@ -168,8 +168,7 @@ fn tso_frame(tcp: &Tcp, segment: u16) -> Vec<u8> {
 fn split_all(frame: &[u8]) -> Result<Vec<Vec<u8>>, VnetError> {
     let mut frame = frame.to_vec();
     let mut out = Vec::new();
-    let mut scratch = Vec::new();
-    let n = split(&mut frame, &mut scratch, |p| out.push(p.to_vec()))?;
+    let n = split(&mut frame, |p| out.push(p.to_vec()))?;
     assert_eq!(n, out.len());
     Ok(out)
 }
