@@ -1,5 +1,6 @@
 //! tern-platform's TUN and router in a fresh network namespace: addresses, MTU, routes (checked
-//! with `ip -n NS`), a UDP packet out through the TUN and a reply written back into it.
+//! with `ip -n NS`), a UDP packet out through the TUN and a reply written back into it, with TUN
+//! offloads (virtio-net header on every read and write) and without.
 
 mod support;
 
@@ -63,14 +64,25 @@ fn udp4(src: SocketAddr, dst: SocketAddr, payload: &[u8]) -> Vec<u8> {
 /// Reads TUN packets until an IPv4 UDP one to `dst` arrives (skipping e.g. IPv6 router
 /// solicitations), bounded by WAIT.
 async fn read_udp_to(tun: &LinuxTun, dst: SocketAddr) -> anyhow::Result<(PacketSummary, Vec<u8>)> {
-    let mut buf = vec![0u8; 2048];
+    let mut buf = vec![0u8; 70_000];
     let read = async {
         loop {
             let n = tun.recv(&mut buf).await?;
-            let packet = &buf[..n];
-            if let Ok(s) = PacketSummary::parse(packet) {
-                if s.proto == proto::UDP && SocketAddr::new(s.dst, s.dst_port) == dst {
-                    return anyhow::Ok((s, packet.to_vec()));
+            let frame = &mut buf[..n];
+            // With offloads the frame starts with a virtio-net header (and the UDP checksum may
+            // be left for us to finish): split gives the packet(s) in it.
+            let packets: Vec<Vec<u8>> = if tun.offload() {
+                let mut packets = Vec::new();
+                tern::vnet::split(frame, |p| packets.push(p.to_vec()))?;
+                packets
+            } else {
+                vec![frame.to_vec()]
+            };
+            for packet in packets {
+                if let Ok(s) = PacketSummary::parse(&packet) {
+                    if s.proto == proto::UDP && SocketAddr::new(s.dst, s.dst_port) == dst {
+                        return anyhow::Ok((s, packet));
+                    }
                 }
             }
         }
@@ -80,25 +92,35 @@ async fn read_udp_to(tun: &LinuxTun, dst: SocketAddr) -> anyhow::Result<(PacketS
         .context("no UDP packet on the TUN within 5 s")?
 }
 
-async fn tun_round_trip(ns: String) -> anyhow::Result<()> {
-    let tun = LinuxTun::create(&TunConfig::default()).await?;
+async fn tun_round_trip(ns: &str, offload: bool) -> anyhow::Result<()> {
+    let config = TunConfig {
+        offload,
+        ..TunConfig::default()
+    };
+    let tun = LinuxTun::create(&config).await?;
     ensure!(tun.name() == DEFAULT_TUN_NAME);
+    // This kernel has TUN offloads: asked for, they are on.
+    ensure!(
+        tun.offload() == offload,
+        "offload {offload} asked, got {}",
+        tun.offload()
+    );
     let addrs: Vec<IpNet> = vec!["100.64.0.1/32".parse()?, "fd7a:115c:a1e0::1/128".parse()?];
     tun.set_addresses(&addrs).await?;
     let mut router = NetlinkRouter::new(tun.netlink().clone(), tun.index());
     router.set_routes(&default_routes()).await?;
 
-    let link = ip_n(&ns, &["link", "show", DEFAULT_TUN_NAME])?;
+    let link = ip_n(ns, &["link", "show", DEFAULT_TUN_NAME])?;
     ensure!(
         link.contains("mtu 1280") && link.contains(",UP"),
         "link: {link}"
     );
-    let addr = ip_n(&ns, &["addr", "show", DEFAULT_TUN_NAME])?;
+    let addr = ip_n(ns, &["addr", "show", DEFAULT_TUN_NAME])?;
     ensure!(addr.contains("inet 100.64.0.1/32"), "addr: {addr}");
     ensure!(addr.contains("inet6 fd7a:115c:a1e0::1/128"), "addr: {addr}");
-    let v4 = ip_n(&ns, &["-4", "route", "show"])?;
+    let v4 = ip_n(ns, &["-4", "route", "show"])?;
     ensure!(v4.contains("100.64.0.0/10 dev tern0"), "v4 routes: {v4}");
-    let v6 = ip_n(&ns, &["-6", "route", "show"])?;
+    let v6 = ip_n(ns, &["-6", "route", "show"])?;
     ensure!(
         v6.contains("fd7a:115c:a1e0::/48 dev tern0"),
         "v6 routes: {v6}"
@@ -138,13 +160,13 @@ async fn tun_round_trip(ns: String) -> anyhow::Result<()> {
 
     // Address set is replaced, routes are removed on close.
     tun.set_addresses(&addrs[..1]).await?;
-    let addr = ip_n(&ns, &["addr", "show", DEFAULT_TUN_NAME])?;
+    let addr = ip_n(ns, &["addr", "show", DEFAULT_TUN_NAME])?;
     ensure!(
         !addr.contains("fd7a:115c:a1e0::1/128"),
         "stale address kept: {addr}"
     );
     router.close().await?;
-    let v4 = ip_n(&ns, &["-4", "route", "show"])?;
+    let v4 = ip_n(ns, &["-4", "route", "show"])?;
     ensure!(
         !v4.contains("100.64.0.0/10"),
         "route left after close: {v4}"
@@ -157,8 +179,11 @@ fn in_runtime(ns: String) -> tern_lab::Result<()> {
         .enable_all()
         .build()
         .map_err(|e| LabError::Invalid(e.to_string()))?;
-    rt.block_on(tun_round_trip(ns))
-        .map_err(|e| LabError::Invalid(format!("{e:#}")))
+    rt.block_on(async {
+        tun_round_trip(&ns, true).await.context("with offloads")?;
+        tun_round_trip(&ns, false).await.context("without offloads")
+    })
+    .map_err(|e| LabError::Invalid(format!("{e:#}")))
 }
 
 #[test]

@@ -37,7 +37,13 @@ async fn run_node(
     ready: std::sync::mpsc::Sender<()>,
     mut stop: oneshot::Receiver<()>,
 ) -> anyhow::Result<WgStats> {
-    let tun = LinuxTun::create(&TunConfig::default()).await?;
+    // One packet per read and write: this loop is the plain data plane, without the offloads
+    // the engine handles (tests/direct_paths.rs covers those end to end).
+    let config = TunConfig {
+        offload: false,
+        ..TunConfig::default()
+    };
+    let tun = LinuxTun::create(&config).await?;
     tun.set_addresses(&cfg.addrs).await?;
     let mut router = NetlinkRouter::new(tun.netlink().clone(), tun.index());
     router.set_routes(&default_routes()).await?;
