@@ -128,7 +128,7 @@ impl Pipeline {
         })
         .expect("split");
         let mut written = 0;
-        while let Some(out) = coalescer.next_output() {
+        while let Some((out, _)) = coalescer.next_output() {
             written += out.len();
         }
         written

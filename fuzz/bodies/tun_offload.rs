@@ -16,12 +16,16 @@ pub fn run(data: &[u8]) {
         coalescer.push(p);
     }
     let mut frames = Vec::new();
-    while let Some(f) = coalescer.next_output() {
-        frames.push(f.to_vec());
+    while let Some((f, joined)) = coalescer.next_output() {
+        frames.push((f.to_vec(), joined));
     }
     let (mut count, mut bytes) = (0, 0);
-    for mut f in frames {
-        let coalesced = vnet::VnetHeader::decode(&f).is_ok_and(|h| h.gso_size != 0);
+    for (mut f, coalesced) in frames {
+        assert_eq!(
+            coalesced,
+            vnet::VnetHeader::decode(&f).is_ok_and(|h| h.gso_size != 0),
+            "a joined frame and only a joined frame asks for segmentation"
+        );
         let n = vnet::split(&mut f, |p| {
             bytes += p.len();
             if coalesced {

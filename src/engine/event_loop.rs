@@ -231,9 +231,8 @@ impl Engine {
             self.outbound(udp, frame);
             return;
         }
-        let mut offload = std::mem::take(&mut self.tun_offload);
-        offload.split(frame, |packet| self.outbound(udp, packet));
-        self.tun_offload = offload;
+        let result = crate::vnet::split(frame, |packet| self.outbound(udp, packet));
+        self.tun_offload.note_split(result);
     }
 
     /// The decrypted packet of length `len` at the start of `self.out`, for the TUN: written
@@ -253,7 +252,7 @@ impl Engine {
 
     /// Writes what the coalescer holds (offloads on; nothing otherwise).
     pub(super) async fn flush_tun(&mut self, tun: &Device) {
-        let Some(kernel) = tun.kernel() else {
+        let Some(kernel) = tun.kernel().filter(|_| self.tun_offload.enabled) else {
             return;
         };
         while let Some(frame) = self.tun_offload.next_frame() {

@@ -2,7 +2,7 @@
 //! packets for WireGuard, decrypted packets wait in the coalescer until the end of the wakeup
 //! (or until it is full) and go to the TUN as super-packets.
 
-use crate::vnet::{self, Coalescer, VnetHeader};
+use crate::vnet::{self, Coalescer};
 
 /// Offload state and counters; `enabled` only with a kernel TUN that accepted offloads.
 #[derive(Default)]
@@ -27,9 +27,9 @@ struct OffloadCounters {
 }
 
 impl TunOffload {
-    /// Splits one frame read from the TUN, handing each packet to `outbound`.
-    pub(super) fn split(&mut self, frame: &mut [u8], outbound: impl FnMut(&[u8])) {
-        match vnet::split(frame, outbound) {
+    /// Counts what [`vnet::split`] made of one frame read from the TUN.
+    pub(super) fn note_split(&mut self, result: Result<usize, vnet::VnetError>) {
+        match result {
             Ok(n) if n > 1 => {
                 self.counters.super_packets_read += 1;
                 self.counters.segments_split += n as u64;
@@ -51,9 +51,9 @@ impl TunOffload {
 
     /// The next frame (virtio-net header first) to write; `None` when all are out.
     pub(super) fn next_frame(&mut self) -> Option<&[u8]> {
-        let frame = self.coalescer.next_output()?;
+        let (frame, joined) = self.coalescer.next_output()?;
         self.counters.tun_writes += 1;
-        if VnetHeader::decode(frame).is_ok_and(|h| h.gso_size != 0) {
+        if joined {
             self.counters.super_packets_written += 1;
         }
         Some(frame)

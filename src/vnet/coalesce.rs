@@ -118,9 +118,9 @@ impl Coalescer {
         });
     }
 
-    /// The next packet to write to the TUN, virtio-net header first; `None` once all are out,
-    /// and the coalescer is empty again.
-    pub fn next_output(&mut self) -> Option<&[u8]> {
+    /// The next packet to write to the TUN, virtio-net header first, and whether it joins
+    /// several segments; `None` once all are out, and the coalescer is empty again.
+    pub fn next_output(&mut self) -> Option<(&[u8], bool)> {
         let Some(group) = self.groups.get(self.cursor).copied() else {
             self.clear();
             return None;
@@ -135,7 +135,7 @@ impl Coalescer {
         } else {
             self.assemble(&group);
         }
-        Some(&self.out)
+        Some((&self.out, group.count > 1))
     }
 
     fn clear(&mut self) {

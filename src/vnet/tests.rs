@@ -179,7 +179,12 @@ fn coalesce_all(packets: &[Vec<u8>]) -> Vec<Vec<u8>> {
         c.push(p);
     }
     let mut out = Vec::new();
-    while let Some(p) = c.next_output() {
+    while let Some((p, joined)) = c.next_output() {
+        let gso = VnetHeader::decode(p).expect("header").gso_size != 0;
+        assert_eq!(
+            joined, gso,
+            "joined exactly when the header asks for segmentation"
+        );
         out.push(p.to_vec());
     }
     assert!(c.is_empty());
