@@ -31,6 +31,7 @@ pub mod relay;
 pub mod report;
 pub mod rlimit;
 pub mod routing;
+pub mod runtime;
 pub mod sd_notify;
 pub mod state;
 pub mod status;

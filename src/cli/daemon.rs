@@ -20,6 +20,11 @@ pub struct DaemonArgs {
     /// support in the kernel the TUN opens without them either way.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL", env = "TERN_TUN_OFFLOAD")]
     pub tun_offload: bool,
+    /// Threads of the async runtime: 1 (default) runs every task on one thread, which moves
+    /// packets between the engine and its DERP connections without waking other threads; 0 =
+    /// one per CPU.
+    #[arg(long, default_value_t = 1, value_name = "N", env = "TERN_THREADS")]
+    pub threads: usize,
     /// UDP port for WireGuard, disco and STUN (0 = pick one).
     #[arg(long, default_value_t = 41641)]
     pub port: u16,
@@ -66,7 +71,9 @@ pub fn run(socket: &Path, args: &DaemonArgs) -> anyhow::Result<ExitCode> {
         http_proxy: args.outbound_http_proxy_listen,
         metrics_listen: args.metrics_listen,
     };
-    super::runtime()?.block_on(daemon::run(config))?;
+    crate::runtime::build(args.threads)
+        .map_err(|e| anyhow::anyhow!("starting the tokio runtime: {e}"))?
+        .block_on(daemon::run(config))?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -54,6 +54,10 @@ pub struct DerpArgs {
     /// daemon's own or one of its peers' (asked over the LocalAPI; refused if it cannot be asked).
     #[arg(long)]
     pub verify_clients: bool,
+    /// Threads forwarding packets: 1 (default) serves every client on one thread, the cheapest
+    /// per packet; 0 = one per CPU, for many busy clients.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub threads: usize,
     /// LocalAPI socket asked by --verify-clients (default: the global --socket).
     #[arg(long, value_name = "PATH", requires = "verify_clients")]
     pub verify_socket: Option<PathBuf>,
@@ -72,6 +76,7 @@ fn config(socket: &Path, args: &DerpArgs) -> RunConfig {
     let verify_socket = args.verify_socket.as_deref().unwrap_or(socket);
     RunConfig {
         addr: args.addr.clone(),
+        threads: args.threads,
         certfile: args.certfile.clone(),
         keyfile: args.keyfile.clone(),
         self_signed: args.self_signed.clone(),

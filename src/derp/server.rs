@@ -351,6 +351,9 @@ struct Shared {
     config: ServerConfig,
     public: NodePublic,
     registry: Mutex<Registry>,
+    /// Bumped whenever a key's receiving connection may have changed: readers' cached routes
+    /// older than this are looked up again.
+    route_generation: AtomicU64,
     metrics: Metrics,
     next_id: AtomicU64,
     limits: Arc<Limits>,
@@ -383,6 +386,7 @@ impl Server {
                 public,
                 registry: Mutex::new(Registry::default()),
                 metrics: Metrics::default(),
+                route_generation: AtomicU64::new(0),
                 next_id: AtomicU64::new(1),
                 limits: Limits::new(config.max_conns, config.max_unauth_per_ip),
                 verifier: config.verify_clients.clone().map(Verifier::new),
@@ -764,6 +768,7 @@ impl Server {
         inc(&metrics.clients_accepted_total);
         inc(&metrics.clients_current);
         let mut registry = self.registry();
+        self.routes_changed();
         let set = registry.clients.entry(conn.key).or_default();
         set.conns.push(conn.clone());
         if set.conns.len() > 1 {
@@ -798,6 +803,7 @@ impl Server {
             .fetch_add(leftover, Ordering::Relaxed);
 
         let mut registry = self.registry();
+        self.routes_changed();
         registry.watchers.retain(|w| w.id != conn.id);
         let Some(set) = registry.clients.get_mut(&conn.key) else {
             return;
@@ -843,6 +849,7 @@ impl Server {
         let mut state = ReaderState {
             recorded_dsts: HashSet::new(),
             not_here: TokenBucket::new(3.0, 1.0),
+            route: None,
         };
         loop {
             let frame = read_frame(&mut reader, &mut buf, frame::MAX_FRAME_LEN).await?;
@@ -854,11 +861,17 @@ impl Server {
     }
 
     /// In a dup set, the last connection to send anything becomes the receiver.
+    /// Invalidates every reader's cached route (called with the registry locked).
+    fn routes_changed(&self) {
+        self.shared.route_generation.fetch_add(1, Ordering::Release);
+    }
+
     fn claim_active(&self, conn: &Arc<Conn>) {
         let mut registry = self.registry();
         if let Some(set) = registry.clients.get_mut(&conn.key) {
             if set.active.as_ref().map(|a| a.id) != Some(conn.id) {
                 set.active = Some(conn.clone());
+                self.routes_changed();
             }
         }
     }
@@ -945,7 +958,10 @@ impl Server {
     ) {
         let metrics = &self.shared.metrics;
         let len = packet.len() as u64;
-        let target = {
+        let generation = self.shared.route_generation.load(Ordering::Acquire);
+        let target = if let Some(to) = state.cached_route(src, dst, generation) {
+            Ok(to.clone())
+        } else {
             let mut registry = self.registry();
             let target = match registry.clients.get(&dst) {
                 Some(set) => match &set.active {
@@ -959,6 +975,14 @@ impl Server {
                     src_set.sent_to.insert(dst);
                     state.recorded_dsts.insert(dst);
                 }
+            }
+            if let Ok(to) = &target {
+                state.route = Some(CachedRoute {
+                    src,
+                    dst,
+                    generation,
+                    to: to.clone(),
+                });
             }
             target
         };
@@ -1080,6 +1104,30 @@ struct ReaderState {
     recorded_dsts: HashSet<NodePublic>,
     /// PeerGone(NotHere) limiter: 1/s, burst 3 (Go).
     not_here: TokenBucket,
+    /// The last route taken: a bulk flow skips the registry's lock and map for each packet.
+    route: Option<CachedRoute>,
+}
+
+/// Where packets from `src` to `dst` went while the registry was at `generation`.
+struct CachedRoute {
+    src: NodePublic,
+    dst: NodePublic,
+    generation: u64,
+    to: Arc<Conn>,
+}
+
+impl ReaderState {
+    fn cached_route(
+        &self,
+        src: NodePublic,
+        dst: NodePublic,
+        generation: u64,
+    ) -> Option<&Arc<Conn>> {
+        self.route
+            .as_ref()
+            .filter(|r| r.generation == generation && r.dst == dst && r.src == src)
+            .map(|r| &r.to)
+    }
 }
 
 /// A token bucket driven by the caller's clock.
@@ -1324,6 +1372,8 @@ pub struct RunConfig {
     pub handshake_timeout: Duration,
     /// [`ServerConfig::verify_clients`].
     pub verify_clients: Option<PathBuf>,
+    /// Runtime threads ([`crate::runtime::build`]: 1 = one thread, 0 = one per CPU).
+    pub threads: usize,
 }
 
 /// Run the relay described by `config` until interrupted (Ctrl-C).
@@ -1369,7 +1419,7 @@ pub fn run(run_config: &RunConfig) -> anyhow::Result<()> {
         }
         _ => anyhow::bail!("choose --http, --self-signed HOSTNAME, or --certfile/--keyfile"),
     };
-    let runtime = tokio::runtime::Runtime::new()?;
+    let runtime = crate::runtime::build(run_config.threads).context("starting the runtime")?;
     runtime.block_on(async move {
         let server = Server::new(config);
         let listener = bind_listener(addr).await?;
