@@ -233,6 +233,74 @@ async fn newest_connection_of_a_duplicate_key_then_last_sender_receives() {
     a.send(k, Bytes::from_static(b"two")).await.unwrap();
     assert_eq!(next_packet(&mut first).await.1, Bytes::from_static(b"two"));
     assert_eq!(relay.metric(|m| &m.duplicate_clients_total), 1);
+    // The receiver leaves: a's next packet (same route as before) finds the one still here.
+    drop(first);
+    wait_until("first unregistered", || {
+        relay.metric(|m| &m.clients_current) == 2
+    })
+    .await;
+    a.send(k, Bytes::from_static(b"three")).await.unwrap();
+    assert_eq!(
+        next_packet(&mut second).await.1,
+        Bytes::from_static(b"three")
+    );
+}
+
+#[tokio::test]
+async fn a_delivering_client_hands_packets_and_peer_gone_to_its_queue_tagged_with_its_region() {
+    let relay = start_relay(true, |_| {}).await;
+    let (a, ka) = relay.client().await;
+    let key = NodePrivate::generate();
+    let kb = key.public();
+    let (tx, mut delivered) = tokio::sync::mpsc::channel(16);
+    let deliver = client::DeliverTo { region: 7, tx };
+    let mut b = within(
+        "connect",
+        DerpClient::connect_delivering(&relay.config(key), deliver),
+    )
+    .await
+    .expect("connect");
+    assert!(!b.delivered_any());
+    // More packets than the queue holds, sizes up to the largest: all arrive, in order.
+    let sizes: Vec<usize> = (0..200)
+        .map(|i| 1 + (i * 331) % frame::MAX_PACKET_SIZE)
+        .collect();
+    let sender = tokio::spawn(async move {
+        for (i, &size) in sizes.iter().enumerate() {
+            a.send(kb, Bytes::from(vec![i as u8; size])).await.unwrap();
+        }
+        a
+    });
+    for i in 0..200usize {
+        match within("delivery", delivered.recv())
+            .await
+            .expect("queue open")
+        {
+            client::Delivery::Packet {
+                region,
+                src,
+                packet,
+            } => {
+                assert_eq!((region, src), (7, ka));
+                assert_eq!(packet.len(), 1 + (i * 331) % frame::MAX_PACKET_SIZE);
+                assert!(packet.iter().all(|&b| b == i as u8), "packet {i} intact");
+            }
+            other => panic!("packet {i}: got {other:?}"),
+        }
+    }
+    assert!(b.delivered_any());
+    // Other events still come from recv().
+    b.ping(*b"stillup!").await.unwrap();
+    assert_eq!(next_event(&mut b).await, Event::Pong { data: *b"stillup!" });
+    // a leaves: the server tells b, whom a sent to, and that goes to the queue too.
+    drop(sender.await.unwrap());
+    match within("peer gone", delivered.recv())
+        .await
+        .expect("queue open")
+    {
+        client::Delivery::PeerGone { region, peer } => assert_eq!((region, peer), (7, ka)),
+        other => panic!("got {other:?}"),
+    }
 }
 
 /// A DERP connection made by hand, to send bytes the tern client never would.

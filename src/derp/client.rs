@@ -7,6 +7,7 @@
 //! handshake, then one reader and one writer task.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,6 +27,8 @@ pub const READ_TIMEOUT: Duration = Duration::from_secs(120);
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Frames buffered towards the writer; beyond this, `try_send` drops (Go: 32).
 pub const SEND_QUEUE: usize = 32;
+/// Room made in the receive buffer before each read: under load one read takes many frames.
+const READ_SPACE: usize = 64 << 10;
 
 /// Something the server told us.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,6 +55,28 @@ pub enum Event {
         reconnect_in: Duration,
         try_for: Duration,
     },
+}
+
+/// A relayed packet or a peer's departure, handed by a connection's reader straight to a
+/// consumer that serves several connections (the engine), tagged with the connection's region.
+#[derive(Debug)]
+pub enum Delivery {
+    Packet {
+        region: u16,
+        src: NodePublic,
+        packet: Bytes,
+    },
+    PeerGone {
+        region: u16,
+        peer: NodePublic,
+    },
+}
+
+/// Where [`DerpClient::connect_delivering`] sends packets and PeerGone frames.
+#[derive(Clone, Debug)]
+pub struct DeliverTo {
+    pub region: u16,
+    pub tx: mpsc::Sender<Delivery>,
 }
 
 /// Why a client connection failed.
@@ -315,6 +340,8 @@ pub struct DerpClient {
     server_info: ServerInfo,
     tx: mpsc::Sender<Frame>,
     events: mpsc::Receiver<Result<Event, String>>,
+    /// Set once the reader delivered something to a [`DeliverTo`].
+    delivered: Arc<AtomicBool>,
     reader: JoinHandle<()>,
     writer: JoinHandle<()>,
 }
@@ -329,7 +356,19 @@ impl Drop for DerpClient {
 impl DerpClient {
     /// Dials, upgrades and completes the handshake (waits for ServerInfo) within 10 s.
     pub async fn connect(config: &ClientConfig) -> Result<Self, ClientError> {
-        tokio::time::timeout(CONNECT_TIMEOUT, Self::connect_inner(config))
+        tokio::time::timeout(CONNECT_TIMEOUT, Self::connect_inner(config, None))
+            .await
+            .map_err(|_| ClientError::Timeout)?
+    }
+
+    /// As [`connect`](Self::connect), but packets and PeerGone frames go to `deliver` as they
+    /// are read (one queue less on the way to the engine); [`recv`](Self::recv) yields the
+    /// other events and the end of the connection.
+    pub async fn connect_delivering(
+        config: &ClientConfig,
+        deliver: DeliverTo,
+    ) -> Result<Self, ClientError> {
+        tokio::time::timeout(CONNECT_TIMEOUT, Self::connect_inner(config, Some(deliver)))
             .await
             .map_err(|_| ClientError::Timeout)?
     }
@@ -361,7 +400,10 @@ impl DerpClient {
         Err(last_error)
     }
 
-    async fn connect_inner(config: &ClientConfig) -> Result<Self, ClientError> {
+    async fn connect_inner(
+        config: &ClientConfig,
+        deliver: Option<DeliverTo>,
+    ) -> Result<Self, ClientError> {
         let tcp = crate::bypass::tcp_connect(config.addr).await?;
         let _ = tcp.set_nodelay(true);
         // Under TLS 1.3 a `derpkey` meta certificate gives the server key up front: fast start.
@@ -418,13 +460,21 @@ impl DerpClient {
         let (read_half, write_half) = tokio::io::split(stream);
         let (tx, rx) = mpsc::channel(SEND_QUEUE);
         let (event_tx, events) = mpsc::channel(256);
+        let delivered = Arc::new(AtomicBool::new(false));
+        let outputs = ReaderOutputs {
+            replies: tx.clone(),
+            events: event_tx,
+            deliver,
+            delivered: delivered.clone(),
+        };
         let writer = tokio::spawn(write_loop(write_half, rx));
-        let reader = tokio::spawn(read_loop(read_half, buf, core, tx.clone(), event_tx));
+        let reader = tokio::spawn(read_loop(read_half, buf, core, outputs));
         Ok(DerpClient {
             server_key,
             server_info,
             tx,
             events,
+            delivered,
             reader,
             writer,
         })
@@ -432,6 +482,11 @@ impl DerpClient {
 
     pub fn server_key(&self) -> NodePublic {
         self.server_key
+    }
+
+    /// Whether anything reached the [`DeliverTo`] of [`connect_delivering`](Self::connect_delivering).
+    pub fn delivered_any(&self) -> bool {
+        self.delivered.load(Ordering::Relaxed)
     }
 
     pub fn server_info(&self) -> &ServerInfo {
@@ -493,37 +548,72 @@ impl DerpClient {
     }
 }
 
+/// Where a connection's reader puts what it reads.
+struct ReaderOutputs {
+    /// The writer's queue, for Pong answers.
+    replies: mpsc::Sender<Frame>,
+    events: mpsc::Sender<Result<Event, String>>,
+    deliver: Option<DeliverTo>,
+    delivered: Arc<AtomicBool>,
+}
+
+impl ReaderOutputs {
+    /// Passes `event` on; `false` once its consumer is gone.
+    async fn pass(&self, event: Event) -> bool {
+        let Some(deliver) = &self.deliver else {
+            return self.events.send(Ok(event)).await.is_ok();
+        };
+        let region = deliver.region;
+        let delivery = match event {
+            Event::Packet { src, packet } => Delivery::Packet {
+                region,
+                src,
+                packet,
+            },
+            Event::PeerGone { peer, reason } => {
+                tracing::debug!(region, %peer, ?reason, "DERP peer gone");
+                Delivery::PeerGone { region, peer }
+            }
+            other => return self.events.send(Ok(other)).await.is_ok(),
+        };
+        self.delivered.store(true, Ordering::Relaxed);
+        deliver.tx.send(delivery).await.is_ok()
+    }
+}
+
 async fn read_loop<R: AsyncRead + Unpin>(
     mut reader: R,
     mut buf: BytesMut,
     mut core: ClientCore,
-    tx: mpsc::Sender<Frame>,
-    events: mpsc::Sender<Result<Event, String>>,
+    outputs: ReaderOutputs,
 ) {
     let result: Result<(), ClientError> = async {
         loop {
-            let deadline = core.read_deadline();
-            let frame = tokio::time::timeout_at(
-                deadline.into(),
-                read_frame(&mut reader, &mut buf, frame::MAX_CLIENT_RECV_LEN),
-            )
-            .await
-            .map_err(|_| ClientError::Timeout)??;
-            let event = core.on_frame(frame, Instant::now())?;
-            for reply in core.take_outgoing() {
-                // Best effort, as Go: a Pong is dropped when the send queue is full.
-                let _ = tx.try_send(reply);
-            }
-            if let Some(event) = event {
-                if events.send(Ok(event)).await.is_err() {
-                    return Ok(());
+            // Every frame one read brought, under one clock reading.
+            let now = Instant::now();
+            while let Some(frame) = frame::decode(&mut buf, frame::MAX_CLIENT_RECV_LEN)? {
+                let event = core.on_frame(frame, now)?;
+                for reply in core.take_outgoing() {
+                    // Best effort, as Go: a Pong is dropped when the send queue is full.
+                    let _ = outputs.replies.try_send(reply);
                 }
+                if let Some(event) = event {
+                    if !outputs.pass(event).await {
+                        return Ok(());
+                    }
+                }
+            }
+            buf.reserve(READ_SPACE);
+            let read =
+                tokio::time::timeout_at(core.read_deadline().into(), reader.read_buf(&mut buf));
+            if read.await.map_err(|_| ClientError::Timeout)?? == 0 {
+                return Err(ClientError::Closed);
             }
         }
     }
     .await;
     if let Err(e) = result {
-        let _ = events.send(Err(e.to_string())).await;
+        let _ = outputs.events.send(Err(e.to_string())).await;
     }
 }
 

@@ -223,6 +223,9 @@ struct Outbox {
     data: PacketQueue,
 }
 
+/// Room made in an authenticated client's receive buffer before each read.
+const READ_SPACE: usize = 16 << 10;
+
 /// Default [`ServerConfig::queue_depth`].
 pub const DEFAULT_QUEUE_DEPTH: usize = 128;
 /// Byte budget of a queue per slot: a queue of `depth` slots holds at most `depth` × this many
@@ -852,11 +855,17 @@ impl Server {
             route: None,
         };
         loop {
-            let frame = read_frame(&mut reader, &mut buf, frame::MAX_FRAME_LEN).await?;
-            if conn.in_dup_set.load(Ordering::Relaxed) {
-                self.claim_active(conn);
+            while let Some(frame) = frame::decode(&mut buf, frame::MAX_FRAME_LEN)? {
+                if conn.in_dup_set.load(Ordering::Relaxed) {
+                    self.claim_active(conn);
+                }
+                self.handle_frame(conn, frame, &mut state)?;
             }
-            self.handle_frame(conn, frame, &mut state)?;
+            // Room for many frames per read; a client's buffer is bounded by this plus one frame.
+            buf.reserve(READ_SPACE);
+            if reader.read_buf(&mut buf).await? == 0 {
+                return Err(ConnError::Closed);
+            }
         }
     }
 

@@ -13,7 +13,9 @@ use tokio::task::JoinHandle;
 
 use super::Engine;
 use crate::control::tailcfg::{DerpMap, DerpNode, DerpRegion};
-use crate::derp::client::{ClientConfig, DerpClient, Event, Reconnector, TlsVerify, Transport};
+use crate::derp::client::{
+    ClientConfig, DeliverTo, Delivery, DerpClient, Reconnector, TlsVerify, Transport,
+};
 use crate::derp::resolve::{self, MapAddr};
 use crate::keys::{NodePrivate, NodePublic};
 use crate::netcheck;
@@ -21,17 +23,8 @@ use crate::netcheck;
 /// Packets queued towards one DERP region before new ones are dropped.
 pub(super) const DERP_QUEUE: usize = 512;
 
-/// What a DERP region task passes to the engine.
-pub(super) enum DerpEvent {
-    /// A packet from `src`.
-    Packet {
-        region: u16,
-        src: NodePublic,
-        packet: Bytes,
-    },
-    /// The server says `peer` left: forget that we heard it there.
-    PeerGone { region: u16, peer: NodePublic },
-}
+/// What a DERP region's connection passes to the engine: straight from its reader.
+pub(super) type DerpEvent = Delivery;
 
 /// Our side of one DERP region's task.
 pub(super) struct DerpLink {
@@ -304,7 +297,11 @@ pub(super) async fn region_task(region: u16, dial: RegionNodes, io: RegionIo) {
                 continue;
             }
         };
-        let mut client = match DerpClient::connect(&config).await {
+        let deliver = DeliverTo {
+            region,
+            tx: inbound.clone(),
+        };
+        let mut client = match DerpClient::connect_delivering(&config, deliver).await {
             Ok(c) => c,
             Err(e) => {
                 let error = e.to_string();
@@ -341,25 +338,16 @@ pub(super) async fn region_task(region: u16, dial: RegionNodes, io: RegionIo) {
                         break e.to_string();
                     }
                 }
+                // Packets and PeerGone went to the engine from the reader; here the rest.
                 event = client.recv() => match event {
-                    Ok(Event::Packet { src, packet }) => {
-                        reconnector.on_success();
-                        let event = DerpEvent::Packet { region, src, packet };
-                        if inbound.send(event).await.is_err() {
-                            return;
-                        }
-                    }
-                    Ok(Event::PeerGone { peer, reason }) => {
-                        tracing::debug!(region, %peer, ?reason, "DERP peer gone");
-                        if inbound.send(DerpEvent::PeerGone { region, peer }).await.is_err() {
-                            return;
-                        }
-                    }
                     Ok(_) => reconnector.on_success(),
                     Err(e) => break e.to_string(),
                 }
             }
         };
+        if client.delivered_any() {
+            reconnector.on_success();
+        }
         connected.0.store(false, Ordering::Relaxed);
         tracing::info!(region, error = %why, "DERP connection lost; reconnecting");
         reconnector.on_failure(Instant::now(), Reconnector::random_jitter());
