@@ -261,31 +261,32 @@ async fn a_delivering_client_hands_packets_and_peer_gone_to_its_queue_tagged_wit
     .await
     .expect("connect");
     assert!(!b.delivered_any());
-    // More packets than the queue holds, sizes up to the largest: all arrive, in order.
-    let sizes: Vec<usize> = (0..200)
-        .map(|i| 1 + (i * 331) % frame::MAX_PACKET_SIZE)
-        .collect();
-    let sender = tokio::spawn(async move {
-        for (i, &size) in sizes.iter().enumerate() {
-            a.send(kb, Bytes::from(vec![i as u8; size])).await.unwrap();
+    // Bursts of 40 (more than the delivery queue holds, fewer than the server's per-client
+    // queue, so the server drops none), then the largest packet: all arrive, in order.
+    let mut sizes: Vec<usize> = (0..200).map(|i| 1 + (i * 331) % 1400).collect();
+    sizes.push(frame::MAX_PACKET_SIZE);
+    for (burst, chunk) in sizes.chunks(40).enumerate() {
+        for (j, &size) in chunk.iter().enumerate() {
+            let tag = (burst * 40 + j) as u8;
+            a.send(kb, Bytes::from(vec![tag; size])).await.unwrap();
         }
-        a
-    });
-    for i in 0..200usize {
-        match within("delivery", delivered.recv())
-            .await
-            .expect("queue open")
-        {
-            client::Delivery::Packet {
-                region,
-                src,
-                packet,
-            } => {
-                assert_eq!((region, src), (7, ka));
-                assert_eq!(packet.len(), 1 + (i * 331) % frame::MAX_PACKET_SIZE);
-                assert!(packet.iter().all(|&b| b == i as u8), "packet {i} intact");
+        for (j, &size) in chunk.iter().enumerate() {
+            let tag = (burst * 40 + j) as u8;
+            match within("delivery", delivered.recv())
+                .await
+                .expect("queue open")
+            {
+                client::Delivery::Packet {
+                    region,
+                    src,
+                    packet,
+                } => {
+                    assert_eq!((region, src), (7, ka));
+                    assert_eq!(packet.len(), size, "packet {tag}");
+                    assert!(packet.iter().all(|&b| b == tag), "packet {tag} intact");
+                }
+                other => panic!("packet {tag}: got {other:?}"),
             }
-            other => panic!("packet {i}: got {other:?}"),
         }
     }
     assert!(b.delivered_any());
@@ -293,7 +294,7 @@ async fn a_delivering_client_hands_packets_and_peer_gone_to_its_queue_tagged_wit
     b.ping(*b"stillup!").await.unwrap();
     assert_eq!(next_event(&mut b).await, Event::Pong { data: *b"stillup!" });
     // a leaves: the server tells b, whom a sent to, and that goes to the queue too.
-    drop(sender.await.unwrap());
+    drop(a);
     match within("peer gone", delivered.recv())
         .await
         .expect("queue open")
