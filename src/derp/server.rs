@@ -855,11 +855,19 @@ impl Server {
             route: None,
         };
         loop {
+            let mut handled = false;
             while let Some(frame) = frame::decode(&mut buf, frame::MAX_FRAME_LEN)? {
                 if conn.in_dup_set.load(Ordering::Relaxed) {
                     self.claim_active(conn);
                 }
                 self.handle_frame(conn, frame, &mut state)?;
+                handled = true;
+            }
+            if handled {
+                // Let the writers of what this read queued run before the next read: on a
+                // one-thread runtime a busy sender's reader would otherwise fill their queues
+                // (and drop from them) for as long as its socket has data.
+                tokio::task::yield_now().await;
             }
             // Room for many frames per read; a client's buffer is bounded by this plus one frame.
             buf.reserve(READ_SPACE);

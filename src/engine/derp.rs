@@ -72,15 +72,28 @@ impl Drop for DerpLink {
 }
 
 impl Engine {
-    pub(super) fn send_derp(&mut self, region: Option<u16>, to: NodePublic, packet: Vec<u8>) {
+    pub(super) fn send_derp(
+        &mut self,
+        now: Instant,
+        region: Option<u16>,
+        to: NodePublic,
+        packet: Vec<u8>,
+    ) {
         let Some(link) = region.and_then(|r| self.derp_link(r)) else {
             self.drops.no_derp += 1;
             return;
         };
-        link.last_write = Instant::now();
+        link.last_write = now;
         if link.outbound.try_send((to, Bytes::from(packet))).is_err() {
             self.drops.derp_queue_full += 1;
         }
+    }
+
+    /// Whether some region's queue is over half full: time to let its task write.
+    pub(super) fn derp_backlogged(&self) -> bool {
+        self.derp
+            .values()
+            .any(|link| link.outbound.capacity() < DERP_QUEUE / 2)
     }
 
     /// Closes non-home DERP connections nothing was written to for [`DERP_IDLE_CLOSE`].

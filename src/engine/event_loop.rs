@@ -79,14 +79,21 @@ impl Engine {
                     let n = r.map_err(EngineError::TunIo)?;
                     self.read_from_tun(udp, &mut tun_buf, n);
                     self.drain_tun(tun, udp, &mut tun_buf)?;
+                    if self.derp_backlogged() {
+                        // Let the DERP tasks write before the next TUN read: on a one-thread
+                        // runtime they run only when we yield, and one TUN batch of super-packets
+                        // is thousands of packets, more than their queue holds.
+                        tokio::task::yield_now().await;
+                    }
                 }
                 Some(event) = inbound.recv() => {
-                    self.on_derp_event(tun, event).await;
+                    let now = Instant::now();
+                    self.on_derp_event(tun, event, now).await;
                     // A burst from DERP is handled in one wakeup, like UDP's: its packets can
                     // be coalesced for the TUN and the loop's fixed costs are paid once.
                     for _ in 0..BATCH {
                         let Ok(event) = inbound.try_recv() else { break };
-                        self.on_derp_event(tun, event).await;
+                        self.on_derp_event(tun, event, now).await;
                     }
                 }
                 Some(report) = reports.recv() => {
@@ -176,6 +183,9 @@ impl Engine {
         buf: &mut [u8],
     ) -> Result<(), EngineError> {
         for _ in 0..BATCH {
+            if self.derp_backlogged() {
+                break;
+            }
             match tun.try_recv(buf) {
                 Ok(n) => self.read_from_tun(udp, buf, n),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
@@ -197,7 +207,7 @@ impl Engine {
     }
 
     /// A packet or a "peer gone" from a DERP region task.
-    async fn on_derp_event(&mut self, tun: &Device, event: DerpEvent) {
+    async fn on_derp_event(&mut self, tun: &Device, event: DerpEvent, now: Instant) {
         match event {
             DerpEvent::Packet {
                 region,
@@ -205,7 +215,7 @@ impl Engine {
                 packet,
             } => {
                 self.note_frame_from(region);
-                let to_tun = self.inbound_derp(region, src, &packet);
+                let to_tun = self.inbound_derp(now, region, src, &packet);
                 self.write_tun(tun, to_tun).await;
             }
             DerpEvent::PeerGone { region, peer } => self.peer_gone(region, &peer),
@@ -215,8 +225,9 @@ impl Engine {
     /// Handles what one UDP read brought: one datagram, or several that GRO coalesced.
     pub(super) async fn received(&mut self, tun: &Device, buf: &[u8], received: offload::Received) {
         let data = buf.get(..received.len).unwrap_or_default();
+        let now = Instant::now();
         for datagram in offload::segments(data, received.segment) {
-            let to_tun = self.udp_datagram(datagram, received.from);
+            let to_tun = self.udp_datagram(now, datagram, received.from);
             self.write_tun(tun, to_tun).await;
         }
     }
@@ -227,11 +238,13 @@ impl Engine {
         let Some(frame) = buf.get_mut(..n) else {
             return;
         };
+        // One clock reading for the frame's packets (a super-packet is up to ~50 of them).
+        let now = Instant::now();
         if !self.tun_offload.enabled {
-            self.outbound(udp, frame);
+            self.outbound(udp, now, frame);
             return;
         }
-        let result = crate::vnet::split(frame, |packet| self.outbound(udp, packet));
+        let result = crate::vnet::split(frame, |packet| self.outbound(udp, now, packet));
         self.tun_offload.note_split(result);
     }
 

@@ -127,6 +127,7 @@ impl Engine {
     /// index or static key (a peer whose relay path we have not installed yet).
     pub(super) fn relayed_wireguard(
         &mut self,
+        now: Instant,
         from: SocketAddr,
         header: Header,
         packet: &[u8],
@@ -145,7 +146,7 @@ impl Engine {
         };
         self.path_io
             .count_in(crate::metrics::PathKind::relay(&from), packet.len());
-        self.decapsulate(id, packet)
+        self.decapsulate(now, id, packet)
     }
 
     /// One datagram through a relay endpoint: Geneve (not control) with `protocol`, then

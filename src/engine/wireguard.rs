@@ -30,8 +30,8 @@ pub(super) const LATE_PEER_WINDOW: Duration = Duration::from_secs(10);
 pub(super) const HEARD_UNKNOWN_MAX: usize = 256;
 
 impl Engine {
-    /// A packet from the TUN: route, encrypt, queue for its peer's path.
-    pub(super) fn outbound(&mut self, udp: &UdpSockets, packet: &[u8]) {
+    /// A packet from the TUN at `now`: route, encrypt, queue for its peer's path.
+    pub(super) fn outbound(&mut self, udp: &UdpSockets, now: Instant, packet: &[u8]) {
         if crate::netstack::to_quad_100(packet) {
             if let Some(quad100) = &mut self.quad100 {
                 quad100.divert(packet);
@@ -41,7 +41,6 @@ impl Engine {
         if let (Ok(summary), Some(filter)) = (PacketSummary::parse(packet), &mut self.filter) {
             filter.note_outbound(&summary);
         }
-        let now = Instant::now();
         match self.peers.encapsulate(now, packet, &mut self.out) {
             (Some(id), WgOutput::ToNetwork(n)) => {
                 // Sent straight from the output buffer: no copy on the direct path.
@@ -62,12 +61,13 @@ impl Engine {
     /// peer, filtered, and handed back for the TUN.
     pub(super) fn inbound_derp(
         &mut self,
+        now: Instant,
         region: u16,
         src: NodePublic,
         packet: &[u8],
     ) -> Option<usize> {
         if let Inbound::Disco { packet, .. } = crate::demux::classify_derp(packet) {
-            let handled = self.paths.handle_derp(Instant::now(), region, src, packet);
+            let handled = self.paths.handle_derp(now, region, src, packet);
             if handled == Err(paths::DiscoDrop::UnknownSender) {
                 self.note_unknown(src);
             }
@@ -80,12 +80,17 @@ impl Engine {
         };
         self.last_region.insert(id, region);
         self.path_io.count_in(PathKind::Derp, packet.len());
-        self.decapsulate(id, packet)
+        self.decapsulate(now, id, packet)
     }
 
     /// A UDP datagram: STUN to the netcheck task, disco to the path machines, WireGuard to its
     /// peer (by the address disco learned, else by WireGuard's own index or static key).
-    pub(super) fn udp_datagram(&mut self, datagram: &[u8], from: SocketAddr) -> Option<usize> {
+    pub(super) fn udp_datagram(
+        &mut self,
+        now: Instant,
+        datagram: &[u8],
+        from: SocketAddr,
+    ) -> Option<usize> {
         let from = udp::unmap_v4(from);
         match crate::demux::classify_udp(datagram) {
             Inbound::Stun(bytes) => {
@@ -96,7 +101,7 @@ impl Engine {
                 geneve: None,
                 packet,
             } => {
-                let _ = self.paths.handle_udp(Instant::now(), from, packet);
+                let _ = self.paths.handle_udp(now, from, packet);
                 None
             }
             Inbound::WireGuard {
@@ -115,7 +120,7 @@ impl Engine {
                     return None;
                 };
                 self.path_io.count_in(PathKind::direct(&from), packet.len());
-                self.decapsulate(id, packet)
+                self.decapsulate(now, id, packet)
             }
             Inbound::Disco {
                 geneve: Some(header),
@@ -127,7 +132,7 @@ impl Engine {
             Inbound::WireGuard {
                 geneve: Some(header),
                 packet,
-            } => self.relayed_wireguard(from, header, packet),
+            } => self.relayed_wireguard(now, from, header, packet),
         }
     }
 
@@ -154,8 +159,7 @@ impl Engine {
 
     /// Decrypts a WireGuard datagram of peer `id`; handshake answers are queued for sending.
     /// Returns the length of an accepted packet for the TUN, left at the start of `self.out`.
-    pub(super) fn decapsulate(&mut self, id: PeerId, packet: &[u8]) -> Option<usize> {
-        let now = Instant::now();
+    pub(super) fn decapsulate(&mut self, now: Instant, id: PeerId, packet: &[u8]) -> Option<usize> {
         match self.peers.decapsulate_for(now, id, packet, &mut self.out) {
             WgOutput::ToNetwork(n) => {
                 if let Some(bytes) = self.out.get(..n) {
@@ -286,7 +290,9 @@ impl Engine {
         while let Some(out) = self.paths.poll_transmit() {
             match out.dest {
                 Dest::Direct(addr) => self.send_udp(udp, addr, &out.packet),
-                Dest::Derp(region) => self.send_derp(Some(region), out.peer, out.packet),
+                Dest::Derp(region) => {
+                    self.send_derp(Instant::now(), Some(region), out.peer, out.packet)
+                }
                 Dest::Relay(relay) => {
                     self.send_relayed(udp, relay, super::relay_client::DISCO, &out.packet)
                 }
@@ -326,7 +332,7 @@ impl Engine {
             let heard_on = self.last_region.get(&id).copied();
             let derp = &self.derp;
             let region = choose_region(region, heard_on, self.home, |r| derp.contains_key(&r));
-            self.send_derp(region, key, datagram.to_vec());
+            self.send_derp(now, region, key, datagram.to_vec());
         }
     }
 
