@@ -877,12 +877,12 @@ impl Server {
         }
     }
 
-    /// In a dup set, the last connection to send anything becomes the receiver.
     /// Invalidates every reader's cached route (called with the registry locked).
     fn routes_changed(&self) {
         self.shared.route_generation.fetch_add(1, Ordering::Release);
     }
 
+    /// In a dup set, the last connection to send anything becomes the receiver.
     fn claim_active(&self, conn: &Arc<Conn>) {
         let mut registry = self.registry();
         if let Some(set) = registry.clients.get_mut(&conn.key) {
