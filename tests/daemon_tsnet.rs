@@ -93,6 +93,10 @@ fn tern_and_tsnet_register_and_see_each_other() {
             &socket_s,
             "--tun",
             "userspace-networking",
+            // Every other test runs the daemon on its default one thread: this one proves a
+            // worker pool against the real Go node.
+            "--threads",
+            "2",
         ],
     )
     .expect("start tern daemon in c2");

@@ -40,12 +40,22 @@ fn free_port() -> u16 {
 /// `tern derp` on 127.0.0.1, plain HTTP, no STUN; `nofile` sets its open-file limit (soft and
 /// hard) before exec. Idle connections are held for `handshake` before the server gives up.
 async fn start_derp(nofile: Option<u64>, handshake: &str) -> (Child, SocketAddr) {
+    start_derp_with(nofile, handshake, &[]).await
+}
+
+/// [`start_derp`] with more flags.
+async fn start_derp_with(
+    nofile: Option<u64>,
+    handshake: &str,
+    flags: &[&str],
+) -> (Child, SocketAddr) {
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
     let mut command = Command::new(env!("CARGO_BIN_EXE_tern"));
     command
         .args(["derp", "--http", "--stun-port", "0", "--addr"])
         .arg(addr.to_string())
         .args(["--handshake-timeout", handshake])
+        .args(flags)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
@@ -283,6 +293,30 @@ async fn tern_derp_under_a_low_fd_limit_survives_emfile_and_recovers() {
     assert!(alive(&mut child));
     let log = stop(child).await;
     assert!(log.contains("accept failed"), "EMFILE logged:\n{log}");
+}
+
+/// Threads of a running process.
+fn thread_count(child: &Child) -> usize {
+    let pid = child.id().expect("running");
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("its /proc entry")
+        .count()
+}
+
+#[tokio::test]
+async fn tern_derp_relays_on_one_thread_by_default_and_on_a_pool_when_asked() {
+    let (single, addr) = start_derp(None, "5s").await;
+    clients_exchange_a_packet(addr).await;
+    let one = thread_count(&single);
+    stop(single).await;
+    let (pool, addr) = start_derp_with(None, "5s", &["--threads", "4"]).await;
+    clients_exchange_a_packet(addr).await;
+    let four = thread_count(&pool);
+    stop(pool).await;
+    // The pool's four workers are on top of the main thread; one thread has no workers.
+    assert!(four >= 5, "--threads 4 runs {four} threads");
+    assert!(one < 5, "the default runs {one} threads");
+    assert!(one < four);
 }
 
 /// An in-process relay on 127.0.0.1 with `config` tweaked.
