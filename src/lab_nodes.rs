@@ -455,7 +455,6 @@ caps = ["tailscale.com/cap/relay"]
     )
 }
 
-/// Write a file readable by root only (it holds the auth key).
 /// What `tern lab up` starts besides the control server and the c1/c2 nodes.
 #[derive(Debug, Clone, Default)]
 pub struct StartOptions {
@@ -516,6 +515,7 @@ pub fn register_synthetic_nodes(control_state: &Path, count: u32) -> anyhow::Res
     Ok(())
 }
 
+/// Write a file readable by root only (it holds the auth key).
 fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
     use std::os::unix::fs::OpenOptionsExt as _;
     let mut file = std::fs::OpenOptions::new()
