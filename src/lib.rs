@@ -36,6 +36,7 @@ pub mod sd_notify;
 pub mod state;
 pub mod status;
 pub mod stun;
+pub mod tls;
 pub mod trust;
 pub mod udp;
 pub mod vnet;

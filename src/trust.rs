@@ -59,7 +59,7 @@ impl WebPkiWrapper {
         expected: Option<ServerName<'static>>,
         log_only: bool,
     ) -> Result<Self, rustls::Error> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = crate::tls::provider();
         let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider)
             .build()
             .map_err(|e| rustls::Error::General(e.to_string()))?;

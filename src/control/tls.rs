@@ -10,13 +10,9 @@ use rustls::{ClientConfig, RootCertStore};
 use crate::trust::WebPkiWrapper;
 pub use crate::trust::{certificate_hint, root_store};
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
 /// The client configuration for `GET /key` over HTTPS: certificates verified, no exceptions.
 pub fn verifying_config(roots: Arc<RootCertStore>) -> Result<Arc<ClientConfig>, rustls::Error> {
-    let config = ClientConfig::builder_with_provider(provider())
+    let config = ClientConfig::builder_with_provider(crate::tls::provider())
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
         .with_no_client_auth();
@@ -28,7 +24,7 @@ pub fn verifying_config(roots: Arc<RootCertStore>) -> Result<Arc<ClientConfig>, 
 /// No ALPN, so the server speaks HTTP/1.1 for the upgrade.
 pub fn noise_config(roots: Arc<RootCertStore>) -> Result<Arc<ClientConfig>, rustls::Error> {
     let verifier = WebPkiWrapper::new(roots, None, true)?;
-    let config = ClientConfig::builder_with_provider(provider())
+    let config = ClientConfig::builder_with_provider(crate::tls::provider())
         .with_safe_default_protocol_versions()?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(verifier))

@@ -682,7 +682,7 @@ async fn tls_connect(
     server_name: &str,
     verify: &TlsVerify,
 ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, ClientError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = crate::tls::provider();
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| ClientError::Tls(e.to_string()))?;

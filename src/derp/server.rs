@@ -1338,7 +1338,7 @@ fn tls_config(
 ) -> Result<rustls::ServerConfig, TlsSetupError> {
     chain.push(meta_cert(server_key)?);
     // HTTP/1.1 only: no ALPN, as derper.
-    rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+    rustls::ServerConfig::builder_with_provider(crate::tls::provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsSetupError::Rustls(e.to_string()))?
         .with_no_client_auth()

@@ -270,14 +270,12 @@ async fn bind_tls(
         .map_err(|e| pem_error(&format!("tls.cert {}", tls.cert.display()), &e))?;
     let key = PrivateKeyDer::from_pem_file(&tls.key)
         .map_err(|e| pem_error(&format!("tls.key {}", tls.key.display()), &e))?;
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| pem_error("TLS", &e))?
-    .with_no_client_auth()
-    .with_single_cert(chain, key)
-    .map_err(|e| pem_error("tls.cert/tls.key", &e))?;
+    let config = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| pem_error("TLS", &e))?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| pem_error("tls.cert/tls.key", &e))?;
     let listener = TcpListener::bind(tls.listen)
         .await
         .map_err(|source| ServerError::Listen {
