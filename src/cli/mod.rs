@@ -152,25 +152,57 @@ pub fn init_logging() {
 /// Logs to stderr, filtered by the first of `vars` that is set (default `info`); colours only
 /// when stderr is a terminal (journald and log files get plain text). With `keep_recent` (the
 /// daemon) every line is also kept in [`crate::logring`] for `tern bugreport`. A second call is
-/// a no-op.
+/// a no-op. The filter is a list of `level` and `target=level` directives ([`log_filter`]).
 pub fn init_logging_from(vars: &[&str], keep_recent: bool) {
     use std::io::IsTerminal as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
     let filter = match vars.iter().find_map(|var| {
         let spec = std::env::var(var).ok().filter(|v| !v.trim().is_empty())?;
         Some((*var, spec))
     }) {
-        Some((var, spec)) => tracing_subscriber::EnvFilter::try_new(&spec).unwrap_or_else(|e| {
+        Some((var, spec)) => log_filter(&spec).unwrap_or_else(|e| {
             eprintln!("tern: ignoring {var}={spec:?} ({e}); logging at info");
-            tracing_subscriber::EnvFilter::new("info")
+            log_filter("info").unwrap_or_default()
         }),
-        None => tracing_subscriber::EnvFilter::new("info"),
+        None => log_filter("info").unwrap_or_default(),
     };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal());
+    let builder = tracing_subscriber::fmt().with_ansi(std::io::stderr().is_terminal());
     let _ = if keep_recent {
-        builder.with_writer(crate::logring::TeeWriter).try_init()
+        let subscriber = builder.with_writer(crate::logring::TeeWriter).finish();
+        subscriber.with(filter).try_init()
     } else {
-        builder.with_writer(std::io::stderr).try_init()
+        let subscriber = builder.with_writer(std::io::stderr).finish();
+        subscriber.with(filter).try_init()
     };
+}
+
+/// A log filter from `TERN_LOG` text: `level` sets the default, `target=level` a module's.
+/// `Targets`, not `EnvFilter`: no span or field filters, whose regex engine would add some
+/// 170 KB of code that the daemon keeps resident.
+fn log_filter(spec: &str) -> Result<tracing_subscriber::filter::Targets, String> {
+    spec.parse().map_err(|e| format!("{e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_filter;
+    use tracing::Level;
+
+    #[test]
+    fn log_filters_take_a_default_level_and_per_module_levels() {
+        let filter = log_filter("info,tern::relay=debug").expect("parses");
+        assert!(filter.would_enable("tern::relay::server", &Level::DEBUG));
+        assert!(!filter.would_enable("tern::relay::server", &Level::TRACE));
+        assert!(!filter.would_enable("tern::engine", &Level::DEBUG));
+        assert!(filter.would_enable("h2::codec", &Level::INFO));
+        let quiet = log_filter("warn").expect("parses");
+        assert!(!quiet.would_enable("tern", &Level::INFO));
+        assert!(quiet.would_enable("tern", &Level::WARN));
+    }
+
+    #[test]
+    fn a_log_filter_that_does_not_parse_is_an_error() {
+        assert!(log_filter("tern=loud").is_err());
+    }
 }
