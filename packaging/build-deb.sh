@@ -62,6 +62,11 @@ version=$(sed -n '/^\[package\]/,/^\[/ s/^version *= *"\([^"]*\)".*/\1/p' Cargo.
 libs=$(LC_ALL=C readelf -d "$binary" | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p')
 glibc=$(LC_ALL=C readelf --dyn-syms -W "$binary" | grep -oE 'GLIBC_[0-9]+(\.[0-9]+)+' \
   | sed 's/GLIBC_//' | sort -uV | tail -n1 || true)
+# Packed relative relocations (build.rs, release builds) need glibc 2.36: a version need that no
+# symbol carries, so --dyn-syms does not show it.
+if LC_ALL=C readelf -V -W "$binary" | grep 'GLIBC_ABI_DT_RELR' >/dev/null; then
+  glibc=$(printf '%s\n2.36\n' "$glibc" | sort -uV | tail -n1)
+fi
 depends="iproute2"
 for lib in $libs; do
   case "$lib" in
