@@ -155,7 +155,6 @@ pub fn init_logging() {
 /// a no-op. The filter is a list of `level` and `target=level` directives ([`log_filter`]).
 pub fn init_logging_from(vars: &[&str], keep_recent: bool) {
     use std::io::IsTerminal as _;
-    use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
     let filter = match vars.iter().find_map(|var| {
         let spec = std::env::var(var).ok().filter(|v| !v.trim().is_empty())?;
@@ -167,14 +166,30 @@ pub fn init_logging_from(vars: &[&str], keep_recent: bool) {
         }),
         None => log_filter("info").unwrap_or_default(),
     };
-    let builder = tracing_subscriber::fmt().with_ansi(std::io::stderr().is_terminal());
+    let ansi = std::io::stderr().is_terminal();
     let _ = if keep_recent {
-        let subscriber = builder.with_writer(crate::logring::TeeWriter).finish();
-        subscriber.with(filter).try_init()
+        log_subscriber(filter, crate::logring::TeeWriter, ansi).try_init()
     } else {
-        let subscriber = builder.with_writer(std::io::stderr).finish();
-        subscriber.with(filter).try_init()
+        log_subscriber(filter, std::io::stderr, ansi).try_init()
     };
+}
+
+/// Formatted lines to `writer`, the events `filter` lets through. On a bare registry: the `fmt()`
+/// builder would cap every level at its default `info` before the filter is asked.
+fn log_subscriber<W>(
+    filter: tracing_subscriber::filter::Targets,
+    writer: W,
+    ansi: bool,
+) -> impl tracing::Subscriber + Send + Sync
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
+    use tracing_subscriber::layer::SubscriberExt as _;
+    tracing_subscriber::registry().with(filter).with(
+        tracing_subscriber::fmt::layer()
+            .with_ansi(ansi)
+            .with_writer(writer),
+    )
 }
 
 /// A log filter from `TERN_LOG` text: `level` sets the default, `target=level` a module's.
@@ -199,6 +214,39 @@ mod tests {
         let quiet = log_filter("warn").expect("parses");
         assert!(!quiet.would_enable("tern", &Level::INFO));
         assert!(quiet.would_enable("tern", &Level::WARN));
+    }
+
+    /// What a subscriber wrote, shared with the test.
+    #[derive(Clone, Default)]
+    struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("lock").extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_daemons_subscriber_writes_debug_lines_a_filter_asks_for() {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let filter = log_filter("info,tern=debug").expect("parses");
+        let subscriber = super::log_subscriber(filter, move || writer.clone(), false);
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::debug!(target: "tern::control", "debug-from-tern");
+            tracing::trace!(target: "tern::control", "trace-from-tern");
+            tracing::debug!(target: "h2::codec", "debug-from-h2");
+            tracing::info!(target: "h2::codec", "info-from-h2");
+        });
+        let text = String::from_utf8(captured.0.lock().expect("lock").clone()).expect("utf-8");
+        assert!(text.contains("debug-from-tern"), "{text}");
+        assert!(text.contains("info-from-h2"), "{text}");
+        assert!(!text.contains("trace-from-tern"), "{text}");
+        assert!(!text.contains("debug-from-h2"), "{text}");
     }
 
     #[test]
