@@ -162,9 +162,9 @@ pub fn init_logging_from(vars: &[&str], keep_recent: bool) {
     }) {
         Some((var, spec)) => log_filter(&spec).unwrap_or_else(|e| {
             eprintln!("tern: ignoring {var}={spec:?} ({e}); logging at info");
-            log_filter("info").unwrap_or_default()
+            info_filter()
         }),
-        None => log_filter("info").unwrap_or_default(),
+        None => info_filter(),
     };
     let ansi = std::io::stderr().is_terminal();
     let _ = if keep_recent {
@@ -190,6 +190,11 @@ where
             .with_ansi(ansi)
             .with_writer(writer),
     )
+}
+
+/// The filter when `TERN_LOG` is unset or unusable: `info` for everything.
+fn info_filter() -> tracing_subscriber::filter::Targets {
+    tracing_subscriber::filter::Targets::new().with_default(tracing::Level::INFO)
 }
 
 /// A log filter from `TERN_LOG` text: `level` sets the default, `target=level` a module's.

@@ -576,7 +576,9 @@ impl ReaderOutputs {
             }
             other => return self.events.send(Ok(other)).await.is_ok(),
         };
-        self.delivered.store(true, Ordering::Relaxed);
+        if !self.delivered.load(Ordering::Relaxed) {
+            self.delivered.store(true, Ordering::Relaxed);
+        }
         deliver.tx.send(delivery).await.is_ok()
     }
 }

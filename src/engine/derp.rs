@@ -23,9 +23,6 @@ use crate::netcheck;
 /// Packets queued towards one DERP region before new ones are dropped.
 pub(super) const DERP_QUEUE: usize = 512;
 
-/// What a DERP region's connection passes to the engine: straight from its reader.
-pub(super) type DerpEvent = Delivery;
-
 /// Our side of one DERP region's task.
 pub(super) struct DerpLink {
     pub(super) outbound: mpsc::Sender<(NodePublic, Bytes)>,
@@ -270,7 +267,7 @@ pub(super) struct RegionIo {
     /// Whether this is our home region.
     pub(super) preferred: watch::Receiver<bool>,
     /// Packets and events received.
-    pub(super) inbound: mpsc::Sender<DerpEvent>,
+    pub(super) inbound: mpsc::Sender<Delivery>,
     /// Set while the connection is up.
     pub(super) connected: Arc<AtomicBool>,
 }

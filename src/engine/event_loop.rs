@@ -9,11 +9,11 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 
 use super::api;
-use super::derp::DerpEvent;
 use super::device::Device;
 use super::netcheck::LatencyReport;
 use super::sockets::UdpSockets;
 use super::{DropCounters, Engine, EngineError, BUF_LEN};
+use crate::derp::client::Delivery;
 use crate::netmap::NetworkMap;
 use crate::paths;
 use crate::report;
@@ -46,7 +46,7 @@ impl Engine {
         tun: &Device,
         udp: &UdpSockets,
         mut netmaps: watch::Receiver<Option<Arc<NetworkMap>>>,
-        mut inbound: mpsc::Receiver<DerpEvent>,
+        mut inbound: mpsc::Receiver<Delivery>,
         mut reports: mpsc::Receiver<LatencyReport>,
         mut requests: mpsc::Receiver<api::EngineRequest>,
         status: &watch::Sender<Status>,
@@ -207,9 +207,9 @@ impl Engine {
     }
 
     /// A packet or a "peer gone" from a DERP region task.
-    async fn on_derp_event(&mut self, tun: &Device, event: DerpEvent, now: Instant) {
+    async fn on_derp_event(&mut self, tun: &Device, event: Delivery, now: Instant) {
         match event {
-            DerpEvent::Packet {
+            Delivery::Packet {
                 region,
                 src,
                 packet,
@@ -218,7 +218,7 @@ impl Engine {
                 let to_tun = self.inbound_derp(now, region, src, &packet);
                 self.write_tun(tun, to_tun).await;
             }
-            DerpEvent::PeerGone { region, peer } => self.peer_gone(region, &peer),
+            Delivery::PeerGone { region, peer } => self.peer_gone(region, &peer),
         }
     }
 

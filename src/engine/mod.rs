@@ -49,6 +49,7 @@ use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::task::JoinHandle;
 
 use crate::control::tailcfg::DerpRegion;
+use crate::derp::client::Delivery;
 use crate::filter::Filter;
 use crate::keys::{NodePrivate, NodePublic};
 use crate::netcheck::{LatencyHistory, StunResponse, StunSockets};
@@ -59,7 +60,7 @@ use crate::report::{self, LocalNetInfo};
 use crate::status::Status;
 use crate::udp::offload;
 use crate::wg::{consts, PeerId, WgPeers};
-use derp::{DerpEvent, DerpLink};
+use derp::DerpLink;
 use device::Device;
 use netcheck::{netcheck_task, STUN_QUEUE};
 use peers::PeerInfo;
@@ -337,7 +338,7 @@ struct Engine {
     udp_port: u16,
     /// When each region last delivered a packet (updated at most every 5 s).
     last_frame: HashMap<u16, Instant>,
-    inbound_tx: mpsc::Sender<DerpEvent>,
+    inbound_tx: mpsc::Sender<Delivery>,
     /// Where each peer's packets last came from over DERP.
     last_region: HashMap<PeerId, u16>,
     /// Node keys that sent us WireGuard or disco before our netmap had them, and when: if one
@@ -401,7 +402,7 @@ struct Engine {
 impl Engine {
     fn new(
         config: &EngineConfig,
-        inbound_tx: mpsc::Sender<DerpEvent>,
+        inbound_tx: mpsc::Sender<Delivery>,
         local_tx: watch::Sender<LocalNetInfo>,
         regions_tx: watch::Sender<BTreeMap<u16, DerpRegion>>,
     ) -> Self {
