@@ -128,8 +128,9 @@ impl Pipeline {
         })
         .expect("split");
         let mut written = 0;
-        while let Some((out, _)) = coalescer.next_output() {
-            written += out.len();
+        while let Some(out) = coalescer.next_output() {
+            // What the engine hands `writev`: the parts, not a copy.
+            written += out.parts().map(<[u8]>::len).sum::<usize>();
         }
         written
     }

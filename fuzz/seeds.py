@@ -390,6 +390,22 @@ def tcp_frame(v6, payload_len, segment, flags=0x10, options=b"", gso=True):
     return header + ip + tcp + bytes((i * 31) & 0xFF for i in range(payload_len))
 
 
+def udp_frame(v6, payload_len, segment):
+    """A UDP super-packet (USO): GSO_UDP_L4, the UDP checksum field holding the pseudo-header sum."""
+    l4 = 8 + payload_len
+    if v6:
+        src, dst = bytes.fromhex("fd7a115ca1e000000000000000000001"), bytes.fromhex("fd7a115ca1e000000000000000000002")
+        ip = b"\x60\0\0\0" + struct.pack("!HBB", l4, 17, 64) + src + dst
+    else:
+        src, dst = bytes([100, 64, 0, 1]), bytes([100, 64, 0, 2])
+        ip = struct.pack("!BBHHHBBH", 0x45, 0, 20 + l4, 7, 0x4000, 64, 17, 0) + src + dst
+        ip = ip[:10] + struct.pack("!H", 0xFFFF - csum(ip)) + ip[12:]
+    partial = csum(src + dst + struct.pack("!HH", 17, l4))
+    udp = struct.pack("!HHHH", 12345, 443, l4, partial)
+    header = struct.pack("<BBHHHH", 1, 5, len(ip) + 8, segment, len(ip), 6)
+    return header + ip + udp + bytes((i * 7) & 0xFF for i in range(payload_len))
+
+
 d = Dir("tun_offload")
 TS = b"\x01\x01\x08\x0a" + struct.pack("!II", 5, 7)
 d.put("tso_v4", tcp_frame(False, 3000, 1000))
@@ -398,4 +414,6 @@ d.put("tso_v6_timestamps", tcp_frame(True, 2500, 1208, options=TS))
 d.put("csum_only_v4", tcp_frame(False, 100, 0, gso=False))
 d.put("plain_udp", struct.pack("<BBHHHH", 0, 0, 0, 0, 0, 0) + bytes.fromhex("4500001c000000004011000001010101020202020001000200080000"))
 d.put("bad_gso_udp_l4", b"\x01\x05" + tcp_frame(False, 3000, 1000)[2:])
+d.put("uso_v4", udp_frame(False, 3000, 1200))
+d.put("uso_v6", udp_frame(True, 2400, 1200))
 

@@ -350,8 +350,8 @@ pub struct DataPlaneStatus {
     #[serde(default)]
     pub netstack: std::collections::BTreeMap<String, u64>,
     /// TUN offloads (empty when off or without a kernel TUN): `super_packets_read`,
-    /// `segments_split`, `frames_refused`, `packets_to_tun`, `tun_writes`,
-    /// `super_packets_written`.
+    /// `segments_split`, `udp_super_packets_read`, `datagrams_split`, `frames_refused`,
+    /// `packets_to_tun`, `tun_writes`, `super_packets_written`.
     #[serde(default)]
     pub tun_offload: std::collections::BTreeMap<String, u64>,
     /// The SOCKS5 and HTTP proxies together (empty without either): `accepted`, `over_limit`,

@@ -1,5 +1,5 @@
 //! Fuzz the TUN offload code ([`tern::vnet`]): arbitrary bytes as a frame read from a TUN
-//! (virtio-net header, then a packet) never panic `split`; the packets it cuts go through the
+//! (virtio-net header, then a packet, TCP or UDP super-packets included) never panic `split`; the packets it cuts go through the
 //! coalescer, and every frame the coalescer writes splits again into as many packets of the same
 //! total length, each TCP one with a valid checksum.
 
@@ -16,8 +16,8 @@ pub fn run(data: &[u8]) {
         coalescer.push(p);
     }
     let mut frames = Vec::new();
-    while let Some((f, joined)) = coalescer.next_output() {
-        frames.push((f.to_vec(), joined));
+    while let Some(out) = coalescer.next_output() {
+        frames.push((out.to_vec(), out.joined()));
     }
     let (mut count, mut bytes) = (0, 0);
     for (mut f, coalesced) in frames {

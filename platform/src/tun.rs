@@ -1,7 +1,8 @@
 //! The TUN device: created with tun-rs (one queue), configured over netlink (MTU, link up,
 //! addresses) so that adding and removing use one code path. With offloads on, every packet
 //! read or written carries a virtio-net header and the kernel may hand us 64 KiB TCP
-//! super-packets (TSO, checksum offload); the engine splits and coalesces them.
+//! super-packets (TSO, checksum offload) and, on Linux 6.2 and later, UDP ones (USO); the engine
+//! splits them and coalesces what it writes.
 
 use std::future::Future;
 use std::io;
@@ -32,10 +33,13 @@ pub const VNET_HDR_LEN: usize = 10;
 
 /// `TUNSETOFFLOAD`: `_IOW('T', 208, unsigned int)`; its argument is passed by value.
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
-/// Checksum offload and TCP segmentation offload for IPv4 and IPv6. Not UDP (USO): we split
-/// only TCP super-packets, so the kernel must not hand us UDP ones.
+/// Checksum offload and TCP segmentation offload for IPv4 and IPv6.
 const TCP_OFFLOADS: libc::c_ulong =
     (libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6) as libc::c_ulong;
+/// Those and UDP segmentation offload (USO, Linux 6.2 and later; older kernels refuse the
+/// flags with EINVAL and we keep the TCP ones).
+const TCP_UDP_OFFLOADS: libc::c_ulong =
+    TCP_OFFLOADS | (libc::TUN_F_USO4 | libc::TUN_F_USO6) as libc::c_ulong;
 
 impl Default for TunConfig {
     fn default() -> Self {
@@ -69,6 +73,8 @@ pub struct LinuxTun {
     netlink: Netlink,
     /// Packets carry a virtio-net header (offloads on).
     vnet: bool,
+    /// The kernel may also hand us UDP super-packets (USO).
+    uso: bool,
 }
 
 impl LinuxTun {
@@ -79,19 +85,19 @@ impl LinuxTun {
             name: config.name.clone(),
             source,
         };
-        let (device, vnet) = match Self::build(config, config.offload) {
-            Ok(device) if config.offload => match set_tcp_offloads(&device) {
-                Ok(()) => (device, true),
+        let (device, vnet, uso) = match Self::build(config, config.offload) {
+            Ok(device) if config.offload => match set_offloads(&device) {
+                Ok(uso) => (device, true, uso),
                 Err(e) => {
                     tracing::info!(error = %e, "TUN offloads refused by the kernel: without them");
                     drop(device);
-                    (Self::build(config, false).map_err(tun_err)?, false)
+                    (Self::build(config, false).map_err(tun_err)?, false, false)
                 }
             },
-            Ok(device) => (device, false),
+            Ok(device) => (device, false, false),
             Err(e) if config.offload => {
                 tracing::info!(error = %e, "TUN with a virtio-net header refused: without offloads");
-                (Self::build(config, false).map_err(tun_err)?, false)
+                (Self::build(config, false).map_err(tun_err)?, false, false)
             }
             Err(e) => return Err(tun_err(e)),
         };
@@ -99,13 +105,14 @@ impl LinuxTun {
         let netlink = Netlink::connect()?;
         let index = netlink.link_index(&name).await?;
         netlink.set_link_up(index, u32::from(config.mtu)).await?;
-        tracing::debug!(%name, index, mtu = config.mtu, offload = vnet, "TUN up");
+        tracing::debug!(%name, index, mtu = config.mtu, offload = vnet, uso, "TUN up");
         Ok(Self {
             device,
             name,
             index,
             netlink,
             vnet,
+            uso,
         })
     }
 
@@ -117,14 +124,19 @@ impl LinuxTun {
             .build_async()
     }
 
-    /// Whether reads and writes carry a virtio-net header (see [`Self::send_frame`]).
+    /// Whether reads and writes carry a virtio-net header (see [`Self::send_frame_vectored`]).
     pub fn offload(&self) -> bool {
         self.vnet
     }
 
-    /// Writes a frame that already starts with its virtio-net header (offloads on).
-    pub async fn send_frame(&self, frame: &[u8]) -> io::Result<usize> {
-        self.device.send(frame).await
+    /// Whether reads may also be UDP super-packets (USO on; implies [`Self::offload`]).
+    pub fn udp_offload(&self) -> bool {
+        self.uso
+    }
+
+    /// Writes a frame given in parts, its virtio-net header first (offloads on): one `writev`.
+    pub async fn send_frame_vectored(&self, parts: &[IoSlice<'_>]) -> io::Result<usize> {
+        self.device.send_vectored(parts).await
     }
 
     /// Interface index (for routes).
@@ -154,10 +166,22 @@ impl LinuxTun {
     }
 }
 
-/// Limits the device's offloads to the TCP ones (tun-rs may also have enabled UDP's).
-fn set_tcp_offloads(device: &tun_rs::AsyncDevice) -> io::Result<()> {
+/// Sets the device's offloads to exactly the ones we split: TCP and UDP where the kernel has
+/// USO, else TCP only. Returns whether USO is on.
+fn set_offloads(device: &tun_rs::AsyncDevice) -> io::Result<bool> {
+    match set_offload_flags(device, TCP_UDP_OFFLOADS) {
+        Ok(()) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            tracing::debug!("TUN: no UDP segmentation offload (kernel before 6.2): TCP only");
+            set_offload_flags(device, TCP_OFFLOADS).map(|()| false)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn set_offload_flags(device: &tun_rs::AsyncDevice, flags: libc::c_ulong) -> io::Result<()> {
     // SAFETY: the descriptor is the live TUN the device owns; TUNSETOFFLOAD takes an integer.
-    let rc = unsafe { libc::ioctl(device.as_raw_fd(), TUNSETOFFLOAD as _, TCP_OFFLOADS) };
+    let rc = unsafe { libc::ioctl(device.as_raw_fd(), TUNSETOFFLOAD as _, flags) };
     if rc < 0 {
         return Err(io::Error::last_os_error());
     }

@@ -3,6 +3,7 @@
 //! Each wakeup handles what woke it, drains up to [`BATCH`] more packets of the same source, then
 //! flushes what is queued for the network.
 
+use std::io::IoSlice;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -233,7 +234,7 @@ impl Engine {
     }
 
     /// What one TUN read brought (`n` bytes of `buf`): a packet, or with offloads a frame that
-    /// may hold a TCP super-packet to cut into packets first.
+    /// may hold a TCP or UDP super-packet to cut into packets first.
     pub(super) fn read_from_tun(&mut self, udp: &UdpSockets, buf: &mut [u8], n: usize) {
         let Some(frame) = buf.get_mut(..n) else {
             return;
@@ -245,7 +246,10 @@ impl Engine {
             return;
         }
         let result = crate::vnet::split(frame, |packet| self.outbound(udp, now, packet));
-        self.tun_offload.note_split(result);
+        // The split rewrites the packet, not the virtio-net header in front of it.
+        let uso = crate::vnet::VnetHeader::decode(frame).and_then(|h| h.gso())
+            == Ok(crate::vnet::GsoType::UdpL4);
+        self.tun_offload.note_split(result, uso);
     }
 
     /// The decrypted packet of length `len` at the start of `self.out`, for the TUN: written
@@ -269,7 +273,13 @@ impl Engine {
             return;
         };
         while let Some(frame) = self.tun_offload.next_frame() {
-            if let Err(e) = kernel.send_frame(frame).await {
+            let mut iov = [IoSlice::new(&[]); crate::vnet::coalesce::MAX_PARTS];
+            let mut parts = 0;
+            for (slot, part) in iov.iter_mut().zip(frame.parts()) {
+                *slot = IoSlice::new(part);
+                parts += 1;
+            }
+            if let Err(e) = kernel.send_frame_vectored(&iov[..parts]).await {
                 tracing::debug!(error = %e, "TUN write failed");
             }
         }

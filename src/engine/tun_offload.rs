@@ -17,6 +17,9 @@ struct OffloadCounters {
     /// TCP super-packets read from the TUN, and the packets they were cut into.
     super_packets_read: u64,
     segments_split: u64,
+    /// UDP super-packets (USO) read from the TUN, and the datagrams they were cut into.
+    udp_super_packets_read: u64,
+    datagrams_split: u64,
     /// Frames whose virtio-net header or headers we could not take apart (dropped).
     frames_refused: u64,
     /// Decrypted packets given to the coalescer, and the writes they took.
@@ -27,9 +30,13 @@ struct OffloadCounters {
 }
 
 impl TunOffload {
-    /// Counts what [`vnet::split`] made of one frame read from the TUN.
-    pub(super) fn note_split(&mut self, result: Result<usize, vnet::VnetError>) {
+    /// Counts what [`vnet::split`] made of one frame read from the TUN (`udp`: a USO one).
+    pub(super) fn note_split(&mut self, result: Result<usize, vnet::VnetError>, udp: bool) {
         match result {
+            Ok(n) if n > 1 && udp => {
+                self.counters.udp_super_packets_read += 1;
+                self.counters.datagrams_split += n as u64;
+            }
             Ok(n) if n > 1 => {
                 self.counters.super_packets_read += 1;
                 self.counters.segments_split += n as u64;
@@ -49,11 +56,11 @@ impl TunOffload {
         self.coalescer.is_full()
     }
 
-    /// The next frame (virtio-net header first) to write; `None` when all are out.
-    pub(super) fn next_frame(&mut self) -> Option<&[u8]> {
-        let (frame, joined) = self.coalescer.next_output()?;
+    /// The next frame to write (virtio-net header first, in parts); `None` when all are out.
+    pub(super) fn next_frame(&mut self) -> Option<vnet::coalesce::Output<'_>> {
+        let frame = self.coalescer.next_output()?;
         self.counters.tun_writes += 1;
-        if joined {
+        if frame.joined() {
             self.counters.super_packets_written += 1;
         }
         Some(frame)
@@ -68,6 +75,8 @@ impl TunOffload {
         vec![
             ("super_packets_read", c.super_packets_read),
             ("segments_split", c.segments_split),
+            ("udp_super_packets_read", c.udp_super_packets_read),
+            ("datagrams_split", c.datagrams_split),
             ("frames_refused", c.frames_refused),
             ("packets_to_tun", c.packets_to_tun),
             ("tun_writes", c.tun_writes),

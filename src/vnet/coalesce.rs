@@ -11,8 +11,11 @@ use super::checksum::{fold, ipv4_header, pseudo_header_sum, sum_words};
 use super::header::{VnetHeader, HDR_LEN};
 use super::{tcp_layout, TCP};
 
-/// Packets held before the engine must write them out.
-pub const MAX_PACKETS: usize = 64;
+/// Packets held before the engine must write them out. Bytes bind first for full-size
+/// segments (about 200 of 1280 bytes), so most writes are whole 64 KiB super-packets.
+pub const MAX_PACKETS: usize = 256;
+/// Most parts an [`Output`] has: its virtio-net header and one per packet.
+pub const MAX_PARTS: usize = MAX_PACKETS + 1;
 /// Bytes held before the engine must write them out.
 const MAX_BYTES: usize = 256 * 1024;
 /// An IP packet's length field is 16 bits.
@@ -30,7 +33,6 @@ pub struct Coalescer {
     groups: Vec<Group>,
     /// The next group [`Coalescer::next_output`] returns.
     cursor: usize,
-    out: Vec<u8>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -118,24 +120,26 @@ impl Coalescer {
         });
     }
 
-    /// The next packet to write to the TUN, virtio-net header first, and whether it joins
-    /// several segments; `None` once all are out, and the coalescer is empty again.
-    pub fn next_output(&mut self) -> Option<(&[u8], bool)> {
+    /// The next packet to write to the TUN (in parts, virtio-net header first, so that a
+    /// super-packet is written with one `writev` and never copied together); `None` once all
+    /// are out, and the coalescer is empty again.
+    pub fn next_output(&mut self) -> Option<Output<'_>> {
         let Some(group) = self.groups.get(self.cursor).copied() else {
             self.clear();
             return None;
         };
+        // Written out: nothing may join it any more.
+        self.groups[self.cursor].open = false;
         self.cursor += 1;
-        self.out.clear();
-        if group.count == 1 {
-            let p = self.packets[group.first];
-            self.out.extend_from_slice(&VnetHeader::default().encode());
-            self.out
-                .extend_from_slice(&self.arena[p.start..p.start + p.len]);
-        } else {
-            self.assemble(&group);
-        }
-        Some((&self.out, group.count > 1))
+        let header = match self.packets[group.first].segment {
+            Some(seg) if group.count > 1 => self.fix_super_packet(&group, &seg),
+            _ => VnetHeader::default(),
+        };
+        Some(Output {
+            header: header.encode(),
+            coalescer: self,
+            group,
+        })
     }
 
     fn clear(&mut self) {
@@ -177,47 +181,74 @@ impl Coalescer {
         true
     }
 
-    /// Writes the group's super-packet into `out`: the first packet whole, the payload of the
-    /// others, lengths and IPv4 checksum fixed, the TCP checksum left partial for the kernel.
-    fn assemble(&mut self, group: &Group) {
-        let Some(seg) = self.packets[group.first].segment else {
-            return;
-        };
-        let headers = seg.ip_len + seg.tcp_len;
-        let header =
-            VnetHeader::tcp_super_packet(seg.v6, seg.ip_len, seg.tcp_len, group.segment_size);
-        self.out.extend_from_slice(&header.encode());
+    /// Makes the group's first packet the head of its super-packet, in place: lengths and IPv4
+    /// checksum for the joined size, PSH if any segment had it, and the TCP checksum field
+    /// holding the pseudo-header sum (NEEDS_CSUM: the kernel adds the rest).
+    fn fix_super_packet(&mut self, group: &Group, seg: &Segment) -> VnetHeader {
         let mut push = false;
         let mut next = Some(group.first);
         while let Some(index) = next {
             let p = self.packets[index];
-            let from = if index == group.first { 0 } else { headers };
-            self.out
-                .extend_from_slice(&self.arena[p.start + from..p.start + p.len]);
             push |= p.segment.is_some_and(|s| s.psh);
             next = p.next;
         }
-        fix_super_packet(&mut self.out[HDR_LEN..], &seg, push);
+        let start = self.packets[group.first].start;
+        let (t, len) = (seg.ip_len, group.len);
+        let head = &mut self.arena[start..start + t + seg.tcp_len];
+        if seg.v6 {
+            head[4..6].copy_from_slice(&((len - 40) as u16).to_be_bytes());
+        } else {
+            head[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+            head[10..12].fill(0);
+            let checksum = ipv4_header(&head[..t]);
+            head[10..12].copy_from_slice(&checksum.to_be_bytes());
+        }
+        if push {
+            head[t + 13] |= PSH;
+        }
+        let partial = fold(pseudo_header_sum(head, seg.v6, TCP, len - t));
+        head[t + 16..t + 18].copy_from_slice(&partial.to_be_bytes());
+        VnetHeader::tcp_super_packet(seg.v6, t, seg.tcp_len, group.segment_size)
     }
 }
 
-fn fix_super_packet(packet: &mut [u8], seg: &Segment, push: bool) {
-    let len = packet.len();
-    let t = seg.ip_len;
-    if seg.v6 {
-        packet[4..6].copy_from_slice(&((len - 40) as u16).to_be_bytes());
-    } else {
-        packet[2..4].copy_from_slice(&(len as u16).to_be_bytes());
-        packet[10..12].fill(0);
-        let checksum = ipv4_header(&packet[..t]);
-        packet[10..12].copy_from_slice(&checksum.to_be_bytes());
+/// One write for the TUN: a virtio-net header, then a packet as it came or a super-packet made
+/// of the first segment whole and the payload of the others.
+pub struct Output<'a> {
+    header: [u8; HDR_LEN],
+    coalescer: &'a Coalescer,
+    group: Group,
+}
+
+impl Output<'_> {
+    /// Whether it joins several segments.
+    pub fn joined(&self) -> bool {
+        self.group.count > 1
     }
-    if push {
-        packet[t + 13] |= PSH;
+
+    /// The bytes to write, in order: at most [`MAX_PARTS`] pieces.
+    pub fn parts(&self) -> impl Iterator<Item = &[u8]> {
+        let c = self.coalescer;
+        let headers = c.packets[self.group.first]
+            .segment
+            .map_or(0, |s| s.ip_len + s.tcp_len);
+        let first = self.group.first;
+        let packets = std::iter::successors(Some(first), |&i| c.packets[i].next).map(move |i| {
+            let p = c.packets[i];
+            let from = if i == first { 0 } else { headers };
+            &c.arena[p.start + from..p.start + p.len]
+        });
+        std::iter::once(&self.header[..]).chain(packets)
     }
-    // NEEDS_CSUM: the field holds the pseudo-header sum, the kernel adds the rest.
-    let partial = fold(pseudo_header_sum(packet, seg.v6, TCP, len - t));
-    packet[t + 16..t + 18].copy_from_slice(&partial.to_be_bytes());
+
+    /// The whole frame in one buffer (tests and benches; the engine writes the parts).
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut frame = Vec::with_capacity(HDR_LEN + self.group.len);
+        for part in self.parts() {
+            frame.extend_from_slice(part);
+        }
+        frame
+    }
 }
 
 /// A TCP data segment that may be joined to others: IPv4 without options or fragmentation, or

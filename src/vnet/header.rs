@@ -12,6 +12,8 @@ pub const F_NEEDS_CSUM: u8 = 1;
 const GSO_NONE: u8 = 0;
 const GSO_TCPV4: u8 = 1;
 const GSO_TCPV6: u8 = 4;
+/// `VIRTIO_NET_HDR_GSO_UDP_L4`: UDP segmentation (USO), IPv4 or IPv6 alike.
+const GSO_UDP_L4: u8 = 5;
 /// `VIRTIO_NET_HDR_GSO_ECN`: a flag on the GSO type (the segments carry ECN's CWR).
 const GSO_ECN: u8 = 0x80;
 
@@ -22,6 +24,8 @@ pub enum GsoType {
     None,
     TcpV4,
     TcpV6,
+    /// UDP datagrams of `gso_size` payload bytes each (the last may be shorter).
+    UdpL4,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -68,6 +72,7 @@ impl VnetHeader {
             GSO_NONE => Ok(GsoType::None),
             GSO_TCPV4 => Ok(GsoType::TcpV4),
             GSO_TCPV6 => Ok(GsoType::TcpV6),
+            GSO_UDP_L4 => Ok(GsoType::UdpL4),
             other => Err(VnetError::UnsupportedGso(other)),
         }
     }

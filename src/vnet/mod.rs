@@ -1,6 +1,7 @@
 //! TUN offloads (Linux `IFF_VNET_HDR`): every packet that crosses a TUN opened this way carries a
 //! virtio-net header. With TSO enabled the kernel hands us TCP super-packets of up to 64 KiB that
-//! [`split`] cuts into MTU-sized packets for WireGuard; on the way in, [`Coalescer`] joins the
+//! [`split`] cuts into MTU-sized packets for WireGuard (with USO, Linux 6.2 and later, also UDP
+//! super-packets from senders that use `UDP_SEGMENT`, such as QUIC stacks); on the way in, [`Coalescer`] joins the
 //! decrypted TCP segments of one flow into super-packets before the TUN write (GRO), so the
 //! kernel's TCP stack sees a few large packets instead of many small ones.
 //!
@@ -31,12 +32,15 @@ pub enum VnetError {
     BadChecksumOffsets,
     #[error("GSO packet is not TCP in IPv4/IPv6 as its header says")]
     NotTcp,
+    #[error("UDP GSO packet is not UDP in IPv4/IPv6, or its lengths disagree")]
+    NotUdp,
     #[error("IP or TCP header truncated or inconsistent")]
     BadHeaders,
 }
 
-/// IP protocol number of TCP.
+/// IP protocol numbers of TCP and UDP.
 const TCP: u8 = 6;
+const UDP: u8 = 17;
 
 /// Where the TCP header of a packet starts and how long it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

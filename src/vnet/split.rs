@@ -1,9 +1,9 @@
 //! Reads from a TUN with offloads: a checksum the kernel left for us to finish, or a TCP
-//! super-packet (TSO) to cut into segments of the size the kernel asked for.
+//! super-packet (TSO) or UDP one (USO) to cut into packets of the size the kernel asked for.
 
 use super::checksum::{fold, ipv4_header, pseudo_header_sum, sum_words};
 use super::header::{GsoType, VnetHeader, F_NEEDS_CSUM, HDR_LEN};
-use super::{tcp_layout, TcpLayout, VnetError, TCP};
+use super::{tcp_layout, TcpLayout, VnetError, TCP, UDP};
 
 const FIN: u8 = 0x01;
 const PSH: u8 = 0x08;
@@ -12,9 +12,10 @@ const CWR: u8 = 0x80;
 const MAX_HEADERS: usize = 120;
 /// Offset of the checksum in a UDP header: a computed 0 is sent as 0xffff (0 means "none").
 const UDP_CSUM_OFFSET: u16 = 6;
+const UDP_HEADER: usize = 8;
 
 /// Takes apart what one read of a vnet TUN returned (`frame`: header, then the packet): finishes
-/// a partial checksum, or cuts a TCP super-packet into segments of `gso_size` payload bytes.
+/// a partial checksum, or cuts a TCP or UDP super-packet into packets of `gso_size` payload bytes.
 /// `emit` gets each resulting packet in order. Works in place: the frame is overwritten (each
 /// segment's headers are written just in front of its payload, over what was already emitted).
 /// Returns how many packets were emitted.
@@ -31,6 +32,7 @@ pub fn split(frame: &mut [u8], mut emit: impl FnMut(&[u8])) -> Result<usize, Vne
         }
         GsoType::TcpV4 => segment_tcp(packet, false, &header, emit),
         GsoType::TcpV6 => segment_tcp(packet, true, &header, emit),
+        GsoType::UdpL4 => segment_udp(packet, &header, emit),
     }
 }
 
@@ -123,5 +125,84 @@ fn fix_segment(
     let pseudo = pseudo_header_sum(seg, layout.v6, TCP, len - t);
     let checksum = !fold(sum_words(pseudo, &seg[t..]));
     seg[t + 16..t + 18].copy_from_slice(&checksum.to_be_bytes());
+    Ok(())
+}
+
+/// Cuts a UDP super-packet into datagrams of `gso_size` payload bytes (the last may be shorter),
+/// each with its own IP and UDP header: lengths, IPv4 ID and header checksum, UDP checksum.
+fn segment_udp(
+    packet: &mut [u8],
+    header: &VnetHeader,
+    mut emit: impl FnMut(&[u8]),
+) -> Result<usize, VnetError> {
+    let (v6, ip_len) = udp_layout(packet)?;
+    let segment = usize::from(header.gso_size);
+    if segment == 0 {
+        return Err(VnetError::ZeroSegment);
+    }
+    let headers = ip_len + UDP_HEADER;
+    let mut original = [0u8; MAX_HEADERS];
+    let original = original.get_mut(..headers).ok_or(VnetError::BadHeaders)?;
+    original.copy_from_slice(&packet[..headers]);
+    let payload_len = packet.len() - headers;
+    let first_id = u16::from_be_bytes([packet[4], packet[5]]);
+    let (mut offset, mut index) = (0, 0);
+    loop {
+        let end = (offset + segment).min(payload_len);
+        let datagram = &mut packet[offset..headers + end];
+        datagram[..headers].copy_from_slice(original);
+        fix_datagram(datagram, v6, ip_len, first_id.wrapping_add(index as u16))?;
+        emit(datagram);
+        index += 1;
+        offset = end;
+        if end == payload_len {
+            return Ok(index);
+        }
+    }
+}
+
+/// Whether the packet is UDP directly in IPv4 (any IHL, not a fragment) or IPv6 (no extension
+/// headers) with a whole UDP header, and its IP header length.
+fn udp_layout(packet: &[u8]) -> Result<(bool, usize), VnetError> {
+    let (v6, ip_len, protocol) = match packet.first().map(|b| b >> 4) {
+        Some(6) if packet.len() >= 40 => (true, 40, packet[6]),
+        Some(4) if packet.len() >= 20 => {
+            let fragment = u16::from_be_bytes([packet[6], packet[7]]) & 0x3fff;
+            if fragment != 0 {
+                return Err(VnetError::NotUdp);
+            }
+            (false, usize::from(packet[0] & 0x0f) * 4, packet[9])
+        }
+        _ => return Err(VnetError::NotUdp),
+    };
+    if protocol != UDP || ip_len < 20 || ip_len + UDP_HEADER > packet.len() {
+        return Err(VnetError::NotUdp);
+    }
+    Ok((v6, ip_len))
+}
+
+/// Makes one datagram of a UDP super-packet a packet of its own.
+fn fix_datagram(datagram: &mut [u8], v6: bool, ip_len: usize, id: u16) -> Result<(), VnetError> {
+    let len = datagram.len();
+    let udp_len = u16::try_from(len - ip_len).map_err(|_| VnetError::BadHeaders)?;
+    if v6 {
+        datagram[4..6].copy_from_slice(&udp_len.to_be_bytes());
+    } else {
+        let total = u16::try_from(len).map_err(|_| VnetError::BadHeaders)?;
+        datagram[2..4].copy_from_slice(&total.to_be_bytes());
+        datagram[4..6].copy_from_slice(&id.to_be_bytes());
+        datagram[10..12].fill(0);
+        let checksum = ipv4_header(&datagram[..ip_len]);
+        datagram[10..12].copy_from_slice(&checksum.to_be_bytes());
+    }
+    let u = ip_len;
+    datagram[u + 4..u + 6].copy_from_slice(&udp_len.to_be_bytes());
+    datagram[u + 6..u + 8].fill(0);
+    let pseudo = pseudo_header_sum(datagram, v6, UDP, usize::from(udp_len));
+    let checksum = match !fold(sum_words(pseudo, &datagram[u..])) {
+        0 => 0xffff,
+        c => c,
+    };
+    datagram[u + 6..u + 8].copy_from_slice(&checksum.to_be_bytes());
     Ok(())
 }

@@ -179,13 +179,16 @@ fn coalesce_all(packets: &[Vec<u8>]) -> Vec<Vec<u8>> {
         c.push(p);
     }
     let mut out = Vec::new();
-    while let Some((p, joined)) = c.next_output() {
-        let gso = VnetHeader::decode(p).expect("header").gso_size != 0;
+    while let Some(output) = c.next_output() {
+        let p = output.to_vec();
+        let gso = VnetHeader::decode(&p).expect("header").gso_size != 0;
         assert_eq!(
-            joined, gso,
+            output.joined(),
+            gso,
             "joined exactly when the header asks for segmentation"
         );
-        out.push(p.to_vec());
+        assert!(output.parts().count() <= coalesce::MAX_PARTS);
+        out.push(p);
     }
     assert!(c.is_empty());
     out
@@ -205,12 +208,30 @@ fn checksum_matches_rfc1071_example_and_the_slow_sum() {
     // RFC 1071 §3: 00 01 f2 03 f4 f5 f6 f7 sums to ddf2.
     let example = [0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7];
     assert_eq!(fold(sum_words(0, &example)), 0xddf2);
-    for len in [0, 1, 2, 3, 5, 7, 8, 9, 1279, 1280, 65535] {
+    // Lengths around the 4-byte words and the 32-byte blocks the fast sum takes at a time.
+    for len in [
+        0, 1, 2, 3, 5, 7, 8, 9, 31, 32, 33, 35, 63, 64, 65, 1279, 1280, 65535,
+    ] {
         let data = payload(len, len as u8);
         assert_eq!(
             fold(sum_words(0, &data)),
             naive_fold(naive_sum(&data)),
             "length {len}"
+        );
+        // Chained after another sum, as the pseudo-header is.
+        assert_eq!(
+            fold(sum_words(0x1_2345, &data)),
+            naive_fold(0x1_2345 + naive_sum(&data)),
+            "length {len} after a pseudo-header"
+        );
+    }
+    // All ones (the largest words) and all zeros (a sum of 0, which must stay 0).
+    for (byte, len) in [(0xff, 65535), (0xff, 1280), (0, 1280)] {
+        let data = vec![byte; len];
+        assert_eq!(
+            fold(sum_words(0, &data)),
+            naive_fold(naive_sum(&data)),
+            "{len} bytes of {byte:#x}"
         );
     }
 }
@@ -302,6 +323,125 @@ fn a_partial_checksum_is_completed_for_udp_and_tcp() {
     assert_eq!(out, vec![tcp.build()]);
 }
 
+/// What the kernel hands us for USO: the vnet header (GSO_UDP_L4), then one UDP packet with
+/// `payload`, whose checksum field holds the pseudo-header sum.
+fn uso_frame(v6: bool, payload: &[u8], segment: u16) -> Vec<u8> {
+    let udp_len = (8 + payload.len()) as u16;
+    let mut p = Vec::new();
+    if v6 {
+        p.extend_from_slice(&[0x60, 0, 0, 0]);
+        p.extend_from_slice(&udp_len.to_be_bytes());
+        p.extend_from_slice(&[17, 64]);
+        p.extend_from_slice(&[
+            0xfd, 0x7a, 0x11, 0x5c, 0xa1, 0xe0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1,
+        ]);
+        p.extend_from_slice(&[
+            0xfd, 0x7a, 0x11, 0x5c, 0xa1, 0xe0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2,
+        ]);
+    } else {
+        p.extend_from_slice(&[0x45, 0]);
+        p.extend_from_slice(&(20 + udp_len).to_be_bytes());
+        p.extend_from_slice(&[
+            0x12, 0x34, 0x40, 0, 64, 17, 0, 0, 100, 64, 0, 1, 100, 64, 0, 2,
+        ]);
+        let c = !naive_fold(naive_sum(&p));
+        p[10..12].copy_from_slice(&c.to_be_bytes());
+    }
+    let u = p.len();
+    p.extend_from_slice(&[0x30, 0x39, 0x01, 0xbb]);
+    p.extend_from_slice(&udp_len.to_be_bytes());
+    let addrs = if v6 { &p[8..40] } else { &p[12..20] };
+    let partial = naive_fold(naive_sum(addrs) + 17 + u32::from(udp_len));
+    p.extend_from_slice(&partial.to_be_bytes());
+    p.extend_from_slice(payload);
+    let header = VnetHeader {
+        flags: 1,
+        gso_type: 5,
+        hdr_len: (u + 8) as u16,
+        gso_size: segment,
+        csum_start: u as u16,
+        csum_offset: 6,
+    };
+    let mut frame = header.encode().to_vec();
+    frame.extend_from_slice(&p);
+    frame
+}
+
+#[test]
+fn uso_is_cut_into_datagrams_with_their_own_headers() {
+    for v6 in [false, true] {
+        let data = payload(3000, 4);
+        let datagrams = split_all(&uso_frame(v6, &data, 1200)).unwrap();
+        let ip = if v6 { 40 } else { 20 };
+        let lens: Vec<usize> = datagrams.iter().map(|d| d.len() - ip - 8).collect();
+        assert_eq!(lens, [1200, 1200, 600], "v6 {v6}");
+        let mut joined = Vec::new();
+        for (i, d) in datagrams.iter().enumerate() {
+            let udp_len = u16::from_be_bytes([d[ip + 4], d[ip + 5]]);
+            assert_eq!(usize::from(udp_len), d.len() - ip, "UDP length of {i}");
+            if v6 {
+                assert_eq!(usize::from(u16::from_be_bytes([d[4], d[5]])), d.len() - 40);
+            } else {
+                assert_eq!(usize::from(u16::from_be_bytes([d[2], d[3]])), d.len());
+                assert_eq!(
+                    u16::from_be_bytes([d[4], d[5]]),
+                    0x1234 + i as u16,
+                    "IPv4 ID"
+                );
+                assert!(ipv4_checksum_ok(d), "IPv4 checksum of datagram {i}");
+            }
+            assert_eq!(&d[ip..ip + 4], &[0x30, 0x39, 0x01, 0xbb], "ports of {i}");
+            assert!(l4_checksum_ok(d), "UDP checksum of datagram {i} (v6 {v6})");
+            joined.extend_from_slice(&d[ip + 8..]);
+        }
+        assert_eq!(joined, data, "v6 {v6}");
+    }
+}
+
+#[test]
+fn a_uso_datagram_whose_checksum_computes_to_zero_sends_all_ones() {
+    // Pick the last payload word so that the second datagram's sum folds to 0xffff: its
+    // checksum computes to 0, which UDP means as "none", so it must go out as 0xffff.
+    let mut data = payload(2400, 8);
+    data[2398..].fill(0);
+    let second = &split_all(&uso_frame(true, &data, 1200)).unwrap()[1];
+    let mut zeroed = second.clone();
+    zeroed[46..48].fill(0);
+    let sum = naive_fold(pseudo_udp(&zeroed) + naive_sum(&zeroed[40..]));
+    data[2398..].copy_from_slice(&(0xffff - sum).to_be_bytes());
+    let second = &split_all(&uso_frame(true, &data, 1200)).unwrap()[1];
+    assert_eq!(&second[46..48], &[0xff, 0xff]);
+    assert!(l4_checksum_ok(second));
+}
+
+fn pseudo_udp(p: &[u8]) -> u32 {
+    naive_sum(&p[8..40]) + 17 + (p.len() - 40) as u32
+}
+
+#[test]
+fn bad_uso_frames_are_refused() {
+    let good = uso_frame(false, &payload(3000, 1), 1000);
+    assert_eq!(split_all(&good).map(|d| d.len()), Ok(3));
+    let mut zero = good.clone();
+    zero[4..6].fill(0);
+    assert_eq!(split_all(&zero), Err(VnetError::ZeroSegment));
+    let mut fragment = good.clone();
+    fragment[10 + 6] |= 0x20; // more fragments
+    assert_eq!(split_all(&fragment), Err(VnetError::NotUdp));
+    let mut tcp = good.clone();
+    tcp[10 + 9] = 6;
+    assert_eq!(split_all(&tcp), Err(VnetError::NotUdp));
+    assert_eq!(split_all(&good[..10 + 24]), Err(VnetError::NotUdp));
+    for len in 0..good.len().min(120) {
+        let _ = split_all(&good[..len]);
+    }
+    for i in 0..60 {
+        let mut bad = good.clone();
+        bad[i] ^= 0xff;
+        let _ = split_all(&bad);
+    }
+}
+
 #[test]
 fn a_plain_packet_passes_untouched() {
     let packet = Tcp::v6(1, payload(10, 0)).build();
@@ -314,9 +454,12 @@ fn a_plain_packet_passes_untouched() {
 fn bad_frames_are_refused_not_panicked_on() {
     let good = tso_frame(&Tcp::v4(1, payload(3000, 0)), 1000);
     assert_eq!(split_all(&good[..5]), Err(VnetError::ShortHeader));
+    let mut ufo = good.clone();
+    ufo[1] = 3; // UDP fragmentation offload: never enabled, refused
+    assert_eq!(split_all(&ufo), Err(VnetError::UnsupportedGso(3)));
     let mut udp_l4 = good.clone();
-    udp_l4[1] = 5;
-    assert_eq!(split_all(&udp_l4), Err(VnetError::UnsupportedGso(5)));
+    udp_l4[1] = 5; // USO on a TCP packet
+    assert_eq!(split_all(&udp_l4), Err(VnetError::NotUdp));
     let mut zero = good.clone();
     zero[4..6].fill(0);
     assert_eq!(split_all(&zero), Err(VnetError::ZeroSegment));

@@ -21,6 +21,18 @@ pub fn require_root() {
     );
 }
 
+/// Whether the running kernel is 6.2 or later, which has UDP segmentation offload (USO) on TUN
+/// devices: tests check that tern uses it there, and does without it before.
+pub fn kernel_has_uso() -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut parts = release
+        .trim()
+        .split(['.', '-'])
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    (major, minor) >= (6, 2)
+}
+
 /// A STUN server on some addresses of a namespace, answering Tailscale binding requests from a
 /// thread; stopped on Drop.
 pub struct StunServer {
