@@ -3,7 +3,7 @@
 //! to send. Still sans-IO: the driver gives it datagrams and the time, and sends [`Outgoing`]
 //! packets on the UDP socket or via DERP.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::time::Instant;
 
@@ -12,6 +12,7 @@ use super::{
     SendPlan, TimeoutReason,
 };
 use crate::disco::{self, DiscoError, Message};
+use crate::fastmap::FastMap;
 use crate::keys::{DiscoPrivate, DiscoPublic, NodePublic};
 use crate::naclbox::SharedBox;
 
@@ -71,10 +72,10 @@ pub struct PeerTable {
     disco_public: DiscoPublic,
     local: LocalNet,
     peers: BTreeMap<NodePublic, Entry>,
-    by_disco: HashMap<DiscoPublic, NodePublic>,
-    by_addr: HashMap<SocketAddr, NodePublic>,
+    by_disco: FastMap<DiscoPublic, NodePublic>,
+    by_addr: FastMap<SocketAddr, NodePublic>,
     /// Relay endpoints in use, for WireGuard that arrives through them.
-    by_relay: HashMap<RelayAddr, NodePublic>,
+    by_relay: FastMap<RelayAddr, NodePublic>,
     /// Nodes that may serve us as relays (`relay-target` grants).
     relay_candidates: BTreeSet<NodePublic>,
     counters: DiscoCounters,
@@ -84,7 +85,7 @@ pub struct PeerTable {
     /// Every peer's next deadline, earliest first (`deadline_of` is the reverse index), so
     /// `poll_timeout` costs O(log n) per call, not a scan.
     deadlines: BTreeSet<(Instant, NodePublic)>,
-    deadline_of: HashMap<NodePublic, Instant>,
+    deadline_of: FastMap<NodePublic, Instant>,
 }
 
 impl std::fmt::Debug for PeerTable {
@@ -105,28 +106,40 @@ impl PeerTable {
             disco_private,
             local,
             peers: BTreeMap::new(),
-            by_disco: HashMap::new(),
-            by_addr: HashMap::new(),
-            by_relay: HashMap::new(),
+            by_disco: FastMap::default(),
+            by_addr: FastMap::default(),
+            by_relay: FastMap::default(),
             relay_candidates: BTreeSet::new(),
             counters: DiscoCounters::default(),
             touched: BTreeSet::new(),
             deadlines: BTreeSet::new(),
-            deadline_of: HashMap::new(),
+            deadline_of: FastMap::default(),
         }
     }
 
     /// After `key`'s machine got input: its output may be waiting and its deadline moved.
     fn touch(&mut self, key: NodePublic) {
-        if let Some(old) = self.deadline_of.remove(&key) {
-            self.deadlines.remove(&(old, key));
-        }
-        let Some(entry) = self.peers.get(&key) else {
-            self.touched.remove(&key);
-            return;
+        let deadline = match self.peers.get(&key) {
+            Some(entry) => {
+                self.touched.insert(key);
+                entry.peer.poll_timeout().map(|(at, _)| at)
+            }
+            None => {
+                self.touched.remove(&key);
+                None
+            }
         };
-        self.touched.insert(key);
-        if let Some((at, _)) = entry.peer.poll_timeout() {
+        // Every outgoing packet touches its peer, and its deadline rarely moves: re-index only
+        // when it did.
+        let old = self.deadline_of.get(&key).copied();
+        if old == deadline {
+            return;
+        }
+        if let Some(old) = old {
+            self.deadlines.remove(&(old, key));
+            self.deadline_of.remove(&key);
+        }
+        if let Some(at) = deadline {
             self.deadlines.insert((at, key));
             self.deadline_of.insert(key, at);
         }
@@ -539,6 +552,60 @@ mod tests {
             .any(|e| matches!(e.event, Event::Pong { cli: true, tx_id, .. } if tx_id == tx[0]));
         assert!(cli_pong);
         assert_eq!(a.table.poll_timeout().map(|(_, k, _)| k), Some(b.node_key));
+    }
+
+    /// The table's earliest deadline, and its index, agree with the peers' own deadlines through
+    /// traffic (which touches a peer per packet and mostly leaves its deadline where it was),
+    /// discovery and timers.
+    #[test]
+    fn the_deadline_index_follows_every_peers_own_deadline() {
+        let t0 = Instant::now();
+        let mut a = side(1, "203.0.113.1:41641", 1);
+        let mut b = side(2, "198.51.100.2:41641", 2);
+        let c = side(3, "192.0.2.3:41641", 3);
+        a.table.set_peers(t0, vec![info_of(&b), info_of(&c)]);
+        b.table.set_peers(t0, vec![info_of(&a)]);
+        let check = |table: &PeerTable, step: &str| {
+            let own = table
+                .paths()
+                .filter_map(|(k, _)| Some((table.peer(k)?.poll_timeout()?.0, *k)))
+                .min();
+            assert_eq!(table.poll_timeout().map(|(t, k, _)| (t, k)), own, "{step}");
+            let indexed: Vec<(Instant, NodePublic)> = table.deadlines.iter().copied().collect();
+            let mut expected: Vec<(Instant, NodePublic)> = table
+                .paths()
+                .filter_map(|(k, _)| Some((table.peer(k)?.poll_timeout()?.0, *k)))
+                .collect();
+            expected.sort();
+            assert_eq!(indexed, expected, "{step}: index");
+            assert_eq!(
+                table.deadline_of.len(),
+                expected.len(),
+                "{step}: reverse index"
+            );
+        };
+        let mut now = t0;
+        for round in 0..400u32 {
+            now += Duration::from_millis(25);
+            a.table.on_outgoing(now, &b.node_key);
+            if round % 7 == 0 {
+                a.table.on_outgoing(now, &c.node_key);
+            }
+            check(&a.table, &format!("round {round}, after sends"));
+            // b answers over its direct address; c never answers, so its pings time out.
+            while let Some(out) = a.table.poll_transmit() {
+                if let (true, Dest::Direct(_)) = (out.peer == b.node_key, out.dest) {
+                    let _ = b.table.handle_udp(now, a.public, &out.packet);
+                }
+            }
+            while a.table.poll_event().is_some() {}
+            pump(now, &mut b, &mut a);
+            a.table.handle_timeout(now);
+            b.table.handle_timeout(now);
+            check(&a.table, &format!("round {round}, after timers"));
+        }
+        a.table.set_peers(now, vec![info_of(&b)]);
+        check(&a.table, "after c left");
     }
 
     #[test]
