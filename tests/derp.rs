@@ -395,6 +395,40 @@ impl RawConn {
     }
 }
 
+/// The server queues the packets of one read per receiver in batches: frames for two receivers
+/// interleaved in one write (one read on the server) reach each receiver complete and in order,
+/// a frame for a key that is not there is dropped without disturbing them, and the counters
+/// count every packet once.
+#[tokio::test]
+async fn interleaved_packets_of_one_read_reach_each_receiver_in_order() {
+    let relay = start_relay(false, |c| c.queue_depth = 1024).await;
+    let sender = NodePrivate::generate();
+    let (mut raw, _) = RawConn::connect(&relay, &sender, true).await;
+    let (mut b, kb) = relay.client().await;
+    let (mut c, kc) = relay.client().await;
+    let nobody = NodePrivate::generate().public();
+    let mut out = Vec::new();
+    for i in 0u32..100 {
+        let dst = if i % 2 == 0 { kb } else { kc };
+        frame::put_send_packet(&mut out, &dst, &i.to_be_bytes());
+        if i % 10 == 0 {
+            frame::put_send_packet(&mut out, &nobody, b"lost");
+        }
+    }
+    raw.stream.write_all(&out).await.unwrap();
+    for (client, first) in [(&mut b, 0u32), (&mut c, 1)] {
+        for i in (first..100).step_by(2) {
+            let (src, packet) = next_packet(client).await;
+            assert_eq!(src, sender.public());
+            assert_eq!(packet, Bytes::from(i.to_be_bytes().to_vec()), "packet {i}");
+        }
+    }
+    assert_eq!(relay.metric(|m| &m.packets_forwarded_total), 100);
+    assert_eq!(relay.metric(|m| &m.bytes_forwarded_total), 400);
+    assert_eq!(relay.metric(|m| &m.packets_dropped_unknown_dest_total), 10);
+    assert_eq!(relay.metric(|m| &m.packets_dropped_queue_full_total), 0);
+}
+
 #[tokio::test]
 async fn upgrade_response_is_byte_exact_and_fast_start_skips_it() {
     let relay = start_relay(false, |_| {}).await;
