@@ -14,7 +14,6 @@ pub mod disco;
 pub mod dns;
 pub mod duration_text;
 pub mod engine;
-pub mod fastmap;
 pub mod filter;
 pub mod keys;
 pub mod lab_nodes;

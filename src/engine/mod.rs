@@ -50,7 +50,6 @@ use tokio::task::JoinHandle;
 
 use crate::control::tailcfg::DerpRegion;
 use crate::derp::client::Delivery;
-use crate::fastmap::FastMap;
 use crate::filter::Filter;
 use crate::keys::{NodePrivate, NodePublic};
 use crate::netcheck::{LatencyHistory, StunResponse, StunSockets};
@@ -315,7 +314,7 @@ struct HandshakeRetry {
 
 struct Engine {
     peers: WgPeers,
-    info: FastMap<PeerId, PeerInfo>,
+    info: HashMap<PeerId, PeerInfo>,
     /// Path selection per peer (disco).
     paths: PeerTable,
     node_key: NodePublic,
@@ -341,7 +340,7 @@ struct Engine {
     last_frame: HashMap<u16, Instant>,
     inbound_tx: mpsc::Sender<Delivery>,
     /// Where each peer's packets last came from over DERP.
-    last_region: FastMap<PeerId, u16>,
+    last_region: HashMap<PeerId, u16>,
     /// Node keys that sent us WireGuard or disco before our netmap had them, and when: if one
     /// joins the netmap soon after, we start the handshake instead of waiting for its retry.
     heard_unknown: HashMap<NodePublic, Instant>,
@@ -414,7 +413,7 @@ impl Engine {
         };
         Self {
             peers: WgPeers::new(config.node_key.clone()),
-            info: FastMap::default(),
+            info: HashMap::new(),
             paths: PeerTable::new(config.disco_key.clone(), local),
             node_key,
             filter: None,
@@ -432,7 +431,7 @@ impl Engine {
             udp_port: config.port,
             last_frame: HashMap::new(),
             inbound_tx,
-            last_region: FastMap::default(),
+            last_region: HashMap::new(),
             heard_unknown: HashMap::new(),
             handshake_retries: HashMap::new(),
             private_key: config.node_key.clone(),

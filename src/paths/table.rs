@@ -3,7 +3,7 @@
 //! to send. Still sans-IO: the driver gives it datagrams and the time, and sends [`Outgoing`]
 //! packets on the UDP socket or via DERP.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::time::Instant;
 
@@ -12,7 +12,6 @@ use super::{
     SendPlan, TimeoutReason,
 };
 use crate::disco::{self, DiscoError, Message};
-use crate::fastmap::FastMap;
 use crate::keys::{DiscoPrivate, DiscoPublic, NodePublic};
 use crate::naclbox::SharedBox;
 
@@ -72,10 +71,10 @@ pub struct PeerTable {
     disco_public: DiscoPublic,
     local: LocalNet,
     peers: BTreeMap<NodePublic, Entry>,
-    by_disco: FastMap<DiscoPublic, NodePublic>,
-    by_addr: FastMap<SocketAddr, NodePublic>,
+    by_disco: HashMap<DiscoPublic, NodePublic>,
+    by_addr: HashMap<SocketAddr, NodePublic>,
     /// Relay endpoints in use, for WireGuard that arrives through them.
-    by_relay: FastMap<RelayAddr, NodePublic>,
+    by_relay: HashMap<RelayAddr, NodePublic>,
     /// Nodes that may serve us as relays (`relay-target` grants).
     relay_candidates: BTreeSet<NodePublic>,
     counters: DiscoCounters,
@@ -85,7 +84,7 @@ pub struct PeerTable {
     /// Every peer's next deadline, earliest first (`deadline_of` is the reverse index), so
     /// `poll_timeout` costs O(log n) per call, not a scan.
     deadlines: BTreeSet<(Instant, NodePublic)>,
-    deadline_of: FastMap<NodePublic, Instant>,
+    deadline_of: HashMap<NodePublic, Instant>,
 }
 
 impl std::fmt::Debug for PeerTable {
@@ -106,14 +105,14 @@ impl PeerTable {
             disco_private,
             local,
             peers: BTreeMap::new(),
-            by_disco: FastMap::default(),
-            by_addr: FastMap::default(),
-            by_relay: FastMap::default(),
+            by_disco: HashMap::new(),
+            by_addr: HashMap::new(),
+            by_relay: HashMap::new(),
             relay_candidates: BTreeSet::new(),
             counters: DiscoCounters::default(),
             touched: BTreeSet::new(),
             deadlines: BTreeSet::new(),
-            deadline_of: FastMap::default(),
+            deadline_of: HashMap::new(),
         }
     }
 

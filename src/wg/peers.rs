@@ -1,7 +1,7 @@
 //! [`WgPeers`]: node key → session, inbound peer identification, outbound AllowedIPs routing.
 
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,7 +13,6 @@ use boringtun::x25519::{PublicKey, StaticSecret};
 use ipnet::IpNet;
 
 use super::{min_deadline, AllowedIps, BoringSession, DropReason, WgError, WgOutput, WgSession};
-use crate::fastmap::FastMap;
 use crate::keys::{NodePrivate, NodePublic};
 
 /// Index of a peer in the table; also the upper 24 bits of its WireGuard receiver indices.
@@ -40,7 +39,7 @@ pub struct WgPeers {
     rate_limiter: Arc<RateLimiter>,
     slots: Vec<Option<Peer>>,
     free: Vec<PeerId>,
-    by_key: FastMap<NodePublic, PeerId>,
+    by_key: HashMap<NodePublic, PeerId>,
     routes: AllowedIps<PeerId>,
     /// The shared rate limiter's counter is reset once a second while handshakes arrive.
     limiter_reset_at: Option<Instant>,
@@ -63,7 +62,7 @@ impl WgPeers {
             local,
             slots: Vec::new(),
             free: Vec::new(),
-            by_key: FastMap::default(),
+            by_key: HashMap::new(),
             routes: AllowedIps::new(),
             limiter_reset_at: None,
             timers: BinaryHeap::new(),

@@ -4,7 +4,7 @@
 //! costs one masked hash probe per distinct length (Tailscale netmaps have few: /32, /128, a few
 //! subnet lengths) and never allocates.
 
-use crate::fastmap::FastMap;
+use std::collections::HashMap;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -12,8 +12,8 @@ use ipnet::IpNet;
 /// Prefix → value table with longest-prefix-match lookup.
 #[derive(Debug, Clone)]
 pub struct AllowedIps<T> {
-    v4: Vec<(u8, FastMap<u32, T>)>,
-    v6: Vec<(u8, FastMap<u128, T>)>,
+    v4: Vec<(u8, HashMap<u32, T>)>,
+    v6: Vec<(u8, HashMap<u128, T>)>,
 }
 
 impl<T> Default for AllowedIps<T> {
@@ -41,15 +41,15 @@ fn mask_v6(addr: u128, len: u8) -> u128 {
     }
 }
 
-fn slot<K, T>(levels: &mut Vec<(u8, FastMap<K, T>)>, len: u8) -> &mut FastMap<K, T> {
+fn slot<K, T>(levels: &mut Vec<(u8, HashMap<K, T>)>, len: u8) -> &mut HashMap<K, T> {
     let pos = match levels.iter().position(|(l, _)| *l <= len) {
         Some(i) if levels[i].0 == len => i,
         Some(i) => {
-            levels.insert(i, (len, FastMap::default()));
+            levels.insert(i, (len, HashMap::new()));
             i
         }
         None => {
-            levels.push((len, FastMap::default()));
+            levels.push((len, HashMap::new()));
             levels.len() - 1
         }
     };
