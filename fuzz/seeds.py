@@ -373,16 +373,20 @@ def csum(data):
     return s
 
 
+def ip_header(v6, proto, l4):
+    """The IP header (IPv4 with its checksum) and the addresses, for l4 bytes of proto."""
+    if v6:
+        src, dst = bytes.fromhex("fd7a115ca1e000000000000000000001"), bytes.fromhex("fd7a115ca1e000000000000000000002")
+        return b"\x60\0\0\0" + struct.pack("!HBB", l4, proto, 64) + src + dst, src, dst
+    src, dst = bytes([100, 64, 0, 1]), bytes([100, 64, 0, 2])
+    ip = struct.pack("!BBHHHBBH", 0x45, 0, 20 + l4, 7, 0x4000, 64, proto, 0) + src + dst
+    return ip[:10] + struct.pack("!H", 0xFFFF - csum(ip)) + ip[12:], src, dst
+
+
 def tcp_frame(v6, payload_len, segment, flags=0x10, options=b"", gso=True):
     tcp_len = 20 + len(options)
     l4 = tcp_len + payload_len
-    if v6:
-        src, dst = bytes.fromhex("fd7a115ca1e000000000000000000001"), bytes.fromhex("fd7a115ca1e000000000000000000002")
-        ip = b"\x60\0\0\0" + struct.pack("!HBB", l4, 6, 64) + src + dst
-    else:
-        src, dst = bytes([100, 64, 0, 1]), bytes([100, 64, 0, 2])
-        ip = struct.pack("!BBHHHBBH", 0x45, 0, 20 + l4, 7, 0x4000, 64, 6, 0) + src + dst
-        ip = ip[:10] + struct.pack("!H", 0xFFFF - csum(ip)) + ip[12:]
+    ip, src, dst = ip_header(v6, 6, l4)
     partial = csum(src + dst + struct.pack("!HH", 6, l4))
     tcp = struct.pack("!HHIIBBHHH", 40000, 443, 1000, 99, (tcp_len // 4) << 4, flags, 0xFFFF, partial, 0) + options
     gso_type = (4 if v6 else 1) if gso else 0
@@ -393,13 +397,7 @@ def tcp_frame(v6, payload_len, segment, flags=0x10, options=b"", gso=True):
 def udp_frame(v6, payload_len, segment):
     """A UDP super-packet (USO): GSO_UDP_L4, the UDP checksum field holding the pseudo-header sum."""
     l4 = 8 + payload_len
-    if v6:
-        src, dst = bytes.fromhex("fd7a115ca1e000000000000000000001"), bytes.fromhex("fd7a115ca1e000000000000000000002")
-        ip = b"\x60\0\0\0" + struct.pack("!HBB", l4, 17, 64) + src + dst
-    else:
-        src, dst = bytes([100, 64, 0, 1]), bytes([100, 64, 0, 2])
-        ip = struct.pack("!BBHHHBBH", 0x45, 0, 20 + l4, 7, 0x4000, 64, 17, 0) + src + dst
-        ip = ip[:10] + struct.pack("!H", 0xFFFF - csum(ip)) + ip[12:]
+    ip, src, dst = ip_header(v6, 17, l4)
     partial = csum(src + dst + struct.pack("!HH", 17, l4))
     udp = struct.pack("!HHHH", 12345, 443, l4, partial)
     header = struct.pack("<BBHHHH", 1, 5, len(ip) + 8, segment, len(ip), 6)

@@ -604,18 +604,7 @@ fn udp_gso(lab: &Lab, from_ns: &str, to_ns: &str, to_ip: &str) -> usize {
     };
     let rx = bind(to_ns, to);
     let tx = bind(from_ns, SocketAddr::from(([0, 0, 0, 0], 0)));
-    let segment = SIZE as libc::c_int;
-    // SAFETY: a live socket, and an int option whose size is passed with it.
-    let rc = unsafe {
-        libc::setsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(&tx),
-            libc::IPPROTO_UDP,
-            libc::UDP_SEGMENT,
-            std::ptr::addr_of!(segment).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(rc, 0, "UDP_SEGMENT: {}", std::io::Error::last_os_error());
+    support::set_udp_segment(&tx, SIZE as u16).expect("UDP_SEGMENT");
     let datagram = |n: u32| -> Vec<u8> {
         let mut d = n.to_be_bytes().to_vec();
         d.extend((4..SIZE).map(|i| (i as u32 * 7 + n) as u8));

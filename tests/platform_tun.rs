@@ -188,18 +188,7 @@ async fn udp_gso_through_the_tun(tun: &LinuxTun) -> anyhow::Result<()> {
         support::kernel_has_uso()
     );
     let sock = std::net::UdpSocket::bind((NODE_V4, 0))?;
-    let segment: libc::c_int = 1000;
-    // SAFETY: a live socket, and an int option whose size is passed with it.
-    let rc = unsafe {
-        libc::setsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(&sock),
-            libc::IPPROTO_UDP,
-            libc::UDP_SEGMENT,
-            std::ptr::addr_of!(segment).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    ensure!(rc == 0, "UDP_SEGMENT: {}", std::io::Error::last_os_error());
+    support::set_udp_segment(&sock, 1000).context("UDP_SEGMENT")?;
     let peer = SocketAddr::from((PEER_V4, 9998));
     let data: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
     sock.send_to(&data, peer)?;

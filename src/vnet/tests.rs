@@ -106,26 +106,7 @@ impl Tcp {
     fn build_headers_only(&self) -> Vec<u8> {
         let tcp_len = 20 + self.options.len();
         let l4_len = tcp_len + self.payload.len();
-        let mut p = Vec::new();
-        if self.v6 {
-            p.extend_from_slice(&[0x60, 0x00, 0x12, 0x34]);
-            p.extend_from_slice(&(l4_len as u16).to_be_bytes());
-            p.extend_from_slice(&[6, 64]);
-            p.extend_from_slice(&[
-                0xfd, 0x7a, 0x11, 0x5c, 0xa1, 0xe0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1,
-            ]);
-            p.extend_from_slice(&[
-                0xfd, 0x7a, 0x11, 0x5c, 0xa1, 0xe0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2,
-            ]);
-        } else {
-            p.extend_from_slice(&[0x45, 0x00]);
-            p.extend_from_slice(&((20 + l4_len) as u16).to_be_bytes());
-            p.extend_from_slice(&self.id.to_be_bytes());
-            p.extend_from_slice(&[0x40, 0x00, 64, 6, 0, 0]);
-            p.extend_from_slice(&[100, 64, 0, 1, 100, 64, 0, 2]);
-            let c = !naive_fold(naive_sum(&p));
-            p[10..12].copy_from_slice(&c.to_be_bytes());
-        }
+        let mut p = ip_header(self.v6, 6, l4_len, self.id);
         p.extend_from_slice(&self.sport.to_be_bytes());
         p.extend_from_slice(&443u16.to_be_bytes());
         p.extend_from_slice(&self.seq.to_be_bytes());
@@ -137,6 +118,32 @@ impl Tcp {
         p.extend_from_slice(&self.payload);
         p
     }
+}
+
+/// An IP header 100.64.0.1 → 100.64.0.2 (IPv4, DF, checksum filled in) or fd7a:115c:a1e0::1 →
+/// ::2 (IPv6, flow label 0x1234) for `l4_len` bytes of `protocol`.
+fn ip_header(v6: bool, protocol: u8, l4_len: usize, id: u16) -> Vec<u8> {
+    let mut p = Vec::new();
+    if v6 {
+        p.extend_from_slice(&[0x60, 0x00, 0x12, 0x34]);
+        p.extend_from_slice(&(l4_len as u16).to_be_bytes());
+        p.extend_from_slice(&[protocol, 64]);
+        p.extend_from_slice(&[
+            0xfd, 0x7a, 0x11, 0x5c, 0xa1, 0xe0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1,
+        ]);
+        p.extend_from_slice(&[
+            0xfd, 0x7a, 0x11, 0x5c, 0xa1, 0xe0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2,
+        ]);
+    } else {
+        p.extend_from_slice(&[0x45, 0x00]);
+        p.extend_from_slice(&((20 + l4_len) as u16).to_be_bytes());
+        p.extend_from_slice(&id.to_be_bytes());
+        p.extend_from_slice(&[0x40, 0x00, 64, protocol, 0, 0]);
+        p.extend_from_slice(&[100, 64, 0, 1, 100, 64, 0, 2]);
+        let c = !naive_fold(naive_sum(&p));
+        p[10..12].copy_from_slice(&c.to_be_bytes());
+    }
+    p
 }
 
 fn pseudo(p: &[u8], t: usize) -> u32 {
@@ -327,26 +334,7 @@ fn a_partial_checksum_is_completed_for_udp_and_tcp() {
 /// `payload`, whose checksum field holds the pseudo-header sum.
 fn uso_frame(v6: bool, payload: &[u8], segment: u16) -> Vec<u8> {
     let udp_len = (8 + payload.len()) as u16;
-    let mut p = Vec::new();
-    if v6 {
-        p.extend_from_slice(&[0x60, 0, 0, 0]);
-        p.extend_from_slice(&udp_len.to_be_bytes());
-        p.extend_from_slice(&[17, 64]);
-        p.extend_from_slice(&[
-            0xfd, 0x7a, 0x11, 0x5c, 0xa1, 0xe0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1,
-        ]);
-        p.extend_from_slice(&[
-            0xfd, 0x7a, 0x11, 0x5c, 0xa1, 0xe0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2,
-        ]);
-    } else {
-        p.extend_from_slice(&[0x45, 0]);
-        p.extend_from_slice(&(20 + udp_len).to_be_bytes());
-        p.extend_from_slice(&[
-            0x12, 0x34, 0x40, 0, 64, 17, 0, 0, 100, 64, 0, 1, 100, 64, 0, 2,
-        ]);
-        let c = !naive_fold(naive_sum(&p));
-        p[10..12].copy_from_slice(&c.to_be_bytes());
-    }
+    let mut p = ip_header(v6, 17, usize::from(udp_len), 0x1234);
     let u = p.len();
     p.extend_from_slice(&[0x30, 0x39, 0x01, 0xbb]);
     p.extend_from_slice(&udp_len.to_be_bytes());

@@ -33,6 +33,25 @@ pub fn kernel_has_uso() -> bool {
     (major, minor) >= (6, 2)
 }
 
+/// Makes every send on `sock` a UDP GSO batch of `size`-byte datagrams (`UDP_SEGMENT`).
+pub fn set_udp_segment(sock: &UdpSocket, size: u16) -> std::io::Result<()> {
+    let segment = libc::c_int::from(size);
+    // SAFETY: a live socket, and an int option whose size is passed with it.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(sock),
+            libc::IPPROTO_UDP,
+            libc::UDP_SEGMENT,
+            std::ptr::addr_of!(segment).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// A STUN server on some addresses of a namespace, answering Tailscale binding requests from a
 /// thread; stopped on Drop.
 pub struct StunServer {
