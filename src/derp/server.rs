@@ -226,6 +226,9 @@ struct Outbox {
 /// Room made in an authenticated client's receive buffer before each read.
 const READ_SPACE: usize = 16 << 10;
 
+/// Packets a reader's [`Batch`] keeps room for between reads.
+const BATCH_KEEP: usize = 64;
+
 /// Default [`ServerConfig::queue_depth`].
 pub const DEFAULT_QUEUE_DEPTH: usize = 128;
 /// Byte budget of a queue per slot: a queue of `depth` slots holds at most `depth` × this many
@@ -1066,6 +1069,11 @@ impl Server {
         };
         let count = batch.packets.len() as u64;
         let dropped = to.push_packets(batch.packets.drain(..), self.shared.config.queue_depth);
+        // A read of tiny frames can hold hundreds; a bulk flow holds about a dozen. Do not keep
+        // a flood's capacity for the life of the connection.
+        if batch.packets.capacity() > BATCH_KEEP {
+            batch.packets.shrink_to(BATCH_KEEP);
+        }
         let metrics = &self.shared.metrics;
         if dropped > 0 {
             metrics
