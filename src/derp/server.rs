@@ -867,30 +867,10 @@ impl Server {
             batch: Batch::default(),
         };
         loop {
-            let mut handled = false;
-            loop {
-                let frame = match frame::decode(&mut buf, frame::MAX_FRAME_LEN) {
-                    Ok(Some(frame)) => frame,
-                    Ok(None) => break,
-                    Err(e) => {
-                        self.flush_batch(&mut state.batch);
-                        return Err(e.into());
-                    }
-                };
-                if conn.in_dup_set.load(Ordering::Relaxed) {
-                    // Claiming may change routes: what is batched goes where it was routed.
-                    self.flush_batch(&mut state.batch);
-                    self.claim_active(conn);
-                }
-                let handled_frame = self.handle_frame(conn, frame, &mut state);
-                if handled_frame.is_err() {
-                    self.flush_batch(&mut state.batch);
-                }
-                handled_frame?;
-                handled = true;
-            }
+            let handled = self.handle_frames(conn, &mut buf, &mut state);
+            // What the read's frames batched goes out before the reader yields, waits or ends.
             self.flush_batch(&mut state.batch);
-            if handled {
+            if handled? {
                 // Let the writers of what this read queued run before the next read: on a
                 // one-thread runtime a busy sender's reader would otherwise fill their queues
                 // (and drop from them) for as long as its socket has data.
@@ -902,6 +882,26 @@ impl Server {
                 return Err(ConnError::Closed);
             }
         }
+    }
+
+    /// Handles every whole frame in `buf`; whether there was one.
+    fn handle_frames(
+        &self,
+        conn: &Arc<Conn>,
+        buf: &mut BytesMut,
+        state: &mut ReaderState,
+    ) -> Result<bool, ConnError> {
+        let mut handled = false;
+        while let Some(frame) = frame::decode(buf, frame::MAX_FRAME_LEN)? {
+            if conn.in_dup_set.load(Ordering::Relaxed) {
+                // Claiming may change routes: what is batched goes where it was routed.
+                self.flush_batch(&mut state.batch);
+                self.claim_active(conn);
+            }
+            self.handle_frame(conn, frame, state)?;
+            handled = true;
+        }
+        Ok(handled)
     }
 
     /// Invalidates every reader's cached route (called with the registry locked).
@@ -1002,13 +1002,12 @@ impl Server {
     ) {
         let metrics = &self.shared.metrics;
         let generation = self.shared.route_generation.load(Ordering::Acquire);
-        if let Some(to) = state.cached_route(src, dst, generation) {
-            if state.batch.is_for(to) {
-                state.batch.push(src, packet);
-                return;
-            }
-            let to = to.clone();
-            self.batch_for(&mut state.batch, to, src, packet);
+        let cached = state
+            .route
+            .as_ref()
+            .filter(|r| r.is_for(src, dst, generation));
+        if let Some(route) = cached {
+            self.batch_for(&mut state.batch, &route.to, src, packet);
             return;
         }
         let target = {
@@ -1037,7 +1036,7 @@ impl Server {
             target
         };
         match target {
-            Ok(to) => self.batch_for(&mut state.batch, to, src, packet),
+            Ok(to) => self.batch_for(&mut state.batch, &to, src, packet),
             Err(false) => inc(&metrics.packets_dropped_dup_client_total),
             Err(true) => {
                 inc(&metrics.packets_dropped_unknown_dest_total);
@@ -1053,10 +1052,10 @@ impl Server {
     }
 
     /// Adds a packet for `to` to the batch, flushing first what it holds for another receiver.
-    fn batch_for(&self, batch: &mut Batch, to: Arc<Conn>, src: NodePublic, packet: Bytes) {
-        if !batch.is_for(&to) {
+    fn batch_for(&self, batch: &mut Batch, to: &Arc<Conn>, src: NodePublic, packet: Bytes) {
+        if !batch.is_for(to) {
             self.flush_batch(batch);
-            batch.to = Some(to);
+            batch.to = Some(to.clone());
         }
         batch.push(src, packet);
     }
@@ -1216,17 +1215,9 @@ struct CachedRoute {
     to: Arc<Conn>,
 }
 
-impl ReaderState {
-    fn cached_route(
-        &self,
-        src: NodePublic,
-        dst: NodePublic,
-        generation: u64,
-    ) -> Option<&Arc<Conn>> {
-        self.route
-            .as_ref()
-            .filter(|r| r.generation == generation && r.dst == dst && r.src == src)
-            .map(|r| &r.to)
+impl CachedRoute {
+    fn is_for(&self, src: NodePublic, dst: NodePublic, generation: u64) -> bool {
+        self.generation == generation && self.dst == dst && self.src == src
     }
 }
 
