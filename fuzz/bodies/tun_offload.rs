@@ -35,7 +35,8 @@ pub fn run(data: &[u8]) {
                 );
             }
         })
-        .expect("a frame the coalescer wrote splits");
+        .expect("a frame the coalescer wrote splits")
+        .packets;
         count += n;
     }
     assert_eq!(

@@ -246,10 +246,7 @@ impl Engine {
             return;
         }
         let result = crate::vnet::split(frame, |packet| self.outbound(udp, now, packet));
-        // The split rewrites the packet, not the virtio-net header in front of it.
-        let uso = crate::vnet::VnetHeader::decode(frame).and_then(|h| h.gso())
-            == Ok(crate::vnet::GsoType::UdpL4);
-        self.tun_offload.note_split(result, uso);
+        self.tun_offload.note_split(result);
     }
 
     /// The decrypted packet of length `len` at the start of `self.out`, for the TUN: written

@@ -30,16 +30,16 @@ struct OffloadCounters {
 }
 
 impl TunOffload {
-    /// Counts what [`vnet::split`] made of one frame read from the TUN (`udp`: a USO one).
-    pub(super) fn note_split(&mut self, result: Result<usize, vnet::VnetError>, udp: bool) {
+    /// Counts what [`vnet::split`] made of one frame read from the TUN.
+    pub(super) fn note_split(&mut self, result: Result<vnet::Split, vnet::VnetError>) {
         match result {
-            Ok(n) if n > 1 && udp => {
+            Ok(s) if s.packets > 1 && s.gso == vnet::GsoType::UdpL4 => {
                 self.counters.udp_super_packets_read += 1;
-                self.counters.datagrams_split += n as u64;
+                self.counters.datagrams_split += s.packets as u64;
             }
-            Ok(n) if n > 1 => {
+            Ok(s) if s.packets > 1 => {
                 self.counters.super_packets_read += 1;
-                self.counters.segments_split += n as u64;
+                self.counters.segments_split += s.packets as u64;
             }
             Ok(_) => {}
             Err(e) => {

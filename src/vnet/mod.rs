@@ -17,7 +17,7 @@ mod tests;
 pub use checksum::{fold, pseudo_header_sum, sum_words};
 pub use coalesce::Coalescer;
 pub use header::{GsoType, VnetHeader, HDR_LEN};
-pub use split::split;
+pub use split::{split, Split};
 
 /// A TUN packet we could not take apart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

@@ -18,22 +18,32 @@ const UDP_HEADER: usize = 8;
 /// a partial checksum, or cuts a TCP or UDP super-packet into packets of `gso_size` payload bytes.
 /// `emit` gets each resulting packet in order. Works in place: the frame is overwritten (each
 /// segment's headers are written just in front of its payload, over what was already emitted).
-/// Returns how many packets were emitted.
-pub fn split(frame: &mut [u8], mut emit: impl FnMut(&[u8])) -> Result<usize, VnetError> {
+pub fn split(frame: &mut [u8], mut emit: impl FnMut(&[u8])) -> Result<Split, VnetError> {
     let header = VnetHeader::decode(frame)?;
     let packet = frame.get_mut(HDR_LEN..).ok_or(VnetError::ShortHeader)?;
-    match header.gso()? {
+    let gso = header.gso()?;
+    let packets = match gso {
         GsoType::None => {
             if header.flags & F_NEEDS_CSUM != 0 {
                 complete_checksum(packet, &header)?;
             }
             emit(packet);
-            Ok(1)
+            1
         }
-        GsoType::TcpV4 => segment_tcp(packet, false, &header, emit),
-        GsoType::TcpV6 => segment_tcp(packet, true, &header, emit),
-        GsoType::UdpL4 => segment_udp(packet, &header, emit),
-    }
+        GsoType::TcpV4 => segment_tcp(packet, false, &header, emit)?,
+        GsoType::TcpV6 => segment_tcp(packet, true, &header, emit)?,
+        GsoType::UdpL4 => segment_udp(packet, &header, emit)?,
+    };
+    Ok(Split { gso, packets })
+}
+
+/// What [`split`] made of a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Split {
+    /// What the frame's header said it held.
+    pub gso: GsoType,
+    /// How many packets were emitted.
+    pub packets: usize,
 }
 
 /// The checksum field already holds the pseudo-header sum, so summing the range from

@@ -175,8 +175,8 @@ fn tso_frame(tcp: &Tcp, segment: u16) -> Vec<u8> {
 fn split_all(frame: &[u8]) -> Result<Vec<Vec<u8>>, VnetError> {
     let mut frame = frame.to_vec();
     let mut out = Vec::new();
-    let n = split(&mut frame, |p| out.push(p.to_vec()))?;
-    assert_eq!(n, out.len());
+    let split = split(&mut frame, |p| out.push(p.to_vec()))?;
+    assert_eq!(split.packets, out.len());
     Ok(out)
 }
 
@@ -383,6 +383,14 @@ fn uso_is_cut_into_datagrams_with_their_own_headers() {
             joined.extend_from_slice(&d[ip + 8..]);
         }
         assert_eq!(joined, data, "v6 {v6}");
+        // What split says it did is what the counters show.
+        let mut frame = uso_frame(v6, &data, 1200);
+        let said = split(&mut frame, |_| {});
+        let want = Split {
+            gso: GsoType::UdpL4,
+            packets: 3,
+        };
+        assert_eq!(said, Ok(want), "v6 {v6}");
     }
 }
 
