@@ -90,3 +90,10 @@ for peers in $PEER_COUNTS; do
     fi
     prev=$peers
 done
+
+# The daemon's code is resident in 64 KiB windows; release builds link the functions it runs
+# together (link/hot.ld). A toolchain or dependency update renames them: then few of the list are
+# found, the code spreads out again and RSS grows by several MB (rerun bench/hot_code.sh).
+listed=$(sed -n 's/^ *\.text\.\([^ *]*\) \.text\.unlikely\..*$/\1/p' "$ROOT/link/hot.ld" | sort -u)
+defined=$(nm --defined-only "$TERN" 2>/dev/null | awk '{ print $3 }' | sort -u)
+echo "link/hot.ld: $(comm -12 <(echo "$listed") <(echo "$defined") | wc -l) of $(echo "$listed" | wc -l) functions defined by $TERN"

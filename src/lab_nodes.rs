@@ -293,21 +293,26 @@ fn start_daemon(
         socket.display().to_string(),
         state_dir.display().to_string(),
     );
+    let exe_arg = exe.display().to_string();
+    let daemon_args = [
+        exe_arg.as_str(),
+        "--socket",
+        &socket_arg,
+        "daemon",
+        "--state-dir",
+        &state_arg,
+        "--tun",
+        "tern0",
+    ];
+    let wrapper = std::env::var(DAEMON_WRAPPER_ENV).unwrap_or_default();
+    let command = wrapped(&wrapper, &daemon_args);
     let mut daemon = start_process(
         lab,
         &ns,
         node,
         &format!("tern:{hostname}"),
-        exe,
-        &[
-            "--socket",
-            &socket_arg,
-            "daemon",
-            "--state-dir",
-            &state_arg,
-            "--tun",
-            "tern0",
-        ],
+        Path::new(command[0]),
+        &command[1..],
     )?;
     lab.tern_nodes.push(TernNodeState {
         hostname: hostname.to_string(),
@@ -331,6 +336,18 @@ fn start_daemon(
         },
     )?;
     Ok(daemon)
+}
+
+/// Names a command that lab daemons run under, split at spaces (`valgrind --tool=callgrind`,
+/// `strace -f -o /tmp/trace`): for profiling and debugging a node (bench/hot_code.sh).
+pub const DAEMON_WRAPPER_ENV: &str = "TERN_LAB_DAEMON_WRAPPER";
+
+/// `command` run under `wrapper` (words split at whitespace; an empty wrapper adds nothing).
+fn wrapped<'a>(wrapper: &'a str, command: &[&'a str]) -> Vec<&'a str> {
+    wrapper
+        .split_whitespace()
+        .chain(command.iter().copied())
+        .collect()
 }
 
 /// Start `exe args…` detached in `ns`, log to `<state dir>/<label>.log`, record it and save.
@@ -569,4 +586,20 @@ fn apply_live(node: &mut TernNodeState, status: &Status) {
             path_reason: p.path_reason.clone(),
         })
         .collect();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::wrapped;
+
+    #[test]
+    fn a_daemon_runs_under_the_wrappers_words_or_alone() {
+        let daemon = ["/bin/tern", "daemon", "--tun", "tern0"];
+        assert_eq!(wrapped("", &daemon), daemon);
+        assert_eq!(wrapped("  ", &daemon), daemon);
+        assert_eq!(
+            wrapped(" valgrind  --tool=callgrind\t", &daemon[..2]),
+            ["valgrind", "--tool=callgrind", "/bin/tern", "daemon"]
+        );
+    }
 }

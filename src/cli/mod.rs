@@ -3,7 +3,7 @@
 //! Each verb's file holds its clap arguments and its handler; nothing below the CLI imports
 //! from here.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context as _;
@@ -114,6 +114,16 @@ pub fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let socket = cli.socket.as_path();
     match &cli.command {
+        Command::Daemon(args) => daemon::run(socket, args),
+        command => client_command(socket, command),
+    }
+}
+
+/// Every command but the daemon. Kept out of `run` so that its code, which release builds link
+/// after the daemon's (`link/cold.ld`), does not share the daemon's pages.
+#[inline(never)]
+fn client_command(socket: &Path, command: &Command) -> anyhow::Result<ExitCode> {
+    match command {
         Command::Daemon(args) => daemon::run(socket, args),
         Command::Up(args) => up::up(socket, args),
         Command::Down => up::down(socket),
