@@ -3,7 +3,8 @@
 //! must not touch the host), the generated manual pages (they render without a groff warning and
 //! the overview page lists them all), the shell completions, and the systemd units
 //! (`systemd-analyze verify` clean, sandbox exposure bounded, the relay unit keeping the same
-//! sandbox). Needs dpkg, groff, binutils and systemd-analyze (.ci/install-test-deps).
+//! sandbox), and the link-order script of release builds (`link/hot.ld`, with a small C program).
+//! Needs dpkg, groff, binutils, a C compiler and systemd-analyze (.ci/install-test-deps).
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -473,4 +474,69 @@ fn relay_unit_keeps_the_main_units_sandbox_and_sets_the_relay_port() {
     let defaults = fs::read_to_string(repo().join("packaging/default.tern-relay"))
         .expect("default.tern-relay");
     assert!(defaults.lines().any(|l| l == "TERN_RELAY_PORT=40000"));
+}
+
+/// Release builds link with `link/hot.ld` (build.rs); the test builds do not. Link a small C
+/// program with it, one function named like an entry of the list and one not: the system
+/// linker must accept the script, put the listed function in `.text.hot` ahead of `.text` and
+/// the other one after it, and the program must run.
+#[test]
+fn release_link_order_script_places_listed_functions_first() {
+    let script = repo().join("link/hot.ld");
+    let listed = fs::read_to_string(&script)
+        .expect("link/hot.ld")
+        .lines()
+        .filter_map(|line| {
+            // An entry: ".text.NAME .text.unlikely.NAME".
+            let (plain, unlikely) = line.trim().split_once(' ')?;
+            let name = plain.strip_prefix(".text.")?;
+            (unlikely.strip_prefix(".text.unlikely.") == Some(name)).then_some(name)
+        })
+        .find(|name| name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+        .expect("a listed function with a C name")
+        .to_string();
+    let work = Path::new(env!("CARGO_TARGET_TMPDIR")).join("hot-ld");
+    fs::create_dir_all(&work).unwrap();
+    let source = work.join("prog.c");
+    fs::write(
+        &source,
+        format!(
+            "void not_listed_fn(void) {{}}\nvoid {listed}(void) {{}}\n\
+             int main(void) {{ not_listed_fn(); {listed}(); return 0; }}\n"
+        ),
+    )
+    .unwrap();
+    let program = work.join("prog");
+    run_ok(
+        Command::new("cc")
+            .args(["-O0", "-ffunction-sections", "-o"])
+            .arg(&program)
+            .arg(&source)
+            .arg(format!("-Wl,-T,{}", script.display())),
+    );
+    run_ok(&mut Command::new(&program));
+
+    let sections = text(&run_ok(Command::new("readelf").arg("-SW").arg(&program)).stdout);
+    let range = |name: &str| {
+        let line = sections
+            .lines()
+            .find(|l| l.split_whitespace().nth(1) == Some(name) || l.contains(&format!("] {name} ")))
+            .unwrap_or_else(|| panic!("no section {name} in:\n{sections}"));
+        let fields: Vec<&str> = line.split(']').nth(1).unwrap().split_whitespace().collect();
+        let start = u64::from_str_radix(fields[2], 16).unwrap();
+        let size = u64::from_str_radix(fields[4], 16).unwrap();
+        start..start + size
+    };
+    let (hot, rest) = (range(".text.hot"), range(".text"));
+    assert!(hot.end <= rest.start, ".text.hot {hot:x?} not before .text {rest:x?}");
+    let symbols = text(&run_ok(Command::new("nm").arg(&program)).stdout);
+    let address = |name: &str| {
+        symbols
+            .lines()
+            .find(|l| l.ends_with(&format!(" {name}")))
+            .and_then(|l| u64::from_str_radix(l.split_whitespace().next()?, 16).ok())
+            .unwrap_or_else(|| panic!("no symbol {name} in:\n{symbols}"))
+    };
+    assert!(hot.contains(&address(&listed)), "{listed} not in .text.hot");
+    assert!(rest.contains(&address("not_listed_fn")), "not_listed_fn not in .text");
 }
