@@ -517,18 +517,22 @@ fn release_link_order_script_places_listed_functions_first() {
     run_ok(&mut Command::new(&program));
 
     let sections = text(&run_ok(Command::new("readelf").arg("-SW").arg(&program)).stdout);
+    let hex = |field: &str| u64::from_str_radix(field, 16).unwrap();
+    // readelf -SW: "[Nr] Name Type Address Off Size …"
     let range = |name: &str| {
-        let line = sections
+        sections
             .lines()
-            .find(|l| l.split_whitespace().nth(1) == Some(name) || l.contains(&format!("] {name} ")))
-            .unwrap_or_else(|| panic!("no section {name} in:\n{sections}"));
-        let fields: Vec<&str> = line.split(']').nth(1).unwrap().split_whitespace().collect();
-        let start = u64::from_str_radix(fields[2], 16).unwrap();
-        let size = u64::from_str_radix(fields[4], 16).unwrap();
-        start..start + size
+            .filter_map(|line| line.split_once(']'))
+            .map(|(_, fields)| fields.split_whitespace().collect::<Vec<_>>())
+            .find(|fields| fields.first() == Some(&name))
+            .map(|fields| hex(fields[2])..hex(fields[2]) + hex(fields[4]))
+            .unwrap_or_else(|| panic!("no section {name} in:\n{sections}"))
     };
     let (hot, rest) = (range(".text.hot"), range(".text"));
-    assert!(hot.end <= rest.start, ".text.hot {hot:x?} not before .text {rest:x?}");
+    assert!(
+        hot.end <= rest.start,
+        ".text.hot {hot:x?} not before .text {rest:x?}"
+    );
     let symbols = text(&run_ok(Command::new("nm").arg(&program)).stdout);
     let address = |name: &str| {
         symbols
@@ -538,5 +542,8 @@ fn release_link_order_script_places_listed_functions_first() {
             .unwrap_or_else(|| panic!("no symbol {name} in:\n{symbols}"))
     };
     assert!(hot.contains(&address(&listed)), "{listed} not in .text.hot");
-    assert!(rest.contains(&address("not_listed_fn")), "not_listed_fn not in .text");
+    assert!(
+        rest.contains(&address("not_listed_fn")),
+        "not_listed_fn not in .text"
+    );
 }
