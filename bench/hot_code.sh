@@ -78,8 +78,8 @@ profile_lab --nat1 hard --nat2 hard --relay
 # The functions that ran (callgrind names each once, in the first "fn=(id) name" or "cfn=(id) name"
 # line that mentions it: as the function that ran or as one that was called), kept when the
 # binary defines them. Exact names go first (.text.hot): with the hash left open, every
-# instantiation of a generic function that ran would come along (5.2 MB of code instead of
-# 3.2 MB). The same names with their hashes left open follow (.text.warm), so that a build whose
+# instantiation of a generic function that ran would come along (5.1 MiB of code instead of
+# 3.1 MiB). The same names with their hashes left open follow (.text.warm), so that a build whose
 # hashes differ (another toolchain, target or dependency version) still gets most of the order.
 out="$ROOT/link/hot.ld"
 nm --defined-only "$TERN" | awk '$2 ~ /^[tT]$/ { print $3 }' | sort -u >"$WORK/defined"

@@ -340,7 +340,7 @@ fn start_daemon(
 
 /// Names a command that lab daemons run under, split at spaces (`valgrind --tool=callgrind`,
 /// `strace -f -o /tmp/trace`): for profiling and debugging a node (bench/hot_code.sh).
-pub const DAEMON_WRAPPER_ENV: &str = "TERN_LAB_DAEMON_WRAPPER";
+const DAEMON_WRAPPER_ENV: &str = "TERN_LAB_DAEMON_WRAPPER";
 
 /// `command` run under `wrapper` (words split at whitespace; an empty wrapper adds nothing).
 fn wrapped<'a>(wrapper: &'a str, command: &[&'a str]) -> Vec<&'a str> {

@@ -119,8 +119,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// Every command but the daemon. Kept out of `run` so that its code, which release builds link
-/// after the daemon's (`link/cold.ld`), does not share the daemon's pages.
+/// Every command but the daemon. Kept out of `run` so that their code is not part of the
+/// function the daemon starts in, which release builds link among the daemon's (`link/hot.ld`).
 #[inline(never)]
 fn client_command(socket: &Path, command: &Command) -> anyhow::Result<ExitCode> {
     match command {
