@@ -7,9 +7,9 @@
 //! the same payload size except a smaller last one; a valid checksum (the super-packet's
 //! checksum is recomputed by the kernel, so a corrupt segment must not hide in it).
 
-use super::checksum::{fold, ipv4_header, pseudo_header_sum, sum_words};
+use super::checksum::{fold, pseudo_header_sum, sum_words};
 use super::header::{VnetHeader, HDR_LEN};
-use super::{tcp_layout, TCP};
+use super::{set_ip_header, tcp_layout, TCP};
 
 /// Packets held before the engine must write them out. Bytes bind first for full-size
 /// segments (about 200 of 1280 bytes), so most writes are whole 64 KiB super-packets.
@@ -195,14 +195,8 @@ impl Coalescer {
         let start = self.packets[group.first].start;
         let (t, len) = (seg.ip_len, group.len);
         let head = &mut self.arena[start..start + t + seg.tcp_len];
-        if seg.v6 {
-            head[4..6].copy_from_slice(&((len - 40) as u16).to_be_bytes());
-        } else {
-            head[2..4].copy_from_slice(&(len as u16).to_be_bytes());
-            head[10..12].fill(0);
-            let checksum = ipv4_header(&head[..t]);
-            head[10..12].copy_from_slice(&checksum.to_be_bytes());
-        }
+        // A group never grows past MAX_PACKET, so the lengths fit.
+        let _ = set_ip_header(head, seg.v6, t, len, None);
         if push {
             head[t + 13] |= PSH;
         }

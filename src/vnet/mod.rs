@@ -42,6 +42,32 @@ pub enum VnetError {
 const TCP: u8 = 6;
 const UDP: u8 = 17;
 
+/// Sets the length field of an IP header for a packet of `len` bytes and, for IPv4, the ID (when
+/// given) and the header checksum. `ip` holds at least the IP header (`ip_len` bytes; 40 for
+/// IPv6, whose length field counts what follows it).
+fn set_ip_header(
+    ip: &mut [u8],
+    v6: bool,
+    ip_len: usize,
+    len: usize,
+    id: Option<u16>,
+) -> Result<(), VnetError> {
+    if v6 {
+        let payload_len = u16::try_from(len - 40).map_err(|_| VnetError::BadHeaders)?;
+        ip[4..6].copy_from_slice(&payload_len.to_be_bytes());
+        return Ok(());
+    }
+    let total = u16::try_from(len).map_err(|_| VnetError::BadHeaders)?;
+    ip[2..4].copy_from_slice(&total.to_be_bytes());
+    if let Some(id) = id {
+        ip[4..6].copy_from_slice(&id.to_be_bytes());
+    }
+    ip[10..12].fill(0);
+    let checksum = checksum::ipv4_header(&ip[..ip_len]);
+    ip[10..12].copy_from_slice(&checksum.to_be_bytes());
+    Ok(())
+}
+
 /// Where the TCP header of a packet starts and how long it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct TcpLayout {

@@ -1,9 +1,9 @@
 //! Reads from a TUN with offloads: a checksum the kernel left for us to finish, or a TCP
 //! super-packet (TSO) or UDP one (USO) to cut into packets of the size the kernel asked for.
 
-use super::checksum::{fold, ipv4_header, pseudo_header_sum, sum_words};
+use super::checksum::{fold, pseudo_header_sum, sum_words};
 use super::header::{GsoType, VnetHeader, F_NEEDS_CSUM, HDR_LEN};
-use super::{tcp_layout, TcpLayout, VnetError, TCP, UDP};
+use super::{set_ip_header, tcp_layout, TcpLayout, VnetError, TCP, UDP};
 
 const FIN: u8 = 0x01;
 const PSH: u8 = 0x08;
@@ -66,33 +66,67 @@ fn segment_tcp(
     packet: &mut [u8],
     v6: bool,
     header: &VnetHeader,
-    mut emit: impl FnMut(&[u8]),
+    emit: impl FnMut(&[u8]),
 ) -> Result<usize, VnetError> {
     let layout = tcp_layout(packet, v6)?;
-    let segment = usize::from(header.gso_size);
-    if segment == 0 {
-        return Err(VnetError::ZeroSegment);
-    }
-    let headers = layout.ip_len + layout.tcp_len;
-    // At most 60 + 60 bytes (IPv4 and TCP with all options); kept, as the frame is overwritten.
-    let mut original = [0u8; MAX_HEADERS];
-    let original = original.get_mut(..headers).ok_or(VnetError::BadHeaders)?;
-    original.copy_from_slice(&packet[..headers]);
-    let payload_len = packet.len() - headers;
     let first_id = u16::from_be_bytes([packet[4], packet[5]]);
     let t = layout.ip_len;
     let first_seq =
         u32::from_be_bytes([packet[t + 4], packet[t + 5], packet[t + 6], packet[t + 7]]);
+    let fix = |seg: &mut [u8], cut: Cut| {
+        let id = first_id.wrapping_add(cut.index as u16);
+        let seq = first_seq.wrapping_add(cut.offset as u32);
+        fix_segment(seg, &layout, cut, id, seq)
+    };
+    cut_super_packet(packet, t + layout.tcp_len, header.gso_size, fix, emit)
+}
+
+/// Where one packet cut from a super-packet lies in it.
+#[derive(Debug, Clone, Copy)]
+struct Cut {
+    /// Its place among the packets (0 for the first).
+    index: usize,
+    /// Where its payload starts in the super-packet's payload.
+    offset: usize,
+    last: bool,
+}
+
+/// Cuts `packet` (`headers` bytes of headers, then the payload) into packets of `gso_size`
+/// payload bytes (the last may be shorter), in place: each gets a copy of the original headers
+/// right before its payload, `fix` makes it a packet of its own, `emit` gets it. Returns how
+/// many there were.
+fn cut_super_packet(
+    packet: &mut [u8],
+    headers: usize,
+    gso_size: u16,
+    mut fix: impl FnMut(&mut [u8], Cut) -> Result<(), VnetError>,
+    mut emit: impl FnMut(&[u8]),
+) -> Result<usize, VnetError> {
+    let segment = usize::from(gso_size);
+    if segment == 0 {
+        return Err(VnetError::ZeroSegment);
+    }
+    // At most 60 + 60 bytes (IPv4 and TCP with all options); kept, as the frame is overwritten.
+    let mut original = [0u8; MAX_HEADERS];
+    let original = original.get_mut(..headers).ok_or(VnetError::BadHeaders)?;
+    original.copy_from_slice(packet.get(..headers).ok_or(VnetError::BadHeaders)?);
+    let payload_len = packet.len() - headers;
     let (mut offset, mut index) = (0, 0);
     loop {
         let end = (offset + segment).min(payload_len);
         let last = end == payload_len;
-        // The segment's payload lies at `headers + offset`; its headers go right before it.
-        let seg = &mut packet[offset..headers + end];
-        seg[..headers].copy_from_slice(original);
-        let seq = first_seq.wrapping_add(offset as u32);
-        fix_segment(seg, &layout, index, first_id, seq, last)?;
-        emit(seg);
+        // The packet's payload lies at `headers + offset`; its headers go right before it.
+        let piece = &mut packet[offset..headers + end];
+        piece[..headers].copy_from_slice(original);
+        fix(
+            piece,
+            Cut {
+                index,
+                offset,
+                last,
+            },
+        )?;
+        emit(piece);
         index += 1;
         offset = end;
         if last {
@@ -106,29 +140,18 @@ fn segment_tcp(
 fn fix_segment(
     seg: &mut [u8],
     layout: &TcpLayout,
-    index: usize,
-    first_id: u16,
+    cut: Cut,
+    id: u16,
     seq: u32,
-    last: bool,
 ) -> Result<(), VnetError> {
     let len = seg.len();
     let t = layout.ip_len;
-    if layout.v6 {
-        let payload_len = u16::try_from(len - 40).map_err(|_| VnetError::BadHeaders)?;
-        seg[4..6].copy_from_slice(&payload_len.to_be_bytes());
-    } else {
-        let total = u16::try_from(len).map_err(|_| VnetError::BadHeaders)?;
-        seg[2..4].copy_from_slice(&total.to_be_bytes());
-        seg[4..6].copy_from_slice(&first_id.wrapping_add(index as u16).to_be_bytes());
-        seg[10..12].fill(0);
-        let checksum = ipv4_header(&seg[..t]);
-        seg[10..12].copy_from_slice(&checksum.to_be_bytes());
-    }
+    set_ip_header(seg, layout.v6, t, len, Some(id))?;
     seg[t + 4..t + 8].copy_from_slice(&seq.to_be_bytes());
-    if !last {
+    if !cut.last {
         seg[t + 13] &= !(FIN | PSH);
     }
-    if index > 0 {
+    if cut.index > 0 {
         seg[t + 13] &= !CWR;
     }
     seg[t + 16..t + 18].fill(0);
@@ -143,32 +166,19 @@ fn fix_segment(
 fn segment_udp(
     packet: &mut [u8],
     header: &VnetHeader,
-    mut emit: impl FnMut(&[u8]),
+    emit: impl FnMut(&[u8]),
 ) -> Result<usize, VnetError> {
     let (v6, ip_len) = udp_layout(packet)?;
-    let segment = usize::from(header.gso_size);
-    if segment == 0 {
-        return Err(VnetError::ZeroSegment);
-    }
-    let headers = ip_len + UDP_HEADER;
-    let mut original = [0u8; MAX_HEADERS];
-    let original = original.get_mut(..headers).ok_or(VnetError::BadHeaders)?;
-    original.copy_from_slice(&packet[..headers]);
-    let payload_len = packet.len() - headers;
     let first_id = u16::from_be_bytes([packet[4], packet[5]]);
-    let (mut offset, mut index) = (0, 0);
-    loop {
-        let end = (offset + segment).min(payload_len);
-        let datagram = &mut packet[offset..headers + end];
-        datagram[..headers].copy_from_slice(original);
-        fix_datagram(datagram, v6, ip_len, first_id.wrapping_add(index as u16))?;
-        emit(datagram);
-        index += 1;
-        offset = end;
-        if end == payload_len {
-            return Ok(index);
-        }
-    }
+    let fix = |datagram: &mut [u8], cut: Cut| {
+        fix_datagram(
+            datagram,
+            v6,
+            ip_len,
+            first_id.wrapping_add(cut.index as u16),
+        )
+    };
+    cut_super_packet(packet, ip_len + UDP_HEADER, header.gso_size, fix, emit)
 }
 
 /// Whether the packet is UDP directly in IPv4 (any IHL, not a fragment) or IPv6 (no extension
@@ -194,17 +204,8 @@ fn udp_layout(packet: &[u8]) -> Result<(bool, usize), VnetError> {
 /// Makes one datagram of a UDP super-packet a packet of its own.
 fn fix_datagram(datagram: &mut [u8], v6: bool, ip_len: usize, id: u16) -> Result<(), VnetError> {
     let len = datagram.len();
+    set_ip_header(datagram, v6, ip_len, len, Some(id))?;
     let udp_len = u16::try_from(len - ip_len).map_err(|_| VnetError::BadHeaders)?;
-    if v6 {
-        datagram[4..6].copy_from_slice(&udp_len.to_be_bytes());
-    } else {
-        let total = u16::try_from(len).map_err(|_| VnetError::BadHeaders)?;
-        datagram[2..4].copy_from_slice(&total.to_be_bytes());
-        datagram[4..6].copy_from_slice(&id.to_be_bytes());
-        datagram[10..12].fill(0);
-        let checksum = ipv4_header(&datagram[..ip_len]);
-        datagram[10..12].copy_from_slice(&checksum.to_be_bytes());
-    }
     let u = ip_len;
     datagram[u + 4..u + 6].copy_from_slice(&udp_len.to_be_bytes());
     datagram[u + 6..u + 8].fill(0);

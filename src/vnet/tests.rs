@@ -428,14 +428,7 @@ fn bad_uso_frames_are_refused() {
     tcp[10 + 9] = 6;
     assert_eq!(split_all(&tcp), Err(VnetError::NotUdp));
     assert_eq!(split_all(&good[..10 + 24]), Err(VnetError::NotUdp));
-    for len in 0..good.len().min(120) {
-        let _ = split_all(&good[..len]);
-    }
-    for i in 0..60 {
-        let mut bad = good.clone();
-        bad[i] ^= 0xff;
-        let _ = split_all(&bad);
-    }
+    survives_truncation_and_corruption(&good, 120, 60);
 }
 
 #[test]
@@ -473,12 +466,17 @@ fn bad_frames_are_refused_not_panicked_on() {
     .to_vec();
     far_checksum.extend_from_slice(&[0x45; 40]);
     assert_eq!(split_all(&far_checksum), Err(VnetError::BadChecksumOffsets));
-    // Every prefix and every single-byte corruption of a good frame: an answer, never a panic.
-    for len in 0..good.len().min(200) {
+    survives_truncation_and_corruption(&good, 200, 80);
+}
+
+/// Every prefix of `good` up to `prefixes` bytes and every single-byte corruption of its first
+/// `flips` bytes: an answer from `split`, never a panic.
+fn survives_truncation_and_corruption(good: &[u8], prefixes: usize, flips: usize) {
+    for len in 0..good.len().min(prefixes) {
         let _ = split_all(&good[..len]);
     }
-    for i in 0..80 {
-        let mut bad = good.clone();
+    for i in 0..flips.min(good.len()) {
+        let mut bad = good.to_vec();
         bad[i] ^= 0xff;
         let _ = split_all(&bad);
     }
