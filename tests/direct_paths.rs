@@ -640,7 +640,8 @@ fn udp_gso(lab: &Lab, from_ns: &str, to_ns: &str, to_ip: &str) -> usize {
 /// iperf3 in both directions over the direct path; ta's status shows both halves at work (split
 /// on send, coalesce on receive), tb's shows none. Then a UDP GSO send from ta: on a kernel with
 /// USO (6.2 and later) its TUN hands over UDP super-packets that ta splits; every datagram
-/// reaches tb intact either way.
+/// reaches tb intact either way. And one from tb: with USO ta writes the datagrams to its TUN as
+/// UDP super-packets; every datagram reaches the socket in c1 intact.
 #[test]
 fn offloaded_and_plain_tun_carry_tcp_and_udp_gso_byte_exact() {
     let lab = Lab::start(NatMode::Easy, NatMode::Easy);
@@ -713,6 +714,30 @@ fn offloaded_and_plain_tun_carry_tcp_and_udp_gso_byte_exact() {
     );
     if !uso {
         assert_eq!(counters["udp_super_packets_read"], 0, "{counters}");
+    }
+
+    // The other way: tb's datagrams reach ta back to back; with USO ta joins them into UDP
+    // super-packets for its TUN write, and the kernel hands the receiving socket (no UDP_GRO)
+    // every datagram as sent.
+    let received = udp_gso(&lab, "c2", "c1", &pair.a_ip);
+    assert_eq!(
+        received,
+        24,
+        "UDP GSO datagrams tb → ta\n{}",
+        pair.report(&lab)
+    );
+    let counters = wait(
+        "ta's UDP super-packets written",
+        10,
+        || pair.report(&lab),
+        || {
+            let counters = pair.a.status()["data_plane"]["tun_offload"].clone();
+            let written = counters["udp_super_packets_written"].as_u64().unwrap_or(0);
+            (written >= 1 || !uso).then_some(counters)
+        },
+    );
+    if !uso {
+        assert_eq!(counters["udp_super_packets_written"], 0, "{counters}");
     }
 }
 

@@ -1,7 +1,8 @@
 //! Fuzz the TUN offload code ([`tern::vnet`]): arbitrary bytes as a frame read from a TUN
 //! (virtio-net header, then a packet, TCP or UDP super-packets included) never panic `split`; the packets it cuts go through the
-//! coalescer, and every frame the coalescer writes splits again into as many packets of the same
-//! total length, each TCP one with a valid checksum.
+//! coalescer, once joining TCP only and once UDP too (a TUN with USO), and every frame the
+//! coalescer writes splits again into as many packets of the same total length, each packet of
+//! a joined frame with a valid TCP or UDP checksum.
 
 use tern::vnet::{self, Coalescer};
 
@@ -11,8 +12,15 @@ pub fn run(data: &[u8]) {
     if vnet::split(&mut frame, |p| packets.push(p.to_vec())).is_err() {
         return;
     }
+    for udp in [false, true] {
+        coalesce_and_split_back(&packets, udp);
+    }
+}
+
+fn coalesce_and_split_back(packets: &[Vec<u8>], udp: bool) {
     let mut coalescer = Coalescer::new();
-    for p in &packets {
+    coalescer.set_udp(udp);
+    for p in packets {
         coalescer.push(p);
     }
     let mut frames = Vec::new();
@@ -30,7 +38,7 @@ pub fn run(data: &[u8]) {
             bytes += p.len();
             if coalesced {
                 assert!(
-                    tcp_checksum_ok(p),
+                    l4_checksum_ok(p),
                     "a segment of a coalesced frame has a bad checksum"
                 );
             }
@@ -47,9 +55,10 @@ pub fn run(data: &[u8]) {
     assert_eq!(bytes, packets.iter().map(Vec::len).sum::<usize>());
 }
 
-fn tcp_checksum_ok(p: &[u8]) -> bool {
+fn l4_checksum_ok(p: &[u8]) -> bool {
     let v6 = p[0] >> 4 == 6;
     let t = if v6 { 40 } else { usize::from(p[0] & 0xf) * 4 };
-    let pseudo = vnet::pseudo_header_sum(p, v6, 6, p.len() - t);
+    let protocol = if v6 { p[6] } else { p[9] };
+    let pseudo = vnet::pseudo_header_sum(p, v6, protocol, p.len() - t);
     vnet::fold(vnet::sum_words(pseudo, &p[t..])) == 0xffff
 }

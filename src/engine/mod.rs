@@ -220,7 +220,11 @@ async fn run(
         report_tx,
     )));
     let mut engine = Engine::new(&config, inbound_tx, local, regions_tx);
-    engine.tun_offload.enabled = tun.kernel().is_some_and(|k| k.offload());
+    let kernel = tun.kernel();
+    engine.tun_offload.enable(
+        kernel.is_some_and(|k| k.offload()),
+        kernel.is_some_and(|k| k.udp_offload()),
+    );
     engine.linux = linux;
     // The host's resolver is tern's to point at quad-100 only with a TUN to route it.
     let os_dns = match tun.kernel() {

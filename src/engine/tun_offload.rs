@@ -25,11 +25,19 @@ struct OffloadCounters {
     /// Decrypted packets given to the coalescer, and the writes they took.
     packets_to_tun: u64,
     tun_writes: u64,
-    /// Writes that were super-packets.
+    /// Writes that were super-packets, and those of them that joined UDP datagrams (USO).
     super_packets_written: u64,
+    udp_super_packets_written: u64,
 }
 
 impl TunOffload {
+    /// Offloads on (`enabled`), and UDP datagrams joined too when the TUN takes UDP
+    /// super-packets (`uso`).
+    pub(super) fn enable(&mut self, enabled: bool, uso: bool) {
+        self.enabled = enabled;
+        self.coalescer.set_udp(enabled && uso);
+    }
+
     /// Counts what [`vnet::split`] made of one frame read from the TUN.
     pub(super) fn note_split(&mut self, result: Result<vnet::Split, vnet::VnetError>) {
         match result {
@@ -63,6 +71,9 @@ impl TunOffload {
         if frame.joined() {
             self.counters.super_packets_written += 1;
         }
+        if frame.joined_udp() {
+            self.counters.udp_super_packets_written += 1;
+        }
         Some(frame)
     }
 
@@ -81,6 +92,7 @@ impl TunOffload {
             ("packets_to_tun", c.packets_to_tun),
             ("tun_writes", c.tun_writes),
             ("super_packets_written", c.super_packets_written),
+            ("udp_super_packets_written", c.udp_super_packets_written),
         ]
     }
 }

@@ -88,4 +88,17 @@ impl VnetHeader {
             csum_offset: 16,
         }
     }
+
+    /// The header of a UDP super-packet (IPv4 or IPv6 alike) whose checksum field holds the
+    /// pseudo-header sum.
+    pub fn udp_super_packet(ip_len: usize, segment: usize) -> Self {
+        VnetHeader {
+            flags: F_NEEDS_CSUM,
+            gso_type: GSO_UDP_L4,
+            hdr_len: (ip_len + 8) as u16,
+            gso_size: segment as u16,
+            csum_start: ip_len as u16,
+            csum_offset: 6,
+        }
+    }
 }

@@ -181,7 +181,13 @@ fn split_all(frame: &[u8]) -> Result<Vec<Vec<u8>>, VnetError> {
 }
 
 fn coalesce_all(packets: &[Vec<u8>]) -> Vec<Vec<u8>> {
+    coalesce_all_with(packets, false)
+}
+
+/// [`coalesce_all`] with UDP datagrams joined too when `udp` (a TUN with USO).
+fn coalesce_all_with(packets: &[Vec<u8>], udp: bool) -> Vec<Vec<u8>> {
     let mut c = Coalescer::new();
+    c.set_udp(udp);
     for p in packets {
         c.push(p);
     }
@@ -674,4 +680,146 @@ fn the_coalescer_says_when_to_write_and_starts_over_empty() {
     // Same sequence number every time: none continues another.
     assert_eq!(n, coalesce::MAX_PACKETS);
     assert!(c.is_empty() && !c.is_full() && c.pending() == 0);
+}
+
+/// A UDP datagram 100.64.0.1 → 100.64.0.2 (or the IPv6 pair) from port `sport` to 443 with a
+/// correct checksum; IPv4 ID `id`.
+fn udp_datagram(v6: bool, sport: u16, id: u16, data: &[u8]) -> Vec<u8> {
+    let udp_len = 8 + data.len();
+    let mut p = ip_header(v6, 17, udp_len, id);
+    let u = p.len();
+    p.extend_from_slice(&sport.to_be_bytes());
+    p.extend_from_slice(&443u16.to_be_bytes());
+    p.extend_from_slice(&(udp_len as u16).to_be_bytes());
+    p.extend_from_slice(&[0, 0]);
+    p.extend_from_slice(data);
+    let addrs = if v6 { &p[8..40] } else { &p[12..20] };
+    let sum = naive_sum(addrs) + 17 + udp_len as u32 + naive_sum(&p[u..]);
+    let checksum = match !naive_fold(sum) {
+        0 => 0xffff,
+        c => c,
+    };
+    p[u + 6..u + 8].copy_from_slice(&checksum.to_be_bytes());
+    p
+}
+
+/// `sizes.len()` datagrams of one flow with consecutive IPv4 IDs, as a sender's kernel makes them.
+fn udp_run(v6: bool, sizes: &[usize]) -> Vec<Vec<u8>> {
+    sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &len)| udp_datagram(v6, 4000, 0x2000 + i as u16, &payload(len, i as u8)))
+        .collect()
+}
+
+#[test]
+fn udp_datagrams_of_one_flow_become_one_uso_super_packet_that_splits_back_to_them() {
+    for v6 in [false, true] {
+        let datagrams = udp_run(v6, &[1000, 1000, 1000, 1000, 400]);
+        let out = coalesce_all_with(&datagrams, true);
+        assert_eq!(out.len(), 1, "v6={v6}");
+        let header = VnetHeader::decode(&out[0]).unwrap();
+        let t = if v6 { 40 } else { 20 };
+        assert_eq!(header.gso(), Ok(GsoType::UdpL4));
+        assert_eq!(header.gso_size, 1000);
+        assert_eq!(usize::from(header.hdr_len), t + 8);
+        assert_eq!((header.flags, header.csum_start, header.csum_offset), (1, t as u16, 6));
+        let packet = &out[0][HDR_LEN..];
+        assert_eq!(packet.len(), t + 8 + 4 * 1000 + 400);
+        let udp_len = u16::from_be_bytes([packet[t + 4], packet[t + 5]]);
+        assert_eq!(usize::from(udp_len), packet.len() - t, "UDP length of the whole");
+        if !v6 {
+            assert!(ipv4_checksum_ok(packet));
+        }
+        // The checksum field holds the pseudo-header sum for the whole length (NEEDS_CSUM).
+        let addrs = if v6 { &packet[8..40] } else { &packet[12..20] };
+        let want = naive_fold(naive_sum(addrs) + 17 + u32::from(udp_len));
+        assert_eq!(&packet[t + 6..t + 8], &want.to_be_bytes());
+        // What the kernel does with it for a socket without UDP_GRO: the datagrams again.
+        assert_eq!(split_all(&out[0]).unwrap(), datagrams, "v6={v6}");
+    }
+}
+
+#[test]
+fn udp_datagrams_pass_alone_unless_the_tun_takes_udp_super_packets() {
+    let datagrams = udp_run(false, &[1000, 1000, 1000]);
+    let out = coalesce_all_with(&datagrams, false);
+    let alone: Vec<&[u8]> = out.iter().map(|o| &o[HDR_LEN..]).collect();
+    assert_eq!(alone, datagrams.iter().map(|d| &d[..]).collect::<Vec<_>>());
+}
+
+#[test]
+fn udp_datagrams_join_only_as_the_kernels_gro_would() {
+    let counts = |input: &[Vec<u8>]| segment_counts(&coalesce_all_with(input, true));
+    // A shorter datagram ends the super-packet; a longer one after it starts a new one.
+    assert_eq!(counts(&udp_run(false, &[1000, 1000, 500, 1000, 1000])), [3, 2]);
+    // Another source port is another flow, joined on its own.
+    let mut two_flows = Vec::new();
+    for i in 0..3u16 {
+        two_flows.push(udp_datagram(false, 1, i, &payload(800, 1)));
+        two_flows.push(udp_datagram(false, 2, i, &payload(800, 2)));
+    }
+    assert_eq!(counts(&two_flows), [3, 3]);
+    // A corrupt checksum, an IPv6 datagram without a checksum, a fragment: alone, in order.
+    let mut corrupt = udp_run(false, &[1000, 1000, 1000]);
+    corrupt[1][40] ^= 1;
+    assert_eq!(counts(&corrupt), [1, 1, 1]);
+    let mut unchecked_v6 = udp_run(true, &[1000, 1000]);
+    for d in &mut unchecked_v6 {
+        d[46..48].fill(0);
+    }
+    assert_eq!(counts(&unchecked_v6), [1, 1]);
+    let mut fragment = udp_run(false, &[1000, 1000, 1000]);
+    fragment[2][6] |= 0x20; // more fragments
+    let c = !naive_fold(naive_sum(&{
+        let mut h = fragment[2][..20].to_vec();
+        h[10..12].fill(0);
+        h
+    }));
+    fragment[2][10..12].copy_from_slice(&c.to_be_bytes());
+    assert_eq!(counts(&fragment), [2, 1]);
+    // IPv4 without a checksum (0: none) joins; a different TTL does not.
+    let mut unchecked = udp_run(false, &[1000, 1000]);
+    for d in &mut unchecked {
+        d[26..28].fill(0);
+    }
+    assert_eq!(counts(&unchecked), [2]);
+    let out = coalesce_all_with(&unchecked, true);
+    let resplit = split_all(&out[0]).unwrap();
+    assert!(resplit.iter().all(|d| l4_checksum_ok(d)), "the kernel fills checksums in");
+    let mut ttl = udp_run(false, &[1000, 1000]);
+    ttl[1][8] = 1;
+    assert_eq!(counts(&ttl), [1, 1]);
+}
+
+#[test]
+fn a_udp_super_packet_holds_at_most_64_datagrams_and_64_kib() {
+    let many = udp_run(false, &[200; 150]);
+    assert_eq!(
+        segment_counts(&coalesce_all_with(&many, true)),
+        [coalesce::MAX_UDP_SEGMENTS, coalesce::MAX_UDP_SEGMENTS, 22]
+    );
+    let big = udp_run(true, &[1400; 60]);
+    let out = coalesce_all_with(&big, true);
+    assert!(out.iter().all(|o| o.len() - HDR_LEN <= 65535));
+    assert_eq!(segment_counts(&out)[0], (65535 - 48) / 1400);
+    assert_eq!(segment_counts(&out).iter().sum::<usize>(), 60);
+}
+
+#[test]
+fn truncated_or_corrupted_udp_datagrams_are_written_alone_not_panicked_on() {
+    let good = udp_run(true, &[600, 600]);
+    for len in 0..good[1].len() {
+        let input = vec![good[0].clone(), good[1][..len].to_vec()];
+        let out = coalesce_all_with(&input, true);
+        assert_eq!(out.len(), 2, "a datagram cut to {len} bytes joined");
+    }
+    // Any byte flipped in the second breaks its checksum, length or shape: never joined.
+    for i in 0..good[1].len() {
+        let mut bad = good.clone();
+        bad[1][i] ^= 0xff;
+        let out = coalesce_all_with(&bad, true);
+        assert_eq!(out.len(), 2, "byte {i} flipped, yet joined");
+        assert_eq!(&out[1][HDR_LEN..], &bad[1][..], "byte {i} flipped: changed");
+    }
 }
