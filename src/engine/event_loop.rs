@@ -245,7 +245,11 @@ impl Engine {
             self.outbound(udp, now, frame);
             return;
         }
-        let result = crate::vnet::split(frame, |packet| self.outbound(udp, now, packet));
+        // The packets of one frame are one flow: routed and planned once (see outbound_in_frame).
+        let mut route = None;
+        let result = crate::vnet::split(frame, |packet| {
+            self.outbound_in_frame(udp, now, packet, &mut route)
+        });
         self.tun_offload.note_split(result);
     }
 

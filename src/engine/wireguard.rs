@@ -29,9 +29,39 @@ pub(super) const LATE_PEER_WINDOW: Duration = Duration::from_secs(10);
 /// Not-yet-known senders remembered at most.
 pub(super) const HEARD_UNKNOWN_MAX: usize = 256;
 
+/// Where the WireGuard datagrams to one peer go for now: its send plan with the DERP region
+/// chosen (see [`Engine::plan_for`]).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct FrameRoute {
+    id: PeerId,
+    key: NodePublic,
+    plan: SendPlan,
+    derp_region: Option<Option<u16>>,
+}
+
 impl Engine {
     /// A packet from the TUN at `now`: route, encrypt, queue for its peer's path.
     pub(super) fn outbound(&mut self, udp: &UdpSockets, now: Instant, packet: &[u8]) {
+        self.outbound_in_frame(udp, now, packet, &mut None);
+    }
+
+    /// Like [`Self::outbound`] for one of the packets cut from a TUN frame. They share one flow
+    /// and one clock reading, so the route, filter note and send plan of the first (kept in
+    /// `route`) hold for the rest: those are only encrypted and sent.
+    pub(super) fn outbound_in_frame(
+        &mut self,
+        udp: &UdpSockets,
+        now: Instant,
+        packet: &[u8],
+        route: &mut Option<FrameRoute>,
+    ) {
+        if let Some(known) = *route {
+            let out = self.peers.encapsulate_for(now, known.id, packet, &mut self.out);
+            self.send_encapsulated(out, |engine, datagram| {
+                engine.send_planned(udp, now, &known, datagram);
+            });
+            return;
+        }
         if crate::netstack::to_quad_100(packet) {
             if let Some(quad100) = &mut self.quad100 {
                 quad100.divert(packet);
@@ -41,16 +71,33 @@ impl Engine {
         if let (Ok(summary), Some(filter)) = (PacketSummary::parse(packet), &mut self.filter) {
             filter.note_outbound(&summary);
         }
-        match self.peers.encapsulate(now, packet, &mut self.out) {
-            (Some(id), WgOutput::ToNetwork(n)) => {
-                // Sent straight from the output buffer: no copy on the direct path.
-                let out = std::mem::take(&mut self.out);
-                if let Some(datagram) = out.get(..n) {
-                    self.send_wireguard(udp, now, id, datagram);
-                }
-                self.out = out;
+        let (id, out) = self.peers.encapsulate(now, packet, &mut self.out);
+        let Some(id) = id else {
+            if let WgOutput::Dropped(reason) = out {
+                tracing::trace!(?reason, "outbound packet dropped");
             }
-            (_, WgOutput::Dropped(reason)) => {
+            return;
+        };
+        self.send_encapsulated(out, |engine, datagram| {
+            *route = engine.plan_for(now, id);
+            if let Some(planned) = route {
+                engine.send_planned(udp, now, planned, datagram);
+            }
+        });
+    }
+
+    /// What encapsulation gave: a datagram in `self.out` is handed to `send` straight from the
+    /// output buffer (no copy on the direct path); a drop is logged.
+    fn send_encapsulated(&mut self, out: WgOutput, send: impl FnOnce(&mut Self, &[u8])) {
+        match out {
+            WgOutput::ToNetwork(n) => {
+                let buffer = std::mem::take(&mut self.out);
+                if let Some(datagram) = buffer.get(..n) {
+                    send(self, datagram);
+                }
+                self.out = buffer;
+            }
+            WgOutput::Dropped(reason) => {
                 tracing::trace!(?reason, "outbound packet dropped");
             }
             _ => {}
@@ -308,15 +355,43 @@ impl Engine {
         id: PeerId,
         datagram: &[u8],
     ) {
-        let Some(info) = self.info.get(&id) else {
-            return;
-        };
+        if let Some(planned) = self.plan_for(now, id) {
+            self.send_planned(udp, now, &planned, datagram);
+        }
+    }
+
+    /// Where WireGuard datagrams to peer `id` go now (the path machine's plan, DERP to its home
+    /// region without one, the DERP region chosen); `None` for a peer we do not know.
+    pub(super) fn plan_for(&mut self, now: Instant, id: PeerId) -> Option<FrameRoute> {
+        let info = self.info.get(&id)?;
         let (key, home_derp) = (info.key, info.home_derp);
         let plan = self.paths.on_outgoing(now, &key).unwrap_or(SendPlan {
             udp: None,
             derp: Some(home_derp),
             relay: None,
         });
+        let derp_region = plan.derp.map(|region| {
+            let heard_on = self.last_region.get(&id).copied();
+            let derp = &self.derp;
+            choose_region(region, heard_on, self.home, |r| derp.contains_key(&r))
+        });
+        Some(FrameRoute {
+            id,
+            key,
+            plan,
+            derp_region,
+        })
+    }
+
+    /// Sends one WireGuard datagram the way `planned` says.
+    pub(super) fn send_planned(
+        &mut self,
+        udp: &UdpSockets,
+        now: Instant,
+        planned: &FrameRoute,
+        datagram: &[u8],
+    ) {
+        let plan = planned.plan;
         if let Some(addr) = plan.udp {
             self.path_io
                 .count_out(PathKind::direct(&addr), datagram.len());
@@ -327,12 +402,9 @@ impl Engine {
                 .count_out(PathKind::relay(&relay.via), datagram.len());
             self.send_relayed(udp, relay, super::relay_client::WIREGUARD, datagram);
         }
-        if let Some(region) = plan.derp {
+        if let Some(region) = planned.derp_region {
             self.path_io.count_out(PathKind::Derp, datagram.len());
-            let heard_on = self.last_region.get(&id).copied();
-            let derp = &self.derp;
-            let region = choose_region(region, heard_on, self.home, |r| derp.contains_key(&r));
-            self.send_derp(now, region, key, datagram.to_vec());
+            self.send_derp(now, region, planned.key, datagram.to_vec());
         }
     }
 

@@ -213,6 +213,23 @@ impl WgPeers {
         (Some(id), res)
     }
 
+    /// Encrypts an IP packet for peer `id`, whose route the caller already looked up (a later
+    /// packet of a super-packet whose first went to `id`).
+    pub fn encapsulate_for(
+        &mut self,
+        now: Instant,
+        id: PeerId,
+        ip_packet: &[u8],
+        out: &mut [u8],
+    ) -> WgOutput {
+        let Some(peer) = self.peer_mut(id) else {
+            return WgOutput::Dropped(DropReason::NoPeer);
+        };
+        let res = peer.session.encapsulate(now, ip_packet, out);
+        self.reschedule(id);
+        res
+    }
+
     /// Which peer a WireGuard datagram is for: by receiver index, or for a handshake initiation
     /// by decrypting the initiator's static key.
     pub fn identify(&self, datagram: &[u8]) -> Option<PeerId> {
