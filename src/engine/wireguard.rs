@@ -56,7 +56,9 @@ impl Engine {
         route: &mut Option<FrameRoute>,
     ) {
         if let Some(known) = *route {
-            let out = self.peers.encapsulate_for(now, known.id, packet, &mut self.out);
+            let out = self
+                .peers
+                .encapsulate_for(now, known.id, packet, &mut self.out);
             self.send_encapsulated(out, |engine, datagram| {
                 engine.send_planned(udp, now, &known, datagram);
             });

@@ -257,7 +257,9 @@ impl Coalescer {
         let mut next = Some(group.first);
         while let Some(index) = next {
             let p = self.packets[index];
-            if p.segment.is_some_and(|s| matches!(s.kind, Kind::Tcp { psh: true, .. })) {
+            if p.segment
+                .is_some_and(|s| matches!(s.kind, Kind::Tcp { psh: true, .. }))
+            {
                 return true;
             }
             next = p.next;
@@ -406,7 +408,11 @@ fn flow_of(packet: &[u8]) -> Option<(u8, &[u8], &[u8])> {
             if u16::from_be_bytes([packet[6], packet[7]]) & 0x1fff != 0 {
                 return None; // no ports in a later fragment
             }
-            (usize::from(packet[0] & 0x0f) * 4, packet[9], &packet[12..20])
+            (
+                usize::from(packet[0] & 0x0f) * 4,
+                packet[9],
+                &packet[12..20],
+            )
         }
         _ => return None,
     };

@@ -723,11 +723,18 @@ fn udp_datagrams_of_one_flow_become_one_uso_super_packet_that_splits_back_to_the
         assert_eq!(header.gso(), Ok(GsoType::UdpL4));
         assert_eq!(header.gso_size, 1000);
         assert_eq!(usize::from(header.hdr_len), t + 8);
-        assert_eq!((header.flags, header.csum_start, header.csum_offset), (1, t as u16, 6));
+        assert_eq!(
+            (header.flags, header.csum_start, header.csum_offset),
+            (1, t as u16, 6)
+        );
         let packet = &out[0][HDR_LEN..];
         assert_eq!(packet.len(), t + 8 + 4 * 1000 + 400);
         let udp_len = u16::from_be_bytes([packet[t + 4], packet[t + 5]]);
-        assert_eq!(usize::from(udp_len), packet.len() - t, "UDP length of the whole");
+        assert_eq!(
+            usize::from(udp_len),
+            packet.len() - t,
+            "UDP length of the whole"
+        );
         if !v6 {
             assert!(ipv4_checksum_ok(packet));
         }
@@ -752,7 +759,10 @@ fn udp_datagrams_pass_alone_unless_the_tun_takes_udp_super_packets() {
 fn udp_datagrams_join_only_as_the_kernels_gro_would() {
     let counts = |input: &[Vec<u8>]| segment_counts(&coalesce_all_with(input, true));
     // A shorter datagram ends the super-packet; a longer one after it starts a new one.
-    assert_eq!(counts(&udp_run(false, &[1000, 1000, 500, 1000, 1000])), [3, 2]);
+    assert_eq!(
+        counts(&udp_run(false, &[1000, 1000, 500, 1000, 1000])),
+        [3, 2]
+    );
     // Another source port is another flow, joined on its own.
     let mut two_flows = Vec::new();
     for i in 0..3u16 {
@@ -786,7 +796,10 @@ fn udp_datagrams_join_only_as_the_kernels_gro_would() {
     assert_eq!(counts(&unchecked), [2]);
     let out = coalesce_all_with(&unchecked, true);
     let resplit = split_all(&out[0]).unwrap();
-    assert!(resplit.iter().all(|d| l4_checksum_ok(d)), "the kernel fills checksums in");
+    assert!(
+        resplit.iter().all(|d| l4_checksum_ok(d)),
+        "the kernel fills checksums in"
+    );
     let mut ttl = udp_run(false, &[1000, 1000]);
     ttl[1][8] = 1;
     assert_eq!(counts(&ttl), [1, 1]);
