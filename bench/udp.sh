@@ -53,11 +53,12 @@ one_binary() {
         before=$(tun_writes c2)
         json=$(ip netns exec "$LAB-c1" iperf3 -u -b 0 -l 1200 -c "$ip2" -t "$SECONDS_PER_RUN" -J)
         after=$(tun_writes c2)
-        rate=$(jq -r '.end.sum.bits_per_second / 1e9' <<<"$json")
+        # What arrived: the sender's rate less what the receiver reported lost.
+        rate=$(jq -r '.end.sum.bits_per_second * (1 - .end.sum.lost_percent / 100) / 1e9' <<<"$json")
         loss=$(jq -r '.end.sum.lost_percent' <<<"$json")
         awk -v b="$before" -v a="$after" -v t="$1" -v r="$rate" -v l="$loss" -v n="$run" 'BEGIN {
-            split(b, x, " "); split(a, y, " "); w = y[2] - x[2]
-            printf "%s\t%d\t%.3f\t%.1f\t%.1f\n", t, n, r, l, w > 0 ? (y[1] - x[1]) / w : 0 }' >>"$RESULTS"
+            split(b, x, " "); split(a, y, " "); w = y[2] - x[2]; per = (w > 0) ? (y[1] - x[1]) / w : 0
+            printf "%s\t%d\t%.3f\t%.1f\t%.1f\n", t, n, r, l, per }' >>"$RESULTS"
         log "$1 run $run: $(tail -1 "$RESULTS" | cut -f3) Gbit/s, loss $(tail -1 "$RESULTS" | cut -f4) %"
     done
     kill "$srv" 2>/dev/null || true
