@@ -700,21 +700,9 @@ fn offloaded_and_plain_tun_carry_tcp_and_udp_gso_byte_exact() {
     );
     // Three sends of eight: with USO the TUN handed over UDP super-packets, cut into
     // datagrams (counted at the next status publish); without it, none.
-    let uso = support::kernel_has_uso();
-    let counters = wait(
-        "ta's UDP offload counters",
-        10,
-        || pair.report(&lab),
-        || {
-            let counters = pair.a.status()["data_plane"]["tun_offload"].clone();
-            let count = |name: &str| counters[name].as_u64().unwrap_or(0);
-            let split = count("udp_super_packets_read") >= 1 && count("datagrams_split") >= 8;
-            (split || !uso).then_some(counters)
-        },
-    );
-    if !uso {
-        assert_eq!(counters["udp_super_packets_read"], 0, "{counters}");
-    }
+    assert_udp_offload_used(&lab, &pair, "udp_super_packets_read", |c| {
+        count(c, "udp_super_packets_read") >= 1 && count(c, "datagrams_split") >= 8
+    });
 
     // The other way: tb's datagrams reach ta back to back; with USO ta joins them into UDP
     // super-packets for its TUN write, and the kernel hands the receiving socket (no UDP_GRO)
@@ -726,18 +714,31 @@ fn offloaded_and_plain_tun_carry_tcp_and_udp_gso_byte_exact() {
         "UDP GSO datagrams tb → ta\n{}",
         pair.report(&lab)
     );
+    assert_udp_offload_used(&lab, &pair, "udp_super_packets_written", |c| {
+        count(c, "udp_super_packets_written") >= 1
+    });
+}
+
+/// A counter of `status.data_plane.tun_offload` (0 when absent).
+fn count(counters: &Value, name: &str) -> u64 {
+    counters[name].as_u64().unwrap_or(0)
+}
+
+/// On a kernel with USO, waits until ta's TUN offload counters show `used`; without USO, checks
+/// that `counter` stayed 0.
+fn assert_udp_offload_used(lab: &Lab, pair: &Pair, counter: &str, used: impl Fn(&Value) -> bool) {
+    let uso = support::kernel_has_uso();
     let counters = wait(
-        "ta's UDP super-packets written",
+        &format!("ta's {counter} (USO {uso})"),
         10,
-        || pair.report(&lab),
+        || pair.report(lab),
         || {
             let counters = pair.a.status()["data_plane"]["tun_offload"].clone();
-            let written = counters["udp_super_packets_written"].as_u64().unwrap_or(0);
-            (written >= 1 || !uso).then_some(counters)
+            (used(&counters) || !uso).then_some(counters)
         },
     );
     if !uso {
-        assert_eq!(counters["udp_super_packets_written"], 0, "{counters}");
+        assert_eq!(counters[counter], 0, "{counters}");
     }
 }
 
