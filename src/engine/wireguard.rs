@@ -36,6 +36,8 @@ pub(super) struct FrameRoute {
     id: PeerId,
     key: NodePublic,
     plan: SendPlan,
+    /// `None` when the plan has no DERP leg; else the region chosen for it (`Some(None)`: none
+    /// to use, counted as a `no_derp` drop).
     derp_region: Option<Option<u16>>,
 }
 
