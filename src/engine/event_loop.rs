@@ -227,9 +227,8 @@ impl Engine {
     pub(super) async fn received(&mut self, tun: &Device, buf: &[u8], received: offload::Received) {
         let data = buf.get(..received.len).unwrap_or_default();
         let now = Instant::now();
-        let mut sender = None;
         for datagram in offload::segments(data, received.segment) {
-            let to_tun = self.udp_datagram(now, datagram, received.from, &mut sender);
+            let to_tun = self.udp_datagram(now, datagram, received.from);
             self.write_tun(tun, to_tun).await;
         }
     }

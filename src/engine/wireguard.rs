@@ -136,16 +136,11 @@ impl Engine {
 
     /// A UDP datagram: STUN to the netcheck task, disco to the path machines, WireGuard to its
     /// peer (by the address disco learned, else by WireGuard's own index or static key).
-    ///
-    /// `sender` carries, across the datagrams of one read (all from `from`), which peer disco
-    /// says owns `from`: looked up for the first WireGuard datagram, forgotten after any disco
-    /// datagram (which may change it).
     pub(super) fn udp_datagram(
         &mut self,
         now: Instant,
         datagram: &[u8],
         from: SocketAddr,
-        sender: &mut Option<Option<PeerId>>,
     ) -> Option<usize> {
         let from = udp::unmap_v4(from);
         match crate::demux::classify_udp(datagram) {
@@ -157,7 +152,6 @@ impl Engine {
                 geneve: None,
                 packet,
             } => {
-                *sender = None;
                 let _ = self.paths.handle_udp(now, from, packet);
                 None
             }
@@ -165,11 +159,10 @@ impl Engine {
                 geneve: None,
                 packet,
             } => {
-                let paths = &self.paths;
-                let peers = &self.peers;
-                let by_addr = *sender.get_or_insert_with(|| {
-                    paths.peer_for_addr(&from).and_then(|k| peers.id_of(&k))
-                });
+                let by_addr = self
+                    .paths
+                    .peer_for_addr(&from)
+                    .and_then(|k| self.peers.id_of(&k));
                 let Some(id) = by_addr.or_else(|| self.peers.identify(packet)) else {
                     self.drops.udp_unknown_peer += 1;
                     if let Some(key) = self.peers.initiator_key(packet) {
@@ -184,7 +177,6 @@ impl Engine {
                 geneve: Some(header),
                 packet,
             } => {
-                *sender = None;
                 self.relayed_disco(from, header, datagram, packet);
                 None
             }
