@@ -53,8 +53,6 @@ NOT_DIRECT=0                   # set when a path was not direct (only with BENCH
 has_part() { case " $PARTS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 
 # ---------- tern nodes ----------
-# tern_cli NODE ARGS...: the tern CLI against NODE's daemon (c1, c2, s1).
-tern_cli() { local node=$1; shift; "$TERN" --socket "$(lab_dir)/$node.sock" "$@"; }
 # node_view NODE PEER: NODE's view of PEER from its `status --json`, into V_STATE (backend state,
 # "down" if the daemon does not answer), V_PATH ("none" if null), V_REASON (path_reason), V_EP.
 node_view() {
@@ -84,26 +82,16 @@ not_direct() {
     fi
 }
 
-# require_direct NODE PEER PEER_IP: ping PEER from NODE through the TUN and wait until NODE says
-# `path == "direct"` for PEER (at most DIRECT_TIMEOUT s).
+# require_direct NODE PEER PEER_IP: wait until NODE says `path == "direct"` for PEER (pinging it
+# through the TUN, at most DIRECT_TIMEOUT s).
 require_direct() {
-    local node=$1 peer=$2 ip=$3 deadline
-    ip netns exec "$LAB-$node" ping -c $((DIRECT_TIMEOUT * 5)) -i 0.2 -W 1 "$ip" >/dev/null 2>&1 &
-    local ping_pid=$!
-    STARTED_PIDS+=("$ping_pid")
-    deadline=$(($(date +%s) + DIRECT_TIMEOUT))
-    while :; do
-        node_view "$node" "$peer"
-        [ "$V_PATH" = direct ] && break
-        if [ "$(date +%s)" -ge "$deadline" ]; then
-            kill "$ping_pid" 2>/dev/null || true
-            not_direct "$node's path to $peer is '$V_PATH' (path_reason '$V_REASON', backend $V_STATE) after ${DIRECT_TIMEOUT} s of pings, not 'direct' (a build without direct paths says 'derp' here, a NAT pair without a direct path names its cause)"
-            return
-        fi
-        sleep 0.05
-    done
-    kill "$ping_pid" 2>/dev/null || true
-    log "$node -> $peer: path direct via $V_EP"
+    if ! wait_for_path "$1" "$2" "$3" direct "$DIRECT_TIMEOUT"; then
+        node_view "$1" "$2"
+        not_direct "$1's path to $2 is '$V_PATH' (path_reason '$V_REASON', backend $V_STATE) after ${DIRECT_TIMEOUT} s of pings, not 'direct' (a build without direct paths says 'derp' here, a NAT pair without a direct path names its cause)"
+        return
+    fi
+    node_view "$1" "$2"
+    log "$1 -> $2: path direct via $V_EP"
 }
 
 # ---------- UDP receive-buffer drops (per namespace: /proc/net/snmp) ----------

@@ -12,8 +12,6 @@ set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 bench_init tbx
 
-tern_cli() { local node=$1; shift; "$TERN" --socket "$(lab_dir)/$node.sock" "$@"; }
-
 build_tern
 command -v iperf3 >/dev/null || die "iperf3 missing (apt-get install iperf3)"
 command -v jq >/dev/null || die "jq missing (apt-get install jq)"

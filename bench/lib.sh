@@ -1,5 +1,5 @@
 # shellcheck shell=bash
-# Shared shell functions of the tern benchmarks (bench/dataplane.sh, bench/direct.sh).
+# Shared shell functions of the tern benchmarks (bench/*.sh).
 # Source it from a bench script after `set -euo pipefail`:
 #
 #   . "$(dirname "$0")/lib.sh"
@@ -111,6 +111,29 @@ lab_tailnet_ip() {
 }
 # lab_dir: the lab's state directory (sockets, node state, auth.key).
 lab_dir() { echo "/run/tern-lab/$LAB"; }
+
+# tern_cli NODE ARGS...: the tern CLI against lab node NODE's daemon (c1, c2, s1, relay).
+tern_cli() { local node=$1; shift; "$TERN" --socket "$(lab_dir)/$node.sock" "$@"; }
+# path_of NODE PEER: NODE's path to PEER from its `status --json` ("none" if unknown or no answer).
+path_of() {
+    tern_cli "$1" status --json 2>/dev/null | jq -r --arg h "$2" \
+        '([.peers[] | select(.hostname == $h)] | first | .path) // "none"' 2>/dev/null || echo none
+}
+# wait_for_path NODE PEER PEER_IP WANT TIMEOUT: ping PEER_IP from NODE through the TUN until NODE
+# says its path to PEER is WANT; 1 if it still is not after TIMEOUT s (the caller says why).
+wait_for_path() {
+    local node=$1 peer=$2 ip=$3 want=$4 timeout=$5 deadline ping_pid rc=0
+    ip netns exec "$LAB-$node" ping -c $((timeout * 5)) -i 0.2 -W 1 "$ip" >/dev/null 2>&1 &
+    ping_pid=$!
+    STARTED_PIDS+=("$ping_pid")
+    deadline=$(($(date +%s) + timeout))
+    until [ "$(path_of "$node" "$peer")" = "$want" ]; do
+        if [ "$(date +%s)" -ge "$deadline" ]; then rc=1; break; fi
+        sleep 0.05
+    done
+    kill "$ping_pid" 2>/dev/null || true
+    return "$rc"
+}
 
 # derp_metric NAME: value of tern_derp_NAME from the lab relay's /debug/metrics ("" if unreachable;
 # the relay serves it to loopback only, hence curl from inside the relay namespace).

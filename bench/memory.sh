@@ -32,7 +32,7 @@ file_kib() { awk '/^RssFile:/ { print $2 }' "/proc/$1/status"; }
 wait_for_peers() {
     local i n
     for i in $(seq 1 120); do
-        n=$("$TERN" --socket "$(lab_dir)/c1.sock" status --json 2>/dev/null | jq '.peers | length' 2>/dev/null || echo 0)
+        n=$(tern_cli c1 status --json 2>/dev/null | jq '.peers | length' 2>/dev/null || echo 0)
         [ "$n" = "$1" ] && return
         sleep 0.5
     done

@@ -28,12 +28,6 @@ bench_init tbr
 PATH_TIMEOUT=${BENCH_PATH_TIMEOUT:-60}
 RELAY_PORT=40000
 
-tern_cli() { local node=$1; shift; "$TERN" --socket "$(lab_dir)/$node.sock" "$@"; }
-# path_of NODE PEER: NODE's path to PEER ("none" if unknown).
-path_of() {
-    tern_cli "$1" status --json 2>/dev/null | jq -r --arg h "$2" \
-        '([.peers[] | select(.hostname == $h)] | first | .path) // "none"' 2>/dev/null || echo none
-}
 relay_forwarded() {
     tern_cli relay status --json | jq -r '.relay_server.forwarded_packets // 0'
 }
@@ -41,19 +35,11 @@ relay_forwarded_bytes() {
     tern_cli relay status --json | jq -r '.relay_server.forwarded_bytes // 0'
 }
 
-# require_path WANT: ping c2 from c1 through the TUN until c1 says `path == WANT` for c2.
+# require_path WANT: wait until c1 says `path == WANT` for c2 (pinging it through the TUN).
 require_path() {
-    local want=$1 deadline
-    ip netns exec "$LAB-c1" ping -c $((PATH_TIMEOUT * 5)) -i 0.2 -W 1 "$C2" >/dev/null 2>&1 &
-    local ping_pid=$!
-    STARTED_PIDS+=("$ping_pid")
-    deadline=$(($(date +%s) + PATH_TIMEOUT))
-    while [ "$(path_of c1 c2)" != "$want" ]; do
-        [ "$(date +%s)" -lt "$deadline" ] || die "c1's path to c2 is '$(path_of c1 c2)' after ${PATH_TIMEOUT} s, not '$want'"
-        sleep 0.2
-    done
-    kill "$ping_pid" 2>/dev/null || true
-    log "c1 -> c2: $want"
+    wait_for_path c1 c2 "$C2" "$1" "$PATH_TIMEOUT" \
+        || die "c1's path to c2 is '$(path_of c1 c2)' after ${PATH_TIMEOUT} s, not '$1'"
+    log "c1 -> c2: $1"
 }
 
 check_still() {

@@ -22,20 +22,8 @@ TERNS=${BENCH_TERNS:-$TERN}
 
 # tun_writes NODE: "<packets_to_tun> <tun_writes>" of NODE's daemon (0 0 without offloads).
 tun_writes() {
-    "$TERN" --socket "$(lab_dir)/$1.sock" status --json \
+    tern_cli "$1" status --json \
         | jq -r '.data_plane.tun_offload | "\(.packets_to_tun // 0) \(.tun_writes // 0)"'
-}
-
-# require_direct: ping c2 from c1 through the TUN until c1 says `path == "direct"` for c2.
-require_direct() {
-    local ip=$1 deadline=$(($(date +%s) + 20)) path
-    while :; do
-        ip netns exec "$LAB-c1" ping -c 2 -i 0.2 -W 1 "$ip" >/dev/null 2>&1 || true
-        path=$("$TERN" --socket "$(lab_dir)/c1.sock" status --json \
-            | jq -r '[.peers[] | select(.hostname == "c2")] | first | .path // "none"')
-        [ "$path" = direct ] && return
-        [ "$(date +%s)" -lt "$deadline" ] || die "c1's path to c2 is '$path', not direct"
-    done
 }
 
 # one_binary BINARY: the runs with BINARY's daemons; appends "BINARY gbit loss per_write" to RESULTS.
@@ -44,7 +32,7 @@ one_binary() {
     lab_up easy easy
     local ip2 srv before after json rate loss
     ip2=$(lab_tailnet_ip c2)
-    require_direct "$ip2"
+    wait_for_path c1 c2 "$ip2" direct 20 || die "c1's path to c2 is '$(path_of c1 c2)', not direct"
     ip netns exec "$LAB-c2" iperf3 -s -B "$ip2" >/dev/null 2>&1 &
     srv=$!
     STARTED_PIDS+=("$srv")
