@@ -256,13 +256,13 @@ async fn a_delivering_client_hands_packets_and_peer_gone_to_its_queue_tagged_wit
     let deliver = client::DeliverTo { region: 7, tx };
     let mut b = within(
         "connect",
-        DerpClient::connect_delivering(&relay.config(key), deliver),
+        DerpClient::connect_delivering(&relay.config(key), deliver, None),
     )
     .await
     .expect("connect");
     assert!(!b.delivered_any());
-    // Bursts of 40 (more than the delivery queue holds, fewer than the server's per-client
-    // queue, so the server drops none), then the largest packet: all arrive, in order.
+    // Bursts of 40 (fewer than the server's per-client queue, so the server drops none), then
+    // the largest packet: all arrive, in order, in batches (each what one read brought).
     let mut sizes: Vec<usize> = (0..200).map(|i| 1 + (i * 331) % 1400).collect();
     sizes.push(frame::MAX_PACKET_SIZE);
     for (burst, chunk) in sizes.chunks(40).enumerate() {
@@ -270,23 +270,26 @@ async fn a_delivering_client_hands_packets_and_peer_gone_to_its_queue_tagged_wit
             let tag = (burst * 40 + j) as u8;
             a.send(kb, Bytes::from(vec![tag; size])).await.unwrap();
         }
-        for (j, &size) in chunk.iter().enumerate() {
-            let tag = (burst * 40 + j) as u8;
+        let mut got = Vec::new();
+        while got.len() < chunk.len() {
             match within("delivery", delivered.recv())
                 .await
                 .expect("queue open")
             {
-                client::Delivery::Packet {
-                    region,
-                    src,
-                    packet,
-                } => {
-                    assert_eq!((region, src), (7, ka));
-                    assert_eq!(packet.len(), size, "packet {tag}");
-                    assert!(packet.iter().all(|&b| b == tag), "packet {tag} intact");
+                client::Delivery::Packets { region, packets } => {
+                    assert_eq!(region, 7);
+                    assert!(!packets.is_empty(), "no empty batches");
+                    got.extend(packets);
                 }
-                other => panic!("packet {tag}: got {other:?}"),
+                other => panic!("burst {burst}: got {other:?}"),
             }
+        }
+        assert_eq!(got.len(), chunk.len(), "burst {burst}: nothing extra");
+        for (j, (&size, (src, packet))) in chunk.iter().zip(&got).enumerate() {
+            let tag = (burst * 40 + j) as u8;
+            assert_eq!(*src, ka);
+            assert_eq!(packet.len(), size, "packet {tag}");
+            assert!(packet.iter().all(|&b| b == tag), "packet {tag} intact");
         }
     }
     assert!(b.delivered_any());
@@ -302,6 +305,72 @@ async fn a_delivering_client_hands_packets_and_peer_gone_to_its_queue_tagged_wit
         client::Delivery::PeerGone { region, peer } => assert_eq!((region, peer), (7, ka)),
         other => panic!("got {other:?}"),
     }
+}
+
+#[tokio::test]
+async fn a_connection_writes_what_its_owner_queued_and_the_next_connection_takes_over_the_queue() {
+    let relay = start_relay(true, |_| {}).await;
+    let (mut a, ka) = relay.client().await;
+    let key = NodePrivate::generate();
+    let kb = key.public();
+    let (queue_tx, queue_rx) = tokio::sync::mpsc::channel(64);
+    let queue: client::SendQueue = Arc::new(tokio::sync::Mutex::new(queue_rx));
+    let (deliver_tx, _delivered) = tokio::sync::mpsc::channel(16);
+    let connect = |key: NodePrivate| {
+        let deliver = client::DeliverTo {
+            region: 7,
+            tx: deliver_tx.clone(),
+        };
+        let config = relay.config(key);
+        let queue = queue.clone();
+        async move {
+            within(
+                "connect",
+                DerpClient::connect_delivering(&config, deliver, Some(queue)),
+            )
+            .await
+            .expect("connect")
+        }
+    };
+    let first = connect(key.clone()).await;
+    // A burst larger than one write gathers (48 KiB), then an oversized packet, which is
+    // dropped alone, then the largest allowed: all but the oversized one arrive, in order.
+    let mut sizes: Vec<usize> = (0..60).map(|i| 1 + (i * 331) % 1400).collect();
+    sizes.extend([frame::MAX_PACKET_SIZE + 1, frame::MAX_PACKET_SIZE]);
+    for (i, &size) in sizes.iter().enumerate() {
+        queue_tx
+            .send((ka, Bytes::from(vec![i as u8; size])))
+            .await
+            .unwrap();
+    }
+    for (i, &size) in sizes.iter().enumerate() {
+        if size > frame::MAX_PACKET_SIZE {
+            continue;
+        }
+        let (src, packet) = next_packet(&mut a).await;
+        assert_eq!(src, kb);
+        assert_eq!(packet.len(), size, "packet {i}");
+        assert!(packet.iter().all(|&b| b == i as u8), "packet {i} intact");
+    }
+    // The connection goes; what is queued meanwhile is sent by the next one.
+    drop(first);
+    queue_tx
+        .send((ka, Bytes::from_static(b"while away")))
+        .await
+        .unwrap();
+    let _second = connect(key).await;
+    assert_eq!(
+        next_packet(&mut a).await,
+        (kb, Bytes::from_static(b"while away"))
+    );
+    queue_tx
+        .send((ka, Bytes::from_static(b"after")))
+        .await
+        .unwrap();
+    assert_eq!(
+        next_packet(&mut a).await,
+        (kb, Bytes::from_static(b"after"))
+    );
 }
 
 /// A DERP connection made by hand, to send bytes the tern client never would.

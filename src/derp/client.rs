@@ -57,14 +57,15 @@ pub enum Event {
     },
 }
 
-/// A relayed packet or a peer's departure, handed by a connection's reader straight to a
+/// Relayed packets or a peer's departure, handed by a connection's reader straight to a
 /// consumer that serves several connections (the engine), tagged with the connection's region.
 #[derive(Debug)]
 pub enum Delivery {
-    Packet {
+    /// The packets one read brought, in the order they came (one queue operation and one
+    /// wakeup for a burst, not one per packet).
+    Packets {
         region: u16,
-        src: NodePublic,
-        packet: Bytes,
+        packets: Vec<(NodePublic, Bytes)>,
     },
     PeerGone {
         region: u16,
@@ -78,6 +79,11 @@ pub struct DeliverTo {
     pub region: u16,
     pub tx: mpsc::Sender<Delivery>,
 }
+
+/// Packets a consumer queues itself, one region's worth (the engine: its queue to a region,
+/// which outlives connections). While a connection is up, its writer takes them from there
+/// itself: no task between the queue and the socket.
+pub type SendQueue = Arc<tokio::sync::Mutex<mpsc::Receiver<(NodePublic, Bytes)>>>;
 
 /// Why a client connection failed.
 #[derive(Debug, thiserror::Error)]
@@ -356,19 +362,29 @@ impl Drop for DerpClient {
 impl DerpClient {
     /// Dials, upgrades and completes the handshake (waits for ServerInfo) within 10 s.
     pub async fn connect(config: &ClientConfig) -> Result<Self, ClientError> {
-        tokio::time::timeout(CONNECT_TIMEOUT, Self::connect_inner(config, None))
-            .await
-            .map_err(|_| ClientError::Timeout)?
+        tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            Self::connect_inner(config, Queues::default()),
+        )
+        .await
+        .map_err(|_| ClientError::Timeout)?
     }
 
     /// As [`connect`](Self::connect), but packets and PeerGone frames go to `deliver` as they
-    /// are read (one queue less on the way to the engine); [`recv`](Self::recv) yields the
-    /// other events and the end of the connection.
+    /// are read (one queue less on the way to the engine), and with `send_from` the writer
+    /// also sends what is queued there (a write error then ends the connection, reported by
+    /// [`recv`](Self::recv)); [`recv`](Self::recv) yields the other events and the end of
+    /// the connection.
     pub async fn connect_delivering(
         config: &ClientConfig,
         deliver: DeliverTo,
+        send_from: Option<SendQueue>,
     ) -> Result<Self, ClientError> {
-        tokio::time::timeout(CONNECT_TIMEOUT, Self::connect_inner(config, Some(deliver)))
+        let queues = Queues {
+            deliver: Some(deliver),
+            send_from,
+        };
+        tokio::time::timeout(CONNECT_TIMEOUT, Self::connect_inner(config, queues))
             .await
             .map_err(|_| ClientError::Timeout)?
     }
@@ -400,10 +416,7 @@ impl DerpClient {
         Err(last_error)
     }
 
-    async fn connect_inner(
-        config: &ClientConfig,
-        deliver: Option<DeliverTo>,
-    ) -> Result<Self, ClientError> {
+    async fn connect_inner(config: &ClientConfig, queues: Queues) -> Result<Self, ClientError> {
         let tcp = crate::bypass::tcp_connect(config.addr).await?;
         let _ = tcp.set_nodelay(true);
         // Under TLS 1.3 a `derpkey` meta certificate gives the server key up front: fast start.
@@ -463,11 +476,11 @@ impl DerpClient {
         let delivered = Arc::new(AtomicBool::new(false));
         let outputs = ReaderOutputs {
             replies: tx.clone(),
-            events: event_tx,
-            deliver,
+            events: event_tx.clone(),
+            deliver: queues.deliver,
             delivered: delivered.clone(),
         };
-        let writer = tokio::spawn(write_loop(write_half, rx));
+        let writer = tokio::spawn(write_loop(write_half, rx, queues.send_from, event_tx));
         let reader = tokio::spawn(read_loop(read_half, buf, core, outputs));
         Ok(DerpClient {
             server_key,
@@ -548,6 +561,13 @@ impl DerpClient {
     }
 }
 
+/// The consumer's own queues a connection reads into and writes from.
+#[derive(Default)]
+struct Queues {
+    deliver: Option<DeliverTo>,
+    send_from: Option<SendQueue>,
+}
+
 /// Where a connection's reader puts what it reads.
 struct ReaderOutputs {
     /// The writer's queue, for Pong answers.
@@ -558,23 +578,47 @@ struct ReaderOutputs {
 }
 
 impl ReaderOutputs {
-    /// Passes `event` on; `false` once its consumer is gone.
-    async fn pass(&self, event: Event) -> bool {
+    /// Passes `event` on; `false` once its consumer is gone. With a [`DeliverTo`], packets
+    /// are gathered in `batch` (sent by [`Self::flush`]) and a PeerGone goes after them.
+    async fn pass(&self, event: Event, batch: &mut Vec<(NodePublic, Bytes)>) -> bool {
         let Some(deliver) = &self.deliver else {
             return self.events.send(Ok(event)).await.is_ok();
         };
         let region = deliver.region;
-        let delivery = match event {
-            Event::Packet { src, packet } => Delivery::Packet {
-                region,
-                src,
-                packet,
-            },
+        match event {
+            Event::Packet { src, packet } => {
+                batch.push((src, packet));
+                true
+            }
             Event::PeerGone { peer, reason } => {
                 tracing::debug!(region, %peer, ?reason, "DERP peer gone");
-                Delivery::PeerGone { region, peer }
+                self.flush(batch).await && self.deliver(Delivery::PeerGone { region, peer }).await
             }
-            other => return self.events.send(Ok(other)).await.is_ok(),
+            other => self.events.send(Ok(other)).await.is_ok(),
+        }
+    }
+
+    /// Delivers the gathered packets, if any; `false` once the consumer is gone.
+    async fn flush(&self, batch: &mut Vec<(NodePublic, Bytes)>) -> bool {
+        let Some(deliver) = &self.deliver else {
+            return true;
+        };
+        if batch.is_empty() {
+            return true;
+        }
+        // The next read's batch starts with this one's room: one allocation per read.
+        let room = batch.capacity();
+        let packets = std::mem::replace(batch, Vec::with_capacity(room));
+        self.deliver(Delivery::Packets {
+            region: deliver.region,
+            packets,
+        })
+        .await
+    }
+
+    async fn deliver(&self, delivery: Delivery) -> bool {
+        let Some(deliver) = &self.deliver else {
+            return true;
         };
         if !self.delivered.load(Ordering::Relaxed) {
             self.delivered.store(true, Ordering::Relaxed);
@@ -589,6 +633,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
     mut core: ClientCore,
     outputs: ReaderOutputs,
 ) {
+    let mut batch = Vec::new();
     let result: Result<(), ClientError> = async {
         loop {
             // Every frame one read brought, under one clock reading.
@@ -600,10 +645,13 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     let _ = outputs.replies.try_send(reply);
                 }
                 if let Some(event) = event {
-                    if !outputs.pass(event).await {
+                    if !outputs.pass(event, &mut batch).await {
                         return Ok(());
                     }
                 }
+            }
+            if !outputs.flush(&mut batch).await {
+                return Ok(());
             }
             buf.reserve(READ_SPACE);
             let read =
@@ -619,21 +667,75 @@ async fn read_loop<R: AsyncRead + Unpin>(
     }
 }
 
-async fn write_loop<W: AsyncWrite + Unpin>(mut writer: W, mut rx: mpsc::Receiver<Frame>) {
+/// Bytes of frames gathered for one write.
+const WRITE_BATCH: usize = 48 << 10;
+
+/// Writes the client's frames and, with `send_from`, the packets queued there: whatever is
+/// ready, up to [`WRITE_BATCH`], in one write. Ends when either queue closes or a write
+/// fails (told to `events`, so the connection's owner learns of it).
+async fn write_loop<W: AsyncWrite + Unpin>(
+    mut writer: W,
+    mut frames: mpsc::Receiver<Frame>,
+    send_from: Option<SendQueue>,
+    events: mpsc::Sender<Result<Event, String>>,
+) {
+    // Held for the connection's life: the next connection's writer waits for this one's end.
+    let mut packets = match send_from {
+        Some(queue) => Some(queue.lock_owned().await),
+        None => None,
+    };
     let mut out = BytesMut::with_capacity(64 << 10);
-    while let Some(first) = rx.recv().await {
-        first.encode(&mut out);
-        while out.len() < (256 << 10) {
-            match rx.try_recv() {
-                Ok(frame) => frame.encode(&mut out),
-                Err(_) => break,
+    loop {
+        tokio::select! {
+            biased;
+            frame = frames.recv() => match frame {
+                Some(frame) => frame.encode(&mut out),
+                None => return,
+            },
+            packet = next_queued(&mut packets) => match packet {
+                Some((dst, packet)) => put_queued(&mut out, &dst, &packet),
+                None => return,
+            },
+        }
+        while out.len() < WRITE_BATCH {
+            if let Ok(frame) = frames.try_recv() {
+                frame.encode(&mut out);
+            } else if let Some(Ok((dst, packet))) = packets.as_mut().map(|q| q.try_recv()) {
+                put_queued(&mut out, &dst, &packet);
+            } else {
+                break;
             }
         }
-        if writer.write_all(&out).await.is_err() || writer.flush().await.is_err() {
+        let written = match writer.write_all(&out).await {
+            Ok(()) => writer.flush().await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = written {
+            let _ = events.send(Err(format!("write: {e}"))).await;
             return;
         }
         out.clear();
     }
+}
+
+/// The next packet of a [`SendQueue`]; never, without one.
+async fn next_queued(
+    queue: &mut Option<tokio::sync::OwnedMutexGuard<mpsc::Receiver<(NodePublic, Bytes)>>>,
+) -> Option<(NodePublic, Bytes)> {
+    match queue {
+        Some(queue) => queue.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A queued packet as a SendPacket frame; one too large for a frame is dropped (the engine
+/// never queues one: WireGuard packets are far smaller).
+fn put_queued(out: &mut BytesMut, dst: &NodePublic, packet: &[u8]) {
+    if packet.len() > frame::MAX_PACKET_SIZE {
+        tracing::debug!(len = packet.len(), "queued DERP packet too large; dropped");
+        return;
+    }
+    frame::put_send_packet(out, dst, packet);
 }
 
 async fn read_frame<R: AsyncRead + Unpin>(

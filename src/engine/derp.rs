@@ -14,7 +14,7 @@ use tokio::task::JoinHandle;
 use super::Engine;
 use crate::control::tailcfg::{DerpMap, DerpNode, DerpRegion};
 use crate::derp::client::{
-    ClientConfig, DeliverTo, Delivery, DerpClient, Reconnector, TlsVerify, Transport,
+    ClientConfig, DeliverTo, Delivery, DerpClient, Reconnector, SendQueue, TlsVerify, Transport,
 };
 use crate::derp::resolve::{self, MapAddr};
 use crate::keys::{NodePrivate, NodePublic};
@@ -285,12 +285,14 @@ impl Drop for ConnectedFlag {
 /// `outbound` and passing received packets to `inbound`.
 pub(super) async fn region_task(region: u16, dial: RegionNodes, io: RegionIo) {
     let RegionIo {
-        mut outbound,
+        outbound,
         mut preferred,
         inbound,
         connected,
     } = io;
     let connected = ConnectedFlag(connected);
+    // Each connection's writer takes packets from here itself while it is up.
+    let outbound: SendQueue = Arc::new(tokio::sync::Mutex::new(outbound));
     let mut reconnector = Reconnector::default();
     let mut node = 0usize;
     loop {
@@ -311,7 +313,8 @@ pub(super) async fn region_task(region: u16, dial: RegionNodes, io: RegionIo) {
             region,
             tx: inbound.clone(),
         };
-        let mut client = match DerpClient::connect_delivering(&config, deliver).await {
+        let connecting = DerpClient::connect_delivering(&config, deliver, Some(outbound.clone()));
+        let mut client = match connecting.await {
             Ok(c) => c,
             Err(e) => {
                 let error = e.to_string();
@@ -333,12 +336,6 @@ pub(super) async fn region_task(region: u16, dial: RegionNodes, io: RegionIo) {
         connected.0.store(true, Ordering::Relaxed);
         let why = loop {
             tokio::select! {
-                msg = outbound.recv() => {
-                    let Some((dst, packet)) = msg else { return };
-                    if let Err(e) = client.send(dst, packet).await {
-                        break e.to_string();
-                    }
-                }
                 changed = preferred.changed() => {
                     if changed.is_err() {
                         return;
@@ -348,7 +345,8 @@ pub(super) async fn region_task(region: u16, dial: RegionNodes, io: RegionIo) {
                         break e.to_string();
                     }
                 }
-                // Packets and PeerGone went to the engine from the reader; here the rest.
+                // Packets went between the engine's queues and the socket directly; here
+                // the rest, and a failed read or write.
                 event = client.recv() => match event {
                     Ok(_) => reconnector.on_success(),
                     Err(e) => break e.to_string(),

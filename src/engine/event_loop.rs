@@ -207,17 +207,17 @@ impl Engine {
         }
     }
 
-    /// A packet or a "peer gone" from a DERP region task.
+    /// Packets or a "peer gone" from a DERP region's connection.
     async fn on_derp_event(&mut self, tun: &Device, event: Delivery, now: Instant) {
         match event {
-            Delivery::Packet {
-                region,
-                src,
-                packet,
-            } => {
-                self.note_frame_from(region);
-                let to_tun = self.inbound_derp(now, region, src, &packet);
-                self.write_tun(tun, to_tun).await;
+            Delivery::Packets { region, packets } => {
+                self.note_frame_from(region, now);
+                // A burst is mostly one peer's: its table lookups are done once.
+                let mut sender = None;
+                for (src, packet) in packets {
+                    let to_tun = self.inbound_derp(now, region, src, &packet, &mut sender);
+                    self.write_tun(tun, to_tun).await;
+                }
             }
             Delivery::PeerGone { region, peer } => self.peer_gone(region, &peer),
         }

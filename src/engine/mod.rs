@@ -70,6 +70,8 @@ use tern_platform::tun::{LinuxTun, TunConfig, DEFAULT_MTU};
 
 /// Largest packet handled: the TUN MTU leaves room, DERP caps packets at 64 KiB.
 const BUF_LEN: usize = 65535;
+/// DERP deliveries (bursts) waiting for the engine, from all regions.
+const DERP_DELIVERY_QUEUE: usize = 256;
 
 /// How the daemon runs the data plane.
 #[derive(Debug, Clone)]
@@ -203,7 +205,8 @@ async fn run(
     let sockets = UdpSockets::bind(config.port)?;
     tracing::info!(tun = tun.name(), port = config.port, "data plane up");
 
-    let (inbound_tx, inbound_rx) = mpsc::channel(1024);
+    // DERP deliveries: each is one read's packets (up to ~64 KiB); readers wait when it is full.
+    let (inbound_tx, inbound_rx) = mpsc::channel(DERP_DELIVERY_QUEUE);
     let (regions_tx, regions_rx) = watch::channel(BTreeMap::new());
     let (report_tx, reports) = mpsc::channel(4);
     let (stun_tx, stun_rx) = mpsc::channel(STUN_QUEUE);

@@ -172,8 +172,7 @@ impl Engine {
     }
 
     /// Notes that `region` delivered a frame (at most once every 5 s, as Go).
-    pub(super) fn note_frame_from(&mut self, region: u16) {
-        let now = Instant::now();
+    pub(super) fn note_frame_from(&mut self, region: u16, now: Instant) {
         let stale = self
             .last_frame
             .get(&region)

@@ -109,13 +109,15 @@ impl Engine {
     }
 
     /// A packet from DERP: disco to the path machines; WireGuard decrypted for the sending
-    /// peer, filtered, and handed back for the TUN.
+    /// peer, filtered, and handed back for the TUN. `sender` is the last WireGuard sender of
+    /// this burst from `region` and its peer id: looked up and noted once, not per packet.
     pub(super) fn inbound_derp(
         &mut self,
         now: Instant,
         region: u16,
         src: NodePublic,
         packet: &[u8],
+        sender: &mut Option<(NodePublic, PeerId)>,
     ) -> Option<usize> {
         if let Inbound::Disco { packet, .. } = crate::demux::classify_derp(packet) {
             let handled = self.paths.handle_derp(now, region, src, packet);
@@ -124,12 +126,19 @@ impl Engine {
             }
             return None;
         }
-        let Some(id) = self.peers.id_of(&src) else {
-            self.drops.unknown_sender += 1;
-            self.note_unknown(src);
-            return None;
+        let id = match *sender {
+            Some((key, id)) if key == src => id,
+            _ => {
+                let Some(id) = self.peers.id_of(&src) else {
+                    self.drops.unknown_sender += 1;
+                    self.note_unknown(src);
+                    return None;
+                };
+                self.last_region.insert(id, region);
+                *sender = Some((src, id));
+                id
+            }
         };
-        self.last_region.insert(id, region);
         self.path_io.count_in(PathKind::Derp, packet.len());
         self.decapsulate(now, id, packet)
     }
