@@ -76,7 +76,10 @@ require_path peer-relay
 relay_pid=$(lab_pid tern:relay)
 p0=$(relay_forwarded); b0=$(relay_forwarded_bytes); r0=$(proc_ticks "$relay_pid"); s0=$(date +%s.%N)
 measure_path relay peer-relay "tern peer relay (hard x hard)"
-p1=$(relay_forwarded); b1=$(relay_forwarded_bytes); r1=$(proc_ticks "$relay_pid"); s1=$(date +%s.%N)
+p1=$(relay_forwarded); r1=$(proc_ticks "$relay_pid"); s1=$(date +%s.%N)
+# The status snapshot is refreshed once a second: the last bytes show up to a second late.
+sleep 1.5
+b1=$(relay_forwarded_bytes)
 received=$(for f in "$WORK"/relay.*.json; do jq -r '.end.sum_received.bytes' "$f"; done | awk '{ s += $1 } END { printf "%.0f", s }')
 [ "$((b1 - b0))" -ge "$received" ] || die "the relay forwarded $((b1 - b0)) bytes, less than the $received received"
 relay_eff=$(awk -v p=$((p1 - p0)) -v d=$((r1 - r0)) -v hz="$HZ" -v a="$s0" -v b="$s1" 'BEGIN {
