@@ -351,7 +351,7 @@ impl Engine {
             match out.dest {
                 Dest::Direct(addr) => self.send_udp(udp, addr, &out.packet),
                 Dest::Derp(region) => {
-                    self.send_derp(Instant::now(), Some(region), out.peer, out.packet)
+                    self.send_derp(Instant::now(), Some(region), out.peer, &out.packet)
                 }
                 Dest::Relay(relay) => {
                     self.send_relayed(udp, relay, super::relay_client::DISCO, &out.packet)
@@ -417,7 +417,7 @@ impl Engine {
         }
         if let Some(region) = planned.derp_region {
             self.path_io.count_out(PathKind::Derp, datagram.len());
-            self.send_derp(now, region, planned.key, datagram.to_vec());
+            self.send_derp(now, region, planned.key, datagram);
         }
     }
 
