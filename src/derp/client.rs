@@ -592,7 +592,10 @@ impl ReaderOutputs {
             }
             Event::PeerGone { peer, reason } => {
                 tracing::debug!(region, %peer, ?reason, "DERP peer gone");
-                self.flush(batch).await && self.deliver(Delivery::PeerGone { region, peer }).await
+                self.flush(batch).await
+                    && self
+                        .deliver(|region| Delivery::PeerGone { region, peer })
+                        .await
             }
             other => self.events.send(Ok(other)).await.is_ok(),
         }
@@ -600,30 +603,25 @@ impl ReaderOutputs {
 
     /// Delivers the gathered packets, if any; `false` once the consumer is gone.
     async fn flush(&self, batch: &mut Vec<(NodePublic, Bytes)>) -> bool {
-        let Some(deliver) = &self.deliver else {
-            return true;
-        };
         if batch.is_empty() {
             return true;
         }
         // The next read's batch starts with this one's room: one allocation per read.
         let room = batch.capacity();
         let packets = std::mem::replace(batch, Vec::with_capacity(room));
-        self.deliver(Delivery::Packets {
-            region: deliver.region,
-            packets,
-        })
-        .await
+        self.deliver(|region| Delivery::Packets { region, packets })
+            .await
     }
 
-    async fn deliver(&self, delivery: Delivery) -> bool {
+    /// Hands `delivery(region)` to the [`DeliverTo`], if any; `false` once it is gone.
+    async fn deliver(&self, delivery: impl FnOnce(u16) -> Delivery) -> bool {
         let Some(deliver) = &self.deliver else {
             return true;
         };
         if !self.delivered.load(Ordering::Relaxed) {
             self.delivered.store(true, Ordering::Relaxed);
         }
-        deliver.tx.send(delivery).await.is_ok()
+        deliver.tx.send(delivery(deliver.region)).await.is_ok()
     }
 }
 

@@ -50,6 +50,8 @@ impl PacketArena {
 /// Our side of one DERP region's task.
 pub(super) struct DerpLink {
     pub(super) outbound: mpsc::Sender<(NodePublic, Bytes)>,
+    /// Where packets for `outbound` are copied.
+    pub(super) arena: PacketArena,
     /// Whether this is our home region (NotePreferred on change and after each dial).
     pub(super) preferred: watch::Sender<bool>,
     pub(super) task: JoinHandle<()>,
@@ -100,19 +102,21 @@ impl Engine {
         to: NodePublic,
         packet: &[u8],
     ) {
-        // Dialed on first use; then the link and the arena are borrowed side by side.
-        let Some(region) = region.filter(|r| self.derp_link(*r).is_some()) else {
+        let Some(link) = region.and_then(|r| self.derp_link(r)) else {
             self.drops.no_derp += 1;
-            return;
-        };
-        let (Some(link), arena) = (self.derp.get_mut(&region), &mut self.derp_arena) else {
             return;
         };
         link.last_write = now;
         // A full queue costs no copy.
-        match link.outbound.try_reserve() {
-            Ok(permit) => permit.send((to, arena.copy(packet))),
-            Err(_) => self.drops.derp_queue_full += 1,
+        let queued = match link.outbound.try_reserve() {
+            Ok(permit) => {
+                permit.send((to, link.arena.copy(packet)));
+                true
+            }
+            Err(_) => false,
+        };
+        if !queued {
+            self.drops.derp_queue_full += 1;
         }
     }
 
@@ -159,6 +163,7 @@ impl Engine {
                 region,
                 DerpLink {
                     outbound: tx,
+                    arena: PacketArena::default(),
                     preferred,
                     task,
                     nodes,

@@ -330,8 +330,6 @@ struct Engine {
     local: Vec<IpNet>,
     derp_map: BTreeMap<u16, DerpRegion>,
     derp: HashMap<u16, DerpLink>,
-    /// Where DERP-bound packets are copied for their region's queue.
-    derp_arena: derp::PacketArena,
     home: u16,
     /// What control must know of us.
     local_tx: watch::Sender<LocalNetInfo>,
@@ -429,7 +427,6 @@ impl Engine {
             local: Vec::new(),
             derp_map: BTreeMap::new(),
             derp: HashMap::new(),
-            derp_arena: derp::PacketArena::default(),
             home: 0,
             local_tx,
             regions_tx,
