@@ -12,8 +12,10 @@
 # with 100 peers (goal: at most 15 MB). RSS counts the executable's pages too (RssFile: file
 # pages shared with every other tern process and the page cache, about the size of the binary's
 # text once it is hot); RssAnon is the daemon's own memory (heap, stacks), printed beside it.
+# Before the load, the idle daemon's CPU over BENCH_IDLE_SECONDS (default 30): its own time and
+# that of the programs it ran (iptables, nft), from /proc/PID/stat, in % of one core.
 # Env: BENCH_PEERS (default "2 100 1000"), BENCH_SECONDS (iperf3 -t, default 5), BENCH_SKIP_BUILD=1,
-#      BENCH_TERN (binary).
+#      BENCH_IDLE_SECONDS, BENCH_TERN (binary).
 # Everything runs in the lab's namespaces; the EXIT trap runs `tern lab down`.
 set -euo pipefail
 
@@ -21,12 +23,15 @@ set -euo pipefail
 bench_init tbm
 PEER_COUNTS=${BENCH_PEERS:-2 100 1000}
 LOAD_SECONDS=${BENCH_SECONDS:-5}
+IDLE_SECONDS=${BENCH_IDLE_SECONDS:-30}
 build_tern
 install_tools
 
 rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
 anon_kib() { awk '/^RssAnon:/ { print $2 }' "/proc/$1/status"; }
 file_kib() { awk '/^RssFile:/ { print $2 }' "/proc/$1/status"; }
+# CPU ticks of PID: own and of its waited-for children (utime stime cutime cstime).
+cpu_ticks() { awk '{ print $14 + $15, $16 + $17 }' "/proc/$1/stat"; }
 
 # wait_for_peers COUNT: until c1's status lists COUNT peers (60 s at most).
 wait_for_peers() {
@@ -39,7 +44,8 @@ wait_for_peers() {
     die "c1 lists $n peers, not $1"
 }
 
-declare -A IDLE PEAK AFTER ANON FILE ANON_AFTER
+declare -A IDLE PEAK AFTER ANON FILE ANON_AFTER IDLE_CPU
+HZ=$(getconf CLK_TCK)
 for peers in $PEER_COUNTS; do
     log "tern lab up --synthetic-peers $((peers - 1)) (prefix $LAB)"
     LAB_UP=1
@@ -53,6 +59,11 @@ for peers in $PEER_COUNTS; do
     IDLE[$peers]=$(rss_kib "$pid")
     ANON[$peers]=$(anon_kib "$pid")
     FILE[$peers]=$(file_kib "$pid")
+    read -r own0 kids0 < <(cpu_ticks "$pid")
+    sleep "$IDLE_SECONDS"
+    read -r own1 kids1 < <(cpu_ticks "$pid")
+    IDLE_CPU[$peers]=$(awk -v o="$((own1 - own0))" -v k="$((kids1 - kids0))" -v hz="$HZ" -v s="$IDLE_SECONDS" \
+        'BEGIN { printf "%.2f %% (own %.2f, programs it ran %.2f)", 100 * (o + k) / hz / s, 100 * o / hz / s, 100 * k / hz / s }')
     start_iperf_server "$LAB-c2" "$ip2"
     ip netns exec "$LAB-c1" iperf3 -c "$ip2" -t "$LOAD_SECONDS" >/dev/null 2>&1 &
     client=$!
@@ -77,10 +88,10 @@ echo
 echo "# tern daemon memory (VmRSS of c1's daemon), $(date -u '+%Y-%m-%d %H:%M UTC'), $(uname -r), release build"
 echo "# peers = c2 (real) + synthetic nodes from the lab control server; load = iperf3 c1 -> c2 for ${LOAD_SECONDS} s"
 echo
-echo "| peers | RSS idle | of it RssAnon / RssFile | RSS peak under load | RSS after load | RssAnon after load |"
-echo "|---|---|---|---|---|---|"
+echo "| peers | RSS idle | of it RssAnon / RssFile | RSS peak under load | RSS after load | RssAnon after load | idle CPU over ${IDLE_SECONDS} s |"
+echo "|---|---|---|---|---|---|---|"
 for peers in $PEER_COUNTS; do
-    echo "| $peers | $(mib "${IDLE[$peers]}") MiB | $(mib "${ANON[$peers]}") / $(mib "${FILE[$peers]}") MiB | $(mib "${PEAK[$peers]}") MiB | $(mib "${AFTER[$peers]}") MiB | $(mib "${ANON_AFTER[$peers]}") MiB |"
+    echo "| $peers | $(mib "${IDLE[$peers]}") MiB | $(mib "${ANON[$peers]}") / $(mib "${FILE[$peers]}") MiB | $(mib "${PEAK[$peers]}") MiB | $(mib "${AFTER[$peers]}") MiB | $(mib "${ANON_AFTER[$peers]}") MiB | ${IDLE_CPU[$peers]} |"
 done
 prev=""
 for peers in $PEER_COUNTS; do

@@ -89,6 +89,13 @@ pub struct RoutingStatus {
     pub forwarding_problems: Vec<String>,
     /// Netlink route messages sent since the data plane started.
     pub route_messages: u64,
+    /// Looks for rules and firewall objects someone removed, since the data plane started.
+    pub host_checks: u64,
+    /// Whether the host announces rule, address and firewall changes to tern (netlink groups);
+    /// a look follows each announcement.
+    pub host_changes_announced: bool,
+    /// How often tern looks without being told (30 s while changes are announced, else 2 s).
+    pub host_poll_secs: u64,
 }
 
 /// A running peer relay server, as `status --json` shows it (docs/status-json.md).

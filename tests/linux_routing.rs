@@ -367,11 +367,39 @@ fn rules_routes_and_firewall_come_and_go_with_the_daemon() {
     assert_eq!(saved.matches("-j ts-input").count(), 1, "{saved}");
     assert_eq!(our_rules(c1).len(), 4);
 
+    // The host announces its changes (iptables-nft's reach nfnetlink; legacy iptables' do
+    // not, and are looked for every 2 s): while nothing changes, tern does not look.
+    let nft_backed = text(c1, &["iptables", "-V"]).contains("(nf_tables)");
+    let routing = |node: &Node| node.status()["routing"].clone();
+    wait(
+        "the firewall's backend learnt",
+        10,
+        || a3.logs(),
+        || (routing(&a3)["host_poll_secs"] == if nft_backed { 30 } else { 2 }).then_some(()),
+    );
+    assert_eq!(routing(&a3)["host_changes_announced"], true);
+    let checks = |node: &Node| routing(node)["host_checks"].as_u64().expect("host_checks");
+    let idle_from = checks(&a3);
+    std::thread::sleep(Duration::from_secs(5));
+    let idle_checks = checks(&a3) - idle_from;
+    if nft_backed {
+        // Polling every 2 s would have looked at least twice.
+        assert!(idle_checks <= 1, "{idle_checks} looks in 5 idle seconds");
+    }
+
     // A firewall reload and a rule deleted by another program: back within seconds.
+    let before_reload = checks(&a3);
     c1.exec(&["nft", "flush", "ruleset"]).expect("flush");
     c1.exec(&["ip", "rule", "del", "pref", "5270"])
         .expect("del rule");
     assert_installed(c1, &b_ip, &logs3);
+    // The status snapshot is refreshed every second: the look shows up in it a moment later.
+    wait(
+        "the look counted",
+        5,
+        || routing(&a3).to_string(),
+        || (checks(&a3) > before_reload).then_some(()),
+    );
     assert!(ping_once(c1, &b_ip), "traffic flows again\n{}", a3.logs());
     assert!(
         tail(&a3.process.output(), 400).contains("netfilter rules missing"),
@@ -780,6 +808,13 @@ fn nftables_kind_when_asked_for() {
     assert!(
         listing.contains("iifname != \"tern0\" ip saddr 100.64.0.0/10 counter"),
         "{listing}"
+    );
+    // nft's changes are always announced: the unprompted look is the rare one.
+    wait(
+        "30 s between unprompted looks",
+        10,
+        || a.logs(),
+        || (a.status()["routing"]["host_poll_secs"] == 30).then_some(()),
     );
     a.process.stop().expect("stop ta");
     assert_eq!(ts_rules(), 0, "{}", text(c1, &["nft", "list", "ruleset"]));

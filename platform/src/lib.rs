@@ -7,5 +7,6 @@ pub mod policy;
 pub mod router;
 pub mod sysctl;
 pub mod tun;
+pub mod watch;
 
 pub use error::{PlatformError, Result};

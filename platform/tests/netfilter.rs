@@ -729,9 +729,13 @@ fn iptables_stateful_snat_and_port_changes() {
         magicsock_port: Some(5555),
         ..cfg()
     };
+    let nft_backend = ns.sh("iptables -V").contains("(nf_tables)");
     ns.run(|| {
         let mut nf = Netfilter::new(FirewallKind::Iptables);
+        assert!(!nf.changes_announced(), "not known before the first apply");
         nf.apply(&cfg()).unwrap();
+        // iptables-nft's changes reach nfnetlink; legacy iptables' reach nobody.
+        assert_eq!(nf.changes_announced(), nft_backend);
         nf.apply(&stateful).unwrap();
     });
     for tool in ["iptables", "ip6tables"] {
@@ -855,4 +859,76 @@ fn timing_apply_and_remove_for_both_kinds() {
             ms(remove)
         );
     }
+}
+
+// ---- change notifications ------------------------------------------------------------------
+
+/// The daemon's host watch hears of an ip rule and of nftables and iptables-nft changes made by
+/// other programs in its namespace, and of nothing while nothing changes.
+#[test]
+fn host_watch_announces_rule_and_firewall_changes_and_nothing_else() {
+    let ns = Netns::new();
+    let has_nft_iptables = ns.try_sh("iptables -V").1.contains("nf_tables");
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    use std::sync::mpsc::TryRecvError;
+    std::thread::scope(|s| {
+        // Made here so that a failing check drops the sender before the scope joins the watcher.
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let ns = &ns;
+        let watcher = s.spawn(move || {
+            ns.run(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("runtime");
+                runtime.block_on(async {
+                    let watch = tern_platform::watch::HostWatch::open().expect("watch");
+                    assert!(watch.sees_netfilter(), "nf_tables notifications");
+                    tx.send(()).expect("ready");
+                    let mut heard = 0;
+                    loop {
+                        match tokio::time::timeout(Duration::from_millis(200), watch.changed())
+                            .await
+                        {
+                            Ok(r) => {
+                                r.expect("read");
+                                heard += 1;
+                                tx.send(()).expect("heard");
+                            }
+                            // Done, or the test failed and dropped the sender.
+                            Err(_) if done_rx.try_recv() != Err(TryRecvError::Empty) => break,
+                            Err(_) => {}
+                        }
+                    }
+                    heard
+                })
+            })
+        });
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("watch ready");
+        let quiet = rx.recv_timeout(Duration::from_millis(300));
+        assert!(
+            quiet.is_err(),
+            "a change was announced while nothing changed"
+        );
+        let mut changes = vec![
+            "ip rule add pref 4242 lookup 4242",
+            "ip -6 rule add pref 4243 lookup 4243",
+            "ip addr add 192.0.2.7/24 dev lo",
+            "nft add table inet watched",
+        ];
+        if has_nft_iptables {
+            changes.push("iptables -N WATCHED");
+        }
+        for change in changes {
+            ns.sh(change);
+            rx.recv_timeout(Duration::from_secs(5))
+                .unwrap_or_else(|_| panic!("`{change}` was not announced"));
+            // One change may be several messages: let the watcher take them all.
+            while rx.recv_timeout(Duration::from_millis(200)).is_ok() {}
+        }
+        done_tx.send(()).expect("done");
+        let heard = watcher.join().expect("watcher");
+        assert!(heard >= 4, "{heard} announcements");
+    });
 }

@@ -68,8 +68,10 @@ impl Engine {
         let mut relay_static_open = true;
         let mut net_prefs = self.net_prefs.clone();
         let mut net_prefs_open = true;
-        let mut maintain_tick = tokio::time::interval(super::linux_net::MAINTAIN_EVERY);
-        maintain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut host_changes = self.host_changes.take();
+        let mut maintain_tick = maintain_interval(self.host_poll_every());
+        // A look for lost rules that an announced change asked for, a moment later.
+        let mut host_check_at: Option<tokio::time::Instant> = None;
         loop {
             let deadline = self.next_deadline();
             let sleep_until = deadline
@@ -156,8 +158,31 @@ impl Engine {
                     }
                 }
                 _ = maintain_tick.tick() => self.maintain_host().await,
+                changed = next_host_change(&mut host_changes) => match changed {
+                    Some(()) => {
+                        host_check_at.get_or_insert_with(|| {
+                            tokio::time::Instant::now() + super::linux_net::SETTLE
+                        });
+                    }
+                    None => {
+                        host_changes = None;
+                        if let Some(linux) = self.linux.as_mut() {
+                            linux.watch_ended();
+                        }
+                    }
+                },
+                _ = tokio::time::sleep_until(host_check_at.unwrap_or_else(tokio::time::Instant::now)),
+                    if host_check_at.is_some() => {
+                    host_check_at = None;
+                    self.maintain_host().await;
+                }
                 Some(packet) = quad100_out.recv() => write_tun(tun, Some(&packet)).await,
                 _ = status_tick.tick() => {
+                    // Netfilter's kind (legacy iptables announces nothing) is learnt late.
+                    let poll_every = self.host_poll_every();
+                    if poll_every != maintain_tick.period() {
+                        maintain_tick = maintain_interval(poll_every);
+                    }
                     self.publish(status);
                     self.close_idle_derp(Instant::now());
                     let drops = self.drops;
@@ -349,6 +374,21 @@ impl Engine {
                 self.on_relay_alloc_response(event.peer, &response)
             }
         }
+    }
+}
+
+/// The fallback look for lost rules, every `period` from now on.
+fn maintain_interval(period: Duration) -> tokio::time::Interval {
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick
+}
+
+/// The next announced host change; never, without a watch.
+async fn next_host_change(changes: &mut Option<mpsc::Receiver<()>>) -> Option<()> {
+    match changes {
+        Some(changes) => changes.recv().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -4,10 +4,13 @@
 //!
 //! Start: rules (safe before any route: table 52 is empty) → netfilter. Per netmap or pref
 //! change: throw routes → new routes → stale routes go → netfilter addresses/port/SNAT.
-//! Every 2 s: rules or netfilter objects that someone deleted are put back.
+//! When the host announces a change to rules, addresses or nftables ([`HostWatch`]), and every
+//! 30 s anyway (every 2 s where changes go unannounced: legacy iptables, no netlink groups):
+//! rules or netfilter objects that someone deleted are put back.
 //! Stop: rules → routes and throw routes → netfilter.
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use ipnet::IpNet;
 use tern_platform::netfilter::{self, Netfilter, NetfilterConfig, NetfilterMode};
@@ -15,12 +18,21 @@ use tern_platform::netlink::{Netlink, TABLE_MAIN};
 use tern_platform::policy::{self, TS_TABLE};
 use tern_platform::router::{NetlinkRouter, RouteSet};
 use tern_platform::tun::{LinuxTun, Tun as _};
+use tern_platform::watch::HostWatch;
+use tokio::sync::mpsc;
 
 use crate::routing::{LocalPrefixes, RoutePlan};
 use crate::status::RoutingStatus;
 
-/// How often lost rules and netfilter objects are looked for.
-pub(super) const MAINTAIN_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+/// How often lost rules and netfilter objects are looked for when nobody would tell us.
+pub(super) const POLL_EVERY: Duration = Duration::from_secs(2);
+
+/// How often they are looked for anyway while changes are announced (a lost announcement).
+pub(super) const WATCHED_POLL_EVERY: Duration = Duration::from_secs(30);
+
+/// How long after an announced change the look happens: one look for a burst of changes (a
+/// firewall reload is many messages over some milliseconds).
+pub(super) const SETTLE: Duration = Duration::from_millis(200);
 
 /// What the engine asks the host for, besides the plan: netfilter inputs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,6 +58,14 @@ pub(super) struct LinuxNet {
     local: LocalPrefixes,
     plan: RoutePlan,
     closed: bool,
+    /// Whether rule and address changes are announced to us (the host watch runs).
+    watching: bool,
+    /// Whether nftables changes are too (nfnetlink could be joined).
+    watching_netfilter: bool,
+    /// Whether our netfilter kind's changes reach nfnetlink (nft, iptables-nft).
+    netfilter_announced: bool,
+    /// Looks for lost rules since start.
+    checks: u64,
 }
 
 impl LinuxNet {
@@ -76,6 +96,44 @@ impl LinuxNet {
             local: LocalPrefixes::default(),
             plan: RoutePlan::default(),
             closed: false,
+            watching: false,
+            watching_netfilter: false,
+            netfilter_announced: false,
+            checks: 0,
+        }
+    }
+
+    /// Starts hearing of host changes: a task forwards each burst as one pending `()` (a channel
+    /// of one), and the channel closes if the watch fails. None where netlink groups cannot be
+    /// joined: then only polling finds lost rules.
+    pub(super) fn watch(&mut self) -> Option<(super::AbortOnDrop, mpsc::Receiver<()>)> {
+        let watch = match HostWatch::open() {
+            Ok(watch) => watch,
+            Err(e) => {
+                tracing::info!(error = %e, "no host change notifications: polling every {POLL_EVERY:?}");
+                return None;
+            }
+        };
+        self.watching = true;
+        self.watching_netfilter = watch.sees_netfilter();
+        let (tx, rx) = mpsc::channel(1);
+        let task = tokio::spawn(forward_host_changes(watch, tx));
+        Some((super::AbortOnDrop(task), rx))
+    }
+
+    /// The watch ended (its task logged why): from now on, polling.
+    pub(super) fn watch_ended(&mut self) {
+        self.watching = false;
+    }
+
+    /// How often to look for lost rules without being told to.
+    pub(super) fn poll_every(&self) -> Duration {
+        let firewall_heard =
+            self.netfilter.is_none() || (self.watching_netfilter && self.netfilter_announced);
+        if self.watching && firewall_heard {
+            WATCHED_POLL_EVERY
+        } else {
+            POLL_EVERY
         }
     }
 
@@ -152,16 +210,20 @@ impl LinuxNet {
             ipv6: self.ipv6,
         };
         let applied = tokio::task::spawn_blocking(move || {
-            nf.lock()
-                .map_err(|_| "netfilter lock poisoned".to_string())?
-                .apply(&config)
-                .map_err(|e| e.to_string())
+            let mut nf = nf
+                .lock()
+                .map_err(|_| "netfilter lock poisoned".to_string())?;
+            nf.apply(&config).map_err(|e| e.to_string())?;
+            Ok(nf.changes_announced())
         })
         .await
         .map_err(|e| e.to_string())
         .and_then(|r| r);
         match applied {
-            Ok(()) => self.netfilter_error = None,
+            Ok(announced) => {
+                self.netfilter_error = None;
+                self.netfilter_announced = announced;
+            }
             Err(e) => {
                 tracing::error!(error = %e, "netfilter");
                 self.netfilter_error = Some(e);
@@ -173,6 +235,7 @@ impl LinuxNet {
     /// Puts back rules and netfilter objects someone removed (systemd-networkd drops foreign
     /// rules, a firewall reload flushes chains). Returns whether anything was restored.
     pub(super) async fn maintain(&mut self) -> bool {
+        self.checks += 1;
         let mut restored = false;
         if self.policy && !matches!(self.netlink.policy_rules_present(self.ipv6).await, Ok(true)) {
             tracing::warn!("ip rules 5210-5270 went missing; adding them again");
@@ -218,6 +281,9 @@ impl LinuxNet {
             .unwrap_or_default();
         into.netfilter_error = self.netfilter_error.clone();
         into.route_messages = self.router.messages_sent();
+        into.host_checks = self.checks;
+        into.host_changes_announced = self.watching;
+        into.host_poll_secs = self.poll_every().as_secs();
     }
 
     /// Clean stop, in tailscaled's order: rules, routes, netfilter. Marked closed only at the
@@ -239,6 +305,20 @@ impl LinuxNet {
             let _ = tokio::task::spawn_blocking(move || remove_netfilter(&nf)).await;
         }
         self.closed = true;
+    }
+}
+
+/// Hands the watch's announcements on until it fails or the engine is gone.
+async fn forward_host_changes(watch: HostWatch, changes: mpsc::Sender<()>) {
+    loop {
+        if let Err(e) = watch.changed().await {
+            tracing::warn!(error = %e, "host change notifications failed: polling every {POLL_EVERY:?}");
+            return;
+        }
+        // Full: a look is pending already, which will see this change too.
+        if let Err(mpsc::error::TrySendError::Closed(())) = changes.try_send(()) {
+            return;
+        }
     }
 }
 

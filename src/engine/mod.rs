@@ -194,7 +194,7 @@ async fn run(
             .await?,
         )
     };
-    let linux = match tun.kernel() {
+    let mut linux = match tun.kernel() {
         Some(kernel) => {
             let mut linux = linux_net::LinuxNet::start(kernel, ipv6).await;
             linux.refresh_local_prefixes().await;
@@ -202,6 +202,7 @@ async fn run(
         }
         None => None,
     };
+    let (_host_watch, host_changes) = linux.as_mut().and_then(|l| l.watch()).unzip();
     let sockets = UdpSockets::bind(config.port)?;
     tracing::info!(tun = tun.name(), port = config.port, "data plane up");
 
@@ -229,6 +230,7 @@ async fn run(
         kernel.is_some_and(|k| k.udp_offload()),
     );
     engine.linux = linux;
+    engine.host_changes = host_changes;
     // The host's resolver is tern's to point at quad-100 only with a TUN to route it.
     let os_dns = match tun.kernel() {
         Some(kernel) => Some(os_dns::OsDns::start(kernel.index()).await),
@@ -385,6 +387,8 @@ struct Engine {
     quad100: Option<quad100::Quad100>,
     /// Rules, table 52 and netfilter on the host (`None` until the TUN exists).
     linux: Option<linux_net::LinuxNet>,
+    /// Announcements of host changes (rules, addresses, nftables), for `serve` to take.
+    host_changes: Option<mpsc::Receiver<()>>,
     /// Exit node, subnet route and netfilter prefs as the daemon publishes them.
     net_prefs: watch::Receiver<crate::state::NetPrefs>,
     /// Destinations this node serves (packet filter "local" networks).
@@ -460,6 +464,7 @@ impl Engine {
             ),
             first_ip: HashMap::new(),
             linux: None,
+            host_changes: None,
             quad100: None,
             os_dns: None,
             net_prefs: config.net_prefs.clone(),

@@ -99,8 +99,8 @@ impl Engine {
         }
     }
 
-    /// Every [`super::linux_net::MAINTAIN_EVERY`]: lost rules back, and routes redone when the
-    /// host's own prefixes changed (a new LAN while an exit node is in use).
+    /// After an announced host change and every [`Self::host_poll_every`]: lost rules back, and
+    /// routes redone when the host's own prefixes changed (a new LAN while an exit node is in use).
     pub(super) async fn maintain_host(&mut self) {
         let Some(linux) = self.linux.as_mut() else {
             return;
@@ -114,6 +114,13 @@ impl Engine {
                 self.recompile_filter(&map);
             }
         }
+    }
+
+    /// How often to look for lost rules unprompted (userspace mode has none to look for).
+    pub(super) fn host_poll_every(&self) -> std::time::Duration {
+        self.linux
+            .as_ref()
+            .map_or(super::linux_net::WATCHED_POLL_EVERY, |l| l.poll_every())
     }
 
     /// The routing part of the status snapshot.

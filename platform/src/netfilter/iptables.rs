@@ -230,6 +230,17 @@ fn missing_in(listed: &str, h: &Hook, want: &[Rule], mode: NetfilterMode) -> boo
     !created || have < rules::count_in(want, h.chain) || (mode == NetfilterMode::On && !hooked)
 }
 
+/// Whether `iptables` programs nf_tables (iptables-nft), whose changes nfnetlink announces;
+/// the legacy backend's are announced nowhere. From `iptables -V`: "iptables v1.8.9 (nf_tables)".
+pub(crate) fn backend_is_nftables() -> bool {
+    cmd::run(Family::V4.iptables(), &cmd::args(&["-V"]), None)
+        .is_ok_and(|version| reports_nf_tables(&version))
+}
+
+fn reports_nf_tables(version: &str) -> bool {
+    version.contains("(nf_tables)")
+}
+
 /// Number of rules (`-A` lines) in the filter table, for kind detection; 0 when unlistable.
 pub(crate) fn rule_count(family: Family) -> usize {
     list(family, "filter")
@@ -276,6 +287,13 @@ mod tests {
                 "-A ts-postrouting -m mark --mark 0x40000/0xff0000 -j MASQUERADE",
             ]
         );
+    }
+
+    #[test]
+    fn the_backend_is_read_from_the_version_line() {
+        assert!(reports_nf_tables("iptables v1.8.9 (nf_tables)\n"));
+        assert!(!reports_nf_tables("iptables v1.8.9 (legacy)\n"));
+        assert!(!reports_nf_tables("iptables v1.6.1\n"));
     }
 
     #[test]

@@ -111,6 +111,9 @@ pub struct Netfilter {
     kind: FirewallKind,
     /// The last config applied, so lost rules can be restored; None when nothing is ours.
     applied: Option<NetfilterConfig>,
+    /// Whether nfnetlink announces changes to our rules (see [`Self::changes_announced`]);
+    /// learnt at the first `apply`.
+    announced: Option<bool>,
 }
 
 impl Netfilter {
@@ -119,7 +122,15 @@ impl Netfilter {
         Self {
             kind,
             applied: None,
+            announced: None,
         }
+    }
+
+    /// Whether a change to these rules by someone else is announced on nfnetlink's nftables
+    /// group (`watch::HostWatch`): always with nft, with iptables only on its nf_tables
+    /// backend. False until the first `apply` found out.
+    pub fn changes_announced(&self) -> bool {
+        self.announced == Some(true)
     }
 
     /// The kind this manager programs.
@@ -135,6 +146,11 @@ impl Netfilter {
             FirewallKind::Nftables => nft::apply(cfg)?,
             FirewallKind::Iptables => iptables::apply(cfg)?,
         }
+        let kind = self.kind;
+        self.announced.get_or_insert_with(|| match kind {
+            FirewallKind::Nftables => true,
+            FirewallKind::Iptables => iptables::backend_is_nftables(),
+        });
         tracing::info!(kind = %self.kind, mode = %cfg.mode, elapsed = ?started.elapsed(), "netfilter applied");
         self.applied = (cfg.mode != NetfilterMode::Off).then(|| cfg.clone());
         Ok(())
