@@ -54,21 +54,16 @@ impl HostWatch {
         self.netfilter.is_some()
     }
 
-    /// Waits until something changed, then takes every queued announcement, so that one burst
-    /// (a whole `nft flush ruleset`) is one wakeup.
+    /// Waits until something changed, then takes every queued announcement of that socket,
+    /// so that one burst (a whole `nft flush ruleset`) is one wakeup.
     pub async fn changed(&self) -> io::Result<()> {
         match &self.netfilter {
             Some(nf) => tokio::select! {
-                r = self.route.readable() => r?.clear_ready(),
-                r = nf.readable() => r?.clear_ready(),
+                r = drained(&self.route) => r,
+                r = drained(nf) => r,
             },
-            None => self.route.readable().await?.clear_ready(),
+            None => drained(&self.route).await,
         }
-        drain(&self.route)?;
-        if let Some(nf) = &self.netfilter {
-            drain(nf)?;
-        }
-        Ok(())
     }
 }
 
@@ -126,28 +121,35 @@ fn registered(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
         .map_err(io::Error::from)
 }
 
-/// Reads and discards what is queued; an overflow (`ENOBUFS`) only means messages were lost,
+/// Waits until `fd` has messages, then reads and discards all of them (the readiness is
+/// cleared when the socket is empty). An overflow (`ENOBUFS`) only means messages were lost,
 /// which the caller treats like any change.
-fn drain(fd: &AsyncFd<OwnedFd>) -> io::Result<()> {
+async fn drained(fd: &AsyncFd<OwnedFd>) -> io::Result<()> {
+    let mut guard = fd.readable().await?;
     let mut buf = [0u8; DRAIN_BUF];
     loop {
-        // SAFETY: `buf` is writable for its length.
-        let n = unsafe {
-            libc::recv(
-                fd.get_ref().as_raw_fd(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                libc::MSG_DONTWAIT,
-            )
-        };
-        if n >= 0 {
-            continue;
-        }
-        let e = io::Error::last_os_error();
-        match e.raw_os_error() {
-            Some(libc::EAGAIN) => return Ok(()),
-            Some(libc::ENOBUFS) | Some(libc::EINTR) => continue,
-            _ => return Err(e),
+        match guard.try_io(|fd| recv_discard(fd.get_ref(), &mut buf)) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) if matches!(e.raw_os_error(), Some(libc::ENOBUFS | libc::EINTR)) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(_would_block) => return Ok(()),
         }
     }
+}
+
+/// One non-blocking `recv` into `buf`, its content dropped.
+fn recv_discard(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<()> {
+    // SAFETY: `buf` is writable for its length.
+    let n = unsafe {
+        libc::recv(
+            fd.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
