@@ -12,8 +12,9 @@
 # and JSON), `ip`, `metrics`, `netcheck`, `tern ping` and kernel ping to c2, iperf3 both ways
 # through the TUNs, then idles. Every function a daemon ran goes into link/hot.ld by mangled name.
 # The names hold a hash of the build's metadata (toolchain, dependency versions, features) and of
-# the function's type, not of its code: edits keep them, a toolchain or dependency update changes
-# them (bench/memory.sh prints how many of the list the binary defines). A stale list costs
+# the function's type, not of its code: most edits keep them; a toolchain or dependency update
+# changes them, and so can a change to a type (a new field in the engine renamed 70 of its
+# functions) (bench/memory.sh prints how many of the list the binary defines). A stale list costs
 # memory, never correctness: the functions not in it are linked after the listed ones. Rerun it
 # after large changes and after a toolchain or dependency update. Needs valgrind (apt-get
 # installs it when missing); takes about 6 minutes.
