@@ -8,12 +8,12 @@
 //! overflowed (`ENOBUFS`) lost messages, which also means "look again".
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
+use netlink_sys::{protocols, Socket};
 use tokio::io::unix::AsyncFd;
 
 /// rtnetlink groups: IPv4/IPv6 addresses and policy rules (linux/rtnetlink.h).
-const ROUTE_GROUPS: [libc::c_uint; 4] = [
+const ROUTE_GROUPS: [u32; 4] = [
     libc::RTNLGRP_IPV4_IFADDR,
     libc::RTNLGRP_IPV4_RULE,
     libc::RTNLGRP_IPV6_IFADDR,
@@ -27,17 +27,18 @@ const DRAIN_BUF: usize = 16 * 1024;
 /// Netlink sockets subscribed to the host's rule, address and firewall changes, in the network
 /// namespace of the thread that opened them.
 pub struct HostWatch {
-    route: AsyncFd<OwnedFd>,
+    route: AsyncFd<Socket>,
     /// None where nfnetlink cannot be joined (no nf_tables in the kernel).
-    netfilter: Option<AsyncFd<OwnedFd>>,
+    netfilter: Option<AsyncFd<Socket>>,
 }
 
 impl HostWatch {
     /// Joins the groups; must run inside a tokio runtime. Fails only when rtnetlink's do.
     pub fn open() -> io::Result<Self> {
-        let route = subscribed(libc::NETLINK_ROUTE, &ROUTE_GROUPS)?;
-        let netfilter = match subscribed(libc::NETLINK_NETFILTER, &[libc::NFNLGRP_NFTABLES as _]) {
-            Ok(fd) => Some(fd),
+        let route = subscribed(protocols::NETLINK_ROUTE, &ROUTE_GROUPS)?;
+        let nftables = [libc::NFNLGRP_NFTABLES as u32];
+        let netfilter = match subscribed(protocols::NETLINK_NETFILTER, &nftables) {
+            Ok(socket) => Some(socket),
             Err(e) => {
                 tracing::debug!(error = %e, "nftables change notifications unavailable");
                 None
@@ -68,88 +69,36 @@ impl HostWatch {
 }
 
 /// A non-blocking netlink socket of `protocol` that has joined `groups`.
-fn subscribed(protocol: libc::c_int, groups: &[libc::c_uint]) -> io::Result<OwnedFd> {
-    // SAFETY: plain socket(2); the fd is owned right away.
-    let raw = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            protocol,
-        )
-    };
-    if raw < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `raw` is a fresh fd nobody else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    // SAFETY: an all-zero sockaddr_nl is valid (the kernel picks the port id).
-    let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-    addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-    // SAFETY: `addr` is a sockaddr_nl of the size given.
-    let bound = unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            std::ptr::addr_of!(addr).cast(),
-            std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-        )
-    };
-    if bound != 0 {
-        return Err(io::Error::last_os_error());
-    }
+fn subscribed(protocol: isize, groups: &[u32]) -> io::Result<Socket> {
+    let mut socket = Socket::new(protocol)?;
+    socket.bind_auto()?;
+    socket.set_non_blocking(true)?;
     for &group in groups {
-        // SAFETY: a valid fd and a c_uint option value of the right size.
-        let joined = unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_NETLINK,
-                libc::NETLINK_ADD_MEMBERSHIP,
-                std::ptr::addr_of!(group).cast(),
-                std::mem::size_of::<libc::c_uint>() as libc::socklen_t,
-            )
-        };
-        if joined != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        socket.add_membership(group)?;
     }
-    Ok(fd)
+    Ok(socket)
 }
 
-/// `fd` in the runtime's reactor, for reading.
-fn registered(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
-    // SAFETY: an OwnedFd stays open and the same for as long as the AsyncFd owns it.
-    unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
+/// `socket` in the runtime's reactor, for reading.
+fn registered(socket: Socket) -> io::Result<AsyncFd<Socket>> {
+    // SAFETY: a Socket owns its fd: it stays open and the same until the AsyncFd drops it.
+    unsafe { AsyncFd::register_with_interest(socket, tokio::io::Interest::READABLE) }
         .map_err(io::Error::from)
 }
 
-/// Waits until `fd` has messages, then reads and discards all of them (the readiness is
-/// cleared when the socket is empty). An overflow (`ENOBUFS`) only means messages were lost,
-/// which the caller treats like any change.
-async fn drained(fd: &AsyncFd<OwnedFd>) -> io::Result<()> {
-    let mut guard = fd.readable().await?;
-    let mut buf = [0u8; DRAIN_BUF];
+/// Waits until `socket` has messages, then reads and discards all of them (the readiness is
+/// cleared when it is empty). An overflow (`ENOBUFS`) only means messages were lost, which the
+/// caller treats like any change.
+async fn drained(socket: &AsyncFd<Socket>) -> io::Result<()> {
+    let mut guard = socket.readable().await?;
+    let mut buf = Vec::with_capacity(DRAIN_BUF);
     loop {
-        match guard.try_io(|fd| recv_discard(fd.get_ref(), &mut buf)) {
-            Ok(Ok(())) => {}
+        buf.clear();
+        match guard.try_io(|socket| socket.get_ref().recv(&mut buf, 0)) {
+            Ok(Ok(_)) => {}
             Ok(Err(e)) if matches!(e.raw_os_error(), Some(libc::ENOBUFS | libc::EINTR)) => {}
             Ok(Err(e)) => return Err(e),
             Err(_would_block) => return Ok(()),
         }
     }
-}
-
-/// One non-blocking `recv` into `buf`, its content dropped.
-fn recv_discard(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<()> {
-    // SAFETY: `buf` is writable for its length.
-    let n = unsafe {
-        libc::recv(
-            fd.as_raw_fd(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            libc::MSG_DONTWAIT,
-        )
-    };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
 }

@@ -28,17 +28,26 @@ pub(super) const BATCH: usize = 64;
 pub(super) const STATUS_EVERY: Duration = Duration::from_secs(1);
 
 impl Engine {
-    /// The earliest of the WireGuard timers, the path timers and the pending pings.
+    /// The earliest of the WireGuard timers, the path timers, the pending pings and a look for
+    /// lost rules that a host change asked for.
     pub(super) fn next_deadline(&mut self) -> Option<Instant> {
         let wg = self.peers.next_deadline();
         let paths = self.paths.poll_timeout().map(|(t, _, _)| t);
         let pings = self.pending_pings.iter().map(|p| p.deadline).min();
         let retries = self.handshake_retries.values().filter_map(|r| r.due).min();
         let relays = self.relay_client.poll_timeout();
-        [wg, paths, pings, retries, relays, self.next_key_expiry]
-            .into_iter()
-            .flatten()
-            .min()
+        [
+            wg,
+            paths,
+            pings,
+            retries,
+            relays,
+            self.next_key_expiry,
+            self.host_check_due,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -70,8 +79,6 @@ impl Engine {
         let mut net_prefs_open = true;
         let mut host_changes = self.host_changes.take();
         let mut maintain_tick = maintain_interval(self.host_poll_every());
-        // A look for lost rules that an announced change asked for, a moment later.
-        let mut host_check_at: Option<tokio::time::Instant> = None;
         loop {
             let deadline = self.next_deadline();
             let sleep_until = deadline
@@ -121,7 +128,9 @@ impl Engine {
                     }
                 }
                 _ = tokio::time::sleep_until(sleep_until), if deadline.is_some() => {
-                    self.on_timers(Instant::now());
+                    let now = Instant::now();
+                    self.on_timers(now);
+                    self.run_due_host_check(now).await;
                 }
                 changed = node_keys.changed(), if node_keys_open => {
                     if changed.is_ok() {
@@ -159,11 +168,7 @@ impl Engine {
                 }
                 _ = maintain_tick.tick() => self.maintain_host().await,
                 changed = next_host_change(&mut host_changes) => match changed {
-                    Some(()) => {
-                        host_check_at.get_or_insert_with(|| {
-                            tokio::time::Instant::now() + super::linux_net::SETTLE
-                        });
-                    }
+                    Some(()) => self.host_check_soon(Instant::now()),
                     None => {
                         host_changes = None;
                         if let Some(linux) = self.linux.as_mut() {
@@ -171,11 +176,6 @@ impl Engine {
                         }
                     }
                 },
-                _ = tokio::time::sleep_until(host_check_at.unwrap_or_else(tokio::time::Instant::now)),
-                    if host_check_at.is_some() => {
-                    host_check_at = None;
-                    self.maintain_host().await;
-                }
                 Some(packet) = quad100_out.recv() => write_tun(tun, Some(&packet)).await,
                 _ = status_tick.tick() => {
                     // Netfilter's kind (legacy iptables announces nothing) is learnt late.

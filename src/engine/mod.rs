@@ -389,6 +389,8 @@ struct Engine {
     linux: Option<linux_net::LinuxNet>,
     /// Announcements of host changes (rules, addresses, nftables), for `serve` to take.
     host_changes: Option<mpsc::Receiver<()>>,
+    /// When the look for lost rules that an announced change asked for is due.
+    host_check_due: Option<Instant>,
     /// Exit node, subnet route and netfilter prefs as the daemon publishes them.
     net_prefs: watch::Receiver<crate::state::NetPrefs>,
     /// Destinations this node serves (packet filter "local" networks).
@@ -465,6 +467,7 @@ impl Engine {
             first_ip: HashMap::new(),
             linux: None,
             host_changes: None,
+            host_check_due: None,
             quad100: None,
             os_dns: None,
             net_prefs: config.net_prefs.clone(),

@@ -116,6 +116,20 @@ impl Engine {
         }
     }
 
+    /// An announced host change: a look for lost rules shortly (one look for a burst).
+    pub(super) fn host_check_soon(&mut self, now: std::time::Instant) {
+        self.host_check_due
+            .get_or_insert(now + super::linux_net::SETTLE);
+    }
+
+    /// The look [`Self::host_check_soon`] asked for, once it is due.
+    pub(super) async fn run_due_host_check(&mut self, now: std::time::Instant) {
+        if self.host_check_due.is_some_and(|due| due <= now) {
+            self.host_check_due = None;
+            self.maintain_host().await;
+        }
+    }
+
     /// How often to look for lost rules unprompted (userspace mode has none to look for).
     pub(super) fn host_poll_every(&self) -> std::time::Duration {
         self.linux
