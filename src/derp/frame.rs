@@ -177,10 +177,22 @@ pub fn parse_header(buf: &[u8]) -> Option<(u8, usize)> {
 
 /// Takes one complete frame off the front of `buf`.
 ///
-/// `Ok(None)`: need more bytes. A header announcing more than `max_len` is an error right away,
-/// before any payload is buffered. A malformed frame is consumed from `buf` before its error is
-/// returned, so a caller may choose to skip it.
+/// `Ok(None)`: need more bytes (`buf` then has room for the rest of the frame). A header
+/// announcing more than `max_len` is an error right away, before any payload is buffered. A
+/// malformed frame is consumed from `buf` before its error is returned, so a caller may choose
+/// to skip it.
 pub fn decode(buf: &mut BytesMut, max_len: usize) -> Result<Option<Frame>, FrameError> {
+    let frame = take(buf, max_len)?;
+    if frame.is_none() {
+        if let Some((_, len)) = parse_header(buf) {
+            buf.reserve((HEADER_LEN + len).saturating_sub(buf.len()));
+        }
+    }
+    Ok(frame)
+}
+
+/// [`decode`] for a caller that makes room for its reads itself: never allocates.
+pub fn take(buf: &mut BytesMut, max_len: usize) -> Result<Option<Frame>, FrameError> {
     let Some((frame_type, len)) = parse_header(buf) else {
         return Ok(None);
     };
@@ -192,7 +204,6 @@ pub fn decode(buf: &mut BytesMut, max_len: usize) -> Result<Option<Frame>, Frame
         });
     }
     if buf.len() < HEADER_LEN + len {
-        buf.reserve(HEADER_LEN + len - buf.len());
         return Ok(None);
     }
     buf.advance(HEADER_LEN);
