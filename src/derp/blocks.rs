@@ -25,6 +25,8 @@ pub struct Blocks {
     spares: Vec<BytesMut>,
     block: usize,
     max_spares: usize,
+    /// Whether `current` is one of our blocks (not the initial bytes, not grown past a block).
+    current_is_block: bool,
     last_move: Option<Instant>,
     #[cfg(test)]
     allocated: u64,
@@ -39,6 +41,7 @@ impl Blocks {
             spares: Vec::new(),
             block,
             max_spares,
+            current_is_block: false,
             last_move: None,
             #[cfg(test)]
             allocated: 0,
@@ -65,6 +68,7 @@ impl Blocks {
                 // Every block is held: grow as `reserve` would, and let the oldest go.
                 self.count_allocation();
                 self.current.reserve(need);
+                self.current_is_block = false;
                 return;
             }
         };
@@ -87,16 +91,20 @@ impl Blocks {
     fn move_to(&mut self, mut next: BytesMut, now: Instant) {
         // Bytes not split off yet (the start of a frame) move along.
         next.extend_from_slice(&self.current);
+        let grown = next.capacity() > 2 * self.block;
         let mut left = std::mem::replace(&mut self.current, next);
         left.clear();
-        // A block grown for one large packet is not kept.
-        if self.spares.len() < self.max_spares && left.capacity() <= 2 * self.block {
+        // Neither the initial bytes nor a block grown for one large packet are kept.
+        if self.current_is_block && self.spares.len() < self.max_spares {
             self.spares.push(left);
         }
+        self.current_is_block = !grown;
         self.last_move = Some(now);
     }
 
-    fn let_spares_go_if_idle(&mut self, now: Instant) {
+    /// Frees the spare blocks once nothing moved to another block for a while: the traffic
+    /// that needed them has ended.
+    pub fn let_spares_go_if_idle(&mut self, now: Instant) {
         if !self.spares.is_empty()
             && self
                 .last_move
@@ -251,6 +259,23 @@ mod tests {
         drop(take(&mut blocks, 100));
         assert_eq!(blocks.spares.len(), 3);
         read(&mut blocks, 2, 100, start + KEEP_SPARES_FOR);
+        assert!(blocks.spares.is_empty());
+    }
+
+    #[test]
+    fn spares_are_let_go_when_asked_after_traffic_stopped() {
+        let start = Instant::now();
+        let mut blocks = Blocks::new(BytesMut::new(), BLOCK, 3);
+        let held: Vec<Bytes> = (0..3)
+            .map(|_| {
+                read(&mut blocks, 1, 3000, start);
+                take(&mut blocks, 3000)
+            })
+            .collect();
+        drop(held);
+        blocks.let_spares_go_if_idle(start + Duration::from_millis(999));
+        assert_eq!(blocks.spares.len(), 2);
+        blocks.let_spares_go_if_idle(start + KEEP_SPARES_FOR);
         assert!(blocks.spares.is_empty());
     }
 

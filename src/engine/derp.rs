@@ -133,12 +133,16 @@ impl Engine {
             .any(|link| link.outbound.capacity() < DERP_QUEUE / 2)
     }
 
-    /// Closes non-home DERP connections nothing was written to for [`DERP_IDLE_CLOSE`].
+    /// Closes non-home DERP connections nothing was written to for [`DERP_IDLE_CLOSE`], and
+    /// frees the spare packet blocks of those that went quiet.
     pub(super) fn close_idle_derp(&mut self, now: Instant) {
         let home = self.home;
         self.derp.retain(|region, link| {
             *region == home || now.saturating_duration_since(link.last_write) < DERP_IDLE_CLOSE
         });
+        for link in self.derp.values_mut() {
+            link.arena.blocks.let_spares_go_if_idle(now);
+        }
     }
 
     /// The connection to `region`, dialed on first use.
