@@ -279,7 +279,7 @@ async fn a_delivering_client_hands_packets_and_peer_gone_to_its_queue_tagged_wit
                 client::Delivery::Packets { region, packets } => {
                     assert_eq!(region, 7);
                     assert!(!packets.is_empty(), "no empty batches");
-                    got.extend(packets);
+                    got.extend(packets.iter().cloned());
                 }
                 other => panic!("burst {burst}: got {other:?}"),
             }

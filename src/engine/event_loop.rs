@@ -239,8 +239,8 @@ impl Engine {
                 self.note_frame_from(region, now);
                 // A burst is mostly one peer's: its table lookups are done once.
                 let mut sender = None;
-                for (src, packet) in packets {
-                    let to_tun = self.inbound_derp(now, region, src, &packet, &mut sender);
+                for (src, packet) in packets.iter() {
+                    let to_tun = self.inbound_derp(now, region, *src, packet, &mut sender);
                     self.write_tun(tun, to_tun).await;
                 }
             }
