@@ -11,7 +11,7 @@
 #   tern/DERP  `tern lab up --nat1 udpblock --nat2 udpblock`: two tern daemons (TUN tern0) in c1
 #              and c2 whose UDP is blocked, so every packet goes c1 -> `tern derp` -> c2 over TLS.
 #   veth       raw veth a<->b in two namespaces this script makes.
-#   wg-go      wireguard-go a<->b over that veth (MTU 1420), as in lab.md §3 (b).
+#   wg-go      wireguard-go a<->b over that veth (MTU 1420).
 # CPU: per process = % of one core (utime+stime from /proc/PID/stat); machine = busy share of
 # all cores from /proc/stat (100 % = every core busy). Both sampled over each iperf3 run.
 # Everything runs in namespaces this script creates; the EXIT trap removes them and stops every
@@ -54,8 +54,19 @@ bench_tern() {
     rtt=$(rtt_ms "$LAB-c1" "$ip2")
     [ -n "$rtt" ] || die "c1 cannot ping c2 over tern"
     start_iperf_server "$LAB-c2" "$ip2"
+    # Page faults during the runs: packet memory freed and faulted in again would show here.
+    local spec faults="" s0 s1
+    local -A faults0=()
+    local daemons=("c1=$pid_c1" "c2=$pid_c2" "derp=$pid_derp")
+    for spec in "${daemons[@]}"; do faults0[$spec]=$(proc_minflt "${spec#*=}"); done
+    s0=$(date +%s.%N)
     BENCH_HOOK_PRE=derp_pre BENCH_HOOK_POST=derp_post \
         measure tern "$LAB-c1" "$ip2" "derp=$pid_derp" "tern-c1=$pid_c1" "tern-c2=$pid_c2"
+    s1=$(date +%s.%N)
+    for spec in "${daemons[@]}"; do
+        faults+="${faults:+, }${spec%%=*} $(awk -v a="${faults0[$spec]}" -v b="$(proc_minflt "${spec#*=}")" \
+            -v t0="$s0" -v t1="$s1" 'BEGIN { printf "%.0f", (b - a) / (t1 - t0) }')"
+    done
     # Packets/s through the relay from its own counters (both directions: data and TCP ACKs).
     local run p0 p1 b0 b1 pps="" sent="" avg="" drops="" extra
     for run in $(seq 1 "$RUNS"); do
@@ -69,12 +80,12 @@ bench_tern() {
         fi
     done
     if [ -n "$pps" ]; then
-        extra="relay (DERP /debug/metrics, both directions, median): $(printf '%s' "$pps" | median | awk '{ printf "%.0f", $1 }') packets/s enqueued, $(printf '%s' "$sent" | median | awk '{ printf "%.0f", $1 }') packets/s sent, avg $(printf '%s' "$avg" | median | awk '{ printf "%.0f", $1 }') B/packet, queue-full drops per run: $(printf '%s' "$drops" | paste -sd, -); ping ${rtt} ms"
+        extra="relay (DERP /debug/metrics, both directions, median): $(printf '%s' "$pps" | median | awk '{ printf "%.0f", $1 }') packets/s enqueued, $(printf '%s' "$sent" | median | awk '{ printf "%.0f", $1 }') packets/s sent, avg $(printf '%s' "$avg" | median | awk '{ printf "%.0f", $1 }') B/packet, queue-full drops per run: $(printf '%s' "$drops" | paste -sd, -); page faults/s: $faults; ping ${rtt} ms"
     else
         # Counters unreachable: estimate from the payload rate and a 1280-byte packet.
         local med
         med=$(awk '{ print $1 }' "$WORK/tern.runs" | median)
-        extra="~$(awk -v g="$med" 'BEGIN { printf "%.0f", g * 1e9 / 8 / 1280 }') packets/s ESTIMATE (iperf bytes / 1280 B; /debug/metrics unreachable); ping ${rtt} ms"
+        extra="~$(awk -v g="$med" 'BEGIN { printf "%.0f", g * 1e9 / 8 / 1280 }') packets/s ESTIMATE (iperf bytes / 1280 B; /debug/metrics unreachable); page faults/s: $faults; ping ${rtt} ms"
     fi
     summarize tern "tern over DERP (c1 -> tern derp -> c2, TLS, TUN tern0, UDP blocked)" "$extra"
     kill "$IPERF_PID" 2>/dev/null || true

@@ -145,6 +145,8 @@ derp_metric() {
 # ---------- measurement helpers ----------
 # utime+stime ticks of a PID (fields after the ")" that ends comm).
 proc_ticks() { awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$1/stat" 2>/dev/null || echo 0; }
+# proc_minflt PID: minor page faults of PID so far (/proc/PID/stat field 10).
+proc_minflt() { awk '{ sub(/^.*\) /, ""); print $8 }' "/proc/$1/stat" 2>/dev/null || echo 0; }
 # "busy total" ticks of the whole machine.
 machine_ticks() { awk '/^cpu / { t = 0; for (i = 2; i <= 9; i++) t += $i; print t - $5 - $6, t }' /proc/stat; }
 median() { sort -g | awk '{ v[NR] = $1 } END { print ((NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2) }'; }
@@ -250,7 +252,8 @@ machine_line() {
 }
 
 # ---------- wireguard-go ----------
-# start_wg NS [IFACE]: wireguard-go -f in NS with a private tmpfs /run/wireguard (lab.md pitfall 4);
+# start_wg NS [IFACE]: wireguard-go -f in NS with a private tmpfs /run/wireguard (its UAPI
+# socket directory, so instances in different namespaces do not find each other's sockets);
 # sets WG_PID. Configure it with `nsenter -t $WG_PID -m -n wg set IFACE ...`.
 start_wg() {
     local ns=$1 iface=${2:-wg0}
