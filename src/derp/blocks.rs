@@ -65,7 +65,8 @@ impl Blocks {
             Some(free) => self.spares.swap_remove(free),
             None if self.spares.len() < self.max_spares => self.allocate(want),
             None => {
-                // Every block is held: grow as `reserve` would, and let the oldest go.
+                // Every block is held: a block of its own, as `reserve` would make, that is
+                // not kept once its packets are gone.
                 self.count_allocation();
                 self.current.reserve(need);
                 self.current_is_block = false;
