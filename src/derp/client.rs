@@ -33,7 +33,8 @@ const READ_SPACE: usize = 64 << 10;
 /// Receive blocks kept besides the one being read into, for reads while the engine still holds
 /// packets of earlier ones: the reader may run as far ahead as the engine's delivery queue lets
 /// it, and at 3 Gbit/s in the lab 15 spares still left ~2,000 page faults a second, 63 none.
-/// 4 MiB per connection at most, and only under load: let go 1 s after it ends.
+/// 4 MiB per connection at most, and only under load: let go at the first read a second or
+/// more after it (at the latest the server's next keep-alive).
 const READ_SPARES: usize = 63;
 
 /// Something the server told us.
