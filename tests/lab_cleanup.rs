@@ -106,3 +106,40 @@ fn bad_prefixes_and_modes_are_rejected() {
         "{err}"
     );
 }
+
+/// Resident memory of `pid` in KiB (0 once it is gone).
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn deleting_a_namespace_waits_until_its_processes_have_exited() {
+    require_root();
+    let ns = Netns::create(&format!("{}-slow", unique_prefix())).unwrap();
+    // `dd` with a 256 MiB buffer: once killed it spends a while giving the memory back, which is
+    // when a delete that only sent SIGKILL returned while the process was still there.
+    let mut dd = std::process::Command::new("ip")
+        .args(["netns", "exec", ns.name(), "dd"])
+        .args(["if=/dev/zero", "of=/dev/null", "bs=256M"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = dd.id();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while rss_kib(pid) < 200 * 1024 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "dd never filled its buffer"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(ns.pids().unwrap().contains(&(pid as i32)));
+    ns.delete().unwrap();
+    assert!(!pid_alive(pid), "the namespace's process was still exiting");
+    let _ = dd.wait();
+}

@@ -5,12 +5,16 @@ use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use nix::sched::{setns, CloneFlags};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use crate::error::{LabError, Result};
+
+/// How long deleting a namespace waits for its SIGKILLed processes to exit.
+const KILL_WAIT: Duration = Duration::from_secs(5);
 
 /// Where `ip netns` keeps its named namespaces.
 pub const NETNS_DIR: &str = "/run/netns";
@@ -262,12 +266,22 @@ impl Netns {
             .collect())
     }
 
-    /// SIGKILL every process in the namespace.
-    pub fn kill_all(&self) -> Result<()> {
-        for pid in self.pids()? {
-            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+    /// SIGKILL every process in the namespace and wait until none is left (at most
+    /// `KILL_WAIT`): a killed process with many threads takes a while to exit on a busy machine,
+    /// and callers go on to check that it is gone. Each round kills again, which catches a child
+    /// forked meanwhile. Returns the pids still there at the deadline (empty when all exited).
+    pub fn kill_all(&self) -> Result<Vec<i32>> {
+        let deadline = Instant::now() + KILL_WAIT;
+        loop {
+            let pids = self.pids()?;
+            if pids.is_empty() || Instant::now() >= deadline {
+                return Ok(pids);
+            }
+            for pid in &pids {
+                let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
-        Ok(())
     }
 
     /// Kill everything inside and delete the namespace (and `/etc/netns/<name>` if we made one).
@@ -286,9 +300,9 @@ pub fn delete_named(name: &str) -> Result<()> {
         name: name.to_string(),
         owned: false,
     };
-    // Killing can race with a process that forks; two rounds catch a fresh child.
-    for _ in 0..2 {
-        ns.kill_all()?;
+    let left = ns.kill_all()?;
+    if !left.is_empty() {
+        tracing::warn!(netns = %name, ?left, "processes still exiting when the namespace goes");
     }
     let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(name));
     run(Command::new("ip").args(["netns", "del", name])).map(|_| ())
