@@ -50,7 +50,7 @@ pub fn start(lab: &mut LabState, options: &StartOptions) -> anyhow::Result<()> {
     let config = dir.join("control.toml");
     write_private(
         &config,
-        &control_config(&dir, &auth_key, lab.ipv6, exit_node),
+        &control_config(&dir, &auth_key, lab.ipv6, exit_node, &options.node_attrs),
     )?;
     write_private(&dir.join("auth.key"), &auth_key)?;
     // Refuse a bad config here, with its own error, rather than as a dead server later.
@@ -420,7 +420,13 @@ fn answers_key(ns: &Netns, addr: SocketAddr) -> Option<()> {
 
 /// The lab control server's config: one reusable key, a DERP region at the relay host (served by
 /// `tern derp`, self-signed, hence `insecure_for_tests`), state in `<dir>/control`.
-fn control_config(dir: &Path, auth_key: &str, ipv6: bool, approve_routes: bool) -> String {
+fn control_config(
+    dir: &Path,
+    auth_key: &str,
+    ipv6: bool,
+    approve_routes: bool,
+    node_attrs: &[String],
+) -> String {
     let (relay, stun2) = (RELAY_IPS[0], RELAY_IPS[1]);
     // In a dual-stack lab both nodes get their IPv6 twins: clients STUN there for IPv6 (DERP
     // itself is served on IPv4 only; Go clients fall back to it at once).
@@ -429,11 +435,18 @@ fn control_config(dir: &Path, auth_key: &str, ipv6: bool, approve_routes: bool) 
         None => "none".to_string(),
     };
     let (relay6, stun26) = (v6(relay), v6(stun2));
+    // `--node-attr` values are checked to be plain names, so quoting them is enough.
+    let attrs = std::iter::once("disable-captive-portal-detection")
+        .chain(node_attrs.iter().map(String::as_str))
+        .map(|attr| format!("\"{attr}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
     format!(
         r#"# Written by `tern lab up`; see lab/control.example.toml for every field.
 listen = "{CONTROL_IP}:{CONTROL_PORT}"
 state_dir = "{state}"
 auto_approve_routes = {approve_routes}
+node_attributes = [{attrs}]
 
 [[auth_key]]
 key = "{auth_key}"
@@ -481,6 +494,8 @@ pub struct StartOptions {
     pub exit_node: bool,
     /// Made-up nodes in the control server's database (see [`register_synthetic_nodes`]).
     pub synthetic_peers: u32,
+    /// Node attributes every node gets besides the default ones (`--node-attr`).
+    pub node_attrs: Vec<String>,
 }
 
 /// First address of the synthetic nodes: far above the real nodes' 100.64.0.x.
@@ -590,7 +605,22 @@ fn apply_live(node: &mut TernNodeState, status: &Status) {
 
 #[cfg(test)]
 mod tests {
-    use super::wrapped;
+    use super::{control_config, wrapped};
+
+    #[test]
+    fn node_attributes_asked_for_join_the_default_one_in_the_control_config() {
+        let dir = std::path::Path::new("/run/tern-lab/x");
+        let attrs = ["disable-relay-client".to_string()];
+        let text = control_config(dir, "tskey-auth-lab-0", false, false, &attrs);
+        let config = tern_lab::control::Config::parse(&text).expect("the config parses");
+        assert_eq!(
+            config.node_attributes,
+            ["disable-captive-portal-detection", "disable-relay-client"]
+        );
+        let plain = control_config(dir, "tskey-auth-lab-0", false, false, &[]);
+        let config = tern_lab::control::Config::parse(&plain).expect("the config parses");
+        assert_eq!(config.node_attributes, ["disable-captive-portal-detection"]);
+    }
 
     #[test]
     fn a_daemon_runs_under_the_wrappers_words_or_alone() {

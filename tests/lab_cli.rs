@@ -193,6 +193,13 @@ fn bad_input_gets_a_clear_error() {
         "{}",
         text(&bad_mode)
     );
+    let bad_attr = tern(&prefix, &["up", "--node-attr", "x\"]\nlisten=1"]);
+    assert!(!bad_attr.status.success());
+    assert!(
+        text(&bad_attr).contains("is not a node attribute name"),
+        "{}",
+        text(&bad_attr)
+    );
 
     let no_tools = Command::new(env!("CARGO_BIN_EXE_tern"))
         .args(["lab", "up"])

@@ -89,6 +89,21 @@ pub struct LabUpArgs {
     /// memory and netmap handling at scale (at most 5000).
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=5000))]
     pub synthetic_peers: u32,
+    /// Give every node this node attribute in its netmap, as Tailscale's `nodeAttrs` do (e.g.
+    /// `disable-relay-client`); repeat for more. Letters, digits and `-._:/` only.
+    #[arg(long = "node-attr", value_name = "NAME", value_parser = parse_node_attr)]
+    pub node_attrs: Vec<String>,
+}
+
+/// A node attribute as `--node-attr` takes it (it goes into the control config as is).
+fn parse_node_attr(text: &str) -> Result<String, String> {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "-._:/".contains(c);
+    if text.is_empty() || !text.chars().all(plain) {
+        return Err(format!(
+            "`{text}` is not a node attribute name: use letters, digits and -._:/ (e.g. disable-relay-client)"
+        ));
+    }
+    Ok(text.to_string())
 }
 
 #[derive(Debug, Args)]
@@ -140,6 +155,7 @@ pub fn run(args: &LabArgs) -> anyhow::Result<ExitCode> {
                 wan: "none".into(),
                 exit_node: false,
                 synthetic_peers: 0,
+                node_attrs: Vec::new(),
             };
             up(prefix, &defaults)?;
             if !std::io::stdout().is_terminal() {
@@ -211,6 +227,7 @@ fn up(prefix: &str, args: &LabUpArgs) -> anyhow::Result<ExitCode> {
         relay: args.relay,
         exit_node: args.exit_node,
         synthetic_peers: args.synthetic_peers,
+        node_attrs: args.node_attrs.clone(),
     };
     let started = crate::lab_nodes::start(&mut lab, &options)
         .and_then(|()| Ok(tern_lab::wan::apply(prefix, wan_profile)?));
