@@ -446,6 +446,8 @@ pub struct Peer {
     relay_failure: Option<RelayReason>,
     /// Whether some peer other than this one may serve us as a relay (a `relay-target` grant).
     relay_candidates: bool,
+    /// Control turned our relay client off (`disable-relay-client`): no new relay paths.
+    relay_client_disabled: bool,
     last_relay_discovery: Option<Instant>,
     attributed: BTreeSet<SocketAddr>,
     reported: (Path, PathReason),
@@ -478,6 +480,7 @@ impl Peer {
             relay_lost: false,
             relay_failure: None,
             relay_candidates: false,
+            relay_client_disabled: false,
             last_relay_discovery: None,
             attributed: BTreeSet::new(),
             reported: (Path::None, PathReason::Idle),

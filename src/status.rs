@@ -287,8 +287,8 @@ pub struct PeerStatus {
     /// endpoint ourselves (an endpoint the peer allocated does not say).
     #[serde(default)]
     pub relay_node: Option<String>,
-    /// Why the peer is not on a peer relay while it is on DERP (`no-relay-granted`,
-    /// `peer-not-relay-capable`, `relay-discovering`, `relay-allocation-failed`,
+    /// Why the peer is not on a peer relay while it is on DERP (`relay-client-disabled`,
+    /// `no-relay-granted`, `peer-not-relay-capable`, `relay-discovering`, `relay-allocation-failed`,
     /// `relay-bind-timeout`, `relay-unreachable`); `null` on a direct or relay path.
     #[serde(default)]
     pub relay_reason: Option<String>,

@@ -10,6 +10,7 @@
 //! * Failover: the relay daemon killed during a transfer → DERP, transfer intact; restarted →
 //!   `peer-relay` again by itself.
 //! * easy × easy with a relay available: direct.
+//! * Control's `disable-relay-client` node attribute: hard × hard stays on DERP, and says why.
 //!
 //! Every lab is torn down (with every process in it) even when a test panics.
 
@@ -440,6 +441,46 @@ fn a_dead_relay_falls_back_to_derp_and_a_restarted_one_is_used_again() {
     eprintln!(
         "relay failover: on DERP {on_derp:?} after the kill; back on the relay {back:?} after the restart"
     );
+}
+
+/// Control's `disable-relay-client` node attribute (here on every node, `--node-attr`): the
+/// clients neither allocate on the relay nor take a CallMeMaybeVia, so hard × hard stays on DERP
+/// (the same lab without it is on the relay within seconds, above), and status says why.
+#[test]
+fn disable_relay_client_keeps_hard_nats_on_derp_and_says_why() {
+    let lab = Lab::up(&[
+        "--nat1",
+        "hard",
+        "--nat2",
+        "hard",
+        "--relay",
+        "--node-attr",
+        "disable-relay-client",
+    ]);
+    let c2_ip = tailnet_ip(&lab, "c2");
+    let _ping = background_ping(&lab.ns("c1"), &c2_ip);
+    for (node, other) in [("c1", "c2"), ("c2", "c1")] {
+        wait(
+            &format!("{node} to say why {other} is not on the relay"),
+            30,
+            || report(&lab),
+            || {
+                peer(&lab, node, other)
+                    .filter(|p| p["path"] == "derp" && p["relay_reason"] == "relay-client-disabled")
+            },
+        );
+    }
+    let until = Instant::now() + Duration::from_secs(12);
+    while Instant::now() < until {
+        let p = peer(&lab, "c1", "c2").unwrap_or_default();
+        assert_eq!(p["path"], "derp", "{p:#}\n{}", report(&lab));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // The relay server runs (the attribute is about the client) and was asked nothing.
+    let relay = status(&lab, "relay")["relay_server"].clone();
+    assert!(relay["port"].as_u64().is_some(), "{relay:#}");
+    assert_eq!(relay["allocations"], 0, "{relay:#}\n{}", report(&lab));
+    assert_eq!(forwarded(&lab), 0, "{}", report(&lab));
 }
 
 #[test]

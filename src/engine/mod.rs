@@ -378,6 +378,9 @@ struct Engine {
     relay_wanted: Option<u16>,
     /// Our allocations and bind handshakes as a relay client.
     relay_client: crate::relay::manager::RelayManager,
+    /// Whether our node attributes let us use peer relays (`disable-relay-client` does not);
+    /// `None` until control described this node (then no relays, as in Go).
+    relay_client_allowed: Option<bool>,
     /// Each peer's first tailnet address (Go `nodeHasCap` checks capabilities between first
     /// addresses).
     first_ip: HashMap<NodePublic, IpAddr>,
@@ -464,6 +467,7 @@ impl Engine {
                 config.disco_key.clone(),
                 node_key,
             ),
+            relay_client_allowed: None,
             first_ip: HashMap::new(),
             linux: None,
             host_changes: None,

@@ -15,15 +15,25 @@ use crate::netmap::NetworkMap;
 use crate::paths::RelayAddr;
 use crate::relay::geneve::{self, Header, Vni};
 use crate::relay::manager::{Handled, Step};
-use crate::relay::{CAP_RELAY_TARGET, MIN_RELAY_CAP_VERSION};
+use crate::relay::{relay_client_allowed, CAP_RELAY_TARGET, MIN_RELAY_CAP_VERSION};
 
 impl Engine {
     /// Recomputes which peers may serve us as relays (Go `updateRelayServersSet`): capability
     /// version ≥ 121, a disco key, and `relay-target` granted from them to us.
+    /// None while control turns our relay client off (`disable-relay-client`, `only-tcp-443`).
     pub(super) fn update_relay_candidates(&mut self, map: &NetworkMap) {
+        let allowed = relay_client_allowed(map.self_node.as_ref());
+        let before = self.relay_client_allowed.replace(allowed);
+        if before.is_some_and(|b| b != allowed) || (before.is_none() && !allowed) {
+            tracing::info!(
+                "relay: peer relay client {} (node attributes disable-relay-client, only-tcp-443)",
+                if allowed { "on again" } else { "off" }
+            );
+        }
         let candidates: BTreeSet<NodePublic> = map
             .peers
             .values()
+            .filter(|_| allowed)
             .filter(|node| node.cap >= MIN_RELAY_CAP_VERSION && !node.disco_key.is_zero())
             .map(|node| node.key)
             .filter(|key| self.peer_has_cap(key, CAP_RELAY_TARGET))
@@ -34,7 +44,9 @@ impl Engine {
         let known: BTreeSet<NodePublic> = map.peers.values().map(|n| n.key).collect();
         self.relay_client.retain_peers(|peer| known.contains(peer));
         self.relay_client.set_candidates(candidates.clone());
-        self.paths.set_relay_candidates(Instant::now(), candidates);
+        let now = Instant::now();
+        self.paths.set_relay_client_disabled(now, !allowed);
+        self.paths.set_relay_candidates(now, candidates);
     }
 
     /// A path machine wants relay paths to `peer`: allocate on every candidate.
@@ -47,6 +59,10 @@ impl Engine {
 
     /// `peer` allocated an endpoint for us both: bind it too (if it may use relays at all).
     pub(super) fn on_call_me_maybe_via(&mut self, peer: NodePublic, endpoint: UdpRelayEndpoint) {
+        if self.relay_client_allowed != Some(true) {
+            tracing::debug!(%peer, "relay: call-me-maybe-via ignored: disable-relay-client is set");
+            return;
+        }
         let Some(machine) = self.paths.peer(&peer) else {
             return;
         };

@@ -51,6 +51,9 @@ pub struct RelayPath {
 /// Why a peer is not on a peer relay (status `relay_reason`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum RelayReason {
+    /// Control turned this node's relay client off (node attribute `disable-relay-client`, or
+    /// `only-tcp-443`).
+    ClientDisabled,
     /// No other node gives us `tailscale.com/cap/relay-target`: no relay to ask.
     NoRelayGranted,
     /// The peer's capability version is below 121: it cannot use relays.
@@ -69,6 +72,7 @@ impl RelayReason {
     /// The stable text form (`no-relay-granted`, `relay-bind-timeout`, …).
     pub fn as_str(self) -> &'static str {
         match self {
+            RelayReason::ClientDisabled => "relay-client-disabled",
             RelayReason::NoRelayGranted => "no-relay-granted",
             RelayReason::PeerNotRelayCapable => "peer-not-relay-capable",
             RelayReason::Discovering => "relay-discovering",
@@ -89,6 +93,12 @@ impl Peer {
     /// Whether some node other than this peer may serve us as a relay.
     pub fn set_relay_candidates(&mut self, now: Instant, any: bool) {
         self.relay_candidates = any;
+        self.update_report(now);
+    }
+
+    /// Whether control turned our relay client off (the candidates are then empty too).
+    pub fn set_relay_client_disabled(&mut self, now: Instant, disabled: bool) {
+        self.relay_client_disabled = disabled;
         self.update_report(now);
     }
 
@@ -141,6 +151,9 @@ impl Peer {
         if self.trusted(now) || self.relay_trusted(now) {
             return None;
         }
+        if self.relay_client_disabled {
+            return Some(RelayReason::ClientDisabled);
+        }
         if !self.relay_candidates {
             return Some(RelayReason::NoRelayGranted);
         }
@@ -157,7 +170,11 @@ impl Peer {
     /// Go `wantUDPRelayPathDiscoveryLocked`, evaluated at every checkpoint (outgoing traffic,
     /// heartbeat, CallMeMaybe, `tern ping`): asks the driver to allocate on every candidate.
     pub(super) fn maybe_want_relay(&mut self, now: Instant) {
-        if !self.relay_candidates || !self.info.relay_capable || self.trusted(now) {
+        if self.relay_client_disabled
+            || !self.relay_candidates
+            || !self.info.relay_capable
+            || self.trusted(now)
+        {
             return;
         }
         if let Some(last) = self.last_relay_discovery {

@@ -77,6 +77,8 @@ pub struct PeerTable {
     by_relay: HashMap<RelayAddr, NodePublic>,
     /// Nodes that may serve us as relays (`relay-target` grants).
     relay_candidates: BTreeSet<NodePublic>,
+    /// Control turned our relay client off; each peer knows it too.
+    relay_client_disabled: bool,
     counters: DiscoCounters,
     /// Peers handed input since their output was last drained: only they can have something
     /// for `poll_transmit` / `poll_event`, so those never scan every peer.
@@ -109,6 +111,7 @@ impl PeerTable {
             by_addr: HashMap::new(),
             by_relay: HashMap::new(),
             relay_candidates: BTreeSet::new(),
+            relay_client_disabled: false,
             counters: DiscoCounters::default(),
             touched: BTreeSet::new(),
             deadlines: BTreeSet::new(),
@@ -182,6 +185,7 @@ impl PeerTable {
                     let mut peer = Peer::new(now, self.local.clone(), info);
                     let others = self.relay_candidates.iter().any(|c| *c != key);
                     peer.set_relay_candidates(now, others);
+                    peer.set_relay_client_disabled(now, self.relay_client_disabled);
                     self.peers.insert(key, Entry { peer, shared });
                 }
             }
@@ -203,6 +207,19 @@ impl PeerTable {
         for (key, entry) in self.peers.iter_mut() {
             let others = self.relay_candidates.iter().any(|c| c != key);
             entry.peer.set_relay_candidates(now, others);
+        }
+        self.touch_all();
+    }
+
+    /// Whether control turned our relay client off: peers then say so as the reason they are
+    /// not on a relay (relay paths in use are left to end by themselves, as in Go).
+    pub fn set_relay_client_disabled(&mut self, now: Instant, disabled: bool) {
+        if self.relay_client_disabled == disabled {
+            return;
+        }
+        self.relay_client_disabled = disabled;
+        for entry in self.peers.values_mut() {
+            entry.peer.set_relay_client_disabled(now, disabled);
         }
         self.touch_all();
     }

@@ -78,7 +78,8 @@ pub struct Peer {
     /// On `peer-relay`: the endpoint's VNI and the relay's node (when known).
     pub relay_vni: Option<u32>,
     pub relay_node: Option<String>,
-    /// Why the peer is not on a peer relay (`no-relay-granted`, `relay-bind-timeout`, …).
+    /// Why the peer is not on a peer relay (`relay-client-disabled`, `no-relay-granted`,
+    /// `relay-bind-timeout`, …).
     pub relay_reason: Option<String>,
 }
 

@@ -49,6 +49,9 @@ fn relay_hint(peer: &Peer) -> String {
         return format!("Using the peer relay at {ep}{vni}{node}.");
     }
     match peer.relay_reason.as_deref() {
+        Some("relay-client-disabled") => "Control turned this node's peer relay client off \
+             (node attribute `disable-relay-client` or `only-tcp-443`), so no relay is asked."
+            .into(),
         Some("peer-not-relay-capable") => {
             format!("{name} runs a client too old for peer relays (capability below 121).")
         }
@@ -335,6 +338,7 @@ mod tests {
             Some("relay-allocation-failed"),
             Some("relay-bind-timeout"),
             Some("relay-unreachable"),
+            Some("relay-client-disabled"),
         ] {
             let mut p = derp_peer("both-hard-nat");
             p.relay_reason = why.map(str::to_string);
@@ -346,8 +350,9 @@ mod tests {
         );
         assert!(texts[4].contains("allocation"), "{}", texts[4]);
         assert!(texts[5].contains("bind timed out"), "{}", texts[5]);
+        assert!(texts[7].contains("disable-relay-client"), "{}", texts[7]);
         let distinct: std::collections::BTreeSet<_> = texts.iter().skip(1).collect();
-        assert_eq!(distinct.len(), 6);
+        assert_eq!(distinct.len(), 7);
         // On the relay: its VNI and node.
         let mut p = derp_peer("peer-relay");
         p.path = Some("peer-relay".into());

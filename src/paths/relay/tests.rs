@@ -102,6 +102,26 @@ fn discovery_is_asked_for_at_most_every_30s_and_only_when_it_can_help() {
 }
 
 #[test]
+fn a_disabled_relay_client_asks_no_relay_and_says_why() {
+    let t0 = Instant::now();
+    let mut p = peer(t0);
+    p.set_relay_client_disabled(t0, true);
+    p.on_outgoing(t0);
+    assert!(!wants_relay(&mut p), "disable-relay-client: no discovery");
+    assert_eq!(p.relay_reason(t0), Some(RelayReason::ClientDisabled));
+    assert_eq!(
+        RelayReason::ClientDisabled.as_str(),
+        "relay-client-disabled"
+    );
+    // Control lifts the attribute: the next send asks again.
+    let t1 = t0 + Duration::from_secs(1);
+    p.set_relay_client_disabled(t1, false);
+    p.on_outgoing(t1);
+    assert!(wants_relay(&mut p));
+    assert_eq!(p.relay_reason(t1), Some(RelayReason::Discovering));
+}
+
+#[test]
 fn a_ready_relay_carries_traffic_alone_and_heartbeats_keep_it() {
     let t0 = Instant::now();
     let mut p = peer(t0);
