@@ -191,7 +191,8 @@ fn start_exit_node(
     Ok(())
 }
 
-/// Turns on the relay node's peer relay server and waits until it has an address to offer.
+/// Turns on the relay node's peer relay server and waits until it has an address to offer (or
+/// says that control keeps it off).
 fn start_relay_server(
     lab: &LabState,
     runtime: &tokio::runtime::Runtime,
@@ -209,11 +210,20 @@ fn start_relay_server(
     runtime
         .block_on(client.set(&set))
         .context("`tern set --relay-server-port` on the relay node")?;
-    wait_until(daemon, "the relay server to find its address", || {
+    let outcome = wait_until(daemon, "the relay server to find its address", || {
         let status = runtime.block_on(client.status()).ok()?;
+        if let Some(why) = status.relay_server_off {
+            return Some(Err(why));
+        }
         let offers = status.relay_server?.addr_ports;
-        (!offers.is_empty()).then_some(())
-    })
+        (!offers.is_empty()).then_some(Ok(()))
+    })?;
+    match outcome {
+        Ok(()) => Ok(()),
+        // `--node-attr disable-relay-server`: off as asked, and its status says so.
+        Err(why) if why.contains(crate::relay::ATTR_DISABLE_RELAY_SERVER) => Ok(()),
+        Err(why) => bail!("the relay node's relay server is off: {why}"),
+    }
 }
 
 /// Port of the lab's DERP server (TLS).

@@ -35,6 +35,10 @@ pub struct Status {
     /// The peer relay server (`tern set --relay-server-port`); `null` when it is off.
     #[serde(default)]
     pub relay_server: Option<RelayServerStatus>,
+    /// Why the relay server the pref asks for does not run (control's `disable-relay-server`,
+    /// a port that cannot be bound); `null` when it runs or is not asked for.
+    #[serde(default)]
+    pub relay_server_off: Option<String>,
     /// The URL to visit while control waits for an interactive login (`NeedsLogin`); else `null`.
     #[serde(default)]
     pub auth_url: Option<String>,
@@ -436,6 +440,7 @@ impl Status {
             },
             netcheck: None,
             relay_server: None,
+            relay_server_off: None,
             auth_url: None,
             routing: RoutingStatus::default(),
             dns: DnsStatus::default(),
@@ -533,6 +538,9 @@ pub fn render_human(status: &Status, now: SystemTime) -> String {
     }
     if let Some(relay) = &status.relay_server {
         out.push_str(&render_relay_server(relay));
+    }
+    if let Some(why) = &status.relay_server_off {
+        let _ = writeln!(out, "# Relay server: off: {why}");
     }
     out
 }
@@ -931,6 +939,20 @@ mod tests {
             "no path while the data plane runs: {text}"
         );
         assert!(!text.contains("no packets flow"), "{text}");
+    }
+
+    #[test]
+    fn human_output_says_why_the_relay_server_asked_for_is_off() {
+        let mut s = running();
+        assert!(!render_human(&s, at(1_700_000_300)).contains("Relay server"));
+        s.relay_server_off = Some("control set the node attribute disable-relay-server".into());
+        let text = render_human(&s, at(1_700_000_300));
+        assert!(
+            text.ends_with(
+                "# Relay server: off: control set the node attribute disable-relay-server\n"
+            ),
+            "{text}"
+        );
     }
 
     #[test]

@@ -10,7 +10,8 @@
 //! * Failover: the relay daemon killed during a transfer → DERP, transfer intact; restarted →
 //!   `peer-relay` again by itself.
 //! * easy × easy with a relay available: direct.
-//! * Control's `disable-relay-client` node attribute: hard × hard stays on DERP, and says why.
+//! * Control's `disable-relay-client` node attribute: hard × hard stays on DERP, and says why;
+//!   `disable-relay-server`: the relay node runs no server despite its pref, and says why.
 //!
 //! Every lab is torn down (with every process in it) even when a test panics.
 
@@ -481,6 +482,52 @@ fn disable_relay_client_keeps_hard_nats_on_derp_and_says_why() {
     assert!(relay["port"].as_u64().is_some(), "{relay:#}");
     assert_eq!(relay["allocations"], 0, "{relay:#}\n{}", report(&lab));
     assert_eq!(forwarded(&lab), 0, "{}", report(&lab));
+}
+
+/// Control's `disable-relay-server` node attribute on every node: the relay node keeps its
+/// `--relay-server-port` pref but runs no server (its port is not bound) and says why; the
+/// clients find no relay to use.
+#[test]
+fn disable_relay_server_keeps_the_relay_off_and_says_why() {
+    let lab = Lab::up(&[
+        "--nat1",
+        "hard",
+        "--nat2",
+        "hard",
+        "--relay",
+        "--node-attr",
+        "disable-relay-server",
+    ]);
+    let c2_ip = tailnet_ip(&lab, "c2");
+    let _ping = background_ping(&lab.ns("c1"), &c2_ip);
+    let off = wait(
+        "the relay node to say its server is off",
+        30,
+        || report(&lab),
+        || {
+            let s = status(&lab, "relay");
+            let why = s["relay_server_off"].as_str()?.to_string();
+            s["relay_server"].is_null().then_some(why)
+        },
+    );
+    assert!(off.contains("disable-relay-server"), "{off}");
+    let human = output_text(&tern(&lab, "relay", &["status"]));
+    assert!(
+        human.contains("# Relay server: off: control set"),
+        "{human}"
+    );
+    let sockets = lab.ns("relay").exec(&["ss", "-Huln"]).expect("ss");
+    let sockets = String::from_utf8_lossy(&sockets.stdout).to_string();
+    assert!(
+        !sockets.contains(":40000 "),
+        "udp/40000 still bound:\n{sockets}"
+    );
+    let until = Instant::now() + Duration::from_secs(12);
+    while Instant::now() < until {
+        let p = peer(&lab, "c1", "c2").unwrap_or_default();
+        assert!(!on_relay(&p), "{p:#}\n{}", report(&lab));
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }
 
 #[test]

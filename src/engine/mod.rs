@@ -376,6 +376,10 @@ struct Engine {
     /// The peer relay server, while the pref asks for one, and the pref it was started for.
     relay: Option<RelayRuntime>,
     relay_wanted: Option<u16>,
+    /// Control set `disable-relay-server` on this node: no relay server, whatever the pref.
+    relay_server_blocked: bool,
+    /// Why the relay server the pref asks for does not run (status `relay_server_off`).
+    relay_off: Option<String>,
     /// Our allocations and bind handshakes as a relay client.
     relay_client: crate::relay::manager::RelayManager,
     /// Whether our node attributes let us use peer relays (`disable-relay-client` does not);
@@ -463,6 +467,8 @@ impl Engine {
             node_keys: config.node_keys.clone(),
             relay: None,
             relay_wanted: None,
+            relay_server_blocked: false,
+            relay_off: None,
             relay_client: crate::relay::manager::RelayManager::new(
                 config.disco_key.clone(),
                 node_key,

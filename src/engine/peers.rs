@@ -70,6 +70,7 @@ impl Engine {
         self.apply_dns(map).await;
         self.recompile_filter(map);
         self.update_relay_candidates(map);
+        self.update_relay_server_attr(map);
         if let Some(derp_map) = &map.derp_map {
             self.set_derp_map(derp_map);
         }

@@ -61,8 +61,9 @@ impl Engine {
                 }
             }
             let relay = self.relay.as_ref().map(|r| relay_status(r, &s.peers));
-            let relay_changed = s.relay_server != relay;
+            let relay_changed = s.relay_server != relay || s.relay_server_off != self.relay_off;
             s.relay_server = relay;
+            s.relay_server_off = self.relay_off.clone();
             let quad100 = self.quad100_counts();
             let quad100_changed = s.data_plane.quad100 != quad100;
             s.data_plane.quad100 = quad100;

@@ -4,31 +4,59 @@
 use super::Engine;
 use crate::keys::NodePublic;
 use crate::relay::io::RelayRuntime;
+use crate::relay::ATTR_DISABLE_RELAY_SERVER;
 use crate::status::RelayServerStatus;
 
 impl Engine {
-    /// Starts, restarts or stops the relay server to match the pref. A port that cannot be
-    /// bound leaves it off, with a warning (the node itself keeps running).
+    /// Starts, restarts or stops the relay server to match the pref, unless control set
+    /// `disable-relay-server` on this node (as Go, the pref is kept and applies once control
+    /// lifts it). A port that cannot be bound leaves it off, with a warning (the node itself
+    /// keeps running). Either way `relay_off` says why in status.
     pub(super) fn apply_relay_port(&mut self, want: Option<u16>) {
         // Any change of the pref restarts the server (as Go does); the same value keeps it.
-        if self.relay.is_some() && want == self.relay_wanted {
+        if self.relay.is_some() && want == self.relay_wanted && !self.relay_server_blocked {
             return;
         }
         self.relay_wanted = want;
+        self.relay_off = None;
         if self.relay.take().is_some() {
             tracing::info!("relay server stopped");
         }
         let Some(port) = want else {
             return;
         };
+        if self.relay_server_blocked {
+            tracing::info!(
+                port,
+                "relay server off: control set disable-relay-server on this node"
+            );
+            self.relay_off = Some(format!(
+                "control set the node attribute {ATTR_DISABLE_RELAY_SERVER} on this node"
+            ));
+            return;
+        }
         match RelayRuntime::start(port, self.regions_tx.subscribe()) {
             Ok(relay) => {
                 relay.set_static_addr_ports(self.relay_static.borrow().clone());
                 self.relay = Some(relay);
             }
             Err(e) => {
-                tracing::warn!(port, error = %e, "relay server not started: cannot bind its UDP port")
+                tracing::warn!(port, error = %e, "relay server not started: cannot bind its UDP port");
+                self.relay_off = Some(format!("cannot bind udp/{port}: {e}"));
             }
+        }
+    }
+
+    /// Control's `disable-relay-server` on our own node, from each netmap: the relay server
+    /// stops (or starts again once it is lifted) without touching the pref.
+    pub(super) fn update_relay_server_attr(&mut self, map: &crate::netmap::NetworkMap) {
+        let blocked = map
+            .self_node
+            .as_ref()
+            .is_some_and(|me| me.cap_map.contains_key(ATTR_DISABLE_RELAY_SERVER));
+        if blocked != self.relay_server_blocked {
+            self.relay_server_blocked = blocked;
+            self.apply_relay_port(self.relay_wanted);
         }
     }
 

@@ -19,6 +19,10 @@ pub const CAP_RELAY_TARGET: &str = "tailscale.com/cap/relay-target";
 /// relay servers, CallMeMaybeVia from peers ignored (Go `NodeAttrDisableRelayClient`).
 pub const ATTR_DISABLE_RELAY_CLIENT: &str = "disable-relay-client";
 
+/// Node attribute with which control keeps this node's relay *server* off whatever its pref
+/// (Go `NodeAttrDisableRelayServer`).
+pub const ATTR_DISABLE_RELAY_SERVER: &str = "disable-relay-server";
+
 /// Node attribute that restricts a node to TCP port 443; Go turns the relay client off with
 /// it too (`NodeAttrOnlyTCP443`).
 pub const ATTR_ONLY_TCP_443: &str = "only-tcp-443";
