@@ -323,10 +323,11 @@ impl App {
         if self.refuse_read_only("change the relay server") {
             return;
         }
+        // The pref is on while a server runs or while one is asked for but kept off.
         let on = self
             .status
             .as_ref()
-            .is_some_and(|s| s.relay_server.is_some());
+            .is_some_and(|s| s.relay_server.is_some() || s.relay_server_off.is_some());
         self.ui.mode = if on {
             Mode::ConfirmRelay(None)
         } else {
@@ -509,6 +510,17 @@ mod tests {
         app.relay_done(Some(41000), Err("udp/41000 is in use".into()));
         let msg = app.ui.message.clone().unwrap();
         assert!(msg.error && msg.text.contains("in use"), "{msg:?}");
+    }
+
+    #[test]
+    fn a_relay_server_kept_off_is_withdrawn_not_asked_for_again() {
+        let mut app = app_with(&["a"]);
+        if let Some(s) = app.status.as_mut() {
+            s.relay_server_off = Some("control set disable-relay-server".into());
+        }
+        app.key(key('r'));
+        assert_eq!(app.ui.mode, Mode::ConfirmRelay(None));
+        assert_eq!(app.key(key('y')), Some(Effect::SetRelayPort(None)));
     }
 
     #[test]

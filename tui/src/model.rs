@@ -530,13 +530,22 @@ fn bits(bps: Option<f64>) -> String {
 
 fn relay_panel(status: &Status, tracker: &Tracker) -> RelayPanel {
     let Some(relay) = &status.relay_server else {
-        return RelayPanel {
-            on: false,
-            summary: vec![
+        let summary = match &status.relay_server_off {
+            // The pref asks for a server that does not run: say why, and what r does now.
+            Some(why) => vec![
+                "relay server off, though this node asks for one:".into(),
+                why.clone(),
+                "press r to withdraw the request".into(),
+            ],
+            None => vec![
                 "relay server off".into(),
                 "press r to run one on this node (others can then use it".into(),
                 "when their NATs are too hard for a direct path)".into(),
             ],
+        };
+        return RelayPanel {
+            on: false,
+            summary,
             pps: DASH.into(),
             bps: DASH.into(),
             pps_spark: String::new(),
@@ -780,6 +789,23 @@ mod tests {
         assert_eq!(t.peers["nodekey:a"].rx_rate, None);
         t.observe(&status(vec![peer("a", 1010, None)]), 3.0);
         assert_eq!(t.peers["nodekey:a"].rx_rate, Some(1000.0));
+    }
+
+    #[test]
+    fn a_relay_server_asked_for_but_kept_off_says_why() {
+        let t = Tracker::default();
+        let mut s = status(Vec::new());
+        let panel = relay_panel(&s, &t);
+        assert!(!panel.on);
+        assert!(panel.summary[1].contains("press r to run one"), "{panel:?}");
+        s.relay_server_off = Some("control set the node attribute disable-relay-server".into());
+        let panel = relay_panel(&s, &t);
+        assert!(!panel.on);
+        assert!(
+            panel.summary[1].contains("disable-relay-server"),
+            "{panel:?}"
+        );
+        assert!(panel.summary[2].contains("withdraw"), "{panel:?}");
     }
 
     #[test]

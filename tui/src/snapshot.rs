@@ -20,6 +20,9 @@ pub struct Status {
     pub daemon: Daemon,
     pub netcheck: Option<Netcheck>,
     pub relay_server: Option<RelayServer>,
+    /// Why the relay server the pref asks for does not run (e.g. control's
+    /// `disable-relay-server`); `None` when it runs or is not asked for.
+    pub relay_server_off: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
