@@ -19,8 +19,8 @@ use crate::relay::{relay_client_allowed, CAP_RELAY_TARGET, MIN_RELAY_CAP_VERSION
 
 impl Engine {
     /// Recomputes which peers may serve us as relays (Go `updateRelayServersSet`): capability
-    /// version ≥ 121, a disco key, and `relay-target` granted from them to us.
-    /// None while control turns our relay client off (`disable-relay-client`, `only-tcp-443`).
+    /// version ≥ 121, a disco key, and `relay-target` granted from them to us; none at all while
+    /// our node attributes turn the relay client off (`disable-relay-client`, `only-tcp-443`).
     pub(super) fn update_relay_candidates(&mut self, map: &NetworkMap) {
         let allowed = relay_client_allowed(map.self_node.as_ref());
         let before = self.relay_client_allowed.replace(allowed);
