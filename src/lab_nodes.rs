@@ -435,7 +435,7 @@ fn control_config(
     auth_key: &str,
     ipv6: bool,
     approve_routes: bool,
-    node_attrs: &[String],
+    node_attrs: &[NodeAttr],
 ) -> String {
     let (relay, stun2) = (RELAY_IPS[0], RELAY_IPS[1]);
     // In a dual-stack lab both nodes get their IPv6 twins: clients STUN there for IPv6 (DERP
@@ -446,11 +446,24 @@ fn control_config(
     };
     let (relay6, stun26) = (v6(relay), v6(stun2));
     // `--node-attr` values are checked to be plain names, so quoting them is enough.
-    let attrs = std::iter::once("disable-captive-portal-detection")
-        .chain(node_attrs.iter().map(String::as_str))
-        .map(|attr| format!("\"{attr}\""))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let quoted = |attrs: &mut dyn Iterator<Item = &str>| {
+        attrs
+            .map(|attr| format!("\"{attr}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let for_all = node_attrs
+        .iter()
+        .filter(|a| a.host.is_none())
+        .map(|a| a.attr.as_str());
+    let attrs = quoted(&mut std::iter::once("disable-captive-portal-detection").chain(for_all));
+    let for_hosts: String = node_attrs
+        .iter()
+        .filter_map(|a| Some((a.host.as_deref()?, a.attr.as_str())))
+        .map(|(host, attr)| {
+            format!("\n[[node_attribute]]\nnodes = [\"{host}\"]\nattrs = [\"{attr}\"]\n")
+        })
+        .collect();
     format!(
         r#"# Written by `tern lab up`; see lab/control.example.toml for every field.
 listen = "{CONTROL_IP}:{CONTROL_PORT}"
@@ -490,7 +503,7 @@ stun_only = true
 src = ["*"]
 dst = ["*"]
 caps = ["tailscale.com/cap/relay"]
-"#,
+{for_hosts}"#,
         state = dir.join("control").display()
     )
 }
@@ -504,8 +517,15 @@ pub struct StartOptions {
     pub exit_node: bool,
     /// Made-up nodes in the control server's database (see [`register_synthetic_nodes`]).
     pub synthetic_peers: u32,
-    /// Node attributes every node gets besides the default ones (`--node-attr`).
-    pub node_attrs: Vec<String>,
+    /// Node attributes besides the default ones (`--node-attr`).
+    pub node_attrs: Vec<NodeAttr>,
+}
+
+/// A node attribute for every node, or for the node with hostname `host`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeAttr {
+    pub host: Option<String>,
+    pub attr: String,
 }
 
 /// First address of the synthetic nodes: far above the real nodes' 100.64.0.x.
@@ -615,18 +635,34 @@ fn apply_live(node: &mut TernNodeState, status: &Status) {
 
 #[cfg(test)]
 mod tests {
-    use super::{control_config, wrapped};
+    use super::{control_config, wrapped, NodeAttr};
 
     #[test]
     fn node_attributes_asked_for_join_the_default_one_in_the_control_config() {
         let dir = std::path::Path::new("/run/tern-lab/x");
-        let attrs = ["disable-relay-client".to_string()];
+        let attr = |host: Option<&str>, attr: &str| NodeAttr {
+            host: host.map(str::to_string),
+            attr: attr.to_string(),
+        };
+        let attrs = [
+            attr(None, "disable-relay-client"),
+            attr(Some("relay"), "disable-relay-server"),
+        ];
         let text = control_config(dir, "tskey-auth-lab-0", false, false, &attrs);
         let config = tern_lab::control::Config::parse(&text).expect("the config parses");
         assert_eq!(
             config.node_attributes,
             ["disable-captive-portal-detection", "disable-relay-client"]
         );
+        assert_eq!(
+            config.node_attributes_of("relay"),
+            [
+                "disable-captive-portal-detection",
+                "disable-relay-client",
+                "disable-relay-server"
+            ]
+        );
+        assert_eq!(config.node_attributes_of("c1").len(), 2);
         let plain = control_config(dir, "tskey-auth-lab-0", false, false, &[]);
         let config = tern_lab::control::Config::parse(&plain).expect("the config parses");
         assert_eq!(config.node_attributes, ["disable-captive-portal-detection"]);

@@ -196,7 +196,7 @@ fn bad_input_gets_a_clear_error() {
     let bad_attr = tern(&prefix, &["up", "--node-attr", "x\"]\nlisten=1"]);
     assert!(!bad_attr.status.success());
     assert!(
-        text(&bad_attr).contains("is not a node attribute name"),
+        text(&bad_attr).contains("is not [HOST=]NAME"),
         "{}",
         text(&bad_attr)
     );

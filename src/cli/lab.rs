@@ -90,20 +90,32 @@ pub struct LabUpArgs {
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=5000))]
     pub synthetic_peers: u32,
     /// Give every node this node attribute in its netmap, as Tailscale's `nodeAttrs` do (e.g.
-    /// `disable-relay-client`); repeat for more. Letters, digits and `-._:/` only.
-    #[arg(long = "node-attr", value_name = "NAME", value_parser = parse_node_attr)]
-    pub node_attrs: Vec<String>,
+    /// `disable-relay-client`), or only the node with hostname HOST (`c1=disable-relay-client`);
+    /// repeat for more. Letters, digits and `-._:/` only.
+    #[arg(long = "node-attr", value_name = "[HOST=]NAME", value_parser = parse_node_attr)]
+    pub node_attrs: Vec<crate::lab_nodes::NodeAttr>,
 }
 
 /// A node attribute as `--node-attr` takes it (it goes into the control config as is).
-fn parse_node_attr(text: &str) -> Result<String, String> {
-    let plain = |c: char| c.is_ascii_alphanumeric() || "-._:/".contains(c);
-    if text.is_empty() || !text.chars().all(plain) {
+fn parse_node_attr(text: &str) -> Result<crate::lab_nodes::NodeAttr, String> {
+    let plain = |s: &str| {
+        !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-._:/".contains(c))
+    };
+    let (host, attr) = match text.split_once('=') {
+        Some((host, attr)) => (Some(host), attr),
+        None => (None, text),
+    };
+    if !plain(attr) || host.is_some_and(|h| !plain(h)) {
         return Err(format!(
-            "`{text}` is not a node attribute name: use letters, digits and -._:/ (e.g. disable-relay-client)"
+            "`{text}` is not [HOST=]NAME: use letters, digits and -._:/ (e.g. disable-relay-client or c1=disable-relay-client)"
         ));
     }
-    Ok(text.to_string())
+    Ok(crate::lab_nodes::NodeAttr {
+        host: host.map(str::to_string),
+        attr: attr.to_string(),
+    })
 }
 
 #[derive(Debug, Args)]

@@ -44,6 +44,10 @@ pub struct Config {
     /// Node attributes (keys of `Node.CapMap`) given to every node.
     #[serde(default = "default_node_attributes")]
     pub node_attributes: Vec<String>,
+    /// Node attributes given to particular nodes (by hostname) besides those, as a policy's
+    /// `nodeAttrs` with a target.
+    #[serde(default, rename = "node_attribute")]
+    pub node_attributes_for: Vec<NodeAttributesConfig>,
     /// Seconds a node may stay disconnected before peers see it offline.
     #[serde(default = "default_offline_grace_secs")]
     pub offline_grace_secs: u64,
@@ -126,6 +130,34 @@ pub struct ApprovedRoutesConfig {
     /// Masked CIDRs, e.g. `10.2.9.0/24`; `0.0.0.0/0` and `::/0` together make an exit node.
     /// Text, so that [`Config::validate`] can say what is wrong with a bad one.
     pub routes: Vec<String>,
+}
+
+/// `[[node_attribute]]`: attributes for the nodes named.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NodeAttributesConfig {
+    /// Hostnames (as in the nodes' Hostinfo).
+    pub nodes: Vec<String>,
+    /// Keys of `Node.CapMap`, e.g. `disable-relay-client`.
+    pub attrs: Vec<String>,
+}
+
+impl Config {
+    /// The node attributes of the node with `hostname`: those for every node, then its own.
+    pub fn node_attributes_of(&self, hostname: &str) -> Vec<String> {
+        let mut attrs = self.node_attributes.clone();
+        let own = self
+            .node_attributes_for
+            .iter()
+            .filter(|extra| extra.nodes.iter().any(|n| n == hostname))
+            .flat_map(|extra| &extra.attrs);
+        for attr in own {
+            if !attrs.contains(attr) {
+                attrs.push(attr.clone());
+            }
+        }
+        attrs
+    }
 }
 
 /// HTTPS for the lab control server: where to listen and the certificate to present.
@@ -710,6 +742,27 @@ ipv4 = "10.0.0.1"
         assert!(config.approved_routes.is_empty());
         let net: IpNet = "10.2.9.0/24".parse().unwrap();
         assert!(!config.route_approved("c2", &net));
+    }
+
+    #[test]
+    fn node_attributes_for_named_nodes_add_to_those_for_all() {
+        let text = format!(
+            "{}
+[[node_attribute]]
+nodes = [\"c1\"]
+attrs = [\"disable-relay-client\", \"disable-captive-portal-detection\"]
+",
+            minimal()
+        );
+        let config = Config::parse(&text).unwrap();
+        assert_eq!(
+            config.node_attributes_of("c1"),
+            ["disable-captive-portal-detection", "disable-relay-client"]
+        );
+        assert_eq!(
+            config.node_attributes_of("c2"),
+            ["disable-captive-portal-detection"]
+        );
     }
 
     #[test]

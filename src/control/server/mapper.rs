@@ -293,9 +293,9 @@ fn wire_node(tailnet: &Tailnet, n: &NodeRecord, is_self: bool) -> Node {
     let cap_map: CapMap = if is_self {
         tailnet
             .config()
-            .node_attributes
-            .iter()
-            .map(|a| (a.clone(), None))
+            .node_attributes_of(n.hostname().unwrap_or(""))
+            .into_iter()
+            .map(|a| (a, None))
             .collect()
     } else {
         CapMap::new()
