@@ -10,7 +10,8 @@
 //! * Failover: the relay daemon killed during a transfer → DERP, transfer intact; restarted →
 //!   `peer-relay` again by itself.
 //! * easy × easy with a relay available: direct.
-//! * Control's `disable-relay-client` node attribute: hard × hard stays on DERP, and says why;
+//! * Control's `disable-relay-client` node attribute: hard × hard stays on DERP, and says why,
+//!   also when a tsnet peer allocates and sends the node a CallMeMaybeVia;
 //!   `disable-relay-server`: the relay node runs no server despite its pref, and says why.
 //!
 //! Every lab is torn down (with every process in it) even when a test panics.
@@ -528,6 +529,57 @@ fn disable_relay_server_keeps_the_relay_off_and_says_why() {
         assert!(!on_relay(&p), "{p:#}\n{}", report(&lab));
         std::thread::sleep(Duration::from_millis(500));
     }
+}
+
+/// The other half of `disable-relay-client`, against Tailscale's own client: only c1 has the
+/// attribute; tsb (Caddy/tsnet) behind the other hard NAT allocates on the relay for the two of
+/// them and sends c1 a CallMeMaybeVia, which c1 ignores; so no relay path forms, c1 says why,
+/// and traffic keeps flowing over DERP.
+#[test]
+fn a_node_with_disable_relay_client_ignores_a_tsnet_peers_call_me_maybe_via() {
+    let lab = Lab::up(&[
+        "--nat1",
+        "hard",
+        "--nat2",
+        "hard",
+        "--relay",
+        "--node-attr",
+        "c1=disable-relay-client",
+    ]);
+    let config = CaddyConfig::new("tsb", CONTROL_URL, &lab.auth_key());
+    let tsb = CaddyNode::start(&lab.ns("c2"), config).expect("start tsb");
+    let logs = || format!("{}\n== tsb\n{}", report(&lab), tail(&tsb.logs(), 80));
+    let tsb_ip = wait("c1 to see tsb", 90, logs, || {
+        peer(&lab, "c1", "tsb")?["tailnet_ips"][0]
+            .as_str()
+            .map(str::to_string)
+    });
+    let _ping = background_ping(&lab.ns("c1"), &tsb_ip);
+    wait("tsb to allocate on the relay", 60, logs, || {
+        let allocations = status(&lab, "relay")["relay_server"]["allocations"].as_u64()?;
+        (allocations > 0).then_some(())
+    });
+    wait("c1 to ignore tsb's CallMeMaybeVia", 30, logs, || {
+        log_of(&lab, "tern-c1")
+            .contains("call-me-maybe-via ignored")
+            .then_some(())
+    });
+    let until = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < until {
+        let p = peer(&lab, "c1", "tsb").unwrap_or_default();
+        assert!(!on_relay(&p), "{p:#}\n{}", logs());
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let p = peer(&lab, "c1", "tsb").unwrap_or_default();
+    assert_eq!(p["path"], "derp", "{p:#}");
+    assert_eq!(p["relay_reason"], "relay-client-disabled", "{p:#}");
+    // c2 (tern, without the attribute) may still use relays: its reason is not this one.
+    let c2 = peer(&lab, "c2", "c1").unwrap_or_default();
+    assert_ne!(c2["relay_reason"], "relay-client-disabled", "{c2:#}");
+    let out = lab
+        .ns("c1")
+        .exec_unchecked(&["ping", "-c", "3", "-W", "2", &tsb_ip]);
+    assert!(out.is_ok_and(|o| o.status.success()), "{}", logs());
 }
 
 #[test]

@@ -60,7 +60,8 @@ impl Engine {
     /// `peer` allocated an endpoint for us both: bind it too (if it may use relays at all).
     pub(super) fn on_call_me_maybe_via(&mut self, peer: NodePublic, endpoint: UdpRelayEndpoint) {
         if self.relay_client_allowed != Some(true) {
-            tracing::debug!(%peer, "relay: call-me-maybe-via ignored: disable-relay-client is set");
+            // As Go, logged each time: a peer keeps allocating for us every 30 s or so.
+            tracing::info!(%peer, "relay: call-me-maybe-via ignored: disable-relay-client is set");
             return;
         }
         let Some(machine) = self.paths.peer(&peer) else {
