@@ -446,17 +446,15 @@ fn control_config(
     };
     let (relay6, stun26) = (v6(relay), v6(stun2));
     // `--node-attr` values are checked to be plain names, so quoting them is enough.
-    let quoted = |attrs: &mut dyn Iterator<Item = &str>| {
-        attrs
-            .map(|attr| format!("\"{attr}\""))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
     let for_all = node_attrs
         .iter()
         .filter(|a| a.host.is_none())
         .map(|a| a.attr.as_str());
-    let attrs = quoted(&mut std::iter::once("disable-captive-portal-detection").chain(for_all));
+    let attrs = std::iter::once("disable-captive-portal-detection")
+        .chain(for_all)
+        .map(|attr| format!("\"{attr}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
     let for_hosts: String = node_attrs
         .iter()
         .filter_map(|a| Some((a.host.as_deref()?, a.attr.as_str())))
