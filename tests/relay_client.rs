@@ -445,22 +445,52 @@ fn a_dead_relay_falls_back_to_derp_and_a_restarted_one_is_used_again() {
     );
 }
 
-/// Control's `disable-relay-client` node attribute (here on every node, `--node-attr`): the
-/// clients neither allocate on the relay nor take a CallMeMaybeVia, so hard × hard stays on DERP
-/// (the same lab without it is on the relay within seconds, above), and status says why.
-#[test]
-fn disable_relay_client_keeps_hard_nats_on_derp_and_says_why() {
-    let lab = Lab::up(&[
+/// The first tailnet address of `other` once `node` sees it (a tsnet node takes a while).
+fn wait_for_peer_ip(lab: &Lab, node: &str, other: &str, logs: impl Fn() -> String) -> String {
+    wait(&format!("{node} to see {other}"), 90, logs, || {
+        peer(lab, node, other)?["tailnet_ips"][0]
+            .as_str()
+            .map(str::to_string)
+    })
+}
+
+/// A hard × hard lab with the relay node and `--node-attr attr`.
+fn hard_relay_lab_with(attr: &str) -> Lab {
+    Lab::up(&[
         "--nat1",
         "hard",
         "--nat2",
         "hard",
         "--relay",
         "--node-attr",
-        "disable-relay-client",
-    ]);
+        attr,
+    ])
+}
+
+/// [`hard_relay_lab_with`], and c1 pinging c2.
+fn hard_lab_with_node_attr(attr: &str) -> (Lab, Process) {
+    let lab = hard_relay_lab_with(attr);
     let c2_ip = tailnet_ip(&lab, "c2");
-    let _ping = background_ping(&lab.ns("c1"), &c2_ip);
+    let ping = background_ping(&lab.ns("c1"), &c2_ip);
+    (lab, ping)
+}
+
+/// `node`'s path to `other` stays off the relay for `secs` seconds.
+fn never_on_relay(lab: &Lab, node: &str, other: &str, secs: u64, logs: impl Fn() -> String) {
+    let until = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < until {
+        let p = peer(lab, node, other).unwrap_or_default();
+        assert!(!on_relay(&p), "{p:#}\n{}", logs());
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// Control's `disable-relay-client` node attribute (here on every node, `--node-attr`): the
+/// clients neither allocate on the relay nor take a CallMeMaybeVia, so hard × hard stays on DERP
+/// (the same lab without it is on the relay within seconds, above), and status says why.
+#[test]
+fn disable_relay_client_keeps_hard_nats_on_derp_and_says_why() {
+    let (lab, _ping) = hard_lab_with_node_attr("disable-relay-client");
     for (node, other) in [("c1", "c2"), ("c2", "c1")] {
         wait(
             &format!("{node} to say why {other} is not on the relay"),
@@ -472,12 +502,9 @@ fn disable_relay_client_keeps_hard_nats_on_derp_and_says_why() {
             },
         );
     }
-    let until = Instant::now() + Duration::from_secs(12);
-    while Instant::now() < until {
-        let p = peer(&lab, "c1", "c2").unwrap_or_default();
-        assert_eq!(p["path"], "derp", "{p:#}\n{}", report(&lab));
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    never_on_relay(&lab, "c1", "c2", 12, || report(&lab));
+    let p = peer(&lab, "c1", "c2").unwrap_or_default();
+    assert_eq!(p["path"], "derp", "{p:#}\n{}", report(&lab));
     // The relay server runs (the attribute is about the client) and was asked nothing.
     let relay = status(&lab, "relay")["relay_server"].clone();
     assert!(relay["port"].as_u64().is_some(), "{relay:#}");
@@ -490,17 +517,7 @@ fn disable_relay_client_keeps_hard_nats_on_derp_and_says_why() {
 /// clients find no relay to use.
 #[test]
 fn disable_relay_server_keeps_the_relay_off_and_says_why() {
-    let lab = Lab::up(&[
-        "--nat1",
-        "hard",
-        "--nat2",
-        "hard",
-        "--relay",
-        "--node-attr",
-        "disable-relay-server",
-    ]);
-    let c2_ip = tailnet_ip(&lab, "c2");
-    let _ping = background_ping(&lab.ns("c1"), &c2_ip);
+    let (lab, _ping) = hard_lab_with_node_attr("disable-relay-server");
     let off = wait(
         "the relay node to say its server is off",
         30,
@@ -523,12 +540,7 @@ fn disable_relay_server_keeps_the_relay_off_and_says_why() {
         !sockets.contains(":40000 "),
         "udp/40000 still bound:\n{sockets}"
     );
-    let until = Instant::now() + Duration::from_secs(12);
-    while Instant::now() < until {
-        let p = peer(&lab, "c1", "c2").unwrap_or_default();
-        assert!(!on_relay(&p), "{p:#}\n{}", report(&lab));
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    never_on_relay(&lab, "c1", "c2", 12, || report(&lab));
 }
 
 /// The other half of `disable-relay-client`, against Tailscale's own client: only c1 has the
@@ -537,39 +549,27 @@ fn disable_relay_server_keeps_the_relay_off_and_says_why() {
 /// and traffic keeps flowing over DERP.
 #[test]
 fn a_node_with_disable_relay_client_ignores_a_tsnet_peers_call_me_maybe_via() {
-    let lab = Lab::up(&[
-        "--nat1",
-        "hard",
-        "--nat2",
-        "hard",
-        "--relay",
-        "--node-attr",
-        "c1=disable-relay-client",
-    ]);
+    let lab = hard_relay_lab_with("c1=disable-relay-client");
     let config = CaddyConfig::new("tsb", CONTROL_URL, &lab.auth_key());
     let tsb = CaddyNode::start(&lab.ns("c2"), config).expect("start tsb");
     let logs = || format!("{}\n== tsb\n{}", report(&lab), tail(&tsb.logs(), 80));
-    let tsb_ip = wait("c1 to see tsb", 90, logs, || {
-        peer(&lab, "c1", "tsb")?["tailnet_ips"][0]
-            .as_str()
-            .map(str::to_string)
-    });
+    let tsb_ip = wait_for_peer_ip(&lab, "c1", "tsb", logs);
     let _ping = background_ping(&lab.ns("c1"), &tsb_ip);
     wait("tsb to allocate on the relay", 60, logs, || {
         let allocations = status(&lab, "relay")["relay_server"]["allocations"].as_u64()?;
         (allocations > 0).then_some(())
     });
+    let tsb_key = peer(&lab, "c1", "tsb").unwrap_or_default()["node_key"]
+        .as_str()
+        .map(str::to_string)
+        .expect("tsb's node key");
     wait("c1 to ignore tsb's CallMeMaybeVia", 30, logs, || {
         log_of(&lab, "tern-c1")
-            .contains("call-me-maybe-via ignored")
+            .lines()
+            .any(|l| l.contains("call-me-maybe-via ignored") && l.contains(&tsb_key))
             .then_some(())
     });
-    let until = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < until {
-        let p = peer(&lab, "c1", "tsb").unwrap_or_default();
-        assert!(!on_relay(&p), "{p:#}\n{}", logs());
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    never_on_relay(&lab, "c1", "tsb", 10, logs);
     let p = peer(&lab, "c1", "tsb").unwrap_or_default();
     assert_eq!(p["path"], "derp", "{p:#}");
     assert_eq!(p["relay_reason"], "relay-client-disabled", "{p:#}");
@@ -617,11 +617,7 @@ fn tern_and_tsnet_behind_hard_nats_talk_through_a_tern_relay() {
     );
     let tsb = CaddyNode::start(&lab.ns("c2"), config).expect("start tsb");
     let logs = || format!("{}\n== tsb\n{}", report(&lab), tail(&tsb.logs(), 80));
-    let tsb_ip = wait("c1 to see tsb", 90, logs, || {
-        peer(&lab, "c1", "tsb")?["tailnet_ips"][0]
-            .as_str()
-            .map(str::to_string)
-    });
+    let tsb_ip = wait_for_peer_ip(&lab, "c1", "tsb", logs);
     let url = format!("http://{tsb_ip}/blob");
     wait("c1 to fetch tsb's blob (DERP)", 60, logs, || {
         fetch(&lab.ns("c1"), &url, blob(), &[]).ok()
