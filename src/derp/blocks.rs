@@ -57,7 +57,6 @@ impl Blocks {
     /// allocated where one is free.
     pub fn make_room(&mut self, need: usize, now: Instant) {
         if self.current.try_reclaim(need) {
-            self.let_spares_go_if_idle(now);
             return;
         }
         let want = self.current.len() + need;
@@ -123,8 +122,10 @@ mod tests {
 
     const BLOCK: usize = 4096;
 
-    /// Appends `n` bytes of `fill` after room for a whole block was made, as a read would.
+    /// Appends `n` bytes of `fill` after room for a whole block was made, as the DERP reader
+    /// does (spares let go first when idle).
     fn read(blocks: &mut Blocks, fill: u8, n: usize, now: Instant) {
+        blocks.let_spares_go_if_idle(now);
         blocks.make_room(BLOCK, now);
         let room = blocks.bytes().capacity() - blocks.bytes().len();
         assert!(room >= BLOCK, "make_room left {room} bytes, not a block");

@@ -724,6 +724,8 @@ async fn read_loop<R: AsyncRead + Unpin>(
             if !outputs.flush(&mut batch).await {
                 return Ok(());
             }
+            // Once per read, not per packet: the engine's arenas do it on their status tick.
+            buf.let_spares_go_if_idle(now);
             buf.make_room(READ_SPACE, now);
             let read =
                 tokio::time::timeout_at(core.read_deadline().into(), reader.read_buf(buf.bytes()));
