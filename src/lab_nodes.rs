@@ -128,7 +128,11 @@ pub fn start(lab: &mut LabState, options: &StartOptions) -> anyhow::Result<()> {
         })?;
     }
     if relay {
-        start_relay_server(lab, &runtime, daemons.last_mut())?;
+        let expect_off = options.node_attrs.iter().any(|a| {
+            a.attr == crate::relay::ATTR_DISABLE_RELAY_SERVER
+                && a.host.as_deref().is_none_or(|host| host == "relay")
+        });
+        start_relay_server(lab, &runtime, daemons.last_mut(), expect_off)?;
     }
     if exit_node {
         start_exit_node(lab, &exe, &runtime)?;
@@ -191,12 +195,13 @@ fn start_exit_node(
     Ok(())
 }
 
-/// Turns on the relay node's peer relay server and waits until it has an address to offer (or
-/// says that control keeps it off).
+/// Turns on the relay node's peer relay server and waits until it has an address to offer, or,
+/// with `expect_off` (the lab gave it `disable-relay-server`), says why it is off.
 fn start_relay_server(
     lab: &LabState,
     runtime: &tokio::runtime::Runtime,
     daemon: Option<&mut Detached>,
+    expect_off: bool,
 ) -> anyhow::Result<()> {
     let (Some(daemon), Some(node)) = (daemon, lab.tern_nodes.last()) else {
         bail!("the relay node did not start");
@@ -219,10 +224,9 @@ fn start_relay_server(
         (!offers.is_empty()).then_some(Ok(()))
     })?;
     match outcome {
-        Ok(()) => Ok(()),
-        // `--node-attr disable-relay-server`: off as asked, and its status says so.
-        Err(why) if why.contains(crate::relay::ATTR_DISABLE_RELAY_SERVER) => Ok(()),
-        Err(why) => bail!("the relay node's relay server is off: {why}"),
+        Err(why) if !expect_off => bail!("the relay node's relay server is off: {why}"),
+        // Off as `--node-attr disable-relay-server` asked, and its status says so.
+        _ => Ok(()),
     }
 }
 

@@ -23,21 +23,23 @@ impl Engine {
     /// our node attributes turn the relay client off (`disable-relay-client`, `only-tcp-443`).
     pub(super) fn update_relay_candidates(&mut self, map: &NetworkMap) {
         let allowed = relay_client_allowed(map.self_node.as_ref());
-        let before = self.relay_client_allowed.replace(allowed);
-        if before.is_some_and(|b| b != allowed) || (before.is_none() && !allowed) {
+        // Before the first netmap it counts as on: only "off", and later changes, are news.
+        if self.relay_client_allowed.replace(allowed).unwrap_or(true) != allowed {
             tracing::info!(
                 "relay: peer relay client {} (node attributes disable-relay-client, only-tcp-443)",
                 if allowed { "on again" } else { "off" }
             );
         }
-        let candidates: BTreeSet<NodePublic> = map
-            .peers
-            .values()
-            .filter(|_| allowed)
-            .filter(|node| node.cap >= MIN_RELAY_CAP_VERSION && !node.disco_key.is_zero())
-            .map(|node| node.key)
-            .filter(|key| self.peer_has_cap(key, CAP_RELAY_TARGET))
-            .collect();
+        let candidates: BTreeSet<NodePublic> = if allowed {
+            map.peers
+                .values()
+                .filter(|node| node.cap >= MIN_RELAY_CAP_VERSION && !node.disco_key.is_zero())
+                .map(|node| node.key)
+                .filter(|key| self.peer_has_cap(key, CAP_RELAY_TARGET))
+                .collect()
+        } else {
+            BTreeSet::new()
+        };
         if &candidates != self.relay_client.candidates() {
             tracing::debug!(count = candidates.len(), "relay: candidate relay servers");
         }
