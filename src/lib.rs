@@ -26,6 +26,7 @@ pub mod netmap;
 pub mod netstack;
 pub mod packet;
 pub mod paths;
+pub mod peerapi;
 pub mod proxy;
 pub mod relay;
 pub mod report;

@@ -1220,6 +1220,7 @@ mod tests {
             tailnet_ips: vec!["100.64.0.1".into()],
             key_expiry: None,
             home_derp: None,
+            peerapi_urls: Vec::new(),
         });
         s.peers = vec![
             peer("c2", "100.64.0.2", 0x22),

@@ -87,4 +87,6 @@ pub struct LocalNetInfo {
     pub derp_latency: std::collections::BTreeMap<String, f64>,
     /// Routes we offer (`Hostinfo.RoutableIPs`): advertised subnets and exit routes.
     pub routable_ips: Vec<ipnet::IpNet>,
+    /// `Hostinfo.Services`: the peer API's listeners (empty until they exist).
+    pub services: Vec<crate::control::tailcfg::Service>,
 }

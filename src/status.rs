@@ -238,6 +238,9 @@ pub struct SelfStatus {
     /// RFC 3339, or `null` for "never expires".
     pub key_expiry: Option<String>,
     pub home_derp: Option<u16>,
+    /// The peer API as control announces it (`http://100.64.0.1:PORT`; empty without one).
+    #[serde(default)]
+    pub peerapi_urls: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -260,6 +263,9 @@ pub struct PeerStatus {
     pub home_derp: Option<u16>,
     /// The peer's advertised UDP endpoints (from the netmap), `ip:port`.
     pub endpoints: Vec<String>,
+    /// The peer's peer API (from its `Hostinfo.Services`), as Go's `PeerAPIURL`.
+    #[serde(default)]
+    pub peerapi_urls: Vec<String>,
     // --- Filled by the data plane (later issues); null/0 until then. ---
     /// `direct`, `peer-relay`, `derp` or `none`; `null` before the data plane knows the peer.
     pub path: Option<String>,
@@ -360,6 +366,11 @@ pub struct DataPlaneStatus {
     /// `handshake_timeouts`, `open_connections`.
     #[serde(default)]
     pub netstack: std::collections::BTreeMap<String, u64>,
+    /// The peer API (empty without one): `connections`, `refused_not_peer`,
+    /// `refused_over_limit`, `dns_queries`, `dns_denied`, `dns_bad_requests`,
+    /// `dns_refused_names`, `dns_failures`.
+    #[serde(default)]
+    pub peerapi: std::collections::BTreeMap<String, u64>,
     /// TUN offloads (empty when off or without a kernel TUN): `super_packets_read`,
     /// `segments_split`, `udp_super_packets_read`, `datagrams_split`, `frames_refused`,
     /// `packets_to_tun`, `tun_writes`, `super_packets_written`.
@@ -864,6 +875,7 @@ mod tests {
             tailnet_ips: vec!["100.64.0.1".into(), "fd7a:115c:a1e0::1".into()],
             key_expiry: None,
             home_derp: None,
+            peerapi_urls: Vec::new(),
         });
         s.peers = vec![
             peer("n2", "100.64.0.2", Some(true), None),

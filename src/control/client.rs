@@ -644,6 +644,7 @@ mod connection {
     /// Hostinfo with `NetInfo` from the data plane (none while nothing is known: home 0 and
     /// no measurement).
     pub(super) fn with_net_info(mut hostinfo: Hostinfo, local: &LocalNetInfo) -> Hostinfo {
+        hostinfo.services = local.services.clone();
         if !local.routable_ips.is_empty() || local.home_derp != 0 || local.working_udp.is_some() {
             // The engine knows the prefs' routes once it runs; before that the config's stand.
             hostinfo.routable_ips = local.routable_ips.clone();
@@ -845,6 +846,7 @@ pub fn publish_nodes<'a>(
         tailnet_ips: tailnet_ips(&self_node.addresses),
         key_expiry: go_time(&self_node.key_expiry),
         home_derp: region(self_node.effective_home_derp()),
+        peerapi_urls: peerapi_urls(self_node),
     });
     let mut peers: Vec<PeerStatus> = peers.map(peer_status).collect();
     // The data plane fills path and counters between netmaps; keep them for peers still here.
@@ -883,6 +885,7 @@ fn peer_status(node: &Node) -> PeerStatus {
         expired: node.key_expired(SystemTime::now()),
         home_derp: region(node.effective_home_derp()),
         endpoints: node.endpoints.iter().map(|e| e.to_string()).collect(),
+        peerapi_urls: peerapi_urls(node),
         exit_node_option: crate::routing::offers_exit_node(node),
         subnet_routes: crate::routing::subnet_routes(node)
             .map(ToString::to_string)
@@ -890,6 +893,17 @@ fn peer_status(node: &Node) -> PeerStatus {
         // Filled by the data plane.
         ..Default::default()
     }
+}
+
+/// The peer API URLs a node's Hostinfo announces, for its own addresses.
+fn peerapi_urls(node: &Node) -> Vec<String> {
+    let addrs: Vec<std::net::IpAddr> = node
+        .addresses
+        .iter()
+        .filter(|p| p.prefix_len() == p.max_prefix_len())
+        .map(|p| p.addr())
+        .collect();
+    crate::peerapi::urls(&addrs, &node.hostinfo.services)
 }
 
 /// Single-IP prefixes only (only those are the node's own addresses), IPv4 first.

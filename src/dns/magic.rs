@@ -298,13 +298,22 @@ fn header_reply(head: &[u8], rcode: ResponseCode, max_len: usize) -> Outcome {
 /// SERVFAIL for a query the forwarder could not get answered (Go answers so too); `None`
 /// when the query has no header to answer.
 pub fn servfail(query: &[u8]) -> Option<Vec<u8>> {
+    error_reply(query, ResponseCode::ServFail)
+}
+
+/// REFUSED for a query this node will not forward (an exit node's filtered names).
+pub fn refused(query: &[u8]) -> Option<Vec<u8>> {
+    error_reply(query, ResponseCode::Refused)
+}
+
+fn error_reply(query: &[u8], rcode: ResponseCode) -> Option<Vec<u8>> {
     let head = query.get(..HEADER_LEN)?;
     let outcome = match Message::from_vec(query) {
         Ok(msg) => encode_within(
-            reply_to(&msg, ResponseCode::ServFail, None, MAX_TCP_RESPONSE),
+            reply_to(&msg, rcode, None, MAX_TCP_RESPONSE),
             MAX_TCP_RESPONSE,
         ),
-        Err(_) => header_reply(head, ResponseCode::ServFail, MAX_TCP_RESPONSE),
+        Err(_) => header_reply(head, rcode, MAX_TCP_RESPONSE),
     };
     match outcome {
         Outcome::Answer(bytes) => Some(bytes),

@@ -183,6 +183,7 @@ impl Engine {
                     if poll_every != maintain_tick.period() {
                         maintain_tick = maintain_interval(poll_every);
                     }
+                    self.retry_peerapi();
                     self.publish(status);
                     self.close_idle_derp(Instant::now());
                     let drops = self.drops;

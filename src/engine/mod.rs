@@ -26,6 +26,7 @@ mod event_loop;
 mod linux_net;
 mod netcheck;
 mod os_dns;
+mod peerapi_host;
 mod peers;
 mod publish;
 mod quad100;
@@ -250,6 +251,9 @@ async fn run(
             dns: quad100.subscribe(),
             routes: engine.dial_routes.subscribe(),
         }));
+    engine.peerapi = tun
+        .kernel()
+        .map(|_| peerapi_host::PeerApiHost::new(quad100.subscribe()));
     engine.quad100 = Some(quad100);
     engine.os_dns = os_dns;
     engine.user_stack = tun.userspace().map(|u| u.stack.clone());
@@ -392,6 +396,8 @@ struct Engine {
     os_dns: Option<os_dns::OsDns>,
     /// Quad-100 (MagicDNS) on the netstack task (`None` until the TUN exists).
     quad100: Option<quad100::Quad100>,
+    /// The peer API on a kernel TUN's addresses (`None` in userspace networking).
+    peerapi: Option<peerapi_host::PeerApiHost>,
     /// Rules, table 52 and netfilter on the host (`None` until the TUN exists).
     linux: Option<linux_net::LinuxNet>,
     /// Announcements of host changes (rules, addresses, nftables), for `serve` to take.
@@ -479,6 +485,7 @@ impl Engine {
             host_changes: None,
             host_check_due: None,
             quad100: None,
+            peerapi: None,
             os_dns: None,
             net_prefs: config.net_prefs.clone(),
             served: Vec::new(),

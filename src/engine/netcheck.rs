@@ -98,6 +98,7 @@ impl Engine {
             os_has_ipv6: Some(self.ipv6),
             derp_latency: derp_latency_seconds(&report.latency),
             routable_ips: self.net_prefs.borrow().routable_ips(),
+            services: self.peerapi_services(),
         };
         self.local_tx.send_if_modified(|old| {
             let changed = *old != info;

@@ -69,6 +69,7 @@ impl Engine {
         self.apply_host_routing(map).await;
         self.apply_dns(map).await;
         self.recompile_filter(map);
+        self.sync_peerapi(map);
         self.update_relay_candidates(map);
         self.update_relay_server_attr(map);
         if let Some(derp_map) = &map.derp_map {

@@ -84,10 +84,17 @@ impl Engine {
                 .map(|p| named(p.named()))
                 .unwrap_or_default();
             let tun_offload = named(self.tun_offload.named());
+            let peerapi = self
+                .peerapi
+                .as_ref()
+                .map(|p| named(p.counters()))
+                .unwrap_or_default();
             let local_changed = s.data_plane.netstack != netstack
                 || s.data_plane.proxies != proxies
-                || s.data_plane.tun_offload != tun_offload;
+                || s.data_plane.tun_offload != tun_offload
+                || s.data_plane.peerapi != peerapi;
             s.data_plane.netstack = netstack;
+            s.data_plane.peerapi = peerapi;
             s.data_plane.tun_offload = tun_offload;
             s.data_plane.proxies = proxies;
             let path_io = self.path_io.to_status();

@@ -95,6 +95,7 @@ impl Engine {
             self.sync_peers(&map);
             self.apply_host_routing(&map).await;
             self.recompile_filter(&map);
+            self.sync_peerapi(&map);
             self.apply_dns(&map).await;
         }
     }

@@ -233,7 +233,9 @@ impl Engine {
             WgOutput::ToTunnel(n) => {
                 let packet = self.out.get(..n)?;
                 let accepted = match (PacketSummary::parse(packet), &self.filter) {
-                    (Ok(s), Some(filter)) => filter.check(&s) == Verdict::Accept,
+                    (Ok(s), Some(filter)) => {
+                        filter.check(&s) == Verdict::Accept || self.is_syn_to_peerapi(&s)
+                    }
                     _ => false,
                 };
                 if accepted {

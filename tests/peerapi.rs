@@ -1,0 +1,519 @@
+//! The peer API's DNS over HTTP (`/dns-query`), which Go clients use for all their DNS while
+//! they use a tern node as their exit node:
+//!
+//! * against Caddy/tsnet (tailscale.com v1.90.9): in `tern lab up --exit-node`, c2 (the tern
+//!   exit node) announces `peerapi4` and `peerapi-dns-proxy` in its Hostinfo (c1 sees its
+//!   peerapi URL through control), and a Go node on the lab's internet host resolves a name
+//!   through it over the tailnet, by GET and POST, answered by the upstream c2's host uses;
+//! * the server alone on loopback: answers GET and POST, refuses bad requests with the reason,
+//!   closes connections from addresses that are no peer's, caps idle connections per peer and in
+//!   all, closes silent ones, and keeps answering through a flood of them and of garbage.
+
+#[path = "support/dns_stub.rs"]
+mod dns_stub;
+mod support;
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::rr::{Name, RData, RecordType};
+use serde_json::Value;
+use tern::dns::config::MagicDnsConfig;
+use tern::peerapi::{self, Access, PeerApi};
+use tokio::sync::watch;
+
+const STUB_NAME: &str = "www.example.lab";
+const STUB_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 99);
+
+fn query(name: &str, id: u16) -> Vec<u8> {
+    let mut msg = Message::new(id, MessageType::Query, OpCode::Query);
+    msg.metadata.recursion_desired = true;
+    msg.add_query(Query::query(
+        Name::from_ascii(format!("{name}.")).expect("name"),
+        RecordType::A,
+    ));
+    msg.to_vec().expect("encode query")
+}
+
+fn a_records(answer: &[u8]) -> Vec<Ipv4Addr> {
+    let Ok(msg) = Message::from_vec(answer) else {
+        return Vec::new();
+    };
+    msg.answers
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::A(a) => Some(a.0),
+            _ => None,
+        })
+        .collect()
+}
+
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// A reply: status code, lower-case headers, body.
+struct Reply {
+    code: u16,
+    headers: HashMap<String, String>,
+    body: Vec<u8>,
+}
+
+/// Reads one HTTP/1.1 response to `Connection: close` (the server then closes).
+fn read_reply(stream: &mut TcpStream) -> Option<Reply> {
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).ok()?;
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = String::from_utf8_lossy(&raw[..split]).to_string();
+    let mut lines = head.lines();
+    let code = lines.next()?.split_whitespace().nth(1)?.parse().ok()?;
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    Some(Reply {
+        code,
+        headers,
+        body: raw[split + 4..].to_vec(),
+    })
+}
+
+/// A TCP connection to `server` from the loopback address `from`.
+fn connect_from(from: Ipv4Addr, server: SocketAddr) -> TcpStream {
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    socket
+        .bind(&SocketAddr::new(from.into(), 0).into())
+        .expect("bind a loopback source");
+    socket.connect(&server.into()).expect("connect");
+    let stream: TcpStream = socket.into();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("read timeout");
+    stream
+}
+
+fn request(from: Ipv4Addr, server: SocketAddr, head: &str, body: &[u8]) -> Option<Reply> {
+    let mut stream = connect_from(from, server);
+    let mut bytes = format!("{head}\r\nHost: peerapi\r\nConnection: close\r\n").into_bytes();
+    if !body.is_empty() {
+        bytes.extend_from_slice(format!("Content-Length: {}\r\n", body.len()).as_bytes());
+    }
+    bytes.extend_from_slice(b"\r\n");
+    bytes.extend_from_slice(body);
+    stream.write_all(&bytes).ok()?;
+    read_reply(&mut stream)
+}
+
+fn get(from: Ipv4Addr, server: SocketAddr, path: &str) -> Option<Reply> {
+    request(from, server, &format!("GET {path} HTTP/1.1"), b"")
+}
+
+fn post(from: Ipv4Addr, server: SocketAddr, content_type: &str, body: &[u8]) -> Option<Reply> {
+    let head = format!("POST /dns-query HTTP/1.1\r\nContent-Type: {content_type}");
+    request(from, server, &head, body)
+}
+
+/// Whether the server closed `stream` (EOF or reset) within `within`.
+fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
+    stream.set_read_timeout(Some(within)).expect("read timeout");
+    let mut buf = [0u8; 64];
+    match stream.read(&mut buf) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => !matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+    }
+}
+
+const SAME_USER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 1);
+const FLOODER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
+const STRANGER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 3);
+const OTHER_USER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 4);
+
+/// A peer API on loopback: 127.0.0.1 and .2 are peers of our user, .4 another user's (no exit
+/// node offered: denied), .3 no peer; MagicDNS forwards everything to a stub on loopback.
+struct LoopbackApi {
+    addr: SocketAddr,
+    api: Arc<PeerApi>,
+    _stub: UdpStub,
+    _dir: tempfile::TempDir,
+    _access: watch::Sender<Arc<Access>>,
+    _dns: watch::Sender<Arc<MagicDnsConfig>>,
+}
+
+async fn loopback_api() -> LoopbackApi {
+    let stub = UdpStub::start();
+    let mut magic = MagicDnsConfig::default();
+    magic.routes.insert(".".into(), vec![stub.addr]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let resolv_conf = dir.path().join("resolv.conf");
+    std::fs::write(&resolv_conf, "nameserver 100.100.100.100\n").expect("resolv.conf");
+    let access = Access {
+        self_user: Some(1),
+        peers: [(SAME_USER, 1), (FLOODER, 1), (OTHER_USER, 2)]
+            .into_iter()
+            .map(|(ip, user)| (IpAddr::V4(ip), user))
+            .collect(),
+        ..Default::default()
+    };
+    let (access_tx, access_rx) = watch::channel(Arc::new(access));
+    let (dns_tx, dns_rx) = watch::channel(Arc::new(magic));
+    let api = PeerApi::new(access_rx, dns_rx, resolv_conf);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(peerapi::serve(listener, api.clone()));
+    LoopbackApi {
+        addr,
+        api,
+        _stub: stub,
+        _dir: dir,
+        _access: access_tx,
+        _dns: dns_tx,
+    }
+}
+
+/// An upstream DNS server on loopback (UDP) that knows [`STUB_NAME`].
+struct UdpStub {
+    addr: SocketAddr,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl UdpStub {
+    fn start() -> UdpStub {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("stub socket");
+        socket
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .expect("timeout");
+        let addr = socket.local_addr().expect("stub addr");
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let table: HashMap<String, Ipv4Addr> = [(STUB_NAME.to_string(), STUB_IP)].into();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 1500];
+            while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok((n, from)) = socket.recv_from(&mut buf) {
+                    if let Some(reply) = dns_stub::answer(&buf[..n], &table) {
+                        let _ = socket.send_to(&reply, from);
+                    }
+                }
+            }
+        });
+        UdpStub { addr, stop }
+    }
+}
+
+impl Drop for UdpStub {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+fn counter(api: &PeerApi, name: &str) -> u64 {
+    api.counters
+        .named()
+        .into_iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, v)| v)
+        .unwrap_or_else(|| panic!("no counter {name}"))
+}
+
+/// A request made on a client thread.
+type Call = Box<dyn FnOnce() -> Option<Reply> + Send>;
+
+/// Runs blocking client code off the runtime that serves.
+async fn client<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.expect("client thread")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_peerapi_answers_doh_and_refuses_bad_requests_with_the_reason() {
+    let lab = loopback_api().await;
+    let addr = lab.addr;
+    let q = query(STUB_NAME, 0x1234);
+    let path = format!("/dns-query?dns={}", b64(&q));
+    let got = client(move || get(SAME_USER, addr, &path))
+        .await
+        .expect("GET");
+    assert_eq!(got.code, 200, "{}", String::from_utf8_lossy(&got.body));
+    assert_eq!(got.headers["content-type"], "application/dns-message");
+    assert_eq!(a_records(&got.body), [STUB_IP]);
+    assert_eq!(Message::from_vec(&got.body).unwrap().metadata.id, 0x1234);
+
+    let q2 = query(STUB_NAME, 0x4321);
+    let got = client(move || post(SAME_USER, addr, "application/dns-message", &q2))
+        .await
+        .expect("POST");
+    assert_eq!(got.code, 200);
+    assert_eq!(a_records(&got.body), [STUB_IP]);
+
+    // Unknown name: the upstream's NXDOMAIN comes back as it is.
+    let q3 = query("nowhere.example.lab", 7);
+    let got = client(move || post(SAME_USER, addr, "application/dns-message", &q3))
+        .await
+        .expect("POST");
+    assert_eq!(got.code, 200);
+    let msg = Message::from_vec(&got.body).expect("answer");
+    assert_eq!(msg.metadata.response_code, ResponseCode::NXDomain);
+
+    let cases: Vec<(&str, Call, u16, &str)> = vec![
+        (
+            "no dns parameter",
+            Box::new(move || get(SAME_USER, addr, "/dns-query")),
+            400,
+            "missing 'dns'",
+        ),
+        (
+            "bad base64",
+            Box::new(move || get(SAME_USER, addr, "/dns-query?dns=%%%")),
+            400,
+            "base64",
+        ),
+        (
+            "not DNS",
+            Box::new(move || get(SAME_USER, addr, "/dns-query?dns=AAAA")),
+            400,
+            "not a DNS query",
+        ),
+        (
+            "wrong content type",
+            Box::new(move || post(SAME_USER, addr, "application/json", b"{}")),
+            400,
+            "Content-Type",
+        ),
+        (
+            "too large",
+            Box::new(move || {
+                post(
+                    SAME_USER,
+                    addr,
+                    "application/dns-message",
+                    &vec![0u8; 70_000],
+                )
+            }),
+            400,
+            "too large",
+        ),
+        (
+            "other method",
+            Box::new(move || request(SAME_USER, addr, "PUT /dns-query HTTP/1.1", b"")),
+            400,
+            "method",
+        ),
+        (
+            "other path",
+            Box::new(move || get(SAME_USER, addr, "/v0/sockstats")),
+            404,
+            "/dns-query",
+        ),
+        (
+            "another user's node, no exit node offered",
+            Box::new(move || get(OTHER_USER, addr, "/dns-query?dns=AAAA")),
+            403,
+            "denied",
+        ),
+    ];
+    for (what, call, code, says) in cases {
+        let got = client(call)
+            .await
+            .unwrap_or_else(|| panic!("{what}: no reply"));
+        let body = String::from_utf8_lossy(&got.body).to_string();
+        assert_eq!(got.code, code, "{what}: {body}");
+        assert!(body.contains(says), "{what}: {body:?} should say {says:?}");
+    }
+    assert_eq!(counter(&lab.api, "dns_queries"), 3);
+    assert_eq!(counter(&lab.api, "dns_denied"), 1);
+    assert!(counter(&lab.api, "dns_bad_requests") >= 6);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_peerapi_survives_floods_of_idle_connections_strangers_and_garbage() {
+    let lab = loopback_api().await;
+    let addr = lab.addr;
+
+    // A stranger's connection is closed at once, before any byte.
+    let stranger_closed = client(move || {
+        let mut s = connect_from(STRANGER, addr);
+        closed_within(&mut s, Duration::from_secs(5))
+    })
+    .await;
+    assert!(
+        stranger_closed,
+        "a connection from no peer's address must be closed"
+    );
+
+    // One peer opens 40 connections and says nothing: it keeps MAX_CONNS_PER_PEER of them.
+    let idle = client(move || {
+        (0..40)
+            .map(|_| connect_from(FLOODER, addr))
+            .collect::<Vec<_>>()
+    })
+    .await;
+    let counted = |name: &'static str| counter(&lab.api, name);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while counted("refused_over_limit") < (40 - peerapi::MAX_CONNS_PER_PEER) as u64
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(counted("connections"), peerapi::MAX_CONNS_PER_PEER as u64);
+    assert_eq!(
+        counted("refused_over_limit"),
+        (40 - peerapi::MAX_CONNS_PER_PEER) as u64
+    );
+
+    // Garbage from the same peer while its slots are full is refused; from another peer it gets
+    // a 400 or a close, and the server goes on.
+    let garbage = client(move || {
+        let mut answered = 0;
+        for i in 0..30u8 {
+            let mut s = connect_from(SAME_USER, addr);
+            let junk: Vec<u8> = (0..200u8)
+                .map(|b| b.wrapping_mul(31).wrapping_add(i))
+                .collect();
+            let _ = s.write_all(&junk);
+            let _ = s.write_all(b"\r\n\r\n");
+            if read_reply(&mut s).is_some_and(|r| r.code == 400) {
+                answered += 1;
+            }
+        }
+        answered
+    })
+    .await;
+    assert!(garbage > 0, "garbage should get 400s");
+
+    // A real query from the other peer is answered throughout.
+    let q = query(STUB_NAME, 99);
+    let path = format!("/dns-query?dns={}", b64(&q));
+    let got = client(move || get(SAME_USER, addr, &path))
+        .await
+        .expect("GET");
+    assert_eq!(a_records(&got.body), [STUB_IP]);
+
+    // Silent connections are closed once the header timeout passes.
+    let silent_closed = client(move || {
+        let mut idle = idle;
+        let wait = peerapi::HEADER_TIMEOUT + Duration::from_secs(5);
+        idle.iter_mut()
+            .take(peerapi::MAX_CONNS_PER_PEER)
+            .all(|s| closed_within(s, wait))
+    })
+    .await;
+    assert!(
+        silent_closed,
+        "idle connections must be closed by the server"
+    );
+    // And the flooding peer may connect again.
+    let q = query(STUB_NAME, 100);
+    let path = format!("/dns-query?dns={}", b64(&q));
+    let got = client(move || get(FLOODER, addr, &path))
+        .await
+        .expect("GET");
+    assert_eq!(a_records(&got.body), [STUB_IP]);
+}
+
+/// `tern lab up --exit-node`: c2 is the tern exit node, a Go node on the internet host asks it.
+#[test]
+fn a_tsnet_node_resolves_names_through_a_tern_exit_nodes_peerapi() {
+    use support::lab_cli::LabCli;
+    use tern_lab::topology::{CONTROL_IP, INTERNET_HOST};
+    use tern_lab::{CaddyConfig, CaddyNode};
+
+    let lab = LabCli::up(&["--exit-node"]);
+    let c2 = lab.ns("c2");
+    // c2's host resolver (127.0.0.1 in the lab's resolv.conf) is this stub.
+    let _stub = dns_stub::DnsStub::start(
+        &c2,
+        "127.0.0.1:53".parse().unwrap(),
+        &[(STUB_NAME, STUB_IP)],
+    );
+    let status = |node: &str| -> Value {
+        let out = lab.tern(&[
+            "--socket",
+            &lab.socket(node).display().to_string(),
+            "status",
+            "--json",
+        ]);
+        serde_json::from_slice(&out.stdout).unwrap_or_default()
+    };
+    let logs = || format!("c1: {:#}\nc2: {:#}", status("c1"), status("c2"));
+    // c2 announces its peer API; control hands it to c1 (and to every other peer).
+    let url = support::wait("c2's peerapi URL", 30, logs, || {
+        status("c2")["self"]["peerapi_urls"][0]
+            .as_str()
+            .map(str::to_string)
+    });
+    support::wait("c1 to see c2's peerapi URL", 30, logs, || {
+        let c1 = status("c1");
+        let c2_seen = c1["peers"]
+            .as_array()?
+            .iter()
+            .find(|p| p["hostname"] == "c2")?
+            .clone();
+        (c2_seen["peerapi_urls"][0] == url.as_str()).then_some(())
+    });
+    let target = url.trim_start_matches("http://").to_string();
+
+    let mut config = CaddyConfig::new(
+        "tsdns",
+        &format!("http://{CONTROL_IP}:8080"),
+        &lab.auth_key(),
+    );
+    config.extra_sites = format!(
+        "http://127.0.0.1:8081 {{\n\treverse_proxy {{\n\t\tto http://{target}\n\t\ttransport tailscale tsdns\n\t}}\n}}\n"
+    );
+    let inet = lab.ns(INTERNET_HOST);
+    let caddy = CaddyNode::start(&inet, config).expect("start tsdns");
+    let logs = || format!("{}\n== tsdns\n{}", logs(), support::tail(&caddy.logs(), 60));
+
+    let q = query(STUB_NAME, 0x77);
+    let get_url = format!("http://127.0.0.1:8081/dns-query?dns={}", b64(&q));
+    let answer = support::wait("tsdns to resolve through c2 (GET)", 90, logs, || {
+        let out = inet
+            .exec_unchecked(&["curl", "-sS", "--max-time", "10", "-f", &get_url])
+            .ok()?;
+        out.status.success().then_some(out.stdout)
+    });
+    assert_eq!(a_records(&answer), [STUB_IP], "{}", logs());
+
+    let file = tempfile::NamedTempFile::new().expect("temp file");
+    std::fs::write(file.path(), query(STUB_NAME, 0x78)).expect("query file");
+    let out = inet
+        .exec_unchecked(&[
+            "curl",
+            "-sS",
+            "--max-time",
+            "10",
+            "-f",
+            "-H",
+            "Content-Type: application/dns-message",
+            "--data-binary",
+            &format!("@{}", file.path().display()),
+            "http://127.0.0.1:8081/dns-query",
+        ])
+        .expect("curl POST");
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        support::output_text(&out),
+        logs()
+    );
+    assert_eq!(a_records(&out.stdout), [STUB_IP]);
+
+    // c2's status catches up within a status tick or two.
+    let counters = support::wait("c2 to count both queries", 10, logs, || {
+        let counters = status("c2")["data_plane"]["peerapi"].clone();
+        (counters["dns_queries"].as_u64() >= Some(2)).then_some(counters)
+    });
+    assert_eq!(counters["dns_failures"], 0, "{counters:#}");
+    assert_eq!(counters["dns_denied"], 0, "{counters:#}");
+}
