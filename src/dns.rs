@@ -4,12 +4,14 @@
 //!   domains answered locally, split-DNS routes, search domains) plus the OS's own resolvers.
 //! * [`magic`]: answering one raw query, pure and sans-IO: a local answer, a request to forward
 //!   the query unchanged to some upstreams, or nothing.
+//! * [`doh`]: asking an exit node's peer API (DNS over HTTP) while it is in use.
 //! * [`forward`]: the async relay of a raw query to upstream resolvers (UDP race, TCP when
 //!   needed), and reading the OS's resolvers from resolv.conf.
 //!
 //! Behaviour follows Tailscale's quad-100 resolver (`net/dns/resolver` in the Go client).
 
 pub mod config;
+pub mod doh;
 pub mod forward;
 pub mod magic;
 pub mod name;

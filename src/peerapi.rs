@@ -36,7 +36,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
-use crate::control::tailcfg::{Service, UserId};
+use crate::control::tailcfg::{Node, Service, UserId};
 use crate::dns::config::MagicDnsConfig;
 use crate::dns::forward::{self, Timeouts};
 use crate::filter::{Filter, Verdict};
@@ -176,6 +176,39 @@ pub fn urls(addresses: &[IpAddr], services: &[Service]) -> Vec<String> {
             Some(format!("http://{}", SocketAddr::new(*ip, port)))
         })
         .collect()
+}
+
+/// The first capability version whose nodes all answer DNS on their peer API (Go
+/// `peerCanProxyDNS`: added in 25, so anything from 26 on).
+pub const CAP_VERSION_DNS_PROXY: i32 = 26;
+
+/// Where `node` answers DNS over HTTP, as Go's `exitNodeCanProxyDNS` finds it: the node says
+/// it can (capability version, or `peerapi-dns-proxy` in its services) and announces a peer
+/// API port for an address family this node has (IPv4 first).
+pub fn doh_server(node: &Node, self_has_v4: bool, self_has_v6: bool) -> Option<SocketAddr> {
+    let services = &node.hostinfo.services;
+    let can_proxy = node.cap >= CAP_VERSION_DNS_PROXY
+        || services
+            .iter()
+            .any(|s| s.proto == SERVICE_DNS && s.port >= 1);
+    if !can_proxy {
+        return None;
+    }
+    let port = |name: &str| {
+        services
+            .iter()
+            .find(|s| s.proto == name && s.port != 0)
+            .map(|s| s.port)
+    };
+    let address = |v4: bool| {
+        node.addresses
+            .iter()
+            .find(|a| a.prefix_len() == a.max_prefix_len() && a.addr().is_ipv4() == v4)
+            .map(|a| a.addr())
+    };
+    let v4 = self_has_v4.then(|| Some(SocketAddr::new(address(true)?, port(SERVICE_V4)?)));
+    let v6 = self_has_v6.then(|| Some(SocketAddr::new(address(false)?, port(SERVICE_V6)?)));
+    v4.flatten().or(v6.flatten())
 }
 
 /// Why a request carries no DNS query; the text goes back to the client (Go's words).

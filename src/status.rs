@@ -63,6 +63,10 @@ pub struct DnsStatus {
     pub search_domains: Vec<String>,
     /// Why the host's DNS was not set, in words.
     pub error: Option<String>,
+    /// While an exit node is in use that answers DNS: its DNS over HTTP URL, where MagicDNS
+    /// sends the names it does not answer itself.
+    #[serde(default)]
+    pub exit_node_doh: Option<String>,
 }
 
 /// What the data plane did to the host's routing and firewall.
@@ -544,6 +548,12 @@ pub fn render_human(status: &Status, now: SystemTime) -> String {
         let _ = writeln!(out, "# Health: no packets flow yet: {note}");
     }
     out.push_str(&render_routing(&status.routing));
+    if let Some(url) = &status.dns.exit_node_doh {
+        let _ = writeln!(
+            out,
+            "# DNS: names outside the tailnet are resolved by the exit node ({url})"
+        );
+    }
     if let Some(e) = &status.dns.error {
         let _ = writeln!(out, "# Health: DNS: {e}");
     }
@@ -951,6 +961,21 @@ mod tests {
             "no path while the data plane runs: {text}"
         );
         assert!(!text.contains("no packets flow"), "{text}");
+    }
+
+    #[test]
+    fn human_output_says_where_dns_goes_with_an_exit_node() {
+        let mut s = running();
+        assert!(!render_human(&s, at(1_700_000_300)).contains("# DNS"));
+        s.dns.exit_node_doh = Some("http://100.64.0.2:41539/dns-query".into());
+        let text = render_human(&s, at(1_700_000_300));
+        assert!(
+            text.contains(
+                "# DNS: names outside the tailnet are resolved by the exit node \
+                 (http://100.64.0.2:41539/dns-query)"
+            ),
+            "{text}"
+        );
     }
 
     #[test]

@@ -517,3 +517,121 @@ fn a_tsnet_node_resolves_names_through_a_tern_exit_nodes_peerapi() {
     assert_eq!(counters["dns_failures"], 0, "{counters:#}");
     assert_eq!(counters["dns_denied"], 0, "{counters:#}");
 }
+
+/// One UDP query to quad-100 from inside `ns`; the A records of the answer.
+fn ask_quad_100(ns: &tern_lab::Netns, name: &str) -> Option<Vec<Ipv4Addr>> {
+    let socket = ns.bind_udp("0.0.0.0:0".parse().ok()?).ok()?;
+    socket.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+    socket
+        .send_to(&query(name, 0x55), "100.100.100.100:53")
+        .ok()?;
+    let mut buf = [0u8; 4096];
+    let n = socket.recv(&mut buf).ok()?;
+    let records = a_records(&buf[..n]);
+    (!records.is_empty()).then_some(records)
+}
+
+/// The other way: tern as the client. c1 uses c2 as its exit node, so quad-100 on c1 sends
+/// names the tailnet does not know to c2's peer API (c1's own resolver answers nothing), and
+/// tern's DoH client gets answers from a Go node's peer API too (tsnet answers DNS for peers
+/// of its own user, from its host's resolver).
+#[test]
+fn tern_asks_its_exit_nodes_peerapi_and_a_tsnet_nodes_for_dns() {
+    use support::lab_cli::LabCli;
+    use tern_lab::topology::{CONTROL_IP, INTERNET_HOST};
+    use tern_lab::{CaddyConfig, CaddyNode};
+
+    const GO_NAME: &str = "go.example.lab";
+    const GO_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 98);
+    let lab = LabCli::up(&["--exit-node"]);
+    let (c1, c2, inet) = (lab.ns("c1"), lab.ns("c2"), lab.ns(INTERNET_HOST));
+    let _c2_stub = dns_stub::DnsStub::start(
+        &c2,
+        "127.0.0.1:53".parse().unwrap(),
+        &[(STUB_NAME, STUB_IP)],
+    );
+    let inet_stub =
+        dns_stub::DnsStub::start(&inet, "127.0.0.1:53".parse().unwrap(), &[(GO_NAME, GO_IP)]);
+    let status = |node: &str| -> Value {
+        let out = lab.tern(&[
+            "--socket",
+            &lab.socket(node).display().to_string(),
+            "status",
+            "--json",
+        ]);
+        serde_json::from_slice(&out.stdout).unwrap_or_default()
+    };
+    let logs = || format!("c1: {:#}\nc2: {:#}", status("c1"), status("c2"));
+
+    let answer = support::wait("c1's quad-100 to answer through c2", 30, logs, || {
+        ask_quad_100(&c1, STUB_NAME)
+    });
+    assert_eq!(answer, [STUB_IP]);
+    let counters = support::wait("c2 to count c1's query", 10, logs, || {
+        let counters = status("c2")["data_plane"]["peerapi"].clone();
+        (counters["dns_queries"].as_u64() >= Some(1)).then_some(counters)
+    });
+    assert_eq!(counters["dns_denied"], 0, "{counters:#}");
+    // Both status views say where c1's DNS goes.
+    let c2_url = status("c2")["self"]["peerapi_urls"][0]
+        .as_str()
+        .map(str::to_string)
+        .expect("c2's peerapi URL");
+    let doh = format!("{c2_url}/dns-query");
+    assert_eq!(
+        status("c1")["dns"]["exit_node_doh"],
+        doh.as_str(),
+        "{}",
+        logs()
+    );
+    let human = lab.tern(&[
+        "--socket",
+        &lab.socket("c1").display().to_string(),
+        "status",
+    ]);
+    let human = String::from_utf8_lossy(&human.stdout);
+    assert!(
+        human.contains(&format!("resolved by the exit node ({doh})")),
+        "{human}"
+    );
+
+    // A Go node announces its peer API in Hostinfo.Services; c1 reads it and asks it.
+    let config = CaddyConfig::new(
+        "tsgo",
+        &format!("http://{CONTROL_IP}:8080"),
+        &lab.auth_key(),
+    );
+    let caddy = CaddyNode::start(&inet, config).expect("start tsgo");
+    let logs = || format!("{}\n== tsgo\n{}", logs(), support::tail(&caddy.logs(), 60));
+    let url = support::wait("c1 to see tsgo's peerapi URL", 90, logs, || {
+        status("c1")["peers"]
+            .as_array()?
+            .iter()
+            .find(|p| p["hostname"] == "tsgo")?["peerapi_urls"][0]
+            .as_str()
+            .map(str::to_string)
+    });
+    let server: SocketAddr = url
+        .trim_start_matches("http://")
+        .parse()
+        .expect("peerapi address");
+    let ask_go = || -> Option<Vec<u8>> {
+        c1.run_in(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| tern_lab::LabError::io("runtime", e))?;
+            Ok(runtime
+                .block_on(tern::dns::doh::exchange(server, &query(GO_NAME, 0x66)))
+                .ok())
+        })
+        .ok()
+        .flatten()
+    };
+    let answer = support::wait("tsgo's peer API to answer c1", 60, logs, ask_go);
+    assert_eq!(a_records(&answer), [GO_IP]);
+    assert!(
+        inet_stub.queries.load(std::sync::atomic::Ordering::Relaxed) >= 1,
+        "tsgo asked its own resolver"
+    );
+}

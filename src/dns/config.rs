@@ -43,6 +43,18 @@ pub struct MagicDnsConfig {
     pub fallback_resolvers: Vec<SocketAddr>,
     /// Resolvers from control that tern cannot use (DoH/DoT URLs, unparseable).
     pub unsupported_resolvers: usize,
+    /// The exit node's DNS over HTTP (its peer API) while one that offers it is in use: names
+    /// no split route takes go there instead of `.`'s resolvers.
+    pub exit_doh: Option<SocketAddr>,
+}
+
+/// Where a name MagicDNS does not answer itself is sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Upstream<'a> {
+    /// Plain DNS to these resolvers (none: SERVFAIL).
+    Dns(&'a [SocketAddr]),
+    /// The exit node's DNS over HTTP.
+    Doh(SocketAddr),
 }
 
 impl MagicDnsConfig {
@@ -206,15 +218,62 @@ impl MagicDnsConfig {
         self.local_domains.iter().any(|d| is_under(key, d))
     }
 
+    /// While an exit node that answers DNS is in use (Go `dnsConfigForNetmap`): only routes
+    /// and global resolvers marked `UseWithExitNode` stay (routes without resolvers, which are
+    /// local domains, too); names no route takes go to the exit node's DNS over HTTP at `doh`,
+    /// unless control gave global resolvers for use with exit nodes.
+    pub fn use_exit_node_dns(&mut self, map: &NetworkMap, doh: SocketAddr) {
+        let for_exit_nodes = |resolvers: &[Resolver]| -> Vec<Resolver> {
+            resolvers
+                .iter()
+                .filter(|r| r.use_with_exit_node)
+                .cloned()
+                .collect()
+        };
+        // Resolvers were counted as unsupported once, in from_netmap.
+        let unsupported = self.unsupported_resolvers;
+        self.routes.clear();
+        let mut global = Vec::new();
+        if let Some(dns) = &map.dns_config {
+            for (suffix, resolvers) in &dns.routes {
+                let kept = for_exit_nodes(resolvers.as_deref().unwrap_or_default());
+                if !kept.is_empty() {
+                    self.add_route(suffix, &kept);
+                }
+            }
+            global = self.parse_resolvers(&for_exit_nodes(&dns.resolvers));
+        }
+        self.unsupported_resolvers = unsupported;
+        if global.is_empty() {
+            self.exit_doh = Some(doh);
+        } else {
+            self.routes.insert(ROOT.to_string(), global);
+        }
+    }
+
+    /// Where a name goes: a split route, else the exit node's DoH while one is used, else
+    /// [`Self::upstreams_for`].
+    pub fn upstream_for(&self, key: &str) -> Upstream<'_> {
+        match (self.split_route(key), self.exit_doh) {
+            (Some(upstreams), _) => Upstream::Dns(upstreams),
+            (None, Some(doh)) => Upstream::Doh(doh),
+            (None, None) => Upstream::Dns(self.upstreams_for(key)),
+        }
+    }
+
+    /// The longest split-DNS route `key` is under (not `.`).
+    fn split_route(&self, key: &str) -> Option<&[SocketAddr]> {
+        self.routes
+            .iter()
+            .filter(|(suffix, _)| suffix.as_str() != ROOT && is_under(key, suffix))
+            .max_by_key(|(suffix, _)| label_count(suffix))
+            .map(|(_, upstreams)| upstreams.as_slice())
+    }
+
     /// The upstreams for a name: the longest matching route, else the root route, the OS's
     /// resolvers, control's fallback ones; empty when there is none.
     pub fn upstreams_for(&self, key: &str) -> &[SocketAddr] {
-        let best = self
-            .routes
-            .iter()
-            .filter(|(suffix, _)| suffix.as_str() != ROOT && is_under(key, suffix))
-            .max_by_key(|(suffix, _)| label_count(suffix));
-        if let Some((_, upstreams)) = best {
+        if let Some(upstreams) = self.split_route(key) {
             return upstreams;
         }
         if let Some(root) = self.routes.get(ROOT) {

@@ -12,7 +12,7 @@ use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
 use tracing::{debug, warn};
 
-use super::config::MagicDnsConfig;
+use super::config::{MagicDnsConfig, Upstream};
 use super::name::{key_of, last_label, reverse_ip};
 
 /// TTL of every local answer (Go's `defaultTTL`).
@@ -47,6 +47,8 @@ pub enum Outcome {
         upstreams: Vec<SocketAddr>,
         query: Vec<u8>,
     },
+    /// Relay `query` to the exit node's DNS over HTTP at `server`.
+    ForwardDoh { server: SocketAddr, query: Vec<u8> },
     /// Send nothing (not a query, or not even a header to reply to).
     Drop,
 }
@@ -74,7 +76,7 @@ impl Outcome {
                 Some(3) => Bucket::NxDomain,
                 _ => Bucket::OtherError,
             },
-            Outcome::Forward { .. } => Bucket::Forwarded,
+            Outcome::Forward { .. } | Outcome::ForwardDoh { .. } => Bucket::Forwarded,
             Outcome::Drop => Bucket::Dropped,
         }
     }
@@ -160,6 +162,10 @@ pub fn respond(config: &MagicDnsConfig, query: &[u8], max_len: usize) -> Outcome
             upstreams: upstreams.to_vec(),
             query: query.to_vec(),
         },
+        Verdict::ForwardDoh(server) => Outcome::ForwardDoh {
+            server,
+            query: query.to_vec(),
+        },
     }
 }
 
@@ -167,6 +173,7 @@ pub fn respond(config: &MagicDnsConfig, query: &[u8], max_len: usize) -> Outcome
 enum Verdict<'c> {
     Reply(ResponseCode, Option<RData>),
     Forward(&'c [SocketAddr]),
+    ForwardDoh(SocketAddr),
 }
 
 fn decide<'c>(config: &'c MagicDnsConfig, question: &Query) -> Verdict<'c> {
@@ -188,9 +195,10 @@ fn decide<'c>(config: &'c MagicDnsConfig, question: &Query) -> Verdict<'c> {
     if config.is_local(&key) {
         return Verdict::Reply(ResponseCode::NXDomain, None);
     }
-    match config.upstreams_for(&key) {
-        [] => Verdict::Reply(ResponseCode::ServFail, None),
-        upstreams => Verdict::Forward(upstreams),
+    match config.upstream_for(&key) {
+        Upstream::Dns([]) => Verdict::Reply(ResponseCode::ServFail, None),
+        Upstream::Dns(upstreams) => Verdict::Forward(upstreams),
+        Upstream::Doh(server) => Verdict::ForwardDoh(server),
     }
 }
 

@@ -217,6 +217,7 @@ impl OsDns {
             nameservers,
             search_domains,
             error: self.error.clone(),
+            exit_node_doh: None, // the engine adds it
         }
     }
 }

@@ -124,11 +124,16 @@ impl Engine {
             s.data_plane.path_io = path_io;
             s.data_plane.path_changes = path_changes;
             s.data_plane.derp_regions = derp_regions;
-            let dns = self
+            let mut dns = self
                 .os_dns
                 .as_ref()
                 .map(|d| d.status(self.net_prefs.borrow().accept_dns))
                 .unwrap_or_default();
+            dns.exit_node_doh = self
+                .quad100
+                .as_ref()
+                .and_then(|q| q.exit_doh())
+                .map(|server| format!("http://{server}{}", crate::peerapi::DOH_PATH));
             let dns_changed = s.dns != dns;
             s.dns = dns;
             let routing = self.routing_status();

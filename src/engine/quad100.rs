@@ -59,13 +59,26 @@ impl Quad100 {
         }
     }
 
-    /// MagicDNS follows the netmap; returns the config it now answers with.
-    pub(super) fn set_netmap(&self, map: &NetworkMap) -> Arc<MagicDnsConfig> {
+    /// MagicDNS follows the netmap (and the exit node's DNS over HTTP while one that offers it
+    /// is in use); returns the config it now answers with.
+    pub(super) fn set_netmap(
+        &self,
+        map: &NetworkMap,
+        exit_doh: Option<SocketAddr>,
+    ) -> Arc<MagicDnsConfig> {
         let mut config = MagicDnsConfig::from_netmap(map);
         config.base_resolvers = self.base_resolvers.clone();
+        if let Some(doh) = exit_doh {
+            config.use_exit_node_dns(map, doh);
+        }
         let config = Arc::new(config);
         self.config.send_replace(config.clone());
         config
+    }
+
+    /// The exit node's DNS over HTTP that MagicDNS forwards to now, if any.
+    pub(super) fn exit_doh(&self) -> Option<SocketAddr> {
+        self.config.borrow().exit_doh
     }
 
     /// MagicDNS as it answers now, for the proxies' name lookups.
@@ -99,6 +112,15 @@ impl DnsService for MagicDns {
                     Ok(answer) => magic::fit_reply(&answer, max_len),
                     Err(e) => {
                         tracing::debug!(error = %e, "forwarding a DNS query");
+                        magic::servfail(&query)
+                    }
+                }
+            })),
+            Outcome::ForwardDoh { server, query } => Reply::Later(Box::pin(async move {
+                match crate::dns::doh::exchange(server, &query).await {
+                    Ok(answer) => magic::fit_reply(&answer, max_len),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "asking the exit node's DNS");
                         magic::servfail(&query)
                     }
                 }

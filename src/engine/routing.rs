@@ -31,6 +31,16 @@ impl Engine {
         }
     }
 
+    /// The exit node's DNS over HTTP while one that offers it is in use (a kernel TUN routes
+    /// its tailnet address; userspace networking uses no exit node).
+    pub(super) fn exit_node_doh(&self, map: &NetworkMap) -> Option<std::net::SocketAddr> {
+        self.linux.as_ref()?;
+        let ip = self.net_prefs.borrow().exit_node?;
+        let node = routing::resolve_exit_node(map, &ip.to_string()).ok()?;
+        let has = |v4: bool| self.local.iter().any(|n| n.addr().is_ipv4() == v4);
+        crate::peerapi::doh_server(node, has(true), has(false))
+    }
+
     /// Table 52, netfilter and the served networks for `map` under the current prefs.
     pub(super) async fn apply_host_routing(&mut self, map: &NetworkMap) {
         let prefs = self.net_prefs.borrow().clone();
@@ -73,7 +83,7 @@ impl Engine {
         let Some(quad100) = &self.quad100 else {
             return;
         };
-        let magic = quad100.set_netmap(map);
+        let magic = quad100.set_netmap(map, self.exit_node_doh(map));
         let accept = self.net_prefs.borrow().accept_dns;
         if let Some(os_dns) = &mut self.os_dns {
             os_dns.apply(&magic, accept).await;

@@ -214,3 +214,44 @@ fn refused_answers_the_query_with_rcode_5() {
     assert_ne!(reply[2] & 0x80, 0, "QR set");
     assert_eq!(reply[3] & 0x0f, 5, "REFUSED");
 }
+
+fn exit_node(cap: i32, services: Vec<Service>) -> crate::control::tailcfg::Node {
+    let mut node = crate::control::tailcfg::Node {
+        cap,
+        addresses: vec![
+            "100.64.0.9/32".parse().unwrap(),
+            "fd7a:115c:a1e0::9/128".parse().unwrap(),
+            "0.0.0.0/0".parse().unwrap(),
+        ],
+        ..Default::default()
+    };
+    node.hostinfo.services = services;
+    node
+}
+
+#[test]
+fn doh_server_of_an_exit_node_as_go_finds_it() {
+    let both = services(&[(ip("100.64.0.1"), 5000), (ip("fd7a:115c:a1e0::1"), 6000)]);
+    // New enough: the capability version says it; the port comes from the services.
+    let node = exit_node(CAP_VERSION_DNS_PROXY, both.clone());
+    assert_eq!(
+        doh_server(&node, true, true),
+        Some("100.64.0.9:5000".parse().unwrap())
+    );
+    assert_eq!(
+        doh_server(&node, false, true),
+        Some("[fd7a:115c:a1e0::9]:6000".parse().unwrap())
+    );
+    assert_eq!(doh_server(&node, false, false), None);
+    // Old but announcing the DNS proxy.
+    assert!(doh_server(&exit_node(20, both.clone()), true, false).is_some());
+    // Old and silent about it.
+    let ports_only: Vec<Service> = both
+        .iter()
+        .filter(|s| s.proto != SERVICE_DNS)
+        .cloned()
+        .collect();
+    assert_eq!(doh_server(&exit_node(20, ports_only), true, true), None);
+    // New enough but no peer API port announced (Go would build a URL without a host).
+    assert_eq!(doh_server(&exit_node(130, Vec::new()), true, true), None);
+}

@@ -178,3 +178,58 @@ fn ipv6_of_dual_stack_nodes_only_with_magicdns_aaaa_as_go() {
         Some(&[v6("fd7a:115c:a1e0::2")][..])
     );
 }
+
+#[test]
+fn with_an_exit_nodes_doh_only_routes_for_exit_nodes_stay_and_the_rest_goes_to_it() {
+    let map = lab_map();
+    let doh = sa("100.64.0.2:41000");
+    let mut cfg = MagicDnsConfig::from_netmap(&map);
+    cfg.base_resolvers = vec![sa("192.168.1.1:53")];
+    cfg.use_exit_node_dns(&map, doh);
+    assert_eq!(cfg.exit_doh, Some(doh));
+    // No resolver is marked UseWithExitNode: no split route and no `.` route remain, and the
+    // host's own resolvers are not used either.
+    assert!(cfg.routes.is_empty(), "{:?}", cfg.routes);
+    assert_eq!(cfg.upstream_for("example.com."), Upstream::Doh(doh));
+    assert_eq!(cfg.upstream_for("a.example.lab."), Upstream::Doh(doh));
+    // Local domains stay local; the unsupported count is not doubled.
+    assert!(cfg.is_local("x.only.local."));
+    assert_eq!(cfg.unsupported_resolvers, 2);
+}
+
+#[test]
+fn resolvers_marked_for_exit_nodes_win_over_the_exit_nodes_doh() {
+    let mut map = lab_map();
+    let dns = map.dns_config.as_mut().unwrap();
+    dns.resolvers[1].use_with_exit_node = true;
+    let route = dns.routes.get_mut("example.lab").unwrap().as_mut().unwrap();
+    route[0].use_with_exit_node = true;
+    let mut cfg = MagicDnsConfig::from_netmap(&map);
+    cfg.use_exit_node_dns(&map, sa("100.64.0.2:41000"));
+    assert_eq!(cfg.exit_doh, None);
+    assert_eq!(cfg.routes[ROOT], vec![sa("9.9.9.9:5353")]);
+    assert_eq!(
+        cfg.upstream_for("a.example.lab."),
+        Upstream::Dns(&[sa("10.0.0.53:53")])
+    );
+    assert_eq!(
+        cfg.upstream_for("example.com."),
+        Upstream::Dns(&[sa("9.9.9.9:5353")])
+    );
+}
+
+#[test]
+fn a_split_route_for_exit_nodes_beats_the_doh_for_its_names_only() {
+    let mut map = lab_map();
+    let dns = map.dns_config.as_mut().unwrap();
+    let route = dns.routes.get_mut("example.lab").unwrap().as_mut().unwrap();
+    route[0].use_with_exit_node = true;
+    let doh = sa("100.64.0.2:41000");
+    let mut cfg = MagicDnsConfig::from_netmap(&map);
+    cfg.use_exit_node_dns(&map, doh);
+    assert_eq!(
+        cfg.upstream_for("a.example.lab."),
+        Upstream::Dns(&[sa("10.0.0.53:53")])
+    );
+    assert_eq!(cfg.upstream_for("example.com."), Upstream::Doh(doh));
+}

@@ -494,3 +494,29 @@ fn fuzz_seeds_are_the_generated_queries() {
         );
     }
 }
+
+#[test]
+fn with_an_exit_node_other_names_go_to_its_doh_and_tailnet_names_stay_local() {
+    let map = lab_map();
+    let doh = sa("100.64.0.2:41000");
+    let mut config = MagicDnsConfig::from_netmap(&map);
+    config.use_exit_node_dns(&map, doh);
+    let q = query("example.com.", RecordType::A);
+    assert_eq!(
+        respond(&config, &q, MAX_UDP_RESPONSE),
+        Outcome::ForwardDoh {
+            server: doh,
+            query: q.clone()
+        }
+    );
+    assert_eq!(
+        respond(&config, &q, MAX_UDP_RESPONSE).bucket(),
+        Bucket::Forwarded
+    );
+    let local = answer(respond(
+        &config,
+        &query("c2.lab.tern.test.", RecordType::A),
+        MAX_UDP_RESPONSE,
+    ));
+    assert_eq!(addrs(&local), [IpAddr::from([100, 64, 0, 2])]);
+}
