@@ -13,7 +13,7 @@ set -eu
 [ $# -ge 2 ] || { sed -n 7,8p "$0"; exit 2; }
 cd "$(dirname "$0")"
 which=$1; secs=$2; shift 2
-all="derp_frame disco_parse dns_request localapi_request map_decode noise_records proxy_request relay_client relay_packet stun_parse tun_offload"
+all="derp_frame disco_parse dns_request localapi_request map_decode noise_records peerapi_doh proxy_request relay_client relay_packet stun_parse tun_offload"
 [ "$which" = all ] && targets=$all || targets=$which
 
 max_len() {

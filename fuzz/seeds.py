@@ -415,3 +415,36 @@ d.put("bad_gso_udp_l4", b"\x01\x05" + tcp_frame(False, 3000, 1000)[2:])
 d.put("uso_v4", udp_frame(False, 3000, 1200))
 d.put("uso_v6", udp_frame(True, 2400, 1200))
 
+
+
+# --- peerapi_doh: mode byte (0 GET query string, 1 Content-Type, 2 DNS query), then the rest ----
+def dns_query(name, qtype=1, ident=0x1234):
+    out = struct.pack("!HHHHHH", ident, 0x0100, 1, 0, 0, 0)
+    for label in name.split("."):
+        out += bytes([len(label)]) + label.encode()
+    return out + b"\x00" + struct.pack("!HH", qtype, 1)
+
+
+import base64
+
+
+def b64url(data, pad=False):
+    text = base64.urlsafe_b64encode(data).decode()
+    return text if pad else text.rstrip("=")
+
+
+d = Dir("peerapi_doh")
+d.put("get_example", b"\x00dns=" + b64url(dns_query("example.com")).encode())
+d.put("get_padded", b"\x00ct=1&dns=" + b64url(dns_query("example.org", 28), pad=True).encode())
+d.put("get_escaped_padding", b"\x00dns=" + b64url(dns_query("a.b"), pad=True).replace("=", "%3D").encode())
+d.put("get_missing", b"\x00q=example.com&t=aaaa")
+d.put("get_empty_dns", b"\x00dns=&dns=")
+d.put("get_bad_base64", b"\x00dns=%%%")
+d.put("content_type", b"\x01application/dns-message")
+d.put("content_type_params", b"\x01Application/DNS-Message ; charset=utf-8")
+d.put("content_type_json", b"\x01application/json")
+d.put("query_filtered_suffix", b"\x02" + dns_query("host.tail1234.ts.net"))
+d.put("query_filtered_exact", b"\x02" + dns_query("BLOCKED.example"))
+d.put("query_under_exact", b"\x02" + dns_query("www.blocked.example"))
+d.put("query_no_question", b"\x02" + struct.pack("!HHHHHH", 7, 0x0100, 0, 0, 0, 0))
+d.put("query_header_only", b"\x03\x00\x07\x01")

@@ -101,6 +101,10 @@ fn check(cfg: &MagicDnsConfig, data: &[u8], limit: usize, outcome: &Outcome) {
             assert_eq!(query.as_slice(), data, "forwarded query altered");
             check_forward(data, upstreams);
         }
+        Outcome::ForwardDoh { query, .. } => {
+            assert!(cfg.exit_doh.is_some(), "DoH without an exit node's");
+            assert_eq!(query.as_slice(), data, "forwarded query altered");
+        }
         Outcome::Drop => assert!(
             data.len() < HEADER_LEN || data[2] & 0x80 != 0 || limit < HEADER_LEN,
             "dropped a query it could answer"

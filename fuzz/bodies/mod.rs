@@ -15,6 +15,7 @@ pub mod dns_request;
 pub mod localapi_request;
 pub mod map_decode;
 pub mod noise_records;
+pub mod peerapi_doh;
 pub mod proxy_request;
 pub mod relay_client;
 pub mod relay_packet;
@@ -32,6 +33,7 @@ pub const TARGETS: &[(&str, Body)] = &[
     ("localapi_request", localapi_request::run),
     ("map_decode", map_decode::run),
     ("noise_records", noise_records::run),
+    ("peerapi_doh", peerapi_doh::run),
     ("proxy_request", proxy_request::run),
     ("relay_client", relay_client::run),
     ("relay_packet", relay_packet::run),
