@@ -230,7 +230,8 @@ pub enum DohError {
     NotAQuery,
 }
 
-/// The query of a GET request: `dns=` in the URL's query string, base64url (padding allowed).
+/// The query of a GET request: the first `dns=` in the URL's query string (as Go's
+/// `FormValue`), base64url (padding allowed).
 pub fn query_from_get(query_string: Option<&str>) -> Result<Vec<u8>, DohError> {
     let value = query_string
         .unwrap_or_default()
@@ -239,6 +240,9 @@ pub fn query_from_get(query_string: Option<&str>) -> Result<Vec<u8>, DohError> {
         .filter(|v| !v.is_empty())
         .ok_or(DohError::MissingDns)?;
     let value = value.trim_end_matches("%3D").trim_end_matches('=');
+    if value.is_empty() {
+        return Err(DohError::BadBase64); // padding alone (Go's decoder refuses it too)
+    }
     // Four base64 characters carry three bytes.
     if value.len() / 4 * 3 > MAX_QUERY {
         return Err(DohError::TooLarge);

@@ -5,9 +5,9 @@
 //!
 //! Properties:
 //! * never a panic;
-//! * GET: `Ok` only with a non-empty `dns=` pair, never more than `MAX_QUERY` bytes, and the
-//!   bytes encoded back (base64url, no padding) into `dns=` decode to the same bytes;
-//!   `MissingDns` exactly when no pair starts with a non-empty `dns=`;
+//! * GET: `Ok` only when the first `dns=` pair has a value, never more than `MAX_QUERY` bytes,
+//!   and the bytes encoded back (base64url, no padding) into `dns=` decode to the same bytes;
+//!   `MissingDns` exactly when there is no `dns=` pair or the first one is empty;
 //! * Content-Type: accepted exactly when the text before `;` is `application/dns-message` in
 //!   any case, surrounded by spaces;
 //! * a question name is ASCII and ends with `.`; the filter treats names case-insensitively and
@@ -34,10 +34,12 @@ pub fn run(data: &[u8]) {
     }
 }
 
+/// Whether the first `dns=` pair has a value (Go's `FormValue` takes the first one too).
 fn has_dns_pair(query_string: &str) -> bool {
     query_string
         .split('&')
-        .any(|pair| pair.strip_prefix("dns=").is_some_and(|v| !v.is_empty()))
+        .find_map(|pair| pair.strip_prefix("dns="))
+        .is_some_and(|v| !v.is_empty())
 }
 
 fn check_get(query_string: &str) {

@@ -160,6 +160,8 @@ fn get_refuses_missing_bad_and_oversized_queries() {
         Err(DohError::MissingDns)
     );
     assert_eq!(query_from_get(Some("dns=!!!")), Err(DohError::BadBase64));
+    assert_eq!(query_from_get(Some("dns==")), Err(DohError::BadBase64));
+    assert_eq!(query_from_get(Some("dns=%3D")), Err(DohError::BadBase64));
     let huge = "A".repeat(MAX_QUERY / 3 * 4 + 8);
     assert_eq!(
         query_from_get(Some(&format!("dns={huge}"))),
