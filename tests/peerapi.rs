@@ -5,12 +5,19 @@
 //!   exit node) announces `peerapi4` and `peerapi-dns-proxy` in its Hostinfo (c1 sees its
 //!   peerapi URL through control), and a Go node on the lab's internet host resolves a name
 //!   through it over the tailnet, by GET and POST, answered by the upstream c2's host uses;
+//! * behind a packet filter that lets nothing through to the tern node but port 9, the tsnet
+//!   node still reaches its peer API (Go lets SYNs to the peerapi port through the filter and
+//!   decides access per request), while an ordinary port stays closed;
 //! * the server alone on loopback: answers GET and POST, refuses bad requests with the reason,
 //!   closes connections from addresses that are no peer's, caps idle connections per peer and in
 //!   all, closes silent ones, and keeps answering through a flood of them and of garbage.
 
 #[path = "support/dns_stub.rs"]
 mod dns_stub;
+#[path = "support/lab_nodes.rs"]
+mod lab_nodes;
+#[path = "support/lab_server.rs"]
+mod lab_server;
 mod support;
 
 use std::collections::HashMap;
@@ -634,4 +641,99 @@ fn tern_asks_its_exit_nodes_peerapi_and_a_tsnet_nodes_for_dns() {
         inet_stub.queries.load(std::sync::atomic::Ordering::Relaxed) >= 1,
         "tsgo asked its own resolver"
     );
+}
+
+/// Control's filter allows only port 9: the tern node's other ports are closed to the tsnet
+/// node, its peer API is not.
+#[test]
+fn the_peerapi_is_reachable_through_a_filter_that_allows_nothing_else() {
+    use lab_nodes::{control_config, serve_http, start_control_with, start_derp, Node};
+    use tern_lab::topology::CONTROL_IP;
+    use tern_lab::{CaddyConfig, CaddyNode, NatMode, Topology};
+
+    support::require_root();
+    let topo = Topology::standard_unique(NatMode::Easy, NatMode::Easy).expect("lab");
+    let _derp = start_derp(&topo);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut config = control_config(dir.path());
+    config.filters = vec![tern_lab::control::config::FilterConfig {
+        src: vec!["*".into()],
+        dst: vec!["*:9".into()],
+        proto: Vec::new(),
+    }];
+    let _control = start_control_with(&topo, config);
+    let c1 = topo.ns("c1").expect("c1");
+    let ta = Node::start(c1, dir.path(), "ta");
+    ta.wait_for_api(20);
+    ta.up("ta");
+    let _stub =
+        dns_stub::DnsStub::start(c1, "127.0.0.1:53".parse().unwrap(), &[(STUB_NAME, STUB_IP)]);
+    let logs = || ta.logs();
+    let url = support::wait("ta's peerapi URL", 30, logs, || {
+        ta.status()["self"]["peerapi_urls"][0]
+            .as_str()
+            .map(str::to_string)
+    });
+    let ta_ip = ta.tailnet_ip().expect("ta's tailnet IP");
+    let ordinary: SocketAddr = format!("{ta_ip}:8000").parse().expect("address");
+    let (stop, server) = serve_http(c1, ordinary, b"should stay closed");
+
+    let proxy = |port: u16, to: &str| {
+        format!(
+            "http://127.0.0.1:{port} {{\n\treverse_proxy {{\n\t\tto {to}\n\t\ttransport tailscale tsf\n\t}}\n}}\n"
+        )
+    };
+    let mut caddy_config = CaddyConfig::new(
+        "tsf",
+        &format!("http://{CONTROL_IP}:8080"),
+        lab_nodes::AUTH_KEY,
+    );
+    caddy_config.extra_sites = format!(
+        "{}{}",
+        proxy(8081, url.trim_start_matches("http://")),
+        proxy(8082, &ordinary.to_string())
+    );
+    let c2 = topo.ns("c2").expect("c2");
+    let caddy = CaddyNode::start(c2, caddy_config).expect("start tsf");
+    let logs = || {
+        format!(
+            "{}\n== tsf\n{}",
+            ta.logs(),
+            support::tail(&caddy.logs(), 60)
+        )
+    };
+    let get_url = format!(
+        "http://127.0.0.1:8081/dns-query?dns={}",
+        b64(&query(STUB_NAME, 0x99))
+    );
+    let answer = support::wait("tsf to resolve through ta's peer API", 90, logs, || {
+        let out = c2
+            .exec_unchecked(&["curl", "-sS", "--max-time", "10", "-f", &get_url])
+            .ok()?;
+        out.status.success().then_some(out.stdout)
+    });
+    assert_eq!(a_records(&answer), [STUB_IP]);
+    // The filter is in force: port 8000 stays closed to the same node.
+    let blocked = c2
+        .exec_unchecked(&[
+            "curl",
+            "-sS",
+            "--max-time",
+            "10",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "http://127.0.0.1:8082/",
+        ])
+        .expect("curl");
+    let code = String::from_utf8_lossy(&blocked.stdout).to_string();
+    assert_ne!(code, "200", "port 8000 passed the filter: {}", logs());
+    let filtered = support::wait("ta to count filtered packets", 10, logs, || {
+        let dropped = ta.status()["data_plane"]["drops"]["filtered"].as_u64()?;
+        (dropped > 0).then_some(dropped)
+    });
+    assert!(filtered > 0);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = server.join();
 }

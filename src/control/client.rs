@@ -834,6 +834,12 @@ pub fn publish_nodes<'a>(
     peers: impl Iterator<Item = &'a Node>,
     identity: &NodeIdentity,
 ) {
+    // The data plane fills our own peer API URLs (where it listens).
+    let own_peerapi = s
+        .self_node
+        .as_ref()
+        .map(|me| me.peerapi_urls.clone())
+        .unwrap_or_default();
     s.self_node = Some(SelfStatus {
         name: self_node.name.trim_end_matches('.').to_string(),
         hostname: self_node.hostinfo.hostname.clone(),
@@ -846,7 +852,7 @@ pub fn publish_nodes<'a>(
         tailnet_ips: tailnet_ips(&self_node.addresses),
         key_expiry: go_time(&self_node.key_expiry),
         home_derp: region(self_node.effective_home_derp()),
-        peerapi_urls: peerapi_urls(self_node),
+        peerapi_urls: own_peerapi,
     });
     let mut peers: Vec<PeerStatus> = peers.map(peer_status).collect();
     // The data plane fills path and counters between netmaps; keep them for peers still here.

@@ -184,6 +184,17 @@ impl Engine {
         });
     }
 
+    /// Where our peer API listens, as URLs (status `self.peerapi_urls`).
+    pub(super) fn peerapi_urls(&self) -> Vec<String> {
+        let ports = self
+            .peerapi
+            .as_ref()
+            .map(PeerApiHost::ports)
+            .unwrap_or_default();
+        let addrs: Vec<IpAddr> = ports.iter().map(|(ip, _)| *ip).collect();
+        peerapi::urls(&addrs, &peerapi::services(&ports))
+    }
+
     pub(super) fn peerapi_services(&self) -> Vec<Service> {
         self.peerapi
             .as_ref()

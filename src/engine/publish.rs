@@ -60,6 +60,10 @@ impl Engine {
                     }
                 }
             }
+            let own_peerapi = self.peerapi_urls();
+            let peerapi_changed = s.self_node.as_mut().is_some_and(|me| {
+                std::mem::replace(&mut me.peerapi_urls, own_peerapi.clone()) != own_peerapi
+            });
             let relay = self.relay.as_ref().map(|r| relay_status(r, &s.peers));
             let relay_changed = s.relay_server != relay || s.relay_server_off != self.relay_off;
             s.relay_server = relay;
@@ -142,6 +146,7 @@ impl Engine {
             s.peers != before
                 || drops_changed
                 || relay_changed
+                || peerapi_changed
                 || routing_changed
                 || quad100_changed
                 || local_changed
