@@ -121,14 +121,16 @@ impl Access {
         filter.check(&syn) == Verdict::Accept
     }
 
-    /// Whether a query for `name` may be forwarded (not in `ExitNodeFilteredSet`).
+    /// Whether a query for `name` may be forwarded (not in `ExitNodeFilteredSet`): a `.suffix`
+    /// entry filters the names under it (not the suffix itself, as Go's `dnsname.HasSuffix`;
+    /// `.` alone filters nothing), any other entry that one name; case and final dots ignored.
     pub fn serves_name(&self, name: &str) -> bool {
         let name = name.trim_end_matches('.').to_ascii_lowercase();
         !self.exit_node_filtered.iter().any(|entry| {
             let entry = entry.trim_end_matches('.');
             match entry.strip_prefix('.') {
-                Some("") => false, // "." alone would filter everything: Go ignores invalid entries
-                Some(suffix) => name == suffix || name.ends_with(&format!(".{suffix}")),
+                Some("") => false,
+                Some(suffix) => name.ends_with(&format!(".{suffix}")),
                 None => !entry.is_empty() && name == entry,
             }
         })

@@ -83,7 +83,11 @@ fn exit_node_filtered_set_matches_exact_names_and_dot_suffixes() {
     let mut a = access(true, None);
     a.exit_node_filtered = vec![".ts.net".into(), "secret.example.com".into(), ".".into()];
     assert!(!a.serves_name("host.tail1234.ts.net."));
-    assert!(!a.serves_name("TS.NET"));
+    assert!(!a.serves_name("X.TS.NET"));
+    assert!(
+        a.serves_name("ts.net."),
+        "a suffix filters what is under it, as Go's"
+    );
     assert!(!a.serves_name("Secret.Example.com."));
     assert!(a.serves_name("www.secret.example.com."));
     assert!(a.serves_name("example.org."));
