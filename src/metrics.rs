@@ -502,6 +502,11 @@ fn local_services(w: &mut Writer, s: &Status) {
             "the SOCKS5 and HTTP proxies",
             &s.data_plane.proxies,
         ),
+        (
+            "tern_peerapi",
+            "the peer API (DNS over HTTP for peers)",
+            &s.data_plane.peerapi,
+        ),
     ] {
         for (key, n) in counters {
             // Open connections are a level; everything else counts events.

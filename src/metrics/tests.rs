@@ -53,6 +53,7 @@ fn status() -> Status {
         ..Default::default()
     });
     s.data_plane.netstack = BTreeMap::from([("open_connections".into(), 2), ("udp_in".into(), 5)]);
+    s.data_plane.peerapi = BTreeMap::from([("dns_queries".into(), 7)]);
     s
 }
 
@@ -123,6 +124,7 @@ fn values_and_labels_come_from_the_status() {
         "tailscaled_peer_relay_endpoints{state=\"connecting\"} 0",
         "tern_netstack_open_connections 2",
         "tern_netstack_udp_in_total 5",
+        "tern_peerapi_dns_queries_total 7",
         "tern_peer_series_omitted 0",
     ] {
         assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
