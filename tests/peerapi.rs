@@ -737,3 +737,77 @@ fn the_peerapi_is_reachable_through_a_filter_that_allows_nothing_else() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = server.join();
 }
+
+/// A loopback HTTP server that answers every connection with `reply` (after reading the
+/// request head and body); the address.
+fn canned_server(reply: Vec<u8>) -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+            let mut buf = [0u8; 4096];
+            let _ = conn.read(&mut buf);
+            let _ = conn.write_all(&reply);
+        }
+    });
+    addr
+}
+
+fn http_reply(status: &str, content_type: &str, body: &[u8]) -> Vec<u8> {
+    let mut out = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    out.extend_from_slice(body);
+    out
+}
+
+#[tokio::test]
+async fn the_doh_client_takes_only_a_dns_message_answered_with_200() {
+    use tern::dns::doh::{exchange, DohError};
+    let answer = dns_stub::answer(
+        &query(STUB_NAME, 5),
+        &[(STUB_NAME.to_string(), STUB_IP)].into(),
+    )
+    .expect("stub answer");
+    let good = canned_server(http_reply("200 OK", "application/dns-message", &answer));
+    let got = exchange(good, &query(STUB_NAME, 5)).await.expect("answer");
+    assert_eq!(a_records(&got), [STUB_IP]);
+
+    let failing = canned_server(http_reply(
+        "500 Internal Server Error",
+        "text/plain",
+        b"DNS forwarding error",
+    ));
+    let err = exchange(failing, &query(STUB_NAME, 5)).await.unwrap_err();
+    assert!(
+        matches!(err, DohError::Status(_, s) if s.as_u16() == 500),
+        "{err}"
+    );
+
+    let html = canned_server(http_reply("200 OK", "text/html", b"<html>"));
+    let err = exchange(html, &query(STUB_NAME, 5)).await.unwrap_err();
+    assert!(matches!(err, DohError::ContentType(..)), "{err}");
+
+    let huge = canned_server(http_reply(
+        "200 OK",
+        "application/dns-message",
+        &vec![0u8; peerapi::MAX_QUERY + 1],
+    ));
+    let err = exchange(huge, &query(STUB_NAME, 5)).await.unwrap_err();
+    assert!(matches!(err, DohError::TooLong(..)), "{err}");
+
+    // Nothing listening: a connect error naming the address.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let err = exchange(closed, &query(STUB_NAME, 5)).await.unwrap_err();
+    assert!(
+        matches!(err, DohError::Connect(a, _) if a == closed),
+        "{err}"
+    );
+}
