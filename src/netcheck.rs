@@ -375,17 +375,23 @@ pub async fn stun_round(
     round.finish()
 }
 
-/// A whole measurement: the STUN round on the data plane's sockets, then a TCP-connect timing
-/// for each region STUN did not answer (bounded by [`TCP_TIMEOUT`]).
+/// A whole measurement: the STUN round on the data plane's sockets (unless `udp` is false:
+/// control's `only-tcp-443`), then a TCP-connect timing for each region STUN did not answer
+/// (bounded by [`TCP_TIMEOUT`]).
 pub async fn measure_on(
     sockets: &StunSockets,
     responses: &mut mpsc::Receiver<StunResponse>,
     regions: &BTreeMap<u16, DerpRegion>,
+    udp: bool,
 ) -> (StunResults, BTreeMap<u16, Option<Duration>>) {
     // Nodes the map names only by host name get their addresses from DNS first (Go does too).
     let regions = &crate::derp::resolve::resolve_regions(regions).await;
-    let targets = stun_targets(regions, sockets.v6.is_some());
-    let stun = stun_round(sockets, responses, targets).await;
+    let stun = if udp {
+        let targets = stun_targets(regions, sockets.v6.is_some());
+        stun_round(sockets, responses, targets).await
+    } else {
+        StunResults::default()
+    };
     let fallbacks = regions
         .iter()
         .filter(|(id, r)| !r.no_measure_no_home && !stun.latency.contains_key(id))

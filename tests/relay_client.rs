@@ -661,3 +661,54 @@ fn tern_and_tsnet_behind_hard_nats_talk_through_a_tern_relay() {
         (legs.iter().any(|p| p == "c1") && legs.iter().any(|p| p == "tsb")).then_some(())
     });
 }
+
+/// Control's `only-tcp-443` on c1 (Go `SetOnlyTCP443`): c1 sends no UDP at all, so even easy ×
+/// easy stays on DERP (the same lab without it is direct within seconds, above), says why, and
+/// a Go node (Caddy/tsnet) still exchanges data with c1 over DERP.
+#[test]
+fn only_tcp_443_sends_no_udp_and_keeps_a_node_on_derp() {
+    let lab = Lab::up(&["--node-attr", "c1=only-tcp-443"]);
+    let c2_ip = tailnet_ip(&lab, "c2");
+    let _ping = background_ping(&lab.ns("c1"), &c2_ip);
+    wait(
+        "c1 to say UDP is blocked towards c2",
+        30,
+        || report(&lab),
+        || {
+            peer(&lab, "c1", "c2")
+                .filter(|p| p["path"] == "derp" && p["path_reason"] == "udp-blocked")
+        },
+    );
+    let until = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < until {
+        for (node, other) in [("c1", "c2"), ("c2", "c1")] {
+            let p = peer(&lab, node, other).unwrap_or_default();
+            assert_ne!(
+                p["path"],
+                "direct",
+                "{node}→{other}: {p:#}\n{}",
+                report(&lab)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let c1 = status(&lab, "c1");
+    let held_back = c1["data_plane"]["drops"]["udp_only_tcp_443"].as_u64();
+    assert!(held_back > Some(0), "{:#}", c1["data_plane"]["drops"]);
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let site = dir.path().join("site");
+    std::fs::create_dir_all(&site).expect("site dir");
+    std::fs::write(site.join("blob"), blob()).expect("blob");
+    let mut config = CaddyConfig::new("tsb", CONTROL_URL, &lab.auth_key());
+    config.site_body = format!("root * {}\nfile_server", site.display());
+    let tsb = CaddyNode::start(&lab.ns("c2"), config).expect("start tsb");
+    let logs = || format!("{}\n== tsb\n{}", report(&lab), tail(&tsb.logs(), 60));
+    let tsb_ip = wait_for_peer_ip(&lab, "c1", "tsb", logs);
+    let url = format!("http://{tsb_ip}/blob");
+    wait("c1 to fetch tsb's blob over DERP", 60, logs, || {
+        fetch(&lab.ns("c1"), &url, blob(), &[]).ok()
+    });
+    let p = peer(&lab, "c1", "tsb").unwrap_or_default();
+    assert_eq!(p["path"], "derp", "{p:#}\n{}", logs());
+}

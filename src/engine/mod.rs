@@ -131,6 +131,8 @@ pub struct DropCounters {
     pub derp_queue_full: u64,
     /// Refused by the inbound packet filter.
     pub filtered: u64,
+    /// UDP datagrams not sent because control set `only-tcp-443` on this node.
+    pub udp_only_tcp_443: u64,
     /// From node keys that are not our peers.
     pub unknown_sender: u64,
 }
@@ -213,6 +215,7 @@ async fn run(
     let (report_tx, reports) = mpsc::channel(4);
     let (stun_tx, stun_rx) = mpsc::channel(STUN_QUEUE);
     let trigger = Arc::new(Notify::new());
+    let (only_tcp_443, only_tcp_443_rx) = watch::channel(false);
     let stun_sockets = StunSockets {
         v4: sockets.v4.clone(),
         v6: sockets.v6.clone().filter(|_| ipv6),
@@ -223,8 +226,10 @@ async fn run(
         stun_rx,
         trigger.clone(),
         report_tx,
+        only_tcp_443_rx,
     )));
     let mut engine = Engine::new(&config, inbound_tx, local, regions_tx);
+    engine.only_tcp_443 = only_tcp_443;
     let kernel = tun.kernel();
     engine.tun_offload.enable(
         kernel.is_some_and(|k| k.offload()),
@@ -345,6 +350,8 @@ struct Engine {
     /// STUN responses go to the netcheck task; `trigger` asks it for a report now.
     stun_tx: Option<mpsc::Sender<StunResponse>>,
     netcheck_trigger: Arc<Notify>,
+    /// Control set `only-tcp-443` on this node: no UDP at all (Go `SetOnlyTCP443`).
+    only_tcp_443: watch::Sender<bool>,
     pending_pings: Vec<PendingPing>,
     pending_netchecks: Vec<oneshot::Sender<report::NetcheckReport>>,
     /// The port our UDP sockets are bound to (our local endpoints use it).
@@ -452,6 +459,7 @@ impl Engine {
             latency_history: LatencyHistory::default(),
             stun_tx: None,
             netcheck_trigger: Arc::new(Notify::new()),
+            only_tcp_443: watch::channel(false).0,
             pending_pings: Vec::new(),
             pending_netchecks: Vec::new(),
             udp_port: config.port,

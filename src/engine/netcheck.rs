@@ -37,12 +37,14 @@ pub(super) async fn netcheck_task(
     mut stun: mpsc::Receiver<StunResponse>,
     trigger: Arc<Notify>,
     reports: mpsc::Sender<LatencyReport>,
+    only_tcp_443: watch::Receiver<bool>,
 ) {
     loop {
         let map = regions.borrow_and_update().clone();
         if !map.is_empty() {
             let started = Instant::now();
-            let (stun, latency) = netcheck::measure_on(&sockets, &mut stun, &map).await;
+            let udp = !*only_tcp_443.borrow();
+            let (stun, latency) = netcheck::measure_on(&sockets, &mut stun, &map, udp).await;
             tracing::debug!(?latency, ?stun, "netcheck report");
             let report = LatencyReport {
                 started,

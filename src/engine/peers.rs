@@ -72,6 +72,7 @@ impl Engine {
         self.sync_peerapi(map);
         self.update_relay_candidates(map);
         self.update_relay_server_attr(map);
+        self.update_only_tcp_443(map);
         if let Some(derp_map) = &map.derp_map {
             self.set_derp_map(derp_map);
         }

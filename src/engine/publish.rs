@@ -189,6 +189,7 @@ impl Engine {
             ("relay_unknown_control", r.unknown_control),
             ("relay_malformed", r.malformed),
             ("udp_send_failed", d.udp_send_failed),
+            ("udp_only_tcp_443", d.udp_only_tcp_443),
             ("stun_unmatched", d.stun_unmatched),
             ("no_derp", d.no_derp),
             ("derp_queue_full", d.derp_queue_full),

@@ -95,6 +95,9 @@ impl Engine {
     /// Queues a datagram for UDP: consecutive ones to one address go out in one GSO send at
     /// the end of this turn of the event loop (or when the batch is full).
     pub(super) fn send_udp(&mut self, udp: &UdpSockets, to: SocketAddr, datagram: &[u8]) {
+        if self.udp_forbidden() {
+            return;
+        }
         if !self.gso_enabled {
             return self.send_udp_now(udp, to, datagram);
         }
@@ -111,6 +114,9 @@ impl Engine {
         prefix: &[u8],
         payload: &[u8],
     ) {
+        if self.udp_forbidden() {
+            return;
+        }
         if !self.gso_enabled {
             let datagram = [prefix, payload].concat();
             return self.send_udp_now(udp, to, &datagram);
@@ -150,9 +156,46 @@ impl Engine {
     }
 
     pub(super) fn send_udp_now(&mut self, udp: &UdpSockets, to: SocketAddr, datagram: &[u8]) {
+        if self.udp_forbidden() {
+            return;
+        }
         if let Err(e) = udp.send(to, datagram) {
             tracing::trace!(%to, error = %e, "UDP send failed");
             self.drops.udp_send_failed += 1;
         }
+    }
+}
+
+impl Engine {
+    /// Control's `only-tcp-443` on this node, from each netmap (Go `SetOnlyTCP443`): no UDP at
+    /// all, so no direct or relay paths and no STUN; DERP over TCP carries everything.
+    pub(super) fn update_only_tcp_443(&mut self, map: &crate::netmap::NetworkMap) {
+        let on = map
+            .self_node
+            .as_ref()
+            .is_some_and(|me| me.cap_map.contains_key(crate::relay::ATTR_ONLY_TCP_443));
+        if self
+            .only_tcp_443
+            .send_if_modified(|v| std::mem::replace(v, on) != on)
+        {
+            tracing::info!(
+                "only-tcp-443 {}",
+                if on {
+                    "set by control: no UDP, DERP over TCP carries everything"
+                } else {
+                    "lifted: UDP again"
+                }
+            );
+            self.netcheck_trigger.notify_one();
+        }
+    }
+
+    /// Whether UDP may not be sent now (counted when so).
+    fn udp_forbidden(&mut self) -> bool {
+        let forbidden = *self.only_tcp_443.borrow();
+        if forbidden {
+            self.drops.udp_only_tcp_443 += 1;
+        }
+        forbidden
     }
 }

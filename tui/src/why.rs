@@ -139,8 +139,8 @@ pub fn sentence(status: &Status, peer: &Peer) -> String {
             plural(candidates)
         ),
         "no-endpoints" => format!("{name} has not told us any address yet."),
-        "udp-blocked" => "this node cannot send UDP at all (netcheck saw no STUN answer); \
-                          only TCP to DERP works."
+        "udp-blocked" => "this node cannot send UDP at all (netcheck saw no STUN answer, or \
+                          control set only-tcp-443 on it); only TCP to DERP works."
             .into(),
         "peer-udp-blocked" => {
             format!("{name} cannot send UDP at all (it told control so); only TCP to DERP works.")
