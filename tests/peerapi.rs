@@ -428,6 +428,19 @@ async fn the_peerapi_survives_floods_of_idle_connections_strangers_and_garbage()
     assert_eq!(a_records(&got.body), [STUB_IP]);
 }
 
+/// `tern status --json` of the lab's node `node`.
+fn lab_status(lab: &support::lab_cli::LabCli, node: &str) -> Value {
+    let socket = lab.socket(node).display().to_string();
+    let out = lab.tern(&["--socket", &socket, "status", "--json"]);
+    serde_json::from_slice(&out.stdout).unwrap_or_default()
+}
+
+/// A stub DNS server knowing `name` at 127.0.0.1:53 in `ns`: the host resolver of a lab
+/// namespace (its resolv.conf names 127.0.0.1).
+fn host_resolver(ns: &tern_lab::Netns, name: &str, ip: Ipv4Addr) -> dns_stub::DnsStub {
+    dns_stub::DnsStub::start(ns, "127.0.0.1:53".parse().unwrap(), &[(name, ip)])
+}
+
 /// `tern lab up --exit-node`: c2 is the tern exit node, a Go node on the internet host asks it.
 #[test]
 fn a_tsnet_node_resolves_names_through_a_tern_exit_nodes_peerapi() {
@@ -438,20 +451,8 @@ fn a_tsnet_node_resolves_names_through_a_tern_exit_nodes_peerapi() {
     let lab = LabCli::up(&["--exit-node"]);
     let c2 = lab.ns("c2");
     // c2's host resolver (127.0.0.1 in the lab's resolv.conf) is this stub.
-    let _stub = dns_stub::DnsStub::start(
-        &c2,
-        "127.0.0.1:53".parse().unwrap(),
-        &[(STUB_NAME, STUB_IP)],
-    );
-    let status = |node: &str| -> Value {
-        let out = lab.tern(&[
-            "--socket",
-            &lab.socket(node).display().to_string(),
-            "status",
-            "--json",
-        ]);
-        serde_json::from_slice(&out.stdout).unwrap_or_default()
-    };
+    let _stub = host_resolver(&c2, STUB_NAME, STUB_IP);
+    let status = |node: &str| lab_status(&lab, node);
     let logs = || format!("c1: {:#}\nc2: {:#}", status("c1"), status("c2"));
     // c2 announces its peer API; control hands it to c1 (and to every other peer).
     let url = support::wait("c2's peerapi URL", 30, logs, || {
@@ -552,22 +553,9 @@ fn tern_asks_its_exit_nodes_peerapi_and_a_tsnet_nodes_for_dns() {
     const GO_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 98);
     let lab = LabCli::up(&["--exit-node"]);
     let (c1, c2, inet) = (lab.ns("c1"), lab.ns("c2"), lab.ns(INTERNET_HOST));
-    let _c2_stub = dns_stub::DnsStub::start(
-        &c2,
-        "127.0.0.1:53".parse().unwrap(),
-        &[(STUB_NAME, STUB_IP)],
-    );
-    let inet_stub =
-        dns_stub::DnsStub::start(&inet, "127.0.0.1:53".parse().unwrap(), &[(GO_NAME, GO_IP)]);
-    let status = |node: &str| -> Value {
-        let out = lab.tern(&[
-            "--socket",
-            &lab.socket(node).display().to_string(),
-            "status",
-            "--json",
-        ]);
-        serde_json::from_slice(&out.stdout).unwrap_or_default()
-    };
+    let _c2_stub = host_resolver(&c2, STUB_NAME, STUB_IP);
+    let inet_stub = host_resolver(&inet, GO_NAME, GO_IP);
+    let status = |node: &str| lab_status(&lab, node);
     let logs = || format!("c1: {:#}\nc2: {:#}", status("c1"), status("c2"));
 
     let answer = support::wait("c1's quad-100 to answer through c2", 30, logs, || {
@@ -666,8 +654,7 @@ fn the_peerapi_is_reachable_through_a_filter_that_allows_nothing_else() {
     let ta = Node::start(c1, dir.path(), "ta");
     ta.wait_for_api(20);
     ta.up("ta");
-    let _stub =
-        dns_stub::DnsStub::start(c1, "127.0.0.1:53".parse().unwrap(), &[(STUB_NAME, STUB_IP)]);
+    let _stub = host_resolver(c1, STUB_NAME, STUB_IP);
     let logs = || ta.logs();
     let url = support::wait("ta's peerapi URL", 30, logs, || {
         ta.status()["self"]["peerapi_urls"][0]

@@ -454,6 +454,18 @@ fn wait_for_peer_ip(lab: &Lab, node: &str, other: &str, logs: impl Fn() -> Strin
     })
 }
 
+/// The Caddy/tsnet node `tsb` serving [`blob`] at `/blob` (the site directory goes with the
+/// returned guard).
+fn tsb_serving_blob(lab: &Lab) -> (tempfile::TempDir, CaddyConfig) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let site = dir.path().join("site");
+    std::fs::create_dir_all(&site).expect("site dir");
+    std::fs::write(site.join("blob"), blob()).expect("blob");
+    let mut config = CaddyConfig::new("tsb", CONTROL_URL, &lab.auth_key());
+    config.site_body = format!("root * {}\nfile_server", site.display());
+    (dir, config)
+}
+
 /// A hard × hard lab with the relay node and `--node-attr attr`.
 fn hard_relay_lab_with(attr: &str) -> Lab {
     Lab::up(&[
@@ -603,14 +615,9 @@ fn easy_nats_stay_direct_with_a_relay_available() {
 fn tern_and_tsnet_behind_hard_nats_talk_through_a_tern_relay() {
     let lab = Lab::up(&["--nat1", "hard", "--nat2", "hard", "--relay"]);
     let c1_ip = tailnet_ip(&lab, "c1");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let site = dir.path().join("site");
-    std::fs::create_dir_all(&site).expect("site dir");
-    std::fs::write(site.join("blob"), blob()).expect("blob");
     // tsb in c2 serves the blob on the tailnet, and proxies its loopback :8081 to c1's tailnet
     // address (tsnet → tern).
-    let mut config = CaddyConfig::new("tsb", CONTROL_URL, &lab.auth_key());
-    config.site_body = format!("root * {}\nfile_server", site.display());
+    let (_site, mut config) = tsb_serving_blob(&lab);
     config.debug = true;
     config.extra_sites = format!(
         "http://127.0.0.1:8081 {{\n\treverse_proxy {{\n\t\tto http://{c1_ip}:8000\n\t\ttransport tailscale tsb\n\t}}\n}}\n"
@@ -696,12 +703,7 @@ fn only_tcp_443_sends_no_udp_and_keeps_a_node_on_derp() {
     let held_back = c1["data_plane"]["drops"]["udp_only_tcp_443"].as_u64();
     assert!(held_back > Some(0), "{:#}", c1["data_plane"]["drops"]);
 
-    let dir = tempfile::tempdir().expect("tempdir");
-    let site = dir.path().join("site");
-    std::fs::create_dir_all(&site).expect("site dir");
-    std::fs::write(site.join("blob"), blob()).expect("blob");
-    let mut config = CaddyConfig::new("tsb", CONTROL_URL, &lab.auth_key());
-    config.site_body = format!("root * {}\nfile_server", site.display());
+    let (_site, config) = tsb_serving_blob(&lab);
     let tsb = CaddyNode::start(&lab.ns("c2"), config).expect("start tsb");
     let logs = || format!("{}\n== tsb\n{}", report(&lab), tail(&tsb.logs(), 60));
     let tsb_ip = wait_for_peer_ip(&lab, "c1", "tsb", logs);
