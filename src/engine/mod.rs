@@ -350,7 +350,9 @@ struct Engine {
     /// STUN responses go to the netcheck task; `trigger` asks it for a report now.
     stun_tx: Option<mpsc::Sender<StunResponse>>,
     netcheck_trigger: Arc<Notify>,
-    /// Control set `only-tcp-443` on this node: no UDP at all (Go `SetOnlyTCP443`).
+    /// Control set `only-tcp-443` on this node: no UDP at all (Go `SetOnlyTCP443`). A plain
+    /// copy for the per-datagram check; the watch tells the netcheck task.
+    udp_off: bool,
     only_tcp_443: watch::Sender<bool>,
     pending_pings: Vec<PendingPing>,
     pending_netchecks: Vec<oneshot::Sender<report::NetcheckReport>>,
@@ -459,6 +461,7 @@ impl Engine {
             latency_history: LatencyHistory::default(),
             stun_tx: None,
             netcheck_trigger: Arc::new(Notify::new()),
+            udp_off: false,
             only_tcp_443: watch::channel(false).0,
             pending_pings: Vec::new(),
             pending_netchecks: Vec::new(),

@@ -174,10 +174,9 @@ impl Engine {
             .self_node
             .as_ref()
             .is_some_and(|me| me.cap_map.contains_key(crate::relay::ATTR_ONLY_TCP_443));
-        if self
-            .only_tcp_443
-            .send_if_modified(|v| std::mem::replace(v, on) != on)
-        {
+        if on != self.udp_off {
+            self.udp_off = on;
+            self.only_tcp_443.send_replace(on);
             tracing::info!(
                 "only-tcp-443 {}",
                 if on {
@@ -192,10 +191,9 @@ impl Engine {
 
     /// Whether UDP may not be sent now (counted when so).
     fn udp_forbidden(&mut self) -> bool {
-        let forbidden = *self.only_tcp_443.borrow();
-        if forbidden {
+        if self.udp_off {
             self.drops.udp_only_tcp_443 += 1;
         }
-        forbidden
+        self.udp_off
     }
 }
