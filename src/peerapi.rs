@@ -165,19 +165,22 @@ fn service(proto: &str, port: u16) -> Service {
 /// The peer API base URLs a node's `Hostinfo.Services` announce for its addresses, as Go's
 /// `PeerAPIURL` (`http://100.64.0.1:12345`, `http://[fd7a:…]:12345`).
 pub fn urls(addresses: &[IpAddr], services: &[Service]) -> Vec<String> {
-    let port_of = |name: &str| {
-        services
-            .iter()
-            .find(|s| s.proto == name && s.port != 0)
-            .map(|s| s.port)
-    };
     addresses
         .iter()
         .filter_map(|ip| {
-            let port = port_of(if ip.is_ipv4() { SERVICE_V4 } else { SERVICE_V6 })?;
+            let family = if ip.is_ipv4() { SERVICE_V4 } else { SERVICE_V6 };
+            let port = service_port(services, family)?;
             Some(format!("http://{}", SocketAddr::new(*ip, port)))
         })
         .collect()
+}
+
+/// The port a service of that name announces (none for port 0).
+fn service_port(services: &[Service], proto: &str) -> Option<u16> {
+    services
+        .iter()
+        .find(|s| s.proto == proto && s.port != 0)
+        .map(|s| s.port)
 }
 
 /// The first capability version whose nodes all answer DNS on their peer API (Go
@@ -189,27 +192,25 @@ pub const CAP_VERSION_DNS_PROXY: i32 = 26;
 /// API port for an address family this node has (IPv4 first).
 pub fn doh_server(node: &Node, self_has_v4: bool, self_has_v6: bool) -> Option<SocketAddr> {
     let services = &node.hostinfo.services;
-    let can_proxy = node.cap >= CAP_VERSION_DNS_PROXY
-        || services
-            .iter()
-            .any(|s| s.proto == SERVICE_DNS && s.port >= 1);
+    let can_proxy =
+        node.cap >= CAP_VERSION_DNS_PROXY || service_port(services, SERVICE_DNS).is_some();
     if !can_proxy {
         return None;
     }
-    let port = |name: &str| {
-        services
-            .iter()
-            .find(|s| s.proto == name && s.port != 0)
-            .map(|s| s.port)
-    };
     let address = |v4: bool| {
         node.addresses
             .iter()
             .find(|a| a.prefix_len() == a.max_prefix_len() && a.addr().is_ipv4() == v4)
             .map(|a| a.addr())
     };
-    let v4 = self_has_v4.then(|| Some(SocketAddr::new(address(true)?, port(SERVICE_V4)?)));
-    let v6 = self_has_v6.then(|| Some(SocketAddr::new(address(false)?, port(SERVICE_V6)?)));
+    let server = |v4: bool, proto: &str| {
+        Some(SocketAddr::new(
+            address(v4)?,
+            service_port(services, proto)?,
+        ))
+    };
+    let v4 = self_has_v4.then(|| server(true, SERVICE_V4));
+    let v6 = self_has_v6.then(|| server(false, SERVICE_V6));
     v4.flatten().or(v6.flatten())
 }
 
