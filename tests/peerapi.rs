@@ -798,3 +798,22 @@ async fn the_doh_client_takes_only_a_dns_message_answered_with_200() {
         "{err}"
     );
 }
+
+/// Queries one after another share one connection (as Go's DoH client keeps it), so a lookup
+/// through an exit node costs no new TCP handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_doh_client_keeps_its_connection_for_the_next_query() {
+    let lab = loopback_api().await;
+    for id in 0..3u16 {
+        let answer = tern::dns::doh::exchange(lab.addr, &query(STUB_NAME, id))
+            .await
+            .expect("answer");
+        assert_eq!(a_records(&answer), [STUB_IP]);
+    }
+    assert_eq!(counter(&lab.api, "dns_queries"), 3);
+    assert_eq!(
+        counter(&lab.api, "connections"),
+        1,
+        "one connection for all"
+    );
+}
