@@ -33,9 +33,7 @@ static IDLE: Mutex<Vec<(SocketAddr, Sender, Instant)>> = Mutex::new(Vec::new());
 fn take_idle(server: SocketAddr) -> Option<Sender> {
     let mut idle = IDLE.lock().unwrap_or_else(|e| e.into_inner());
     idle.retain(|(_, sender, since)| !sender.is_closed() && since.elapsed() < IDLE_TIMEOUT);
-    let at = idle
-        .iter()
-        .position(|(to, sender, _)| *to == server && sender.is_ready())?;
+    let at = idle.iter().position(|(to, _, _)| *to == server)?;
     Some(idle.swap_remove(at).1)
 }
 
@@ -100,6 +98,8 @@ async fn connect(server: SocketAddr) -> Result<Sender, DohError> {
 /// One query on `sender`'s connection, kept for the next one when all went well.
 async fn ask_on(server: SocketAddr, mut sender: Sender, query: &[u8]) -> Result<Vec<u8>, DohError> {
     let http = |e: hyper::Error| DohError::Http(server, e.to_string());
+    // A kept connection is ready once its driver has read the end of the last answer.
+    sender.ready().await.map_err(http)?;
     let request = Request::builder()
         .method(Method::POST)
         .uri(DOH_PATH)
